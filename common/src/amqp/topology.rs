@@ -1,0 +1,145 @@
+use crate::Namespace;
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+
+/// Every AMQP name of one namespace.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Direct exchange orders are published to.
+    pub orders_exchange: String,
+    /// Routing key of new orders on `orders_exchange`.
+    pub intake_key: String,
+    /// Quorum queue the workers consume.
+    pub intake_queue: String,
+    /// Exchange that rejected intake messages are dead-lettered to.
+    pub dead_exchange: String,
+    /// Quorum queue holding dead letters for an operator.
+    pub dead_queue: String,
+    /// Topic exchange of committed events (`order.<status>`, `stock.<sku>`).
+    pub events_exchange: String,
+}
+
+impl Topology {
+    pub fn new(ns: &Namespace) -> Self {
+        Self {
+            orders_exchange: format!("{ns}.orders"),
+            intake_key: "intake".to_owned(),
+            intake_queue: format!("{ns}.orders.intake"),
+            dead_exchange: format!("{ns}.orders.dlx"),
+            dead_queue: format!("{ns}.orders.dead"),
+            events_exchange: format!("{ns}.events"),
+        }
+    }
+
+    /// Declares every exchange, queue and binding. Idempotent; publishers and consumers
+    /// both call it at start-up, so either may start first.
+    pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+        let durable_exchange = ExchangeDeclareOptions {
+            // Survives a broker restart, like the messages routed through it.
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        ch.exchange_declare(
+            self.orders_exchange.as_str().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+        ch.exchange_declare(
+            self.dead_exchange.as_str().into(),
+            // Every dead letter lands in one queue, whatever its routing key.
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+        ch.exchange_declare(
+            self.events_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+
+        let durable_queue = QueueDeclareOptions {
+            // Quorum queues must be durable and neither exclusive nor auto-deleted.
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            ..QueueDeclareOptions::default()
+        };
+        let mut intake_args = quorum();
+        // A message a worker rejects (nack, requeue=false) goes to the dead-letter queue.
+        intake_args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead_exchange.as_str().into()),
+        );
+        // Quorum queues dead-letter at-least-once only with this overflow mode.
+        intake_args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        intake_args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        ch.queue_declare(
+            self.intake_queue.as_str().into(),
+            durable_queue,
+            intake_args,
+        )
+        .await?;
+        ch.queue_bind(
+            self.intake_queue.as_str().into(),
+            self.orders_exchange.as_str().into(),
+            self.intake_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+        ch.queue_declare(self.dead_queue.as_str().into(), durable_queue, quorum())
+            .await?;
+        ch.queue_bind(
+            self.dead_queue.as_str().into(),
+            self.dead_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes everything [`Topology::declare`] made (tests clean up their namespace).
+    pub async fn delete(&self, ch: &Channel) -> lapin::Result<()> {
+        for q in [&self.intake_queue, &self.dead_queue] {
+            ch.queue_delete(q.as_str().into(), Default::default())
+                .await?;
+        }
+        for e in [
+            &self.orders_exchange,
+            &self.dead_exchange,
+            &self.events_exchange,
+        ] {
+            ch.exchange_delete(e.as_str().into(), Default::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Arguments of a quorum queue: replicated across a cluster, and it keeps a delivery
+/// count so poison messages can be recognised.
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}

@@ -1,0 +1,241 @@
+//! Configuration from `FLOODGATE_*` environment variables, validated once at start-up.
+
+use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+/// Why a configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: {reason}")]
+    Invalid { var: &'static str, reason: String },
+}
+
+/// The name every external object is derived from: Redis keys (`{ns}:...`), AMQP
+/// exchanges and queues (`ns.orders`...) and the PostgreSQL schema. Lower-case letters,
+/// digits and `_`, starting with a letter, at most 40 characters, so it is a valid schema
+/// name without quoting.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Namespace(String);
+
+impl Namespace {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 40
+            && s.starts_with(|c: char| c.is_ascii_lowercase())
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "{s:?} is not a namespace: 1-40 of [a-z0-9_], starting with a letter"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A secret that never shows up in `Debug` output or logs.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The development JWT secret; the services warn loudly when it is in use.
+pub const DEV_JWT_SECRET: &str = "floodgate-dev-secret-change-me";
+
+/// Every setting of every floodgate process. Read with [`Config::from_env`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Prefix of every Redis key, AMQP name and the PostgreSQL schema.
+    pub namespace: Namespace,
+    /// `FLOODGATE_REDIS_URL`.
+    pub redis_url: String,
+    /// `FLOODGATE_AMQP_URL`.
+    pub amqp_url: String,
+    /// `FLOODGATE_DATABASE_URL`; the schema comes from the namespace.
+    pub database_url: String,
+    /// HS256 secret that signs and verifies JWTs.
+    pub jwt_secret: Secret,
+    /// Where ingress listens (`FLOODGATE_INGRESS_ADDR`).
+    pub ingress_addr: SocketAddr,
+    /// Where the worker serves health and metrics (`FLOODGATE_WORKER_ADDR`).
+    pub worker_addr: SocketAddr,
+    /// How long a reservation waits for a worker before it may be reaped.
+    pub reservation_ttl: Duration,
+    /// How long an Idempotency-Key is remembered.
+    pub idempotency_ttl: Duration,
+    /// How long ingress waits for a publisher confirm before it gives up and releases.
+    pub publish_timeout: Duration,
+    /// Publisher channels per ingress process; confirms are pipelined on each.
+    pub publish_channels: usize,
+    /// Orders per second per user at one ingress; 0 turns the limiter off.
+    pub rate_limit_per_sec: u32,
+    /// Burst allowed above the per-user rate.
+    pub rate_limit_burst: u32,
+    /// Unacknowledged deliveries a worker holds at once.
+    pub worker_prefetch: u16,
+    /// Orders committed in one transaction at most.
+    pub batch_size: usize,
+    /// How long a worker waits to fill a batch after its first message.
+    pub batch_max_wait: Duration,
+    /// PostgreSQL connections per process.
+    pub db_pool_size: usize,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Builds a config from any lookup; tests pass a map.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        fn parsed<T: FromStr>(
+            get: &impl Fn(&str) -> Option<String>,
+            var: &'static str,
+            default: T,
+        ) -> Result<T, ConfigError>
+        where
+            T::Err: fmt::Display,
+        {
+            match get(var) {
+                None => Ok(default),
+                Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
+                    var,
+                    reason: format!("{v:?}: {e}"),
+                }),
+            }
+        }
+        let string = |var: &str, default: &str| get(var).unwrap_or_else(|| default.to_owned());
+        let ms = |var, default| parsed(&get, var, default).map(Duration::from_millis);
+        let secs = |var, default| parsed(&get, var, default).map(Duration::from_secs);
+
+        let namespace = Namespace::parse(&string("FLOODGATE_NAMESPACE", "floodgate")).map_err(
+            |reason| ConfigError::Invalid {
+                var: "FLOODGATE_NAMESPACE",
+                reason,
+            },
+        )?;
+        let jwt_secret = string("FLOODGATE_JWT_SECRET", DEV_JWT_SECRET);
+        if jwt_secret.len() < 16 {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_JWT_SECRET",
+                reason: "must be at least 16 bytes".into(),
+            });
+        }
+        let cfg = Config {
+            namespace,
+            redis_url: string("FLOODGATE_REDIS_URL", "redis://127.0.0.1:6379"),
+            amqp_url: string("FLOODGATE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            database_url: string(
+                "FLOODGATE_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/floodgate",
+            ),
+            jwt_secret: Secret::new(jwt_secret),
+            ingress_addr: parsed(&get, "FLOODGATE_INGRESS_ADDR", ([0, 0, 0, 0], 8080).into())?,
+            worker_addr: parsed(&get, "FLOODGATE_WORKER_ADDR", ([0, 0, 0, 0], 8082).into())?,
+            reservation_ttl: secs("FLOODGATE_RESERVATION_TTL_SECS", 120)?,
+            idempotency_ttl: secs("FLOODGATE_IDEMPOTENCY_TTL_SECS", 86_400)?,
+            publish_timeout: ms("FLOODGATE_PUBLISH_TIMEOUT_MS", 5_000)?,
+            publish_channels: parsed(&get, "FLOODGATE_PUBLISH_CHANNELS", 4)?,
+            rate_limit_per_sec: parsed(&get, "FLOODGATE_RATE_LIMIT_PER_SEC", 20)?,
+            rate_limit_burst: parsed(&get, "FLOODGATE_RATE_LIMIT_BURST", 40)?,
+            worker_prefetch: parsed(&get, "FLOODGATE_WORKER_PREFETCH", 500)?,
+            batch_size: parsed(&get, "FLOODGATE_BATCH_SIZE", 200)?,
+            batch_max_wait: ms("FLOODGATE_BATCH_MAX_WAIT_MS", 20)?,
+            db_pool_size: parsed(&get, "FLOODGATE_DB_POOL_SIZE", 16)?,
+        };
+        cfg.validate()
+    }
+
+    fn validate(self) -> Result<Self, ConfigError> {
+        let bad = |var, reason: &str| {
+            Err(ConfigError::Invalid {
+                var,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.publish_channels == 0 {
+            return bad("FLOODGATE_PUBLISH_CHANNELS", "must be at least 1");
+        }
+        if self.batch_size == 0 || self.batch_size > 5_000 {
+            return bad("FLOODGATE_BATCH_SIZE", "must be 1..=5000");
+        }
+        if self.worker_prefetch == 0 {
+            return bad("FLOODGATE_WORKER_PREFETCH", "must be at least 1");
+        }
+        if self.reservation_ttl.is_zero() {
+            return bad("FLOODGATE_RESERVATION_TTL_SECS", "must be at least 1");
+        }
+        if self.db_pool_size == 0 {
+            return bad("FLOODGATE_DB_POOL_SIZE", "must be at least 1");
+        }
+        Ok(self)
+    }
+
+    /// True while the well-known development secret signs tokens.
+    pub fn uses_dev_secret(&self) -> bool {
+        self.jwt_secret.expose() == DEV_JWT_SECRET
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_run_against_the_local_stack() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.namespace.as_str(), "floodgate");
+        assert_eq!(c.ingress_addr.port(), 8080);
+        assert_eq!(c.worker_addr.port(), 8082);
+        assert!(c.uses_dev_secret());
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_the_variable() {
+        let e = cfg(&[("FLOODGATE_BATCH_SIZE", "many")]).unwrap_err();
+        assert!(e.to_string().starts_with("FLOODGATE_BATCH_SIZE"), "{e}");
+        let e = cfg(&[("FLOODGATE_NAMESPACE", "Bad-Name")]).unwrap_err();
+        assert!(e.to_string().starts_with("FLOODGATE_NAMESPACE"), "{e}");
+        let e = cfg(&[("FLOODGATE_JWT_SECRET", "short")]).unwrap_err();
+        assert!(e.to_string().contains("16 bytes"), "{e}");
+        assert!(cfg(&[("FLOODGATE_BATCH_SIZE", "0")]).is_err());
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let c = cfg(&[("FLOODGATE_JWT_SECRET", "a-very-secret-value-123")]).unwrap();
+        assert!(!format!("{c:?}").contains("a-very-secret-value-123"));
+    }
+}

@@ -1,0 +1,120 @@
+//! PostgreSQL: one schema per namespace, a connection pool whose sessions search that
+//! schema, and migrations applied by refinery under an advisory lock.
+
+use crate::Config;
+use anyhow::Context;
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+/// A PostgreSQL SQLSTATE floodgate reacts to.
+pub mod sqlstate {
+    pub use tokio_postgres::error::SqlState;
+}
+
+fn pg_config(cfg: &Config) -> anyhow::Result<tokio_postgres::Config> {
+    let mut pg: tokio_postgres::Config = cfg
+        .database_url
+        .parse()
+        .context("FLOODGATE_DATABASE_URL is not a PostgreSQL URL")?;
+    pg.options(format!("-c search_path={}", cfg.namespace));
+    if pg.get_application_name().is_none() {
+        pg.application_name("floodgate");
+    }
+    pg.connect_timeout(std::time::Duration::from_secs(5));
+    Ok(pg)
+}
+
+/// A pool whose connections use the namespace's schema.
+pub fn pool(cfg: &Config) -> anyhow::Result<Pool> {
+    let mgr = deadpool_postgres::Manager::from_config(
+        pg_config(cfg)?,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(cfg.db_pool_size)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(std::time::Duration::from_secs(5)))
+        .wait_timeout(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .context("building the PostgreSQL pool")
+}
+
+async fn connect(pg: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = pg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "migration connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the database named in the URL if it does not exist (connecting to the
+/// `postgres` database to do so). Safe to race: a concurrent creation is not an error.
+pub async fn ensure_database(cfg: &Config) -> anyhow::Result<()> {
+    let pg = pg_config(cfg)?;
+    let name = pg.get_dbname().unwrap_or("postgres").to_owned();
+    if connect(&pg).await.is_ok() {
+        return Ok(());
+    }
+    let mut admin = pg.clone();
+    admin.dbname("postgres");
+    let client = connect(&admin)
+        .await
+        .context("connecting to the postgres database to create floodgate's")?;
+    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(&sqlstate::SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating database {name}")),
+    }
+}
+
+/// Creates the namespace's schema and applies the migrations in `migrations/`. Holds a
+/// session advisory lock meanwhile, so processes starting together migrate one at a time.
+pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
+    let ns = cfg.namespace.as_str();
+    let mut client = connect(&pg_config(cfg)?)
+        .await
+        .context("connecting to PostgreSQL to migrate")?;
+    // hashtext is stable across sessions; the constant keeps us off other apps' locks.
+    let lock = "SELECT pg_advisory_lock(hashtext('floodgate-migrate:' || $1))";
+    client.execute(lock, &[&ns]).await.context("advisory lock")?;
+    let result = async {
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {ns}"))
+            .await
+            .context("creating the namespace schema")?;
+        embedded::migrations::runner()
+            .run_async(&mut client)
+            .await
+            .context("applying migrations")
+    }
+    .await;
+    let unlock = "SELECT pg_advisory_unlock(hashtext('floodgate-migrate:' || $1))";
+    let _ = client.execute(unlock, &[&ns]).await;
+    let report = result?;
+    for m in report.applied_migrations() {
+        tracing::info!(migration = %m, schema = ns, "applied");
+    }
+    Ok(())
+}
+
+/// Drops the namespace's schema and everything in it (tests clean up with this).
+pub async fn drop_schema(cfg: &Config) -> anyhow::Result<()> {
+    let client = connect(&pg_config(cfg)?).await?;
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            cfg.namespace.as_str()
+        ))
+        .await?;
+    Ok(())
+}

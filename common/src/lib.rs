@@ -1,0 +1,29 @@
+//! Everything the floodgate services share: configuration, the domain types, the Redis Lua
+//! scripts, the AMQP topology, the PostgreSQL pool and migrations, and telemetry.
+//!
+//! # Layout
+//!
+//! - [`config`]: one [`Config`] struct read from `FLOODGATE_*` environment variables.
+//! - [`domain`]: newtypes ([`domain::Sku`], [`domain::Quantity`], [`domain::UserId`], ...)
+//!   that cannot hold an invalid value.
+//! - [`auth`]: JWT claims, minting and verification (HS256).
+//! - [`redis`]: key names ([`redis::Keys`]) and the typed wrappers around the Lua scripts.
+//! - [`amqp`]: the topology, declared in one function, and the versioned intake message.
+//! - [`db`]: the PostgreSQL pool (one schema per namespace) and migrations under an
+//!   advisory lock.
+//! - [`stock`]: loading Redis stock levels from PostgreSQL, the system of record.
+//! - [`telemetry`]: logging, the Prometheus recorder and metric names.
+//! - [`shutdown`]: a [`tokio_util::sync::CancellationToken`] fired by SIGINT/SIGTERM.
+#![forbid(unsafe_code)]
+
+pub mod amqp;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod redis;
+pub mod shutdown;
+pub mod stock;
+pub mod telemetry;
+
+pub use config::{Config, Namespace};

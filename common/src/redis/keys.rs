@@ -1,0 +1,73 @@
+use crate::{
+    Namespace,
+    domain::{IdempotencyKey, OrderId, UserId},
+};
+
+/// Names of every Redis key of one namespace.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(ns: &Namespace) -> Self {
+        Self {
+            prefix: format!("{{{ns}}}:"),
+        }
+    }
+
+    /// Pattern matching every key of the namespace (for tests and tooling).
+    pub fn pattern(&self) -> String {
+        format!("{}*", self.prefix)
+    }
+
+    /// Present while the stock levels are loaded; its value is the load time.
+    pub fn epoch(&self) -> String {
+        format!("{}epoch", self.prefix)
+    }
+    /// Hash sku -> units available for sale.
+    pub fn stock(&self) -> String {
+        format!("{}stock", self.prefix)
+    }
+    /// Hash sku -> per-user limit (0 = none).
+    pub fn limits(&self) -> String {
+        format!("{}limits", self.prefix)
+    }
+    /// Set of stock-change tokens already applied (see `apply_stock.lua`).
+    pub fn applied(&self) -> String {
+        format!("{}applied", self.prefix)
+    }
+    /// Zset order id -> reservation deadline (ms).
+    pub fn deadlines(&self) -> String {
+        format!("{}deadlines", self.prefix)
+    }
+    /// Hash sku -> units a user holds, for per-user limits.
+    pub fn user(&self, user: &UserId) -> String {
+        format!("{}user:{user}", self.prefix)
+    }
+    /// One (user, Idempotency-Key) record. The user id's length goes first so that no
+    /// (user, key) pair can spell another's key.
+    pub fn idem(&self, user: &UserId, key: &IdempotencyKey) -> String {
+        format!("{}idem:{}:{user}:{key}", self.prefix, user.as_str().len())
+    }
+    /// One order's reservation.
+    pub fn resv(&self, order: &OrderId) -> String {
+        format!("{}resv:{order}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag_and_do_not_collide() {
+        let k = Keys::new(&Namespace::parse("shop").unwrap());
+        assert_eq!(k.stock(), "{shop}:stock");
+        let u1 = UserId::parse("a:b").unwrap();
+        let u2 = UserId::parse("a").unwrap();
+        let k1 = IdempotencyKey::parse("c").unwrap();
+        let k2 = IdempotencyKey::parse("b:c").unwrap();
+        assert_ne!(k.idem(&u1, &k1), k.idem(&u2, &k2));
+    }
+}

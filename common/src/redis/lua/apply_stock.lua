@@ -1,0 +1,18 @@
+-- apply_stock.lua: apply a stock change that PostgreSQL has already committed (a SKU
+-- created, goods received), exactly once per change token, so a retried admin request
+-- heals a crash between the PostgreSQL commit and this call without double counting.
+--
+-- KEYS[1] stock    hash sku -> units available
+-- KEYS[2] limits   hash sku -> per-user limit
+-- KEYS[3] applied  set of change tokens already applied
+-- ARGV[1] sku, ARGV[2] units to add, ARGV[3] token, ARGV[4] per-user limit or '' to keep
+--
+-- Returns {applied (1 = now, 0 = before), available}.
+local applied = redis.call('SADD', KEYS[3], ARGV[3])
+if applied == 1 then
+  redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+  if ARGV[4] ~= '' then
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+  end
+end
+return {applied, tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')}

@@ -1,0 +1,27 @@
+-- release.lua: give a reservation's stock back (publish failed, or the order failed in
+-- the worker). Idempotent: only a 'reserved' or 'claimed' reservation is released, once.
+--
+-- KEYS[1] resv       hash of the reservation
+-- KEYS[2] stock      hash sku -> units available
+-- KEYS[3] user       hash sku -> units the order's user holds
+-- KEYS[4] deadlines  zset order id -> deadline
+-- KEYS[5] idem       the order's Idempotency-Key record (any key when it had none)
+-- ARGV[1] order id, ARGV[2] reason, ARGV[3] seconds to keep the released record
+--
+-- Returns 1 if this call released the stock, 0 if it was not held.
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'reserved' and state ~= 'claimed' then
+  return 0
+end
+local items = cjson.decode(redis.call('HGET', KEYS[1], 'items'))
+for _, line in ipairs(items) do
+  redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
+  redis.call('HINCRBY', KEYS[3], line.sku, -line.qty)
+end
+redis.call('HSET', KEYS[1], 'state', 'released', 'reason', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if redis.call('HGET', KEYS[5], 'order_id') == ARGV[1] then
+  redis.call('DEL', KEYS[5])
+end
+return 1

@@ -1,0 +1,81 @@
+-- reserve.lua: decide an order atomically: idempotency, per-user limits, stock, then
+-- decrement every line or none and record the reservation.
+--
+-- KEYS[1] epoch      string; absent means stock is not loaded (Redis lost it)
+-- KEYS[2] stock      hash sku -> units available
+-- KEYS[3] limits     hash sku -> per-user limit (0 = none)
+-- KEYS[4] user       hash sku -> units this user holds (reserved or bought)
+-- KEYS[5] idem       hash of this (user, Idempotency-Key); unused when ARGV[3] == ''
+-- KEYS[6] resv       hash of this order's reservation
+-- KEYS[7] deadlines  zset order id -> deadline (ms), read by the reaper
+-- ARGV[1] order id, ARGV[2] user id, ARGV[3] body hash ('' = no Idempotency-Key),
+-- ARGV[4] accepted_at (RFC 3339), ARGV[5] deadline (ms since epoch),
+-- ARGV[6] idempotency TTL (s), ARGV[7] items as JSON, ARGV[8..] sku, qty pairs
+--
+-- Returns one of
+--   {'ok'}
+--   {'dup', order_id, accepted_at, state}   same key, same body; state pending|accepted
+--   {'reused', order_id}                    same key, another body
+--   {'unknown_sku', sku}
+--   {'limit', sku, limit, already}
+--   {'sold_out', sku, available}
+--   {'unavailable'}                         stock not loaded
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'unavailable'}
+end
+
+local has_idem = ARGV[3] ~= ''
+if has_idem then
+  local rec = redis.call('HMGET', KEYS[5], 'order_id', 'body_hash', 'accepted_at', 'state')
+  if rec[1] then
+    if rec[2] ~= ARGV[3] then
+      return {'reused', rec[1]}
+    end
+    return {'dup', rec[1], rec[3], rec[4]}
+  end
+end
+
+local skus, qtys = {}, {}
+local n = (#ARGV - 7) / 2
+for i = 1, n do
+  skus[i] = ARGV[6 + 2 * i]
+  qtys[i] = tonumber(ARGV[7 + 2 * i])
+end
+
+local avail = redis.call('HMGET', KEYS[2], unpack(skus))
+for i = 1, n do
+  if not avail[i] then
+    return {'unknown_sku', skus[i]}
+  end
+end
+
+local limits = redis.call('HMGET', KEYS[3], unpack(skus))
+local held = redis.call('HMGET', KEYS[4], unpack(skus))
+for i = 1, n do
+  local limit = tonumber(limits[i] or '0')
+  local already = tonumber(held[i] or '0')
+  if limit > 0 and already + qtys[i] > limit then
+    return {'limit', skus[i], tostring(limit), tostring(already)}
+  end
+end
+
+for i = 1, n do
+  local a = tonumber(avail[i])
+  if a < qtys[i] then
+    return {'sold_out', skus[i], tostring(math.max(a, 0))}
+  end
+end
+
+for i = 1, n do
+  redis.call('HINCRBY', KEYS[2], skus[i], -qtys[i])
+  redis.call('HINCRBY', KEYS[4], skus[i], qtys[i])
+end
+redis.call('HSET', KEYS[6], 'state', 'reserved', 'user', ARGV[2], 'items', ARGV[7],
+  'accepted_at', ARGV[4], 'deadline', ARGV[5])
+redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
+if has_idem then
+  redis.call('HSET', KEYS[5], 'order_id', ARGV[1], 'body_hash', ARGV[3],
+    'accepted_at', ARGV[4], 'state', 'pending')
+  redis.call('EXPIRE', KEYS[5], ARGV[6])
+end
+return {'ok'}

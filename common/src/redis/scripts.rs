@@ -1,0 +1,303 @@
+//! Typed wrappers around the Lua scripts in `lua/`. Each turns the script's reply into an
+//! enum, so callers never see raw Redis values.
+
+use super::Keys;
+use crate::domain::{IdempotencyKey, OrderId, OrderLine, OrderLines, Sku, UserId};
+use redis::{RedisResult, Script, aio::ConnectionLike};
+use std::sync::LazyLock;
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/reserve.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
+static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
+static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/finish.lua")));
+static APPLY_STOCK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/apply_stock.lua")));
+
+/// How long released and done reservation records stay readable (redelivery, status).
+pub const RECORD_TTL_SECS: u64 = 86_400;
+
+/// Everything the reserve script needs about one order.
+#[derive(Debug)]
+pub struct ReserveRequest<'a> {
+    pub order_id: OrderId,
+    pub user: &'a UserId,
+    pub lines: &'a OrderLines,
+    /// The key and the hash of the body it was sent with.
+    pub idempotency: Option<(&'a IdempotencyKey, &'a str)>,
+    pub accepted_at: &'a str,
+    pub deadline_ms: i64,
+    pub idempotency_ttl_secs: u64,
+}
+
+/// The reserve script's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reserve {
+    Reserved,
+    Duplicate {
+        order_id: OrderId,
+        accepted_at: String,
+        /// False while the first request is still waiting for its publish confirm.
+        published: bool,
+    },
+    KeyReused,
+    UnknownSku(String),
+    LimitExceeded {
+        sku: String,
+        limit: i64,
+        already: i64,
+    },
+    SoldOut {
+        sku: String,
+        available: i64,
+    },
+    StockNotLoaded,
+}
+
+fn protocol_error(what: &str, reply: &[String]) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "unexpected script reply",
+        format!("{what}: {reply:?}"),
+    ))
+}
+
+fn int(what: &str, reply: &[String], i: usize) -> RedisResult<i64> {
+    reply
+        .get(i)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| protocol_error(what, reply))
+}
+
+fn items_json(lines: &[OrderLine]) -> String {
+    serde_json::to_string(lines).expect("order lines serialize")
+}
+
+/// Runs `reserve.lua`: all lines or none, see the script's header.
+pub async fn reserve<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    req: &ReserveRequest<'_>,
+) -> RedisResult<Reserve> {
+    let (idem_key, body_hash) = match req.idempotency {
+        Some((k, h)) => (keys.idem(req.user, k), h),
+        // An unused key in the same slot; the script never touches it without a hash.
+        None => (keys.epoch(), ""),
+    };
+    let mut inv = RESERVE.prepare_invoke();
+    inv.key(keys.epoch())
+        .key(keys.stock())
+        .key(keys.limits())
+        .key(keys.user(req.user))
+        .key(idem_key)
+        .key(keys.resv(&req.order_id))
+        .key(keys.deadlines())
+        .arg(req.order_id.to_string())
+        .arg(req.user.as_str())
+        .arg(body_hash)
+        .arg(req.accepted_at)
+        .arg(req.deadline_ms)
+        .arg(req.idempotency_ttl_secs)
+        .arg(items_json(req.lines.as_slice()));
+    for l in req.lines.as_slice() {
+        inv.arg(l.sku.as_str()).arg(l.qty.get());
+    }
+    let reply: Vec<String> = inv.invoke_async(con).await?;
+    let w = "reserve";
+    Ok(match reply.first().map(String::as_str) {
+        Some("ok") => Reserve::Reserved,
+        Some("dup") => Reserve::Duplicate {
+            order_id: reply
+                .get(1)
+                .and_then(|s| OrderId::parse(s))
+                .ok_or_else(|| protocol_error(w, &reply))?,
+            accepted_at: reply.get(2).cloned().unwrap_or_default(),
+            published: reply.get(3).map(String::as_str) == Some("accepted"),
+        },
+        Some("reused") => Reserve::KeyReused,
+        Some("unknown_sku") => Reserve::UnknownSku(reply.get(1).cloned().unwrap_or_default()),
+        Some("limit") => Reserve::LimitExceeded {
+            sku: reply.get(1).cloned().unwrap_or_default(),
+            limit: int(w, &reply, 2)?,
+            already: int(w, &reply, 3)?,
+        },
+        Some("sold_out") => Reserve::SoldOut {
+            sku: reply.get(1).cloned().unwrap_or_default(),
+            available: int(w, &reply, 2)?,
+        },
+        Some("unavailable") => Reserve::StockNotLoaded,
+        _ => return Err(protocol_error(w, &reply)),
+    })
+}
+
+/// Marks an Idempotency-Key record published, so duplicates may answer with it.
+pub async fn mark_published<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    user: &UserId,
+    key: &IdempotencyKey,
+) -> RedisResult<()> {
+    redis::cmd("HSET")
+        .arg(keys.idem(user, key))
+        .arg("state")
+        .arg("accepted")
+        .query_async(con)
+        .await
+}
+
+/// Runs `release.lua`. Returns true if this call gave the stock back.
+pub async fn release<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    order_id: &OrderId,
+    user: &UserId,
+    idempotency: Option<&IdempotencyKey>,
+    reason: &str,
+) -> RedisResult<bool> {
+    let idem = idempotency.map_or_else(|| keys.epoch(), |k| keys.idem(user, k));
+    let released: i64 = RELEASE
+        .key(keys.resv(order_id))
+        .key(keys.stock())
+        .key(keys.user(user))
+        .key(keys.deadlines())
+        .key(idem)
+        .arg(order_id.to_string())
+        .arg(reason)
+        .arg(RECORD_TTL_SECS)
+        .invoke_async(con)
+        .await?;
+    Ok(released == 1)
+}
+
+/// What `claim.lua` found for one order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours to commit.
+    Claimed,
+    /// Committed before; the message is a redelivery.
+    Done,
+    /// The deadline passed before a worker got to it; its stock is back on sale.
+    Expired,
+    /// Released for another reason (a failed publish); it must not be committed.
+    Released,
+    /// Redis does not know it (Redis lost its data): PostgreSQL decides.
+    Missing,
+}
+
+/// Runs `claim.lua` for a batch; one [`Claim`] per order, in order.
+pub async fn claim<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    orders: &[(OrderId, &UserId)],
+    now_ms: i64,
+) -> RedisResult<Vec<Claim>> {
+    if orders.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut inv = CLAIM.prepare_invoke();
+    inv.key(keys.stock())
+        .key(keys.deadlines())
+        .arg(now_ms)
+        .arg(RECORD_TTL_SECS);
+    for (id, user) in orders {
+        inv.key(keys.resv(id)).key(keys.user(user)).arg(id.to_string());
+    }
+    let reply: Vec<String> = inv.invoke_async(con).await?;
+    if reply.len() != orders.len() {
+        return Err(protocol_error("claim", &reply));
+    }
+    reply
+        .iter()
+        .map(|w| match w.as_str() {
+            "claimed" => Ok(Claim::Claimed),
+            "done" => Ok(Claim::Done),
+            "expired" => Ok(Claim::Expired),
+            "released" => Ok(Claim::Released),
+            "missing" => Ok(Claim::Missing),
+            _ => Err(protocol_error("claim", &reply)),
+        })
+        .collect()
+}
+
+/// Runs `finish.lua`: the orders are committed.
+pub async fn finish<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    orders: &[OrderId],
+) -> RedisResult<()> {
+    if orders.is_empty() {
+        return Ok(());
+    }
+    let mut inv = FINISH.prepare_invoke();
+    inv.key(keys.deadlines()).arg(RECORD_TTL_SECS);
+    for id in orders {
+        inv.key(keys.resv(id)).arg(id.to_string());
+    }
+    let _: i64 = inv.invoke_async(con).await?;
+    Ok(())
+}
+
+/// The token under which a committed stock change is applied once (`apply_stock.lua`).
+pub fn receive_token(sku: &Sku, reference: &str) -> String {
+    format!("receive:{sku}:{reference}")
+}
+
+/// Runs `apply_stock.lua`. Returns the available units after the call.
+pub async fn apply_stock<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    sku: &Sku,
+    units: i64,
+    token: &str,
+    per_user_limit: Option<i64>,
+) -> RedisResult<i64> {
+    let (_applied, available): (i64, i64) = APPLY_STOCK
+        .key(keys.stock())
+        .key(keys.limits())
+        .key(keys.applied())
+        .arg(sku.as_str())
+        .arg(units)
+        .arg(token)
+        .arg(per_user_limit.map(|l| l.to_string()).unwrap_or_default())
+        .invoke_async(con)
+        .await?;
+    Ok(available)
+}
+
+/// A reservation as ingress shows it before the worker commits it.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub state: String,
+    pub user: UserId,
+    pub lines: Vec<OrderLine>,
+    pub accepted_at: String,
+}
+
+/// Reads one reservation record, if Redis has it.
+pub async fn reservation<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    order_id: &OrderId,
+) -> RedisResult<Option<Reservation>> {
+    let (state, user, items, accepted_at): (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = redis::cmd("HMGET")
+        .arg(keys.resv(order_id))
+        .arg(&["state", "user", "items", "accepted_at"])
+        .query_async(con)
+        .await?;
+    let (Some(state), Some(user), Some(items)) = (state, user, items) else {
+        return Ok(None);
+    };
+    let user = UserId::parse(user).map_err(|e| protocol_error("reservation", &[e.0]))?;
+    let lines = serde_json::from_str(&items)
+        .map_err(|e| protocol_error("reservation", &[e.to_string()]))?;
+    Ok(Some(Reservation {
+        state,
+        user,
+        lines,
+        accepted_at: accepted_at.unwrap_or_default(),
+    }))
+}

@@ -1,0 +1,87 @@
+//! Loading Redis from PostgreSQL, the system of record.
+
+use crate::redis::{Keys, receive_token};
+use crate::domain::Sku;
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use redis::aio::ConnectionLike;
+
+/// Loads every SKU's available units (on_hand - sold), per-user limits, the units each
+/// user holds and the applied stock-change tokens from PostgreSQL into Redis, replacing
+/// what was there, then sets the stock epoch that opens ingress. All in one MULTI, so
+/// ingress never sees half a load.
+///
+/// Orders still queued between ingress and the worker are not in PostgreSQL yet; loading
+/// while they are in flight makes Redis count their units as available again. The caller
+/// loads only when the intake queue is drained, or when Redis has no stock at all.
+pub async fn load<C: ConnectionLike>(pool: &Pool, con: &mut C, keys: &Keys) -> anyhow::Result<usize> {
+    let db = pool.get().await.context("PostgreSQL connection")?;
+    let skus = db
+        .query(
+            "SELECT s.sku, s.per_user_limit, i.on_hand - i.sold AS available
+               FROM skus s JOIN inventory i USING (sku)",
+            &[],
+        )
+        .await
+        .context("reading inventory")?;
+    let held = db
+        .query(
+            "SELECT o.user_id, it.sku, sum(it.qty)::bigint AS held
+               FROM orders o JOIN order_items it ON it.order_id = o.id
+              WHERE o.status = 'confirmed'
+              GROUP BY o.user_id, it.sku",
+            &[],
+        )
+        .await
+        .context("reading what users hold")?;
+    let receipts = db
+        .query(
+            "SELECT sku, reference FROM stock_movements WHERE kind = 'receive'",
+            &[],
+        )
+        .await
+        .context("reading receipts")?;
+
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    pipe.del(keys.stock()).del(keys.limits()).del(keys.applied());
+    for r in &skus {
+        let sku: String = r.get("sku");
+        pipe.hset(keys.stock(), &sku, r.get::<_, i64>("available"));
+        pipe.hset(keys.limits(), &sku, r.get::<_, i32>("per_user_limit"));
+    }
+    for r in &held {
+        let Ok(user) = crate::domain::UserId::parse(r.get::<_, String>("user_id")) else {
+            continue;
+        };
+        pipe.hset(keys.user(&user), r.get::<_, String>("sku"), r.get::<_, i64>("held"));
+    }
+    for r in &receipts {
+        if let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) {
+            pipe.sadd(keys.applied(), receive_token(&sku, r.get("reference")));
+        }
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    pipe.set(keys.epoch(), now);
+    let _: () = pipe.query_async(con).await.context("writing stock to Redis")?;
+    Ok(skus.len())
+}
+
+/// Loads stock if Redis has no epoch (a fresh namespace or a fresh Redis). Returns
+/// whether it loaded.
+pub async fn load_if_absent<C: ConnectionLike>(
+    pool: &Pool,
+    con: &mut C,
+    keys: &Keys,
+) -> anyhow::Result<bool> {
+    let present: bool = redis::cmd("EXISTS")
+        .arg(keys.epoch())
+        .query_async(con)
+        .await
+        .context("reading the stock epoch")?;
+    if present {
+        return Ok(false);
+    }
+    load(pool, con, keys).await?;
+    Ok(true)
+}

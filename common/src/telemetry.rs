@@ -1,0 +1,75 @@
+//! Logging and metrics. Metric names live here so every service spells them the same.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Metric names (`floodgate_` prefix, base units in the name).
+pub mod names {
+    pub const HTTP_REQUESTS: &str = "floodgate_http_requests_total";
+    pub const HTTP_DURATION: &str = "floodgate_http_request_duration_seconds";
+    pub const ORDERS_ACCEPTED: &str = "floodgate_orders_accepted_total";
+    pub const ORDERS_REJECTED: &str = "floodgate_orders_rejected_total";
+    pub const RESERVE_DURATION: &str = "floodgate_reserve_duration_seconds";
+    pub const PUBLISH_DURATION: &str = "floodgate_publish_duration_seconds";
+    pub const PUBLISH_FAILURES: &str = "floodgate_publish_failures_total";
+    pub const BATCH_SIZE: &str = "floodgate_worker_batch_orders";
+    pub const COMMIT_DURATION: &str = "floodgate_worker_commit_duration_seconds";
+    pub const ORDERS_COMMITTED: &str = "floodgate_worker_orders_total";
+    pub const WORKER_ERRORS: &str = "floodgate_worker_errors_total";
+    pub const DEAD_LETTERED: &str = "floodgate_worker_dead_lettered_total";
+}
+
+/// JSON logs (or human ones with `FLOODGATE_LOG_FORMAT=pretty`), filtered by
+/// `FLOODGATE_LOG` (default `info`). Safe to call more than once.
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_env("FLOODGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let pretty = std::env::var("FLOODGATE_LOG_FORMAT").is_ok_and(|v| v == "pretty");
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = if pretty {
+        registry.with(fmt::layer()).try_init()
+    } else {
+        registry
+            .with(fmt::layer().json().flatten_event(true).with_current_span(false))
+            .try_init()
+    };
+}
+
+/// The process-wide Prometheus recorder, installed on first use. Latencies are
+/// histograms with buckets from 100 µs to 10 s.
+pub fn metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Suffix("_orders".into()),
+                        &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+                    )
+                })
+                .expect("bucket lists are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed already (a test harness); keep ours
+            // rendering anyway.
+            let _ = metrics::set_global_recorder(recorder);
+            let h = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    h.run_upkeep();
+                })
+                .expect("spawn metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
