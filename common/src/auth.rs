@@ -93,7 +93,12 @@ mod tests {
         let c = v.verify(&t).unwrap();
         assert_eq!(c.user, alice);
         assert!(!c.is_admin());
-        let forged = mint("another-secret-of-16+", &alice, Role::Admin, Duration::from_secs(60));
+        let forged = mint(
+            "another-secret-of-16+",
+            &alice,
+            Role::Admin,
+            Duration::from_secs(60),
+        );
         assert!(v.verify(&forged).is_err());
         assert!(v.verify("not-a-token").is_err());
     }

@@ -21,7 +21,8 @@ impl Namespace {
         let ok = !s.is_empty()
             && s.len() <= 40
             && s.starts_with(|c: char| c.is_ascii_lowercase())
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -131,12 +132,13 @@ impl Config {
         let ms = |var, default| parsed(&get, var, default).map(Duration::from_millis);
         let secs = |var, default| parsed(&get, var, default).map(Duration::from_secs);
 
-        let namespace = Namespace::parse(&string("FLOODGATE_NAMESPACE", "floodgate")).map_err(
-            |reason| ConfigError::Invalid {
-                var: "FLOODGATE_NAMESPACE",
-                reason,
-            },
-        )?;
+        let namespace =
+            Namespace::parse(&string("FLOODGATE_NAMESPACE", "floodgate")).map_err(|reason| {
+                ConfigError::Invalid {
+                    var: "FLOODGATE_NAMESPACE",
+                    reason,
+                }
+            })?;
         let jwt_secret = string("FLOODGATE_JWT_SECRET", DEV_JWT_SECRET);
         if jwt_secret.len() < 16 {
             return Err(ConfigError::Invalid {
@@ -147,7 +149,10 @@ impl Config {
         let cfg = Config {
             namespace,
             redis_url: string("FLOODGATE_REDIS_URL", "redis://127.0.0.1:6379"),
-            amqp_url: string("FLOODGATE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            amqp_url: string(
+                "FLOODGATE_AMQP_URL",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ),
             database_url: string(
                 "FLOODGATE_DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/floodgate",

@@ -86,7 +86,10 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
         .context("connecting to PostgreSQL to migrate")?;
     // hashtext is stable across sessions; the constant keeps us off other apps' locks.
     let lock = "SELECT pg_advisory_lock(hashtext('floodgate-migrate:' || $1))";
-    client.execute(lock, &[&ns]).await.context("advisory lock")?;
+    client
+        .execute(lock, &[&ns])
+        .await
+        .context("advisory lock")?;
     let result = async {
         client
             .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {ns}"))

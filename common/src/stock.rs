@@ -1,7 +1,7 @@
 //! Loading Redis from PostgreSQL, the system of record.
 
-use crate::redis::{Keys, receive_token};
 use crate::domain::Sku;
+use crate::redis::{Keys, receive_token};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionLike;
@@ -14,7 +14,11 @@ use redis::aio::ConnectionLike;
 /// Orders still queued between ingress and the worker are not in PostgreSQL yet; loading
 /// while they are in flight makes Redis count their units as available again. The caller
 /// loads only when the intake queue is drained, or when Redis has no stock at all.
-pub async fn load<C: ConnectionLike>(pool: &Pool, con: &mut C, keys: &Keys) -> anyhow::Result<usize> {
+pub async fn load<C: ConnectionLike>(
+    pool: &Pool,
+    con: &mut C,
+    keys: &Keys,
+) -> anyhow::Result<usize> {
     let db = pool.get().await.context("PostgreSQL connection")?;
     let skus = db
         .query(
@@ -44,7 +48,9 @@ pub async fn load<C: ConnectionLike>(pool: &Pool, con: &mut C, keys: &Keys) -> a
 
     let mut pipe = redis::pipe();
     pipe.atomic();
-    pipe.del(keys.stock()).del(keys.limits()).del(keys.applied());
+    pipe.del(keys.stock())
+        .del(keys.limits())
+        .del(keys.applied());
     for r in &skus {
         let sku: String = r.get("sku");
         pipe.hset(keys.stock(), &sku, r.get::<_, i64>("available"));
@@ -54,7 +60,11 @@ pub async fn load<C: ConnectionLike>(pool: &Pool, con: &mut C, keys: &Keys) -> a
         let Ok(user) = crate::domain::UserId::parse(r.get::<_, String>("user_id")) else {
             continue;
         };
-        pipe.hset(keys.user(&user), r.get::<_, String>("sku"), r.get::<_, i64>("held"));
+        pipe.hset(
+            keys.user(&user),
+            r.get::<_, String>("sku"),
+            r.get::<_, i64>("held"),
+        );
     }
     for r in &receipts {
         if let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) {
@@ -63,7 +73,10 @@ pub async fn load<C: ConnectionLike>(pool: &Pool, con: &mut C, keys: &Keys) -> a
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     pipe.set(keys.epoch(), now);
-    let _: () = pipe.query_async(con).await.context("writing stock to Redis")?;
+    let _: () = pipe
+        .query_async(con)
+        .await
+        .context("writing stock to Redis")?;
     Ok(skus.len())
 }
 

@@ -23,14 +23,20 @@ pub mod names {
 /// JSON logs (or human ones with `FLOODGATE_LOG_FORMAT=pretty`), filtered by
 /// `FLOODGATE_LOG` (default `info`). Safe to call more than once.
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_env("FLOODGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("FLOODGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let pretty = std::env::var("FLOODGATE_LOG_FORMAT").is_ok_and(|v| v == "pretty");
     let registry = tracing_subscriber::registry().with(filter);
     let _ = if pretty {
         registry.with(fmt::layer()).try_init()
     } else {
         registry
-            .with(fmt::layer().json().flatten_event(true).with_current_span(false))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false),
+            )
             .try_init()
     };
 }
@@ -64,9 +70,11 @@ pub fn metrics() -> PrometheusHandle {
             let h = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
-                .spawn(move || loop {
-                    std::thread::sleep(std::time::Duration::from_secs(5));
-                    h.run_upkeep();
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        h.run_upkeep();
+                    }
                 })
                 .expect("spawn metrics upkeep thread");
             handle

@@ -1,1 +1,100 @@
+//! floodgate ingress: the public HTTP API. On the order path it touches Redis (one Lua
+//! call decides and reserves) and RabbitMQ (one confirmed publish), nothing else.
+//!
+//! # Layout
+//!
+//! - [`routes`]: the axum router; handlers extract and delegate.
+//! - [`orders`]: placing an order (validate, reserve, publish) and reading one.
+//! - [`catalog`]: admin SKU operations (PostgreSQL first, then Redis once per change).
+//! - [`publisher`]: confirm-mode publishing, pipelined across channels.
+//! - [`repo`]: every SQL statement ingress runs.
+//! - [`extract`]: the bearer-token caller and JSON bodies with API.md's error codes.
+//! - [`error`]: [`error::ApiError`], rendered as problem+json.
+//! - [`state`]: [`state::AppState`], shared by every handler.
 #![forbid(unsafe_code)]
+
+pub mod catalog;
+pub mod error;
+pub mod extract;
+pub mod orders;
+pub mod publisher;
+pub mod repo;
+pub mod routes;
+pub mod state;
+
+use anyhow::Context;
+use floodgate_common::{Config, auth::Verifier, redis::Keys, stock};
+use std::{sync::Arc, time::Duration};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A built ingress, bound to its port, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: state::AppState,
+}
+
+impl Application {
+    /// Connects to Redis, RabbitMQ (declaring the topology) and PostgreSQL, loads stock
+    /// into Redis if this namespace has none, and binds `cfg.ingress_addr` (port 0 picks
+    /// a free port, for tests).
+    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        let keys = Keys::new(&cfg.namespace);
+        let mut redis = floodgate_common::redis::connect(&cfg.redis_url)
+            .await
+            .context("connecting to Redis")?;
+        let pg = floodgate_common::db::pool(&cfg)?;
+        let publisher = publisher::Publisher::connect(&cfg)
+            .await
+            .context("connecting to RabbitMQ")?;
+        if stock::load_if_absent(&pg, &mut redis, &keys).await? {
+            tracing::info!(namespace = %cfg.namespace, "loaded stock levels from PostgreSQL into Redis");
+        }
+        let listener = TcpListener::bind(cfg.ingress_addr)
+            .await
+            .with_context(|| format!("binding {}", cfg.ingress_addr))?;
+        let limiter = state::AppState::limiter_for(&cfg);
+        if let Some(l) = &limiter {
+            let l = Arc::downgrade(l);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    let Some(l) = l.upgrade() else { break };
+                    l.retain_recent();
+                }
+            });
+        }
+        let verifier = Arc::new(Verifier::new(cfg.jwt_secret.expose()));
+        Ok(Self {
+            listener,
+            state: state::AppState {
+                keys: Arc::new(keys),
+                redis,
+                pg,
+                publisher,
+                verifier,
+                limiter,
+                cfg: Arc::new(cfg),
+            },
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` is cancelled, then finishes in-flight requests (each of
+    /// which either answers 202 after its confirm or releases its reservation).
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let _ = floodgate_common::telemetry::metrics();
+        let publisher = self.state.publisher.clone();
+        let app = routes::router(self.state);
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("serving HTTP")?;
+        publisher.close().await;
+        Ok(())
+    }
+}

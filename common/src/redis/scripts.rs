@@ -199,7 +199,9 @@ pub async fn claim<C: ConnectionLike>(
         .arg(now_ms)
         .arg(RECORD_TTL_SECS);
     for (id, user) in orders {
-        inv.key(keys.resv(id)).key(keys.user(user)).arg(id.to_string());
+        inv.key(keys.resv(id))
+            .key(keys.user(user))
+            .arg(id.to_string());
     }
     let reply: Vec<String> = inv.invoke_async(con).await?;
     if reply.len() != orders.len() {

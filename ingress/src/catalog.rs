@@ -1,0 +1,232 @@
+//! Admin operations on SKUs: create, read, receive goods, read the ledger. PostgreSQL is
+//! written first; Redis follows through `apply_stock.lua`, once per change.
+
+use crate::{
+    error::ApiError,
+    repo::{self, NewSku, SkuRow},
+    state::AppState,
+};
+use floodgate_common::{
+    domain::{Reference, Sku},
+    redis::{self as fredis, receive_token},
+};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Units one receipt may add, and the most a SKU may start with.
+pub const MAX_RECEIVE: i64 = 1_000_000;
+pub const MAX_INITIAL_STOCK: i64 = 1_000_000_000;
+
+/// A field of an admin body, with 422 `invalid_request` naming it when it is wrong.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn str(&self, name: &str) -> Result<&str, ApiError> {
+        match self.0.get(name) {
+            Some(Value::String(s)) => Ok(s),
+            None | Some(Value::Null) => Err(missing(name)),
+            Some(_) => Err(ApiError::InvalidRequest(format!(
+                "{name}: must be a string"
+            ))),
+        }
+    }
+
+    fn int(&self, name: &str, min: i64, max: i64) -> Result<i64, ApiError> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Err(missing(name)),
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(v) if (min..=max).contains(&v) => Ok(v),
+                _ => Err(ApiError::InvalidRequest(format!(
+                    "{name}: must be an integer in {min}..={max}, got {n}"
+                ))),
+            },
+            Some(_) => Err(ApiError::InvalidRequest(format!(
+                "{name}: must be an integer in {min}..={max}"
+            ))),
+        }
+    }
+
+    fn opt_int(&self, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.int(name, min, max).map(Some),
+        }
+    }
+}
+
+fn missing(name: &str) -> ApiError {
+    ApiError::InvalidRequest(format!("{name}: required"))
+}
+
+/// A SKU with its live availability.
+#[derive(Debug, Serialize)]
+pub struct SkuView {
+    #[serde(flatten)]
+    pub row: SkuRow,
+    pub available: i64,
+}
+
+async fn available(st: &AppState, sku: &str) -> Result<i64, ApiError> {
+    let mut redis = st.redis.clone();
+    let v: Option<i64> = redis::cmd("HGET")
+        .arg(st.keys.stock())
+        .arg(sku)
+        .query_async(&mut redis)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "Redis unavailable");
+            ApiError::Unavailable("Redis is unavailable".into())
+        })?;
+    Ok(v.unwrap_or(0))
+}
+
+fn parse_sku(s: &str) -> Result<Sku, ApiError> {
+    Sku::parse(s).map_err(|_| ApiError::SkuNotFound { sku: s.to_owned() })
+}
+
+pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView, ApiError> {
+    let f = Fields(body);
+    let sku =
+        Sku::parse(f.str("sku")?).map_err(|e| ApiError::InvalidRequest(format!("sku: {e}")))?;
+    let name = f.str("name")?.trim().to_owned();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::InvalidRequest(
+            "name: must be 1-200 characters".into(),
+        ));
+    }
+    let new = NewSku {
+        sku,
+        name,
+        price_cents: f.int("price_cents", 0, i64::from(i32::MAX) * 100)?,
+        initial_stock: f.int("initial_stock", 0, MAX_INITIAL_STOCK)?,
+        per_user_limit: f.opt_int("per_user_limit", 1, 1_000_000)?.unwrap_or(0) as i32,
+    };
+    let created = repo::create_sku(&st.pg, &new).await?;
+    // Also after a 409: a repeat heals a crash between the commit and this call, and is
+    // a no-op otherwise.
+    let row = repo::sku(&st.pg, &new.sku)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("SKU {} vanished after it was written", new.sku))?;
+    let initial = Reference::parse(repo::INITIAL_REFERENCE).expect("a valid reference");
+    let initial_stock = repo::receipt_qty(&st.pg, &new.sku, &initial)
+        .await?
+        .unwrap_or(new.initial_stock);
+    let mut redis = st.redis.clone();
+    fredis::apply_stock(
+        &mut redis,
+        &st.keys,
+        &new.sku,
+        initial_stock,
+        &receive_token(&new.sku, repo::INITIAL_REFERENCE),
+        Some(i64::from(row.per_user_limit)),
+    )
+    .await
+    .map_err(|e| anyhow::Error::new(e).context("loading a new SKU into Redis"))?;
+    if !created {
+        return Err(ApiError::SkuExists {
+            sku: new.sku.to_string(),
+        });
+    }
+    let available = available(st, new.sku.as_str()).await?;
+    Ok(SkuView { row, available })
+}
+
+pub async fn get(st: &AppState, sku: &str) -> Result<SkuView, ApiError> {
+    let sku = parse_sku(sku)?;
+    let row = repo::sku(&st.pg, &sku)
+        .await?
+        .ok_or_else(|| ApiError::SkuNotFound {
+            sku: sku.to_string(),
+        })?;
+    let available = available(st, sku.as_str()).await?;
+    Ok(SkuView { row, available })
+}
+
+#[derive(Debug, Serialize)]
+pub struct Received {
+    pub sku: String,
+    pub on_hand: i64,
+    pub available: i64,
+}
+
+pub async fn receive(
+    st: &AppState,
+    sku: &str,
+    body: &Map<String, Value>,
+) -> Result<Received, ApiError> {
+    let sku = parse_sku(sku)?;
+    let f = Fields(body);
+    let qty = f.int("qty", 1, MAX_RECEIVE)?;
+    let reference = Reference::parse(f.str("reference")?)
+        .map_err(|e| ApiError::InvalidRequest(format!("reference: {e}")))?;
+    let on_hand = repo::receive(&st.pg, &sku, qty, &reference)
+        .await?
+        .ok_or_else(|| ApiError::SkuNotFound {
+            sku: sku.to_string(),
+        })?;
+    // The units of the first receipt with this reference, applied to Redis once.
+    let first_qty = repo::receipt_qty(&st.pg, &sku, &reference)
+        .await?
+        .unwrap_or(qty);
+    let mut redis = st.redis.clone();
+    let available = fredis::apply_stock(
+        &mut redis,
+        &st.keys,
+        &sku,
+        first_qty,
+        &receive_token(&sku, reference.as_str()),
+        None,
+    )
+    .await
+    .map_err(|e| anyhow::Error::new(e).context("applying a receipt to Redis"))?;
+    Ok(Received {
+        sku: sku.to_string(),
+        on_hand,
+        available,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct MovementsPage {
+    pub movements: Vec<repo::Movement>,
+    pub next_cursor: Option<String>,
+}
+
+pub async fn movements(
+    st: &AppState,
+    sku: &str,
+    limit: Option<&str>,
+    cursor: Option<&str>,
+) -> Result<MovementsPage, ApiError> {
+    let sku = parse_sku(sku)?;
+    let limit = match limit {
+        None => 50,
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=500).contains(l))
+            .ok_or_else(|| ApiError::InvalidRequest("limit: must be an integer 1..=500".into()))?,
+    };
+    let before = match cursor {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<i64>().ok().filter(|c| *c > 0).ok_or_else(|| {
+            ApiError::InvalidRequest("cursor: not a cursor this API returned".into())
+        })?),
+    };
+    if repo::sku(&st.pg, &sku).await?.is_none() {
+        return Err(ApiError::SkuNotFound {
+            sku: sku.to_string(),
+        });
+    }
+    let mut movements = repo::movements(&st.pg, &sku, limit + 1, before).await?;
+    let next_cursor = if movements.len() as i64 > limit {
+        movements.truncate(limit as usize);
+        movements.last().map(|m| m.id.clone())
+    } else {
+        None
+    };
+    Ok(MovementsPage {
+        movements,
+        next_cursor,
+    })
+}

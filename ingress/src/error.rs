@@ -1,0 +1,157 @@
+//! The one error type of the HTTP API and its problem+json (RFC 9457) rendering.
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Map, Value, json};
+
+/// Every way a request can fail. Each variant has the stable `code` of API.md.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    #[error("this needs the admin role")]
+    Forbidden,
+    #[error("no such order")]
+    OrderNotFound,
+    #[error("no such endpoint")]
+    NoSuchEndpoint,
+    #[error("unknown SKU {sku}")]
+    SkuNotFound { sku: String },
+    #[error("SKU {sku} is sold out")]
+    SoldOut { sku: String, available: i64 },
+    #[error("the per-user limit of SKU {sku} would be passed")]
+    LimitExceeded {
+        sku: String,
+        limit: i64,
+        already: i64,
+    },
+    #[error("unknown SKU {sku}")]
+    UnknownSku { sku: String },
+    #[error("{0}")]
+    InvalidOrder(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    Malformed(String),
+    #[error("the body is larger than 64 KiB")]
+    TooLarge,
+    #[error("the body must be application/json")]
+    UnsupportedMediaType,
+    #[error("too many orders; retry after {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("this Idempotency-Key was used with another body")]
+    IdempotencyKeyReused,
+    #[error("SKU {sku} exists already")]
+    SkuExists { sku: String },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            Forbidden => StatusCode::FORBIDDEN,
+            OrderNotFound | NoSuchEndpoint | SkuNotFound { .. } => StatusCode::NOT_FOUND,
+            SoldOut { .. } | SkuExists { .. } => StatusCode::CONFLICT,
+            LimitExceeded { .. }
+            | UnknownSku { .. }
+            | InvalidOrder(_)
+            | InvalidRequest(_)
+            | IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Malformed(_) => StatusCode::BAD_REQUEST,
+            TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code of API.md.
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            Unauthorized => "unauthorized",
+            Forbidden => "forbidden",
+            OrderNotFound | NoSuchEndpoint => "not_found",
+            SkuNotFound { .. } | UnknownSku { .. } => "unknown_sku",
+            SoldOut { .. } => "sold_out",
+            LimitExceeded { .. } => "limit_exceeded",
+            InvalidOrder(_) => "invalid_order",
+            InvalidRequest(_) => "invalid_request",
+            Malformed(_) => "malformed",
+            TooLarge => "too_large",
+            UnsupportedMediaType => "unsupported_media_type",
+            RateLimited { .. } => "rate_limited",
+            IdempotencyKeyReused => "idempotency_key_reused",
+            SkuExists { .. } => "sku_exists",
+            Unavailable(_) => "unavailable",
+            Internal(_) => "internal",
+        }
+    }
+
+    fn extensions(&self) -> Map<String, Value> {
+        use ApiError::*;
+        let v = match self {
+            SoldOut { sku, available } => json!({"sku": sku, "available": available}),
+            LimitExceeded {
+                sku,
+                limit,
+                already,
+            } => json!({"sku": sku, "limit": limit, "already": already}),
+            UnknownSku { sku } | SkuNotFound { sku } | SkuExists { sku } => json!({"sku": sku}),
+            _ => json!({}),
+        };
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::Unavailable(_) => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// Anything unexpected is a 500 whose cause chain is logged, never sent.
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::Internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let ApiError::Internal(e) = &self {
+            tracing::error!(error = format!("{e:#}"), "request failed");
+        }
+        let mut body = self.extensions();
+        let title = status.canonical_reason().unwrap_or("Error");
+        body.insert("type".into(), json!(format!("/problems/{}", self.code())));
+        body.insert("title".into(), json!(title));
+        body.insert("status".into(), json!(status.as_u16()));
+        body.insert("detail".into(), json!(self.to_string()));
+        body.insert("code".into(), json!(self.code()));
+        let mut resp = (status, axum::Json(Value::Object(body))).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}

@@ -1,0 +1,87 @@
+//! Request extractors: the caller from the bearer token, and JSON bodies whose every
+//! failure maps to API.md's codes (415, 413, 400) instead of axum's defaults.
+
+use crate::{error::ApiError, state::AppState};
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Request},
+    http::{header, request::Parts},
+};
+use floodgate_common::auth::Caller;
+use serde::de::DeserializeOwned;
+
+/// Largest accepted body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .ok_or(ApiError::Unauthorized)?;
+        state.verifier.verify(token.trim()).map_err(|e| {
+            tracing::debug!(error = %e, "token refused");
+            ApiError::Unauthorized
+        })
+    }
+}
+
+/// A caller with the admin role; anyone else gets 403 (401 without a valid token).
+pub struct Admin(pub Caller);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if caller.is_admin() {
+            Ok(Admin(caller))
+        } else {
+            Err(ApiError::Forbidden)
+        }
+    }
+}
+
+/// A JSON body deserialized into `T`; any shape error is 400 `malformed`.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = json_bytes(req, state).await?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::Malformed(format!("the body is not a valid request: {e}")))
+    }
+}
+
+async fn json_bytes(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| {
+            let m = m.trim().to_ascii_lowercase();
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        })
+        .unwrap_or(false);
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge
+        } else {
+            ApiError::Malformed(format!("the body could not be read: {e}"))
+        }
+    })
+}

@@ -1,0 +1,273 @@
+//! Placing and reading orders: the hot path (validate, reserve in Redis, publish, answer)
+//! and the status read.
+
+use crate::{error::ApiError, repo, state::AppState};
+use floodgate_common::{
+    amqp::{IntakeMessage, OrderPlaced},
+    auth::Caller,
+    domain::{IdempotencyKey, Invalid, OrderId, OrderLine, OrderLines, Quantity, Sku},
+    redis::{self as fredis, Reserve, ReserveRequest},
+    telemetry::names,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+
+/// The request body as sent; any shape error is 400 before this exists.
+#[derive(Debug, Deserialize)]
+pub struct OrderRequest {
+    pub items: Vec<LineRequest>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct LineRequest {
+    pub sku: String,
+    pub qty: i64,
+}
+
+impl OrderRequest {
+    /// Checks every rule of API.md; the message names the field.
+    pub fn validate(self) -> Result<OrderLines, ApiError> {
+        let lines = self
+            .items
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let sku = Sku::parse(l.sku).map_err(|e| at(i, "sku", e))?;
+                let qty = Quantity::try_from(l.qty).map_err(|e| at(i, "qty", e))?;
+                Ok(OrderLine { sku, qty })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        OrderLines::try_from(lines).map_err(|e| ApiError::InvalidOrder(e.0))
+    }
+}
+
+fn at(i: usize, field: &str, e: Invalid) -> ApiError {
+    ApiError::InvalidOrder(format!("items[{i}].{field}: {}", e.0))
+}
+
+/// What API.md answers for an order.
+#[derive(Debug, Serialize)]
+pub struct OrderView {
+    pub order_id: OrderId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    pub status: &'static str,
+    pub items: Vec<OrderLine>,
+    pub accepted_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Result of placing an order: new (202) or the first answer to this Idempotency-Key.
+pub enum Placed {
+    New(OrderView),
+    Repeat(OrderView),
+}
+
+fn body_hash(lines: &OrderLines) -> String {
+    let canonical = serde_json::to_vec(lines.as_slice()).expect("lines serialize");
+    hex::encode(Sha256::digest(canonical))
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "{what} unavailable");
+    ApiError::Unavailable(format!("{what} is unavailable; nothing was reserved"))
+}
+
+/// Reserve, publish, answer. Nothing is reserved unless the answer is 202.
+pub async fn place(
+    st: &AppState,
+    caller: &Caller,
+    lines: OrderLines,
+    key: Option<IdempotencyKey>,
+) -> Result<Placed, ApiError> {
+    let hash = key.as_ref().map(|_| body_hash(&lines));
+    // A duplicate whose first request is still publishing waits for it; if that publish
+    // fails the record vanishes and this request becomes the first.
+    let wait_until = Instant::now() + st.cfg.publish_timeout + Duration::from_secs(1);
+    loop {
+        let order_id = OrderId::new();
+        let now = OffsetDateTime::now_utc();
+        let accepted_at = repo::rfc3339(now);
+        let deadline = now + st.cfg.reservation_ttl;
+        let deadline_ms = (deadline.unix_timestamp_nanos() / 1_000_000) as i64;
+        let req = ReserveRequest {
+            order_id,
+            user: &caller.user,
+            lines: &lines,
+            idempotency: key.as_ref().zip(hash.as_deref()),
+            accepted_at: &accepted_at,
+            deadline_ms,
+            idempotency_ttl_secs: st.cfg.idempotency_ttl.as_secs().max(1),
+        };
+        let started = Instant::now();
+        let mut redis = st.redis.clone();
+        let decision = fredis::reserve(&mut redis, &st.keys, &req)
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        metrics::histogram!(names::RESERVE_DURATION).record(started.elapsed().as_secs_f64());
+        match decision {
+            Reserve::Reserved => {
+                publish(
+                    st,
+                    caller,
+                    &lines,
+                    key.as_ref(),
+                    order_id,
+                    &accepted_at,
+                    deadline_ms,
+                )
+                .await?;
+                return Ok(Placed::New(OrderView {
+                    order_id,
+                    user_id: None,
+                    status: "accepted",
+                    items: lines.as_slice().to_vec(),
+                    accepted_at,
+                    confirmed_at: None,
+                    reason: None,
+                }));
+            }
+            Reserve::Duplicate {
+                order_id,
+                published,
+                ..
+            } => {
+                if published {
+                    return repeat(st, caller, order_id).await.map(Placed::Repeat);
+                }
+                if Instant::now() > wait_until {
+                    return Err(ApiError::Unavailable(
+                        "the first request with this Idempotency-Key is still in progress".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Reserve::KeyReused => return Err(ApiError::IdempotencyKeyReused),
+            Reserve::UnknownSku(sku) => return Err(ApiError::UnknownSku { sku }),
+            Reserve::LimitExceeded {
+                sku,
+                limit,
+                already,
+            } => {
+                return Err(ApiError::LimitExceeded {
+                    sku,
+                    limit,
+                    already,
+                });
+            }
+            Reserve::SoldOut { sku, available } => {
+                return Err(ApiError::SoldOut { sku, available });
+            }
+            Reserve::StockNotLoaded => {
+                return Err(ApiError::Unavailable(
+                    "stock levels are not loaded; an operator must run floodgate reconcile".into(),
+                ));
+            }
+        }
+    }
+}
+
+async fn publish(
+    st: &AppState,
+    caller: &Caller,
+    lines: &OrderLines,
+    key: Option<&IdempotencyKey>,
+    order_id: OrderId,
+    accepted_at: &str,
+    deadline_ms: i64,
+) -> Result<(), ApiError> {
+    let msg = IntakeMessage::OrderV1(OrderPlaced {
+        order_id,
+        user_id: caller.user.clone(),
+        items: lines.clone(),
+        accepted_at: accepted_at.to_owned(),
+        deadline_ms,
+        idempotency_key: key.cloned(),
+    });
+    let started = Instant::now();
+    let published = st.publisher.publish(&msg, &order_id.to_string()).await;
+    metrics::histogram!(names::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
+    let mut redis = st.redis.clone();
+    if let Err(e) = published {
+        metrics::counter!(names::PUBLISH_FAILURES).increment(1);
+        tracing::warn!(error = %e, %order_id, "publish failed; releasing the reservation");
+        // If the release fails too, the reservation expires and the reaper returns it.
+        if let Err(re) = fredis::release(
+            &mut redis,
+            &st.keys,
+            &order_id,
+            &caller.user,
+            key,
+            "publish_failed",
+        )
+        .await
+        {
+            tracing::error!(error = %re, %order_id, "release after a failed publish failed");
+        }
+        return Err(unavailable("the message broker", e));
+    }
+    if let Some(k) = key {
+        // Duplicates wait for this mark; if it is lost they wait out their deadline and
+        // answer 503, never a second order.
+        if let Err(e) = fredis::mark_published(&mut redis, &st.keys, &caller.user, k).await {
+            tracing::warn!(error = %e, %order_id, "could not mark the Idempotency-Key published");
+        }
+    }
+    Ok(())
+}
+
+/// The first order of a repeated Idempotency-Key, with its current status.
+async fn repeat(st: &AppState, caller: &Caller, order_id: OrderId) -> Result<OrderView, ApiError> {
+    let mut view = view(st, caller, order_id)
+        .await?
+        .ok_or(ApiError::OrderNotFound)?;
+    view.user_id = None;
+    Ok(view)
+}
+
+/// An order as its owner or an admin may see it; None for anyone else.
+pub async fn view(
+    st: &AppState,
+    caller: &Caller,
+    order_id: OrderId,
+) -> Result<Option<OrderView>, ApiError> {
+    let visible = |owner: &str| caller.is_admin() || owner == caller.user.as_str();
+    if let Some(o) = repo::order(&st.pg, &order_id).await? {
+        if !visible(&o.user_id) {
+            return Ok(None);
+        }
+        let status = floodgate_common::domain::OrderStatus::parse(&o.status)
+            .map(|s| s.as_str())
+            .unwrap_or("failed");
+        return Ok(Some(OrderView {
+            order_id,
+            user_id: Some(o.user_id),
+            status,
+            items: o.lines,
+            accepted_at: repo::rfc3339(o.accepted_at),
+            confirmed_at: o.confirmed_at.map(repo::rfc3339),
+            reason: o.reason,
+        }));
+    }
+    let mut redis = st.redis.clone();
+    let resv = fredis::reservation(&mut redis, &st.keys, &order_id)
+        .await
+        .map_err(|e| unavailable("Redis", e))?;
+    Ok(resv
+        .filter(|r| matches!(r.state.as_str(), "reserved" | "claimed" | "done"))
+        .filter(|r| visible(r.user.as_str()))
+        .map(|r| OrderView {
+            order_id,
+            user_id: Some(r.user.to_string()),
+            status: "accepted",
+            items: r.lines,
+            accepted_at: r.accepted_at,
+            confirmed_at: None,
+            reason: None,
+        }))
+}

@@ -1,0 +1,301 @@
+//! The HTTP surface: handlers extract and delegate, nothing more.
+
+use crate::{
+    catalog,
+    error::ApiError,
+    extract::{Admin, JsonBody, MAX_BODY_BYTES},
+    orders::{self, OrderRequest, Placed},
+    repo,
+    state::AppState,
+};
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use floodgate_common::{
+    auth::Caller,
+    domain::{IdempotencyKey, OrderId, Sku},
+    telemetry::{self, names},
+};
+use serde_json::{Map, Value, json};
+use std::{collections::HashMap, time::Instant};
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/orders", post(place_order))
+        .route("/v1/orders/{id}", get(get_order))
+        .route("/v1/stock/{sku}", get(stock_one))
+        .route("/v1/stock", get(stock_many))
+        .route("/v1/skus", post(create_sku))
+        .route("/v1/skus/{sku}", get(get_sku))
+        .route("/v1/skus/{sku}/receive", post(receive))
+        .route("/v1/skus/{sku}/movements", get(movements))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NoSuchEndpoint })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+/// Counts requests and their latency by route and status.
+async fn track(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(names::HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(names::HTTP_DURATION, "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::InvalidOrder("Idempotency-Key: must be printable ASCII".into()))?;
+    IdempotencyKey::parse(s)
+        .map(Some)
+        .map_err(|e| ApiError::InvalidOrder(format!("Idempotency-Key: {e}")))
+}
+
+fn rejected(e: ApiError) -> ApiError {
+    metrics::counter!(names::ORDERS_REJECTED, "code" => e.code()).increment(1);
+    e
+}
+
+async fn place_order(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<JsonBody<OrderRequest>, ApiError>,
+) -> Result<Response, ApiError> {
+    if let Some(limiter) = &st.limiter
+        && let Err(not_until) = limiter.check_key(&caller.user.to_string())
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        return Err(rejected(ApiError::RateLimited {
+            retry_after_secs: wait.as_secs().max(1),
+        }));
+    }
+    let JsonBody(body) = body.map_err(rejected)?;
+    let lines = body.validate().map_err(rejected)?;
+    let key = idempotency_key(&headers).map_err(rejected)?;
+    match orders::place(&st, &caller, lines, key)
+        .await
+        .map_err(rejected)?
+    {
+        Placed::New(view) => {
+            metrics::counter!(names::ORDERS_ACCEPTED).increment(1);
+            let location = format!("/v1/orders/{}", view.order_id);
+            Ok((
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, location)],
+                Json(view),
+            )
+                .into_response())
+        }
+        Placed::Repeat(view) => {
+            let status = if view.status == "accepted" {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            };
+            let location = format!("/v1/orders/{}", view.order_id);
+            Ok((status, [(header::LOCATION, location)], Json(view)).into_response())
+        }
+    }
+}
+
+async fn get_order(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<orders::OrderView>, ApiError> {
+    let id = OrderId::parse(&id).ok_or(ApiError::OrderNotFound)?;
+    orders::view(&st, &caller, id)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::OrderNotFound)
+}
+
+async fn stock_loaded(st: &AppState) -> Result<(), ApiError> {
+    let mut redis = st.redis.clone();
+    let loaded: bool = redis::cmd("EXISTS")
+        .arg(st.keys.epoch())
+        .query_async(&mut redis)
+        .await
+        .map_err(|_| ApiError::Unavailable("Redis is unavailable".into()))?;
+    if loaded {
+        Ok(())
+    } else {
+        Err(ApiError::Unavailable("stock levels are not loaded".into()))
+    }
+}
+
+async fn stock_one(
+    State(st): State<AppState>,
+    Path(sku): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let not_found = || ApiError::SkuNotFound { sku: sku.clone() };
+    let parsed = Sku::parse(sku.as_str()).map_err(|_| not_found())?;
+    stock_loaded(&st).await?;
+    let mut redis = st.redis.clone();
+    let available: Option<i64> = redis::cmd("HGET")
+        .arg(st.keys.stock())
+        .arg(parsed.as_str())
+        .query_async(&mut redis)
+        .await
+        .map_err(|_| ApiError::Unavailable("Redis is unavailable".into()))?;
+    let available = available.ok_or_else(not_found)?;
+    Ok(Json(json!({"sku": parsed, "available": available})))
+}
+
+/// Most SKUs one `GET /v1/stock` may ask for.
+pub const MAX_STOCK_QUERY: usize = 100;
+
+async fn stock_many(
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let list = q
+        .get("skus")
+        .ok_or_else(|| ApiError::InvalidRequest("skus: required, a comma-separated list".into()))?;
+    let asked: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if asked.len() > MAX_STOCK_QUERY {
+        return Err(ApiError::InvalidRequest(format!(
+            "skus: at most {MAX_STOCK_QUERY}, got {}",
+            asked.len()
+        )));
+    }
+    // Ids that cannot be SKUs are unknown, and unknown SKUs are left out.
+    let skus: Vec<Sku> = asked
+        .into_iter()
+        .filter_map(|s| Sku::parse(s).ok())
+        .collect();
+    stock_loaded(&st).await?;
+    let levels: Vec<Option<i64>> = if skus.is_empty() {
+        Vec::new()
+    } else {
+        let mut redis = st.redis.clone();
+        redis::cmd("HMGET")
+            .arg(st.keys.stock())
+            .arg(skus.iter().map(Sku::as_str).collect::<Vec<_>>())
+            .query_async(&mut redis)
+            .await
+            .map_err(|_| ApiError::Unavailable("Redis is unavailable".into()))?
+    };
+    let stock: Vec<Value> = skus
+        .iter()
+        .zip(levels)
+        .filter_map(|(s, l)| l.map(|a| json!({"sku": s, "available": a})))
+        .collect();
+    Ok(Json(json!({ "stock": stock })))
+}
+
+async fn create_sku(
+    State(st): State<AppState>,
+    _admin: Admin,
+    JsonBody(body): JsonBody<Map<String, Value>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = catalog::create(&st, &body).await?;
+    let location = format!("/v1/skus/{}", view.row.sku);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(view),
+    ))
+}
+
+async fn get_sku(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(sku): Path<String>,
+) -> Result<Json<catalog::SkuView>, ApiError> {
+    catalog::get(&st, &sku).await.map(Json)
+}
+
+async fn receive(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(sku): Path<String>,
+    JsonBody(body): JsonBody<Map<String, Value>>,
+) -> Result<Json<catalog::Received>, ApiError> {
+    catalog::receive(&st, &sku, &body).await.map(Json)
+}
+
+async fn movements(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(sku): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<catalog::MovementsPage>, ApiError> {
+    catalog::movements(
+        &st,
+        &sku,
+        q.get("limit").map(String::as_str),
+        q.get("cursor").map(String::as_str),
+    )
+    .await
+    .map(Json)
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    let mut redis = st.redis.clone();
+    let redis_ok = redis::cmd("PING")
+        .query_async::<String>(&mut redis)
+        .await
+        .is_ok();
+    let pg_ok = repo::ping(&st.pg).await.is_ok();
+    let amqp_ok = st.publisher.is_connected();
+    let checks = json!({"redis": redis_ok, "rabbitmq": amqp_ok, "postgres": pg_ok});
+    let down: Vec<&str> = [
+        ("redis", redis_ok),
+        ("rabbitmq", amqp_ok),
+        ("postgres", pg_ok),
+    ]
+    .into_iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(n, _)| n)
+    .collect();
+    if down.is_empty() {
+        (
+            StatusCode::OK,
+            Json(json!({"status": "ready", "checks": checks})),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "down": down, "checks": checks})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        telemetry::metrics().render(),
+    )
+}

@@ -1,0 +1,35 @@
+//! What every handler shares: cheap to clone.
+
+use crate::publisher::Publisher;
+use deadpool_postgres::Pool;
+use floodgate_common::{Config, auth::Verifier, redis::Keys};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use redis::aio::ConnectionManager;
+use std::{num::NonZeroU32, sync::Arc};
+
+/// Per-user order rate limiter (in-memory, per ingress instance).
+pub type Limiter = DefaultKeyedRateLimiter<String>;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub cfg: Arc<Config>,
+    pub keys: Arc<Keys>,
+    /// Multiplexed: one connection serves every request, commands are pipelined.
+    pub redis: ConnectionManager,
+    /// PostgreSQL, for admin writes and order status reads; never on the reserve path.
+    pub pg: Pool,
+    pub publisher: Publisher,
+    pub verifier: Arc<Verifier>,
+    /// None when `FLOODGATE_RATE_LIMIT_PER_SEC=0`.
+    pub limiter: Option<Arc<Limiter>>,
+}
+
+impl AppState {
+    pub fn limiter_for(cfg: &Config) -> Option<Arc<Limiter>> {
+        let rate = NonZeroU32::new(cfg.rate_limit_per_sec)?;
+        let burst = NonZeroU32::new(cfg.rate_limit_burst).unwrap_or(rate);
+        Some(Arc::new(DefaultKeyedRateLimiter::keyed(
+            Quota::per_second(rate).allow_burst(burst),
+        )))
+    }
+}
