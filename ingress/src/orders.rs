@@ -91,7 +91,11 @@ pub async fn place(
     let wait_until = Instant::now() + st.cfg.publish_timeout + Duration::from_secs(1);
     loop {
         let order_id = OrderId::new();
+        // Microseconds: what PostgreSQL keeps, so every answer shows the same instant.
         let now = OffsetDateTime::now_utc();
+        let now = now
+            .replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+            .expect("a truncated nanosecond is valid");
         let accepted_at = repo::rfc3339(now);
         let deadline = now + st.cfg.reservation_ttl;
         let deadline_ms = (deadline.unix_timestamp_nanos() / 1_000_000) as i64;

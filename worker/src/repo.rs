@@ -1,0 +1,273 @@
+//! The batch transaction and the per-order fallback: every SQL statement the worker runs.
+
+use deadpool_postgres::{Pool, Transaction};
+use floodgate_common::domain::OrderId;
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+use tokio_postgres::error::SqlState;
+use uuid::Uuid;
+
+/// An order ready to be written.
+#[derive(Debug, Clone)]
+pub struct OrderRecord {
+    pub id: OrderId,
+    pub user_id: String,
+    pub idempotency_key: Option<String>,
+    pub accepted_at: OffsetDateTime,
+    pub lines: Vec<(String, i64)>,
+}
+
+/// How a database failure is handled.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The `sold <= on_hand` check refused the inventory update.
+    #[error("not enough stock in PostgreSQL")]
+    InsufficientStock,
+    /// Will pass on retry: connection lost, timeout, serialization failure, shutdown.
+    #[error("transient database failure")]
+    Transient(#[source] anyhow::Error),
+    /// Will never pass: a constraint or data error. The string is the order's reason.
+    #[error("permanent database failure: {reason}")]
+    Permanent {
+        reason: &'static str,
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let Some(code) = e.code().cloned() else {
+            // No SQLSTATE: the connection broke or timed out.
+            return DbError::Transient(e.into());
+        };
+        let class = &code.code()[..2];
+        if code == SqlState::CHECK_VIOLATION {
+            DbError::InsufficientStock
+        } else if matches!(class, "08" | "40" | "53" | "57" | "58")
+            || code == SqlState::LOCK_NOT_AVAILABLE
+            || code == SqlState::QUERY_CANCELED
+        {
+            DbError::Transient(e.into())
+        } else {
+            let reason = match class {
+                "23" if code == SqlState::UNIQUE_VIOLATION => "duplicate_idempotency_key",
+                "23" => "invalid",
+                _ => "invalid",
+            };
+            DbError::Permanent {
+                reason,
+                source: e.into(),
+            }
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        DbError::Transient(e.into())
+    }
+}
+
+fn permanent(reason: &'static str, msg: String) -> DbError {
+    DbError::Permanent {
+        reason,
+        source: anyhow::anyhow!(msg),
+    }
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Orders this commit confirmed (others were committed by an earlier delivery).
+    pub confirmed: Vec<OrderId>,
+    /// Orders recorded failed by this commit.
+    pub failed: usize,
+}
+
+async fn insert_orders(
+    tx: &Transaction<'_>,
+    orders: &[&OrderRecord],
+    status: &str,
+    reason: Option<&str>,
+) -> Result<Vec<Uuid>, DbError> {
+    if orders.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.id.as_uuid()).collect();
+    let users: Vec<&str> = orders.iter().map(|o| o.user_id.as_str()).collect();
+    let keys: Vec<Option<&str>> = orders
+        .iter()
+        .map(|o| o.idempotency_key.as_deref())
+        .collect();
+    let accepted: Vec<OffsetDateTime> = orders.iter().map(|o| o.accepted_at).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO orders (id, user_id, status, reason, idempotency_key, accepted_at, confirmed_at)
+             SELECT t.id, t.user_id, $5, $6, t.key, t.accepted_at,
+                    CASE WHEN $5 = 'confirmed' THEN now() END
+               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
+                    AS t(id, user_id, key, accepted_at)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
+        )
+        .await?;
+    let rows = tx
+        .query(&stmt, &[&ids, &users, &keys, &accepted, &status, &reason])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+async fn insert_lines(
+    tx: &Transaction<'_>,
+    orders: &[&OrderRecord],
+    kind: Option<&str>,
+) -> Result<(), DbError> {
+    let mut ids = Vec::new();
+    let mut refs = Vec::new();
+    let mut skus = Vec::new();
+    let mut qtys: Vec<i32> = Vec::new();
+    for o in orders {
+        for (sku, qty) in &o.lines {
+            ids.push(o.id.as_uuid());
+            refs.push(o.id.to_string());
+            skus.push(sku.as_str());
+            qtys.push(*qty as i32);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let items = tx
+        .prepare_cached(
+            "INSERT INTO order_items (order_id, sku, qty)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[])
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&items, &[&ids, &skus, &qtys]).await?;
+    if let Some(kind) = kind {
+        let ledger = tx
+            .prepare_cached(
+                "INSERT INTO stock_movements (sku, kind, qty, reference)
+                 SELECT t.sku, $4, t.qty, t.reference
+                   FROM unnest($1::text[], $2::int[], $3::text[]) AS t(sku, qty, reference)
+                 ON CONFLICT ON CONSTRAINT stock_movements_once DO NOTHING",
+            )
+            .await?;
+        tx.execute(&ledger, &[&skus, &qtys, &refs, &kind]).await?;
+    }
+    Ok(())
+}
+
+/// One aggregated UPDATE for all the orders' SKUs: a hot row is updated once per batch.
+/// Rows are locked in SKU order first so concurrent workers cannot deadlock.
+async fn add_sold(tx: &Transaction<'_>, orders: &[&OrderRecord]) -> Result<(), DbError> {
+    let mut per_sku: BTreeMap<&str, i64> = BTreeMap::new();
+    for o in orders {
+        for (sku, qty) in &o.lines {
+            *per_sku.entry(sku.as_str()).or_default() += qty;
+        }
+    }
+    if per_sku.is_empty() {
+        return Ok(());
+    }
+    let skus: Vec<&str> = per_sku.keys().copied().collect();
+    let qtys: Vec<i64> = per_sku.values().copied().collect();
+    let lock = tx
+        .prepare_cached("SELECT sku FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
+        .await?;
+    let locked = tx.query(&lock, &[&skus]).await?;
+    if locked.len() != skus.len() {
+        let found: Vec<String> = locked.iter().map(|r| r.get(0)).collect();
+        let missing: Vec<&&str> = skus
+            .iter()
+            .filter(|s| !found.iter().any(|f| f == **s))
+            .collect();
+        return Err(permanent(
+            "unknown_sku",
+            format!("no inventory row for {missing:?}"),
+        ));
+    }
+    let update = tx
+        .prepare_cached(
+            "UPDATE inventory i SET sold = i.sold + d.qty, updated_at = now()
+               FROM unnest($1::text[], $2::bigint[]) AS d(sku, qty)
+              WHERE i.sku = d.sku",
+        )
+        .await?;
+    tx.execute(&update, &[&skus, &qtys]).await?;
+    Ok(())
+}
+
+/// Commits a batch in one transaction: `confirm` become confirmed orders with items,
+/// `sale` ledger rows and one inventory update per SKU; `fail` are recorded failed with
+/// their reason and a `release` ledger row. Orders already in PostgreSQL (redelivery) are
+/// skipped by their primary key.
+pub async fn commit_batch(
+    pool: &Pool,
+    confirm: &[&OrderRecord],
+    fail: &[(&OrderRecord, &'static str)],
+) -> Result<Committed, DbError> {
+    let mut db = pool.get().await?;
+    let tx = db.transaction().await?;
+    let mut committed = Committed::default();
+    for (reason, group) in group_by_reason(fail) {
+        let new = insert_orders(&tx, &group, "failed", Some(reason)).await?;
+        let fresh: Vec<&OrderRecord> = group
+            .into_iter()
+            .filter(|o| new.contains(&o.id.as_uuid()))
+            .collect();
+        insert_lines(&tx, &fresh, Some("release")).await?;
+        committed.failed += fresh.len();
+    }
+    let new = insert_orders(&tx, confirm, "confirmed", None).await?;
+    let fresh: Vec<&OrderRecord> = confirm
+        .iter()
+        .copied()
+        .filter(|o| new.contains(&o.id.as_uuid()))
+        .collect();
+    insert_lines(&tx, &fresh, Some("sale")).await?;
+    add_sold(&tx, &fresh).await?;
+    tx.commit().await?;
+    committed.confirmed = fresh.iter().map(|o| o.id).collect();
+    Ok(committed)
+}
+
+fn group_by_reason<'a>(
+    fail: &[(&'a OrderRecord, &'static str)],
+) -> BTreeMap<&'static str, Vec<&'a OrderRecord>> {
+    let mut m: BTreeMap<&'static str, Vec<&OrderRecord>> = BTreeMap::new();
+    for (o, r) in fail {
+        m.entry(r).or_default().push(o);
+    }
+    m
+}
+
+/// Records one order failed, with its lines but no sale (after the batch refused it).
+/// Returns false if the order was in PostgreSQL already.
+pub async fn record_failed(
+    pool: &Pool,
+    order: &OrderRecord,
+    reason: &'static str,
+) -> Result<bool, DbError> {
+    let mut db = pool.get().await?;
+    let tx = db.transaction().await?;
+    let mut rec = order.clone();
+    if reason == "duplicate_idempotency_key" {
+        // The key belongs to another order; keep this one without it.
+        rec.idempotency_key = None;
+    }
+    let new = insert_orders(&tx, &[&rec], "failed", Some(reason)).await?;
+    if !new.is_empty() {
+        insert_lines(&tx, &[&rec], Some("release")).await?;
+    }
+    tx.commit().await?;
+    Ok(!new.is_empty())
+}
+
+/// Round trip for `/readyz`.
+pub async fn ping(pool: &Pool) -> anyhow::Result<()> {
+    pool.get().await?.query_one("SELECT 1", &[]).await?;
+    Ok(())
+}
