@@ -157,7 +157,13 @@ impl Pipeline {
 
         let mut confirm = Vec::new();
         let mut fail = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (i, c) in items.iter().zip(&claims) {
+            // The same order twice in one batch (a redelivery next to the original) is
+            // decided once; both deliveries are acked with the batch.
+            if !seen.insert(i.order.id) {
+                continue;
+            }
             match c {
                 Claim::Claimed | Claim::Missing => confirm.push(&i.order),
                 Claim::Done => {}
