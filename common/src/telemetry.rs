@@ -23,8 +23,13 @@ pub mod names {
 /// JSON logs (or human ones with `FLOODGATE_LOG_FORMAT=pretty`), filtered by
 /// `FLOODGATE_LOG` (default `info`). Safe to call more than once.
 pub fn init_logging() {
+    init_logging_with_default("info");
+}
+
+/// [`init_logging`] with another default filter (tests log warnings only).
+pub fn init_logging_with_default(default: &str) {
     let filter =
-        EnvFilter::try_from_env("FLOODGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        EnvFilter::try_from_env("FLOODGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let pretty = std::env::var("FLOODGATE_LOG_FORMAT").is_ok_and(|v| v == "pretty");
     let registry = tracing_subscriber::registry().with(filter);
     let _ = if pretty {

@@ -90,7 +90,7 @@ impl TestApp {
     }
 
     pub async fn spawn_with(opts: Options) -> Self {
-        floodgate_common::telemetry::init_logging();
+        floodgate_common::telemetry::init_logging_with_default("warn");
         let ns = namespace();
         let mut cfg = Config::from_lookup(|k| match k {
             "FLOODGATE_NAMESPACE" => Some(ns.clone()),

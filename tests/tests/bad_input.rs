@@ -1,0 +1,447 @@
+//! Every error row of API.md for the order, stock and SKU endpoints: the status, the
+//! stable `code`, problem+json, and that Redis, RabbitMQ and PostgreSQL are unchanged.
+
+use floodgate_common::{
+    auth,
+    domain::{Role, UserId},
+};
+use floodgate_tests::{Options, Resp, TestApp};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+struct Case {
+    name: &'static str,
+    method: Method,
+    path: String,
+    token: Option<String>,
+    body: Option<Body>,
+    headers: Vec<(&'static str, String)>,
+    status: u16,
+    code: &'static str,
+}
+
+enum Body {
+    Json(Value),
+    Raw(&'static str, String),
+}
+
+fn case(name: &'static str, method: Method, path: &str, status: u16, code: &'static str) -> Case {
+    Case {
+        name,
+        method,
+        path: path.to_owned(),
+        token: None,
+        body: None,
+        headers: Vec::new(),
+        status,
+        code,
+    }
+}
+
+impl Case {
+    fn token(mut self, t: &str) -> Self {
+        self.token = Some(t.to_owned());
+        self
+    }
+    fn json(mut self, v: Value) -> Self {
+        self.body = Some(Body::Json(v));
+        self
+    }
+    fn raw(mut self, content_type: &'static str, body: String) -> Self {
+        self.body = Some(Body::Raw(content_type, body));
+        self
+    }
+    fn header(mut self, k: &'static str, v: &str) -> Self {
+        self.headers.push((k, v.to_owned()));
+        self
+    }
+}
+
+async fn send(app: &TestApp, c: &Case) -> Resp {
+    let mut rb = app
+        .client
+        .request(c.method.clone(), format!("{}{}", app.base, c.path));
+    if let Some(t) = &c.token {
+        rb = rb.bearer_auth(t);
+    }
+    match &c.body {
+        Some(Body::Json(v)) => rb = rb.json(v),
+        Some(Body::Raw(ct, b)) => rb = rb.header("content-type", *ct).body(b.clone()),
+        None => {}
+    }
+    for (k, v) in &c.headers {
+        rb = rb.header(*k, v);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    Resp {
+        status,
+        headers,
+        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    }
+}
+
+fn order(items: Value) -> Value {
+    json!({ "items": items })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_its_code_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    app.create_sku("tee", 5, Some(2)).await;
+    app.create_sku("last-one", 1, None).await;
+    app.create_sku("few", 3, None).await;
+    let alice = app.customer("alice");
+    let admin = app.admin();
+    // State the error cases build on: alice holds 2 tees (her limit), bob's order exists,
+    // one Idempotency-Key is taken, last-one is sold out.
+    for _ in 0..2 {
+        assert_eq!(app.order(&alice, &[("tee", 1)], None).await.status, 202);
+    }
+    let bob = app.customer("bob");
+    let bobs = app.order(&bob, &[("last-one", 1)], Some("bob-key")).await;
+    assert_eq!(bobs.status, 202);
+    let bob_order = bobs.body["order_id"].as_str().unwrap().to_owned();
+    app.wait_idle().await;
+
+    let secret = app.cfg.jwt_secret.expose().to_owned();
+    let carol = UserId::parse("carol").unwrap();
+    let expired = auth::mint_expiring_at(&secret, &carol, Role::Customer, 1_000_000);
+    let forged = auth::mint(
+        "some-other-secret-0123456789",
+        &carol,
+        Role::Admin,
+        Duration::from_secs(600),
+    );
+    let carol_t = app.customer("carol");
+    let good = order(json!([{"sku": "tee", "qty": 1}]));
+    let big = format!(
+        "{{\"items\":[{{\"sku\":\"tee\",\"qty\":1}}],\"pad\":\"{}\"}}",
+        "x".repeat(70 * 1024)
+    );
+    let fifty_one: Vec<Value> = (0..51)
+        .map(|i| json!({"sku": format!("s{i}"), "qty": 1}))
+        .collect();
+    let o = "/v1/orders";
+    let p = Method::POST;
+    let g = Method::GET;
+
+    let cases = vec![
+        // POST /v1/orders: auth
+        case("no token", p.clone(), o, 401, "unauthorized").json(good.clone()),
+        case("garbage token", p.clone(), o, 401, "unauthorized").token("nope").json(good.clone()),
+        case("expired token", p.clone(), o, 401, "unauthorized").token(&expired).json(good.clone()),
+        case("forged token", p.clone(), o, 401, "unauthorized").token(&forged).json(good.clone()),
+        // POST /v1/orders: body
+        case("not json content type", p.clone(), o, 415, "unsupported_media_type")
+            .token(&carol_t)
+            .raw("text/plain", good.to_string()),
+        case("too large", p.clone(), o, 413, "too_large").token(&carol_t).raw("application/json", big),
+        case("not json", p.clone(), o, 400, "malformed").token(&carol_t).raw("application/json", "{items".into()),
+        case("items not a list", p.clone(), o, 400, "malformed").token(&carol_t).json(json!({"items": "tee"})),
+        case("no items field", p.clone(), o, 400, "malformed").token(&carol_t).json(json!({"sku": "tee"})),
+        case("qty a string", p.clone(), o, 400, "malformed")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee", "qty": "one"}]))),
+        case("qty fractional", p.clone(), o, 400, "malformed")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee", "qty": 1.5}]))),
+        case("qty zero", p.clone(), o, 422, "invalid_order")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee", "qty": 0}]))),
+        case("qty negative", p.clone(), o, 422, "invalid_order")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee", "qty": -1}]))),
+        case("qty over 1000", p.clone(), o, 422, "invalid_order")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee", "qty": 1001}]))),
+        case("bad sku characters", p.clone(), o, 422, "invalid_order")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee shirt!", "qty": 1}]))),
+        case("sku too long", p.clone(), o, 422, "invalid_order")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "x".repeat(65), "qty": 1}]))),
+        case("no lines", p.clone(), o, 422, "invalid_order").token(&carol_t).json(order(json!([]))),
+        case("51 lines", p.clone(), o, 422, "invalid_order").token(&carol_t).json(order(json!(fifty_one))),
+        case("sku twice", p.clone(), o, 422, "invalid_order")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee", "qty": 1}, {"sku": "tee", "qty": 1}]))),
+        case("idempotency key too long", p.clone(), o, 422, "invalid_order")
+            .token(&carol_t)
+            .json(good.clone())
+            .header("Idempotency-Key", &"k".repeat(129)),
+        // POST /v1/orders: business refusals
+        case("unknown sku", p.clone(), o, 422, "unknown_sku")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee", "qty": 1}, {"sku": "ghost", "qty": 1}]))),
+        case("sold out", p.clone(), o, 409, "sold_out")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "last-one", "qty": 1}]))),
+        case("sold out, more than left", p.clone(), o, 409, "sold_out")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "few", "qty": 4}]))),
+        case("per-user limit", p.clone(), o, 422, "limit_exceeded").token(&alice).json(good.clone()),
+        case("idempotency key reused", p.clone(), o, 422, "idempotency_key_reused")
+            .token(&bob)
+            .json(order(json!([{"sku": "tee", "qty": 1}])))
+            .header("Idempotency-Key", "bob-key"),
+        // GET /v1/orders/{id}
+        case("order without token", g.clone(), &format!("/v1/orders/{bob_order}"), 401, "unauthorized"),
+        case("another user's order", g.clone(), &format!("/v1/orders/{bob_order}"), 404, "not_found")
+            .token(&carol_t),
+        case("order id not a uuid", g.clone(), "/v1/orders/12345", 404, "not_found").token(&carol_t),
+        case(
+            "order that does not exist",
+            g.clone(),
+            "/v1/orders/01900000-0000-7000-8000-000000000000",
+            404,
+            "not_found",
+        )
+        .token(&carol_t),
+        // Stock
+        case("stock of unknown sku", g.clone(), "/v1/stock/ghost", 404, "unknown_sku"),
+        case("stock of impossible sku", g.clone(), "/v1/stock/no%20such", 404, "unknown_sku"),
+        case("stock list without skus", g.clone(), "/v1/stock", 422, "invalid_request"),
+        case(
+            "stock list over 100",
+            g.clone(),
+            &format!("/v1/stock?skus={}", (0..101).map(|i| format!("s{i}")).collect::<Vec<_>>().join(",")),
+            422,
+            "invalid_request",
+        ),
+        // POST /v1/skus
+        case("create sku without token", p.clone(), "/v1/skus", 401, "unauthorized")
+            .json(json!({"sku": "new", "name": "n", "price_cents": 1, "initial_stock": 1})),
+        case("create sku as customer", p.clone(), "/v1/skus", 403, "forbidden")
+            .token(&carol_t)
+            .json(json!({"sku": "new", "name": "n", "price_cents": 1, "initial_stock": 1})),
+        case("create sku missing name", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"sku": "new", "price_cents": 1, "initial_stock": 1})),
+        case("create sku negative price", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"sku": "new", "name": "n", "price_cents": -1, "initial_stock": 1})),
+        case("create sku negative stock", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"sku": "new", "name": "n", "price_cents": 1, "initial_stock": -5})),
+        case("create sku zero limit", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"sku": "new", "name": "n", "price_cents": 1, "initial_stock": 1, "per_user_limit": 0})),
+        case("create sku bad id", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"sku": "new sku", "name": "n", "price_cents": 1, "initial_stock": 1})),
+        case("create sku price as string", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"sku": "new", "name": "n", "price_cents": "1", "initial_stock": 1})),
+        case("create sku not json", p.clone(), "/v1/skus", 400, "malformed")
+            .token(&admin)
+            .raw("application/json", "[1,2".into()),
+        case("create sku that exists", p.clone(), "/v1/skus", 409, "sku_exists")
+            .token(&admin)
+            .json(json!({"sku": "tee", "name": "again", "price_cents": 1, "initial_stock": 99})),
+        // GET /v1/skus/{sku}
+        case("read sku as customer", g.clone(), "/v1/skus/tee", 403, "forbidden").token(&carol_t),
+        case("read unknown sku", g.clone(), "/v1/skus/ghost", 404, "unknown_sku").token(&admin),
+        // POST /v1/skus/{sku}/receive
+        case("receive as customer", p.clone(), "/v1/skus/tee/receive", 403, "forbidden")
+            .token(&carol_t)
+            .json(json!({"qty": 5, "reference": "po-1"})),
+        case("receive zero", p.clone(), "/v1/skus/tee/receive", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"qty": 0, "reference": "po-1"})),
+        case("receive too many", p.clone(), "/v1/skus/tee/receive", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"qty": 1_000_001, "reference": "po-1"})),
+        case("receive without reference", p.clone(), "/v1/skus/tee/receive", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"qty": 5})),
+        case("receive unknown sku", p.clone(), "/v1/skus/ghost/receive", 404, "unknown_sku")
+            .token(&admin)
+            .json(json!({"qty": 5, "reference": "po-1"})),
+        // GET /v1/skus/{sku}/movements
+        case("movements bad cursor", g.clone(), "/v1/skus/tee/movements?cursor=abc", 422, "invalid_request")
+            .token(&admin),
+        case("movements limit zero", g.clone(), "/v1/skus/tee/movements?limit=0", 422, "invalid_request")
+            .token(&admin),
+        case("movements unknown sku", g.clone(), "/v1/skus/ghost/movements", 404, "unknown_sku").token(&admin),
+        case("movements as customer", g.clone(), "/v1/skus/tee/movements", 403, "forbidden").token(&carol_t),
+    ];
+
+    let before = app.snapshot().await;
+    let mut failures = Vec::new();
+    for c in &cases {
+        let r = send(&app, c).await;
+        let problem = r.header("content-type") == Some("application/problem+json");
+        if r.status != c.status || r.code() != c.code || !problem || r.body["status"] != c.status {
+            failures.push(format!(
+                "{}: wanted {} {}, got {} {:?}",
+                c.name, c.status, c.code, r.status, r.body
+            ));
+        }
+        if !r.body["detail"].as_str().is_some_and(|d| !d.is_empty()) {
+            failures.push(format!("{}: no detail in {:?}", c.name, r.body));
+        }
+        let after = app.snapshot().await;
+        if after != before {
+            failures.push(format!("{} changed state:\n{before:?}\n{after:?}", c.name));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Extensions named in API.md.
+    let r = send(&app, &cases.iter().find(|c| c.name == "sold out").unwrap()).await;
+    assert_eq!(
+        (r.body["sku"].as_str(), r.body["available"].as_i64()),
+        (Some("last-one"), Some(0))
+    );
+    let r = send(
+        &app,
+        &cases.iter().find(|c| c.name == "unknown sku").unwrap(),
+    )
+    .await;
+    assert_eq!(r.body["sku"], "ghost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_not_loaded_is_503_and_reserves_nothing() {
+    let app = TestApp::spawn().await;
+    app.create_sku("tee", 5, None).await;
+    let mut r = app.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.epoch())
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let before = app.snapshot().await;
+    let resp = app.order(&app.customer("zoe"), &[("tee", 1)], None).await;
+    assert_eq!(resp.status, 503, "{resp:?}");
+    assert_eq!(resp.code(), "unavailable");
+    assert!(resp.header("retry-after").is_some());
+    assert_eq!(app.get("/v1/stock/tee", None).await.status, 503);
+    assert_eq!(app.snapshot().await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_rate_limit_answers_429_with_retry_after() {
+    let app = TestApp::spawn_with(Options {
+        tweak: |c| {
+            c.rate_limit_per_sec = 1;
+            c.rate_limit_burst = 2;
+        },
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("tee", 100, None).await;
+    let yan = app.customer("yan");
+    assert_eq!(app.order(&yan, &[("tee", 1)], None).await.status, 202);
+    assert_eq!(app.order(&yan, &[("tee", 1)], None).await.status, 202);
+    app.wait_idle().await;
+    let before = app.snapshot().await;
+    let r = app.order(&yan, &[("tee", 1)], None).await;
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.code(), "rate_limited");
+    assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(app.snapshot().await, before);
+    // Another user is not limited by yan's rate.
+    assert_eq!(
+        app.order(&app.customer("zed"), &[("tee", 1)], None)
+            .await
+            .status,
+        202
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_catalog_round_trip() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin();
+    let created = app
+        .post(
+            "/v1/skus",
+            Some(&admin),
+            &json!({"sku": "hoodie", "name": "Hoodie", "price_cents": 4999, "initial_stock": 10, "per_user_limit": 1}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_eq!(created.body["available"], 10);
+    assert_eq!(created.body["per_user_limit"], 1);
+
+    let recv = json!({"qty": 5, "reference": "po-77"});
+    let r = app
+        .post("/v1/skus/hoodie/receive", Some(&admin), &recv)
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        (r.body["on_hand"].as_i64(), r.body["available"].as_i64()),
+        (Some(15), Some(15))
+    );
+    // A repeat of the same reference changes nothing.
+    let r = app
+        .post("/v1/skus/hoodie/receive", Some(&admin), &recv)
+        .await;
+    assert_eq!(
+        (r.body["on_hand"].as_i64(), r.body["available"].as_i64()),
+        (Some(15), Some(15))
+    );
+    assert_eq!(
+        app.get("/v1/stock/hoodie", None).await.body["available"],
+        15
+    );
+    let many = app.get("/v1/stock?skus=hoodie,ghost,no%20way", None).await;
+    assert_eq!(
+        many.body,
+        json!({"stock": [{"sku": "hoodie", "available": 15}]})
+    );
+
+    assert_eq!(
+        app.order(&app.customer("u1"), &[("hoodie", 1)], None)
+            .await
+            .status,
+        202
+    );
+    app.wait_idle().await;
+    // The ledger, newest first, paged.
+    let page = app
+        .get("/v1/skus/hoodie/movements?limit=2", Some(&admin))
+        .await;
+    let kinds: Vec<&str> = page.body["movements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["sale", "receive"]);
+    let cursor = page.body["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let rest = app
+        .get(
+            &format!("/v1/skus/hoodie/movements?limit=2&cursor={cursor}"),
+            Some(&admin),
+        )
+        .await;
+    let m = rest.body["movements"].as_array().unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!(
+        (
+            m[0]["kind"].as_str(),
+            m[0]["qty"].as_i64(),
+            m[0]["reference"].as_str()
+        ),
+        (Some("receive"), Some(10), Some("initial"))
+    );
+    assert!(rest.body["next_cursor"].is_null());
+    let sku = app.get("/v1/skus/hoodie", Some(&admin)).await;
+    assert_eq!(
+        (
+            sku.body["on_hand"].as_i64(),
+            sku.body["sold"].as_i64(),
+            sku.body["available"].as_i64()
+        ),
+        (Some(15), Some(1), Some(14))
+    );
+}
