@@ -3,17 +3,17 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: one [`Config`] struct read from `FLOODGATE_*` environment variables.
-//! - [`domain`]: newtypes ([`domain::Sku`], [`domain::Quantity`], [`domain::UserId`], ...)
+//! - [`config`] - one [`Config`] struct read from `FLOODGATE_*` environment variables.
+//! - [`domain`] - newtypes ([`domain::Sku`], [`domain::Quantity`], [`domain::UserId`], ...)
 //!   that cannot hold an invalid value.
-//! - [`auth`]: JWT claims, minting and verification (HS256).
-//! - [`redis`]: key names ([`redis::Keys`]) and the typed wrappers around the Lua scripts.
-//! - [`amqp`]: the topology, declared in one function, and the versioned intake message.
-//! - [`db`]: the PostgreSQL pool (one schema per namespace) and migrations under an
+//! - [`auth`] - JWT claims, minting and verification (HS256).
+//! - [`redis`] - key names ([`redis::Keys`]) and the typed wrappers around the Lua scripts.
+//! - [`amqp`] - the topology, declared in one function, and the versioned intake message.
+//! - [`db`] - the PostgreSQL pool (one schema per namespace) and migrations under an
 //!   advisory lock.
-//! - [`stock`]: loading Redis stock levels from PostgreSQL, the system of record.
-//! - [`telemetry`]: logging, the Prometheus recorder and metric names.
-//! - [`shutdown`]: a [`tokio_util::sync::CancellationToken`] fired by SIGINT/SIGTERM.
+//! - [`stock`] - loading Redis stock levels from PostgreSQL, the system of record.
+//! - [`telemetry`] - logging, the Prometheus recorder and metric names.
+//! - [`shutdown`] - a [`tokio_util::sync::CancellationToken`] fired by SIGINT/SIGTERM.
 #![forbid(unsafe_code)]
 
 pub mod amqp;

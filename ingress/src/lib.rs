@@ -3,14 +3,14 @@
 //!
 //! # Layout
 //!
-//! - [`routes`]: the axum router; handlers extract and delegate.
-//! - [`orders`]: placing an order (validate, reserve, publish) and reading one.
-//! - [`catalog`]: admin SKU operations (PostgreSQL first, then Redis once per change).
-//! - [`publisher`]: confirm-mode publishing, pipelined across channels.
-//! - [`repo`]: every SQL statement ingress runs.
-//! - [`extract`]: the bearer-token caller and JSON bodies with API.md's error codes.
-//! - [`error`]: [`error::ApiError`], rendered as problem+json.
-//! - [`state`]: [`state::AppState`], shared by every handler.
+//! - [`routes`] - the axum router; handlers extract and delegate.
+//! - [`orders`] - placing an order (validate, reserve, publish) and reading one.
+//! - [`catalog`] - admin SKU operations (PostgreSQL first, then Redis once per change).
+//! - [`publisher`] - confirm-mode publishing, pipelined across channels.
+//! - [`repo`] - every SQL statement ingress runs.
+//! - [`extract`] - the bearer-token caller and JSON bodies with API.md's error codes.
+//! - [`error`] - [`error::ApiError`], rendered as problem+json.
+//! - [`state`] - [`state::AppState`], shared by every handler.
 #![forbid(unsafe_code)]
 
 pub mod catalog;

@@ -281,7 +281,7 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
                 c.name, c.status, c.code, r.status, r.body
             ));
         }
-        if !r.body["detail"].as_str().is_some_and(|d| !d.is_empty()) {
+        if r.body["detail"].as_str().is_none_or(|d| d.is_empty()) {
             failures.push(format!("{}: no detail in {:?}", c.name, r.body));
         }
         let after = app.snapshot().await;
@@ -292,14 +292,14 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // Extensions named in API.md.
-    let r = send(&app, &cases.iter().find(|c| c.name == "sold out").unwrap()).await;
+    let r = send(&app, cases.iter().find(|c| c.name == "sold out").unwrap()).await;
     assert_eq!(
         (r.body["sku"].as_str(), r.body["available"].as_i64()),
         (Some("last-one"), Some(0))
     );
     let r = send(
         &app,
-        &cases.iter().find(|c| c.name == "unknown sku").unwrap(),
+        cases.iter().find(|c| c.name == "unknown sku").unwrap(),
     )
     .await;
     assert_eq!(r.body["sku"], "ghost");

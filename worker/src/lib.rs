@@ -2,10 +2,10 @@
 //!
 //! # Layout
 //!
-//! - [`consumer`]: the batch loop: collect, claim in Redis, commit, settle, ack.
-//! - [`repo`]: the batch transaction (one aggregated inventory update per SKU) and the
+//! - [`consumer`] - the batch loop: collect, claim in Redis, commit, settle, ack.
+//! - [`repo`] - the batch transaction (one aggregated inventory update per SKU) and the
 //!   order-by-order fallback; failures classified transient or permanent.
-//! - [`Worker`]: connections, the consumer, and the health/metrics endpoint.
+//! - [`Worker`] - connections, the consumer, and the health/metrics endpoint.
 #![forbid(unsafe_code)]
 
 pub mod consumer;
