@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env().context("reading configuration")?;
     match cli.command {
         Command::Migrate => {
-            telemetry::init_logging();
+            telemetry::init_logging_with_default("warn");
             floodgate_common::db::ensure_database(&cfg).await?;
             floodgate_common::db::migrate(&cfg).await?;
             eprintln!("migrations applied to schema {}", cfg.namespace);

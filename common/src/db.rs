@@ -72,7 +72,13 @@ pub async fn ensure_database(cfg: &Config) -> anyhow::Result<()> {
     let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
     match client.batch_execute(&sql).await {
         Ok(()) => Ok(()),
-        Err(e) if e.code() == Some(&sqlstate::SqlState::DUPLICATE_DATABASE) => Ok(()),
+        // Two processes racing to create it: one wins, the other sees either code.
+        Err(e)
+            if e.code() == Some(&sqlstate::SqlState::DUPLICATE_DATABASE)
+                || e.code() == Some(&sqlstate::SqlState::UNIQUE_VIOLATION) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e).with_context(|| format!("creating database {name}")),
     }
 }

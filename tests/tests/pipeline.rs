@@ -315,3 +315,77 @@ async fn a_batch_short_of_stock_in_postgres_fails_only_the_orders_that_lack_it()
     // The failed orders' reservations were released back to Redis.
     assert_eq!(app.available("rare").await, Some(6));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_publish_releases_the_reservation_and_answers_503() {
+    let app = TestApp::spawn().await;
+    app.create_sku("poster", 5, None).await;
+    let t = &app.topology;
+    // No queue bound: the mandatory publish comes back unroutable.
+    app.channel
+        .queue_unbind(
+            t.intake_queue.as_str().into(),
+            t.orders_exchange.as_str().into(),
+            t.intake_key.as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let before = app.snapshot().await;
+    let gus = app.customer("gus");
+    let r = app.order(&gus, &[("poster", 2)], Some("k1")).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.code(), "unavailable");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(app.available("poster").await, Some(5), "stock released");
+    assert_eq!(app.open_reservations().await, 0);
+    assert_eq!(app.snapshot().await.redis_stock, before.redis_stock);
+
+    // Bound again: the same Idempotency-Key places the order (the failed one left no record).
+    app.channel
+        .queue_bind(
+            t.intake_queue.as_str().into(),
+            t.orders_exchange.as_str().into(),
+            t.intake_key.as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let r = app.order(&gus, &[("poster", 2)], Some("k1")).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    app.wait_idle().await;
+    assert_eq!(app.scalar("SELECT sold FROM inventory").await, 2);
+    assert_eq!(app.available("poster").await, Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics() {
+    let app = TestApp::spawn().await;
+    app.create_sku("pin", 5, None).await;
+    assert_eq!(
+        app.order(&app.customer("hal"), &[("pin", 1)], None)
+            .await
+            .status,
+        202
+    );
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+    let ready = app.get("/readyz", None).await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert_eq!(ready.body["checks"]["redis"], true);
+    assert_eq!(ready.body["checks"]["rabbitmq"], true);
+    assert_eq!(ready.body["checks"]["postgres"], true);
+    app.wait_idle().await;
+    let m = app.get("/metrics", None).await;
+    let text = m.body.as_str().expect("text");
+    for name in [
+        "floodgate_orders_accepted_total",
+        "floodgate_reserve_duration_seconds_bucket",
+        "floodgate_publish_duration_seconds_bucket",
+        "floodgate_http_requests_total",
+        "floodgate_worker_batch_orders_bucket",
+        "floodgate_worker_commit_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+}

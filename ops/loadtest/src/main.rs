@@ -1,0 +1,92 @@
+//! Flash-sale load: many buyers POST one-unit orders for one hot SKU as fast as they can.
+//!
+//! Before the attack it creates the SKU (`LOADTEST_STOCK` units, default 10000) through
+//! the admin API and mints `LOADTEST_BUYERS` customer tokens (default 5000) with
+//! `FLOODGATE_JWT_SECRET`. Every goose user then loops: pick a buyer at random, POST an
+//! order. 202 and 409 `sold_out` both count as success (they are the two right answers);
+//! anything else is a failure. Goose flags (`--host`, `--users`, `--run-time`, ...)
+//! pass through; see `ops/bench/flash-sale`.
+
+use floodgate_common::{
+    Config, auth,
+    domain::{Role, UserId},
+};
+use goose::prelude::*;
+use rand::Rng;
+use std::{sync::OnceLock, time::Duration};
+
+static SKU: OnceLock<String> = OnceLock::new();
+static TOKENS: OnceLock<Vec<String>> = OnceLock::new();
+
+fn env_num(name: &str, default: i64) -> i64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn order(user: &mut GooseUser) -> TransactionResult {
+    let tokens = TOKENS.get().expect("tokens minted");
+    let token = &tokens[rand::rng().random_range(0..tokens.len())];
+    let body = serde_json::json!({"items": [{"sku": SKU.get().unwrap(), "qty": 1}]});
+    let rb = user
+        .get_request_builder(&GooseMethod::Post, "/v1/orders")?
+        .bearer_auth(token)
+        .json(&body);
+    let req = GooseRequest::builder()
+        .name("POST /v1/orders")
+        .set_request_builder(rb)
+        .expect_status_code(202)
+        .build();
+    let mut goose = user.request(req).await?;
+    if let Ok(r) = &goose.response
+        && r.status() == 409
+    {
+        return user.set_success(&mut goose.request);
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = Config::from_env()?;
+    let host = std::env::var("LOADTEST_HOST").unwrap_or_else(|_| "http://127.0.0.1:8080".into());
+    let stock = env_num("LOADTEST_STOCK", 10_000);
+    let buyers = env_num("LOADTEST_BUYERS", 5_000);
+    let secret = cfg.jwt_secret.expose();
+
+    let sku = format!(
+        "flash-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+    let admin = auth::mint(secret, &UserId::parse("loadtest-admin")?, Role::Admin, Duration::from_secs(3600));
+    let created = reqwest::Client::new()
+        .post(format!("{host}/v1/skus"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"sku": sku, "name": "Load test", "price_cents": 100, "initial_stock": stock}))
+        .send()
+        .await?;
+    anyhow::ensure!(created.status() == 201, "creating the SKU: {}", created.text().await?);
+    eprintln!("SKU {sku} with {stock} units; {buyers} buyers");
+    println!("LOADTEST_SKU={sku}");
+    SKU.set(sku).expect("set once");
+    TOKENS
+        .set(
+            (0..buyers)
+                .map(|i| {
+                    let u = UserId::parse(format!("buyer-{i}")).expect("valid id");
+                    auth::mint(secret, &u, Role::Customer, Duration::from_secs(3600))
+                })
+                .collect(),
+        )
+        .expect("set once");
+
+    GooseAttack::initialize()?
+        .register_scenario(scenario!("Buyer").register_transaction(transaction!(order)))
+        .set_default(GooseDefault::Host, host.as_str())?
+        .execute()
+        .await?;
+    Ok(())
+}
