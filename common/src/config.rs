@@ -102,6 +102,13 @@ pub struct Config {
     pub batch_max_wait: Duration,
     /// PostgreSQL connections per process.
     pub db_pool_size: usize,
+    /// How long a worker statement waits for a row lock before it fails (transiently).
+    pub db_lock_timeout: Duration,
+    /// Delay before each scheduled retry of a message that failed transiently; one delay
+    /// queue per step. After the last step the message is dead-lettered.
+    pub retry_delays: Vec<Duration>,
+    /// How often the reaper looks for reservations past their deadline.
+    pub reaper_interval: Duration,
 }
 
 impl Config {
@@ -170,11 +177,23 @@ impl Config {
             batch_size: parsed(&get, "FLOODGATE_BATCH_SIZE", 200)?,
             batch_max_wait: ms("FLOODGATE_BATCH_MAX_WAIT_MS", 20)?,
             db_pool_size: parsed(&get, "FLOODGATE_DB_POOL_SIZE", 16)?,
+            db_lock_timeout: ms("FLOODGATE_DB_LOCK_TIMEOUT_MS", 5_000)?,
+            retry_delays: delays(&string(
+                "FLOODGATE_RETRY_DELAYS_MS",
+                "1000,5000,30000,120000",
+            ))?,
+            reaper_interval: ms("FLOODGATE_REAPER_INTERVAL_MS", 1_000)?,
         };
         cfg.validate()
     }
 
     fn validate(self) -> Result<Self, ConfigError> {
+        if self.reaper_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_REAPER_INTERVAL_MS",
+                reason: "must be at least 1".into(),
+            });
+        }
         let bad = |var, reason: &str| {
             Err(ConfigError::Invalid {
                 var,
@@ -203,6 +222,29 @@ impl Config {
     pub fn uses_dev_secret(&self) -> bool {
         self.jwt_secret.expose() == DEV_JWT_SECRET
     }
+}
+
+/// Parses `FLOODGATE_RETRY_DELAYS_MS`: 1-10 comma-separated delays in ms, each 1..=3600000.
+fn delays(v: &str) -> Result<Vec<Duration>, ConfigError> {
+    let bad = |reason: String| ConfigError::Invalid {
+        var: "FLOODGATE_RETRY_DELAYS_MS",
+        reason,
+    };
+    let list = v
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| (1..=3_600_000).contains(ms))
+                .map(Duration::from_millis)
+                .ok_or_else(|| bad(format!("{p:?} is not a delay in ms (1..=3600000)")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() || list.len() > 10 {
+        return Err(bad("1 to 10 delays".into()));
+    }
+    Ok(list)
 }
 
 #[cfg(test)]
@@ -236,6 +278,13 @@ mod tests {
         let e = cfg(&[("FLOODGATE_JWT_SECRET", "short")]).unwrap_err();
         assert!(e.to_string().contains("16 bytes"), "{e}");
         assert!(cfg(&[("FLOODGATE_BATCH_SIZE", "0")]).is_err());
+        assert!(cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "100,x")]).is_err());
+        assert!(cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "")]).is_err());
+        let c = cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "100, 2000")]).unwrap();
+        assert_eq!(
+            c.retry_delays,
+            [Duration::from_millis(100), Duration::from_secs(2)]
+        );
     }
 
     #[test]

@@ -20,7 +20,12 @@ fn pg_config(cfg: &Config) -> anyhow::Result<tokio_postgres::Config> {
         .database_url
         .parse()
         .context("FLOODGATE_DATABASE_URL is not a PostgreSQL URL")?;
-    pg.options(format!("-c search_path={}", cfg.namespace));
+    // A statement waiting on a row lock fails (transiently) instead of hanging a batch.
+    pg.options(format!(
+        "-c search_path={} -c lock_timeout={}",
+        cfg.namespace,
+        cfg.db_lock_timeout.as_millis()
+    ));
     if pg.get_application_name().is_none() {
         pg.application_name("floodgate");
     }

@@ -18,6 +18,10 @@ pub mod names {
     pub const ORDERS_COMMITTED: &str = "floodgate_worker_orders_total";
     pub const WORKER_ERRORS: &str = "floodgate_worker_errors_total";
     pub const DEAD_LETTERED: &str = "floodgate_worker_dead_lettered_total";
+    pub const RETRIES: &str = "floodgate_worker_retries_scheduled_total";
+    pub const WORKER_PAUSED: &str = "floodgate_worker_paused";
+    pub const REAPED: &str = "floodgate_reservations_reaped_total";
+    pub const RECONNECTS: &str = "floodgate_amqp_reconnects_total";
 }
 
 /// JSON logs (or human ones with `FLOODGATE_LOG_FORMAT=pretty`), filtered by

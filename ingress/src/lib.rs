@@ -23,7 +23,7 @@ pub mod routes;
 pub mod state;
 
 use anyhow::Context;
-use floodgate_common::{Config, auth::Verifier, redis::Keys, stock};
+use floodgate_common::{Config, auth::Verifier, redis::Keys};
 use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,21 +35,18 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects to Redis, RabbitMQ (declaring the topology) and PostgreSQL, loads stock
-    /// into Redis if this namespace has none, and binds `cfg.ingress_addr` (port 0 picks
-    /// a free port, for tests).
+    /// Connects to Redis, RabbitMQ (declaring the topology) and PostgreSQL and binds
+    /// `cfg.ingress_addr` (port 0 picks a free port, for tests). Orders are refused with
+    /// 503 until the stock is loaded into Redis (`floodgate reconcile`).
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let keys = Keys::new(&cfg.namespace);
-        let mut redis = floodgate_common::redis::connect(&cfg.redis_url)
+        let redis = floodgate_common::redis::connect(&cfg.redis_url)
             .await
             .context("connecting to Redis")?;
         let pg = floodgate_common::db::pool(&cfg)?;
         let publisher = publisher::Publisher::connect(&cfg)
             .await
             .context("connecting to RabbitMQ")?;
-        if stock::load_if_absent(&pg, &mut redis, &keys).await? {
-            tracing::info!(namespace = %cfg.namespace, "loaded stock levels from PostgreSQL into Redis");
-        }
         let listener = TcpListener::bind(cfg.ingress_addr)
             .await
             .with_context(|| format!("binding {}", cfg.ingress_addr))?;

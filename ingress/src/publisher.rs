@@ -2,11 +2,14 @@
 //!
 //! Several channels, each in confirm mode; concurrent requests publish on them round-robin
 //! and each awaits only its own confirm, so many publishes are in flight per channel and
-//! the broker confirms them in batches.
+//! the broker confirms them in batches. A supervisor task watches the connection and
+//! rebuilds connection, channels and topology with backoff when the broker goes away
+//! (lapin's own recovery is on too; whichever restores the session first serves).
 
 use floodgate_common::{
     Config,
     amqp::{IntakeMessage, Topology},
+    telemetry::names,
 };
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
@@ -14,15 +17,18 @@ use lapin::{
 };
 use std::{
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
+use tokio_util::sync::CancellationToken;
 
 /// Why a message is not known to be durably queued.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    #[error("not connected to the broker")]
+    NotConnected,
     #[error("broker error")]
     Broker(#[from] lapin::Error),
     #[error("the broker refused the message (nack)")]
@@ -33,28 +39,19 @@ pub enum PublishError {
     Timeout(Duration),
 }
 
-#[derive(Clone)]
-pub struct Publisher {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
+/// One connection and its confirm-mode channels.
+struct Session {
     conn: Connection,
     channels: Vec<Channel>,
-    next: AtomicUsize,
-    topology: Topology,
-    timeout: Duration,
 }
 
-impl Publisher {
-    /// Connects, declares the topology and opens the confirm-mode channels.
-    pub async fn connect(cfg: &Config) -> anyhow::Result<Self> {
+impl Session {
+    async fn open(cfg: &Config, topology: &Topology) -> lapin::Result<Self> {
         let conn = floodgate_common::amqp::connect(
             &cfg.amqp_url,
             &format!("floodgate-ingress {}", cfg.namespace),
         )
         .await?;
-        let topology = Topology::new(&cfg.namespace);
         let mut channels = Vec::with_capacity(cfg.publish_channels);
         for i in 0..cfg.publish_channels {
             let ch = conn.create_channel().await?;
@@ -64,27 +61,72 @@ impl Publisher {
             ch.confirm_select(ConfirmSelectOptions::default()).await?;
             channels.push(ch);
         }
-        Ok(Self {
+        Ok(Self { conn, channels })
+    }
+
+    fn healthy(&self) -> bool {
+        self.conn.status().connected() && self.channels.iter().all(|c| c.status().connected())
+    }
+
+    async fn close(&self) {
+        for ch in &self.channels {
+            let _ = ch.close(200, "shutdown".into()).await;
+        }
+        let _ = self.conn.close(200, "shutdown".into()).await;
+    }
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: Config,
+    session: RwLock<Option<Arc<Session>>>,
+    next: AtomicUsize,
+    topology: Topology,
+    stop: CancellationToken,
+}
+
+impl Publisher {
+    /// Connects, declares the topology, opens the channels and starts the supervisor.
+    /// Fails if the broker is unreachable at start.
+    pub async fn connect(cfg: &Config) -> anyhow::Result<Self> {
+        let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+        let session = Session::open(cfg, &topology).await?;
+        let p = Self {
             inner: Arc::new(Inner {
-                conn,
-                channels,
+                cfg: cfg.clone(),
+                session: RwLock::new(Some(Arc::new(session))),
                 next: AtomicUsize::new(0),
                 topology,
-                timeout: cfg.publish_timeout,
+                stop: CancellationToken::new(),
             }),
-        })
+        };
+        tokio::spawn(supervise(Arc::downgrade(&p.inner), p.inner.stop.clone()));
+        Ok(p)
+    }
+
+    fn current(&self) -> Option<Arc<Session>> {
+        self.inner
+            .session
+            .read()
+            .expect("publisher lock poisoned")
+            .clone()
     }
 
     /// True while the connection to the broker is up.
     pub fn is_connected(&self) -> bool {
-        self.inner.conn.status().connected()
+        self.current().is_some_and(|s| s.healthy())
     }
 
     /// Publishes persistent and mandatory, and returns only once the broker confirmed it
     /// has the message in a queue.
     pub async fn publish(&self, msg: &IntakeMessage, message_id: &str) -> Result<(), PublishError> {
         let i = &self.inner;
-        let ch = &i.channels[i.next.fetch_add(1, Ordering::Relaxed) % i.channels.len()];
+        let session = self.current().ok_or(PublishError::NotConnected)?;
+        let ch = &session.channels[i.next.fetch_add(1, Ordering::Relaxed) % session.channels.len()];
         let props = BasicProperties::default()
             // 2 = persistent: written to disk by the quorum queue before the confirm.
             .with_delivery_mode(2)
@@ -111,16 +153,73 @@ impl Publisher {
                 Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
             }
         };
-        tokio::time::timeout(i.timeout, confirm)
+        let timeout = i.cfg.publish_timeout;
+        tokio::time::timeout(timeout, confirm)
             .await
-            .map_err(|_| PublishError::Timeout(i.timeout))?
+            .map_err(|_| PublishError::Timeout(timeout))?
     }
 
-    /// Closes the channels and the connection (graceful shutdown).
+    /// Stops the supervisor and closes the session (graceful shutdown).
     pub async fn close(&self) {
-        for ch in &self.inner.channels {
-            let _ = ch.close(200, "shutdown".into()).await;
+        self.inner.stop.cancel();
+        let old = self
+            .inner
+            .session
+            .write()
+            .expect("publisher lock poisoned")
+            .take();
+        if let Some(s) = old {
+            s.close().await;
         }
-        let _ = self.inner.conn.close(200, "shutdown".into()).await;
+    }
+}
+
+/// Watches the session; when it has been unhealthy for two checks in a row, replaces it,
+/// retrying with backoff (200 ms to 5 s) until the broker is back.
+async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
+    let mut bad_checks = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {},
+        }
+        let Some(i) = inner.upgrade() else { return };
+        let healthy = i
+            .session
+            .read()
+            .expect("publisher lock poisoned")
+            .as_ref()
+            .is_some_and(|s| s.healthy());
+        if healthy {
+            bad_checks = 0;
+            continue;
+        }
+        bad_checks += 1;
+        if bad_checks < 2 {
+            continue;
+        }
+        tracing::warn!("broker session lost; rebuilding");
+        let old = i.session.write().expect("publisher lock poisoned").take();
+        if let Some(old) = old {
+            old.close().await;
+        }
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match Session::open(&i.cfg, &i.topology).await {
+                Ok(s) => {
+                    *i.session.write().expect("publisher lock poisoned") = Some(Arc::new(s));
+                    metrics::counter!(names::RECONNECTS, "service" => "ingress").increment(1);
+                    tracing::info!("broker session rebuilt");
+                    break;
+                }
+                Err(e) => tracing::info!(error = %e, ?wait, "broker still unreachable"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {},
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+        bad_checks = 0;
     }
 }

@@ -112,17 +112,22 @@ impl TestApp {
             .expect("build ingress");
         let base = format!("http://127.0.0.1:{}", ingress.port());
         tokio::spawn(ingress.run_until_stopped(shutdown.clone()));
-        let redis = floodgate_common::redis::connect(&cfg.redis_url)
+        let mut redis = floodgate_common::redis::connect(&cfg.redis_url)
             .await
             .expect("redis");
         let pg = floodgate_common::db::pool(&cfg).expect("pool");
+        // What `floodgate reconcile --if-unloaded` does: open the gate of a new namespace.
+        let keys = Keys::new(&cfg.namespace);
+        floodgate_common::stock::load_if_absent(&pg, &mut redis, &keys)
+            .await
+            .expect("load stock");
         let amqp = floodgate_common::amqp::connect(&cfg.amqp_url, "floodgate-tests")
             .await
             .expect("amqp");
         let channel = amqp.create_channel().await.expect("channel");
         let mut app = TestApp {
-            keys: Keys::new(&cfg.namespace),
-            topology: Topology::new(&cfg.namespace),
+            keys,
+            topology: Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len()),
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .build()

@@ -1,6 +1,23 @@
-//! The intake consumer: collect a batch, claim its reservations, commit it, ack it.
+//! The intake consumer: collect a batch, claim its reservations, commit it, settle each
+//! message (ack, scheduled retry or dead letter), and pause while a dependency is down.
+//!
+//! Failures are classified before anything is decided:
+//! - an **outage** (PostgreSQL or Redis unreachable) is not the messages' fault: the batch
+//!   goes back to the queue untouched, the worker stops pulling and probes with backoff
+//!   until both answer; no attempt is spent, nothing is dead-lettered;
+//! - a **transient** failure of particular messages while the database is healthy (lock
+//!   timeout, serialization failure) schedules those messages for a retry through a delay
+//!   queue; after the last step of the schedule they are dead-lettered;
+//! - a **permanent** failure (undecodable message, unknown SKU, a constraint that will
+//!   never pass) dead-letters the message with its reason, records the order `failed` and
+//!   releases its reservation;
+//! - `insufficient_stock` is an answer, not a failure: the order is recorded `failed` and
+//!   its reservation released.
 
-use crate::repo::{self, DbError, OrderRecord};
+use crate::{
+    repo::{self, DbError, OrderRecord},
+    session::{Session, attempt_of},
+};
 use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::Pool;
 use floodgate_common::{
@@ -11,243 +28,406 @@ use floodgate_common::{
     telemetry::names,
 };
 use futures::StreamExt;
-use lapin::{
-    Channel, Consumer,
-    message::Delivery,
-    options::{BasicAckOptions, BasicNackOptions},
-};
+use lapin::{BasicProperties, Consumer, message::Delivery, options::BasicAckOptions};
 use redis::aio::ConnectionManager;
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio_util::sync::CancellationToken;
 
-/// Everything a batch needs.
+/// Everything a batch needs besides the AMQP session.
 pub struct Pipeline {
     pub cfg: Config,
     pub keys: Keys,
     pub redis: ConnectionManager,
     pub pg: Pool,
-    pub channel: Channel,
 }
 
-/// One decoded delivery.
+/// Why [`Pipeline::run`] returned.
+pub enum Stop {
+    Shutdown,
+    /// The broker connection or channel failed: the supervisor rebuilds the session.
+    Broker(anyhow::Error),
+}
+
+/// Why a batch was not settled.
+enum Halt {
+    /// A dependency is down: requeue everything, pause, probe.
+    Outage(&'static str, anyhow::Error),
+    Broker(anyhow::Error),
+    Shutdown,
+}
+
+impl From<lapin::Error> for Halt {
+    fn from(e: lapin::Error) -> Self {
+        Halt::Broker(e.into())
+    }
+}
+
+/// What happens to one message once its batch is decided.
+#[derive(Debug, Clone)]
+enum Settle {
+    Ack,
+    Retry(usize),
+    DeadLetter(String),
+}
+
+/// One delivery.
 struct Item {
     tag: u64,
-    order: OrderRecord,
+    payload: Vec<u8>,
+    props: BasicProperties,
+    attempt: usize,
+    order: Result<Decoded, String>,
+}
+
+struct Decoded {
+    record: OrderRecord,
     user: UserId,
     key: Option<IdempotencyKey>,
 }
 
+fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
 impl Pipeline {
-    /// Consumes until `shutdown`; returns when the consumer stream ends (connection
-    /// lost) or shutdown is requested. Unacked deliveries go back to the queue.
-    pub async fn run(&mut self, mut consumer: Consumer, shutdown: CancellationToken) {
-        let mut backoff = Backoff::default();
+    /// Consumes until shutdown or a broker failure, pausing through outages.
+    pub async fn run(&mut self, session: &mut Session, shutdown: &CancellationToken) -> Stop {
+        loop {
+            let mut consumer = match session.consume().await {
+                Ok(c) => c,
+                Err(e) => return Stop::Broker(e.into()),
+            };
+            match self.drain(session, &mut consumer, shutdown).await {
+                Halt::Shutdown => return Stop::Shutdown,
+                Halt::Broker(e) => return Stop::Broker(e),
+                Halt::Outage(what, e) => {
+                    metrics::counter!(names::WORKER_ERRORS, "kind" => "outage", "dependency" => what)
+                        .increment(1);
+                    tracing::warn!(
+                        dependency = what,
+                        error = format!("{e:#}"),
+                        "outage: batch requeued, consumption paused"
+                    );
+                    if let Err(e) = session.stop_pulling(&self.cfg).await {
+                        return Stop::Broker(e.into());
+                    }
+                    metrics::gauge!(names::WORKER_PAUSED).set(1.0);
+                    let healthy = self.wait_until_healthy(shutdown).await;
+                    metrics::gauge!(names::WORKER_PAUSED).set(0.0);
+                    if !healthy {
+                        return Stop::Shutdown;
+                    }
+                    tracing::info!("dependencies answer again; consumption resumed");
+                }
+            }
+        }
+    }
+
+    /// Probes PostgreSQL and Redis with backoff until both answer. False on shutdown.
+    async fn wait_until_healthy(&mut self, shutdown: &CancellationToken) -> bool {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {},
+            }
+            let pg = probe_pg(&self.pg).await;
+            let redis = redis::cmd("PING")
+                .query_async::<String>(&mut self.redis)
+                .await
+                .is_ok();
+            if pg && redis {
+                return true;
+            }
+            tracing::info!(
+                postgres = pg,
+                redis,
+                ?wait,
+                "still waiting for dependencies"
+            );
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn drain(
+        &mut self,
+        session: &Session,
+        consumer: &mut Consumer,
+        shutdown: &CancellationToken,
+    ) -> Halt {
         loop {
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Halt::Shutdown,
                 d = consumer.next() => d,
             };
-            let Some(first) = first else { return };
-            let Ok(first) = first.inspect_err(|e| tracing::warn!(error = %e, "consumer error"))
-            else {
-                return;
+            let first = match first {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Halt::Broker(e.into()),
+                None => return Halt::Broker(anyhow::anyhow!("the broker ended the consumer")),
             };
             let mut batch = vec![first];
             let fill_until = tokio::time::Instant::now() + self.cfg.batch_max_wait;
             while batch.len() < self.cfg.batch_size {
                 match tokio::time::timeout_at(fill_until, consumer.next()).await {
                     Ok(Some(Ok(d))) => batch.push(d),
-                    Ok(Some(Err(e))) => {
-                        tracing::warn!(error = %e, "consumer error");
-                        break;
-                    }
+                    Ok(Some(Err(e))) => return Halt::Broker(e.into()),
                     Ok(None) | Err(_) => break,
                 }
             }
-            match self.process(batch).await {
-                Ok(()) => backoff.reset(),
-                Err(e) => {
-                    metrics::counter!(names::WORKER_ERRORS, "kind" => "transient").increment(1);
-                    let wait = backoff.next();
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        ?wait,
-                        "batch failed; requeued, backing off"
-                    );
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {},
-                    }
-                }
+            if let Err(h) = self.process(session, batch, shutdown).await {
+                // Unsettled deliveries return to the queue when the channel closes.
+                return h;
             }
         }
     }
 
-    /// Decodes, claims, commits and acks one batch. An error means nothing was decided:
-    /// every delivery was requeued.
-    async fn process(&mut self, batch: Vec<Delivery>) -> anyhow::Result<()> {
-        metrics::histogram!(names::BATCH_SIZE).record(batch.len() as f64);
-        let mut items = Vec::with_capacity(batch.len());
-        for d in &batch {
-            match decode(d) {
-                Ok(item) => items.push(item),
-                Err(reason) => {
-                    tracing::error!(
-                        delivery_tag = d.delivery_tag,
-                        reason,
-                        "undecodable message; dead-lettering"
-                    );
-                    metrics::counter!(names::DEAD_LETTERED, "reason" => "undecodable").increment(1);
-                    self.channel
-                        .basic_nack(
-                            d.delivery_tag,
-                            BasicNackOptions {
-                                multiple: false,
-                                requeue: false,
-                            },
-                        )
-                        .await?;
-                }
-            }
-        }
-        if items.is_empty() {
-            return Ok(());
-        }
-        let result = self.decide(&items).await;
-        if let Err(e) = result {
-            for i in &items {
-                // Requeue, one by one: a multiple nack would touch the dead-lettered ones.
-                let _ = self
-                    .channel
-                    .basic_nack(
-                        i.tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        },
-                    )
-                    .await;
-            }
-            return Err(e);
-        }
-        if items.len() == batch.len() {
-            // Nothing in this batch was settled yet: one ack settles it all.
-            let last = items.iter().map(|i| i.tag).max().unwrap_or_default();
-            self.channel
-                .basic_ack(last, BasicAckOptions { multiple: true })
-                .await?;
-        } else {
-            for i in &items {
-                self.channel
-                    .basic_ack(i.tag, BasicAckOptions::default())
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Claims, commits and settles Redis for decoded orders. Error = transient.
-    async fn decide(&mut self, items: &[Item]) -> anyhow::Result<()> {
+    async fn process(
+        &mut self,
+        session: &Session,
+        batch: Vec<Delivery>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Halt> {
         let started = Instant::now();
-        let claims_in: Vec<(OrderId, &UserId)> =
-            items.iter().map(|i| (i.order.id, &i.user)).collect();
-        let now_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-        let claims = fredis::claim(&mut self.redis, &self.keys, &claims_in, now_ms).await?;
-
-        let mut confirm = Vec::new();
-        let mut fail = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for (i, c) in items.iter().zip(&claims) {
-            // The same order twice in one batch (a redelivery next to the original) is
-            // decided once; both deliveries are acked with the batch.
-            if !seen.insert(i.order.id) {
-                continue;
-            }
-            match c {
-                Claim::Claimed | Claim::Missing => confirm.push(&i.order),
-                Claim::Done => {}
-                Claim::Expired => fail.push((&i.order, "reservation_expired")),
-                Claim::Released => fail.push((&i.order, "reservation_released")),
+        metrics::histogram!(names::BATCH_SIZE).record(batch.len() as f64);
+        let last_tag = batch
+            .iter()
+            .map(|d| d.delivery_tag)
+            .max()
+            .unwrap_or_default();
+        let items: Vec<Item> = batch.into_iter().map(decode).collect();
+        let settle = self.decide(&items, shutdown).await?;
+        for (item, s) in items.iter().zip(&settle) {
+            match s {
+                Settle::Ack => {}
+                Settle::Retry(attempt) => {
+                    let delay = self.cfg.retry_delays[attempt - 1];
+                    metrics::counter!(names::RETRIES).increment(1);
+                    session
+                        .schedule_retry(&item.payload, &item.props, *attempt, delay)
+                        .await
+                        .map_err(Halt::Broker)?;
+                }
+                Settle::DeadLetter(reason) => {
+                    let kind = reason.split(':').next().unwrap_or("unknown").to_owned();
+                    metrics::counter!(names::DEAD_LETTERED, "reason" => kind).increment(1);
+                    tracing::warn!(delivery_tag = item.tag, reason, "dead-lettered");
+                    session
+                        .dead_letter(&item.payload, &item.props, reason)
+                        .await
+                        .map_err(Halt::Broker)?;
+                }
             }
         }
-
-        let committed = match repo::commit_batch(&self.pg, &confirm, &fail).await {
-            Ok(c) => {
-                metrics::counter!(names::ORDERS_COMMITTED, "status" => "confirmed")
-                    .increment(c.confirmed.len() as u64);
-                metrics::counter!(names::ORDERS_COMMITTED, "status" => "failed")
-                    .increment(c.failed as u64);
-                confirm.iter().map(|o| o.id).collect::<Vec<_>>()
-            }
-            Err(DbError::Transient(e)) => return Err(e),
-            Err(e) => {
-                tracing::info!(error = %e, orders = confirm.len(), "batch refused; committing order by order");
-                self.one_by_one(items, &confirm, &fail).await?
-            }
-        };
-        fredis::finish(&mut self.redis, &self.keys, &committed).await?;
+        // Every delivery of the batch is settled: one ack covers them all.
+        session
+            .consume
+            .basic_ack(last_tag, BasicAckOptions { multiple: true })
+            .await?;
         metrics::histogram!(names::COMMIT_DURATION).record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
-    /// After a batch was refused: commit each order alone, so only the orders that really
-    /// lack stock (or break a constraint) fail. Returns the orders now committed.
-    async fn one_by_one(
+    /// Decides every item. Errors leave the whole batch unsettled.
+    async fn decide(
         &mut self,
         items: &[Item],
-        confirm: &[&OrderRecord],
-        fail: &[(&OrderRecord, &'static str)],
-    ) -> anyhow::Result<Vec<OrderId>> {
-        if !fail.is_empty() {
-            retry_transient(|| repo::commit_batch(&self.pg, &[], fail)).await?;
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Settle>, Halt> {
+        let mut settle: Vec<Settle> = vec![Settle::Ack; items.len()];
+        // Poison first: dead-letter, and give back the stock it held if it names an order.
+        for (i, item) in items.iter().enumerate() {
+            if let Err(why) = &item.order {
+                self.release_poison(&item.payload).await?;
+                settle[i] = Settle::DeadLetter(format!("undecodable: {why}"));
+            }
         }
-        let mut committed = Vec::new();
-        for order in confirm {
-            let one = [*order];
-            match retry_transient(|| repo::commit_batch(&self.pg, &one, &[])).await {
-                Ok(c) => {
-                    metrics::counter!(names::ORDERS_COMMITTED, "status" => "confirmed")
-                        .increment(c.confirmed.len() as u64);
-                    committed.push(order.id);
+        // Each order once, even if it was delivered twice into this batch.
+        let mut index: HashMap<OrderId, usize> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Ok(d) = &item.order {
+                index.entry(d.record.id).or_insert(i);
+            }
+        }
+        let mut firsts: Vec<usize> = index.values().copied().collect();
+        firsts.sort_unstable();
+        if firsts.is_empty() {
+            return Ok(settle);
+        }
+        let decoded = |i: usize| items[i].order.as_ref().expect("decoded");
+        let claims_in: Vec<(OrderId, &UserId)> = firsts
+            .iter()
+            .map(|&i| (decoded(i).record.id, &decoded(i).user))
+            .collect();
+        let claims = fredis::claim(&mut self.redis, &self.keys, &claims_in, now_ms())
+            .await
+            .map_err(|e| Halt::Outage("redis", e.into()))?;
+
+        let mut confirm: Vec<usize> = Vec::new();
+        let mut fail: Vec<(usize, &'static str)> = Vec::new();
+        for (&i, c) in firsts.iter().zip(&claims) {
+            match c {
+                Claim::Claimed | Claim::Missing => confirm.push(i),
+                Claim::Done => {}
+                Claim::Expired => fail.push((i, "reservation_expired")),
+                Claim::Released => fail.push((i, "reservation_released")),
+            }
+        }
+        let confirm_recs: Vec<&OrderRecord> = confirm.iter().map(|&i| &decoded(i).record).collect();
+        let fail_recs: Vec<(&OrderRecord, &'static str)> =
+            fail.iter().map(|&(i, r)| (&decoded(i).record, r)).collect();
+
+        match repo::commit_batch(&self.pg, &confirm_recs, &fail_recs).await {
+            Ok(c) => {
+                count_committed(c.confirmed.len(), c.failed);
+                let ids: Vec<OrderId> = confirm_recs.iter().map(|o| o.id).collect();
+                self.finish(&ids).await?;
+            }
+            Err(DbError::Transient(e)) => {
+                if shutdown.is_cancelled() {
+                    return Err(Halt::Shutdown);
                 }
-                Err(DbError::Transient(e)) => return Err(e),
-                Err(e) => {
-                    let reason = match &e {
-                        DbError::InsufficientStock => "insufficient_stock",
-                        DbError::Permanent { reason, .. } => reason,
-                        DbError::Transient(_) => unreachable!("handled above"),
-                    };
-                    tracing::info!(order_id = %order.id, reason, error = %e, "order failed");
-                    let recorded = retry_transient(|| repo::record_failed(&self.pg, order, reason))
-                        .await
-                        .map_err(anyhow::Error::new)?;
-                    if recorded {
-                        metrics::counter!(names::ORDERS_COMMITTED, "status" => "failed")
-                            .increment(1);
+                if !probe_pg(&self.pg).await {
+                    return Err(Halt::Outage("postgres", e));
+                }
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "batch failed transiently; scheduling retries"
+                );
+                for &i in confirm.iter().chain(fail.iter().map(|(i, _)| i)) {
+                    settle[i] = self.retry_or_give_up(&items[i], &e).await?;
+                }
+            }
+            Err(e) => {
+                tracing::info!(error = %e, orders = confirm.len(), "batch refused; committing order by order");
+                if !fail_recs.is_empty() {
+                    match retry_quick(|| repo::commit_batch(&self.pg, &[], &fail_recs)).await {
+                        Ok(c) => count_committed(0, c.failed),
+                        Err(e) => return Err(Halt::Outage("postgres", e.into())),
                     }
-                    let item = items
-                        .iter()
-                        .find(|i| i.order.id == order.id)
-                        .expect("every order comes from an item");
-                    fredis::release(
-                        &mut self.redis,
-                        &self.keys,
-                        &order.id,
-                        &item.user,
-                        item.key.as_ref(),
-                        reason,
-                    )
-                    .await?;
+                }
+                for &i in &confirm {
+                    settle[i] = self.commit_one(&items[i], shutdown).await?;
                 }
             }
         }
-        Ok(committed)
+        Ok(settle)
+    }
+
+    /// Commits one order alone (after its batch was refused).
+    async fn commit_one(
+        &mut self,
+        item: &Item,
+        shutdown: &CancellationToken,
+    ) -> Result<Settle, Halt> {
+        let d = item.order.as_ref().expect("decoded");
+        let one = [&d.record];
+        match retry_quick(|| repo::commit_batch(&self.pg, &one, &[])).await {
+            Ok(c) => {
+                count_committed(c.confirmed.len(), 0);
+                self.finish(&[d.record.id]).await?;
+                Ok(Settle::Ack)
+            }
+            Err(DbError::Transient(e)) => {
+                if shutdown.is_cancelled() {
+                    return Err(Halt::Shutdown);
+                }
+                if !probe_pg(&self.pg).await {
+                    return Err(Halt::Outage("postgres", e));
+                }
+                self.retry_or_give_up(item, &e).await
+            }
+            Err(DbError::InsufficientStock) => {
+                self.fail_order(d, "insufficient_stock").await?;
+                Ok(Settle::Ack)
+            }
+            Err(DbError::Permanent { reason, source }) => {
+                self.fail_order(d, reason).await?;
+                Ok(Settle::DeadLetter(format!("{reason}: {source:#}")))
+            }
+        }
+    }
+
+    /// A transient failure while the database answers: the next scheduled retry, or,
+    /// past the schedule, the order fails and the message is dead-lettered.
+    async fn retry_or_give_up(&mut self, item: &Item, e: &anyhow::Error) -> Result<Settle, Halt> {
+        let next = item.attempt + 1;
+        if next <= self.cfg.retry_delays.len() {
+            return Ok(Settle::Retry(next));
+        }
+        let d = item.order.as_ref().expect("decoded");
+        self.fail_order(d, "retries_exhausted").await?;
+        Ok(Settle::DeadLetter(format!("retries_exhausted: {e:#}")))
+    }
+
+    /// Records the order failed and gives its reservation back.
+    async fn fail_order(&mut self, d: &Decoded, reason: &'static str) -> Result<(), Halt> {
+        tracing::info!(order_id = %d.record.id, reason, "order failed");
+        let recorded = retry_quick(|| repo::record_failed(&self.pg, &d.record, reason))
+            .await
+            .map_err(|e| Halt::Outage("postgres", e.into()))?;
+        if recorded {
+            count_committed(0, 1);
+        }
+        fredis::release(
+            &mut self.redis,
+            &self.keys,
+            &d.record.id,
+            &d.user,
+            d.key.as_ref(),
+            reason,
+        )
+        .await
+        .map_err(|e| Halt::Outage("redis", e.into()))?;
+        Ok(())
+    }
+
+    async fn finish(&mut self, ids: &[OrderId]) -> Result<(), Halt> {
+        fredis::finish(&mut self.redis, &self.keys, ids)
+            .await
+            .map_err(|e| Halt::Outage("redis", e.into()))
+    }
+
+    /// An undecodable message may still name its order and user: release what it held.
+    async fn release_poison(&mut self, payload: &[u8]) -> Result<(), Halt> {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return Ok(());
+        };
+        let order = v["order_id"].as_str().and_then(OrderId::parse);
+        let user = v["user_id"].as_str().and_then(|u| UserId::parse(u).ok());
+        if let (Some(order), Some(user)) = (order, user) {
+            fredis::release(
+                &mut self.redis,
+                &self.keys,
+                &order,
+                &user,
+                None,
+                "undecodable",
+            )
+            .await
+            .map_err(|e| Halt::Outage("redis", e.into()))?;
+        }
+        Ok(())
     }
 }
 
-/// Quick in-process retries for connection blips inside the fallback path.
-async fn retry_transient<T, F, Fut>(f: F) -> Result<T, DbError>
+fn count_committed(confirmed: usize, failed: usize) {
+    metrics::counter!(names::ORDERS_COMMITTED, "status" => "confirmed").increment(confirmed as u64);
+    metrics::counter!(names::ORDERS_COMMITTED, "status" => "failed").increment(failed as u64);
+}
+
+async fn probe_pg(pool: &Pool) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), repo::ping(pool)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Quick in-process retries for connection blips (backon), before anything is decided.
+async fn retry_quick<T, F, Fut>(f: F) -> Result<T, DbError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, DbError>>,
@@ -262,42 +442,34 @@ where
     .await
 }
 
-fn decode(d: &Delivery) -> Result<Item, String> {
-    let IntakeMessage::OrderV1(o) =
-        IntakeMessage::from_bytes(&d.data).map_err(|e| e.to_string())?;
-    let accepted_at =
-        OffsetDateTime::parse(&o.accepted_at, &Rfc3339).map_err(|e| format!("accepted_at: {e}"))?;
-    Ok(Item {
+fn decode(d: Delivery) -> Item {
+    let order = IntakeMessage::from_bytes(&d.data)
+        .map_err(|e| e.to_string())
+        .and_then(|IntakeMessage::OrderV1(o)| {
+            let accepted_at = OffsetDateTime::parse(&o.accepted_at, &Rfc3339)
+                .map_err(|e| format!("accepted_at: {e}"))?;
+            Ok(Decoded {
+                record: OrderRecord {
+                    id: o.order_id,
+                    user_id: o.user_id.to_string(),
+                    idempotency_key: o.idempotency_key.as_ref().map(|k| k.to_string()),
+                    accepted_at,
+                    lines: o
+                        .items
+                        .as_slice()
+                        .iter()
+                        .map(|l| (l.sku.to_string(), l.qty.get()))
+                        .collect(),
+                },
+                user: o.user_id,
+                key: o.idempotency_key,
+            })
+        });
+    Item {
         tag: d.delivery_tag,
-        order: OrderRecord {
-            id: o.order_id,
-            user_id: o.user_id.to_string(),
-            idempotency_key: o.idempotency_key.as_ref().map(|k| k.to_string()),
-            accepted_at,
-            lines: o
-                .items
-                .as_slice()
-                .iter()
-                .map(|l| (l.sku.to_string(), l.qty.get()))
-                .collect(),
-        },
-        user: o.user_id,
-        key: o.idempotency_key,
-    })
-}
-
-/// Exponential backoff between failed batches: 100 ms doubling to 5 s.
-#[derive(Default)]
-struct Backoff(u32);
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let d = Duration::from_millis(100u64.saturating_mul(1 << self.0.min(6)))
-            .min(Duration::from_secs(5));
-        self.0 += 1;
-        d
-    }
-    fn reset(&mut self) {
-        self.0 = 0;
+        attempt: attempt_of(&d.properties),
+        props: d.properties,
+        payload: d.data,
+        order,
     }
 }

@@ -2,86 +2,72 @@
 //!
 //! # Layout
 //!
-//! - [`consumer`] - the batch loop: collect, claim in Redis, commit, settle, ack.
+//! - [`consumer`] - the batch loop: collect, claim in Redis, commit, settle (ack, retry,
+//!   dead letter), and pause through outages.
 //! - [`repo`] - the batch transaction (one aggregated inventory update per SKU) and the
-//!   order-by-order fallback; failures classified transient or permanent.
-//! - [`Worker`] - connections, the consumer, and the health/metrics endpoint.
+//!   order-by-order fallback; database failures classified transient or permanent.
+//! - [`session`] - the AMQP session: consuming channel, confirm-mode channel for delay
+//!   queues and dead letters.
+//! - [`reaper`] - releases reservations past their deadline and records them failed.
+//! - [`Worker`] - the supervisor that rebuilds the session after a broker failure, and
+//!   the health/metrics endpoint.
 #![forbid(unsafe_code)]
 
 pub mod consumer;
+pub mod reaper;
 pub mod repo;
+pub mod session;
 
 use anyhow::Context;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use floodgate_common::{Config, amqp::Topology, redis::Keys, telemetry};
-use lapin::{
-    Connection,
-    options::{BasicConsumeOptions, BasicQosOptions},
-    types::FieldTable,
-};
+use floodgate_common::{Config, redis::Keys, telemetry};
 use serde_json::json;
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// A built worker: connected, consuming once run.
 pub struct Worker {
     listener: TcpListener,
-    conn: Arc<Connection>,
+    session: session::Session,
     pipeline: consumer::Pipeline,
-    consumer: lapin::Consumer,
 }
 
 #[derive(Clone)]
 struct Health {
-    conn: Arc<Connection>,
+    amqp_up: Arc<AtomicBool>,
     redis: redis::aio::ConnectionManager,
     pg: deadpool_postgres::Pool,
 }
 
 impl Worker {
-    /// Connects to Redis, PostgreSQL and RabbitMQ, declares the topology, starts consuming
-    /// with the configured prefetch window, and binds the health endpoint.
+    /// Connects to Redis, PostgreSQL and RabbitMQ (declaring the topology) and binds the
+    /// health endpoint. Fails fast if a dependency is unreachable at start.
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let redis = floodgate_common::redis::connect(&cfg.redis_url)
             .await
             .context("connecting to Redis")?;
         let pg = floodgate_common::db::pool(&cfg)?;
-        let conn = floodgate_common::amqp::connect(
-            &cfg.amqp_url,
-            &format!("floodgate-worker {}", cfg.namespace),
-        )
-        .await
-        .context("connecting to RabbitMQ")?;
-        let channel = conn.create_channel().await?;
-        let topology = Topology::new(&cfg.namespace);
-        topology.declare(&channel).await?;
-        // The prefetch window: how many unacked deliveries the broker hands us at once.
-        channel
-            .basic_qos(cfg.worker_prefetch, BasicQosOptions { global: false })
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                topology.intake_queue.as_str().into(),
-                format!("worker-{}", uuid::Uuid::now_v7()).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let session = session::Session::open(&cfg)
             .await
-            .context("consuming the intake queue")?;
+            .context("connecting to RabbitMQ")?;
         let listener = TcpListener::bind(cfg.worker_addr)
             .await
             .with_context(|| format!("binding {}", cfg.worker_addr))?;
         Ok(Self {
             listener,
-            conn: Arc::new(conn),
-            consumer,
+            session,
             pipeline: consumer::Pipeline {
                 keys: Keys::new(&cfg.namespace),
                 cfg,
                 redis,
                 pg,
-                channel,
             },
         })
     }
@@ -90,53 +76,98 @@ impl Worker {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Consumes until `shutdown`; then stops taking messages, lets the batch in hand
-    /// finish, and closes. Unacked messages return to the queue.
+    /// Consumes until `shutdown`, rebuilding the AMQP session with backoff whenever the
+    /// broker fails. On shutdown it stops taking messages, settles or requeues the batch in
+    /// hand, and closes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let _ = telemetry::metrics();
         let Worker {
             listener,
-            conn,
+            mut session,
             mut pipeline,
-            consumer,
         } = self;
+        let amqp_up = Arc::new(AtomicBool::new(true));
         let health = Health {
-            conn: conn.clone(),
+            amqp_up: amqp_up.clone(),
             redis: pipeline.redis.clone(),
             pg: pipeline.pg.clone(),
         };
-        let app = Router::new()
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(readyz))
-            .route(
-                "/metrics",
-                get(|| async {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4",
-                        )],
-                        telemetry::metrics().render(),
-                    )
-                }),
-            )
-            .with_state(health);
         let http_shutdown = shutdown.clone();
         let http = tokio::spawn(async move {
-            axum::serve(listener, app)
+            axum::serve(listener, health_router(health))
                 .with_graceful_shutdown(http_shutdown.cancelled_owned())
                 .await
         });
-        pipeline.run(consumer, shutdown.clone()).await;
-        if !shutdown.is_cancelled() {
-            tracing::error!("the intake consumer ended; the worker stops");
+        let reaper = tokio::spawn(reaper::run(
+            pipeline.keys.clone(),
+            pipeline.redis.clone(),
+            pipeline.pg.clone(),
+            pipeline.cfg.reaper_interval,
+            shutdown.clone(),
+        ));
+
+        loop {
+            match pipeline.run(&mut session, &shutdown).await {
+                consumer::Stop::Shutdown => break,
+                consumer::Stop::Broker(e) => {
+                    amqp_up.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "broker session lost; reconnecting"
+                    );
+                    session.close().await;
+                    match reconnect(&pipeline.cfg, &shutdown).await {
+                        Some(s) => session = s,
+                        None => break,
+                    }
+                    amqp_up.store(true, Ordering::Relaxed);
+                    metrics::counter!(telemetry::names::RECONNECTS, "service" => "worker")
+                        .increment(1);
+                    tracing::info!("broker session rebuilt");
+                }
+            }
         }
-        let _ = pipeline.channel.close(200, "shutdown".into()).await;
-        let _ = conn.close(200, "shutdown".into()).await;
+        session.close().await;
         shutdown.cancel();
+        let _ = reaper.await;
         http.await??;
         Ok(())
     }
+}
+
+/// Opens a new session with exponential backoff (200 ms to 5 s). None on shutdown.
+async fn reconnect(cfg: &Config, shutdown: &CancellationToken) -> Option<session::Session> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {},
+        }
+        match session::Session::open(cfg).await {
+            Ok(s) => return Some(s),
+            Err(e) => tracing::info!(error = format!("{e:#}"), ?wait, "broker still unreachable"),
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn health_router(h: Health) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    telemetry::metrics().render(),
+                )
+            }),
+        )
+        .with_state(h)
 }
 
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
@@ -145,8 +176,11 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
         .query_async::<String>(&mut redis)
         .await
         .is_ok();
-    let pg_ok = repo::ping(&h.pg).await.is_ok();
-    let amqp_ok = h.conn.status().connected();
+    let pg_ok = matches!(
+        tokio::time::timeout(Duration::from_secs(2), repo::ping(&h.pg)).await,
+        Ok(Ok(()))
+    );
+    let amqp_ok = h.amqp_up.load(Ordering::Relaxed);
     let checks = json!({"redis": redis_ok, "rabbitmq": amqp_ok, "postgres": pg_ok});
     let down: Vec<&str> = [
         ("redis", redis_ok),
@@ -162,10 +196,13 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let word = if down.is_empty() {
+        "ready"
+    } else {
+        "unavailable"
+    };
     (
         status,
-        Json(
-            json!({"status": if down.is_empty() {"ready"} else {"unavailable"}, "down": down, "checks": checks}),
-        ),
+        Json(json!({"status": word, "down": down, "checks": checks})),
     )
 }

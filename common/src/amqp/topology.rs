@@ -20,11 +20,27 @@ pub struct Topology {
     pub dead_queue: String,
     /// Topic exchange of committed events (`order.<status>`, `stock.<sku>`).
     pub events_exchange: String,
+    /// Delay queues of the scheduled retries, one per step of the schedule; a message
+    /// waits out its TTL there and is dead-lettered back to `orders_exchange`.
+    pub retry_queues: Vec<String>,
 }
 
+/// Header carrying how many scheduled retries a message has had.
+pub const ATTEMPT_HEADER: &str = "x-floodgate-attempt";
+/// Header carrying why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-floodgate-reason";
+
 impl Topology {
+    /// The names of `ns`, with `retry_steps` delay queues.
     pub fn new(ns: &Namespace) -> Self {
+        Self::with_retry_steps(ns, 0)
+    }
+
+    pub fn with_retry_steps(ns: &Namespace, retry_steps: usize) -> Self {
         Self {
+            retry_queues: (1..=retry_steps)
+                .map(|i| format!("{ns}.orders.retry.{i}"))
+                .collect(),
             orders_exchange: format!("{ns}.orders"),
             intake_key: "intake".to_owned(),
             intake_queue: format!("{ns}.orders.intake"),
@@ -104,6 +120,21 @@ impl Topology {
 
         ch.queue_declare(self.dead_queue.as_str().into(), durable_queue, quorum())
             .await?;
+        for q in &self.retry_queues {
+            let mut args = FieldTable::default();
+            // Expired messages (each carries its own jittered TTL) go back to intake.
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.orders_exchange.as_str().into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(self.intake_key.as_str().into()),
+            );
+            // Classic queues: nothing consumes them, they only hold messages for a while.
+            ch.queue_declare(q.as_str().into(), durable_queue, args)
+                .await?;
+        }
         ch.queue_bind(
             self.dead_queue.as_str().into(),
             self.dead_exchange.as_str().into(),
@@ -117,7 +148,10 @@ impl Topology {
 
     /// Deletes everything [`Topology::declare`] made (tests clean up their namespace).
     pub async fn delete(&self, ch: &Channel) -> lapin::Result<()> {
-        for q in [&self.intake_queue, &self.dead_queue] {
+        for q in [&self.intake_queue, &self.dead_queue]
+            .into_iter()
+            .chain(&self.retry_queues)
+        {
             ch.queue_delete(q.as_str().into(), Default::default())
                 .await?;
         }

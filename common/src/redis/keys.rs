@@ -41,9 +41,17 @@ impl Keys {
     pub fn deadlines(&self) -> String {
         format!("{}deadlines", self.prefix)
     }
+    /// Zset of reaped order ids awaiting their PostgreSQL record.
+    pub fn reaped(&self) -> String {
+        format!("{}reaped", self.prefix)
+    }
     /// Hash sku -> units a user holds, for per-user limits.
     pub fn user(&self, user: &UserId) -> String {
         format!("{}user:{user}", self.prefix)
+    }
+    /// Pattern of every user key.
+    pub fn user_pattern(&self) -> String {
+        format!("{}user:*", self.prefix)
     }
     /// One (user, Idempotency-Key) record. The user id's length goes first so that no
     /// (user, key) pair can spell another's key.

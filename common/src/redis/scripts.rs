@@ -303,3 +303,89 @@ pub async fn reservation<C: ConnectionLike>(
         accepted_at: accepted_at.unwrap_or_default(),
     }))
 }
+
+static REAP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/reap.lua")));
+
+/// Order ids whose deadline is at or before `now_ms`, oldest first, at most `limit`.
+pub async fn due<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    now_ms: i64,
+    limit: usize,
+) -> RedisResult<Vec<OrderId>> {
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.deadlines())
+        .arg("-inf")
+        .arg(now_ms)
+        .arg("BYSCORE")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(limit)
+        .query_async(con)
+        .await?;
+    Ok(ids.iter().filter_map(|s| OrderId::parse(s)).collect())
+}
+
+/// Runs `reap.lua` for one due order. Returns true if this call released it.
+pub async fn reap<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    order_id: &OrderId,
+    user: &UserId,
+    now_ms: i64,
+) -> RedisResult<bool> {
+    let reaped: i64 = REAP
+        .key(keys.resv(order_id))
+        .key(keys.stock())
+        .key(keys.user(user))
+        .key(keys.deadlines())
+        .key(keys.reaped())
+        .arg(order_id.to_string())
+        .arg(now_ms)
+        .arg(RECORD_TTL_SECS)
+        .invoke_async(con)
+        .await?;
+    Ok(reaped == 1)
+}
+
+/// Reaped orders still waiting for their PostgreSQL record.
+pub async fn reaped<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    limit: usize,
+) -> RedisResult<Vec<OrderId>> {
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.reaped())
+        .arg(0)
+        .arg(limit as i64 - 1)
+        .query_async(con)
+        .await?;
+    Ok(ids.iter().filter_map(|s| OrderId::parse(s)).collect())
+}
+
+/// A reaped order is recorded in PostgreSQL.
+pub async fn forget_reaped<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    order_id: &OrderId,
+) -> RedisResult<()> {
+    redis::cmd("ZREM")
+        .arg(keys.reaped())
+        .arg(order_id.to_string())
+        .query_async(con)
+        .await
+}
+
+/// The user of a reservation, if Redis has it (to name the user's key for a script).
+pub async fn reservation_user<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    order_id: &OrderId,
+) -> RedisResult<Option<UserId>> {
+    let user: Option<String> = redis::cmd("HGET")
+        .arg(keys.resv(order_id))
+        .arg("user")
+        .query_async(con)
+        .await?;
+    Ok(user.and_then(|u| UserId::parse(u).ok()))
+}

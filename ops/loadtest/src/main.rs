@@ -34,7 +34,7 @@ async fn order(user: &mut GooseUser) -> TransactionResult {
         .bearer_auth(token)
         .json(&body);
     let req = GooseRequest::builder()
-        .name("POST /v1/orders")
+        .name("/v1/orders")
         .set_request_builder(rb)
         .expect_status_code(202)
         .build();

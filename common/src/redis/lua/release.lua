@@ -8,6 +8,10 @@
 -- KEYS[5] idem       the order's Idempotency-Key record (any key when it had none)
 -- ARGV[1] order id, ARGV[2] reason, ARGV[3] seconds to keep the released record
 --
+-- Only a 'publish_failed' release forgets the Idempotency-Key: that order was never
+-- accepted, so the key is free again. Any other release is of an accepted order, which
+-- a repeat of the key must keep answering.
+--
 -- Returns 1 if this call released the stock, 0 if it was not held.
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'reserved' and state ~= 'claimed' then
@@ -21,7 +25,7 @@ end
 redis.call('HSET', KEYS[1], 'state', 'released', 'reason', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
-if redis.call('HGET', KEYS[5], 'order_id') == ARGV[1] then
+if ARGV[2] == 'publish_failed' and redis.call('HGET', KEYS[5], 'order_id') == ARGV[1] then
   redis.call('DEL', KEYS[5])
 end
 return 1

@@ -1,0 +1,258 @@
+//! Checking and repairing the invariants of DESIGN.md between Redis and PostgreSQL.
+
+use crate::{Config, amqp::Topology, redis::Keys, stock};
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use lapin::{Channel, options::QueueDeclareOptions, types::FieldTable};
+use redis::aio::ConnectionLike;
+use std::{
+    collections::BTreeMap,
+    fmt,
+    time::{Duration, Instant},
+};
+
+/// One broken invariant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Stable name of the invariant, e.g. `redis_differs`.
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.detail)
+    }
+}
+
+fn v(kind: &'static str, detail: String) -> Violation {
+    Violation { kind, detail }
+}
+
+/// Units held by open reservations (reserved or claimed, not yet committed), per SKU.
+async fn held_by_reservations<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+) -> anyhow::Result<BTreeMap<String, i64>> {
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.deadlines())
+        .arg(0)
+        .arg(-1)
+        .query_async(con)
+        .await?;
+    let mut held = BTreeMap::new();
+    for id in ids {
+        let Some(order) = crate::domain::OrderId::parse(&id) else {
+            continue;
+        };
+        if let Some(r) = crate::redis::reservation(con, keys, &order).await?
+            && matches!(r.state.as_str(), "reserved" | "claimed")
+        {
+            for l in r.lines {
+                *held.entry(l.sku.to_string()).or_default() += l.qty.get();
+            }
+        }
+    }
+    Ok(held)
+}
+
+/// One pass over every invariant.
+async fn check_once<C: ConnectionLike>(
+    pool: &Pool,
+    con: &mut C,
+    keys: &Keys,
+) -> anyhow::Result<Vec<Violation>> {
+    let mut out = Vec::new();
+    let db = pool.get().await.context("PostgreSQL connection")?;
+    let epoch: bool = redis::cmd("EXISTS")
+        .arg(keys.epoch())
+        .query_async(con)
+        .await?;
+    if !epoch {
+        out.push(v(
+            "stock_not_loaded",
+            "Redis has no stock epoch: ingress answers 503 until `floodgate reconcile`".into(),
+        ));
+    }
+    let redis_stock: BTreeMap<String, i64> = redis::cmd("HGETALL")
+        .arg(keys.stock())
+        .query_async(con)
+        .await?;
+    let held = held_by_reservations(con, keys).await?;
+    let rows = db
+        .query(
+            "SELECT i.sku, i.on_hand, i.sold,
+                    coalesce((SELECT sum(it.qty) FROM order_items it JOIN orders o ON o.id = it.order_id
+                               WHERE it.sku = i.sku AND o.status = 'confirmed'), 0)::bigint AS confirmed,
+                    coalesce((SELECT sum(CASE m.kind WHEN 'sale' THEN m.qty WHEN 'cancel' THEN -m.qty ELSE 0 END)
+                                FROM stock_movements m WHERE m.sku = i.sku), 0)::bigint AS ledger_sold,
+                    coalesce((SELECT sum(CASE m.kind WHEN 'receive' THEN m.qty WHEN 'adjust' THEN m.qty ELSE 0 END)
+                                FROM stock_movements m WHERE m.sku = i.sku), 0)::bigint AS ledger_received
+               FROM inventory i ORDER BY i.sku",
+            &[],
+        )
+        .await
+        .context("reading inventory")?;
+    for r in &rows {
+        let sku: String = r.get("sku");
+        let (on_hand, sold): (i64, i64) = (r.get("on_hand"), r.get("sold"));
+        let confirmed: i64 = r.get("confirmed");
+        let ledger_sold: i64 = r.get("ledger_sold");
+        let ledger_received: i64 = r.get("ledger_received");
+        if sold > on_hand {
+            out.push(v(
+                "oversold",
+                format!("{sku}: sold {sold} > on_hand {on_hand}"),
+            ));
+        }
+        if confirmed != sold {
+            out.push(v(
+                "orders_differ",
+                format!(
+                    "{sku}: confirmed order lines hold {confirmed} units, inventory sold {sold}"
+                ),
+            ));
+        }
+        if ledger_sold != sold {
+            out.push(v(
+                "ledger_differs",
+                format!("{sku}: ledger sales {ledger_sold}, inventory sold {sold}"),
+            ));
+        }
+        if ledger_received != on_hand {
+            out.push(v(
+                "ledger_differs",
+                format!("{sku}: ledger receipts {ledger_received}, inventory on_hand {on_hand}"),
+            ));
+        }
+        if epoch {
+            let expected = on_hand - sold - held.get(&sku).copied().unwrap_or(0);
+            match redis_stock.get(&sku) {
+                None => out.push(v("redis_missing", format!("{sku}: not in Redis"))),
+                Some(a) if *a != expected => out.push(v(
+                    "redis_differs",
+                    format!("{sku}: Redis available {a}, PostgreSQL on_hand - sold - reserved = {expected}"),
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    for sku in redis_stock.keys() {
+        if !rows.iter().any(|r| r.get::<_, &str>("sku") == sku) {
+            out.push(v(
+                "redis_unknown_sku",
+                format!("{sku}: in Redis, not in PostgreSQL"),
+            ));
+        }
+    }
+    let unrecorded = db
+        .query(
+            "SELECT o.id::text FROM orders o WHERE o.status = 'confirmed' AND EXISTS (
+                 SELECT 1 FROM order_items it WHERE it.order_id = o.id AND NOT EXISTS (
+                     SELECT 1 FROM stock_movements m
+                      WHERE m.kind = 'sale' AND m.reference = o.id::text AND m.sku = it.sku))
+             LIMIT 20",
+            &[],
+        )
+        .await?;
+    for r in unrecorded {
+        out.push(v(
+            "sale_unrecorded",
+            format!(
+                "confirmed order {} has a line without a sale row",
+                r.get::<_, String>(0)
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Checks every invariant. Under traffic a pass can catch a batch between its commit and
+/// its Redis update, so a violation counts only if it is seen in `passes` passes in a row,
+/// 500 ms apart.
+pub async fn check<C: ConnectionLike>(
+    pool: &Pool,
+    con: &mut C,
+    keys: &Keys,
+    passes: usize,
+) -> anyhow::Result<Vec<Violation>> {
+    let mut seen = check_once(pool, con, keys).await?;
+    for _ in 1..passes.max(1) {
+        if seen.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let next = check_once(pool, con, keys).await?;
+        seen.retain(|s| next.contains(s));
+    }
+    Ok(seen)
+}
+
+/// Messages waiting in the intake and retry queues.
+pub async fn queued(ch: &Channel, topology: &Topology) -> anyhow::Result<u64> {
+    let mut n = 0u64;
+    for q in std::iter::once(&topology.intake_queue).chain(&topology.retry_queues) {
+        let info = ch
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("inspecting queue {q}"))?;
+        n += u64::from(info.message_count());
+    }
+    Ok(n)
+}
+
+/// Closes the gate (ingress answers 503), waits until the intake and retry queues have
+/// been empty for `quiet` (every accepted order is in PostgreSQL), reloads Redis from
+/// PostgreSQL and opens the gate. `progress` hears what it is waiting for.
+pub async fn repair<C: ConnectionLike>(
+    cfg: &Config,
+    pool: &Pool,
+    con: &mut C,
+    quiet: Duration,
+    timeout: Duration,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<usize> {
+    let keys = Keys::new(&cfg.namespace);
+    let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+    let _: () = redis::cmd("DEL")
+        .arg(keys.epoch())
+        .query_async(con)
+        .await
+        .context("closing the gate")?;
+    progress("gate closed: ingress answers 503 until the reload");
+    let conn = crate::amqp::connect(&cfg.amqp_url, "floodgate reconcile")
+        .await
+        .context("connecting to RabbitMQ")?;
+    let ch = conn.create_channel().await?;
+    topology.declare(&ch).await?;
+    let started = Instant::now();
+    let mut empty_since: Option<Instant> = None;
+    loop {
+        let n = queued(&ch, &topology).await?;
+        if n == 0 {
+            let since = *empty_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= quiet {
+                break;
+            }
+        } else {
+            empty_since = None;
+            progress(&format!("waiting for {n} queued orders to be committed"));
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "the queues did not drain within {timeout:?}; is a worker running?"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    let skus = stock::load(pool, con, &keys).await?;
+    progress(&format!("reloaded {skus} SKUs from PostgreSQL; gate open"));
+    Ok(skus)
+}

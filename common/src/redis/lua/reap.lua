@@ -1,0 +1,31 @@
+-- reap.lua: release a reservation whose deadline passed before any worker claimed it.
+-- Atomic against claim.lua: whichever runs first wins, the other sees the new state.
+-- The order id goes into the `reaped` zset until PostgreSQL has recorded it failed, so a
+-- reaper that dies between the two steps is finished by the next one.
+--
+-- KEYS[1] resv       hash of the reservation
+-- KEYS[2] stock      hash sku -> units available
+-- KEYS[3] user       hash sku -> units the order's user holds
+-- KEYS[4] deadlines  zset order id -> deadline
+-- KEYS[5] reaped     zset order id -> reap time, awaiting its PostgreSQL record
+-- ARGV[1] order id, ARGV[2] now (ms), ARGV[3] seconds to keep the released record
+--
+-- Returns 1 if reaped now, 0 if not (claimed, done, released, or not yet due).
+local rec = redis.call('HMGET', KEYS[1], 'state', 'deadline')
+if rec[1] ~= 'reserved' then
+  -- Nothing to release; a stale deadline entry (record expired) is dropped.
+  if not rec[1] then redis.call('ZREM', KEYS[4], ARGV[1]) end
+  return 0
+end
+if tonumber(rec[2]) >= tonumber(ARGV[2]) then
+  return 0
+end
+for _, line in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'items'))) do
+  redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
+  redis.call('HINCRBY', KEYS[3], line.sku, -line.qty)
+end
+redis.call('HSET', KEYS[1], 'state', 'released', 'reason', 'reservation_expired')
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+return 1

@@ -1,0 +1,97 @@
+//! The reservation reaper: releases reservations past their deadline that no worker
+//! claimed (ingress died between reserve and publish, or the message waited too long),
+//! and records those orders `failed: reservation_expired` in PostgreSQL.
+//!
+//! Redis decides first (`reap.lua`, atomic against the worker's claim), PostgreSQL records
+//! second; the `reaped` set bridges the two, so a reaper that dies in between is finished
+//! by the next tick of any worker's reaper.
+
+use crate::repo::{self, OrderRecord};
+use deadpool_postgres::Pool;
+use floodgate_common::{
+    domain::OrderId,
+    redis::{self as fredis, Keys},
+    telemetry::names,
+};
+use redis::aio::ConnectionManager;
+use std::time::Duration;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio_util::sync::CancellationToken;
+
+/// Orders handled per tick at most.
+const PER_TICK: usize = 500;
+
+pub async fn run(
+    keys: Keys,
+    mut redis: ConnectionManager,
+    pg: Pool,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {},
+        }
+        if let Err(e) = once(&keys, &mut redis, &pg).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "reaper tick failed; trying again next tick"
+            );
+        }
+    }
+}
+
+/// One pass: finish recording earlier reaps, then reap what is due.
+pub async fn once(keys: &Keys, redis: &mut ConnectionManager, pg: &Pool) -> anyhow::Result<usize> {
+    for id in fredis::reaped(redis, keys, PER_TICK).await? {
+        record(keys, redis, pg, &id).await?;
+    }
+    let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let mut n = 0;
+    for id in fredis::due(redis, keys, now, PER_TICK).await? {
+        let Some(user) = fredis::reservation_user(redis, keys, &id).await? else {
+            // Its record is gone; reap.lua drops the stale deadline.
+            let placeholder = floodgate_common::domain::UserId::parse("-").expect("valid");
+            fredis::reap(redis, keys, &id, &placeholder, now).await?;
+            continue;
+        };
+        if fredis::reap(redis, keys, &id, &user, now).await? {
+            n += 1;
+            metrics::counter!(names::REAPED).increment(1);
+            tracing::info!(order_id = %id, "reservation expired unclaimed; released");
+            record(keys, redis, pg, &id).await?;
+        }
+    }
+    Ok(n)
+}
+
+/// Records a reaped order failed (with a `release` ledger row) and forgets it.
+async fn record(
+    keys: &Keys,
+    redis: &mut ConnectionManager,
+    pg: &Pool,
+    id: &OrderId,
+) -> anyhow::Result<()> {
+    if let Some(r) = fredis::reservation(redis, keys, id).await? {
+        let rec = OrderRecord {
+            id: *id,
+            user_id: r.user.to_string(),
+            idempotency_key: None,
+            accepted_at: OffsetDateTime::parse(&r.accepted_at, &Rfc3339)
+                .unwrap_or_else(|_| OffsetDateTime::now_utc()),
+            lines: r
+                .lines
+                .iter()
+                .map(|l| (l.sku.to_string(), l.qty.get()))
+                .collect(),
+        };
+        repo::commit_batch(pg, &[], &[(&rec, "reservation_expired")])
+            .await
+            .map_err(anyhow::Error::new)?;
+    }
+    fredis::forget_reaped(redis, keys, id).await?;
+    Ok(())
+}
