@@ -50,19 +50,108 @@ pub struct Snapshot {
     pub queued: u32,
 }
 
+pub mod servers;
+
 /// Options for [`TestApp::spawn_with`].
 pub struct Options {
+    /// Start a worker in-process.
     pub worker: bool,
-    pub tweak: fn(&mut Config),
+    /// Changes to the test's configuration (other servers, shorter timeouts...).
+    pub tweak: Box<dyn FnOnce(&mut Config) + Send>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             worker: true,
-            tweak: |_| {},
+            tweak: Box::new(|_| {}),
         }
     }
+}
+
+/// What a load run saw.
+#[derive(Default)]
+pub struct LoadResult {
+    /// Order ids answered 202.
+    pub accepted: Vec<String>,
+    /// Answers by status (0 = no answer: connection failed).
+    pub statuses: BTreeMap<u16, usize>,
+}
+
+impl std::fmt::Debug for LoadResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "accepted {}, answers {:?}", self.accepted.len(), self.statuses)
+    }
+}
+
+impl LoadResult {
+    pub fn count(&self, status: u16) -> usize {
+        self.statuses.get(&status).copied().unwrap_or(0)
+    }
+}
+
+/// The worker as a real OS process (the production entry point), to SIGKILL.
+pub struct WorkerProcess {
+    child: std::process::Child,
+}
+
+impl WorkerProcess {
+    /// Starts `exe` (the test package's `worker-process` binary) with `cfg` as environment.
+    pub fn start(exe: &str, cfg: &Config) -> Self {
+        let child = std::process::Command::new(exe)
+            .envs(env_of(cfg))
+            .env("FLOODGATE_WORKER_ADDR", "127.0.0.1:0")
+            .env("FLOODGATE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the worker process");
+        Self { child }
+    }
+
+    /// SIGKILL: no shutdown, no cleanup, unacked messages stay with the dead connection.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The environment that gives a process `cfg`.
+pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let delays: Vec<String> = cfg.retry_delays.iter().map(|d| ms(*d)).collect();
+    [
+        ("FLOODGATE_NAMESPACE", cfg.namespace.to_string()),
+        ("FLOODGATE_REDIS_URL", cfg.redis_url.clone()),
+        ("FLOODGATE_AMQP_URL", cfg.amqp_url.clone()),
+        ("FLOODGATE_DATABASE_URL", cfg.database_url.clone()),
+        ("FLOODGATE_JWT_SECRET", cfg.jwt_secret.expose().to_owned()),
+        ("FLOODGATE_RESERVATION_TTL_SECS", cfg.reservation_ttl.as_secs().to_string()),
+        ("FLOODGATE_BATCH_SIZE", cfg.batch_size.to_string()),
+        ("FLOODGATE_BATCH_MAX_WAIT_MS", ms(cfg.batch_max_wait)),
+        ("FLOODGATE_WORKER_PREFETCH", cfg.worker_prefetch.to_string()),
+        ("FLOODGATE_DB_POOL_SIZE", cfg.db_pool_size.to_string()),
+        ("FLOODGATE_DB_LOCK_TIMEOUT_MS", ms(cfg.db_lock_timeout)),
+        ("FLOODGATE_RETRY_DELAYS_MS", delays.join(",")),
+        ("FLOODGATE_REAPER_INTERVAL_MS", ms(cfg.reaper_interval)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
 pub struct TestApp {
@@ -90,7 +179,8 @@ impl TestApp {
     }
 
     pub async fn spawn_with(opts: Options) -> Self {
-        floodgate_common::telemetry::init_logging_with_default("warn");
+        let Options { worker, tweak } = opts;
+        floodgate_common::telemetry::init_logging_with_default("warn,lapin=off");
         let ns = namespace();
         let mut cfg = Config::from_lookup(|k| match k {
             "FLOODGATE_NAMESPACE" => Some(ns.clone()),
@@ -101,7 +191,7 @@ impl TestApp {
             k => std::env::var(k).ok(),
         })
         .expect("test config");
-        (opts.tweak)(&mut cfg);
+        tweak(&mut cfg);
         floodgate_common::db::ensure_database(&cfg)
             .await
             .expect("database");
@@ -141,7 +231,7 @@ impl TestApp {
             shutdown,
             worker: None,
         };
-        if opts.worker {
+        if worker {
             app.start_worker().await;
         }
         app
@@ -266,12 +356,25 @@ impl TestApp {
         db.query_one(sql, &[]).await.unwrap().get(0)
     }
 
-    /// Messages ready in the intake queue.
+    /// Messages ready in the intake queue (a fresh connection each time, so it works across
+    /// a broker restart).
     pub async fn queued(&self) -> u32 {
-        let q = self
-            .channel
+        self.queue_depth(&self.topology.intake_queue).await
+    }
+
+    /// Messages ready in the dead-letter queue.
+    pub async fn dead_letters(&self) -> u32 {
+        self.queue_depth(&self.topology.dead_queue).await
+    }
+
+    async fn queue_depth(&self, queue: &str) -> u32 {
+        let conn = floodgate_common::amqp::connect(&self.cfg.amqp_url, "floodgate-tests-probe")
+            .await
+            .expect("amqp");
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
             .queue_declare(
-                self.topology.intake_queue.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
@@ -279,7 +382,8 @@ impl TestApp {
                 FieldTable::default(),
             )
             .await
-            .unwrap();
+            .expect("queue exists");
+        let _ = conn.close(200, "probe".into()).await;
         q.message_count()
     }
 
@@ -295,10 +399,18 @@ impl TestApp {
 
     /// Waits until every accepted order is committed or released and the queue is empty.
     pub async fn wait_idle(&self) {
-        eventually(Duration::from_secs(60), || async {
-            self.open_reservations().await == 0 && self.queued().await == 0
-        })
-        .await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (open, queued) = (self.open_reservations().await, self.queued().await);
+            if open == 0 && queued == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "not idle after 60 s: {open} open reservations, {queued} queued messages"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn snapshot(&self) -> Snapshot {
@@ -351,6 +463,83 @@ impl TestApp {
             .await
             .unwrap();
         confirm.await.unwrap();
+    }
+}
+
+impl TestApp {
+    /// `users` buyers each place a one-unit order of `sku` every `pace` for `duration`.
+    pub async fn load(&self, sku: &str, users: usize, pace: Duration, duration: Duration) -> LoadResult {
+        let until = tokio::time::Instant::now() + duration;
+        let runs = (0..users).map(|u| {
+            let token = self.customer(&format!("load-{u}"));
+            let body = serde_json::json!({"items": [{"sku": sku, "qty": 1}]});
+            let url = format!("{}/v1/orders", self.base);
+            let client = self.client.clone();
+            async move {
+                let mut r = LoadResult::default();
+                while tokio::time::Instant::now() < until {
+                    let resp = client
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                    let status = match resp {
+                        Ok(resp) => {
+                            let s = resp.status().as_u16();
+                            let v: Value = resp.json().await.unwrap_or(Value::Null);
+                            if s == 202 {
+                                r.accepted.push(v["order_id"].as_str().unwrap_or_default().to_owned());
+                            }
+                            s
+                        }
+                        Err(_) => 0,
+                    };
+                    *r.statuses.entry(status).or_default() += 1;
+                    tokio::time::sleep(pace).await;
+                }
+                r
+            }
+        });
+        let mut total = LoadResult::default();
+        for r in futures::future::join_all(runs).await {
+            total.accepted.extend(r.accepted);
+            for (s, n) in r.statuses {
+                *total.statuses.entry(s).or_default() += n;
+            }
+        }
+        total
+    }
+
+    /// DESIGN.md's invariants: every accepted order is in PostgreSQL as confirmed, failed
+    /// with a reason, or cancelled; nothing oversold; Redis equals PostgreSQL.
+    pub async fn assert_invariants(&self, accepted: &[String]) -> BTreeMap<String, i64> {
+        let db = self.pg.get().await.unwrap();
+        let ids: Vec<uuid::Uuid> = accepted.iter().map(|s| s.parse().unwrap()).collect();
+        let rows = db
+            .query(
+                "SELECT status || coalesce(':' || reason, '') AS outcome, count(*)
+                   FROM orders WHERE id = ANY($1) GROUP BY 1",
+                &[&ids],
+            )
+            .await
+            .unwrap();
+        let outcomes: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let recorded: i64 = outcomes.values().sum();
+        assert_eq!(recorded as usize, accepted.len(), "every 202 is in PostgreSQL: {outcomes:?}");
+        for o in outcomes.keys() {
+            assert!(
+                o == "confirmed" || o == "cancelled" || o.starts_with("failed:"),
+                "unexpected outcome {o}"
+            );
+        }
+        let mut redis = self.redis.clone();
+        let violations = floodgate_common::reconcile::check(&self.pg, &mut redis, &self.keys, 6)
+            .await
+            .unwrap();
+        assert!(violations.is_empty(), "invariants broken: {violations:#?}");
+        outcomes
     }
 }
 

@@ -327,10 +327,10 @@ async fn stock_not_loaded_is_503_and_reserves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_rate_limit_answers_429_with_retry_after() {
     let app = TestApp::spawn_with(Options {
-        tweak: |c| {
+        tweak: Box::new(|c| {
             c.rate_limit_per_sec = 1;
             c.rate_limit_burst = 2;
-        },
+        }),
         ..Options::default()
     })
     .await;

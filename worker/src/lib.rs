@@ -206,3 +206,15 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
         Json(json!({"status": word, "down": down, "checks": checks})),
     )
 }
+
+/// The `floodgate-worker` binary: config from the environment, logging, run until
+/// SIGINT/SIGTERM. (Also what the fault tests start as a real process to SIGKILL.)
+pub async fn main_from_env() -> anyhow::Result<()> {
+    telemetry::init_logging();
+    let cfg = Config::from_env().context("reading configuration")?;
+    let worker = Worker::build(cfg).await?;
+    tracing::info!(port = worker.port(), "worker consuming");
+    worker
+        .run_until_stopped(floodgate_common::shutdown::on_signal())
+        .await
+}

@@ -66,7 +66,11 @@ impl Session {
     /// Stops pulling: closes the consuming channel, so the broker requeues every unacked
     /// delivery, and opens a fresh one for when consumption resumes.
     pub async fn stop_pulling(&mut self, cfg: &Config) -> lapin::Result<()> {
-        let _ = self.consume.close(200, "pausing".into()).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.consume.close(200, "pausing".into()),
+        )
+        .await;
         self.consume = Self::consuming_channel(&self.conn, cfg).await?;
         Ok(())
     }
@@ -139,10 +143,15 @@ impl Session {
         }
     }
 
+    /// Closes channels and connection. Bounded: on a dead or recovering connection a
+    /// close may never be answered.
     pub async fn close(&self) {
-        let _ = self.consume.close(200, "shutdown".into()).await;
-        let _ = self.publish.close(200, "shutdown".into()).await;
-        let _ = self.conn.close(200, "shutdown".into()).await;
+        let close = async {
+            let _ = self.consume.close(200, "shutdown".into()).await;
+            let _ = self.publish.close(200, "shutdown".into()).await;
+            let _ = self.conn.close(200, "shutdown".into()).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
 }
 

@@ -8,10 +8,8 @@ pub use topology::*;
 
 use lapin::{Connection, ConnectionProperties};
 
-/// Connects to the broker with lapin's automatic recovery on, named for the management UI.
+/// Connects to the broker, named for the management UI.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(name.into())
-        .enable_auto_recover();
+    let props = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url, props).await
 }

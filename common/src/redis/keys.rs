@@ -53,6 +53,11 @@ impl Keys {
     pub fn user_pattern(&self) -> String {
         format!("{}user:*", self.prefix)
     }
+    /// A key that is never written: scripts take it in the Idempotency-Key slot of an
+    /// order that has none (a script must name every key it may touch).
+    pub fn no_idem(&self) -> String {
+        format!("{}idem:-", self.prefix)
+    }
     /// One (user, Idempotency-Key) record. The user id's length goes first so that no
     /// (user, key) pair can spell another's key.
     pub fn idem(&self, user: &UserId, key: &IdempotencyKey) -> String {

@@ -80,8 +80,7 @@ pub async fn reserve<C: ConnectionLike>(
 ) -> RedisResult<Reserve> {
     let (idem_key, body_hash) = match req.idempotency {
         Some((k, h)) => (keys.idem(req.user, k), h),
-        // An unused key in the same slot; the script never touches it without a hash.
-        None => (keys.epoch(), ""),
+        None => (keys.no_idem(), ""),
     };
     let mut inv = RESERVE.prepare_invoke();
     inv.key(keys.epoch())
@@ -153,7 +152,7 @@ pub async fn release<C: ConnectionLike>(
     idempotency: Option<&IdempotencyKey>,
     reason: &str,
 ) -> RedisResult<bool> {
-    let idem = idempotency.map_or_else(|| keys.epoch(), |k| keys.idem(user, k));
+    let idem = idempotency.map_or_else(|| keys.no_idem(), |k| keys.idem(user, k));
     let released: i64 = RELEASE
         .key(keys.resv(order_id))
         .key(keys.stock())

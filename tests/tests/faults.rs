@@ -1,0 +1,451 @@
+//! DESIGN.md's crash windows, caused for real: processes SIGKILLed, servers stopped and
+//! restarted (private instances on their own ports), poison messages, expired
+//! reservations, lock timeouts. Each ends with the invariant check. The tests take turns
+//! (one lock), because each loads the machine.
+//!
+//! Every test prints a `FAULT` line (accepted, outcomes, verdict) for the operators' table.
+
+use floodgate_common::{
+    domain::{OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
+    reconcile,
+    redis::{self as fredis, ReserveRequest},
+};
+use floodgate_tests::{
+    LoadResult, Options, TestApp, WorkerProcess, eventually,
+    servers::{PrivatePostgres, PrivateRabbit, PrivateRedis},
+};
+use lapin::options::BasicGetOptions;
+use std::{collections::BTreeMap, time::Duration};
+
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const WORKER_EXE: &str = env!("CARGO_BIN_EXE_worker-process");
+/// Each simulated buyer orders every 25 ms: a steady flow of orders through every fault,
+/// selling out the SKU towards the end of the run.
+const PACE: Duration = Duration::from_millis(25);
+
+fn report(fault: &str, load: &LoadResult, outcomes: &BTreeMap<String, i64>) {
+    let sent: usize = load.statuses.values().sum();
+    eprintln!(
+        "FAULT | {fault} | sent {sent} | answers {:?} | accepted {} | outcomes {outcomes:?} | invariants hold",
+        load.statuses,
+        load.accepted.len()
+    );
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_sigkilled_mid_batch_again_and_again() {
+    let _turn = TURN.lock().await;
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("kill-tee", 3000, None).await;
+    let mut worker = Some(WorkerProcess::start(WORKER_EXE, &app.cfg));
+    let killer = async {
+        let mut kills = 0;
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            worker.take().unwrap().kill();
+            kills += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            worker = Some(WorkerProcess::start(WORKER_EXE, &app.cfg));
+        }
+        kills
+    };
+    let (load, kills) = tokio::join!(app.load("kill-tee", 24, PACE, Duration::from_secs(8)), killer);
+    assert_eq!(kills, 4);
+    assert!(load.accepted.len() > 50, "the sale ran: {load:?}");
+    app.wait_idle().await;
+    let outcomes = app.assert_invariants(&load.accepted).await;
+    assert_eq!(
+        outcomes.get("confirmed").copied().unwrap_or(0),
+        app.scalar("SELECT sold FROM inventory").await,
+        "every confirmed unit is sold once"
+    );
+    worker.take().unwrap().stop();
+    report("worker SIGKILL x4", &load, &outcomes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_restarted_mid_load() {
+    let _turn = TURN.lock().await;
+    let rabbit = blocking(PrivateRabbit::start).await;
+    let url = rabbit.url();
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(move |c| c.amqp_url = url),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("rabbit-tee", 4000, None).await;
+    let restart = async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        blocking(move || {
+            let mut rabbit = rabbit;
+            rabbit.restart();
+            rabbit
+        })
+        .await
+    };
+    let (load, rabbit) = tokio::join!(app.load("rabbit-tee", 16, PACE, Duration::from_secs(14)), restart);
+    assert!(load.count(503) > 0, "the restart was felt: {load:?}");
+    assert!(
+        load.accepted.len() > 10,
+        "orders were accepted around the restart: {load:?}"
+    );
+    app.wait_idle().await;
+    let outcomes = app.assert_invariants(&load.accepted).await;
+    report("RabbitMQ restart", &load, &outcomes);
+    drop(app);
+    drop(rabbit);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_down_longer_than_the_retry_schedule() {
+    let _turn = TURN.lock().await;
+    let pg = blocking(PrivatePostgres::start).await;
+    let url = pg.url();
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(move |c| {
+            c.database_url = url;
+            c.retry_delays = vec![Duration::from_millis(200), Duration::from_millis(400)];
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("pg-tee", 3000, None).await;
+    let outage = async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pg = blocking(move || {
+            let mut pg = pg;
+            pg.stop_server();
+            pg
+        })
+        .await;
+        // Far longer than 200 + 400 ms: a retry spent per failure would exhaust them all.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        blocking(move || {
+            let mut pg = pg;
+            pg.start_server();
+            pg
+        })
+        .await
+    };
+    let (load, pg) = tokio::join!(app.load("pg-tee", 16, PACE, Duration::from_secs(9)), outage);
+    assert!(load.accepted.len() > 10, "{load:?}");
+    app.wait_idle().await;
+    let outcomes = app.assert_invariants(&load.accepted).await;
+    assert!(
+        outcomes.keys().all(|o| o == "confirmed"),
+        "an outage fails nothing: {outcomes:?}"
+    );
+    assert_eq!(app.dead_letters().await, 0, "nothing dead-lettered during the outage");
+    report("PostgreSQL down 4 s", &load, &outcomes);
+    drop(app);
+    drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restarted_empty_then_reconciled() {
+    let _turn = TURN.lock().await;
+    let mut redis = PrivateRedis::start();
+    let url = redis.url();
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(move |c| c.redis_url = url),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("redis-tee", 2500, None).await;
+    let cfg = app.cfg.clone();
+    let pg = app.pg.clone();
+    let fault = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        redis.restart_empty();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut con = floodgate_common::redis::connect(&cfg.redis_url).await.unwrap();
+        reconcile::repair(
+            &cfg,
+            &pg,
+            &mut con,
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+            |m| eprintln!("reconcile: {m}"),
+        )
+        .await
+        .expect("reconcile");
+    };
+    let (load, ()) = tokio::join!(app.load("redis-tee", 16, PACE, Duration::from_secs(9)), fault);
+    assert!(load.count(503) > 0, "ingress refused while stock was not loaded: {load:?}");
+    app.wait_idle().await;
+    let outcomes = app.assert_invariants(&load.accepted).await;
+    let after = app.order(&app.customer("late"), &[("redis-tee", 1)], None).await;
+    assert!(after.status == 202 || after.status == 409, "gate open again: {after:?}");
+    report("Redis restarted empty + reconcile", &load, &outcomes);
+    drop(app);
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_message_and_deleted_sku_are_dead_lettered_with_reasons() {
+    let _turn = TURN.lock().await;
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("good", 10, None).await;
+    app.create_sku("doomed", 5, None).await;
+    let mut accepted = Vec::new();
+    for u in 0..3 {
+        let r = app.order(&app.customer(&format!("g{u}")), &[("good", 1)], None).await;
+        accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
+    }
+    let doomed = app.order(&app.customer("d"), &[("doomed", 2)], None).await;
+    let doomed_id = doomed.body["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(app.available("doomed").await, Some(3));
+    app.publish_raw(b"{this is not an order").await;
+    app.pg
+        .get()
+        .await
+        .unwrap()
+        .execute("DELETE FROM skus WHERE sku = 'doomed'", &[])
+        .await
+        .unwrap();
+
+    app.start_worker().await;
+    eventually(Duration::from_secs(20), || async {
+        app.dead_letters().await == 2 && app.scalar("SELECT count(*) FROM orders").await == 4
+    })
+    .await;
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM orders WHERE status = 'confirmed'").await,
+        3,
+        "the rest of the batch committed"
+    );
+    let reason: String = app
+        .pg
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT status || ':' || reason FROM orders WHERE id = $1::text::uuid",
+            &[&doomed_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reason, "failed:unknown_sku");
+    assert_eq!(app.available("doomed").await, Some(5), "its stock was released");
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let m = app
+            .channel
+            .basic_get(app.topology.dead_queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("a dead letter");
+        let h = m.delivery.properties.headers().clone().unwrap();
+        match h.inner().get("x-floodgate-reason") {
+            Some(lapin::types::AMQPValue::LongString(r)) => reasons.push(r.to_string()),
+            other => panic!("no reason header: {other:?}"),
+        }
+    }
+    reasons.sort();
+    assert!(reasons[0].starts_with("undecodable: "), "{reasons:?}");
+    assert!(reasons[1].starts_with("unknown_sku: "), "{reasons:?}");
+    let mut outcomes = BTreeMap::new();
+    outcomes.insert("confirmed".to_owned(), 3);
+    outcomes.insert("failed:unknown_sku".to_owned(), 1);
+    eprintln!("FAULT | poison message + deleted SKU | accepted 4 | outcomes {outcomes:?} | dead letters 2 | stock released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaper_releases_unclaimed_reservations_and_late_messages_fail_cleanly() {
+    let _turn = TURN.lock().await;
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        tweak: Box::new(|c| {
+            c.reservation_ttl = Duration::from_secs(1);
+            c.reaper_interval = Duration::from_millis(200);
+        }),
+    })
+    .await;
+    app.create_sku("slow", 10, None).await;
+    // Two orders queued while no worker runs: their messages arrive after the deadline.
+    let mut accepted = Vec::new();
+    for u in 0..2 {
+        let r = app.order(&app.customer(&format!("s{u}")), &[("slow", 2)], None).await;
+        assert_eq!(r.status, 202);
+        accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
+    }
+    // One reservation whose ingress died before publishing: no message at all.
+    let lost = OrderId::new();
+    let user = UserId::parse("crashed").unwrap();
+    let lines = OrderLines::try_from(vec![OrderLine {
+        sku: Sku::parse("slow").unwrap(),
+        qty: Quantity::try_from(3).unwrap(),
+    }])
+    .unwrap();
+    let mut r = app.redis.clone();
+    let now = time::OffsetDateTime::now_utc();
+    let decision = fredis::reserve(
+        &mut r,
+        &app.keys,
+        &ReserveRequest {
+            order_id: lost,
+            user: &user,
+            lines: &lines,
+            idempotency: None,
+            accepted_at: &now.format(&time::format_description::well_known::Rfc3339).unwrap(),
+            deadline_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64 + 1000,
+            idempotency_ttl_secs: 60,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(decision, fredis::Reserve::Reserved);
+    assert_eq!(app.available("slow").await, Some(3));
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.start_worker().await;
+    eventually(Duration::from_secs(20), || async {
+        app.scalar("SELECT count(*) FROM orders WHERE reason = 'reservation_expired'").await == 3
+    })
+    .await;
+    app.wait_idle().await;
+    assert_eq!(app.available("slow").await, Some(10), "every unit is back on sale");
+    assert_eq!(app.scalar("SELECT sold FROM inventory").await, 0);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM stock_movements WHERE kind = 'release'").await,
+        3
+    );
+    accepted.push(lost.to_string());
+    let outcomes = app.assert_invariants(&accepted).await;
+    eprintln!("FAULT | reservations expired (2 late messages, 1 never published) | accepted 3 | outcomes {outcomes:?} | invariants hold");
+}
+
+/// Holds the inventory row lock of `sku` for `hold`, from another connection.
+async fn hold_row_lock(app: &TestApp, sku: &'static str, hold: Duration) -> tokio::task::JoinHandle<()> {
+    let pool = app.pg.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let h = tokio::spawn(async move {
+        let mut db = pool.get().await.unwrap();
+        let t = db.transaction().await.unwrap();
+        t.execute("SELECT 1 FROM inventory WHERE sku = $1 FOR UPDATE", &[&sku])
+            .await
+            .unwrap();
+        let _ = tx.send(());
+        tokio::time::sleep(hold).await;
+        t.rollback().await.unwrap();
+    });
+    rx.await.unwrap();
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_retry_through_delay_queues() {
+    let _turn = TURN.lock().await;
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(|c| {
+            c.db_lock_timeout = Duration::from_millis(200);
+            c.retry_delays = vec![
+                Duration::from_millis(300),
+                Duration::from_millis(600),
+                Duration::from_millis(1200),
+                Duration::from_millis(2400),
+            ];
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("locked", 10, None).await;
+    let lock = hold_row_lock(&app, "locked", Duration::from_millis(1500)).await;
+    let mut accepted = Vec::new();
+    for u in 0..3 {
+        let r = app.order(&app.customer(&format!("l{u}")), &[("locked", 1)], None).await;
+        accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
+    }
+    lock.await.unwrap();
+    eventually(Duration::from_secs(20), || async {
+        app.scalar("SELECT count(*) FROM orders WHERE status = 'confirmed'").await == 3
+    })
+    .await;
+    app.wait_idle().await;
+    let metrics = app.get("/metrics", None).await;
+    assert!(
+        metrics.body.as_str().unwrap().contains("floodgate_worker_retries_scheduled_total"),
+        "retries went through the delay queues"
+    );
+    assert_eq!(app.dead_letters().await, 0);
+    let outcomes = app.assert_invariants(&accepted).await;
+    eprintln!("FAULT | row lock held 1.5 s (lock_timeout 200 ms) | accepted 3 | outcomes {outcomes:?} | retried, invariants hold");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_dead_letter_and_release() {
+    let _turn = TURN.lock().await;
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(|c| {
+            c.db_lock_timeout = Duration::from_millis(100);
+            c.retry_delays = vec![Duration::from_millis(100), Duration::from_millis(200)];
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("stuck", 10, None).await;
+    let lock = hold_row_lock(&app, "stuck", Duration::from_secs(4)).await;
+    let r = app.order(&app.customer("x"), &[("stuck", 4)], None).await;
+    let id = r.body["order_id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(20), || async { app.dead_letters().await == 1 }).await;
+    lock.await.unwrap();
+    app.wait_idle().await;
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM orders WHERE reason = 'retries_exhausted'").await,
+        1
+    );
+    assert_eq!(app.available("stuck").await, Some(10), "its stock was released");
+    let outcomes = app.assert_invariants(&[id]).await;
+    eprintln!("FAULT | row lock held past the whole retry schedule | accepted 1 | outcomes {outcomes:?} | dead-lettered, invariants hold");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_check_finds_drift_and_repair_fixes_it() {
+    let _turn = TURN.lock().await;
+    let app = TestApp::spawn().await;
+    app.create_sku("drift", 10, None).await;
+    let r = app.order(&app.customer("a"), &[("drift", 2)], None).await;
+    app.wait_idle().await;
+    app.assert_invariants(&[r.body["order_id"].as_str().unwrap().to_owned()]).await;
+
+    let mut con = app.redis.clone();
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys.stock())
+        .arg("drift")
+        .arg(50)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let found = reconcile::check(&app.pg, &mut con, &app.keys, 1).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].kind, "redis_differs");
+
+    reconcile::repair(&app.cfg, &app.pg, &mut con, Duration::from_millis(200), Duration::from_secs(30), |_| {})
+        .await
+        .unwrap();
+    assert!(reconcile::check(&app.pg, &mut con, &app.keys, 1).await.unwrap().is_empty());
+    assert_eq!(app.available("drift").await, Some(8));
+
+    // Stock not loaded: reported, and ingress stays closed until the repair.
+    let _: () = redis::cmd("DEL").arg(app.keys.epoch()).query_async(&mut con).await.unwrap();
+    let found = reconcile::check(&app.pg, &mut con, &app.keys, 1).await.unwrap();
+    assert!(found.iter().any(|v| v.kind == "stock_not_loaded"), "{found:?}");
+    assert_eq!(app.order(&app.customer("b"), &[("drift", 1)], None).await.status, 503);
+    reconcile::repair(&app.cfg, &app.pg, &mut con, Duration::from_millis(200), Duration::from_secs(30), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(app.order(&app.customer("b"), &[("drift", 1)], None).await.status, 202);
+}
