@@ -80,7 +80,12 @@ pub struct LoadResult {
 
 impl std::fmt::Debug for LoadResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "accepted {}, answers {:?}", self.accepted.len(), self.statuses)
+        write!(
+            f,
+            "accepted {}, answers {:?}",
+            self.accepted.len(),
+            self.statuses
+        )
     }
 }
 
@@ -140,7 +145,10 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
         ("FLOODGATE_AMQP_URL", cfg.amqp_url.clone()),
         ("FLOODGATE_DATABASE_URL", cfg.database_url.clone()),
         ("FLOODGATE_JWT_SECRET", cfg.jwt_secret.expose().to_owned()),
-        ("FLOODGATE_RESERVATION_TTL_SECS", cfg.reservation_ttl.as_secs().to_string()),
+        (
+            "FLOODGATE_RESERVATION_TTL_SECS",
+            cfg.reservation_ttl.as_secs().to_string(),
+        ),
         ("FLOODGATE_BATCH_SIZE", cfg.batch_size.to_string()),
         ("FLOODGATE_BATCH_MAX_WAIT_MS", ms(cfg.batch_max_wait)),
         ("FLOODGATE_WORKER_PREFETCH", cfg.worker_prefetch.to_string()),
@@ -387,14 +395,21 @@ impl TestApp {
         q.message_count()
     }
 
-    /// Reservations not yet committed or released.
+    /// Reservations not yet committed or released. Retries through a Redis restart (the
+    /// first command on a broken connection fails before the manager reconnects).
     pub async fn open_reservations(&self) -> i64 {
         let mut r = self.redis.clone();
-        redis::cmd("ZCARD")
-            .arg(self.keys.deadlines())
-            .query_async(&mut r)
-            .await
-            .unwrap()
+        for _ in 0..50 {
+            match redis::cmd("ZCARD")
+                .arg(self.keys.deadlines())
+                .query_async(&mut r)
+                .await
+            {
+                Ok(n) => return n,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        panic!("Redis did not answer for 5 s");
     }
 
     /// Waits until every accepted order is committed or released and the queue is empty.
@@ -468,7 +483,13 @@ impl TestApp {
 
 impl TestApp {
     /// `users` buyers each place a one-unit order of `sku` every `pace` for `duration`.
-    pub async fn load(&self, sku: &str, users: usize, pace: Duration, duration: Duration) -> LoadResult {
+    pub async fn load(
+        &self,
+        sku: &str,
+        users: usize,
+        pace: Duration,
+        duration: Duration,
+    ) -> LoadResult {
         let until = tokio::time::Instant::now() + duration;
         let runs = (0..users).map(|u| {
             let token = self.customer(&format!("load-{u}"));
@@ -490,7 +511,8 @@ impl TestApp {
                             let s = resp.status().as_u16();
                             let v: Value = resp.json().await.unwrap_or(Value::Null);
                             if s == 202 {
-                                r.accepted.push(v["order_id"].as_str().unwrap_or_default().to_owned());
+                                r.accepted
+                                    .push(v["order_id"].as_str().unwrap_or_default().to_owned());
                             }
                             s
                         }
@@ -527,7 +549,11 @@ impl TestApp {
             .unwrap();
         let outcomes: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let recorded: i64 = outcomes.values().sum();
-        assert_eq!(recorded as usize, accepted.len(), "every 202 is in PostgreSQL: {outcomes:?}");
+        assert_eq!(
+            recorded as usize,
+            accepted.len(),
+            "every 202 is in PostgreSQL: {outcomes:?}"
+        );
         for o in outcomes.keys() {
             assert!(
                 o == "confirmed" || o == "cancelled" || o.starts_with("failed:"),

@@ -24,13 +24,20 @@ fn wait_port(port: u16, up: bool, timeout: Duration, what: &str) {
         if open == up {
             return;
         }
-        assert!(Instant::now() < until, "{what} on port {port} did not {} within {timeout:?}", if up { "start" } else { "stop" });
+        assert!(
+            Instant::now() < until,
+            "{what} on port {port} did not {} within {timeout:?}",
+            if up { "start" } else { "stop" }
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("floodgate-{name}-{}", uuid::Uuid::now_v7().simple()));
+    let dir = std::env::temp_dir().join(format!(
+        "floodgate-{name}-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -116,7 +123,9 @@ impl PrivateRabbit {
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
         // Debian's rabbitmq-server drops to the rabbitmq user when started as root.
         if is_root() {
-            run(Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(&dir));
+            run(Command::new("chown")
+                .args(["-R", "rabbitmq:rabbitmq"])
+                .arg(&dir));
         }
         let mut r = Self {
             node: format!("fgtest{port}@localhost"),
@@ -136,11 +145,23 @@ impl PrivateRabbit {
             .env("RABBITMQ_DIST_PORT", dist.to_string())
             .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("enabled_plugins"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.dir.join("enabled_plugins"),
+            )
             .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
             .env("RABBITMQ_CONFIG_FILE", self.dir.join("none"))
-            .env("RABBITMQ_ADVANCED_CONFIG_FILE", self.dir.join("none-advanced.config"))
-            .env("PATH", format!("/usr/sbin:/usr/lib/rabbitmq/bin:{}", std::env::var("PATH").unwrap_or_default()));
+            .env(
+                "RABBITMQ_ADVANCED_CONFIG_FILE",
+                self.dir.join("none-advanced.config"),
+            )
+            .env(
+                "PATH",
+                format!(
+                    "/usr/sbin:/usr/lib/rabbitmq/bin:{}",
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            );
     }
 
     fn spawn(&mut self) {
@@ -233,7 +254,9 @@ impl PrivatePostgres {
         let dir = tempdir("pg");
         let bin = pg_bindir();
         if is_root() {
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir));
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir));
         }
         let pg = Self {
             port: free_port(),
@@ -241,7 +264,8 @@ impl PrivatePostgres {
             bin,
             running: false,
         };
-        run(&mut pg.as_owner(&pg.bin.join("initdb"))
+        run(pg
+            .as_owner(&pg.bin.join("initdb"))
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
             .arg(pg.dir.join("data")));
         let mut pg = pg;

@@ -57,7 +57,10 @@ async fn worker_sigkilled_mid_batch_again_and_again() {
         }
         kills
     };
-    let (load, kills) = tokio::join!(app.load("kill-tee", 24, PACE, Duration::from_secs(8)), killer);
+    let (load, kills) = tokio::join!(
+        app.load("kill-tee", 24, PACE, Duration::from_secs(8)),
+        killer
+    );
     assert_eq!(kills, 4);
     assert!(load.accepted.len() > 50, "the sale ran: {load:?}");
     app.wait_idle().await;
@@ -91,7 +94,10 @@ async fn rabbitmq_restarted_mid_load() {
         })
         .await
     };
-    let (load, rabbit) = tokio::join!(app.load("rabbit-tee", 16, PACE, Duration::from_secs(14)), restart);
+    let (load, rabbit) = tokio::join!(
+        app.load("rabbit-tee", 16, PACE, Duration::from_secs(14)),
+        restart
+    );
     assert!(load.count(503) > 0, "the restart was felt: {load:?}");
     assert!(
         load.accepted.len() > 10,
@@ -143,7 +149,11 @@ async fn postgres_down_longer_than_the_retry_schedule() {
         outcomes.keys().all(|o| o == "confirmed"),
         "an outage fails nothing: {outcomes:?}"
     );
-    assert_eq!(app.dead_letters().await, 0, "nothing dead-lettered during the outage");
+    assert_eq!(
+        app.dead_letters().await,
+        0,
+        "nothing dead-lettered during the outage"
+    );
     report("PostgreSQL down 4 s", &load, &outcomes);
     drop(app);
     drop(pg);
@@ -166,7 +176,9 @@ async fn redis_restarted_empty_then_reconciled() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         redis.restart_empty();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let mut con = floodgate_common::redis::connect(&cfg.redis_url).await.unwrap();
+        let mut con = floodgate_common::redis::connect(&cfg.redis_url)
+            .await
+            .unwrap();
         reconcile::repair(
             &cfg,
             &pg,
@@ -178,12 +190,23 @@ async fn redis_restarted_empty_then_reconciled() {
         .await
         .expect("reconcile");
     };
-    let (load, ()) = tokio::join!(app.load("redis-tee", 16, PACE, Duration::from_secs(9)), fault);
-    assert!(load.count(503) > 0, "ingress refused while stock was not loaded: {load:?}");
+    let (load, ()) = tokio::join!(
+        app.load("redis-tee", 16, PACE, Duration::from_secs(9)),
+        fault
+    );
+    assert!(
+        load.count(503) > 0,
+        "ingress refused while stock was not loaded: {load:?}"
+    );
     app.wait_idle().await;
     let outcomes = app.assert_invariants(&load.accepted).await;
-    let after = app.order(&app.customer("late"), &[("redis-tee", 1)], None).await;
-    assert!(after.status == 202 || after.status == 409, "gate open again: {after:?}");
+    let after = app
+        .order(&app.customer("late"), &[("redis-tee", 1)], None)
+        .await;
+    assert!(
+        after.status == 202 || after.status == 409,
+        "gate open again: {after:?}"
+    );
     report("Redis restarted empty + reconcile", &load, &outcomes);
     drop(app);
     drop(redis);
@@ -201,7 +224,9 @@ async fn poison_message_and_deleted_sku_are_dead_lettered_with_reasons() {
     app.create_sku("doomed", 5, None).await;
     let mut accepted = Vec::new();
     for u in 0..3 {
-        let r = app.order(&app.customer(&format!("g{u}")), &[("good", 1)], None).await;
+        let r = app
+            .order(&app.customer(&format!("g{u}")), &[("good", 1)], None)
+            .await;
         accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
     }
     let doomed = app.order(&app.customer("d"), &[("doomed", 2)], None).await;
@@ -222,7 +247,8 @@ async fn poison_message_and_deleted_sku_are_dead_lettered_with_reasons() {
     })
     .await;
     assert_eq!(
-        app.scalar("SELECT count(*) FROM orders WHERE status = 'confirmed'").await,
+        app.scalar("SELECT count(*) FROM orders WHERE status = 'confirmed'")
+            .await,
         3,
         "the rest of the batch committed"
     );
@@ -239,12 +265,19 @@ async fn poison_message_and_deleted_sku_are_dead_lettered_with_reasons() {
         .unwrap()
         .get(0);
     assert_eq!(reason, "failed:unknown_sku");
-    assert_eq!(app.available("doomed").await, Some(5), "its stock was released");
+    assert_eq!(
+        app.available("doomed").await,
+        Some(5),
+        "its stock was released"
+    );
     let mut reasons = Vec::new();
     for _ in 0..2 {
         let m = app
             .channel
-            .basic_get(app.topology.dead_queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                app.topology.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await
             .unwrap()
             .expect("a dead letter");
@@ -260,7 +293,9 @@ async fn poison_message_and_deleted_sku_are_dead_lettered_with_reasons() {
     let mut outcomes = BTreeMap::new();
     outcomes.insert("confirmed".to_owned(), 3);
     outcomes.insert("failed:unknown_sku".to_owned(), 1);
-    eprintln!("FAULT | poison message + deleted SKU | accepted 4 | outcomes {outcomes:?} | dead letters 2 | stock released");
+    eprintln!(
+        "FAULT | poison message + deleted SKU | accepted 4 | outcomes {outcomes:?} | dead letters 2 | stock released"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,7 +313,9 @@ async fn reaper_releases_unclaimed_reservations_and_late_messages_fail_cleanly()
     // Two orders queued while no worker runs: their messages arrive after the deadline.
     let mut accepted = Vec::new();
     for u in 0..2 {
-        let r = app.order(&app.customer(&format!("s{u}")), &[("slow", 2)], None).await;
+        let r = app
+            .order(&app.customer(&format!("s{u}")), &[("slow", 2)], None)
+            .await;
         assert_eq!(r.status, 202);
         accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
     }
@@ -300,7 +337,9 @@ async fn reaper_releases_unclaimed_reservations_and_late_messages_fail_cleanly()
             user: &user,
             lines: &lines,
             idempotency: None,
-            accepted_at: &now.format(&time::format_description::well_known::Rfc3339).unwrap(),
+            accepted_at: &now
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap(),
             deadline_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64 + 1000,
             idempotency_ttl_secs: 60,
         },
@@ -313,23 +352,36 @@ async fn reaper_releases_unclaimed_reservations_and_late_messages_fail_cleanly()
     tokio::time::sleep(Duration::from_millis(1500)).await;
     app.start_worker().await;
     eventually(Duration::from_secs(20), || async {
-        app.scalar("SELECT count(*) FROM orders WHERE reason = 'reservation_expired'").await == 3
+        app.scalar("SELECT count(*) FROM orders WHERE reason = 'reservation_expired'")
+            .await
+            == 3
     })
     .await;
     app.wait_idle().await;
-    assert_eq!(app.available("slow").await, Some(10), "every unit is back on sale");
+    assert_eq!(
+        app.available("slow").await,
+        Some(10),
+        "every unit is back on sale"
+    );
     assert_eq!(app.scalar("SELECT sold FROM inventory").await, 0);
     assert_eq!(
-        app.scalar("SELECT count(*) FROM stock_movements WHERE kind = 'release'").await,
+        app.scalar("SELECT count(*) FROM stock_movements WHERE kind = 'release'")
+            .await,
         3
     );
     accepted.push(lost.to_string());
     let outcomes = app.assert_invariants(&accepted).await;
-    eprintln!("FAULT | reservations expired (2 late messages, 1 never published) | accepted 3 | outcomes {outcomes:?} | invariants hold");
+    eprintln!(
+        "FAULT | reservations expired (2 late messages, 1 never published) | accepted 3 | outcomes {outcomes:?} | invariants hold"
+    );
 }
 
 /// Holds the inventory row lock of `sku` for `hold`, from another connection.
-async fn hold_row_lock(app: &TestApp, sku: &'static str, hold: Duration) -> tokio::task::JoinHandle<()> {
+async fn hold_row_lock(
+    app: &TestApp,
+    sku: &'static str,
+    hold: Duration,
+) -> tokio::task::JoinHandle<()> {
     let pool = app.pg.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let h = tokio::spawn(async move {
@@ -366,23 +418,33 @@ async fn transient_failures_retry_through_delay_queues() {
     let lock = hold_row_lock(&app, "locked", Duration::from_millis(1500)).await;
     let mut accepted = Vec::new();
     for u in 0..3 {
-        let r = app.order(&app.customer(&format!("l{u}")), &[("locked", 1)], None).await;
+        let r = app
+            .order(&app.customer(&format!("l{u}")), &[("locked", 1)], None)
+            .await;
         accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
     }
     lock.await.unwrap();
     eventually(Duration::from_secs(20), || async {
-        app.scalar("SELECT count(*) FROM orders WHERE status = 'confirmed'").await == 3
+        app.scalar("SELECT count(*) FROM orders WHERE status = 'confirmed'")
+            .await
+            == 3
     })
     .await;
     app.wait_idle().await;
     let metrics = app.get("/metrics", None).await;
     assert!(
-        metrics.body.as_str().unwrap().contains("floodgate_worker_retries_scheduled_total"),
+        metrics
+            .body
+            .as_str()
+            .unwrap()
+            .contains("floodgate_worker_retries_scheduled_total"),
         "retries went through the delay queues"
     );
     assert_eq!(app.dead_letters().await, 0);
     let outcomes = app.assert_invariants(&accepted).await;
-    eprintln!("FAULT | row lock held 1.5 s (lock_timeout 200 ms) | accepted 3 | outcomes {outcomes:?} | retried, invariants hold");
+    eprintln!(
+        "FAULT | row lock held 1.5 s (lock_timeout 200 ms) | accepted 3 | outcomes {outcomes:?} | retried, invariants hold"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,16 +462,26 @@ async fn exhausted_retries_dead_letter_and_release() {
     let lock = hold_row_lock(&app, "stuck", Duration::from_secs(4)).await;
     let r = app.order(&app.customer("x"), &[("stuck", 4)], None).await;
     let id = r.body["order_id"].as_str().unwrap().to_owned();
-    eventually(Duration::from_secs(20), || async { app.dead_letters().await == 1 }).await;
+    eventually(Duration::from_secs(20), || async {
+        app.dead_letters().await == 1
+    })
+    .await;
     lock.await.unwrap();
     app.wait_idle().await;
     assert_eq!(
-        app.scalar("SELECT count(*) FROM orders WHERE reason = 'retries_exhausted'").await,
+        app.scalar("SELECT count(*) FROM orders WHERE reason = 'retries_exhausted'")
+            .await,
         1
     );
-    assert_eq!(app.available("stuck").await, Some(10), "its stock was released");
+    assert_eq!(
+        app.available("stuck").await,
+        Some(10),
+        "its stock was released"
+    );
     let outcomes = app.assert_invariants(&[id]).await;
-    eprintln!("FAULT | row lock held past the whole retry schedule | accepted 1 | outcomes {outcomes:?} | dead-lettered, invariants hold");
+    eprintln!(
+        "FAULT | row lock held past the whole retry schedule | accepted 1 | outcomes {outcomes:?} | dead-lettered, invariants hold"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,7 +491,8 @@ async fn reconcile_check_finds_drift_and_repair_fixes_it() {
     app.create_sku("drift", 10, None).await;
     let r = app.order(&app.customer("a"), &[("drift", 2)], None).await;
     app.wait_idle().await;
-    app.assert_invariants(&[r.body["order_id"].as_str().unwrap().to_owned()]).await;
+    app.assert_invariants(&[r.body["order_id"].as_str().unwrap().to_owned()])
+        .await;
 
     let mut con = app.redis.clone();
     let _: () = redis::cmd("HSET")
@@ -429,23 +502,63 @@ async fn reconcile_check_finds_drift_and_repair_fixes_it() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let found = reconcile::check(&app.pg, &mut con, &app.keys, 1).await.unwrap();
+    let found = reconcile::check(&app.pg, &mut con, &app.keys, 1)
+        .await
+        .unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].kind, "redis_differs");
 
-    reconcile::repair(&app.cfg, &app.pg, &mut con, Duration::from_millis(200), Duration::from_secs(30), |_| {})
-        .await
-        .unwrap();
-    assert!(reconcile::check(&app.pg, &mut con, &app.keys, 1).await.unwrap().is_empty());
+    reconcile::repair(
+        &app.cfg,
+        &app.pg,
+        &mut con,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(
+        reconcile::check(&app.pg, &mut con, &app.keys, 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(app.available("drift").await, Some(8));
 
     // Stock not loaded: reported, and ingress stays closed until the repair.
-    let _: () = redis::cmd("DEL").arg(app.keys.epoch()).query_async(&mut con).await.unwrap();
-    let found = reconcile::check(&app.pg, &mut con, &app.keys, 1).await.unwrap();
-    assert!(found.iter().any(|v| v.kind == "stock_not_loaded"), "{found:?}");
-    assert_eq!(app.order(&app.customer("b"), &[("drift", 1)], None).await.status, 503);
-    reconcile::repair(&app.cfg, &app.pg, &mut con, Duration::from_millis(200), Duration::from_secs(30), |_| {})
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.epoch())
+        .query_async(&mut con)
         .await
         .unwrap();
-    assert_eq!(app.order(&app.customer("b"), &[("drift", 1)], None).await.status, 202);
+    let found = reconcile::check(&app.pg, &mut con, &app.keys, 1)
+        .await
+        .unwrap();
+    assert!(
+        found.iter().any(|v| v.kind == "stock_not_loaded"),
+        "{found:?}"
+    );
+    assert_eq!(
+        app.order(&app.customer("b"), &[("drift", 1)], None)
+            .await
+            .status,
+        503
+    );
+    reconcile::repair(
+        &app.cfg,
+        &app.pg,
+        &mut con,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        app.order(&app.customer("b"), &[("drift", 1)], None)
+            .await
+            .status,
+        202
+    );
 }
