@@ -3,18 +3,11 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use floodgate_common::{
-    Config,
-    amqp::{ATTEMPT_HEADER, REASON_HEADER, Topology},
-    auth,
+    Config, auth, dlq,
     domain::{Role, UserId},
     reconcile,
     redis::Keys,
-    stock, telemetry,
-};
-use lapin::{
-    BasicProperties, Confirmation,
-    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
-    types::AMQPValue,
+    telemetry,
 };
 use std::time::Duration;
 
@@ -97,8 +90,16 @@ enum DlqCommand {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        // One readable line with the cause chain; no backtrace for an operator.
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::from_env().context("reading configuration")?;
     telemetry::init_logging_with_default("warn");
     match cli.command {
@@ -140,7 +141,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Dlq { command } => match command {
             DlqCommand::List { limit } => dlq_list(&cfg, limit).await?,
             DlqCommand::Replay { all, order, limit } => {
-                anyhow::ensure!(all || !order.is_empty(), "say --all or --order <id>");
+                anyhow::ensure!(
+                    all || !order.is_empty(),
+                    "say which dead letters to replay: --all, or --order <id> (see floodgate dlq list)"
+                );
                 dlq_replay(&cfg, all, &order, limit).await?;
             }
         },
@@ -160,12 +164,13 @@ async fn reconcile_cmd(
         .await
         .context("connecting to Redis")?;
     let keys = Keys::new(&cfg.namespace);
-    if if_unloaded {
-        if stock::load_if_absent(&pool, &mut redis, &keys).await? {
-            eprintln!("stock was not loaded; loaded it from PostgreSQL");
-        } else {
-            eprintln!("stock is loaded; nothing to do");
-        }
+    let loaded: bool = redis::cmd("EXISTS")
+        .arg(keys.epoch())
+        .query_async(&mut redis)
+        .await
+        .context("reading the stock epoch")?;
+    if if_unloaded && loaded {
+        eprintln!("stock is loaded; nothing to do");
     } else if !check_only {
         reconcile::repair(
             cfg,
@@ -190,59 +195,18 @@ async fn reconcile_cmd(
     }
 }
 
-fn header(props: &BasicProperties, name: &str) -> String {
-    match props.headers().as_ref().and_then(|h| h.inner().get(name)) {
-        Some(AMQPValue::LongString(s)) => s.to_string(),
-        Some(AMQPValue::LongLongInt(n)) => n.to_string(),
-        Some(other) => format!("{other:?}"),
-        None => String::new(),
-    }
-}
-
-async fn dlq_channel(
-    cfg: &Config,
-) -> anyhow::Result<(lapin::Connection, lapin::Channel, Topology)> {
-    let conn = floodgate_common::amqp::connect(&cfg.amqp_url, "floodgate dlq")
-        .await
-        .context("connecting to RabbitMQ")?;
-    let ch = conn.create_channel().await?;
-    let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
-    topology.declare(&ch).await?;
-    Ok((conn, ch, topology))
-}
-
-/// Reads dead letters without acking them; closing the channel puts them all back.
 async fn dlq_list(cfg: &Config, limit: usize) -> anyhow::Result<()> {
-    let (conn, ch, topology) = dlq_channel(cfg).await?;
-    let mut n = 0;
-    while n < limit {
-        let Some(m) = ch
-            .basic_get(
-                topology.dead_queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
-            break;
-        };
-        n += 1;
-        let props = &m.delivery.properties;
-        let id = props
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "-".into());
-        let body = String::from_utf8_lossy(&m.delivery.data);
-        let body: String = body.chars().take(200).collect();
+    let letters = dlq::list(cfg, limit).await?;
+    for l in &letters {
+        let body: String = l.body.chars().take(200).collect();
         println!(
-            "{id}\treason={}\tattempts={}\t{body}",
-            header(props, REASON_HEADER),
-            header(props, ATTEMPT_HEADER)
+            "{}\treason={}\tattempts={}\t{body}",
+            l.order_id.as_deref().unwrap_or("-"),
+            l.reason,
+            l.attempts
         );
     }
-    let _ = ch.close(200, "listed".into()).await;
-    let _ = conn.close(200, "listed".into()).await;
-    eprintln!("{n} dead letter(s) in {}", topology.dead_queue);
+    eprintln!("{} dead letter(s) shown", letters.len());
     Ok(())
 }
 
@@ -252,61 +216,22 @@ async fn dlq_replay(
     orders: &[String],
     limit: usize,
 ) -> anyhow::Result<()> {
-    let (conn, ch, topology) = dlq_channel(cfg).await?;
-    let publish = conn.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let (mut replayed, mut kept) = (0, 0);
-    for _ in 0..limit {
-        let Some(m) = ch
-            .basic_get(
-                topology.dead_queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
-            break;
-        };
-        let props = m.delivery.properties.clone();
-        let id = props.message_id().as_ref().map(|s| s.to_string());
-        let wanted = all || id.as_ref().is_some_and(|id| orders.contains(id));
-        if !wanted {
-            kept += 1;
-            continue; // unacked: back in the queue when the channel closes
-        }
-        let mut headers = props.headers().clone().unwrap_or_default();
-        let reason = header(&props, REASON_HEADER);
-        let mut inner = headers.inner().clone();
-        inner.remove(REASON_HEADER);
-        inner.remove(ATTEMPT_HEADER);
-        headers = inner.into();
-        let confirm = publish
-            .basic_publish(
-                topology.orders_exchange.as_str().into(),
-                topology.intake_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &m.delivery.data,
-                props.with_headers(headers).with_delivery_mode(2),
-            )
-            .await?
-            .await?;
-        anyhow::ensure!(
-            matches!(confirm, Confirmation::Ack(None)),
-            "the broker did not take a replayed message: {confirm:?}"
+    let select = if all {
+        dlq::Select::All
+    } else {
+        dlq::Select::Orders(orders)
+    };
+    let (replayed, kept) = dlq::replay(cfg, select, limit).await?;
+    for l in &replayed {
+        println!(
+            "replayed {} (was: {})",
+            l.order_id.as_deref().unwrap_or("-"),
+            l.reason
         );
-        m.delivery.acker.ack(Default::default()).await?;
-        replayed += 1;
-        println!("replayed {} (was: {reason})", id.as_deref().unwrap_or("-"));
     }
-    let _ = ch.close(200, "replayed".into()).await;
-    let _ = conn.close(200, "replayed".into()).await;
     eprintln!(
-        "{replayed} replayed, {kept} left in {}",
-        topology.dead_queue
+        "{} replayed, {kept} left in the dead-letter queue",
+        replayed.len()
     );
     Ok(())
 }

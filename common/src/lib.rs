@@ -12,6 +12,7 @@
 //! - [`db`] - the PostgreSQL pool (one schema per namespace) and migrations under an
 //!   advisory lock.
 //! - [`stock`] - loading Redis stock levels from PostgreSQL, the system of record.
+//! - [`dlq`] - reading and replaying the dead-letter queue.
 //! - [`reconcile`] - checking and repairing the invariants between Redis and PostgreSQL.
 //! - [`telemetry`] - logging, the Prometheus recorder and metric names.
 //! - [`shutdown`] - a [`tokio_util::sync::CancellationToken`] fired by SIGINT/SIGTERM.
@@ -21,6 +22,7 @@ pub mod amqp;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod dlq;
 pub mod domain;
 pub mod reconcile;
 pub mod redis;

@@ -19,7 +19,16 @@ pub async fn load<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
 ) -> anyhow::Result<usize> {
-    let db = pool.get().await.context("PostgreSQL connection")?;
+    let mut db = pool.get().await.context("PostgreSQL connection")?;
+    // One snapshot for the three reads, so a receipt committing meanwhile is either in
+    // all of them or in none.
+    let db = db
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .context("starting a snapshot")?;
     let skus = db
         .query(
             "SELECT s.sku, s.per_user_limit, i.on_hand - i.sold AS available
@@ -45,6 +54,7 @@ pub async fn load<C: ConnectionLike>(
         )
         .await
         .context("reading receipts")?;
+    db.commit().await.context("ending the snapshot")?;
 
     let mut pipe = redis::pipe();
     pipe.atomic();

@@ -68,8 +68,11 @@ pub enum Placed {
     Repeat(OrderView),
 }
 
+/// The same lines in any order hash the same.
 fn body_hash(lines: &OrderLines) -> String {
-    let canonical = serde_json::to_vec(lines.as_slice()).expect("lines serialize");
+    let mut sorted = lines.as_slice().to_vec();
+    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+    let canonical = serde_json::to_vec(&sorted).expect("lines serialize");
     hex::encode(Sha256::digest(canonical))
 }
 
@@ -145,6 +148,16 @@ pub async fn place(
                     return repeat(st, caller, order_id).await.map(Placed::Repeat);
                 }
                 if Instant::now() > wait_until {
+                    // The first request's ingress may have died before confirming; once
+                    // its order is decided (the reaper records it) that is the answer.
+                    if let Some(view) = view(st, caller, order_id).await?
+                        && view.status != "accepted"
+                    {
+                        return Ok(Placed::Repeat(OrderView {
+                            user_id: None,
+                            ..view
+                        }));
+                    }
                     return Err(ApiError::Unavailable(
                         "the first request with this Idempotency-Key is still in progress".into(),
                     ));

@@ -6,6 +6,7 @@
 //! Every test prints a `FAULT` line (accepted, outcomes, verdict) for the operators' table.
 
 use floodgate_common::{
+    dlq,
     domain::{OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
     reconcile,
     redis::{self as fredis, ReserveRequest},
@@ -14,7 +15,6 @@ use floodgate_tests::{
     LoadResult, Options, TestApp, WorkerProcess, eventually,
     servers::{PrivatePostgres, PrivateRabbit, PrivateRedis},
 };
-use lapin::options::BasicGetOptions;
 use std::{collections::BTreeMap, time::Duration};
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -270,26 +270,36 @@ async fn poison_message_and_deleted_sku_are_dead_lettered_with_reasons() {
         Some(5),
         "its stock was released"
     );
-    let mut reasons = Vec::new();
-    for _ in 0..2 {
-        let m = app
-            .channel
-            .basic_get(
-                app.topology.dead_queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .unwrap()
-            .expect("a dead letter");
-        let h = m.delivery.properties.headers().clone().unwrap();
-        match h.inner().get("x-floodgate-reason") {
-            Some(lapin::types::AMQPValue::LongString(r)) => reasons.push(r.to_string()),
-            other => panic!("no reason header: {other:?}"),
-        }
-    }
+    // What `floodgate dlq list` shows: both, with reasons, and nothing removed.
+    let letters = dlq::list(&app.cfg, 10).await.unwrap();
+    let mut reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
     reasons.sort();
+    assert_eq!(reasons.len(), 2, "{letters:?}");
     assert!(reasons[0].starts_with("undecodable: "), "{reasons:?}");
     assert!(reasons[1].starts_with("unknown_sku: "), "{reasons:?}");
+    assert_eq!(app.dead_letters().await, 2, "listing removes nothing");
+
+    // `floodgate dlq replay --order <id>`: back to intake; the order, already recorded
+    // failed, stays failed, its stock is not released twice, and the message is consumed.
+    let (replayed, kept) = dlq::replay(
+        &app.cfg,
+        dlq::Select::Orders(std::slice::from_ref(&doomed_id)),
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!((replayed.len(), kept), (1, 1));
+    eventually(Duration::from_secs(20), || async {
+        app.dead_letters().await == 1 && app.queued().await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.available("doomed").await, Some(5));
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM orders WHERE reason = 'unknown_sku'")
+            .await,
+        1
+    );
     let mut outcomes = BTreeMap::new();
     outcomes.insert("confirmed".to_owned(), 3);
     outcomes.insert("failed:unknown_sku".to_owned(), 1);

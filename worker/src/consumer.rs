@@ -43,6 +43,9 @@ pub struct Pipeline {
     pub keys: Keys,
     pub redis: ConnectionManager,
     pub pg: Pool,
+    /// Set while consumption is paused for an outage; the reaper waits too, so orders
+    /// queued durably during an outage are not expired for it.
+    pub paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why [`Pipeline::run`] returned.
@@ -116,7 +119,11 @@ impl Pipeline {
                         return Stop::Broker(e.into());
                     }
                     metrics::gauge!(names::WORKER_PAUSED).set(1.0);
+                    self.paused
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     let healthy = self.wait_until_healthy(shutdown).await;
+                    self.paused
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
                     metrics::gauge!(names::WORKER_PAUSED).set(0.0);
                     if !healthy {
                         return Stop::Shutdown;
@@ -271,7 +278,8 @@ impl Pipeline {
         for (&i, c) in firsts.iter().zip(&claims) {
             match c {
                 Claim::Claimed | Claim::Missing => confirm.push(i),
-                Claim::Done => {}
+                // Ingress answered 503 for it: nothing to record, only the message to drop.
+                Claim::Done | Claim::Unpublished => {}
                 Claim::Expired => fail.push((i, "reservation_expired")),
                 Claim::Released => fail.push((i, "reservation_released")),
             }
@@ -283,8 +291,10 @@ impl Pipeline {
         match repo::commit_batch(&self.pg, &confirm_recs, &fail_recs).await {
             Ok(c) => {
                 count_committed(c.confirmed.len(), c.failed);
-                let ids: Vec<OrderId> = confirm_recs.iter().map(|o| o.id).collect();
-                self.finish(&ids).await?;
+                for &i in &confirm {
+                    self.settle_redis(decoded(i), c.status.get(&decoded(i).record.id))
+                        .await?;
+                }
             }
             Err(DbError::Transient(e)) => {
                 if shutdown.is_cancelled() {
@@ -306,7 +316,13 @@ impl Pipeline {
                 if !fail_recs.is_empty() {
                     match retry_quick(|| repo::commit_batch(&self.pg, &[], &fail_recs)).await {
                         Ok(c) => count_committed(0, c.failed),
-                        Err(e) => return Err(Halt::Outage("postgres", e.into())),
+                        Err(DbError::Transient(e)) => return Err(Halt::Outage("postgres", e)),
+                        // Never an outage: a record that can never be written is a dead letter.
+                        Err(e) => {
+                            for &(i, _) in &fail {
+                                settle[i] = Settle::DeadLetter(format!("unrecordable: {e:#}"));
+                            }
+                        }
                     }
                 }
                 for &i in &confirm {
@@ -328,7 +344,7 @@ impl Pipeline {
         match retry_quick(|| repo::commit_batch(&self.pg, &one, &[])).await {
             Ok(c) => {
                 count_committed(c.confirmed.len(), 0);
-                self.finish(&[d.record.id]).await?;
+                self.settle_redis(d, c.status.get(&d.record.id)).await?;
                 Ok(Settle::Ack)
             }
             Err(DbError::Transient(e)) => {
@@ -363,32 +379,37 @@ impl Pipeline {
         Ok(Settle::DeadLetter(format!("retries_exhausted: {e:#}")))
     }
 
-    /// Records the order failed and gives its reservation back.
+    /// Records the order failed and settles Redis by what PostgreSQL now holds: an order
+    /// an earlier delivery confirmed keeps its stock.
     async fn fail_order(&mut self, d: &Decoded, reason: &'static str) -> Result<(), Halt> {
         tracing::info!(order_id = %d.record.id, reason, "order failed");
-        let recorded = retry_quick(|| repo::record_failed(&self.pg, &d.record, reason))
+        let (recorded, status) = retry_quick(|| repo::record_failed(&self.pg, &d.record, reason))
             .await
             .map_err(|e| Halt::Outage("postgres", e.into()))?;
         if recorded {
             count_committed(0, 1);
         }
-        fredis::release(
-            &mut self.redis,
-            &self.keys,
-            &d.record.id,
-            &d.user,
-            d.key.as_ref(),
-            reason,
-        )
-        .await
-        .map_err(|e| Halt::Outage("redis", e.into()))?;
-        Ok(())
+        self.settle_redis(d, Some(&status)).await
     }
 
-    async fn finish(&mut self, ids: &[OrderId]) -> Result<(), Halt> {
-        fredis::finish(&mut self.redis, &self.keys, ids)
+    /// Brings the reservation in line with PostgreSQL: `confirmed` marks it done,
+    /// `failed` or `cancelled` gives its stock back (once).
+    async fn settle_redis(&mut self, d: &Decoded, status: Option<&String>) -> Result<(), Halt> {
+        let result = match status.map(String::as_str) {
+            Some("confirmed") => fredis::finish(&mut self.redis, &self.keys, &[d.record.id]).await,
+            Some(_) => fredis::release(
+                &mut self.redis,
+                &self.keys,
+                &d.record.id,
+                &d.user,
+                d.key.as_ref(),
+                "failed",
+            )
             .await
-            .map_err(|e| Halt::Outage("redis", e.into()))
+            .map(|_| ()),
+            None => Ok(()),
+        };
+        result.map_err(|e| Halt::Outage("redis", e.into()))
     }
 
     /// An undecodable message may still name its order and user: release what it held.

@@ -68,6 +68,7 @@ impl Worker {
                 cfg,
                 redis,
                 pg,
+                paused: Arc::new(AtomicBool::new(false)),
             },
         })
     }
@@ -103,6 +104,7 @@ impl Worker {
             pipeline.redis.clone(),
             pipeline.pg.clone(),
             pipeline.cfg.reaper_interval,
+            pipeline.paused.clone(),
             shutdown.clone(),
         ));
 

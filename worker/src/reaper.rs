@@ -21,11 +21,14 @@ use tokio_util::sync::CancellationToken;
 /// Orders handled per tick at most.
 const PER_TICK: usize = 500;
 
+/// Reaps every `interval` until shutdown; skips ticks while the worker is paused for an
+/// outage (orders durably queued meanwhile are waiting, not lost).
 pub async fn run(
     keys: Keys,
     mut redis: ConnectionManager,
     pg: Pool,
     interval: Duration,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
@@ -34,6 +37,9 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {},
+        }
+        if paused.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
         }
         if let Err(e) = once(&keys, &mut redis, &pg).await {
             tracing::warn!(

@@ -2,7 +2,7 @@
 
 use deadpool_postgres::{Pool, Transaction};
 use floodgate_common::domain::OrderId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
@@ -83,6 +83,9 @@ pub struct Committed {
     pub confirmed: Vec<OrderId>,
     /// Orders recorded failed by this commit.
     pub failed: usize,
+    /// The status PostgreSQL holds for every order the batch tried to confirm, whoever
+    /// wrote it: Redis is settled from this, never from what the batch intended.
+    pub status: HashMap<OrderId, String>,
 }
 
 async fn insert_orders(
@@ -229,9 +232,29 @@ pub async fn commit_batch(
         .collect();
     insert_lines(&tx, &fresh, Some("sale")).await?;
     add_sold(&tx, &fresh).await?;
+    committed.status = statuses(&tx, confirm.iter().map(|o| o.id)).await?;
     tx.commit().await?;
     committed.confirmed = fresh.iter().map(|o| o.id).collect();
     Ok(committed)
+}
+
+async fn statuses(
+    tx: &Transaction<'_>,
+    ids: impl Iterator<Item = OrderId>,
+) -> Result<HashMap<OrderId, String>, DbError> {
+    let ids: Vec<Uuid> = ids.map(|i| i.as_uuid()).collect();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let stmt = tx
+        .prepare_cached("SELECT id, status FROM orders WHERE id = ANY($1)")
+        .await?;
+    Ok(tx
+        .query(&stmt, &[&ids])
+        .await?
+        .iter()
+        .map(|r| (OrderId::from(r.get::<_, Uuid>(0)), r.get(1)))
+        .collect())
 }
 
 fn group_by_reason<'a>(
@@ -244,26 +267,26 @@ fn group_by_reason<'a>(
     m
 }
 
-/// Records one order failed, with its lines but no sale (after the batch refused it).
-/// Returns false if the order was in PostgreSQL already.
+/// Records one order failed, with its lines and `release` rows but no sale (after the
+/// batch refused it). Returns whether this call recorded it, and the status PostgreSQL
+/// holds for the order now (an earlier delivery may have confirmed it).
 pub async fn record_failed(
     pool: &Pool,
     order: &OrderRecord,
     reason: &'static str,
-) -> Result<bool, DbError> {
+) -> Result<(bool, String), DbError> {
     let mut db = pool.get().await?;
     let tx = db.transaction().await?;
-    let mut rec = order.clone();
-    if reason == "duplicate_idempotency_key" {
-        // The key belongs to another order; keep this one without it.
-        rec.idempotency_key = None;
-    }
-    let new = insert_orders(&tx, &[&rec], "failed", Some(reason)).await?;
+    let new = insert_orders(&tx, &[order], "failed", Some(reason)).await?;
     if !new.is_empty() {
-        insert_lines(&tx, &[&rec], Some("release")).await?;
+        insert_lines(&tx, &[order], Some("release")).await?;
     }
+    let status = statuses(&tx, std::iter::once(order.id))
+        .await?
+        .remove(&order.id)
+        .unwrap_or_else(|| "failed".into());
     tx.commit().await?;
-    Ok(!new.is_empty())
+    Ok((!new.is_empty(), status))
 }
 
 /// Round trip for `/readyz`.

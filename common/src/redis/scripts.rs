@@ -143,7 +143,19 @@ pub async fn mark_published<C: ConnectionLike>(
         .await
 }
 
-/// Runs `release.lua`. Returns true if this call gave the stock back.
+/// What `release.lua` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Release {
+    /// This call gave the stock back.
+    Released,
+    /// A worker holds it (`claimed`) or committed it (`done`): for a failed publish this
+    /// means the message got through after all.
+    Taken,
+    /// Released before, or unknown to Redis: nothing to give back.
+    NotHeld,
+}
+
+/// Runs `release.lua`.
 pub async fn release<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
@@ -151,9 +163,9 @@ pub async fn release<C: ConnectionLike>(
     user: &UserId,
     idempotency: Option<&IdempotencyKey>,
     reason: &str,
-) -> RedisResult<bool> {
+) -> RedisResult<Release> {
     let idem = idempotency.map_or_else(|| keys.no_idem(), |k| keys.idem(user, k));
-    let released: i64 = RELEASE
+    let outcome: String = RELEASE
         .key(keys.resv(order_id))
         .key(keys.stock())
         .key(keys.user(user))
@@ -164,7 +176,11 @@ pub async fn release<C: ConnectionLike>(
         .arg(RECORD_TTL_SECS)
         .invoke_async(con)
         .await?;
-    Ok(released == 1)
+    Ok(match outcome.as_str() {
+        "released_now" => Release::Released,
+        "claimed" | "done" => Release::Taken,
+        _ => Release::NotHeld,
+    })
 }
 
 /// What `claim.lua` found for one order.
@@ -176,7 +192,9 @@ pub enum Claim {
     Done,
     /// The deadline passed before a worker got to it; its stock is back on sale.
     Expired,
-    /// Released for another reason (a failed publish); it must not be committed.
+    /// Ingress gave up on its publish and answered 503: never accepted, nothing to record.
+    Unpublished,
+    /// Released for another reason, already decided; it must not be committed.
     Released,
     /// Redis does not know it (Redis lost its data): PostgreSQL decides.
     Missing,
@@ -213,6 +231,7 @@ pub async fn claim<C: ConnectionLike>(
             "done" => Ok(Claim::Done),
             "expired" => Ok(Claim::Expired),
             "released" => Ok(Claim::Released),
+            "unpublished" => Ok(Claim::Unpublished),
             "missing" => Ok(Claim::Missing),
             _ => Err(protocol_error("claim", &reply)),
         })

@@ -9,8 +9,9 @@
 -- ARGV[2 + i] order id i
 --
 -- Returns one word per order: 'claimed', 'done' (already committed), 'expired'
--- (deadline passed: released now or earlier), 'released' (released for another reason),
--- 'missing' (Redis does not know it).
+-- (deadline passed: released now or earlier), 'unpublished' (ingress gave up on its
+-- publish and answered 503: the order was never accepted), 'released' (released for
+-- another reason, already decided), 'missing' (Redis does not know it).
 local now = tonumber(ARGV[1])
 local out = {}
 local n = (#KEYS - 2) / 2
@@ -23,7 +24,13 @@ for i = 1, n do
   elseif state == 'claimed' or state == 'done' then
     out[i] = state
   elseif state == 'released' then
-    if rec[3] == 'reservation_expired' then out[i] = 'expired' else out[i] = 'released' end
+    if rec[3] == 'reservation_expired' then
+      out[i] = 'expired'
+    elseif rec[3] == 'publish_failed' then
+      out[i] = 'unpublished'
+    else
+      out[i] = 'released'
+    end
   elseif tonumber(rec[2]) < now then
     for _, line in ipairs(cjson.decode(redis.call('HGET', resv, 'items'))) do
       redis.call('HINCRBY', KEYS[1], line.sku, line.qty)

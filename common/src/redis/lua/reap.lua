@@ -12,9 +12,15 @@
 --
 -- Returns 1 if reaped now, 0 if not (claimed, done, released, or not yet due).
 local rec = redis.call('HMGET', KEYS[1], 'state', 'deadline')
+if rec[1] == 'claimed' then
+  -- A worker holds it (or died holding it: the message is redelivered and claimed
+  -- again). Look again in a minute instead of blocking the head of the due list.
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[2]) + 60000, ARGV[1])
+  return 0
+end
 if rec[1] ~= 'reserved' then
-  -- Nothing to release; a stale deadline entry (record expired) is dropped.
-  if not rec[1] then redis.call('ZREM', KEYS[4], ARGV[1]) end
+  -- Nothing to release; a stale deadline entry (record gone or settled) is dropped.
+  redis.call('ZREM', KEYS[4], ARGV[1])
   return 0
 end
 if tonumber(rec[2]) >= tonumber(ARGV[2]) then

@@ -12,10 +12,18 @@
 -- accepted, so the key is free again. Any other release is of an accepted order, which
 -- a repeat of the key must keep answering.
 --
--- Returns 1 if this call released the stock, 0 if it was not held.
+-- Returns 'released_now' if this call gave the stock back, else the state that kept it
+-- ('claimed', 'done', 'released' or 'missing').
+--
+-- A 'publish_failed' release takes back only a 'reserved' reservation: if a worker has
+-- claimed it, the message did reach the queue (its confirm was lost), and the order is
+-- being committed; ingress then answers 202 after all.
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'reserved' and state ~= 'claimed' then
-  return 0
+if not state then
+  return 'missing'
+end
+if state ~= 'reserved' and (ARGV[2] == 'publish_failed' or state ~= 'claimed') then
+  return state
 end
 local items = cjson.decode(redis.call('HGET', KEYS[1], 'items'))
 for _, line in ipairs(items) do
@@ -28,4 +36,4 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 if ARGV[2] == 'publish_failed' and redis.call('HGET', KEYS[5], 'order_id') == ARGV[1] then
   redis.call('DEL', KEYS[5])
 end
-return 1
+return 'released_now'

@@ -1,0 +1,151 @@
+//! The dead-letter queue, for operators: read it without removing anything, and replay
+//! chosen dead letters to the intake queue.
+
+use crate::{
+    Config,
+    amqp::{ATTEMPT_HEADER, REASON_HEADER, Topology},
+};
+use anyhow::Context;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection,
+    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    types::AMQPValue,
+};
+
+/// One dead letter as an operator sees it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The order id (the message id ingress set), if the message had one.
+    pub order_id: Option<String>,
+    /// Why it was dead-lettered (`x-floodgate-reason`).
+    pub reason: String,
+    /// Scheduled retries it had (`x-floodgate-attempt`).
+    pub attempts: String,
+    /// The payload, as text (lossy), for a human to read.
+    pub body: String,
+}
+
+fn header(props: &BasicProperties, name: &str) -> String {
+    match props.headers().as_ref().and_then(|h| h.inner().get(name)) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        Some(AMQPValue::LongLongInt(n)) => n.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+async fn open(cfg: &Config) -> anyhow::Result<(Connection, Channel, Topology)> {
+    let conn = crate::amqp::connect(&cfg.amqp_url, "floodgate dlq")
+        .await
+        .context("connecting to RabbitMQ")?;
+    let ch = conn.create_channel().await?;
+    let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+    topology.declare(&ch).await?;
+    Ok((conn, ch, topology))
+}
+
+async fn close(conn: Connection, ch: Channel) {
+    let _ = ch.close(200, "done".into()).await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// Up to `limit` dead letters, oldest first. Nothing is removed: every message read is
+/// left unacknowledged and returns to the queue when the channel closes.
+pub async fn list(cfg: &Config, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+    let (conn, ch, topology) = open(cfg).await?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(m) = ch
+            .basic_get(
+                topology.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            break;
+        };
+        let props = &m.delivery.properties;
+        out.push(DeadLetter {
+            order_id: props.message_id().as_ref().map(|s| s.to_string()),
+            reason: header(props, REASON_HEADER),
+            attempts: header(props, ATTEMPT_HEADER),
+            body: String::from_utf8_lossy(&m.delivery.data).into_owned(),
+        });
+    }
+    close(conn, ch).await;
+    Ok(out)
+}
+
+/// Which dead letters to replay.
+pub enum Select<'a> {
+    All,
+    Orders(&'a [String]),
+}
+
+/// Sends the selected dead letters (among the first `limit`) back to intake with their
+/// retry count reset, each confirmed by the broker before it leaves the dead-letter queue.
+/// Returns (replayed, left in the queue).
+pub async fn replay(
+    cfg: &Config,
+    select: Select<'_>,
+    limit: usize,
+) -> anyhow::Result<(Vec<DeadLetter>, usize)> {
+    let (conn, ch, topology) = open(cfg).await?;
+    let publish = conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let (mut replayed, mut kept) = (Vec::new(), 0);
+    for _ in 0..limit {
+        let Some(m) = ch
+            .basic_get(
+                topology.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            break;
+        };
+        let props = m.delivery.properties.clone();
+        let id = props.message_id().as_ref().map(|s| s.to_string());
+        let wanted = match select {
+            Select::All => true,
+            Select::Orders(ids) => id.as_ref().is_some_and(|id| ids.contains(id)),
+        };
+        if !wanted {
+            kept += 1;
+            continue; // unacked: back in the queue when the channel closes
+        }
+        let letter = DeadLetter {
+            order_id: id,
+            reason: header(&props, REASON_HEADER),
+            attempts: header(&props, ATTEMPT_HEADER),
+            body: String::from_utf8_lossy(&m.delivery.data).into_owned(),
+        };
+        let mut headers = props.headers().clone().unwrap_or_default().inner().clone();
+        headers.remove(REASON_HEADER);
+        headers.remove(ATTEMPT_HEADER);
+        let confirm = publish
+            .basic_publish(
+                topology.orders_exchange.as_str().into(),
+                topology.intake_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &m.delivery.data,
+                props.with_headers(headers.into()).with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(
+            matches!(confirm, Confirmation::Ack(None)),
+            "the broker did not take a replayed message: {confirm:?}"
+        );
+        m.delivery.acker.ack(Default::default()).await?;
+        replayed.push(letter);
+    }
+    let _ = publish.close(200, "done".into()).await;
+    close(conn, ch).await;
+    Ok((replayed, kept))
+}

@@ -1,0 +1,192 @@
+//! The Lua scripts' races, decided directly against a real Redis: which of reserve,
+//! claim, release and reap wins, and that the loser changes nothing.
+
+use floodgate_common::{
+    Namespace,
+    domain::{OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
+    redis::{self as fredis, Claim, Keys, Release, Reserve, ReserveRequest},
+};
+use redis::aio::ConnectionManager;
+
+struct Ns {
+    keys: Keys,
+    con: ConnectionManager,
+}
+
+impl Ns {
+    async fn new(stock: i64) -> Self {
+        let ns = Namespace::parse(&floodgate_tests::namespace()).unwrap();
+        let url = std::env::var("FLOODGATE_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let mut con = fredis::connect(&url).await.unwrap();
+        let keys = Keys::new(&ns);
+        let _: () = redis::pipe()
+            .set(keys.epoch(), 1)
+            .hset(keys.stock(), "tee", stock)
+            .hset(keys.limits(), "tee", 0)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        Self { keys, con }
+    }
+
+    async fn available(&mut self) -> i64 {
+        redis::cmd("HGET")
+            .arg(self.keys.stock())
+            .arg("tee")
+            .query_async(&mut self.con)
+            .await
+            .unwrap()
+    }
+
+    async fn reserve(&mut self, id: OrderId, user: &UserId, qty: i64, deadline_ms: i64) {
+        let lines = OrderLines::try_from(vec![OrderLine {
+            sku: Sku::parse("tee").unwrap(),
+            qty: Quantity::try_from(qty).unwrap(),
+        }])
+        .unwrap();
+        let r = fredis::reserve(
+            &mut self.con,
+            &self.keys,
+            &ReserveRequest {
+                order_id: id,
+                user,
+                lines: &lines,
+                idempotency: None,
+                accepted_at: "2026-11-21T00:00:00Z",
+                deadline_ms,
+                idempotency_ttl_secs: 60,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r, Reserve::Reserved);
+    }
+
+    async fn cleanup(mut self) {
+        let ks: Vec<String> = redis::cmd("KEYS")
+            .arg(self.keys.pattern())
+            .query_async(&mut self.con)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(ks)
+            .query_async(&mut self.con)
+            .await
+            .unwrap();
+    }
+}
+
+const FAR: i64 = i64::MAX / 2;
+
+#[tokio::test]
+async fn a_failed_publish_cannot_release_an_order_a_worker_claimed() {
+    let mut ns = Ns::new(10).await;
+    let (id, user) = (OrderId::new(), UserId::parse("u").unwrap());
+    ns.reserve(id, &user, 3, FAR).await;
+    let claims = fredis::claim(&mut ns.con, &ns.keys, &[(id, &user)], 0)
+        .await
+        .unwrap();
+    assert_eq!(claims, [Claim::Claimed]);
+    // The confirm was lost, but the message was consumed: ingress must answer 202.
+    let r = fredis::release(&mut ns.con, &ns.keys, &id, &user, None, "publish_failed")
+        .await
+        .unwrap();
+    assert_eq!(r, Release::Taken);
+    assert_eq!(ns.available().await, 7, "the claimed units stay sold");
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_late_message_of_an_unpublished_order_is_recognised() {
+    let mut ns = Ns::new(10).await;
+    let (id, user) = (OrderId::new(), UserId::parse("u").unwrap());
+    ns.reserve(id, &user, 2, FAR).await;
+    let r = fredis::release(&mut ns.con, &ns.keys, &id, &user, None, "publish_failed")
+        .await
+        .unwrap();
+    assert_eq!(r, Release::Released);
+    assert_eq!(ns.available().await, 10);
+    // A second release gives nothing back twice.
+    let again = fredis::release(&mut ns.con, &ns.keys, &id, &user, None, "failed")
+        .await
+        .unwrap();
+    assert_eq!(again, Release::NotHeld);
+    assert_eq!(ns.available().await, 10);
+    let claims = fredis::claim(&mut ns.con, &ns.keys, &[(id, &user)], 0)
+        .await
+        .unwrap();
+    assert_eq!(claims, [Claim::Unpublished]);
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+async fn claim_and_reap_never_both_win() {
+    let mut ns = Ns::new(10).await;
+    let user = UserId::parse("u").unwrap();
+    let (reaped_first, claimed_first) = (OrderId::new(), OrderId::new());
+    ns.reserve(reaped_first, &user, 1, 1_000).await;
+    ns.reserve(claimed_first, &user, 1, 1_000).await;
+    assert_eq!(ns.available().await, 8);
+
+    // Reaper first: the late claim sees it expired.
+    assert!(
+        fredis::reap(&mut ns.con, &ns.keys, &reaped_first, &user, 2_000)
+            .await
+            .unwrap()
+    );
+    let c = fredis::claim(&mut ns.con, &ns.keys, &[(reaped_first, &user)], 2_000)
+        .await
+        .unwrap();
+    assert_eq!(c, [Claim::Expired]);
+    assert_eq!(ns.available().await, 9, "released once");
+
+    // Claim first (before the deadline): the reaper leaves it alone.
+    let c = fredis::claim(&mut ns.con, &ns.keys, &[(claimed_first, &user)], 500)
+        .await
+        .unwrap();
+    assert_eq!(c, [Claim::Claimed]);
+    assert!(
+        !fredis::reap(&mut ns.con, &ns.keys, &claimed_first, &user, 2_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(ns.available().await, 9);
+    // A claimed entry no longer sits at the head of the due list.
+    assert!(
+        fredis::due(&mut ns.con, &ns.keys, 2_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Committed: finished; a redelivery is recognised as done.
+    fredis::finish(&mut ns.con, &ns.keys, &[claimed_first])
+        .await
+        .unwrap();
+    let c = fredis::claim(&mut ns.con, &ns.keys, &[(claimed_first, &user)], 3_000)
+        .await
+        .unwrap();
+    assert_eq!(c, [Claim::Done]);
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_expired_reservation_claimed_late_is_released_by_the_claim() {
+    let mut ns = Ns::new(5).await;
+    let (id, user) = (OrderId::new(), UserId::parse("u").unwrap());
+    ns.reserve(id, &user, 5, 1_000).await;
+    assert_eq!(ns.available().await, 0);
+    let c = fredis::claim(&mut ns.con, &ns.keys, &[(id, &user)], 1_001)
+        .await
+        .unwrap();
+    assert_eq!(c, [Claim::Expired]);
+    assert_eq!(ns.available().await, 5);
+    assert!(
+        !fredis::reap(&mut ns.con, &ns.keys, &id, &user, 5_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(ns.available().await, 5, "not released twice");
+    ns.cleanup().await;
+}
