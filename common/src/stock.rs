@@ -1,7 +1,7 @@
 //! Loading Redis from PostgreSQL, the system of record.
 
 use crate::domain::Sku;
-use crate::redis::{Keys, receive_token};
+use crate::redis::{Keys, cancel_token, receive_token};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionLike;
@@ -49,7 +49,7 @@ pub async fn load<C: ConnectionLike>(
         .context("reading what users hold")?;
     let receipts = db
         .query(
-            "SELECT sku, reference FROM stock_movements WHERE kind = 'receive'",
+            "SELECT sku, kind, reference FROM stock_movements WHERE kind IN ('receive', 'cancel')",
             &[],
         )
         .await
@@ -77,9 +77,18 @@ pub async fn load<C: ConnectionLike>(
         );
     }
     for r in &receipts {
-        if let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) {
-            pipe.sadd(keys.applied(), receive_token(&sku, r.get("reference")));
-        }
+        let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) else {
+            continue;
+        };
+        let reference: &str = r.get("reference");
+        let token = match r.get::<_, &str>("kind") {
+            "cancel" => match crate::domain::OrderId::parse(reference) {
+                Some(order) => cancel_token(&order, &sku),
+                None => continue,
+            },
+            _ => receive_token(&sku, reference),
+        };
+        pipe.sadd(keys.applied(), token);
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     pipe.set(keys.epoch(), now);

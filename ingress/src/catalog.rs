@@ -8,7 +8,7 @@ use crate::{
 };
 use floodgate_common::{
     domain::{Reference, Sku},
-    redis::{self as fredis, receive_token},
+    redis::{self as fredis, StockChange, receive_token},
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -112,13 +112,17 @@ pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView,
         .await?
         .unwrap_or(new.initial_stock);
     let mut redis = st.redis.clone();
+    let token = receive_token(&new.sku, repo::INITIAL_REFERENCE);
     fredis::apply_stock(
         &mut redis,
         &st.keys,
-        &new.sku,
-        initial_stock,
-        &receive_token(&new.sku, repo::INITIAL_REFERENCE),
-        Some(i64::from(row.per_user_limit)),
+        &StockChange {
+            sku: &new.sku,
+            units: initial_stock,
+            token: &token,
+            per_user_limit: Some(i64::from(row.per_user_limit)),
+            user: None,
+        },
     )
     .await
     .map_err(|e| anyhow::Error::new(e).context("loading a new SKU into Redis"))?;
@@ -169,13 +173,17 @@ pub async fn receive(
         .await?
         .unwrap_or(qty);
     let mut redis = st.redis.clone();
+    let token = receive_token(&sku, reference.as_str());
     let available = fredis::apply_stock(
         &mut redis,
         &st.keys,
-        &sku,
-        first_qty,
-        &receive_token(&sku, reference.as_str()),
-        None,
+        &StockChange {
+            sku: &sku,
+            units: first_qty,
+            token: &token,
+            per_user_limit: None,
+            user: None,
+        },
     )
     .await
     .map_err(|e| anyhow::Error::new(e).context("applying a receipt to Redis"))?;

@@ -46,6 +46,8 @@ pub enum ApiError {
     #[error("SKU {sku} exists already")]
     SkuExists { sku: String },
     #[error("{0}")]
+    NotCancellable(String),
+    #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -58,7 +60,7 @@ impl ApiError {
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden => StatusCode::FORBIDDEN,
             OrderNotFound | NoSuchEndpoint | SkuNotFound { .. } => StatusCode::NOT_FOUND,
-            SoldOut { .. } | SkuExists { .. } => StatusCode::CONFLICT,
+            SoldOut { .. } | SkuExists { .. } | NotCancellable(_) => StatusCode::CONFLICT,
             LimitExceeded { .. }
             | UnknownSku { .. }
             | InvalidOrder(_)
@@ -91,6 +93,7 @@ impl ApiError {
             RateLimited { .. } => "rate_limited",
             IdempotencyKeyReused => "idempotency_key_reused",
             SkuExists { .. } => "sku_exists",
+            NotCancellable(_) => "not_cancellable",
             Unavailable(_) => "unavailable",
             Internal(_) => "internal",
         }

@@ -288,3 +288,63 @@ pub async fn view(
             reason: None,
         }))
 }
+
+/// How long a cancel waits for a just-accepted order to be committed.
+const CANCEL_WAIT: Duration = Duration::from_secs(3);
+
+/// Cancels a confirmed order: PostgreSQL first (status, inventory, ledger), then its units
+/// return to Redis once per line. Idempotent. None if the caller may not see the order.
+pub async fn cancel(
+    st: &AppState,
+    caller: &Caller,
+    order_id: OrderId,
+) -> Result<Option<OrderView>, ApiError> {
+    let may = |owner: &str| caller.is_admin() || owner == caller.user.as_str();
+    let until = Instant::now() + CANCEL_WAIT;
+    let (user_id, lines) = loop {
+        match repo::cancel(&st.pg, &order_id, may).await? {
+            repo::Cancel::Cancelled { user_id, lines } => break (user_id, lines),
+            repo::Cancel::Failed { .. } => {
+                return Err(ApiError::NotCancellable(
+                    "a failed order has nothing to cancel".into(),
+                ));
+            }
+            repo::Cancel::Absent => {
+                // Accepted but not committed yet: the worker takes milliseconds.
+                let Some(v) = view(st, caller, order_id).await? else {
+                    return Ok(None);
+                };
+                if Instant::now() > until {
+                    return Err(ApiError::NotCancellable(format!(
+                        "the order is {} and not committed yet; retry in a moment",
+                        v.status
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let user = floodgate_common::domain::UserId::parse(user_id)
+        .map_err(|e| anyhow::anyhow!("an order's user id breaks the rules: {e}"))?;
+    let mut redis = st.redis.clone();
+    for (sku, qty) in &lines {
+        let Ok(sku) = Sku::parse(sku.as_str()) else {
+            continue;
+        };
+        let token = fredis::cancel_token(&order_id, &sku);
+        fredis::apply_stock(
+            &mut redis,
+            &st.keys,
+            &fredis::StockChange {
+                sku: &sku,
+                units: *qty,
+                token: &token,
+                per_user_limit: None,
+                user: Some((&user, -qty)),
+            },
+        )
+        .await
+        .map_err(|e| unavailable("Redis", e))?;
+    }
+    view(st, caller, order_id).await
+}

@@ -247,3 +247,83 @@ pub async fn receipt_qty(
         .context("reading a receipt")?
         .map(|r| r.get(0)))
 }
+
+/// What cancelling a committed order found.
+pub enum Cancel {
+    /// Not in PostgreSQL (not committed yet, or no such order).
+    Absent,
+    /// Its owner, for the visibility check, and why it cannot be cancelled.
+    Failed { user_id: String },
+    /// Cancelled now or before: its owner and lines (to return to Redis, once).
+    Cancelled {
+        user_id: String,
+        lines: Vec<(String, i64)>,
+    },
+}
+
+/// Cancels a confirmed order in one transaction: status `cancelled`, its units back in
+/// inventory (one aggregated update), a `cancel` ledger row per line. Idempotent: an order
+/// already cancelled changes nothing. `may` decides visibility before anything is written.
+pub async fn cancel(
+    pool: &Pool,
+    id: &OrderId,
+    may: impl Fn(&str) -> bool,
+) -> anyhow::Result<Cancel> {
+    let mut db = pool.get().await.context("PostgreSQL connection")?;
+    let tx = db.transaction().await?;
+    let Some(o) = tx
+        .query_opt(
+            "SELECT user_id, status FROM orders WHERE id = $1 FOR UPDATE",
+            &[&id.as_uuid()],
+        )
+        .await
+        .context("reading an order")?
+    else {
+        return Ok(Cancel::Absent);
+    };
+    let user_id: String = o.get("user_id");
+    let status: String = o.get("status");
+    if !may(&user_id) {
+        return Ok(Cancel::Absent);
+    }
+    if status == "failed" {
+        return Ok(Cancel::Failed { user_id });
+    }
+    let lines: Vec<(String, i64)> = tx
+        .query(
+            "SELECT sku, qty FROM order_items WHERE order_id = $1 ORDER BY sku",
+            &[&id.as_uuid()],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get("sku"), i64::from(r.get::<_, i32>("qty"))))
+        .collect();
+    if status == "confirmed" {
+        let skus: Vec<&str> = lines.iter().map(|(s, _)| s.as_str()).collect();
+        let qtys: Vec<i64> = lines.iter().map(|(_, q)| *q).collect();
+        let reference = id.to_string();
+        tx.execute(
+            "UPDATE orders SET status = 'cancelled', updated_at = now() WHERE id = $1",
+            &[&id.as_uuid()],
+        )
+        .await?;
+        // Rows locked in SKU order (the lines are sorted), like the worker's batches.
+        tx.execute(
+            "UPDATE inventory i SET sold = i.sold - d.qty, updated_at = now()
+               FROM unnest($1::text[], $2::bigint[]) AS d(sku, qty) WHERE i.sku = d.sku",
+            &[&skus, &qtys],
+        )
+        .await
+        .context("returning cancelled units")?;
+        tx.execute(
+            "INSERT INTO stock_movements (sku, kind, qty, reference)
+             SELECT d.sku, 'cancel', d.qty, $3 FROM unnest($1::text[], $2::bigint[]) AS d(sku, qty)
+             ON CONFLICT ON CONSTRAINT stock_movements_once DO NOTHING",
+            &[&skus, &qtys, &reference],
+        )
+        .await
+        .context("recording the cancellation")?;
+    }
+    tx.commit().await.context("committing a cancellation")?;
+    Ok(Cancel::Cancelled { user_id, lines })
+}

@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/orders", post(place_order))
         .route("/v1/orders/{id}", get(get_order))
+        .route("/v1/orders/{id}/cancel", post(cancel_order))
         .route("/v1/stock/{sku}", get(stock_one))
         .route("/v1/stock", get(stock_many))
         .route("/v1/skus", post(create_sku))
@@ -130,6 +131,18 @@ async fn get_order(
 ) -> Result<Json<orders::OrderView>, ApiError> {
     let id = OrderId::parse(&id).ok_or(ApiError::OrderNotFound)?;
     orders::view(&st, &caller, id)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::OrderNotFound)
+}
+
+async fn cancel_order(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<orders::OrderView>, ApiError> {
+    let id = OrderId::parse(&id).ok_or(ApiError::OrderNotFound)?;
+    orders::cancel(&st, &caller, id)
         .await?
         .map(Json)
         .ok_or(ApiError::OrderNotFound)

@@ -389,3 +389,103 @@ async fn health_readiness_and_metrics() {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_returns_the_stock_once_and_refuses_failed_orders() {
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("cap", 5, Some(2)).await;
+    app.create_sku("rare", 3, None).await;
+    let alice = app.customer("alice");
+    let r = app.order(&alice, &[("cap", 2)], None).await;
+    let id = r.body["order_id"].as_str().unwrap().to_owned();
+    let doomed = app.order(&app.customer("bob"), &[("rare", 1)], None).await;
+    let doomed_id = doomed.body["order_id"].as_str().unwrap().to_owned();
+    // PostgreSQL holds none of "rare" (a stock count landed there directly): bob's fails.
+    app.pg
+        .get()
+        .await
+        .unwrap()
+        .execute("UPDATE inventory SET on_hand = 0 WHERE sku = 'rare'", &[])
+        .await
+        .unwrap();
+    app.start_worker().await;
+    app.wait_idle().await;
+    assert_eq!(app.available("cap").await, Some(3));
+    assert_eq!(
+        app.order(&alice, &[("cap", 1)], None).await.code(),
+        "limit_exceeded"
+    );
+
+    let path = format!("/v1/orders/{id}/cancel");
+    assert_eq!(
+        app.post(&path, None, &serde_json::json!({})).await.status,
+        401
+    );
+    let other = app
+        .post(
+            &path,
+            Some(&app.customer("mallory")),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!((other.status, other.code()), (404, "not_found"));
+
+    let c = app.post(&path, Some(&alice), &serde_json::json!({})).await;
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(c.body["status"], "cancelled");
+    assert_eq!(app.available("cap").await, Some(5), "back on sale");
+    assert_eq!(
+        app.scalar("SELECT sold FROM inventory WHERE sku = 'cap'")
+            .await,
+        0
+    );
+    // Idempotent: again, nothing moves twice.
+    let again = app
+        .post(&path, Some(&app.admin()), &serde_json::json!({}))
+        .await;
+    assert_eq!(
+        (again.status, again.body["status"].as_str()),
+        (200, Some("cancelled"))
+    );
+    assert_eq!(app.available("cap").await, Some(5));
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM stock_movements WHERE kind = 'cancel'")
+            .await,
+        1
+    );
+    let s = app.get(&format!("/v1/orders/{id}"), Some(&alice)).await;
+    assert_eq!(s.body["status"], "cancelled");
+    // The per-user limit is given back too.
+    assert_eq!(app.order(&alice, &[("cap", 2)], None).await.status, 202);
+    app.wait_idle().await;
+
+    let before = app.snapshot().await;
+    let f = app
+        .post(
+            &format!("/v1/orders/{doomed_id}/cancel"),
+            Some(&app.admin()),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!((f.status, f.code()), (409, "not_cancellable"), "{f:?}");
+    assert_eq!(
+        app.snapshot().await,
+        before,
+        "a refused cancel changes nothing"
+    );
+    app.wait_idle().await;
+    let mut r2 = app.redis.clone();
+    // Bob's reservation went back when his order failed; Redis and PostgreSQL agree
+    // except for the units the direct database edit removed, which reconcile would fix.
+    let found = floodgate_common::reconcile::check(&app.pg, &mut r2, &app.keys, 1)
+        .await
+        .unwrap();
+    assert!(
+        found.iter().all(|v| v.detail.starts_with("rare")),
+        "{found:?}"
+    );
+}

@@ -261,23 +261,48 @@ pub fn receive_token(sku: &Sku, reference: &str) -> String {
     format!("receive:{sku}:{reference}")
 }
 
+/// The token under which an order's cancellation returns one SKU's units, once.
+pub fn cancel_token(order: &OrderId, sku: &Sku) -> String {
+    format!("cancel:{order}:{sku}")
+}
+
+/// A committed stock change to apply to Redis once (`apply_stock.lua`).
+#[derive(Debug)]
+pub struct StockChange<'a> {
+    pub sku: &'a Sku,
+    pub units: i64,
+    pub token: &'a str,
+    /// Set the SKU's per-user limit too.
+    pub per_user_limit: Option<i64>,
+    /// Change a user's holding too (a cancellation gives the limit back).
+    pub user: Option<(&'a UserId, i64)>,
+}
+
 /// Runs `apply_stock.lua`. Returns the available units after the call.
 pub async fn apply_stock<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
-    sku: &Sku,
-    units: i64,
-    token: &str,
-    per_user_limit: Option<i64>,
+    change: &StockChange<'_>,
 ) -> RedisResult<i64> {
+    let (user_key, user_delta) = match change.user {
+        Some((u, d)) => (keys.user(u), d),
+        None => (keys.no_idem(), 0),
+    };
     let (_applied, available): (i64, i64) = APPLY_STOCK
         .key(keys.stock())
         .key(keys.limits())
         .key(keys.applied())
-        .arg(sku.as_str())
-        .arg(units)
-        .arg(token)
-        .arg(per_user_limit.map(|l| l.to_string()).unwrap_or_default())
+        .key(user_key)
+        .arg(change.sku.as_str())
+        .arg(change.units)
+        .arg(change.token)
+        .arg(
+            change
+                .per_user_limit
+                .map(|l| l.to_string())
+                .unwrap_or_default(),
+        )
+        .arg(user_delta)
         .invoke_async(con)
         .await?;
     Ok(available)

@@ -1,11 +1,14 @@
 -- apply_stock.lua: apply a stock change that PostgreSQL has already committed (a SKU
--- created, goods received), exactly once per change token, so a retried admin request
--- heals a crash between the PostgreSQL commit and this call without double counting.
+-- created, goods received, an order cancelled), exactly once per change token, so a
+-- retried request heals a crash between the PostgreSQL commit and this call without
+-- double counting.
 --
 -- KEYS[1] stock    hash sku -> units available
 -- KEYS[2] limits   hash sku -> per-user limit
 -- KEYS[3] applied  set of change tokens already applied
--- ARGV[1] sku, ARGV[2] units to add, ARGV[3] token, ARGV[4] per-user limit or '' to keep
+-- KEYS[4] user     hash sku -> units a user holds (any unused key when ARGV[5] is 0)
+-- ARGV[1] sku, ARGV[2] units to add, ARGV[3] token, ARGV[4] per-user limit or '' to keep,
+-- ARGV[5] change of the user's holding (a cancellation gives the limit back)
 --
 -- Returns {applied (1 = now, 0 = before), available}.
 local applied = redis.call('SADD', KEYS[3], ARGV[3])
@@ -13,6 +16,9 @@ if applied == 1 then
   redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
   if ARGV[4] ~= '' then
     redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+  end
+  if tonumber(ARGV[5]) ~= 0 then
+    redis.call('HINCRBY', KEYS[4], ARGV[1], ARGV[5])
   end
 end
 return {applied, tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')}
