@@ -12,6 +12,7 @@
 //! - [`db`] - the PostgreSQL pool (one schema per namespace) and migrations under an
 //!   advisory lock.
 //! - [`stock`] - loading Redis stock levels from PostgreSQL, the system of record.
+//! - [`health`] - the `/readyz` probes every service shares.
 //! - [`dlq`] - reading and replaying the dead-letter queue.
 //! - [`reconcile`] - checking and repairing the invariants between Redis and PostgreSQL.
 //! - [`telemetry`] - logging, the Prometheus recorder and metric names.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod db;
 pub mod dlq;
 pub mod domain;
+pub mod health;
 pub mod reconcile;
 pub mod redis;
 pub mod shutdown;

@@ -224,13 +224,6 @@ pub async fn movements(
         .collect())
 }
 
-/// Round trip for `/readyz`.
-pub async fn ping(pool: &Pool) -> anyhow::Result<()> {
-    let db = pool.get().await?;
-    db.query_one("SELECT 1", &[]).await?;
-    Ok(())
-}
-
 /// The units recorded by the receipt (sku, reference), if there is one.
 pub async fn receipt_qty(
     pool: &Pool,

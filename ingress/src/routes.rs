@@ -5,7 +5,6 @@ use crate::{
     error::ApiError,
     extract::{Admin, JsonBody, MAX_BODY_BYTES},
     orders::{self, OrderRequest, Placed},
-    repo,
     state::AppState,
 };
 use axum::{
@@ -274,36 +273,14 @@ async fn movements(
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {
-    let mut redis = st.redis.clone();
-    let redis_ok = redis::cmd("PING")
-        .query_async::<String>(&mut redis)
-        .await
-        .is_ok();
-    let pg_ok = repo::ping(&st.pg).await.is_ok();
-    let amqp_ok = st.publisher.is_connected();
-    let checks = json!({"redis": redis_ok, "rabbitmq": amqp_ok, "postgres": pg_ok});
-    let down: Vec<&str> = [
-        ("redis", redis_ok),
-        ("rabbitmq", amqp_ok),
-        ("postgres", pg_ok),
-    ]
-    .into_iter()
-    .filter(|(_, ok)| !ok)
-    .map(|(n, _)| n)
-    .collect();
-    if down.is_empty() {
-        (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "checks": checks})),
-        )
-            .into_response()
+    let (ready, body) =
+        floodgate_common::health::readiness(&st.redis, &st.pg, st.publisher.is_connected()).await;
+    let status = if ready {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "down": down, "checks": checks})),
-        )
-            .into_response()
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics() -> impl IntoResponse {

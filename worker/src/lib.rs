@@ -21,7 +21,6 @@ pub mod session;
 use anyhow::Context;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use floodgate_common::{Config, redis::Keys, telemetry};
-use serde_json::json;
 use std::{
     sync::{
         Arc,
@@ -173,40 +172,15 @@ fn health_router(h: Health) -> Router {
 }
 
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
-    let mut redis = h.redis.clone();
-    let redis_ok = redis::cmd("PING")
-        .query_async::<String>(&mut redis)
-        .await
-        .is_ok();
-    let pg_ok = matches!(
-        tokio::time::timeout(Duration::from_secs(2), repo::ping(&h.pg)).await,
-        Ok(Ok(()))
-    );
-    let amqp_ok = h.amqp_up.load(Ordering::Relaxed);
-    let checks = json!({"redis": redis_ok, "rabbitmq": amqp_ok, "postgres": pg_ok});
-    let down: Vec<&str> = [
-        ("redis", redis_ok),
-        ("rabbitmq", amqp_ok),
-        ("postgres", pg_ok),
-    ]
-    .into_iter()
-    .filter(|(_, ok)| !ok)
-    .map(|(n, _)| n)
-    .collect();
-    let status = if down.is_empty() {
+    let (ready, body) =
+        floodgate_common::health::readiness(&h.redis, &h.pg, h.amqp_up.load(Ordering::Relaxed))
+            .await;
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let word = if down.is_empty() {
-        "ready"
-    } else {
-        "unavailable"
-    };
-    (
-        status,
-        Json(json!({"status": word, "down": down, "checks": checks})),
-    )
+    (status, Json(body))
 }
 
 /// The `floodgate-worker` binary: config from the environment, logging, run until
