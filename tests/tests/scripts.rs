@@ -11,6 +11,30 @@ use redis::aio::ConnectionManager;
 struct Ns {
     keys: Keys,
     con: ConnectionManager,
+    url: String,
+}
+
+/// Removes the namespace's keys whether the test passed or not.
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let (pattern, url) = (self.keys.pattern(), self.url.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(client) = redis::Client::open(url) else {
+                return;
+            };
+            let Ok(mut con) = client.get_connection() else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query(&mut con)
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut con);
+            }
+        })
+        .join();
+    }
 }
 
 impl Ns {
@@ -19,6 +43,7 @@ impl Ns {
         let url = std::env::var("FLOODGATE_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let mut con = fredis::connect(&url).await.unwrap();
+        let url = url.clone();
         let keys = Keys::new(&ns);
         let _: () = redis::pipe()
             .set(keys.epoch(), 1)
@@ -27,7 +52,7 @@ impl Ns {
             .query_async(&mut con)
             .await
             .unwrap();
-        Self { keys, con }
+        Self { keys, con, url }
     }
 
     async fn available(&mut self) -> i64 {
@@ -62,19 +87,6 @@ impl Ns {
         .unwrap();
         assert_eq!(r, Reserve::Reserved);
     }
-
-    async fn cleanup(mut self) {
-        let ks: Vec<String> = redis::cmd("KEYS")
-            .arg(self.keys.pattern())
-            .query_async(&mut self.con)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("DEL")
-            .arg(ks)
-            .query_async(&mut self.con)
-            .await
-            .unwrap();
-    }
 }
 
 const FAR: i64 = i64::MAX / 2;
@@ -94,7 +106,6 @@ async fn a_failed_publish_cannot_release_an_order_a_worker_claimed() {
         .unwrap();
     assert_eq!(r, Release::Taken);
     assert_eq!(ns.available().await, 7, "the claimed units stay sold");
-    ns.cleanup().await;
 }
 
 #[tokio::test]
@@ -117,7 +128,6 @@ async fn a_late_message_of_an_unpublished_order_is_recognised() {
         .await
         .unwrap();
     assert_eq!(claims, [Claim::Unpublished]);
-    ns.cleanup().await;
 }
 
 #[tokio::test]
@@ -168,7 +178,6 @@ async fn claim_and_reap_never_both_win() {
         .await
         .unwrap();
     assert_eq!(c, [Claim::Done]);
-    ns.cleanup().await;
 }
 
 #[tokio::test]
@@ -188,5 +197,4 @@ async fn an_expired_reservation_claimed_late_is_released_by_the_claim() {
             .unwrap()
     );
     assert_eq!(ns.available().await, 5, "not released twice");
-    ns.cleanup().await;
 }
