@@ -43,7 +43,6 @@ impl Ns {
         let url = std::env::var("FLOODGATE_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let mut con = fredis::connect(&url).await.unwrap();
-        let url = url.clone();
         let keys = Keys::new(&ns);
         let _: () = redis::pipe()
             .set(keys.epoch(), 1)
