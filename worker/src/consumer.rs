@@ -291,10 +291,8 @@ impl Pipeline {
         match repo::commit_batch(&self.pg, &confirm_recs, &fail_recs).await {
             Ok(c) => {
                 count_committed(c.confirmed.len(), c.failed);
-                for &i in &confirm {
-                    self.settle_redis(decoded(i), c.status.get(&decoded(i).record.id))
-                        .await?;
-                }
+                let batch: Vec<&Decoded> = confirm.iter().map(|&i| decoded(i)).collect();
+                self.settle_redis(&batch, &c.status).await?;
             }
             Err(DbError::Transient(e)) => {
                 if shutdown.is_cancelled() {
@@ -344,7 +342,7 @@ impl Pipeline {
         match retry_quick(|| repo::commit_batch(&self.pg, &one, &[])).await {
             Ok(c) => {
                 count_committed(c.confirmed.len(), 0);
-                self.settle_redis(d, c.status.get(&d.record.id)).await?;
+                self.settle_redis(&[d], &c.status).await?;
                 Ok(Settle::Ack)
             }
             Err(DbError::Transient(e)) => {
@@ -389,27 +387,42 @@ impl Pipeline {
         if recorded {
             count_committed(0, 1);
         }
-        self.settle_redis(d, Some(&status)).await
+        self.settle_redis(&[d], &HashMap::from([(d.record.id, status)]))
+            .await
     }
 
-    /// Brings the reservation in line with PostgreSQL: `confirmed` marks it done,
-    /// `failed` or `cancelled` gives its stock back (once).
-    async fn settle_redis(&mut self, d: &Decoded, status: Option<&String>) -> Result<(), Halt> {
-        let result = match status.map(String::as_str) {
-            Some("confirmed") => fredis::finish(&mut self.redis, &self.keys, &[d.record.id]).await,
-            Some(_) => fredis::release(
-                &mut self.redis,
-                &self.keys,
-                &d.record.id,
-                &d.user,
-                d.key.as_ref(),
-                "failed",
-            )
+    /// Brings reservations in line with PostgreSQL: the `confirmed` ones are marked done
+    /// in one call for the whole batch; `failed` or `cancelled` ones give their stock back
+    /// (once, and rare); orders PostgreSQL does not hold are left alone.
+    async fn settle_redis(
+        &mut self,
+        orders: &[&Decoded],
+        status: &HashMap<OrderId, String>,
+    ) -> Result<(), Halt> {
+        let outage = |e: redis::RedisError| Halt::Outage("redis", e.into());
+        let confirmed: Vec<OrderId> = orders
+            .iter()
+            .map(|d| d.record.id)
+            .filter(|id| status.get(id).is_some_and(|s| s == "confirmed"))
+            .collect();
+        fredis::finish(&mut self.redis, &self.keys, &confirmed)
             .await
-            .map(|_| ()),
-            None => Ok(()),
-        };
-        result.map_err(|e| Halt::Outage("redis", e.into()))
+            .map_err(outage)?;
+        for d in orders {
+            if status.get(&d.record.id).is_some_and(|s| s != "confirmed") {
+                fredis::release(
+                    &mut self.redis,
+                    &self.keys,
+                    &d.record.id,
+                    &d.user,
+                    d.key.as_ref(),
+                    "failed",
+                )
+                .await
+                .map_err(outage)?;
+            }
+        }
+        Ok(())
     }
 
     /// An undecodable message may still name its order and user: release what it held.
