@@ -164,9 +164,7 @@ async fn reconcile_cmd(
         .await
         .context("connecting to Redis")?;
     let keys = Keys::new(&cfg.namespace);
-    let loaded: bool = redis::cmd("EXISTS")
-        .arg(keys.epoch())
-        .query_async(&mut redis)
+    let loaded = floodgate_common::redis::stock_loaded(&mut redis, &keys)
         .await
         .context("reading the stock epoch")?;
     if if_unloaded && loaded {

@@ -64,10 +64,7 @@ async fn check_once<C: ConnectionLike>(
 ) -> anyhow::Result<Vec<Violation>> {
     let mut out = Vec::new();
     let db = pool.get().await.context("PostgreSQL connection")?;
-    let epoch: bool = redis::cmd("EXISTS")
-        .arg(keys.epoch())
-        .query_async(con)
-        .await?;
+    let epoch = crate::redis::stock_loaded(con, keys).await?;
     if !epoch {
         out.push(v(
             "stock_not_loaded",

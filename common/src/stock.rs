@@ -106,12 +106,10 @@ pub async fn load_if_absent<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
 ) -> anyhow::Result<bool> {
-    let present: bool = redis::cmd("EXISTS")
-        .arg(keys.epoch())
-        .query_async(con)
+    if crate::redis::stock_loaded(con, keys)
         .await
-        .context("reading the stock epoch")?;
-    if present {
+        .context("reading the stock epoch")?
+    {
         return Ok(false);
     }
     load(pool, con, keys).await?;

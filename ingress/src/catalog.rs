@@ -5,6 +5,7 @@ use crate::{
     error::ApiError,
     repo::{self, NewSku, SkuRow},
     state::AppState,
+    stock,
 };
 use floodgate_common::{
     domain::{Reference, Sku},
@@ -66,20 +67,6 @@ pub struct SkuView {
     pub available: i64,
 }
 
-async fn available(st: &AppState, sku: &str) -> Result<i64, ApiError> {
-    let mut redis = st.redis.clone();
-    let v: Option<i64> = redis::cmd("HGET")
-        .arg(st.keys.stock())
-        .arg(sku)
-        .query_async(&mut redis)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "Redis unavailable");
-            ApiError::Unavailable("Redis is unavailable".into())
-        })?;
-    Ok(v.unwrap_or(0))
-}
-
 fn parse_sku(s: &str) -> Result<Sku, ApiError> {
     Sku::parse(s).map_err(|_| ApiError::SkuNotFound { sku: s.to_owned() })
 }
@@ -131,7 +118,7 @@ pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView,
             sku: new.sku.to_string(),
         });
     }
-    let available = available(st, new.sku.as_str()).await?;
+    let available = stock::available(st, &new.sku).await?;
     Ok(SkuView { row, available })
 }
 
@@ -142,7 +129,7 @@ pub async fn get(st: &AppState, sku: &str) -> Result<SkuView, ApiError> {
         .ok_or_else(|| ApiError::SkuNotFound {
             sku: sku.to_string(),
         })?;
-    let available = available(st, sku.as_str()).await?;
+    let available = stock::available(st, &sku).await?;
     Ok(SkuView { row, available })
 }
 

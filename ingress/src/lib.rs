@@ -5,6 +5,7 @@
 //!
 //! - [`routes`] - the axum router; handlers extract and delegate.
 //! - [`orders`] - placing an order (validate, reserve, publish) and reading one.
+//! - [`stock`] - public stock levels from Redis.
 //! - [`catalog`] - admin SKU operations (PostgreSQL first, then Redis once per change).
 //! - [`publisher`] - confirm-mode publishing, pipelined across channels.
 //! - [`repo`] - every SQL statement ingress runs.
@@ -21,6 +22,7 @@ pub mod publisher;
 pub mod repo;
 pub mod routes;
 pub mod state;
+pub mod stock;
 
 use anyhow::Context;
 use floodgate_common::{Config, auth::Verifier, redis::Keys};

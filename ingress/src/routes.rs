@@ -6,6 +6,7 @@ use crate::{
     extract::{Admin, JsonBody, MAX_BODY_BYTES},
     orders::{self, OrderRequest, Placed},
     state::AppState,
+    stock,
 };
 use axum::{
     Json, Router,
@@ -147,40 +148,18 @@ async fn cancel_order(
         .ok_or(ApiError::OrderNotFound)
 }
 
-async fn stock_loaded(st: &AppState) -> Result<(), ApiError> {
-    let mut redis = st.redis.clone();
-    let loaded: bool = redis::cmd("EXISTS")
-        .arg(st.keys.epoch())
-        .query_async(&mut redis)
-        .await
-        .map_err(|_| ApiError::Unavailable("Redis is unavailable".into()))?;
-    if loaded {
-        Ok(())
-    } else {
-        Err(ApiError::Unavailable("stock levels are not loaded".into()))
-    }
-}
-
 async fn stock_one(
     State(st): State<AppState>,
     Path(sku): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let not_found = || ApiError::SkuNotFound { sku: sku.clone() };
     let parsed = Sku::parse(sku.as_str()).map_err(|_| not_found())?;
-    stock_loaded(&st).await?;
-    let mut redis = st.redis.clone();
-    let available: Option<i64> = redis::cmd("HGET")
-        .arg(st.keys.stock())
-        .arg(parsed.as_str())
-        .query_async(&mut redis)
-        .await
-        .map_err(|_| ApiError::Unavailable("Redis is unavailable".into()))?;
-    let available = available.ok_or_else(not_found)?;
-    Ok(Json(json!({"sku": parsed, "available": available})))
+    let (sku, available) = stock::levels(&st, &[parsed])
+        .await?
+        .pop()
+        .ok_or_else(not_found)?;
+    Ok(Json(json!({"sku": sku, "available": available})))
 }
-
-/// Most SKUs one `GET /v1/stock` may ask for.
-pub const MAX_STOCK_QUERY: usize = 100;
 
 async fn stock_many(
     State(st): State<AppState>,
@@ -194,9 +173,10 @@ async fn stock_many(
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
-    if asked.len() > MAX_STOCK_QUERY {
+    if asked.len() > stock::MAX_STOCK_QUERY {
         return Err(ApiError::InvalidRequest(format!(
-            "skus: at most {MAX_STOCK_QUERY}, got {}",
+            "skus: at most {}, got {}",
+            stock::MAX_STOCK_QUERY,
             asked.len()
         )));
     }
@@ -205,22 +185,10 @@ async fn stock_many(
         .into_iter()
         .filter_map(|s| Sku::parse(s).ok())
         .collect();
-    stock_loaded(&st).await?;
-    let levels: Vec<Option<i64>> = if skus.is_empty() {
-        Vec::new()
-    } else {
-        let mut redis = st.redis.clone();
-        redis::cmd("HMGET")
-            .arg(st.keys.stock())
-            .arg(skus.iter().map(Sku::as_str).collect::<Vec<_>>())
-            .query_async(&mut redis)
-            .await
-            .map_err(|_| ApiError::Unavailable("Redis is unavailable".into()))?
-    };
-    let stock: Vec<Value> = skus
-        .iter()
-        .zip(levels)
-        .filter_map(|(s, l)| l.map(|a| json!({"sku": s, "available": a})))
+    let stock: Vec<Value> = stock::levels(&st, &skus)
+        .await?
+        .into_iter()
+        .map(|(s, a)| json!({"sku": s, "available": a}))
         .collect();
     Ok(Json(json!({ "stock": stock })))
 }

@@ -35,7 +35,6 @@ pub enum Reserve {
     Reserved,
     Duplicate {
         order_id: OrderId,
-        accepted_at: String,
         /// False while the first request is still waiting for its publish confirm.
         published: bool,
     },
@@ -109,7 +108,6 @@ pub async fn reserve<C: ConnectionLike>(
                 .get(1)
                 .and_then(|s| OrderId::parse(s))
                 .ok_or_else(|| protocol_error(w, &reply))?,
-            accepted_at: reply.get(2).cloned().unwrap_or_default(),
             published: reply.get(3).map(String::as_str) == Some("accepted"),
         },
         Some("reused") => Reserve::KeyReused,
@@ -431,4 +429,28 @@ pub async fn reservation_user<C: ConnectionLike>(
         .query_async(con)
         .await?;
     Ok(user.and_then(|u| UserId::parse(u).ok()))
+}
+
+/// True while stock levels are loaded (the epoch exists): ingress may reserve.
+pub async fn stock_loaded<C: ConnectionLike>(con: &mut C, keys: &Keys) -> RedisResult<bool> {
+    redis::cmd("EXISTS")
+        .arg(keys.epoch())
+        .query_async(con)
+        .await
+}
+
+/// Units available of each SKU, in order; None for a SKU Redis does not know.
+pub async fn available<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    skus: &[&Sku],
+) -> RedisResult<Vec<Option<i64>>> {
+    if skus.is_empty() {
+        return Ok(Vec::new());
+    }
+    redis::cmd("HMGET")
+        .arg(keys.stock())
+        .arg(skus.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        .query_async(con)
+        .await
 }

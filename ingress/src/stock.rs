@@ -1,0 +1,42 @@
+//! Public stock levels, read from Redis (never PostgreSQL: this is hit by every shopper).
+
+use crate::{error::ApiError, state::AppState};
+use floodgate_common::{domain::Sku, redis as fredis};
+
+/// Most SKUs one `GET /v1/stock` may ask for.
+pub const MAX_STOCK_QUERY: usize = 100;
+
+fn unavailable(e: redis::RedisError) -> ApiError {
+    tracing::warn!(error = %e, "Redis unavailable");
+    ApiError::Unavailable("Redis is unavailable".into())
+}
+
+/// The available units of each known SKU among `skus`; unknown ones are left out.
+/// 503 while stock is not loaded.
+pub async fn levels(st: &AppState, skus: &[Sku]) -> Result<Vec<(Sku, i64)>, ApiError> {
+    let mut redis = st.redis.clone();
+    if !fredis::stock_loaded(&mut redis, &st.keys)
+        .await
+        .map_err(unavailable)?
+    {
+        return Err(ApiError::Unavailable("stock levels are not loaded".into()));
+    }
+    let refs: Vec<&Sku> = skus.iter().collect();
+    let levels = fredis::available(&mut redis, &st.keys, &refs)
+        .await
+        .map_err(unavailable)?;
+    Ok(skus
+        .iter()
+        .zip(levels)
+        .filter_map(|(s, l)| l.map(|a| (s.clone(), a)))
+        .collect())
+}
+
+/// One SKU's available units (0 if Redis does not know it), for admin views.
+pub async fn available(st: &AppState, sku: &Sku) -> Result<i64, ApiError> {
+    let mut redis = st.redis.clone();
+    let levels = fredis::available(&mut redis, &st.keys, &[sku])
+        .await
+        .map_err(unavailable)?;
+    Ok(levels.into_iter().next().flatten().unwrap_or(0))
+}
