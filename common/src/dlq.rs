@@ -8,6 +8,7 @@ use crate::{
 use anyhow::Context;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
+    message::BasicGetMessage,
     options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
     types::AMQPValue,
 };
@@ -44,6 +45,26 @@ async fn open(cfg: &Config) -> anyhow::Result<(Connection, Channel, Topology)> {
     Ok((conn, ch, topology))
 }
 
+impl DeadLetter {
+    fn of(props: &BasicProperties, data: &[u8]) -> Self {
+        Self {
+            order_id: props.message_id().as_ref().map(|s| s.to_string()),
+            reason: header(props, REASON_HEADER),
+            attempts: header(props, ATTEMPT_HEADER),
+            body: String::from_utf8_lossy(data).into_owned(),
+        }
+    }
+}
+
+/// The next dead letter, left unacknowledged on `ch`.
+async fn next(ch: &Channel, topology: &Topology) -> lapin::Result<Option<BasicGetMessage>> {
+    ch.basic_get(
+        topology.dead_queue.as_str().into(),
+        BasicGetOptions { no_ack: false },
+    )
+    .await
+}
+
 async fn close(conn: Connection, ch: Channel) {
     let _ = ch.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;
@@ -55,22 +76,10 @@ pub async fn list(cfg: &Config, limit: usize) -> anyhow::Result<Vec<DeadLetter>>
     let (conn, ch, topology) = open(cfg).await?;
     let mut out = Vec::new();
     while out.len() < limit {
-        let Some(m) = ch
-            .basic_get(
-                topology.dead_queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
+        let Some(m) = next(&ch, &topology).await? else {
             break;
         };
-        let props = &m.delivery.properties;
-        out.push(DeadLetter {
-            order_id: props.message_id().as_ref().map(|s| s.to_string()),
-            reason: header(props, REASON_HEADER),
-            attempts: header(props, ATTEMPT_HEADER),
-            body: String::from_utf8_lossy(&m.delivery.data).into_owned(),
-        });
+        out.push(DeadLetter::of(&m.delivery.properties, &m.delivery.data));
     }
     close(conn, ch).await;
     Ok(out)
@@ -97,31 +106,19 @@ pub async fn replay(
         .await?;
     let (mut replayed, mut kept) = (Vec::new(), 0);
     for _ in 0..limit {
-        let Some(m) = ch
-            .basic_get(
-                topology.dead_queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
+        let Some(m) = next(&ch, &topology).await? else {
             break;
         };
         let props = m.delivery.properties.clone();
-        let id = props.message_id().as_ref().map(|s| s.to_string());
+        let letter = DeadLetter::of(&props, &m.delivery.data);
         let wanted = match select {
             Select::All => true,
-            Select::Orders(ids) => id.as_ref().is_some_and(|id| ids.contains(id)),
+            Select::Orders(ids) => letter.order_id.as_ref().is_some_and(|id| ids.contains(id)),
         };
         if !wanted {
             kept += 1;
             continue; // unacked: back in the queue when the channel closes
         }
-        let letter = DeadLetter {
-            order_id: id,
-            reason: header(&props, REASON_HEADER),
-            attempts: header(&props, ATTEMPT_HEADER),
-            body: String::from_utf8_lossy(&m.delivery.data).into_owned(),
-        };
         let mut headers = props.headers().clone().unwrap_or_default().inner().clone();
         headers.remove(REASON_HEADER);
         headers.remove(ATTEMPT_HEADER);

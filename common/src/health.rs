@@ -1,4 +1,5 @@
-//! `/readyz`: one real round trip to each dependency, the same in every service.
+//! Dependency probes: one real, bounded round trip each. `/readyz` of every service and the
+//! worker's outage probing use the same ones.
 
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionManager;
@@ -8,26 +9,30 @@ use std::time::Duration;
 /// How long one probe may take before its dependency counts as down.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Pings Redis and PostgreSQL (bounded) and combines them with the broker state the caller
-/// knows. Returns whether all are up, and the body naming what is down.
-pub async fn readiness(redis: &ConnectionManager, pg: &Pool, rabbitmq_up: bool) -> (bool, Value) {
+/// One bounded PING.
+pub async fn redis_ok(redis: &ConnectionManager) -> bool {
     let mut redis = redis.clone();
-    let redis_ok = matches!(
-        tokio::time::timeout(
-            PROBE_TIMEOUT,
-            redis::cmd("PING").query_async::<String>(&mut redis)
-        )
-        .await,
-        Ok(Ok(_))
-    );
-    let pg_ok = matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, async {
-            pg.get().await?.query_one("SELECT 1", &[]).await?;
-            anyhow::Ok(())
-        })
-        .await,
+    let cmd = redis::cmd("PING");
+    let ping = cmd.query_async::<String>(&mut redis);
+    matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)))
+}
+
+/// One bounded `SELECT 1` on a pooled connection.
+pub async fn postgres_ok(pg: &Pool) -> bool {
+    let select = async {
+        pg.get().await?.query_one("SELECT 1", &[]).await?;
+        anyhow::Ok(())
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, select).await,
         Ok(Ok(()))
-    );
+    )
+}
+
+/// Probes Redis and PostgreSQL and combines them with the broker state the caller knows.
+/// Returns whether all are up, and the `/readyz` body naming what is down.
+pub async fn readiness(redis: &ConnectionManager, pg: &Pool, rabbitmq_up: bool) -> (bool, Value) {
+    let (redis_ok, pg_ok) = tokio::join!(redis_ok(redis), postgres_ok(pg));
     let checks = [
         ("redis", redis_ok),
         ("rabbitmq", rabbitmq_up),

@@ -24,6 +24,7 @@ use floodgate_common::{
     Config,
     amqp::IntakeMessage,
     domain::{IdempotencyKey, OrderId, UserId},
+    health,
     redis::{self as fredis, Claim, Keys},
     telemetry::names,
 };
@@ -142,11 +143,8 @@ impl Pipeline {
                 _ = shutdown.cancelled() => return false,
                 _ = tokio::time::sleep(wait) => {},
             }
-            let pg = probe_pg(&self.pg).await;
-            let redis = redis::cmd("PING")
-                .query_async::<String>(&mut self.redis)
-                .await
-                .is_ok();
+            let (pg, redis) =
+                tokio::join!(health::postgres_ok(&self.pg), health::redis_ok(&self.redis));
             if pg && redis {
                 return true;
             }
@@ -298,7 +296,7 @@ impl Pipeline {
                 if shutdown.is_cancelled() {
                     return Err(Halt::Shutdown);
                 }
-                if !probe_pg(&self.pg).await {
+                if !health::postgres_ok(&self.pg).await {
                     return Err(Halt::Outage("postgres", e));
                 }
                 tracing::warn!(
@@ -349,7 +347,7 @@ impl Pipeline {
                 if shutdown.is_cancelled() {
                     return Err(Halt::Shutdown);
                 }
-                if !probe_pg(&self.pg).await {
+                if !health::postgres_ok(&self.pg).await {
                     return Err(Halt::Outage("postgres", e));
                 }
                 self.retry_or_give_up(item, &e).await
@@ -451,13 +449,6 @@ impl Pipeline {
 fn count_committed(confirmed: usize, failed: usize) {
     metrics::counter!(names::ORDERS_COMMITTED, "status" => "confirmed").increment(confirmed as u64);
     metrics::counter!(names::ORDERS_COMMITTED, "status" => "failed").increment(failed as u64);
-}
-
-async fn probe_pg(pool: &Pool) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_secs(3), repo::ping(pool)).await,
-        Ok(Ok(()))
-    )
 }
 
 /// Quick in-process retries for connection blips (backon), before anything is decided.

@@ -288,9 +288,3 @@ pub async fn record_failed(
     tx.commit().await?;
     Ok((!new.is_empty(), status))
 }
-
-/// Round trip for `/readyz`.
-pub async fn ping(pool: &Pool) -> anyhow::Result<()> {
-    pool.get().await?.query_one("SELECT 1", &[]).await?;
-    Ok(())
-}

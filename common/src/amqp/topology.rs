@@ -31,11 +31,8 @@ pub const ATTEMPT_HEADER: &str = "x-floodgate-attempt";
 pub const REASON_HEADER: &str = "x-floodgate-reason";
 
 impl Topology {
-    /// The names of `ns`, with `retry_steps` delay queues.
-    pub fn new(ns: &Namespace) -> Self {
-        Self::with_retry_steps(ns, 0)
-    }
-
+    /// The names of `ns`, with `retry_steps` delay queues (one per step of the retry
+    /// schedule: `Config::retry_delays.len()`).
     pub fn with_retry_steps(ns: &Namespace, retry_steps: usize) -> Self {
         Self {
             retry_queues: (1..=retry_steps)
