@@ -109,6 +109,29 @@ pub struct Config {
     pub retry_delays: Vec<Duration>,
     /// How often the reaper looks for reservations past their deadline.
     pub reaper_interval: Duration,
+    /// How often the outbox relay looks for events another process committed (events of
+    /// its own worker's commits wake it at once).
+    pub outbox_poll: Duration,
+    /// Where the notifier listens (`FLOODGATE_NOTIFIER_ADDR`).
+    pub notifier_addr: SocketAddr,
+    /// How often the notifier samples changed stock levels: a subscriber gets the latest
+    /// level of each SKU at most this often.
+    pub stock_interval: Duration,
+    /// Order events queued per subscriber before it counts as too slow and is
+    /// disconnected (stock levels conflate and never fill it).
+    pub subscriber_buffer: usize,
+    /// Subscribers one notifier serves at most; past it new streams get 503.
+    pub max_subscribers: usize,
+    /// Kernel send buffer per notifier connection, so a client that stops reading is
+    /// found out after this many bytes, not after megabytes of autotuned buffer.
+    pub subscriber_send_buffer: usize,
+    /// SSE keep-alive comment and WebSocket ping interval.
+    pub keepalive: Duration,
+    /// The ingress URL the live page places test orders against (as a browser sees it).
+    pub public_ingress_url: String,
+    /// Origins ingress answers CORS requests from: `*` (any; tokens are bearer headers,
+    /// never cookies) or a comma-separated list.
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -183,6 +206,19 @@ impl Config {
                 "1000,5000,30000,120000",
             ))?,
             reaper_interval: ms("FLOODGATE_REAPER_INTERVAL_MS", 1_000)?,
+            outbox_poll: ms("FLOODGATE_OUTBOX_POLL_MS", 250)?,
+            notifier_addr: parsed(&get, "FLOODGATE_NOTIFIER_ADDR", ([0, 0, 0, 0], 8081).into())?,
+            stock_interval: ms("FLOODGATE_STOCK_INTERVAL_MS", 100)?,
+            subscriber_buffer: parsed(&get, "FLOODGATE_SUBSCRIBER_BUFFER", 256)?,
+            max_subscribers: parsed(&get, "FLOODGATE_MAX_SUBSCRIBERS", 20_000)?,
+            subscriber_send_buffer: parsed(&get, "FLOODGATE_SUBSCRIBER_SEND_BUFFER_BYTES", 65_536)?,
+            keepalive: secs("FLOODGATE_KEEPALIVE_SECS", 15)?,
+            public_ingress_url: string("FLOODGATE_PUBLIC_INGRESS_URL", "http://127.0.0.1:8080"),
+            cors_origins: string("FLOODGATE_CORS_ORIGINS", "*")
+                .split(',')
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
         };
         cfg.validate()
     }
@@ -214,6 +250,45 @@ impl Config {
         }
         if self.db_pool_size == 0 {
             return bad("FLOODGATE_DB_POOL_SIZE", "must be at least 1");
+        }
+        if self.outbox_poll.is_zero() {
+            return bad("FLOODGATE_OUTBOX_POLL_MS", "must be at least 1");
+        }
+        if self.stock_interval < Duration::from_millis(10) {
+            return bad("FLOODGATE_STOCK_INTERVAL_MS", "must be at least 10");
+        }
+        if self.subscriber_buffer == 0 {
+            return bad("FLOODGATE_SUBSCRIBER_BUFFER", "must be at least 1");
+        }
+        if self.max_subscribers == 0 {
+            return bad("FLOODGATE_MAX_SUBSCRIBERS", "must be at least 1");
+        }
+        if self.subscriber_send_buffer < 4_096 {
+            return bad(
+                "FLOODGATE_SUBSCRIBER_SEND_BUFFER_BYTES",
+                "must be at least 4096",
+            );
+        }
+        if self.keepalive.is_zero() {
+            return bad("FLOODGATE_KEEPALIVE_SECS", "must be at least 1");
+        }
+        if !self.public_ingress_url.starts_with("http://")
+            && !self.public_ingress_url.starts_with("https://")
+        {
+            return bad(
+                "FLOODGATE_PUBLIC_INGRESS_URL",
+                "must start with http:// or https://",
+            );
+        }
+        if self
+            .cors_origins
+            .iter()
+            .any(|o| o != "*" && !o.contains("://"))
+        {
+            return bad(
+                "FLOODGATE_CORS_ORIGINS",
+                "`*` or a list of origins like https://shop.example",
+            );
         }
         Ok(self)
     }

@@ -13,6 +13,7 @@
 //!   advisory lock.
 //! - [`stock`] - loading Redis stock levels from PostgreSQL, the system of record.
 //! - [`health`] - the `/readyz` probes every service shares.
+//! - [`problem`] - problem+json error responses and the bearer token of a request.
 //! - [`dlq`] - reading and replaying the dead-letter queue.
 //! - [`reconcile`] - checking and repairing the invariants between Redis and PostgreSQL.
 //! - [`telemetry`] - logging, the Prometheus recorder and metric names.
@@ -26,6 +27,7 @@ pub mod db;
 pub mod dlq;
 pub mod domain;
 pub mod health;
+pub mod problem;
 pub mod reconcile;
 pub mod redis;
 pub mod shutdown;

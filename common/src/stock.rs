@@ -90,8 +90,8 @@ pub async fn load<C: ConnectionLike>(
         };
         pipe.sadd(keys.applied(), token);
     }
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    pipe.set(keys.epoch(), now);
+    // A new value per load: a notifier that sees the epoch change re-reads every level.
+    pipe.set(keys.epoch(), uuid::Uuid::now_v7().to_string());
     let _: () = pipe
         .query_async(con)
         .await

@@ -22,6 +22,21 @@ pub mod names {
     pub const WORKER_PAUSED: &str = "floodgate_worker_paused";
     pub const REAPED: &str = "floodgate_reservations_reaped_total";
     pub const RECONNECTS: &str = "floodgate_amqp_reconnects_total";
+    pub const OUTBOX_RELAYED: &str = "floodgate_outbox_relayed_total";
+    /// Gauge, by `transport` (sse, ws).
+    pub const SUBSCRIBERS: &str = "floodgate_notifier_subscribers";
+    /// By `type` (order, stock): events that reached the notifier.
+    pub const EVENTS_IN: &str = "floodgate_notifier_events_in_total";
+    /// By `type` and `transport`: events written to subscribers.
+    pub const EVENTS_OUT: &str = "floodgate_notifier_events_out_total";
+    /// By `reason`: events not delivered (duplicate, conflated, undecodable).
+    pub const EVENTS_DROPPED: &str = "floodgate_notifier_events_dropped_total";
+    /// By `reason`: streams the notifier ended (slow_consumer, shutting_down,
+    /// ping_timeout, protocol_error) or the client closed (client_closed).
+    pub const DISCONNECTS: &str = "floodgate_notifier_disconnects_total";
+    /// By `type`: from the event's time (status change, stock sample) to its write to a
+    /// subscriber.
+    pub const DELIVERY_LAG: &str = "floodgate_notifier_delivery_lag_seconds";
 }
 
 /// JSON logs (or human ones with `FLOODGATE_LOG_FORMAT=pretty`), filtered by

@@ -1,7 +1,7 @@
 //! The one error type of the HTTP API and its problem+json (RFC 9457) rendering.
 
 use axum::{
-    http::{HeaderValue, StatusCode, header},
+    http::StatusCode,
     response::{IntoResponse, Response},
 };
 use serde_json::{Map, Value, json};
@@ -135,26 +135,15 @@ impl From<anyhow::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status();
         if let ApiError::Internal(e) = &self {
             tracing::error!(error = format!("{e:#}"), "request failed");
         }
-        let mut body = self.extensions();
-        let title = status.canonical_reason().unwrap_or("Error");
-        body.insert("type".into(), json!(format!("/problems/{}", self.code())));
-        body.insert("title".into(), json!(title));
-        body.insert("status".into(), json!(status.as_u16()));
-        body.insert("detail".into(), json!(self.to_string()));
-        body.insert("code".into(), json!(self.code()));
-        let mut resp = (status, axum::Json(Value::Object(body))).into_response();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(secs) = self.retry_after() {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
+        floodgate_common::problem::response(
+            self.status(),
+            self.code(),
+            &self.to_string(),
+            self.extensions(),
+            self.retry_after(),
+        )
     }
 }

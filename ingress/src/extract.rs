@@ -17,16 +17,9 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .ok_or(ApiError::Unauthorized)?;
-        state.verifier.verify(token.trim()).map_err(|e| {
+        let token =
+            floodgate_common::problem::bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        state.verifier.verify(token).map_err(|e| {
             tracing::debug!(error = %e, "token refused");
             ApiError::Unauthorized
         })

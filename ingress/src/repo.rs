@@ -256,7 +256,8 @@ pub enum Cancel {
 
 /// Cancels a confirmed order in one transaction: status `cancelled`, its units back in
 /// inventory (one aggregated update), a `cancel` ledger row per line. Idempotent: an order
-/// already cancelled changes nothing. `may` decides visibility before anything is written.
+/// already cancelled changes nothing. Its `order.cancelled` event goes to the outbox in
+/// the same transaction. `may` decides visibility before anything is written.
 pub async fn cancel(
     pool: &Pool,
     id: &OrderId,
@@ -316,6 +317,16 @@ pub async fn cancel(
         )
         .await
         .context("recording the cancellation")?;
+        tx.execute(
+            "INSERT INTO outbox (routing_key, payload)
+             SELECT 'order.cancelled', jsonb_build_object(
+                      'type', 'order', 'order_id', id, 'user_id', user_id,
+                      'status', 'cancelled', 'reason', NULL, 'at', clock_timestamp())
+               FROM orders WHERE id = $1",
+            &[&id.as_uuid()],
+        )
+        .await
+        .context("queueing the cancellation event")?;
     }
     tx.commit().await.context("committing a cancellation")?;
     Ok(Cancel::Cancelled { user_id, lines })

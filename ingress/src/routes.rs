@@ -25,6 +25,7 @@ use serde_json::{Map, Value, json};
 use std::{collections::HashMap, time::Instant};
 
 pub fn router(state: AppState) -> Router {
+    let cors = cors(&state.cfg.cors_origins);
     Router::new()
         .route("/v1/orders", post(place_order))
         .route("/v1/orders/{id}", get(get_order))
@@ -41,7 +42,31 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NoSuchEndpoint })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(track))
+        .layer(cors)
         .with_state(state)
+}
+
+/// CORS for browsers on other origins (the notifier's live page places test orders).
+/// Tokens travel in the Authorization header, never in cookies, so `*` exposes nothing
+/// a script on another origin could not send anyway.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers([header::LOCATION, header::RETRY_AFTER])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// Counts requests and their latency by route and status.

@@ -1,4 +1,4 @@
-//! The test harness: starts the real ingress and worker in-process on port 0, each test in
+//! The test harness: starts the real ingress, worker (and notifier) in-process on port 0, each test in
 //! its own namespace (Redis keys, AMQP names, PostgreSQL schema), against the real
 //! servers, and removes the namespace when the test ends, passed or failed.
 #![forbid(unsafe_code)]
@@ -51,11 +51,14 @@ pub struct Snapshot {
 }
 
 pub mod servers;
+pub mod streams;
 
 /// Options for [`TestApp::spawn_with`].
 pub struct Options {
     /// Start a worker in-process.
     pub worker: bool,
+    /// Start a notifier in-process ([`TestApp::notifier`] is its base URL).
+    pub notifier: bool,
     /// Changes to the test's configuration (other servers, shorter timeouts...).
     pub tweak: Box<dyn FnOnce(&mut Config) + Send>,
 }
@@ -64,6 +67,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             worker: true,
+            notifier: false,
             tweak: Box::new(|_| {}),
         }
     }
@@ -103,8 +107,14 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts `exe` (the test package's `worker-process` binary) with `cfg` as environment.
     pub fn start(exe: &str, cfg: &Config) -> Self {
+        Self::start_with(exe, cfg, &[])
+    }
+
+    /// [`WorkerProcess::start`] with extra environment (a failpoint, say).
+    pub fn start_with(exe: &str, cfg: &Config, extra: &[(&str, &str)]) -> Self {
         let child = std::process::Command::new(exe)
             .envs(env_of(cfg))
+            .envs(extra.iter().copied())
             .env("FLOODGATE_WORKER_ADDR", "127.0.0.1:0")
             .env("FLOODGATE_LOG", "warn")
             .stdout(std::process::Stdio::null())
@@ -156,6 +166,7 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
         ("FLOODGATE_DB_LOCK_TIMEOUT_MS", ms(cfg.db_lock_timeout)),
         ("FLOODGATE_RETRY_DELAYS_MS", delays.join(",")),
         ("FLOODGATE_REAPER_INTERVAL_MS", ms(cfg.reaper_interval)),
+        ("FLOODGATE_OUTBOX_POLL_MS", ms(cfg.outbox_poll)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -165,6 +176,8 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
 pub struct TestApp {
     pub cfg: Config,
     pub base: String,
+    /// The notifier's base URL, when [`Options::notifier`] started one.
+    pub notifier: Option<String>,
     pub client: reqwest::Client,
     pub redis: ConnectionManager,
     pub pg: Pool,
@@ -187,12 +200,18 @@ impl TestApp {
     }
 
     pub async fn spawn_with(opts: Options) -> Self {
-        let Options { worker, tweak } = opts;
+        let Options {
+            worker,
+            notifier,
+            tweak,
+        } = opts;
         floodgate_common::telemetry::init_logging_with_default("warn,lapin=off");
         let ns = namespace();
         let mut cfg = Config::from_lookup(|k| match k {
             "FLOODGATE_NAMESPACE" => Some(ns.clone()),
-            "FLOODGATE_INGRESS_ADDR" | "FLOODGATE_WORKER_ADDR" => Some("127.0.0.1:0".into()),
+            "FLOODGATE_INGRESS_ADDR" | "FLOODGATE_WORKER_ADDR" | "FLOODGATE_NOTIFIER_ADDR" => {
+                Some("127.0.0.1:0".into())
+            }
             "FLOODGATE_JWT_SECRET" => Some(format!("test-secret-{ns}-0123456789")),
             "FLOODGATE_RATE_LIMIT_PER_SEC" => Some("0".into()),
             "FLOODGATE_DB_POOL_SIZE" => Some("8".into()),
@@ -209,7 +228,18 @@ impl TestApp {
             .await
             .expect("build ingress");
         let base = format!("http://127.0.0.1:{}", ingress.port());
+        cfg.public_ingress_url = base.clone();
         tokio::spawn(ingress.run_until_stopped(shutdown.clone()));
+        let notifier = if notifier {
+            let n = floodgate_notifier::Notifier::build(cfg.clone())
+                .await
+                .expect("build notifier");
+            let url = format!("http://127.0.0.1:{}", n.port());
+            tokio::spawn(n.run_until_stopped(shutdown.clone()));
+            Some(url)
+        } else {
+            None
+        };
         let mut redis = floodgate_common::redis::connect(&cfg.redis_url)
             .await
             .expect("redis");
@@ -232,6 +262,7 @@ impl TestApp {
                 .expect("client"),
             cfg,
             base,
+            notifier,
             redis,
             pg,
             amqp,

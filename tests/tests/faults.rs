@@ -313,6 +313,7 @@ async fn reaper_releases_unclaimed_reservations_and_late_messages_fail_cleanly()
     let _turn = TURN.lock().await;
     let mut app = TestApp::spawn_with(Options {
         worker: false,
+        notifier: false,
         tweak: Box::new(|c| {
             c.reservation_ttl = Duration::from_secs(1);
             c.reaper_interval = Duration::from_millis(200);

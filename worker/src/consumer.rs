@@ -47,6 +47,9 @@ pub struct Pipeline {
     /// Set while consumption is paused for an outage; the reaper waits too, so orders
     /// queued durably during an outage are not expired for it.
     pub paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Wakes the outbox relay after a commit, so order events go out without waiting
+    /// for its poll.
+    pub outbox_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Why [`Pipeline::run`] returned.
@@ -288,6 +291,7 @@ impl Pipeline {
 
         match repo::commit_batch(&self.pg, &confirm_recs, &fail_recs).await {
             Ok(c) => {
+                self.outbox_wake.notify_one();
                 count_committed(c.confirmed.len(), c.failed);
                 let batch: Vec<&Decoded> = confirm.iter().map(|&i| decoded(i)).collect();
                 self.settle_redis(&batch, &c.status).await?;

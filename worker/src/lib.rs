@@ -8,12 +8,15 @@
 //!   order-by-order fallback; database failures classified transient or permanent.
 //! - [`session`] - the AMQP session: consuming channel, confirm-mode channel for delay
 //!   queues and dead letters.
+//! - [`outbox`] - the relay that publishes committed order events to the `events`
+//!   exchange and deletes them after the broker's confirm.
 //! - [`reaper`] - releases reservations past their deadline and records them failed.
 //! - [`Worker`] - the supervisor that rebuilds the session after a broker failure, and
 //!   the health/metrics endpoint.
 #![forbid(unsafe_code)]
 
 pub mod consumer;
+pub mod outbox;
 pub mod reaper;
 pub mod repo;
 pub mod session;
@@ -68,6 +71,7 @@ impl Worker {
                 redis,
                 pg,
                 paused: Arc::new(AtomicBool::new(false)),
+                outbox_wake: Arc::new(tokio::sync::Notify::new()),
             },
         })
     }
@@ -106,6 +110,12 @@ impl Worker {
             pipeline.paused.clone(),
             shutdown.clone(),
         ));
+        let relay = tokio::spawn(outbox::run(
+            pipeline.cfg.clone(),
+            pipeline.pg.clone(),
+            pipeline.outbox_wake.clone(),
+            shutdown.clone(),
+        ));
 
         loop {
             match pipeline.run(&mut session, &shutdown).await {
@@ -131,6 +141,7 @@ impl Worker {
         session.close().await;
         shutdown.cancel();
         let _ = reaper.await;
+        let _ = relay.await;
         http.await??;
         Ok(())
     }

@@ -106,13 +106,22 @@ async fn insert_orders(
     let accepted: Vec<OffsetDateTime> = orders.iter().map(|o| o.accepted_at).collect();
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO orders (id, user_id, status, reason, idempotency_key, accepted_at, confirmed_at)
-             SELECT t.id, t.user_id, $5, $6, t.key, t.accepted_at,
-                    CASE WHEN $5 = 'confirmed' THEN now() END
-               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
-                    AS t(id, user_id, key, accepted_at)
-             ON CONFLICT (id) DO NOTHING
-             RETURNING id",
+            "WITH new AS (
+                INSERT INTO orders (id, user_id, status, reason, idempotency_key, accepted_at, confirmed_at)
+                SELECT t.id, t.user_id, $5, $6, t.key, t.accepted_at,
+                       CASE WHEN $5 = 'confirmed' THEN now() END
+                  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
+                       AS t(id, user_id, key, accepted_at)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING id, user_id, status, reason
+             ), events AS (
+                INSERT INTO outbox (routing_key, payload)
+                SELECT 'order.' || status, jsonb_build_object(
+                         'type', 'order', 'order_id', id, 'user_id', user_id,
+                         'status', status, 'reason', reason, 'at', clock_timestamp())
+                  FROM new
+             )
+             SELECT id FROM new",
         )
         .await?;
     let rows = tx
@@ -205,7 +214,8 @@ async fn add_sold(tx: &Transaction<'_>, orders: &[&OrderRecord]) -> Result<(), D
 
 /// Commits a batch in one transaction: `confirm` become confirmed orders with items,
 /// `sale` ledger rows and one inventory update per SKU; `fail` are recorded failed with
-/// their reason and a `release` ledger row. Orders already in PostgreSQL (redelivery) are
+/// their reason and a `release` ledger row. Every order written gets its outbox event in
+/// the same statement. Orders already in PostgreSQL (redelivery) are
 /// skipped by their primary key.
 pub async fn commit_batch(
     pool: &Pool,

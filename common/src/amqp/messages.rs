@@ -1,5 +1,6 @@
-use crate::domain::{IdempotencyKey, OrderId, OrderLines, UserId};
+use crate::domain::{IdempotencyKey, OrderId, OrderLines, OrderStatus, UserId};
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 /// What travels on the intake queue. Tagged and versioned: a new shape is a new variant,
 /// so workers of two versions can share a queue during a rolling deploy.
@@ -34,6 +35,30 @@ impl IntakeMessage {
     }
 }
 
+/// What travels on the `events` exchange: an order's status changed (routing key
+/// `order.<status>`). Written to the outbox by the transaction that changed the status
+/// and published by the worker's relay; the AMQP `message_id` carries the outbox row's
+/// event id, which subscribers de-duplicate by (the relay publishes at least once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "order")]
+pub struct OrderEvent {
+    pub order_id: OrderId,
+    pub user_id: UserId,
+    pub status: OrderStatus,
+    /// Why a `failed` order failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the status changed (the outbox row's write time).
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+impl OrderEvent {
+    pub fn from_bytes(b: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +75,19 @@ mod tests {
         let bad_qty = json.replace("\"qty\":2", "\"qty\":0");
         assert!(IntakeMessage::from_bytes(bad_qty.as_bytes()).is_err());
         assert!(IntakeMessage::from_bytes(b"garbage").is_err());
+    }
+
+    #[test]
+    fn order_events_read_what_postgres_writes() {
+        // jsonb_build_object(...) renders a timestamptz like this, and reason as null.
+        let json = r#"{"at": "2026-11-21T10:00:00.123456+00:00", "type": "order",
+            "reason": null, "status": "confirmed", "user_id": "alice",
+            "order_id": "0190f0b4-1a2b-7c3d-8e4f-123456789abc"}"#;
+        let e = OrderEvent::from_bytes(json.as_bytes()).unwrap();
+        assert_eq!(e.status, OrderStatus::Confirmed);
+        assert_eq!(e.reason, None);
+        let out = serde_json::to_value(&e).unwrap();
+        assert_eq!(out["type"], "order");
+        assert!(OrderEvent::from_bytes(&json.replace("confirmed", "lost").into_bytes()).is_err());
     }
 }

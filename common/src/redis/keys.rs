@@ -21,13 +21,23 @@ impl Keys {
         format!("{}*", self.prefix)
     }
 
-    /// Present while the stock levels are loaded; its value is the load time.
+    /// Present while the stock levels are loaded; its value (a UUIDv7) names the load.
     pub fn epoch(&self) -> String {
         format!("{}epoch", self.prefix)
     }
     /// Hash sku -> units available for sale.
     pub fn stock(&self) -> String {
         format!("{}stock", self.prefix)
+    }
+    /// Zset sku -> the change sequence of its last stock change. Every script that moves
+    /// a level marks the SKU here; the notifier reads what changed since its cursor.
+    /// One entry per SKU, so it never grows past the catalogue.
+    pub fn stock_changes(&self) -> String {
+        format!("{}stock:changes", self.prefix)
+    }
+    /// The change sequence counter of `stock_changes`.
+    pub fn stock_seq(&self) -> String {
+        format!("{}stock:seq", self.prefix)
     }
     /// Hash sku -> per-user limit (0 = none).
     pub fn limits(&self) -> String {

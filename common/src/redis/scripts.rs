@@ -89,6 +89,8 @@ pub async fn reserve<C: ConnectionLike>(
         .key(idem_key)
         .key(keys.resv(&req.order_id))
         .key(keys.deadlines())
+        .key(keys.stock_changes())
+        .key(keys.stock_seq())
         .arg(req.order_id.to_string())
         .arg(req.user.as_str())
         .arg(body_hash)
@@ -169,6 +171,8 @@ pub async fn release<C: ConnectionLike>(
         .key(keys.user(user))
         .key(keys.deadlines())
         .key(idem)
+        .key(keys.stock_changes())
+        .key(keys.stock_seq())
         .arg(order_id.to_string())
         .arg(reason)
         .arg(RECORD_TTL_SECS)
@@ -211,6 +215,8 @@ pub async fn claim<C: ConnectionLike>(
     let mut inv = CLAIM.prepare_invoke();
     inv.key(keys.stock())
         .key(keys.deadlines())
+        .key(keys.stock_changes())
+        .key(keys.stock_seq())
         .arg(now_ms)
         .arg(RECORD_TTL_SECS);
     for (id, user) in orders {
@@ -291,6 +297,8 @@ pub async fn apply_stock<C: ConnectionLike>(
         .key(keys.limits())
         .key(keys.applied())
         .key(user_key)
+        .key(keys.stock_changes())
+        .key(keys.stock_seq())
         .arg(change.sku.as_str())
         .arg(change.units)
         .arg(change.token)
@@ -313,6 +321,8 @@ pub struct Reservation {
     pub user: UserId,
     pub lines: Vec<OrderLine>,
     pub accepted_at: String,
+    /// Why a released reservation was released (`publish_failed`, ...).
+    pub reason: Option<String>,
 }
 
 /// Reads one reservation record, if Redis has it.
@@ -321,16 +331,12 @@ pub async fn reservation<C: ConnectionLike>(
     keys: &Keys,
     order_id: &OrderId,
 ) -> RedisResult<Option<Reservation>> {
-    let (state, user, items, accepted_at): (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    ) = redis::cmd("HMGET")
+    let fields: [Option<String>; 5] = redis::cmd("HMGET")
         .arg(keys.resv(order_id))
-        .arg(&["state", "user", "items", "accepted_at"])
+        .arg(&["state", "user", "items", "accepted_at", "reason"])
         .query_async(con)
         .await?;
+    let [state, user, items, accepted_at, reason] = fields;
     let (Some(state), Some(user), Some(items)) = (state, user, items) else {
         return Ok(None);
     };
@@ -342,6 +348,7 @@ pub async fn reservation<C: ConnectionLike>(
         user,
         lines,
         accepted_at: accepted_at.unwrap_or_default(),
+        reason,
     }))
 }
 
@@ -381,6 +388,8 @@ pub async fn reap<C: ConnectionLike>(
         .key(keys.user(user))
         .key(keys.deadlines())
         .key(keys.reaped())
+        .key(keys.stock_changes())
+        .key(keys.stock_seq())
         .arg(order_id.to_string())
         .arg(now_ms)
         .arg(RECORD_TTL_SECS)
@@ -453,4 +462,48 @@ pub async fn available<C: ConnectionLike>(
         .arg(skus.iter().map(|s| s.as_str()).collect::<Vec<_>>())
         .query_async(con)
         .await
+}
+
+static STOCK_CHANGES: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/stock_changes.lua")));
+
+/// Where a reader of [`stock_changes`] is: the load (epoch) and change sequence it has
+/// seen. The default has seen nothing, so its first read returns every level.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StockCursor {
+    pub epoch: String,
+    pub seq: i64,
+}
+
+/// Runs `stock_changes.lua`: the levels changed since `cursor` and the cursor to pass
+/// next time; None while stock is not loaded.
+pub async fn stock_changes<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    cursor: &StockCursor,
+) -> RedisResult<Option<(StockCursor, Vec<(String, i64)>)>> {
+    let reply: Vec<String> = STOCK_CHANGES
+        .key(keys.epoch())
+        .key(keys.stock())
+        .key(keys.stock_changes())
+        .key(keys.stock_seq())
+        .arg(cursor.seq)
+        .arg(&cursor.epoch)
+        .invoke_async(con)
+        .await?;
+    let w = "stock_changes";
+    let epoch = reply.first().cloned().unwrap_or_default();
+    if epoch.is_empty() {
+        return Ok(None);
+    }
+    let seq = int(w, &reply, 1)?;
+    let levels = reply[2..]
+        .chunks_exact(2)
+        .map(|p| {
+            p[1].parse()
+                .map(|n| (p[0].clone(), n))
+                .map_err(|_| protocol_error(w, &reply))
+        })
+        .collect::<RedisResult<_>>()?;
+    Ok(Some((StockCursor { epoch, seq }, levels)))
 }

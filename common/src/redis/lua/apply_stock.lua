@@ -7,6 +7,7 @@
 -- KEYS[2] limits   hash sku -> per-user limit
 -- KEYS[3] applied  set of change tokens already applied
 -- KEYS[4] user     hash sku -> units a user holds (any unused key when ARGV[5] is 0)
+-- KEYS[5] changes  zset sku -> change sequence;  KEYS[6] seq  its counter
 -- ARGV[1] sku, ARGV[2] units to add, ARGV[3] token, ARGV[4] per-user limit or '' to keep,
 -- ARGV[5] change of the user's holding (a cancellation gives the limit back)
 --
@@ -14,6 +15,7 @@
 local applied = redis.call('SADD', KEYS[3], ARGV[3])
 if applied == 1 then
   redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[1])
   if ARGV[4] ~= '' then
     redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
   end

@@ -4,7 +4,8 @@
 --
 -- KEYS[1] stock      hash sku -> units available
 -- KEYS[2] deadlines  zset order id -> deadline
--- KEYS[1 + 2i]       resv hash of order i;  KEYS[2 + 2i] its user's hash
+-- KEYS[3] changes    zset sku -> change sequence;  KEYS[4] seq  its counter
+-- KEYS[3 + 2i]       resv hash of order i;  KEYS[4 + 2i] its user's hash
 -- ARGV[1] now (ms since epoch), ARGV[2] seconds to keep a released record,
 -- ARGV[2 + i] order id i
 --
@@ -14,9 +15,9 @@
 -- another reason, already decided), 'missing' (Redis does not know it).
 local now = tonumber(ARGV[1])
 local out = {}
-local n = (#KEYS - 2) / 2
+local n = (#KEYS - 4) / 2
 for i = 1, n do
-  local resv, user = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local resv, user = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
   local rec = redis.call('HMGET', resv, 'state', 'deadline', 'reason')
   local state = rec[1]
   if not state then
@@ -32,9 +33,11 @@ for i = 1, n do
       out[i] = 'released'
     end
   elseif tonumber(rec[2]) < now then
+    local seq = redis.call('INCR', KEYS[4])
     for _, line in ipairs(cjson.decode(redis.call('HGET', resv, 'items'))) do
       redis.call('HINCRBY', KEYS[1], line.sku, line.qty)
       redis.call('HINCRBY', user, line.sku, -line.qty)
+      redis.call('ZADD', KEYS[3], seq, line.sku)
     end
     redis.call('HSET', resv, 'state', 'released', 'reason', 'reservation_expired')
     redis.call('EXPIRE', resv, ARGV[2])

@@ -8,6 +8,7 @@
 -- KEYS[3] user       hash sku -> units the order's user holds
 -- KEYS[4] deadlines  zset order id -> deadline
 -- KEYS[5] reaped     zset order id -> reap time, awaiting its PostgreSQL record
+-- KEYS[6] changes    zset sku -> change sequence;  KEYS[7] seq  its counter
 -- ARGV[1] order id, ARGV[2] now (ms), ARGV[3] seconds to keep the released record
 --
 -- Returns 1 if reaped now, 0 if not (claimed, done, released, or not yet due).
@@ -26,9 +27,11 @@ end
 if tonumber(rec[2]) >= tonumber(ARGV[2]) then
   return 0
 end
+local seq = redis.call('INCR', KEYS[7])
 for _, line in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'items'))) do
   redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
   redis.call('HINCRBY', KEYS[3], line.sku, -line.qty)
+  redis.call('ZADD', KEYS[6], seq, line.sku)
 end
 redis.call('HSET', KEYS[1], 'state', 'released', 'reason', 'reservation_expired')
 redis.call('EXPIRE', KEYS[1], ARGV[3])

@@ -6,6 +6,7 @@
 -- KEYS[3] user       hash sku -> units the order's user holds
 -- KEYS[4] deadlines  zset order id -> deadline
 -- KEYS[5] idem       the order's Idempotency-Key record (any key when it had none)
+-- KEYS[6] changes    zset sku -> change sequence;  KEYS[7] seq  its counter
 -- ARGV[1] order id, ARGV[2] reason, ARGV[3] seconds to keep the released record
 --
 -- Only a 'publish_failed' release forgets the Idempotency-Key: that order was never
@@ -26,9 +27,11 @@ if state ~= 'reserved' and (ARGV[2] == 'publish_failed' or state ~= 'claimed') t
   return state
 end
 local items = cjson.decode(redis.call('HGET', KEYS[1], 'items'))
+local seq = redis.call('INCR', KEYS[7])
 for _, line in ipairs(items) do
   redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
   redis.call('HINCRBY', KEYS[3], line.sku, -line.qty)
+  redis.call('ZADD', KEYS[6], seq, line.sku)
 end
 redis.call('HSET', KEYS[1], 'state', 'released', 'reason', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])

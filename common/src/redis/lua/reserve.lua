@@ -8,6 +8,8 @@
 -- KEYS[5] idem       hash of this (user, Idempotency-Key); unused when ARGV[3] == ''
 -- KEYS[6] resv       hash of this order's reservation
 -- KEYS[7] deadlines  zset order id -> deadline (ms), read by the reaper
+-- KEYS[8] changes    zset sku -> change sequence (the notifier samples changed SKUs)
+-- KEYS[9] seq        the change sequence counter
 -- ARGV[1] order id, ARGV[2] user id, ARGV[3] body hash ('' = no Idempotency-Key),
 -- ARGV[4] accepted_at (RFC 3339), ARGV[5] deadline (ms since epoch),
 -- ARGV[6] idempotency TTL (s), ARGV[7] items as JSON, ARGV[8..] sku, qty pairs
@@ -66,9 +68,11 @@ for i = 1, n do
   end
 end
 
+local seq = redis.call('INCR', KEYS[9])
 for i = 1, n do
   redis.call('HINCRBY', KEYS[2], skus[i], -qtys[i])
   redis.call('HINCRBY', KEYS[4], skus[i], qtys[i])
+  redis.call('ZADD', KEYS[8], seq, skus[i])
 end
 redis.call('HSET', KEYS[6], 'state', 'reserved', 'user', ARGV[2], 'items', ARGV[7],
   'accepted_at', ARGV[4], 'deadline', ARGV[5])

@@ -1,0 +1,132 @@
+//! floodgate notifier: streams order status and stock levels to browsers and other
+//! subscribers over Server-Sent Events and WebSocket, and serves the live page.
+//!
+//! Order events come from the `events` exchange (the worker's outbox relay), each
+//! instance on its own exclusive queue, so any number of notifiers can run side by side.
+//! Stock levels are sampled from Redis every `FLOODGATE_STOCK_INTERVAL_MS`: the order
+//! path only marks SKUs changed, and a subscriber gets the latest level of each SKU at
+//! most that often, never a backlog.
+//!
+//! # Layout
+//!
+//! - [`hub`] - the fan-out: topics to subscribers, per-subscriber bounded buffers,
+//!   conflated stock levels, slow subscribers closed.
+//! - [`sources`] - events in: the stock sampler and the order-event consumer.
+//! - [`routes`] - SSE, WebSocket, the live page, health and metrics.
+//! - [`topics`] - the topic grammar.
+//! - [`repo`] - the order lookup behind `order:<id>` subscriptions.
+//! - [`serve`] - the HTTP server loop that can drop one chosen connection.
+//! - [`error`] - errors as problem+json and as WebSocket close frames.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod hub;
+pub mod repo;
+pub mod routes;
+pub mod serve;
+pub mod sources;
+pub mod topics;
+
+use anyhow::Context;
+use floodgate_common::{Config, auth::Verifier, redis::Keys};
+use std::{sync::Arc, time::Duration};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How long shutdown waits for streams to say goodbye.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A built notifier, bound to its port, not yet serving.
+pub struct Notifier {
+    listener: TcpListener,
+    state: routes::AppState,
+}
+
+impl Notifier {
+    /// Connects to Redis and PostgreSQL and binds `cfg.notifier_addr` (port 0 picks a
+    /// free port). The broker is connected by the running consumer, with backoff.
+    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        let redis = floodgate_common::redis::connect(&cfg.redis_url)
+            .await
+            .context("connecting to Redis")?;
+        let pg = floodgate_common::db::pool(&cfg)?;
+        let listener = TcpListener::bind(cfg.notifier_addr)
+            .await
+            .with_context(|| format!("binding {}", cfg.notifier_addr))?;
+        let state = routes::AppState {
+            hub: hub::Hub::new(cfg.subscriber_buffer, cfg.max_subscribers),
+            verifier: Arc::new(Verifier::new(cfg.jwt_secret.expose())),
+            keys: Arc::new(Keys::new(&cfg.namespace)),
+            redis,
+            pg,
+            sources: sources::SourceHealth::default(),
+            shutdown: CancellationToken::new(),
+            cfg: Arc::new(cfg),
+        };
+        Ok(Self { listener, state })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown`; then every stream gets its `shutting_down` close and
+    /// the server waits up to 5 s for them to go.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let _ = floodgate_common::telemetry::metrics();
+        let st = self.state;
+        let cfg = st.cfg.clone();
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(sources::sample_stock(
+            st.hub.clone(),
+            st.redis.clone(),
+            (*st.keys).clone(),
+            cfg.stock_interval,
+            st.shutdown.clone(),
+        ));
+        tasks.spawn(sources::consume_orders(
+            st.hub.clone(),
+            (*cfg).clone(),
+            st.sources.clone(),
+            st.shutdown.clone(),
+        ));
+        tasks.close();
+        let streams_done = st.shutdown.clone();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            trigger.cancelled().await;
+            streams_done.cancel();
+        });
+        let hub = st.hub.clone();
+        serve::serve(
+            self.listener,
+            routes::router(st),
+            cfg.subscriber_send_buffer,
+            shutdown,
+            SHUTDOWN_GRACE,
+        )
+        .await;
+        // WebSockets outlive their HTTP connection: give them the same grace.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while hub.subscribers() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tasks.wait().await;
+        Ok(())
+    }
+}
+
+/// The `floodgate-notifier` binary: config from the environment, logging, run until
+/// SIGINT/SIGTERM.
+pub async fn main_from_env() -> anyhow::Result<()> {
+    floodgate_common::telemetry::init_logging();
+    let cfg = Config::from_env().context("reading configuration")?;
+    if cfg.uses_dev_secret() {
+        tracing::warn!("FLOODGATE_JWT_SECRET is the development default; set your own");
+    }
+    let notifier = Notifier::build(cfg).await?;
+    tracing::info!(port = notifier.port(), "notifier listening");
+    notifier
+        .run_until_stopped(floodgate_common::shutdown::on_signal())
+        .await
+}

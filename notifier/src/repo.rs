@@ -1,0 +1,74 @@
+//! The one lookup the notifier makes: an order's owner and current status, for an
+//! `order:<id>` subscription (ownership check and the status to send at once).
+
+use deadpool_postgres::Pool;
+use floodgate_common::{
+    amqp::OrderEvent,
+    domain::{OrderId, OrderStatus, UserId},
+    redis::{Keys, reservation},
+};
+use redis::aio::ConnectionManager;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+/// What is known about an order now.
+pub struct Current {
+    pub owner: UserId,
+    /// Its status as an event, when it has one to tell (a reservation released but not
+    /// yet recorded has none: its `failed` event is on the way).
+    pub event: Option<OrderEvent>,
+}
+
+/// PostgreSQL first (committed orders), then the Redis reservation (accepted orders not
+/// yet committed). None when neither knows it, or ingress never accepted it.
+pub async fn current(
+    pg: &Pool,
+    redis: &ConnectionManager,
+    keys: &Keys,
+    id: &OrderId,
+) -> anyhow::Result<Option<Current>> {
+    let db = pg.get().await?;
+    let row = db
+        .query_opt(
+            "SELECT user_id, status, reason, updated_at FROM orders WHERE id = $1",
+            &[&id.as_uuid()],
+        )
+        .await?;
+    if let Some(r) = row {
+        let owner = UserId::parse(r.get::<_, String>("user_id"))?;
+        let status = OrderStatus::parse(r.get("status"))
+            .ok_or_else(|| anyhow::anyhow!("unknown order status in PostgreSQL"))?;
+        return Ok(Some(Current {
+            event: Some(OrderEvent {
+                order_id: *id,
+                user_id: owner.clone(),
+                status,
+                reason: r.get("reason"),
+                at: r.get("updated_at"),
+            }),
+            owner,
+        }));
+    }
+    let mut redis = redis.clone();
+    let Some(resv) = reservation(&mut redis, keys, id).await? else {
+        return Ok(None);
+    };
+    let event = match resv.state.as_str() {
+        "reserved" | "claimed" | "done" => Some(OrderEvent {
+            order_id: *id,
+            user_id: resv.user.clone(),
+            status: OrderStatus::Accepted,
+            reason: None,
+            at: OffsetDateTime::parse(&resv.accepted_at, &Rfc3339)
+                .unwrap_or_else(|_| OffsetDateTime::now_utc()),
+        }),
+        _ => None,
+    };
+    // A reservation whose publish failed was answered 503: that order never existed.
+    if resv.reason.as_deref() == Some("publish_failed") {
+        return Ok(None);
+    }
+    Ok(Some(Current {
+        owner: resv.user,
+        event,
+    }))
+}

@@ -1,0 +1,174 @@
+//! The HTTP surface: the two stream endpoints, the live page, health and metrics.
+//! Handlers extract and delegate; the subscribing logic both transports share is here.
+
+mod page;
+mod sse;
+mod ws;
+
+use crate::{
+    error::ApiError,
+    hub::{Hub, StockLevel, SubscribeError, Subscription},
+    repo,
+    sources::SourceHealth,
+    topics::Topic,
+};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use deadpool_postgres::Pool;
+use floodgate_common::{
+    Config,
+    amqp::OrderEvent,
+    auth::{Caller, Verifier},
+    redis::Keys,
+    telemetry::{self, names},
+};
+use redis::aio::ConnectionManager;
+use serde_json::json;
+use std::{sync::Arc, time::Duration};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio_util::sync::CancellationToken;
+
+/// What every handler shares; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub cfg: Arc<Config>,
+    pub hub: Hub,
+    pub verifier: Arc<Verifier>,
+    pub keys: Arc<Keys>,
+    pub redis: ConnectionManager,
+    /// For the order-topic lookup only.
+    pub pg: Pool,
+    pub sources: SourceHealth,
+    /// Fired on shutdown: every stream ends with a `shutting_down` close.
+    pub shutdown: CancellationToken,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/stream", get(sse::stream))
+        .route("/v1/ws", get(ws::upgrade))
+        .route("/", get(page::index))
+        .route("/assets/app.js", get(page::script))
+        .route("/assets/app.css", get(page::style))
+        .route("/config.json", get(page::config))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NoSuchEndpoint })
+        .with_state(state)
+}
+
+async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+    let amqp = st
+        .sources
+        .amqp_up
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let (ready, mut body) = floodgate_common::health::readiness(&st.redis, &st.pg, amqp).await;
+    body["subscribers"] = json!(st.hub.subscribers());
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        telemetry::metrics().render(),
+    )
+}
+
+/// The caller, from `Authorization: Bearer` or `access_token` (browsers cannot set
+/// headers on EventSource or WebSocket). No token is fine (public topics); a token
+/// that does not verify is refused, never ignored.
+fn caller(
+    st: &AppState,
+    headers: &HeaderMap,
+    access_token: Option<&str>,
+) -> Result<Option<Caller>, ApiError> {
+    let Some(token) = floodgate_common::problem::bearer(headers).or(access_token) else {
+        return Ok(None);
+    };
+    st.verifier.verify(token.trim()).map(Some).map_err(|e| {
+        tracing::debug!(error = %e, "token refused");
+        ApiError::BadToken
+    })
+}
+
+/// Subscribes `topics` (all or none): registers them first, so no event falls between
+/// the lookup and the subscription, then checks each order topic's owner and queues the
+/// order's current status.
+async fn subscribe(
+    st: &AppState,
+    sub: &mut Subscription,
+    topics: &[Topic],
+) -> Result<(), ApiError> {
+    let held = sub.topics();
+    sub.add(topics)?;
+    let fresh: Vec<Topic> = topics
+        .iter()
+        .filter(|t| !held.contains(&t.to_string()))
+        .cloned()
+        .collect();
+    for t in topics {
+        let Topic::Order(id) = t else { continue };
+        let found = repo::current(&st.pg, &st.redis, &st.keys, id).await;
+        let visible = match &found {
+            Ok(Some(cur)) => sub
+                .caller()
+                .is_some_and(|c| c.is_admin() || c.user == cur.owner),
+            _ => false,
+        };
+        match found {
+            Ok(Some(cur)) if visible => {
+                if let Some(ev) = cur.event {
+                    sub.push_current(ev);
+                }
+            }
+            // Another user's order is as absent as an unknown one: nothing leaks.
+            Ok(_) => {
+                sub.remove(&fresh);
+                return Err(SubscribeError::OrderNotFound.into());
+            }
+            Err(e) => {
+                sub.remove(&fresh);
+                return Err(ApiError::Internal(e.context("looking up an order")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `{"type":"stock","sku","available","at"}`
+fn stock_json(l: &StockLevel) -> String {
+    json!({
+        "type": "stock",
+        "sku": l.sku,
+        "available": l.available,
+        "at": l.at.format(&Rfc3339).unwrap_or_default(),
+    })
+    .to_string()
+}
+
+/// `{"type":"order","order_id","user_id","status","reason"?,"at"}`
+fn order_json(e: &OrderEvent) -> String {
+    serde_json::to_string(e).expect("order events serialize")
+}
+
+/// Counts one event written to a subscriber, and its lag since the event's time.
+fn sent(kind: &'static str, transport: &'static str, at: OffsetDateTime) {
+    metrics::counter!(names::EVENTS_OUT, "type" => kind, "transport" => transport).increment(1);
+    let lag = (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0);
+    metrics::histogram!(names::DELIVERY_LAG, "type" => kind).record(lag);
+}
+
+/// How long a stream the hub closed may take to flush its last message before its
+/// connection is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);

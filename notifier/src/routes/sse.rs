@@ -1,0 +1,104 @@
+//! `GET /v1/stream?topics=...`: Server-Sent Events. Errors before the stream starts are
+//! problem+json; once streaming, a stream the notifier ends gets a last `error` event
+//! with the reason (`slow_consumer`, `shutting_down`).
+
+use super::{AppState, CLOSE_GRACE, caller, order_json, sent, stock_json, subscribe};
+use crate::{
+    error::ApiError,
+    hub::{CloseReason, Next, Subscription, Transport},
+    serve::ConnectionHandle,
+    topics::Topic,
+};
+use axum::{
+    Extension,
+    extract::{Query, State},
+    http::HeaderMap,
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use serde_json::json;
+use std::{collections::HashMap, convert::Infallible};
+use tokio_util::sync::CancellationToken;
+
+pub async fn stream(
+    State(st): State<AppState>,
+    Extension(conn): Extension<ConnectionHandle>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&st, &headers, q.get("access_token").map(String::as_str))?;
+    let topics = Topic::parse_list(q.get("topics").map_or("", String::as_str).split(','))
+        .map_err(crate::hub::SubscribeError::InvalidTopic)?;
+    let mut sub = st.hub.subscribe(caller, Transport::Sse)?;
+    subscribe(&st, &mut sub, &topics).await?;
+    watch_for_close(&sub, conn);
+
+    struct Stream {
+        sub: Subscription,
+        shutdown: CancellationToken,
+        done: bool,
+    }
+    let state = Stream {
+        sub,
+        shutdown: st.shutdown.clone(),
+        done: false,
+    };
+    let events = futures::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let event = tokio::select! {
+            biased;
+            _ = s.shutdown.cancelled() => {
+                s.sub.close(CloseReason::ShuttingDown);
+                s.done = true;
+                closing(CloseReason::ShuttingDown)
+            }
+            next = s.sub.next() => match next {
+                Next::Order(e) => {
+                    sent("order", "sse", e.at);
+                    Event::default().event("order").data(order_json(&e))
+                }
+                Next::Stock(l) => {
+                    sent("stock", "sse", l.at);
+                    Event::default().event("stock").data(stock_json(&l))
+                }
+                Next::Closed(r) => {
+                    s.done = true;
+                    closing(r)
+                }
+            },
+        };
+        Some((Ok::<_, Infallible>(event), s))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(st.cfg.keepalive))
+        .into_response())
+}
+
+fn closing(r: CloseReason) -> Event {
+    Event::default()
+        .event("error")
+        .data(json!({"type": "error", "code": r.code(), "detail": r.detail()}).to_string())
+}
+
+/// When the hub closes this stream (a slow consumer), the last event is written only if
+/// the client reads again; the connection is dropped after [`CLOSE_GRACE`] either way.
+fn watch_for_close(sub: &Subscription, conn: ConnectionHandle) {
+    let closed = sub.closed_token();
+    let gone = sub.dropped_token();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = closed.cancelled() => {
+                tokio::select! {
+                    _ = gone.cancelled() => {}
+                    _ = tokio::time::sleep(CLOSE_GRACE) => {}
+                }
+                conn.kill();
+            }
+            _ = gone.cancelled() => {}
+        }
+    });
+}

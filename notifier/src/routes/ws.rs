@@ -1,0 +1,183 @@
+//! `GET /v1/ws`: WebSocket. The client sends `{"subscribe":[...]}` and
+//! `{"unsubscribe":[...]}` (both may be in one message) and gets
+//! `{"type":"subscribed","topics":[every topic held]}` back, then the events as text
+//! messages. `?topics=` subscribes before the upgrade, with HTTP errors.
+//!
+//! A token that does not verify is refused with 401 before the upgrade. After it, a
+//! refused subscription closes the socket with code 4000 + the HTTP status it would
+//! have had (4400 invalid_topic, 4401, 4403, 4404) and `code: detail` as the reason.
+//! The notifier pings every `FLOODGATE_KEEPALIVE_SECS` and closes a client that misses
+//! two pongs; on shutdown it closes every socket with 1001.
+
+use super::{AppState, caller, order_json, sent, stock_json, subscribe};
+use crate::{
+    error::{ApiError, truncate},
+    hub::{CloseReason, Next, SubscribeError, Subscription, Transport},
+    topics::Topic,
+};
+use axum::{
+    extract::{
+        Query, State,
+        ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade},
+    },
+    http::HeaderMap,
+    response::Response,
+};
+use futures::{SinkExt, StreamExt, stream::SplitSink};
+use serde::Deserialize;
+use serde_json::json;
+use std::{collections::HashMap, time::Duration};
+use tokio::time::Instant;
+
+/// Largest client message accepted (a subscribe of 100 topics fits easily).
+const MAX_MESSAGE: usize = 16 * 1024;
+/// How long the closing handshake may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&st, &headers, q.get("access_token").map(String::as_str))?;
+    let initial = match q.get("topics") {
+        Some(list) => Topic::parse_list(list.split(',')).map_err(SubscribeError::InvalidTopic)?,
+        None => Vec::new(),
+    };
+    let mut sub = st.hub.subscribe(caller, Transport::Ws)?;
+    if !initial.is_empty() {
+        subscribe(&st, &mut sub, &initial).await?;
+    }
+    Ok(ws
+        .max_message_size(MAX_MESSAGE)
+        .on_upgrade(move |socket| run(socket, sub, st)))
+}
+
+/// A control message from the client.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Control {
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    unsubscribe: Vec<String>,
+}
+
+/// How a socket ends.
+enum End {
+    /// The client closed or vanished.
+    Gone,
+    /// The notifier closes it with a reason.
+    Close(u16, String),
+}
+
+async fn run(socket: WebSocket, mut sub: Subscription, st: AppState) {
+    let (mut tx, mut rx) = socket.split();
+    let keepalive = st.cfg.keepalive;
+    let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+    let mut last_pong = Instant::now();
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = st.shutdown.cancelled() => {
+                sub.close(CloseReason::ShuttingDown);
+                break close_for(CloseReason::ShuttingDown);
+            }
+            msg = rx.next() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break End::Gone,
+                Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
+                // axum answers pings itself.
+                Some(Ok(Message::Ping(_))) => {}
+                Some(Ok(Message::Text(text))) => match control(&st, &mut sub, text.as_str()).await {
+                    Ok(reply) => {
+                        if tx.send(Message::Text(reply.into())).await.is_err() {
+                            break End::Gone;
+                        }
+                    }
+                    Err(e) => {
+                        metrics::counter!(floodgate_common::telemetry::names::DISCONNECTS, "reason" => "rejected").increment(1);
+                        break End::Close(e.close_code(), e.close_reason());
+                    }
+                },
+                Some(Ok(Message::Binary(_))) => {
+                    sub.close(CloseReason::ProtocolError);
+                    break End::Close(1003, "protocol_error: send JSON text messages".into());
+                }
+            },
+            next = sub.next() => {
+                let text = match next {
+                    Next::Order(e) => {
+                        sent("order", "ws", e.at);
+                        order_json(&e)
+                    }
+                    Next::Stock(l) => {
+                        sent("stock", "ws", l.at);
+                        stock_json(&l)
+                    }
+                    Next::Closed(r) => break close_for(r),
+                };
+                // A client that stops reading blocks this send; the hub then closes the
+                // subscriber (its buffer fills) and the socket is dropped.
+                tokio::select! {
+                    r = tx.send(Message::Text(text.into())) => if r.is_err() { break End::Gone },
+                    _ = sub.closed() => break End::Gone,
+                }
+            }
+            _ = ping.tick() => {
+                if last_pong.elapsed() > keepalive * 2 {
+                    sub.close(CloseReason::PingTimeout);
+                    break close_for(CloseReason::PingTimeout);
+                }
+                if tx.send(Message::Ping(Default::default())).await.is_err() {
+                    break End::Gone;
+                }
+            }
+        }
+    };
+    if let End::Close(code, reason) = end {
+        close(&mut tx, code, reason).await;
+    }
+}
+
+fn close_for(r: CloseReason) -> End {
+    let code = match r {
+        CloseReason::ShuttingDown => 1001,
+        CloseReason::SlowConsumer => 1008,
+        CloseReason::PingTimeout => 1001,
+        CloseReason::ProtocolError => 1003,
+    };
+    End::Close(code, truncate(format!("{}: {}", r.code(), r.detail()), 123))
+}
+
+async fn close(tx: &mut SplitSink<WebSocket, Message>, code: u16, reason: String) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = tx.send(Message::Close(Some(frame))).await;
+        let _ = tx.close().await;
+    })
+    .await;
+}
+
+/// Applies one control message; the reply lists every topic held.
+async fn control(st: &AppState, sub: &mut Subscription, text: &str) -> Result<String, ApiError> {
+    let c: Control = serde_json::from_str(text).map_err(|e| {
+        SubscribeError::InvalidTopic(format!(
+            "expected {{\"subscribe\":[...]}} or {{\"unsubscribe\":[...]}}: {e}"
+        ))
+    })?;
+    if !c.unsubscribe.is_empty() {
+        let topics = Topic::parse_list(c.unsubscribe.iter().map(String::as_str))
+            .map_err(SubscribeError::InvalidTopic)?;
+        sub.remove(&topics);
+    }
+    if !c.subscribe.is_empty() {
+        let topics = Topic::parse_list(c.subscribe.iter().map(String::as_str))
+            .map_err(SubscribeError::InvalidTopic)?;
+        subscribe(st, sub, &topics).await?;
+    }
+    Ok(json!({"type": "subscribed", "topics": sub.topics()}).to_string())
+}

@@ -1,0 +1,187 @@
+//! Where events come from.
+//!
+//! - [`sample_stock`]: every `FLOODGATE_STOCK_INTERVAL_MS`, one Lua call returns the SKUs
+//!   the order path marked changed since the last call, with their levels. The order path
+//!   pays one `INCR` and one `ZADD` per script; a quiet SKU costs nothing.
+//! - [`consume_orders`]: this instance's own exclusive queue, bound to `order.*` on the
+//!   `events` exchange, fed by the worker's outbox relay. Rebuilt with backoff whenever
+//!   the broker connection fails.
+
+use crate::hub::Hub;
+use floodgate_common::{
+    Config,
+    amqp::{OrderEvent, Topology},
+    redis::{Keys, StockCursor, stock_changes},
+    telemetry::names,
+};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use redis::aio::ConnectionManager;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+/// Health of the sources, for `/readyz`.
+#[derive(Clone, Default)]
+pub struct SourceHealth {
+    pub amqp_up: Arc<AtomicBool>,
+}
+
+/// Samples changed stock levels until `shutdown`.
+pub async fn sample_stock(
+    hub: Hub,
+    mut redis: ConnectionManager,
+    keys: Keys,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut cursor = StockCursor::default();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match stock_changes(&mut redis, &keys, &cursor).await {
+            Ok(Some((next, levels))) => {
+                if failing {
+                    tracing::info!("stock sampling works again");
+                    failing = false;
+                }
+                cursor = next;
+                if !levels.is_empty() {
+                    hub.publish_stock(levels, OffsetDateTime::now_utc());
+                }
+            }
+            // Not loaded (a fresh or restarted Redis): the next load has a new epoch and
+            // the first read after it returns every level.
+            Ok(None) => cursor = StockCursor::default(),
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "stock sampling failed; retrying every tick");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Consumes order events until `shutdown`, reconnecting with backoff (200 ms to 5 s).
+pub async fn consume_orders(
+    hub: Hub,
+    cfg: Config,
+    health: SourceHealth,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match consume_once(&hub, &cfg, &health, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                health.amqp_up.store(false, Ordering::Relaxed);
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    ?backoff,
+                    "order events: broker failed; reconnecting"
+                );
+                metrics::counter!(names::RECONNECTS, "service" => "notifier").increment(1);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One broker session: Ok on shutdown, Err when the broker fails.
+async fn consume_once(
+    hub: &Hub,
+    cfg: &Config,
+    health: &SourceHealth,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let conn = floodgate_common::amqp::connect(
+        &cfg.amqp_url,
+        &format!("floodgate-notifier {}", cfg.namespace),
+    )
+    .await?;
+    let ch = conn.create_channel().await?;
+    let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+    topology.declare(&ch).await?;
+    let queue = ch
+        .queue_declare(
+            // Server-named: one queue per notifier instance, so every instance sees
+            // every event.
+            "".into(),
+            QueueDeclareOptions {
+                // Only this connection uses it, and it goes away with the connection:
+                // events are live news, the outbox and PostgreSQL are the record.
+                exclusive: true,
+                auto_delete: true,
+                durable: false,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        queue.name().as_str().into(),
+        topology.events_exchange.as_str().into(),
+        "order.*".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.name().as_str().into(),
+            "notifier".into(),
+            // No acks: a lost event is re-read from PostgreSQL by any client that
+            // reconnects (order topics send the current status).
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    health.amqp_up.store(true, Ordering::Relaxed);
+    tracing::info!(queue = queue.name().as_str(), "consuming order events");
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutdown".into())).await;
+                return Ok(());
+            }
+            d = consumer.next() => d,
+        };
+        let delivery = match delivery {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("the broker ended the consumer"),
+        };
+        let event_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok());
+        match OrderEvent::from_bytes(&delivery.data) {
+            Ok(event) => hub.publish_order(event_id, event),
+            Err(e) => {
+                metrics::counter!(names::EVENTS_DROPPED, "reason" => "undecodable").increment(1);
+                tracing::warn!(error = %e, "an order event could not be read; dropped");
+            }
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The notifier end to end: SSE and WebSocket subscribers against the real pipeline
+//! (ingress, worker, outbox relay, Redis, RabbitMQ, PostgreSQL).
+
+use floodgate_tests::{
+    Options, TestApp, eventually,
+    streams::{Sse, SseEvent, Ws},
+};
+use serde_json::{Value, json};
+use std::{collections::HashMap, time::Duration};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn with_notifier() -> TestApp {
+    TestApp::spawn_with(Options {
+        notifier: true,
+        ..Options::default()
+    })
+    .await
+}
+
+fn stream_url(app: &TestApp, topics: &str, token: Option<&str>) -> String {
+    let mut url = format!(
+        "{}/v1/stream?topics={topics}",
+        app.notifier.as_ref().unwrap()
+    );
+    if let Some(t) = token {
+        url.push_str(&format!("&access_token={t}"));
+    }
+    url
+}
+
+fn ws_url(app: &TestApp, token: Option<&str>) -> String {
+    let base = app.notifier.as_ref().unwrap().replace("http://", "ws://");
+    match token {
+        Some(t) => format!("{base}/v1/ws?access_token={t}"),
+        None => format!("{base}/v1/ws"),
+    }
+}
+
+/// What one subscriber saw: stock levels per SKU in order, and order events.
+#[derive(Default, Debug)]
+struct Seen {
+    levels: HashMap<String, Vec<i64>>,
+    orders: Vec<Value>,
+}
+
+impl Seen {
+    fn take(&mut self, v: Value) {
+        match v["type"].as_str() {
+            Some("stock") => self
+                .levels
+                .entry(v["sku"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(v["available"].as_i64().unwrap()),
+            Some("order") => self.orders.push(v),
+            _ => panic!("unexpected event {v}"),
+        }
+    }
+    fn last(&self, sku: &str) -> Option<i64> {
+        self.levels.get(sku).and_then(|l| l.last().copied())
+    }
+    fn confirmed(&self) -> usize {
+        self.orders
+            .iter()
+            .filter(|o| o["status"] == "confirmed")
+            .count()
+    }
+}
+
+async fn sse_until(sse: &mut Sse, seen: &mut Seen, done: impl Fn(&Seen) -> bool) {
+    while !done(seen) {
+        let ev: SseEvent = sse
+            .next(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("stream ended or stalled; saw {seen:?}"));
+        seen.take(ev.data);
+    }
+}
+
+async fn ws_until(ws: &mut Ws, seen: &mut Seen, done: impl Fn(&Seen) -> bool) {
+    while !done(seen) {
+        let v = ws
+            .next(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("socket closed or stalled ({:?}); saw {seen:?}", ws.closed));
+        if v["type"] == "subscribed" {
+            continue;
+        }
+        seen.take(v);
+    }
+}
+
+fn assert_draining(levels: &[i64], from: i64, to: i64) {
+    assert_eq!(
+        levels.first(),
+        Some(&from),
+        "the current level first: {levels:?}"
+    );
+    assert_eq!(
+        levels.last(),
+        Some(&to),
+        "ends at the true level: {levels:?}"
+    );
+    assert!(
+        levels.windows(2).all(|w| w[0] > w[1]),
+        "only changes, in order: {levels:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_and_websocket_get_the_level_its_changes_and_only_their_own_orders() {
+    let app = with_notifier().await;
+    app.create_sku("tee", 50, None).await;
+    app.create_sku("cap", 7, None).await;
+    let (alice, bob) = (app.customer("alice"), app.customer("bob"));
+
+    let mut sse = Sse::connect(
+        &app.client,
+        &stream_url(&app, "stock:tee,orders:mine", Some(&alice)),
+    )
+    .await
+    .expect("alice's stream");
+    let mut ws = Ws::connect(&ws_url(&app, Some(&bob)))
+        .await
+        .expect("bob's socket");
+    ws.send(&json!({"subscribe": ["stock:*", "orders:mine"]}))
+        .await;
+    let ack = ws.next(WAIT).await.expect("subscribed");
+    assert_eq!(ack["type"], "subscribed");
+    assert_eq!(ack["topics"], json!(["orders:mine", "stock:*"]));
+
+    let (mut a, mut b) = (Seen::default(), Seen::default());
+    sse_until(&mut sse, &mut a, |s| s.last("tee") == Some(50)).await;
+    ws_until(&mut ws, &mut b, |s| {
+        s.last("tee") == Some(50) && s.last("cap") == Some(7)
+    })
+    .await;
+
+    let mut alice_orders = Vec::new();
+    for _ in 0..3 {
+        let r = app.order(&alice, &[("tee", 2)], None).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        alice_orders.push(r.body["order_id"].as_str().unwrap().to_owned());
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            app.order(&bob, &[("tee", 1), ("cap", 1)], None)
+                .await
+                .status,
+            202
+        );
+    }
+
+    sse_until(&mut sse, &mut a, |s| {
+        s.confirmed() == 3 && s.last("tee") == Some(42)
+    })
+    .await;
+    ws_until(&mut ws, &mut b, |s| {
+        s.confirmed() == 2 && s.last("tee") == Some(42) && s.last("cap") == Some(5)
+    })
+    .await;
+    assert_draining(&a.levels["tee"], 50, 42);
+    assert_draining(&b.levels["tee"], 50, 42);
+    assert_draining(&b.levels["cap"], 7, 5);
+    assert!(
+        !a.levels.contains_key("cap"),
+        "alice subscribed stock:tee only"
+    );
+    assert!(
+        a.orders.iter().all(|o| o["user_id"] == "alice"),
+        "{:?}",
+        a.orders
+    );
+    assert!(
+        b.orders.iter().all(|o| o["user_id"] == "bob"),
+        "{:?}",
+        b.orders
+    );
+    let mut got: Vec<String> = a
+        .orders
+        .iter()
+        .map(|o| o["order_id"].as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    alice_orders.sort();
+    assert_eq!(got, alice_orders);
+    for o in &a.orders {
+        assert!(o["at"].as_str().is_some_and(|t| t.ends_with('Z')), "{o}");
+    }
+
+    // Nothing else arrives: no other user's order, no repeated event.
+    assert!(sse.next(Duration::from_millis(500)).await.is_none());
+    assert!(ws.next(Duration::from_millis(500)).await.is_none());
+
+    // A subscriber arriving after the commit learns the current status at once.
+    let id = &alice_orders[0];
+    let mut late = Sse::connect(
+        &app.client,
+        &stream_url(&app, &format!("order:{id}"), Some(&alice)),
+    )
+    .await
+    .expect("late stream");
+    let ev = late.next(WAIT).await.expect("current status");
+    assert_eq!(
+        (
+            ev.name.as_str(),
+            ev.data["order_id"].as_str(),
+            ev.data["status"].as_str()
+        ),
+        ("order", Some(id.as_str()), Some("confirmed"))
+    );
+    // An admin may watch it too; bob may not know it exists.
+    assert!(
+        Sse::connect(
+            &app.client,
+            &stream_url(&app, &format!("order:{id}"), Some(&app.admin()))
+        )
+        .await
+        .is_ok()
+    );
+    let (status, body) = Sse::connect(
+        &app.client,
+        &stream_url(&app, &format!("order:{id}"), Some(&bob)),
+    )
+    .await
+    .err()
+    .expect("bob is refused");
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+
+    // Cancelling moves the level back and tells the owner.
+    let r = app
+        .post(&format!("/v1/orders/{id}/cancel"), Some(&alice), &json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    sse_until(&mut sse, &mut a, |s| {
+        s.orders.iter().any(|o| o["status"] == "cancelled") && s.last("tee") == Some(44)
+    })
+    .await;
+    ws.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_topics_and_tokens_are_refused_before_the_stream_or_with_a_close_reason() {
+    let app = with_notifier().await;
+    app.create_sku("tee", 5, None).await;
+    let alice = app.customer("alice");
+    let cases: Vec<(String, Option<String>, u16, &str)> = vec![
+        ("weather:today".into(), None, 400, "invalid_topic"),
+        ("".into(), None, 400, "invalid_topic"),
+        ("stock:".into(), None, 400, "invalid_topic"),
+        ("order:42".into(), Some(alice.clone()), 400, "invalid_topic"),
+        ("orders:mine".into(), None, 401, "unauthorized"),
+        (
+            format!("order:{}", uuid::Uuid::now_v7()),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            "stock:*".into(),
+            Some("garbage".into()),
+            401,
+            "unauthorized",
+        ),
+        ("orders:*".into(), Some(alice.clone()), 403, "forbidden"),
+        (
+            format!("order:{}", uuid::Uuid::now_v7()),
+            Some(alice.clone()),
+            404,
+            "not_found",
+        ),
+        ("stock:nope".into(), None, 404, "unknown_sku"),
+    ];
+    // The sampler has read the levels once the known SKU streams.
+    eventually(WAIT, || async {
+        let mut s = match Sse::connect(&app.client, &stream_url(&app, "stock:tee", None)).await {
+            Ok(s) => s,
+            Err(_) => return false,
+        };
+        s.next(Duration::from_secs(1)).await.is_some()
+    })
+    .await;
+    for (topics, token, status, code) in &cases {
+        let (got, body) = Sse::connect(&app.client, &stream_url(&app, topics, token.as_deref()))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{topics} should be refused"));
+        assert_eq!(
+            (got, body["code"].as_str()),
+            (*status, Some(*code)),
+            "{topics}: {body}"
+        );
+        assert!(
+            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{body}"
+        );
+    }
+    // WebSocket: a bad token is refused before the upgrade...
+    assert_eq!(
+        Ws::connect(&ws_url(&app, Some("garbage"))).await.err(),
+        Some(401)
+    );
+    // ...and a bad subscription after it closes the socket with the code and reason.
+    for (msg, code, reason) in [
+        (
+            json!({"subscribe": ["weather:today"]}),
+            4400,
+            "invalid_topic",
+        ),
+        (json!({"subscribe": ["orders:mine"]}), 4401, "unauthorized"),
+        (json!({"subscribe": "stock:*"}), 4400, "invalid_topic"),
+        (json!({"listen": ["stock:*"]}), 4400, "invalid_topic"),
+    ] {
+        let mut ws = Ws::connect(&ws_url(&app, None)).await.expect("socket");
+        ws.send(&msg).await;
+        assert!(ws.next(WAIT).await.is_none(), "{msg} closes the socket");
+        let (got, why) = ws.closed.clone().expect("a close frame");
+        assert_eq!(got, code, "{msg}: {why}");
+        assert!(why.starts_with(reason), "{msg}: {why}");
+    }
+    // A refused request subscribed nothing.
+    let ready: Value = app
+        .client
+        .get(format!("{}/readyz", app.notifier.as_ref().unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    eventually(WAIT, || async {
+        let r: Value = app
+            .client
+            .get(format!("{}/readyz", app.notifier.as_ref().unwrap()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["subscribers"] == 0
+    })
+    .await;
+}

@@ -1,0 +1,237 @@
+//! The outbox relay: publishes the events committed to the `outbox` table (by the batch
+//! transaction, the reaper and cancellations) to the `events` exchange, and deletes each
+//! row only after the broker confirmed it.
+//!
+//! A batch of rows is taken `FOR UPDATE SKIP LOCKED`, so several workers relay side by
+//! side without publishing a row twice in the normal course. A crash after the publish
+//! and before the delete publishes those rows again on the next pass, with the same
+//! `message_id` (the row's event id): delivery is at least once and subscribers
+//! de-duplicate. A crash before the publish loses nothing; the rows wait.
+//!
+//! It has its own AMQP connection, so a relay failure never disturbs the consumer, and
+//! it runs while the consumer is paused: events already committed still go out.
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use floodgate_common::{Config, amqp::Topology, telemetry::names};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+};
+use std::{sync::Arc, time::Duration};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Rows published per transaction at most.
+const BATCH: i64 = 500;
+/// How long the relay waits for the broker to confirm a batch.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Test hook: `FLOODGATE_TEST_FAILPOINT=outbox_before_publish|outbox_after_publish`
+/// aborts the process at that point of the first non-empty pass, so the crash-window
+/// tests can kill a real relay exactly there. Read once; never set in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failpoint {
+    BeforePublish,
+    AfterPublish,
+}
+
+fn failpoint() -> Option<Failpoint> {
+    match std::env::var("FLOODGATE_TEST_FAILPOINT").ok()?.as_str() {
+        "outbox_before_publish" => Some(Failpoint::BeforePublish),
+        "outbox_after_publish" => Some(Failpoint::AfterPublish),
+        _ => None,
+    }
+}
+
+fn trip(at: Failpoint, armed: Option<Failpoint>) {
+    if armed == Some(at) {
+        eprintln!("failpoint {at:?} reached: aborting");
+        std::process::abort();
+    }
+}
+
+struct Link {
+    conn: Connection,
+    channel: Channel,
+    exchange: String,
+}
+
+impl Link {
+    async fn open(cfg: &Config) -> anyhow::Result<Self> {
+        let conn = floodgate_common::amqp::connect(
+            &cfg.amqp_url,
+            &format!("floodgate-outbox {}", cfg.namespace),
+        )
+        .await?;
+        let channel = conn.create_channel().await?;
+        let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+        topology.declare(&channel).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            conn,
+            channel,
+            exchange: topology.events_exchange,
+        })
+    }
+
+    async fn close(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.channel.close(200, "shutdown".into()).await;
+            let _ = self.conn.close(200, "shutdown".into()).await;
+        })
+        .await;
+    }
+}
+
+/// Why a pass failed: the broker link needs rebuilding, or the database failed.
+enum PassError {
+    Broker(anyhow::Error),
+    Db(anyhow::Error),
+}
+
+/// Relays until `shutdown`. `wake` is notified after every commit of this process that
+/// wrote outbox rows; `cfg.outbox_poll` bounds the wait for rows written elsewhere.
+pub async fn run(cfg: Config, pg: Pool, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let armed = failpoint();
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let link = match Link::open(&cfg).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(
+                    error = format!("{e:#}"),
+                    ?backoff,
+                    "outbox relay: broker unreachable"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {},
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        relay(&cfg, &pg, &link, &wake, armed, &shutdown).await;
+        link.close().await;
+    }
+}
+
+/// Relays over one broker link until it fails or `shutdown`.
+async fn relay(
+    cfg: &Config,
+    pg: &Pool,
+    link: &Link,
+    wake: &Notify,
+    armed: Option<Failpoint>,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let idle = match pass(pg, link, armed).await {
+            Ok(n) => n < BATCH as usize,
+            Err(PassError::Broker(e)) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "outbox relay: broker failed; reconnecting"
+                );
+                metrics::counter!(names::RECONNECTS, "service" => "outbox").increment(1);
+                return;
+            }
+            Err(PassError::Db(e)) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "outbox relay: database failed; retrying in 1 s"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                }
+                false
+            }
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if idle {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => {},
+                _ = tokio::time::sleep(cfg.outbox_poll) => {},
+            }
+        }
+    }
+}
+
+/// One transaction: lock up to [`BATCH`] rows, publish them, wait for every confirm,
+/// delete them. Returns how many rows went out.
+async fn pass(pg: &Pool, link: &Link, armed: Option<Failpoint>) -> Result<usize, PassError> {
+    let db_err = |e: tokio_postgres::Error| PassError::Db(e.into());
+    let mut db = pg.get().await.map_err(|e| PassError::Db(e.into()))?;
+    let tx = db.transaction().await.map_err(db_err)?;
+    let rows = tx
+        .query(
+            "SELECT id, event_id, routing_key, payload::text, created_at FROM outbox
+              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            &[&BATCH],
+        )
+        .await
+        .map_err(db_err)?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    trip(Failpoint::BeforePublish, armed);
+    let mut confirms = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(rows.len());
+    for r in &rows {
+        ids.push(r.get::<_, i64>(0));
+        let event_id: uuid::Uuid = r.get(1);
+        let routing_key: &str = r.get(2);
+        let payload: &str = r.get(3);
+        let at: time::OffsetDateTime = r.get(4);
+        let props = BasicProperties::default()
+            .with_message_id(event_id.to_string().into())
+            .with_content_type("application/json".into())
+            .with_timestamp(at.unix_timestamp().max(0) as u64);
+        let confirm = link
+            .channel
+            .basic_publish(
+                link.exchange.as_str().into(),
+                routing_key.into(),
+                // Not mandatory: with no notifier running, nobody is bound, and that is
+                // not a failure.
+                BasicPublishOptions::default(),
+                payload.as_bytes(),
+                props,
+            )
+            .await
+            .context("publishing an event")
+            .map_err(PassError::Broker)?;
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Ok(Ok(Confirmation::Ack(_))) => {}
+            Ok(Ok(other)) => {
+                return Err(PassError::Broker(anyhow::anyhow!(
+                    "broker refused an event: {other:?}"
+                )));
+            }
+            Ok(Err(e)) => return Err(PassError::Broker(e.into())),
+            Err(_) => {
+                return Err(PassError::Broker(anyhow::anyhow!(
+                    "no publisher confirm within {CONFIRM_TIMEOUT:?}"
+                )));
+            }
+        }
+    }
+    trip(Failpoint::AfterPublish, armed);
+    tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
+        .await
+        .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    metrics::counter!(names::OUTBOX_RELAYED).increment(rows.len() as u64);
+    Ok(rows.len())
+}
