@@ -343,3 +343,74 @@ async fn bad_topics_and_tokens_are_refused_before_the_stream_or_with_a_close_rea
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sse_and_two_hundred_websocket_subscribers_all_see_the_sale_end_at_zero() {
+    const STOCK: i64 = 400;
+    let app = with_notifier().await;
+    app.create_sku("flash", STOCK, None).await;
+    // One client per 100 streams, so the test does not trip over its own pool limits.
+    let clients: Vec<reqwest::Client> = (0..10).map(|_| reqwest::Client::new()).collect();
+    let mut sse = Vec::new();
+    for i in 0..1_000 {
+        let s = Sse::connect(&clients[i % 10], &stream_url(&app, "stock:flash", None))
+            .await
+            .expect("stream");
+        sse.push(s);
+    }
+    let mut ws = Vec::new();
+    for _ in 0..200 {
+        let mut w = Ws::connect(&ws_url(&app, None)).await.expect("socket");
+        w.send(&json!({"subscribe": ["stock:*"]})).await;
+        ws.push(w);
+    }
+    let readers = sse
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut seen = Seen::default();
+                sse_until(&mut s, &mut seen, |s| s.last("flash") == Some(0)).await;
+                seen.levels.remove("flash").unwrap()
+            })
+        })
+        .chain(ws.into_iter().map(|mut w| {
+            tokio::spawn(async move {
+                let mut seen = Seen::default();
+                ws_until(&mut w, &mut seen, |s| s.last("flash") == Some(0)).await;
+                w.close().await;
+                seen.levels.remove("flash").unwrap()
+            })
+        }))
+        .collect::<Vec<_>>();
+    let sale = app
+        .load(
+            "flash",
+            32,
+            Duration::from_millis(5),
+            Duration::from_secs(3),
+        )
+        .await;
+    assert_eq!(sale.accepted.len() as i64, STOCK, "{sale:?}");
+    let mut updates = Vec::new();
+    for r in readers {
+        let levels = tokio::time::timeout(WAIT, r)
+            .await
+            .expect("reader finished")
+            .expect("reader");
+        assert_eq!(levels.first(), Some(&STOCK), "{levels:?}");
+        assert!(levels.windows(2).all(|w| w[0] > w[1]), "{levels:?}");
+        updates.push(levels.len());
+    }
+    updates.sort();
+    println!(
+        "1,200 subscribers all ended at 0; updates per subscriber: min {}, median {}, max {} (for {STOCK} sales)",
+        updates[0],
+        updates[updates.len() / 2],
+        updates[updates.len() - 1]
+    );
+    assert!(
+        updates[updates.len() - 1] < STOCK as usize,
+        "levels are conflated, not one per sale"
+    );
+    app.assert_invariants(&sale.accepted).await;
+}

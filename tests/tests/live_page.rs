@@ -1,0 +1,85 @@
+//! The live page in a real browser: headless Chromium (Debian's `chromium`) driven by
+//! playwright-core (`tests/browser/live-page.mjs`) against a real notifier and ingress.
+//! `ops/stack test` installs both; the screenshot is kept as a test artifact in
+//! `target/artifacts/live-page.png`.
+
+use floodgate_tests::{Options, TestApp};
+use serde_json::Value;
+use std::{path::PathBuf, process::Command};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_page_shows_stock_draining_and_orders_confirming_in_chromium() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("tests/browser/live-page.mjs");
+    assert!(
+        root.join("tests/browser/node_modules/playwright-core")
+            .exists(),
+        "playwright-core is not installed: run `ops/stack test` (or `npm ci --prefix tests/browser`)"
+    );
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists(),
+        "Chromium is not installed: run `ops/stack test` (or `apt-get install chromium`)"
+    );
+    let app = TestApp::spawn_with(Options {
+        notifier: true,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("tee-red-m", 50, None).await;
+    app.create_sku("cap-navy", 12, None).await;
+    let screenshot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../artifacts/live-page.png");
+    let page = format!("{}/", app.notifier.as_ref().unwrap());
+    let token = app.admin();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .current_dir(root)
+            .env("PAGE_URL", page)
+            .env("TOKEN", token)
+            .env("SKU", "tee-red-m")
+            .env("ORDERS", "5")
+            .env("SCREENSHOT", &screenshot)
+            .output()
+            .expect("run node")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let result: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no result line; stdout: {stdout}\nstderr: {stderr}"));
+    assert!(
+        out.status.success() && result["ok"] == true,
+        "{result}\nstderr: {stderr}"
+    );
+    assert_eq!(
+        (result["before"].as_i64(), result["after"].as_i64()),
+        (Some(50), Some(45)),
+        "{result}"
+    );
+    assert!(
+        result["seen"].as_array().is_some_and(|s| s.len() >= 2),
+        "the number changed on screen: {result}"
+    );
+    // The orders placed through the page are real: confirmed in PostgreSQL.
+    let ids: Vec<String> = result["order_ids"]
+        .as_array()
+        .expect("order ids")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 5);
+    let outcomes = app.assert_invariants(&ids).await;
+    assert_eq!(outcomes.get("confirmed"), Some(&5), "{outcomes:?}");
+    println!(
+        "live page screenshot: {}",
+        std::fs::canonicalize(
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../artifacts/live-page.png")
+        )
+        .unwrap()
+        .display()
+    );
+}
