@@ -118,7 +118,8 @@ pub struct Config {
     /// level of each SKU at most this often.
     pub stock_interval: Duration,
     /// Order events queued per subscriber before it counts as too slow and is
-    /// disconnected (stock levels conflate and never fill it).
+    /// disconnected (stock levels conflate and never fill it). Events arrive in bursts
+    /// of a committed batch (`FLOODGATE_BATCH_SIZE`), so keep it well above that.
     pub subscriber_buffer: usize,
     /// Subscribers one notifier serves at most; past it new streams get 503.
     pub max_subscribers: usize,
@@ -209,7 +210,7 @@ impl Config {
             outbox_poll: ms("FLOODGATE_OUTBOX_POLL_MS", 250)?,
             notifier_addr: parsed(&get, "FLOODGATE_NOTIFIER_ADDR", ([0, 0, 0, 0], 8081).into())?,
             stock_interval: ms("FLOODGATE_STOCK_INTERVAL_MS", 100)?,
-            subscriber_buffer: parsed(&get, "FLOODGATE_SUBSCRIBER_BUFFER", 256)?,
+            subscriber_buffer: parsed(&get, "FLOODGATE_SUBSCRIBER_BUFFER", 1_024)?,
             max_subscribers: parsed(&get, "FLOODGATE_MAX_SUBSCRIBERS", 20_000)?,
             subscriber_send_buffer: parsed(&get, "FLOODGATE_SUBSCRIBER_SEND_BUFFER_BYTES", 65_536)?,
             keepalive: secs("FLOODGATE_KEEPALIVE_SECS", 15)?,

@@ -123,6 +123,11 @@ impl WorkerProcess {
         Self { child }
     }
 
+    /// True once the process has exited (a failpoint aborted it, say).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// SIGKILL: no shutdown, no cleanup, unacked messages stay with the dead connection.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -563,6 +568,41 @@ impl TestApp {
             }
         }
         total
+    }
+
+    /// `users` buyers order one unit of `sku` each, back to back, until it is sold out
+    /// (each stops at its first 409). Returns the accepted order ids.
+    pub async fn sell_out(&self, sku: &str, users: usize) -> Vec<String> {
+        let runs = (0..users).map(|u| {
+            let token = self.customer(&format!("buyer-{u}"));
+            let body = serde_json::json!({"items": [{"sku": sku, "qty": 1}]});
+            let url = format!("{}/v1/orders", self.base);
+            let client = self.client.clone();
+            async move {
+                let mut accepted = Vec::new();
+                loop {
+                    let resp = client
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("order sent");
+                    let status = resp.status().as_u16();
+                    let v: Value = resp.json().await.unwrap_or(Value::Null);
+                    match status {
+                        202 => accepted.push(v["order_id"].as_str().unwrap_or_default().to_owned()),
+                        409 => return accepted,
+                        other => panic!("unexpected answer {other}: {v}"),
+                    }
+                }
+            }
+        });
+        futures::future::join_all(runs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// DESIGN.md's invariants: every accepted order is in PostgreSQL as confirmed, failed

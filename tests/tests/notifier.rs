@@ -382,15 +382,8 @@ async fn a_thousand_sse_and_two_hundred_websocket_subscribers_all_see_the_sale_e
             })
         }))
         .collect::<Vec<_>>();
-    let sale = app
-        .load(
-            "flash",
-            32,
-            Duration::from_millis(5),
-            Duration::from_secs(3),
-        )
-        .await;
-    assert_eq!(sale.accepted.len() as i64, STOCK, "{sale:?}");
+    let sale = app.sell_out("flash", 32).await;
+    assert_eq!(sale.len() as i64, STOCK);
     let mut updates = Vec::new();
     for r in readers {
         let levels = tokio::time::timeout(WAIT, r)
@@ -412,5 +405,239 @@ async fn a_thousand_sse_and_two_hundred_websocket_subscribers_all_see_the_sale_e
         updates[updates.len() - 1] < STOCK as usize,
         "levels are conflated, not one per sale"
     );
-    app.assert_invariants(&sale.accepted).await;
+    app.assert_invariants(&sale).await;
+}
+
+/// A client that sends the request and then reads only when told: a small receive
+/// buffer, so the server finds out quickly when it stops.
+struct StalledClient {
+    stream: tokio::net::TcpStream,
+    data: Vec<u8>,
+}
+
+impl StalledClient {
+    async fn open(base: &str, path: &str) -> Self {
+        let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let mut stream = tokio::net::TcpStream::from_std(socket.into()).unwrap();
+        use tokio::io::AsyncWriteExt;
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut c = Self {
+            stream,
+            data: Vec::new(),
+        };
+        c.read_until(|d| d.windows(4).any(|w| w == b"\r\n\r\n"), WAIT)
+            .await;
+        assert!(c.text().starts_with("HTTP/1.1 200"), "{}", c.text());
+        c
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+
+    /// Reads until `done(data)`, EOF or a reset (false), or `timeout` (false).
+    async fn read_until(&mut self, done: impl Fn(&[u8]) -> bool, timeout: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let until = tokio::time::Instant::now() + timeout;
+        let mut buf = [0u8; 8192];
+        while !done(&self.data) {
+            match tokio::time::timeout_at(until, self.stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
+                Ok(Ok(n)) => self.data.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+
+    /// Reads to the end of the connection; true if the server closed it within `timeout`.
+    async fn read_to_close(&mut self, timeout: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let until = tokio::time::Instant::now() + timeout;
+        let mut buf = [0u8; 8192];
+        loop {
+            match tokio::time::timeout_at(until, self.stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(n)) => self.data.extend_from_slice(&buf[..n]),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.text().matches(needle).count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_is_closed_for_order_events_and_conflated_for_stock_without_delaying_a_fast_one()
+ {
+    const STOCK: i64 = 1_500;
+    let app = TestApp::spawn_with(Options {
+        notifier: true,
+        tweak: Box::new(|c| {
+            // Above a committed batch's burst of events (200), far below the sale.
+            c.subscriber_buffer = 512;
+            c.subscriber_send_buffer = 4096;
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("slow", STOCK, None).await;
+    let admin = app.admin();
+    let base = app.notifier.clone().unwrap();
+    let mut fast = Sse::connect(
+        &app.client,
+        &stream_url(&app, "orders:*,stock:*", Some(&admin)),
+    )
+    .await
+    .expect("fast stream");
+    let mut fast_seen = Seen::default();
+    sse_until(&mut fast, &mut fast_seen, |s| s.last("slow") == Some(STOCK)).await;
+    let mut stalled_orders = StalledClient::open(
+        &base,
+        &format!("/v1/stream?topics=orders:*,stock:*&access_token={admin}"),
+    )
+    .await;
+    let mut stalled_stock = StalledClient::open(&base, "/v1/stream?topics=stock:*").await;
+    assert!(
+        stalled_stock
+            .read_until(
+                |d| String::from_utf8_lossy(d).contains(&format!("\"available\":{STOCK}")),
+                WAIT
+            )
+            .await
+    );
+
+    // The fast subscriber reads everything while the two others read nothing.
+    let reader = tokio::spawn(async move {
+        sse_until(&mut fast, &mut fast_seen, |s| {
+            s.confirmed() == STOCK as usize && s.last("slow") == Some(0)
+        })
+        .await;
+        fast_seen
+    });
+    let sale = app.sell_out("slow", 32).await;
+    assert_eq!(sale.len() as i64, STOCK);
+    let fast_seen = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the fast subscriber got every event while the others stalled")
+        .unwrap();
+    assert_eq!(fast_seen.confirmed(), STOCK as usize);
+
+    // The stalled order subscriber was disconnected: its connection ends, short of the
+    // events, never having held up the fast one.
+    assert!(
+        stalled_orders.read_to_close(WAIT).await,
+        "the server closed the stalled order stream"
+    );
+    let got = stalled_orders.count("event: order");
+    assert!(
+        got < STOCK as usize,
+        "stalled subscriber got {got} order events, fewer than {STOCK}"
+    );
+    println!(
+        "stalled order subscriber: {got} of {STOCK} order events, then closed; reason sent: {}",
+        stalled_orders.text().contains("slow_consumer")
+    );
+
+    // The stalled stock subscriber is still connected and, reading again, gets the
+    // latest level at once: conflated, never a backlog, never disconnected.
+    assert!(
+        stalled_stock
+            .read_until(
+                |d| String::from_utf8_lossy(d).contains("\"available\":0"),
+                WAIT
+            )
+            .await,
+        "the stock subscriber reaches the final level: {}",
+        stalled_stock.text()
+    );
+    let levels = stalled_stock.count("event: stock");
+    assert!(!stalled_stock.text().contains("slow_consumer"));
+    assert!(
+        levels < STOCK as usize / 2,
+        "{levels} stock events for {STOCK} changes"
+    );
+    println!("stalled stock subscriber: {levels} stock events for {STOCK} sales, ended at 0");
+    app.assert_invariants(&sale).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_relay_killed_around_the_publish_still_delivers_the_event_exactly_once() {
+    use floodgate_tests::WorkerProcess;
+    let exe = env!("CARGO_BIN_EXE_worker-process");
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        notifier: true,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("box", 10, None).await;
+    let alice = app.customer("alice");
+    let mut sse = Sse::connect(&app.client, &stream_url(&app, "orders:mine", Some(&alice)))
+        .await
+        .expect("stream");
+    let outbox = || app.scalar("SELECT count(*) FROM outbox");
+
+    // 1. The worker commits the order with its outbox row, then dies before publishing.
+    let mut w = WorkerProcess::start_with(
+        exe,
+        &app.cfg,
+        &[("FLOODGATE_TEST_FAILPOINT", "outbox_before_publish")],
+    );
+    let r = app.order(&alice, &[("box", 1)], None).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let id = r.body["order_id"].as_str().unwrap().to_owned();
+    eventually(WAIT, || {
+        let exited = w.exited();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(
+        app.scalar(&format!(
+            "SELECT count(*) FROM orders WHERE id = '{id}' AND status = 'confirmed'"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(outbox().await, 1, "the event waits in the outbox");
+    assert!(
+        sse.next(Duration::from_millis(500)).await.is_none(),
+        "nothing was published"
+    );
+
+    // 2. The next relay publishes it and dies before deleting the row.
+    let mut w = WorkerProcess::start_with(
+        exe,
+        &app.cfg,
+        &[("FLOODGATE_TEST_FAILPOINT", "outbox_after_publish")],
+    );
+    let ev = sse.next(WAIT).await.expect("the event arrives");
+    assert_eq!(
+        (ev.data["order_id"].as_str(), ev.data["status"].as_str()),
+        (Some(id.as_str()), Some("confirmed"))
+    );
+    eventually(WAIT, || {
+        let exited = w.exited();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(outbox().await, 1, "published but not deleted");
+
+    // 3. A healthy relay publishes it again and deletes it; the notifier drops the
+    //    duplicate (same event id), so the subscriber saw it once.
+    let w = WorkerProcess::start(exe, &app.cfg);
+    eventually(WAIT, || async { outbox().await == 0 }).await;
+    assert!(
+        sse.next(Duration::from_secs(1)).await.is_none(),
+        "the re-published event is not delivered again"
+    );
+    w.stop();
 }
