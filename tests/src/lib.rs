@@ -281,6 +281,11 @@ impl TestApp {
         app
     }
 
+    /// Shuts every in-process service down gracefully, as SIGTERM would.
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Starts a worker (again) in-process.
     pub async fn start_worker(&mut self) {
         assert!(self.worker.is_none(), "a worker is running");

@@ -641,3 +641,87 @@ async fn an_outbox_relay_killed_around_the_publish_still_delivers_the_event_exac
     );
     w.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_notifier_instance_sees_every_event_and_shutdown_closes_streams_cleanly() {
+    let app = with_notifier().await;
+    app.create_sku("duo", 5, None).await;
+    // A second instance on the same namespace, as behind a load balancer.
+    let mut cfg = app.cfg.clone();
+    cfg.notifier_addr = "127.0.0.1:0".parse().unwrap();
+    let second = floodgate_notifier::Notifier::build(cfg)
+        .await
+        .expect("second notifier");
+    let second_url = format!("http://127.0.0.1:{}", second.port());
+    let stop_second = tokio_util::sync::CancellationToken::new();
+    let second_run = tokio::spawn(second.run_until_stopped(stop_second.clone()));
+
+    let alice = app.customer("alice");
+    let mut one = Sse::connect(&app.client, &stream_url(&app, "orders:mine", Some(&alice)))
+        .await
+        .expect("first instance");
+    let mut two = Sse::connect(
+        &app.client,
+        &format!("{second_url}/v1/stream?topics=orders:mine&access_token={alice}"),
+    )
+    .await
+    .expect("second instance");
+    let mut ws = Ws::connect(&ws_url(&app, Some(&alice)))
+        .await
+        .expect("socket");
+    ws.send(&json!({"subscribe": ["stock:duo"]})).await;
+    assert_eq!(ws.next(WAIT).await.expect("ack")["type"], "subscribed");
+    // Both instances bind their queues as they start; wait until the second's is there.
+    eventually(WAIT, || async {
+        let r: Value = app
+            .client
+            .get(format!("{second_url}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["status"] == "ready"
+    })
+    .await;
+
+    let r = app.order(&alice, &[("duo", 1)], None).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let id = r.body["order_id"].as_str().unwrap();
+    for s in [&mut one, &mut two] {
+        let ev = s.next(WAIT).await.expect("the event");
+        assert_eq!(
+            (ev.data["order_id"].as_str(), ev.data["status"].as_str()),
+            (Some(id), Some("confirmed"))
+        );
+    }
+
+    // SIGTERM-like shutdown: SSE streams get their last event and end; sockets get 1001.
+    stop_second.cancel();
+    let last = two.next(WAIT).await.expect("a last event");
+    assert_eq!(
+        (last.name.as_str(), last.data["code"].as_str()),
+        ("error", Some("shutting_down"))
+    );
+    assert!(two.next(WAIT).await.is_none(), "the stream ended");
+    tokio::time::timeout(WAIT, second_run)
+        .await
+        .expect("the second notifier stopped")
+        .unwrap()
+        .unwrap();
+
+    app.shut_down();
+    let last = one.next(WAIT).await.expect("a last event");
+    assert_eq!(last.data["code"], "shutting_down");
+    loop {
+        match ws.next(WAIT).await {
+            Some(v) if v["type"] == "stock" => continue,
+            Some(v) => panic!("unexpected {v}"),
+            None => break,
+        }
+    }
+    let (code, reason) = ws.closed.clone().expect("a close frame");
+    assert_eq!(code, 1001);
+    assert!(reason.starts_with("shutting_down"), "{reason}");
+}
