@@ -258,8 +258,16 @@ impl Config {
         if self.stock_interval < Duration::from_millis(10) {
             return bad("FLOODGATE_STOCK_INTERVAL_MS", "must be at least 10");
         }
-        if self.subscriber_buffer == 0 {
-            return bad("FLOODGATE_SUBSCRIBER_BUFFER", "must be at least 1");
+        // Order events arrive in bursts of up to a committed batch, and the outbox relay
+        // publishes up to 500 at once: a smaller buffer would close healthy subscribers.
+        if self.subscriber_buffer < self.batch_size.max(500) {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_SUBSCRIBER_BUFFER",
+                reason: format!(
+                    "must be at least {} (FLOODGATE_BATCH_SIZE, and the relay's 500-event bursts)",
+                    self.batch_size.max(500)
+                ),
+            });
         }
         if self.max_subscribers == 0 {
             return bad("FLOODGATE_MAX_SUBSCRIBERS", "must be at least 1");

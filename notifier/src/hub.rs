@@ -71,6 +71,11 @@ pub enum CloseReason {
     PingTimeout,
     /// A WebSocket client sent something that is not a subscribe/unsubscribe message.
     ProtocolError,
+    /// The broker connection was rebuilt: events may have been missed meanwhile, so
+    /// subscribers of order topics reconnect and read the current status.
+    Resync,
+    /// The subscription was refused (bad topic, not allowed) before it streamed.
+    Rejected,
 }
 
 impl CloseReason {
@@ -80,6 +85,8 @@ impl CloseReason {
             CloseReason::ShuttingDown => "shutting_down",
             CloseReason::PingTimeout => "ping_timeout",
             CloseReason::ProtocolError => "protocol_error",
+            CloseReason::Resync => "resync",
+            CloseReason::Rejected => "rejected",
         }
     }
 
@@ -92,6 +99,11 @@ impl CloseReason {
             CloseReason::ShuttingDown => "the notifier is shutting down; reconnect",
             CloseReason::PingTimeout => "no pong within two ping intervals",
             CloseReason::ProtocolError => "unexpected message",
+            CloseReason::Resync => {
+                "the notifier reconnected to the broker and may have missed order events; \
+                 reconnect to read the current status"
+            }
+            CloseReason::Rejected => "the subscription was refused",
         }
     }
 }
@@ -191,14 +203,31 @@ struct Shared {
     stock: Mutex<BTreeMap<String, StockLevel>>,
     stock_ready: Notify,
     topics: Mutex<HashSet<Topic>>,
-    /// Statuses already sent as an order topic's current status, so the live event of
-    /// the same status is not sent again.
-    initial: Mutex<HashMap<OrderId, OrderStatus>>,
-    has_initial: AtomicBool,
+    /// The orders of its `order:<id>` topics and the status last queued for each: a
+    /// status is queued only if it is later than that one, so the current status read
+    /// at subscribe time and the live event of the same change are sent once, and a
+    /// stale read never follows a newer event.
+    watched: Mutex<HashMap<OrderId, Option<OrderStatus>>>,
     closed: CancellationToken,
     reason: OnceLock<CloseReason>,
     /// Cancelled when the [`Subscription`] is dropped (the stream ended).
     dropped: CancellationToken,
+}
+
+/// The order of statuses in an order's life: a later one supersedes an earlier one.
+fn rank(s: OrderStatus) -> u8 {
+    match s {
+        OrderStatus::Accepted => 0,
+        OrderStatus::Confirmed | OrderStatus::Failed => 1,
+        OrderStatus::Cancelled => 2,
+    }
+}
+
+/// What offering an order event to a subscriber did.
+enum Offer {
+    Queued,
+    Skipped,
+    Full,
 }
 
 impl Shared {
@@ -206,6 +235,24 @@ impl Shared {
         self.caller
             .as_ref()
             .is_some_and(|c| c.is_admin() || c.user == e.user_id)
+    }
+
+    /// Queues an order event, unless it is an `order:<id>` topic's order and not later
+    /// than what was queued for it. The check and the queueing happen under one lock,
+    /// so the queue holds each order's statuses in their order.
+    fn offer_order(&self, event: &Arc<OrderEvent>) -> Offer {
+        let mut watched = self.watched.lock().expect("watched lock");
+        if let Some(last) = watched.get_mut(&event.order_id) {
+            if last.is_some_and(|l| rank(l) >= rank(event.status)) {
+                return Offer::Skipped;
+            }
+            *last = Some(event.status);
+        }
+        match self.orders.try_send(event.clone()) {
+            Ok(()) => Offer::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Skipped,
+        }
     }
 
     fn offer_stock(&self, level: &StockLevel) {
@@ -295,8 +342,7 @@ impl Hub {
             stock: Mutex::default(),
             stock_ready: Notify::new(),
             topics: Mutex::default(),
-            initial: Mutex::default(),
-            has_initial: AtomicBool::new(false),
+            watched: Mutex::default(),
             closed: CancellationToken::new(),
             reason: OnceLock::new(),
             dropped: CancellationToken::new(),
@@ -312,6 +358,7 @@ impl Hub {
             hub: self.clone(),
             shared,
             orders: rx,
+            stock_turn: false,
         })
     }
 
@@ -386,18 +433,7 @@ impl Hub {
                 if !sub.may_see(&event) {
                     continue;
                 }
-                if sub.has_initial.load(Ordering::Relaxed)
-                    && sub
-                        .initial
-                        .lock()
-                        .expect("initial lock")
-                        .get(&event.order_id)
-                        == Some(&event.status)
-                {
-                    continue;
-                }
-                if let Err(mpsc::error::TrySendError::Full(_)) = sub.orders.try_send(event.clone())
-                {
+                if let Offer::Full = sub.offer_order(&event) {
                     slow.push(sub.clone());
                 }
             }
@@ -405,6 +441,24 @@ impl Hub {
         for sub in slow {
             self.close(&sub, CloseReason::SlowConsumer);
         }
+    }
+
+    /// Closes every subscriber holding an order topic with `reason` (after a broker
+    /// reconnect: they reconnect and read the current status).
+    pub fn close_order_subscribers(&self, reason: CloseReason) -> usize {
+        let subs: Vec<Arc<Shared>> = {
+            let index = self.inner.index.read().expect("index lock");
+            let mut ids: HashSet<u64> = index.all_orders.clone();
+            ids.extend(index.mine.values().flatten());
+            ids.extend(index.orders.values().flatten());
+            ids.iter()
+                .filter_map(|id| index.subs.get(id).cloned())
+                .collect()
+        };
+        for sub in &subs {
+            self.close(sub, reason);
+        }
+        subs.len()
     }
 
     /// Ends a subscriber's stream with `reason`: it stops receiving at once.
@@ -437,6 +491,8 @@ pub struct Subscription {
     hub: Hub,
     shared: Arc<Shared>,
     orders: mpsc::Receiver<Arc<OrderEvent>>,
+    /// Alternates between stock levels and order events in [`Subscription::next`].
+    stock_turn: bool,
 }
 
 impl Subscription {
@@ -487,6 +543,14 @@ impl Subscription {
             }
             for t in new {
                 index.insert(self.shared.id, t, caller);
+                if let Topic::Order(id) = t {
+                    self.shared
+                        .watched
+                        .lock()
+                        .expect("watched lock")
+                        .entry(*id)
+                        .or_insert(None);
+                }
                 mine.insert(t.clone());
             }
         }
@@ -512,6 +576,9 @@ impl Subscription {
         for t in topics {
             if mine.remove(t) {
                 index.remove(self.shared.id, t, self.shared.caller.as_ref());
+                if let Topic::Order(id) = t {
+                    self.shared.watched.lock().expect("watched lock").remove(id);
+                }
             }
         }
     }
@@ -531,15 +598,10 @@ impl Subscription {
     }
 
     /// Queues an order's current status (sent on subscribing to `order:<id>`), so a
-    /// subscriber that arrives after the change still learns it.
+    /// subscriber that arrives after the change still learns it; skipped if the live
+    /// event of that change (or a later one) was queued meanwhile.
     pub fn push_current(&mut self, event: OrderEvent) {
-        self.shared
-            .initial
-            .lock()
-            .expect("initial lock")
-            .insert(event.order_id, event.status);
-        self.shared.has_initial.store(true, Ordering::Relaxed);
-        if self.shared.orders.try_send(Arc::new(event)).is_err() {
+        if let Offer::Full = self.shared.offer_order(&Arc::new(event)) {
             self.hub.close(&self.shared, CloseReason::SlowConsumer);
         }
     }
@@ -564,12 +626,19 @@ impl Subscription {
         self.shared.dropped.clone()
     }
 
-    /// The next thing to send: queued order events first (they must not be dropped), then
-    /// pending stock levels; `Closed` once the hub closed the stream.
+    /// The next thing to send: queued order events and pending stock levels, taking
+    /// turns so a busy order feed never starves the levels; `Closed` once the hub
+    /// closed the stream.
     pub async fn next(&mut self) -> Next {
         loop {
             if let Some(r) = self.shared.reason.get() {
                 return Next::Closed(*r);
+            }
+            self.stock_turn = !self.stock_turn;
+            if self.stock_turn
+                && let Some((_, level)) = self.shared.stock.lock().expect("stock lock").pop_first()
+            {
+                return Next::Stock(level);
             }
             if let Ok(e) = self.orders.try_recv() {
                 return Next::Order(e);
@@ -668,7 +737,7 @@ mod tests {
             alice.next().await,
             Next::Closed(CloseReason::SlowConsumer)
         ));
-        // The admin, who reads, is unaffected (buffer 2: 2 of 3 queued, then closed too).
+        // Closing is not dropping: the three handles count until their streams end.
         assert_eq!(hub.subscribers(), 3);
         drop(alice);
         assert_eq!(hub.subscribers(), 2);
@@ -705,5 +774,31 @@ mod tests {
             sub.shared.stock.lock().unwrap().is_empty(),
             "one level per SKU, the latest"
         );
+    }
+
+    #[tokio::test]
+    async fn an_order_topic_sends_each_status_once_and_never_an_older_one() {
+        let hub = Hub::new(8, 10);
+        let mut sub = hub
+            .subscribe(caller("alice", Role::Customer), Transport::Ws)
+            .unwrap();
+        let confirmed = event("alice", OrderStatus::Confirmed);
+        sub.add(&[Topic::Order(confirmed.order_id), Topic::MyOrders])
+            .unwrap();
+        // The live event lands while the subscribe-time lookup is still running...
+        hub.publish_order(Some(Uuid::now_v7()), confirmed.clone());
+        // ...which then reads the same status, or an older one from Redis.
+        sub.push_current(confirmed.clone());
+        let mut accepted = confirmed.clone();
+        accepted.status = OrderStatus::Accepted;
+        sub.push_current(accepted);
+        let mut cancelled = confirmed.clone();
+        cancelled.status = OrderStatus::Cancelled;
+        hub.publish_order(Some(Uuid::now_v7()), cancelled);
+        let mut got = Vec::new();
+        while let Ok(e) = sub.orders.try_recv() {
+            got.push(e.status);
+        }
+        assert_eq!(got, [OrderStatus::Confirmed, OrderStatus::Cancelled]);
     }
 }

@@ -10,7 +10,10 @@
 
 use axum::{Router, extract::Request};
 use hyper::body::Incoming;
-use hyper_util::{rt::TokioIo, service::TowerToHyperService};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -18,6 +21,8 @@ use tower::ServiceExt;
 
 /// The HTTP/1 buffer bound per connection (hyper's minimum is 8 KiB).
 const HTTP_BUFFER: usize = 16 * 1024;
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection's kill switch, found in every request's extensions.
 #[derive(Clone, Debug)]
@@ -72,6 +77,8 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(HTTP_BUFFER)
                 .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
                 .with_upgrades();
@@ -86,6 +93,8 @@ pub async fn serve(
             }
         });
     }
+    // Stop accepting: new connections are refused, not left waiting in the backlog.
+    drop(listener);
     connections.close();
     connections.wait().await;
 }

@@ -3,11 +3,15 @@
 //! - [`sample_stock`]: every `FLOODGATE_STOCK_INTERVAL_MS`, one Lua call returns the SKUs
 //!   the order path marked changed since the last call, with their levels. The order path
 //!   pays one `INCR` and one `ZADD` per script; a quiet SKU costs nothing.
-//! - [`consume_orders`]: this instance's own exclusive queue, bound to `order.*` on the
-//!   `events` exchange, fed by the worker's outbox relay. Rebuilt with backoff whenever
-//!   the broker connection fails.
+//! - [`consume_orders`]: this instance's own queue, bound to `order.*` on the `events`
+//!   exchange, fed by the worker's outbox relay. The queue is named after the instance
+//!   and outlives a broken connection (it expires a minute after its consumer is
+//!   gone), so events published while the notifier reconnects wait for it; deliveries
+//!   are acknowledged, so those in flight on a broken channel come again (and are
+//!   de-duplicated). If the queue was lost anyway (a broker restart), subscribers of
+//!   order topics are closed with `resync` and reconnect to read the current status.
 
-use crate::hub::Hub;
+use crate::hub::{CloseReason, Hub};
 use floodgate_common::{
     Config,
     amqp::{OrderEvent, Topology},
@@ -15,7 +19,9 @@ use floodgate_common::{
     telemetry::names,
 };
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use redis::aio::ConnectionManager;
 use std::{
@@ -82,11 +88,14 @@ pub async fn consume_orders(
     health: SourceHealth,
     shutdown: CancellationToken,
 ) {
+    let queue = format!("{}.events.notifier.{}", cfg.namespace, uuid::Uuid::now_v7());
     let mut backoff = Duration::from_millis(200);
+    let mut first = true;
     while !shutdown.is_cancelled() {
-        match consume_once(&hub, &cfg, &health, &shutdown).await {
+        match consume_once(&hub, &cfg, &queue, first, &health, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
+                first = false;
                 health.amqp_up.store(false, Ordering::Relaxed);
                 tracing::warn!(
                     error = format!("{e:#}"),
@@ -108,6 +117,8 @@ pub async fn consume_orders(
 async fn consume_once(
     hub: &Hub,
     cfg: &Config,
+    queue: &str,
+    first: bool,
     health: &SourceHealth,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -116,27 +127,55 @@ async fn consume_once(
         &format!("floodgate-notifier {}", cfg.namespace),
     )
     .await?;
+    if !first {
+        // Did our queue survive the outage? A passive declare fails (and closes its
+        // channel) if it did not.
+        let probe = conn.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        if probe
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .is_err()
+        {
+            let n = hub.close_order_subscribers(CloseReason::Resync);
+            tracing::warn!(
+                subscribers = n,
+                "the event queue was lost; order subscribers must resync"
+            );
+        } else {
+            let _ = probe.close(200, "probed".into()).await;
+        }
+    }
     let ch = conn.create_channel().await?;
     let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
     topology.declare(&ch).await?;
-    let queue = ch
-        .queue_declare(
-            // Server-named: one queue per notifier instance, so every instance sees
-            // every event.
-            "".into(),
-            QueueDeclareOptions {
-                // Only this connection uses it, and it goes away with the connection:
-                // events are live news, the outbox and PostgreSQL are the record.
-                exclusive: true,
-                auto_delete: true,
-                durable: false,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    let mut args = FieldTable::default();
+    // Deleted a minute after its last consumer went away: long enough to ride out a
+    // reconnect, short enough that a dead instance's queue does not pile up events.
+    args.insert("x-expires".into(), lapin::types::AMQPValue::LongInt(60_000));
+    ch.queue_declare(
+        // One queue per notifier instance, so every instance sees every event.
+        queue.into(),
+        QueueDeclareOptions {
+            // Survives a broker restart with its binding (events are published
+            // persistent); neither exclusive nor auto-deleted, so it outlives a broken
+            // connection.
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await?;
+    // Deliveries in flight at once; acknowledged one by one as the hub takes them.
+    ch.basic_qos(1_000, BasicQosOptions { global: false })
         .await?;
     ch.queue_bind(
-        queue.name().as_str().into(),
+        queue.into(),
         topology.events_exchange.as_str().into(),
         "order.*".into(),
         QueueBindOptions::default(),
@@ -145,23 +184,22 @@ async fn consume_once(
     .await?;
     let mut consumer = ch
         .basic_consume(
-            queue.name().as_str().into(),
+            queue.into(),
             "notifier".into(),
-            // No acks: a lost event is re-read from PostgreSQL by any client that
-            // reconnects (order topics send the current status).
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
     health.amqp_up.store(true, Ordering::Relaxed);
-    tracing::info!(queue = queue.name().as_str(), "consuming order events");
+    tracing::info!(queue, "consuming order events");
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutdown".into())).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = ch.queue_delete(queue.into(), Default::default()).await;
+                    let _ = conn.close(200, "shutdown".into()).await;
+                })
+                .await;
                 return Ok(());
             }
             d = consumer.next() => d,
@@ -183,5 +221,6 @@ async fn consume_once(
                 tracing::warn!(error = %e, "an order event could not be read; dropped");
             }
         }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
     }
 }

@@ -241,6 +241,13 @@ impl TestApp {
                 .expect("build notifier");
             let url = format!("http://127.0.0.1:{}", n.port());
             tokio::spawn(n.run_until_stopped(shutdown.clone()));
+            // Ready once its event queue is bound: events published before that have
+            // nowhere to go.
+            let ready = format!("{url}/readyz");
+            eventually(Duration::from_secs(30), || async {
+                reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200)
+            })
+            .await;
             Some(url)
         } else {
             None

@@ -19,6 +19,8 @@ pub struct SseEvent {
 pub struct Sse {
     body: ByteStream,
     buf: Vec<u8>,
+    /// True once the server ended the stream.
+    pub ended: bool,
 }
 
 impl Sse {
@@ -41,6 +43,7 @@ impl Sse {
         Ok(Self {
             body: Box::pin(resp.bytes_stream()),
             buf: Vec::new(),
+            ended: false,
         })
     }
 
@@ -71,7 +74,11 @@ impl Sse {
             }
             match tokio::time::timeout_at(until, self.body.next()).await {
                 Ok(Some(Ok(chunk))) => self.buf.extend_from_slice(&chunk),
-                _ => return None,
+                Ok(_) => {
+                    self.ended = true;
+                    return None;
+                }
+                Err(_) => return None,
             }
         }
     }

@@ -362,6 +362,7 @@ async fn a_thousand_sse_and_two_hundred_websocket_subscribers_all_see_the_sale_e
     for _ in 0..200 {
         let mut w = Ws::connect(&ws_url(&app, None)).await.expect("socket");
         w.send(&json!({"subscribe": ["stock:*"]})).await;
+        assert_eq!(w.next(WAIT).await.expect("ack")["type"], "subscribed");
         ws.push(w);
     }
     let readers = sse
@@ -405,6 +406,7 @@ async fn a_thousand_sse_and_two_hundred_websocket_subscribers_all_see_the_sale_e
         updates[updates.len() - 1] < STOCK as usize,
         "levels are conflated, not one per sale"
     );
+    app.wait_idle().await;
     app.assert_invariants(&sale).await;
 }
 
@@ -478,12 +480,12 @@ impl StalledClient {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_is_closed_for_order_events_and_conflated_for_stock_without_delaying_a_fast_one()
  {
-    const STOCK: i64 = 1_500;
+    const STOCK: i64 = 3_000;
     let app = TestApp::spawn_with(Options {
         notifier: true,
         tweak: Box::new(|c| {
-            // Above a committed batch's burst of events (200), far below the sale.
-            c.subscriber_buffer = 512;
+            // Room for the relay's bursts (up to 500 events), far below the sale.
+            c.subscriber_buffer = 2_048;
             c.subscriber_send_buffer = 4096;
         }),
         ..Options::default()
@@ -639,6 +641,20 @@ async fn an_outbox_relay_killed_around_the_publish_still_delivers_the_event_exac
         sse.next(Duration::from_secs(1)).await.is_none(),
         "the re-published event is not delivered again"
     );
+    // ...because the notifier recognised it (the counter is per test process).
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.notifier.as_ref().unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("floodgate_notifier_events_dropped_total{reason=\"duplicate\"}"),
+        "the duplicate reached the notifier and was dropped"
+    );
     w.stop();
 }
 
@@ -704,7 +720,10 @@ async fn every_notifier_instance_sees_every_event_and_shutdown_closes_streams_cl
         (last.name.as_str(), last.data["code"].as_str()),
         ("error", Some("shutting_down"))
     );
-    assert!(two.next(WAIT).await.is_none(), "the stream ended");
+    assert!(
+        two.next(WAIT).await.is_none() && two.ended,
+        "the stream ended"
+    );
     tokio::time::timeout(WAIT, second_run)
         .await
         .expect("the second notifier stopped")

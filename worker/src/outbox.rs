@@ -2,8 +2,8 @@
 //! transaction, the reaper and cancellations) to the `events` exchange, and deletes each
 //! row only after the broker confirmed it.
 //!
-//! A batch of rows is taken `FOR UPDATE SKIP LOCKED`, so several workers relay side by
-//! side without publishing a row twice in the normal course. A crash after the publish
+//! One relay publishes at a time (a transaction-scoped advisory lock per namespace), so
+//! one order's events leave in the order they were written, whichever worker relays. A crash after the publish
 //! and before the delete publishes those rows again on the next pass, with the same
 //! `message_id` (the row's event id): delivery is at least once and subscribers
 //! de-duplicate. A crash before the publish loses nothing; the rows wait.
@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 const BATCH: i64 = 500;
 /// How long the relay waits for the broker to confirm a batch.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// A whole pass (lock, read, publish, confirm, delete) at most; past it the link is
+/// rebuilt and the transaction rolled back, so rows are never held indefinitely.
+const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Test hook: `FLOODGATE_TEST_FAILPOINT=outbox_before_publish|outbox_after_publish`
 /// aborts the process at that point of the first non-empty pass, so the crash-window
@@ -130,7 +133,14 @@ async fn relay(
     shutdown: &CancellationToken,
 ) {
     loop {
-        let idle = match pass(pg, link, armed).await {
+        let outcome = tokio::time::timeout(PASS_TIMEOUT, pass(pg, link, armed))
+            .await
+            .unwrap_or_else(|_| {
+                Err(PassError::Broker(anyhow::anyhow!(
+                    "a relay pass took longer than {PASS_TIMEOUT:?}"
+                )))
+            });
+        let idle = match outcome {
             Ok(n) => n < BATCH as usize,
             Err(PassError::Broker(e)) => {
                 tracing::warn!(
@@ -165,12 +175,29 @@ async fn relay(
     }
 }
 
-/// One transaction: lock up to [`BATCH`] rows, publish them, wait for every confirm,
+/// One transaction: take the relay lock, lock up to [`BATCH`] rows, publish them, wait for every confirm,
 /// delete them. Returns how many rows went out.
 async fn pass(pg: &Pool, link: &Link, armed: Option<Failpoint>) -> Result<usize, PassError> {
     let db_err = |e: tokio_postgres::Error| PassError::Db(e.into());
     let mut db = pg.get().await.map_err(|e| PassError::Db(e.into()))?;
     let tx = db.transaction().await.map_err(db_err)?;
+    // A relay that dies mid-pass (its host gone, its connection half-open) must not
+    // hold the rows and the lock for long.
+    tx.batch_execute("SET LOCAL idle_in_transaction_session_timeout = '60s'")
+        .await
+        .map_err(db_err)?;
+    let locked: bool = tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox_relay'))",
+            &[],
+        )
+        .await
+        .map_err(db_err)?
+        .get(0);
+    if !locked {
+        // Another worker is relaying; its rows will be gone when we look again.
+        return Ok(0);
+    }
     let rows = tx
         .query(
             "SELECT id, event_id, routing_key, payload::text, created_at FROM outbox
@@ -194,6 +221,8 @@ async fn pass(pg: &Pool, link: &Link, armed: Option<Failpoint>) -> Result<usize,
         let props = BasicProperties::default()
             .with_message_id(event_id.to_string().into())
             .with_content_type("application/json".into())
+            // Persistent: the notifiers' queues are durable and outlive a broker restart.
+            .with_delivery_mode(2)
             .with_timestamp(at.unix_timestamp().max(0) as u64);
         let confirm = link
             .channel

@@ -7,7 +7,7 @@ mod ws;
 
 use crate::{
     error::ApiError,
-    hub::{Hub, StockLevel, SubscribeError, Subscription},
+    hub::{CloseReason, Hub, StockLevel, SubscribeError, Subscription},
     repo,
     sources::SourceHealth,
     topics::Topic,
@@ -111,7 +111,10 @@ async fn subscribe(
     topics: &[Topic],
 ) -> Result<(), ApiError> {
     let held = sub.topics();
-    sub.add(topics)?;
+    if let Err(e) = sub.add(topics) {
+        sub.close(CloseReason::Rejected);
+        return Err(e.into());
+    }
     let fresh: Vec<Topic> = topics
         .iter()
         .filter(|t| !held.contains(&t.to_string()))
@@ -135,10 +138,12 @@ async fn subscribe(
             // Another user's order is as absent as an unknown one: nothing leaks.
             Ok(_) => {
                 sub.remove(&fresh);
+                sub.close(CloseReason::Rejected);
                 return Err(SubscribeError::OrderNotFound.into());
             }
             Err(e) => {
                 sub.remove(&fresh);
+                sub.close(CloseReason::Rejected);
                 return Err(ApiError::Internal(e.context("looking up an order")));
             }
         }

@@ -66,8 +66,10 @@ struct Control {
 
 /// How a socket ends.
 enum End {
-    /// The client closed or vanished.
+    /// The client vanished, or cannot be written to.
     Gone,
+    /// The client sent a close frame.
+    ClientClosed,
     /// The notifier closes it with a reason.
     Close(u16, String),
 }
@@ -76,75 +78,85 @@ async fn run(socket: WebSocket, mut sub: Subscription, st: AppState) {
     let (mut tx, mut rx) = socket.split();
     let keepalive = st.cfg.keepalive;
     let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
-    let mut last_pong = Instant::now();
+    // Since when a ping has gone unanswered.
+    let mut unanswered: Option<Instant> = None;
     let end = loop {
-        tokio::select! {
+        // Pings go before events, so a busy stream cannot starve them.
+        let out = tokio::select! {
             biased;
             _ = st.shutdown.cancelled() => {
                 sub.close(CloseReason::ShuttingDown);
                 break close_for(CloseReason::ShuttingDown);
             }
+            _ = ping.tick() => {
+                if unanswered.is_some_and(|t| t.elapsed() >= keepalive * 2) {
+                    sub.close(CloseReason::PingTimeout);
+                    break close_for(CloseReason::PingTimeout);
+                }
+                unanswered.get_or_insert_with(Instant::now);
+                Message::Ping(Default::default())
+            }
             msg = rx.next() => match msg {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break End::Gone,
-                Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
+                None | Some(Err(_)) => break End::Gone,
+                Some(Ok(Message::Close(_))) => break End::ClientClosed,
+                Some(Ok(Message::Pong(_))) => {
+                    unanswered = None;
+                    continue;
+                }
                 // axum answers pings itself.
-                Some(Ok(Message::Ping(_))) => {}
+                Some(Ok(Message::Ping(_))) => continue,
                 Some(Ok(Message::Text(text))) => match control(&st, &mut sub, text.as_str()).await {
-                    Ok(reply) => {
-                        if tx.send(Message::Text(reply.into())).await.is_err() {
-                            break End::Gone;
-                        }
-                    }
+                    Ok(reply) => Message::Text(reply.into()),
                     Err(e) => {
-                        metrics::counter!(floodgate_common::telemetry::names::DISCONNECTS, "reason" => "rejected").increment(1);
+                        sub.close(CloseReason::Rejected);
                         break End::Close(e.close_code(), e.close_reason());
                     }
                 },
                 Some(Ok(Message::Binary(_))) => {
                     sub.close(CloseReason::ProtocolError);
-                    break End::Close(1003, "protocol_error: send JSON text messages".into());
+                    break close_for(CloseReason::ProtocolError);
                 }
             },
-            next = sub.next() => {
-                let text = match next {
-                    Next::Order(e) => {
-                        sent("order", "ws", e.at);
-                        order_json(&e)
-                    }
-                    Next::Stock(l) => {
-                        sent("stock", "ws", l.at);
-                        stock_json(&l)
-                    }
-                    Next::Closed(r) => break close_for(r),
-                };
-                // A client that stops reading blocks this send; the hub then closes the
-                // subscriber (its buffer fills) and the socket is dropped.
-                tokio::select! {
-                    r = tx.send(Message::Text(text.into())) => if r.is_err() { break End::Gone },
-                    _ = sub.closed() => break End::Gone,
+            next = sub.next() => match next {
+                Next::Order(e) => {
+                    sent("order", "ws", e.at);
+                    Message::Text(order_json(&e).into())
                 }
-            }
-            _ = ping.tick() => {
-                if last_pong.elapsed() > keepalive * 2 {
-                    sub.close(CloseReason::PingTimeout);
-                    break close_for(CloseReason::PingTimeout);
+                Next::Stock(l) => {
+                    sent("stock", "ws", l.at);
+                    Message::Text(stock_json(&l).into())
                 }
-                if tx.send(Message::Ping(Default::default())).await.is_err() {
-                    break End::Gone;
-                }
+                Next::Closed(r) => break close_for(r),
+            },
+        };
+        // A client that stops reading blocks this send. It ends when the hub closes the
+        // subscriber (its order buffer filled), on shutdown, or after two keep-alive
+        // intervals (a stock-only subscriber never fills a buffer): the socket is
+        // dropped, since nothing more can be written to it anyway.
+        tokio::select! {
+            r = tx.send(out) => if r.is_err() { break End::Gone },
+            _ = sub.closed() => break End::Gone,
+            _ = st.shutdown.cancelled() => break End::Gone,
+            _ = tokio::time::sleep(keepalive * 2) => {
+                sub.close(CloseReason::SlowConsumer);
+                break End::Gone;
             }
         }
     };
-    if let End::Close(code, reason) = end {
-        close(&mut tx, code, reason).await;
+    match end {
+        End::Close(code, reason) => close(&mut tx, code, reason).await,
+        // Complete the closing handshake the client started.
+        End::ClientClosed => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, tx.close()).await;
+        }
+        End::Gone => {}
     }
 }
 
 fn close_for(r: CloseReason) -> End {
     let code = match r {
-        CloseReason::ShuttingDown => 1001,
-        CloseReason::SlowConsumer => 1008,
-        CloseReason::PingTimeout => 1001,
+        CloseReason::ShuttingDown | CloseReason::PingTimeout => 1001,
+        CloseReason::SlowConsumer | CloseReason::Resync | CloseReason::Rejected => 1008,
         CloseReason::ProtocolError => 1003,
     };
     End::Close(code, truncate(format!("{}: {}", r.code(), r.detail()), 123))
