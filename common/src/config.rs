@@ -350,6 +350,9 @@ mod tests {
         assert_eq!(c.namespace.as_str(), "floodgate");
         assert_eq!(c.ingress_addr.port(), 8080);
         assert_eq!(c.worker_addr.port(), 8082);
+        assert_eq!(c.notifier_addr.port(), 8081);
+        assert_eq!(c.stock_interval, Duration::from_millis(100));
+        assert_eq!(c.cors_origins, ["*"]);
         assert!(c.uses_dev_secret());
     }
 
@@ -364,6 +367,23 @@ mod tests {
         assert!(cfg(&[("FLOODGATE_BATCH_SIZE", "0")]).is_err());
         assert!(cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "100,x")]).is_err());
         assert!(cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "")]).is_err());
+        let e = cfg(&[("FLOODGATE_SUBSCRIBER_BUFFER", "100")]).unwrap_err();
+        assert!(e.to_string().contains("at least 500"), "{e}");
+        let e = cfg(&[
+            ("FLOODGATE_BATCH_SIZE", "800"),
+            ("FLOODGATE_SUBSCRIBER_BUFFER", "600"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("at least 800"), "{e}");
+        assert!(cfg(&[("FLOODGATE_STOCK_INTERVAL_MS", "5")]).is_err());
+        assert!(cfg(&[("FLOODGATE_PUBLIC_INGRESS_URL", "localhost:8080")]).is_err());
+        assert!(cfg(&[("FLOODGATE_CORS_ORIGINS", "shop.example")]).is_err());
+        let c = cfg(&[(
+            "FLOODGATE_CORS_ORIGINS",
+            "https://a.example, https://b.example",
+        )])
+        .unwrap();
+        assert_eq!(c.cors_origins, ["https://a.example", "https://b.example"]);
         let c = cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "100, 2000")]).unwrap();
         assert_eq!(
             c.retry_delays,
