@@ -58,6 +58,46 @@ pub struct StockLevel {
     pub available: i64,
     /// When the notifier sampled it.
     pub at: OffsetDateTime,
+    /// The event as sent, `{"type":"stock","sku","available","at"}`: serialized once,
+    /// shared by every subscriber.
+    pub json: Arc<str>,
+    /// Sent as the current level on subscribing, not as a change (its `at` may be long
+    /// past, so it does not count towards the delivery lag).
+    pub snapshot: bool,
+}
+
+impl StockLevel {
+    pub fn new(sku: String, available: i64, at: OffsetDateTime) -> Self {
+        let json = serde_json::json!({
+            "type": "stock",
+            "sku": sku,
+            "available": available,
+            "at": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        })
+        .to_string()
+        .into();
+        Self {
+            sku,
+            available,
+            at,
+            json,
+            snapshot: false,
+        }
+    }
+}
+
+/// An order event and its JSON, serialized once and shared by every subscriber.
+#[derive(Debug)]
+pub struct OrderOut {
+    pub event: OrderEvent,
+    pub json: String,
+}
+
+impl OrderOut {
+    pub fn new(event: OrderEvent) -> Self {
+        let json = serde_json::to_string(&event).expect("order events serialize");
+        Self { event, json }
+    }
 }
 
 /// Why the notifier ended a stream; `code` is stable, for clients and metrics.
@@ -128,7 +168,7 @@ pub enum SubscribeError {
 /// What a subscriber is sent next.
 #[derive(Debug)]
 pub enum Next {
-    Order(Arc<OrderEvent>),
+    Order(Arc<OrderOut>),
     Stock(StockLevel),
     Closed(CloseReason),
 }
@@ -198,7 +238,7 @@ struct Shared {
     id: u64,
     caller: Option<Caller>,
     transport: Transport,
-    orders: mpsc::Sender<Arc<OrderEvent>>,
+    orders: mpsc::Sender<Arc<OrderOut>>,
     /// Stock levels not yet sent, one per SKU: a newer level replaces an unsent one.
     stock: Mutex<BTreeMap<String, StockLevel>>,
     stock_ready: Notify,
@@ -240,7 +280,8 @@ impl Shared {
     /// Queues an order event, unless it is an `order:<id>` topic's order and not later
     /// than what was queued for it. The check and the queueing happen under one lock,
     /// so the queue holds each order's statuses in their order.
-    fn offer_order(&self, event: &Arc<OrderEvent>) -> Offer {
+    fn offer_order(&self, out: &Arc<OrderOut>) -> Offer {
+        let event = &out.event;
         let mut watched = self.watched.lock().expect("watched lock");
         if let Some(last) = watched.get_mut(&event.order_id) {
             if last.is_some_and(|l| rank(l) >= rank(event.status)) {
@@ -248,7 +289,7 @@ impl Shared {
             }
             *last = Some(event.status);
         }
-        match self.orders.try_send(event.clone()) {
+        match self.orders.try_send(out.clone()) {
             Ok(()) => Offer::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
             Err(mpsc::error::TrySendError::Closed(_)) => Offer::Skipped,
@@ -372,11 +413,7 @@ impl Hub {
                 if known.get(&sku).is_some_and(|l| l.available == available) {
                     continue;
                 }
-                let level = StockLevel {
-                    sku: sku.clone(),
-                    available,
-                    at,
-                };
+                let level = StockLevel::new(sku.clone(), available, at);
                 known.insert(sku, level.clone());
                 changed.push(level);
             }
@@ -414,23 +451,23 @@ impl Hub {
             }
         }
         metrics::counter!(names::EVENTS_IN, "type" => "order").increment(1);
-        let event = Arc::new(event);
+        let event = Arc::new(OrderOut::new(event));
         let mut slow = Vec::new();
         {
             let index = self.inner.index.read().expect("index lock");
             let mut targets: HashSet<u64> = HashSet::new();
             targets.extend(index.all_orders.iter().copied());
-            if let Some(ids) = index.mine.get(&event.user_id) {
+            if let Some(ids) = index.mine.get(&event.event.user_id) {
                 targets.extend(ids.iter().copied());
             }
-            if let Some(ids) = index.orders.get(&event.order_id) {
+            if let Some(ids) = index.orders.get(&event.event.order_id) {
                 targets.extend(ids.iter().copied());
             }
             for id in targets {
                 let Some(sub) = index.subs.get(&id) else {
                     continue;
                 };
-                if !sub.may_see(&event) {
+                if !sub.may_see(&event.event) {
                     continue;
                 }
                 if let Offer::Full = sub.offer_order(&event) {
@@ -490,7 +527,7 @@ impl Hub {
 pub struct Subscription {
     hub: Hub,
     shared: Arc<Shared>,
-    orders: mpsc::Receiver<Arc<OrderEvent>>,
+    orders: mpsc::Receiver<Arc<OrderOut>>,
     /// Alternates between stock levels and order events in [`Subscription::next`].
     stock_turn: bool,
 }
@@ -555,12 +592,18 @@ impl Subscription {
             }
         }
         let levels = self.hub.inner.levels.read().expect("levels lock");
+        let current = |l: &StockLevel| StockLevel {
+            snapshot: true,
+            ..l.clone()
+        };
         for t in topics {
             match t {
-                Topic::AllStock => levels.values().for_each(|l| self.shared.offer_stock(l)),
+                Topic::AllStock => levels
+                    .values()
+                    .for_each(|l| self.shared.offer_stock(&current(l))),
                 Topic::Stock(sku) => {
                     if let Some(l) = levels.get(sku.as_str()) {
-                        self.shared.offer_stock(l);
+                        self.shared.offer_stock(&current(l));
                     }
                 }
                 _ => {}
@@ -601,7 +644,7 @@ impl Subscription {
     /// subscriber that arrives after the change still learns it; skipped if the live
     /// event of that change (or a later one) was queued meanwhile.
     pub fn push_current(&mut self, event: OrderEvent) {
-        if let Offer::Full = self.shared.offer_order(&Arc::new(event)) {
+        if let Offer::Full = self.shared.offer_order(&Arc::new(OrderOut::new(event))) {
             self.hub.close(&self.shared, CloseReason::SlowConsumer);
         }
     }
@@ -721,7 +764,7 @@ mod tests {
         let id = Uuid::now_v7();
         hub.publish_order(Some(id), e.clone());
         hub.publish_order(Some(id), e.clone());
-        assert!(matches!(alice.next().await, Next::Order(got) if *got == e));
+        assert!(matches!(alice.next().await, Next::Order(got) if got.event == e));
         assert!(matches!(admin.next().await, Next::Order(_)));
         assert!(bob.orders.try_recv().is_err());
         assert!(
@@ -797,7 +840,7 @@ mod tests {
         hub.publish_order(Some(Uuid::now_v7()), cancelled);
         let mut got = Vec::new();
         while let Ok(e) = sub.orders.try_recv() {
-            got.push(e.status);
+            got.push(e.event.status);
         }
         assert_eq!(got, [OrderStatus::Confirmed, OrderStatus::Cancelled]);
     }

@@ -236,6 +236,16 @@ async fn sse_and_websocket_get_the_level_its_changes_and_only_their_own_orders()
         s.orders.iter().any(|o| o["status"] == "cancelled") && s.last("tee") == Some(44)
     })
     .await;
+    // So do goods received.
+    let r = app
+        .post(
+            "/v1/skus/tee/receive",
+            Some(&app.admin()),
+            &json!({"qty": 10, "reference": "po-1"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    sse_until(&mut sse, &mut a, |s| s.last("tee") == Some(54)).await;
     ws.close().await;
 }
 

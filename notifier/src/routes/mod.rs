@@ -22,7 +22,6 @@ use axum::{
 use deadpool_postgres::Pool;
 use floodgate_common::{
     Config,
-    amqp::OrderEvent,
     auth::{Caller, Verifier},
     redis::Keys,
     telemetry::{self, names},
@@ -30,7 +29,7 @@ use floodgate_common::{
 use redis::aio::ConnectionManager;
 use serde_json::json;
 use std::{sync::Arc, time::Duration};
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 /// What every handler shares; cheap to clone.
@@ -151,27 +150,40 @@ async fn subscribe(
     Ok(())
 }
 
-/// `{"type":"stock","sku","available","at"}`
-fn stock_json(l: &StockLevel) -> String {
-    json!({
-        "type": "stock",
-        "sku": l.sku,
-        "available": l.available,
-        "at": l.at.format(&Rfc3339).unwrap_or_default(),
-    })
-    .to_string()
+/// One connection's metric handles (looked up once, not per event): events written
+/// by type, and their lag from the event's time (status change, stock sample).
+struct Sent {
+    orders: metrics::Counter,
+    stock: metrics::Counter,
+    order_lag: metrics::Histogram,
+    stock_lag: metrics::Histogram,
 }
 
-/// `{"type":"order","order_id","user_id","status","reason"?,"at"}`
-fn order_json(e: &OrderEvent) -> String {
-    serde_json::to_string(e).expect("order events serialize")
+impl Sent {
+    fn new(transport: &'static str) -> Self {
+        Self {
+            orders: metrics::counter!(names::EVENTS_OUT, "type" => "order", "transport" => transport),
+            stock: metrics::counter!(names::EVENTS_OUT, "type" => "stock", "transport" => transport),
+            order_lag: metrics::histogram!(names::DELIVERY_LAG, "type" => "order"),
+            stock_lag: metrics::histogram!(names::DELIVERY_LAG, "type" => "stock"),
+        }
+    }
+
+    fn order(&self, at: OffsetDateTime) {
+        self.orders.increment(1);
+        self.order_lag.record(lag(at));
+    }
+
+    fn stock(&self, level: &StockLevel) {
+        self.stock.increment(1);
+        if !level.snapshot {
+            self.stock_lag.record(lag(level.at));
+        }
+    }
 }
 
-/// Counts one event written to a subscriber, and its lag since the event's time.
-fn sent(kind: &'static str, transport: &'static str, at: OffsetDateTime) {
-    metrics::counter!(names::EVENTS_OUT, "type" => kind, "transport" => transport).increment(1);
-    let lag = (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0);
-    metrics::histogram!(names::DELIVERY_LAG, "type" => kind).record(lag);
+fn lag(at: OffsetDateTime) -> f64 {
+    (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0)
 }
 
 /// How long a stream the hub closed may take to flush its last message before its

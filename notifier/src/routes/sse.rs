@@ -2,7 +2,7 @@
 //! problem+json; once streaming, a stream the notifier ends gets a last `error` event
 //! with the reason (`slow_consumer`, `shutting_down`).
 
-use super::{AppState, CLOSE_GRACE, caller, order_json, sent, stock_json, subscribe};
+use super::{AppState, CLOSE_GRACE, Sent, caller, subscribe};
 use crate::{
     error::ApiError,
     hub::{CloseReason, Next, Subscription, Transport},
@@ -37,11 +37,13 @@ pub async fn stream(
 
     struct Stream {
         sub: Subscription,
+        sent: Sent,
         shutdown: CancellationToken,
         done: bool,
     }
     let state = Stream {
         sub,
+        sent: Sent::new("sse"),
         shutdown: st.shutdown.clone(),
         done: false,
     };
@@ -58,12 +60,12 @@ pub async fn stream(
             }
             next = s.sub.next() => match next {
                 Next::Order(e) => {
-                    sent("order", "sse", e.at);
-                    Event::default().event("order").data(order_json(&e))
+                    s.sent.order(e.event.at);
+                    Event::default().event("order").data(&e.json)
                 }
                 Next::Stock(l) => {
-                    sent("stock", "sse", l.at);
-                    Event::default().event("stock").data(stock_json(&l))
+                    s.sent.stock(&l);
+                    Event::default().event("stock").data(&*l.json)
                 }
                 Next::Closed(r) => {
                     s.done = true;

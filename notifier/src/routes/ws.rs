@@ -9,7 +9,7 @@
 //! The notifier pings every `FLOODGATE_KEEPALIVE_SECS` and closes a client that misses
 //! two pongs; on shutdown it closes every socket with 1001.
 
-use super::{AppState, caller, order_json, sent, stock_json, subscribe};
+use super::{AppState, Sent, caller, subscribe};
 use crate::{
     error::{ApiError, truncate},
     hub::{CloseReason, Next, SubscribeError, Subscription, Transport},
@@ -77,6 +77,7 @@ enum End {
 async fn run(socket: WebSocket, mut sub: Subscription, st: AppState) {
     let (mut tx, mut rx) = socket.split();
     let keepalive = st.cfg.keepalive;
+    let sent = Sent::new("ws");
     let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     // Since when a ping has gone unanswered.
     let mut unanswered: Option<Instant> = None;
@@ -119,12 +120,12 @@ async fn run(socket: WebSocket, mut sub: Subscription, st: AppState) {
             },
             next = sub.next() => match next {
                 Next::Order(e) => {
-                    sent("order", "ws", e.at);
-                    Message::Text(order_json(&e).into())
+                    sent.order(e.event.at);
+                    Message::Text(e.json.as_str().into())
                 }
                 Next::Stock(l) => {
-                    sent("stock", "ws", l.at);
-                    Message::Text(stock_json(&l).into())
+                    sent.stock(&l);
+                    Message::Text((&*l.json).into())
                 }
                 Next::Closed(r) => break close_for(r),
             },

@@ -1,7 +1,9 @@
 //! Notifier delivery lag under load: opens `PROBE_SUBSCRIBERS` SSE streams (default
-//! 1000; every other one `orders:*,stock:*` with an admin token, the rest `stock:*`),
-//! reads them for `PROBE_SECONDS` (default 30), and prints the delivery lag of every
-//! event received: receive time minus the event's `at`.
+//! 1000): `PROBE_ADMINS` of them (default 10) are ops dashboards on `orders:*,stock:*`
+//! with an admin token, the rest storefront pages on `stock:*,orders:mine` as the load
+//! test's buyers (`buyer-<i>`, the same tokens it orders with). Reads them for
+//! `PROBE_SECONDS` (default 30) and prints the delivery lag of every event received:
+//! receive time minus the event's `at`.
 //!
 //! For an order event `at` is the moment its status changed in the worker's commit
 //! (the outbox row), so its lag covers commit, outbox relay, broker and notifier. For a
@@ -71,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     let n: usize = std::env::var("PROBE_SUBSCRIBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let secs: u64 = std::env::var("PROBE_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let admins: usize = std::env::var("PROBE_ADMINS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let base = std::env::var("PROBE_NOTIFIER").unwrap_or_else(|_| "http://127.0.0.1:8081".into());
     let admin = auth::mint(cfg.jwt_secret.expose(), &UserId::parse("lagprobe")?, Role::Admin, Duration::from_secs(3600));
     let orders = Arc::new(Histogram::new());
@@ -79,10 +82,12 @@ async fn main() -> anyhow::Result<()> {
     let clients: Vec<reqwest::Client> = (0..(n / 100 + 1)).map(|_| reqwest::Client::new()).collect();
     let mut tasks = Vec::new();
     for i in 0..n {
-        let url = if i % 2 == 0 {
+        let url = if i < admins {
             format!("{base}/v1/stream?topics=orders:*,stock:*&access_token={admin}")
         } else {
-            format!("{base}/v1/stream?topics=stock:*")
+            let buyer = UserId::parse(format!("buyer-{}", i - admins))?;
+            let token = auth::mint(cfg.jwt_secret.expose(), &buyer, Role::Customer, Duration::from_secs(3600));
+            format!("{base}/v1/stream?topics=stock:*,orders:mine&access_token={token}")
         };
         let resp = clients[i / 100].get(&url).send().await?;
         anyhow::ensure!(resp.status() == 200, "subscriber {i}: {}", resp.text().await?);
@@ -91,6 +96,9 @@ async fn main() -> anyhow::Result<()> {
             let mut body = resp.bytes_stream();
             let mut buf = Vec::new();
             let mut closed = None;
+            // The first level of each SKU is the current level on subscribing, not a
+            // change: its `at` says how old it is, not how late it came.
+            let mut seen_skus = std::collections::HashSet::new();
             while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(until, body.next()).await {
                 let now = OffsetDateTime::now_utc();
                 buf.extend_from_slice(&chunk);
@@ -103,7 +111,11 @@ async fn main() -> anyhow::Result<()> {
                     let lag = at.map(|at| Duration::try_from(now - at).unwrap_or(Duration::ZERO));
                     match (v["type"].as_str(), lag) {
                         (Some("order"), Some(l)) => orders.record(l),
-                        (Some("stock"), Some(l)) => stock.record(l),
+                        (Some("stock"), Some(l)) => {
+                            if !seen_skus.insert(v["sku"].as_str().unwrap_or_default().to_owned()) {
+                                stock.record(l);
+                            }
+                        }
                         (Some("error"), _) => closed = v["code"].as_str().map(str::to_owned),
                         _ => {}
                     }
@@ -120,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("a subscriber was closed: {code}");
         }
     }
-    println!("subscribers: {n} ({} with orders:*), closed by the notifier: {closed}", n.div_ceil(2));
+    println!("subscribers: {n} ({} admins on orders:*, the rest buyers on orders:mine), closed by the notifier: {closed}", admins.min(n));
     orders.report("order events");
     stock.report("stock events");
     Ok(())
