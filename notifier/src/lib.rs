@@ -2,7 +2,7 @@
 //! subscribers over Server-Sent Events and WebSocket, and serves the live page.
 //!
 //! Order events come from the `events` exchange (the worker's outbox relay), each
-//! instance on its own exclusive queue, so any number of notifiers can run side by side.
+//! instance on its own queue, so any number of notifiers can run side by side.
 //! Stock levels are sampled from Redis every `FLOODGATE_STOCK_INTERVAL_MS`: the order
 //! path only marks SKUs changed, and a subscriber gets the latest level of each SKU at
 //! most that often, never a backlog.
