@@ -151,7 +151,7 @@ async fn consume_once(
     }
     let ch = conn.create_channel().await?;
     let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
-    topology.declare(&ch).await?;
+    topology.declare_events(&ch).await?;
     let mut args = FieldTable::default();
     // Deleted a minute after its last consumer went away: long enough to ride out a
     // reconnect, short enough that a dead instance's queue does not pile up events.

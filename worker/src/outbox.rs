@@ -69,7 +69,7 @@ impl Link {
         .await?;
         let channel = conn.create_channel().await?;
         let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
-        topology.declare(&channel).await?;
+        topology.declare_events(&channel).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;

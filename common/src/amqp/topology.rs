@@ -70,13 +70,7 @@ impl Topology {
             FieldTable::default(),
         )
         .await?;
-        ch.exchange_declare(
-            self.events_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
+        self.declare_events(ch).await?;
 
         let durable_queue = QueueDeclareOptions {
             // Quorum queues must be durable and neither exclusive nor auto-deleted.
@@ -141,6 +135,22 @@ impl Topology {
         )
         .await?;
         Ok(())
+    }
+
+    /// Declares only the `events` exchange: what the outbox relay publishes to and the
+    /// notifiers bind to. They never touch the order queues (declaring those would also
+    /// re-create bindings an operator removed on purpose).
+    pub async fn declare_events(&self, ch: &Channel) -> lapin::Result<()> {
+        ch.exchange_declare(
+            self.events_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
     }
 
     /// Deletes everything [`Topology::declare`] made (tests clean up their namespace).
