@@ -329,29 +329,17 @@ async fn bad_topics_and_tokens_are_refused_before_the_stream_or_with_a_close_rea
         assert!(why.starts_with(reason), "{msg}: {why}");
     }
     // A refused request subscribed nothing.
-    let ready: Value = app
-        .client
-        .get(format!("{}/readyz", app.notifier.as_ref().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(ready["status"], "ready", "{ready}");
+    let base = app.notifier.clone().unwrap();
+    assert_eq!(readyz(&app.client, &base).await["status"], "ready");
     eventually(WAIT, || async {
-        let r: Value = app
-            .client
-            .get(format!("{}/readyz", app.notifier.as_ref().unwrap()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        r["subscribers"] == 0
+        readyz(&app.client, &base).await["subscribers"] == 0
     })
     .await;
+}
+
+async fn readyz(client: &reqwest::Client, base: &str) -> Value {
+    let r = client.get(format!("{base}/readyz")).send().await.unwrap();
+    r.json().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -699,16 +687,7 @@ async fn every_notifier_instance_sees_every_event_and_shutdown_closes_streams_cl
     assert_eq!(ws.next(WAIT).await.expect("ack")["type"], "subscribed");
     // Both instances bind their queues as they start; wait until the second's is there.
     eventually(WAIT, || async {
-        let r: Value = app
-            .client
-            .get(format!("{second_url}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        r["status"] == "ready"
+        readyz(&app.client, &second_url).await["status"] == "ready"
     })
     .await;
 
