@@ -733,3 +733,101 @@ async fn every_notifier_instance_sees_every_event_and_shutdown_closes_streams_cl
     assert_eq!(code, 1001);
     assert!(reason.starts_with("shutting_down"), "{reason}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_event_queue_closes_order_subscribers_with_resync_and_recovers() {
+    let app = with_notifier().await;
+    app.create_sku("gone", 5, None).await;
+    let alice = app.customer("alice");
+    let mut orders = Sse::connect(&app.client, &stream_url(&app, "orders:mine", Some(&alice)))
+        .await
+        .expect("order stream");
+    let mut stock = Sse::connect(&app.client, &stream_url(&app, "stock:gone", None))
+        .await
+        .expect("stock stream");
+    assert_eq!(stock.next(WAIT).await.expect("level").data["available"], 5);
+
+    // The notifier's queue vanishes under it (an operator, a broker that lost its data).
+    let prefix = format!("{}.events.notifier.", app.cfg.namespace);
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name"])
+        .output()
+        .expect("rabbitmqctl");
+    let queue = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::trim)
+        .find(|q| q.starts_with(&prefix))
+        .expect("the notifier's queue")
+        .to_owned();
+    app.channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .expect("delete the queue");
+
+    // Order subscribers may have missed events: told to resync, their stream ends.
+    let last = orders.next(WAIT).await.expect("a last event");
+    assert_eq!(
+        (last.name.as_str(), last.data["code"].as_str()),
+        ("error", Some("resync"))
+    );
+    assert!(orders.next(WAIT).await.is_none() && orders.ended);
+
+    // Once the notifier has its queue again, a new stream gets new events; stock-only
+    // subscribers were never disturbed.
+    let base = app.notifier.clone().unwrap();
+    eventually(WAIT, || async {
+        readyz(&app.client, &base).await["status"] == "ready"
+    })
+    .await;
+    let mut again = Sse::connect(&app.client, &stream_url(&app, "orders:mine", Some(&alice)))
+        .await
+        .expect("order stream again");
+    assert_eq!(app.order(&alice, &[("gone", 1)], None).await.status, 202);
+    let ev = again.next(WAIT).await.expect("the event");
+    assert_eq!(ev.data["status"], "confirmed");
+    assert_eq!(
+        stock.next(WAIT).await.expect("a change").data["available"],
+        4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_that_never_answers_pings_is_closed() {
+    let app = TestApp::spawn_with(Options {
+        notifier: true,
+        tweak: Box::new(|c| c.keepalive = Duration::from_secs(1)),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("quiet", 5, None).await;
+    let mut ws = Ws::connect(&ws_url(&app, None)).await.expect("socket");
+    ws.send(&json!({"subscribe": ["stock:quiet"]})).await;
+    // Do not read (reading answers pings) for three ping intervals.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    loop {
+        match ws.next(WAIT).await {
+            Some(v) if v["type"] == "subscribed" || v["type"] == "stock" => continue,
+            Some(v) => panic!("unexpected {v}"),
+            None => break,
+        }
+    }
+    // The server gave up on it: with a close frame (1001 ping_timeout) if the client
+    // read that before answering the pings, else the connection is simply gone.
+    if let Some((code, reason)) = ws.closed.clone() {
+        assert_eq!(code, 1001);
+        assert!(reason.starts_with("ping_timeout"), "{reason}");
+    }
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.notifier.as_ref().unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("floodgate_notifier_disconnects_total{reason=\"ping_timeout\"}"),
+        "counted as a ping timeout"
+    );
+}

@@ -23,7 +23,10 @@ use axum::{
     http::HeaderMap,
     response::Response,
 };
-use futures::{SinkExt, StreamExt, stream::SplitSink};
+use futures::{
+    SinkExt, StreamExt,
+    stream::{SplitSink, SplitStream},
+};
 use serde::Deserialize;
 use serde_json::json;
 use std::{collections::HashMap, time::Duration};
@@ -79,8 +82,8 @@ async fn run(socket: WebSocket, mut sub: Subscription, st: AppState) {
     let keepalive = st.cfg.keepalive;
     let sent = Sent::new("ws");
     let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
-    // Since when a ping has gone unanswered.
-    let mut unanswered: Option<Instant> = None;
+    // Pings sent since the last pong.
+    let mut unanswered = 0u32;
     let end = loop {
         // Pings go before events, so a busy stream cannot starve them.
         let out = tokio::select! {
@@ -90,18 +93,18 @@ async fn run(socket: WebSocket, mut sub: Subscription, st: AppState) {
                 break close_for(CloseReason::ShuttingDown);
             }
             _ = ping.tick() => {
-                if unanswered.is_some_and(|t| t.elapsed() >= keepalive * 2) {
+                if unanswered >= 2 {
                     sub.close(CloseReason::PingTimeout);
                     break close_for(CloseReason::PingTimeout);
                 }
-                unanswered.get_or_insert_with(Instant::now);
+                unanswered += 1;
                 Message::Ping(Default::default())
             }
             msg = rx.next() => match msg {
                 None | Some(Err(_)) => break End::Gone,
                 Some(Ok(Message::Close(_))) => break End::ClientClosed,
                 Some(Ok(Message::Pong(_))) => {
-                    unanswered = None;
+                    unanswered = 0;
                     continue;
                 }
                 // axum answers pings itself.
@@ -145,7 +148,7 @@ async fn run(socket: WebSocket, mut sub: Subscription, st: AppState) {
         }
     };
     match end {
-        End::Close(code, reason) => close(&mut tx, code, reason).await,
+        End::Close(code, reason) => close(&mut tx, &mut rx, code, reason).await,
         // Complete the closing handshake the client started.
         End::ClientClosed => {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, tx.close()).await;
@@ -163,13 +166,26 @@ fn close_for(r: CloseReason) -> End {
     End::Close(code, truncate(format!("{}: {}", r.code(), r.detail()), 123))
 }
 
-async fn close(tx: &mut SplitSink<WebSocket, Message>, code: u16, reason: String) {
+/// The closing handshake: our close frame, then the client's answer (or
+/// [`CLOSE_TIMEOUT`]), so a browser sees a clean close rather than a dropped connection.
+async fn close(
+    tx: &mut SplitSink<WebSocket, Message>,
+    rx: &mut SplitStream<WebSocket>,
+    code: u16,
+    reason: String,
+) {
     let frame = CloseFrame {
         code,
         reason: reason.into(),
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        let _ = tx.send(Message::Close(Some(frame))).await;
+        if tx.send(Message::Close(Some(frame))).await.is_ok() {
+            while let Some(Ok(m)) = rx.next().await {
+                if let Message::Close(_) = m {
+                    break;
+                }
+            }
+        }
         let _ = tx.close().await;
     })
     .await;
