@@ -155,9 +155,14 @@ async fn reconnect(cfg: &Config, shutdown: &CancellationToken) -> Option<session
             _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(wait) => {},
         }
-        match session::Session::open(cfg).await {
-            Ok(s) => return Some(s),
-            Err(e) => tracing::info!(error = format!("{e:#}"), ?wait, "broker still unreachable"),
+        // Bounded: a node that is still booting can accept a connection and then sit on
+        // a declare.
+        match tokio::time::timeout(Duration::from_secs(30), session::Session::open(cfg)).await {
+            Ok(Ok(s)) => return Some(s),
+            Ok(Err(e)) => {
+                tracing::info!(error = format!("{e:#}"), ?wait, "broker still unreachable")
+            }
+            Err(_) => tracing::info!(?wait, "opening a broker session timed out"),
         }
         wait = (wait * 2).min(Duration::from_secs(5));
     }
