@@ -197,3 +197,75 @@ async fn an_expired_reservation_claimed_late_is_released_by_the_claim() {
     );
     assert_eq!(ns.available().await, 5, "not released twice");
 }
+
+#[tokio::test]
+async fn stock_changes_returns_what_changed_since_the_cursor_and_everything_after_a_reset() {
+    let mut ns = Ns::new(10).await;
+    let _: () = redis::cmd("HSET")
+        .arg(ns.keys.stock())
+        .arg("cap")
+        .arg(3)
+        .query_async(&mut ns.con)
+        .await
+        .unwrap();
+    let sorted = |mut v: Vec<(String, i64)>| {
+        v.sort();
+        v
+    };
+    // A new reader gets every level.
+    let (cursor, levels) = fredis::stock_changes(&mut ns.con, &ns.keys, &Default::default())
+        .await
+        .unwrap()
+        .expect("loaded");
+    assert_eq!(sorted(levels), [("cap".into(), 3), ("tee".into(), 10)]);
+    // Nothing changed: nothing returned.
+    let (cursor, levels) = fredis::stock_changes(&mut ns.con, &ns.keys, &cursor)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(levels.is_empty());
+    // A reservation marks its SKU: only that one comes back, at its new level.
+    let user = UserId::parse("alice").unwrap();
+    ns.reserve(OrderId::new(), &user, 2, i64::MAX).await;
+    let (cursor, levels) = fredis::stock_changes(&mut ns.con, &ns.keys, &cursor)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(levels, [("tee".into(), 8)]);
+    // The change counter lost (Redis restarted without it): everything again.
+    let _: () = redis::cmd("DEL")
+        .arg(ns.keys.stock_seq())
+        .query_async(&mut ns.con)
+        .await
+        .unwrap();
+    let (_, levels) = fredis::stock_changes(&mut ns.con, &ns.keys, &cursor)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(levels.len(), 2);
+    // A reload names a new epoch: everything again.
+    let _: () = redis::cmd("SET")
+        .arg(ns.keys.epoch())
+        .arg("another-load")
+        .query_async(&mut ns.con)
+        .await
+        .unwrap();
+    let (cursor, levels) = fredis::stock_changes(&mut ns.con, &ns.keys, &cursor)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(levels.len(), 2);
+    assert_eq!(cursor.epoch, "another-load");
+    // No stock loaded: None, and the reader starts over.
+    let _: () = redis::cmd("DEL")
+        .arg(ns.keys.epoch())
+        .query_async(&mut ns.con)
+        .await
+        .unwrap();
+    assert!(
+        fredis::stock_changes(&mut ns.con, &ns.keys, &cursor)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
