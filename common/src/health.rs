@@ -51,3 +51,14 @@ pub async fn readiness(redis: &ConnectionManager, pg: &Pool, rabbitmq_up: bool) 
     });
     (ready, body)
 }
+
+/// The `/readyz` answer: 200 when ready, else 503, with the body naming what is down.
+pub fn response(ready: bool, body: Value) -> axum::response::Response {
+    use axum::{http::StatusCode, response::IntoResponse};
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}

@@ -105,3 +105,13 @@ pub fn metrics() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// The `/metrics` answer of every service: the process's metrics in Prometheus text.
+pub fn metrics_response() -> axum::response::Response {
+    use axum::{http::header, response::IntoResponse};
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics().render(),
+    )
+        .into_response()
+}

@@ -268,17 +268,9 @@ async fn movements(
 async fn readyz(State(st): State<AppState>) -> Response {
     let (ready, body) =
         floodgate_common::health::readiness(&st.redis, &st.pg, st.publisher.is_connected()).await;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
+    floodgate_common::health::response(ready, body)
 }
 
-async fn metrics() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        telemetry::metrics().render(),
-    )
+async fn metrics() -> Response {
+    telemetry::metrics_response()
 }

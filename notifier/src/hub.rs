@@ -349,20 +349,6 @@ impl Hub {
         self.inner.count.load(Ordering::Relaxed)
     }
 
-    /// The latest level of every SKU, sorted by SKU.
-    pub fn levels(&self) -> Vec<StockLevel> {
-        let mut v: Vec<StockLevel> = self
-            .inner
-            .levels
-            .read()
-            .expect("levels lock")
-            .values()
-            .cloned()
-            .collect();
-        v.sort_by(|a, b| a.sku.cmp(&b.sku));
-        v
-    }
-
     /// A new subscriber with no topics yet.
     pub fn subscribe(
         &self,

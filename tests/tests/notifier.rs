@@ -337,6 +337,11 @@ async fn bad_topics_and_tokens_are_refused_before_the_stream_or_with_a_close_rea
     .await;
 }
 
+async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    let r = client.get(format!("{base}/metrics")).send().await.unwrap();
+    r.text().await.unwrap()
+}
+
 async fn readyz(client: &reqwest::Client, base: &str) -> Value {
     let r = client.get(format!("{base}/readyz")).send().await.unwrap();
     r.json().await.unwrap()
@@ -640,15 +645,7 @@ async fn an_outbox_relay_killed_around_the_publish_still_delivers_the_event_exac
         "the re-published event is not delivered again"
     );
     // ...because the notifier recognised it (the counter is per test process).
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.notifier.as_ref().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&app.client, app.notifier.as_ref().unwrap()).await;
     assert!(
         metrics.contains("floodgate_notifier_events_dropped_total{reason=\"duplicate\"}"),
         "the duplicate reached the notifier and was dropped"
@@ -817,15 +814,7 @@ async fn a_websocket_that_never_answers_pings_is_closed() {
         assert_eq!(code, 1001);
         assert!(reason.starts_with("ping_timeout"), "{reason}");
     }
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.notifier.as_ref().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&app.client, app.notifier.as_ref().unwrap()).await;
     assert!(
         metrics.contains("floodgate_notifier_disconnects_total{reason=\"ping_timeout\"}"),
         "counted as a ping timeout"

@@ -22,7 +22,7 @@ pub mod repo;
 pub mod session;
 
 use anyhow::Context;
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{Router, extract::State, routing::get};
 use floodgate_common::{Config, redis::Keys, telemetry};
 use std::{
     sync::{
@@ -172,31 +172,15 @@ fn health_router(h: Health) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    telemetry::metrics().render(),
-                )
-            }),
-        )
+        .route("/metrics", get(|| async { telemetry::metrics_response() }))
         .with_state(h)
 }
 
-async fn readyz(State(h): State<Health>) -> impl IntoResponse {
+async fn readyz(State(h): State<Health>) -> axum::response::Response {
     let (ready, body) =
         floodgate_common::health::readiness(&h.redis, &h.pg, h.amqp_up.load(Ordering::Relaxed))
             .await;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body))
+    floodgate_common::health::response(ready, body)
 }
 
 /// The `floodgate-worker` binary: config from the environment, logging, run until

@@ -12,13 +12,7 @@ use crate::{
     sources::SourceHealth,
     topics::Topic,
 };
-use axum::{
-    Json, Router,
-    extract::State,
-    http::{HeaderMap, StatusCode, header},
-    response::IntoResponse,
-    routing::get,
-};
+use axum::{Router, extract::State, http::HeaderMap, routing::get};
 use deadpool_postgres::Pool;
 use floodgate_common::{
     Config,
@@ -57,31 +51,19 @@ pub fn router(state: AppState) -> Router {
         .route("/config.json", get(page::config))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(|| async { telemetry::metrics_response() }))
         .fallback(|| async { ApiError::NoSuchEndpoint })
         .with_state(state)
 }
 
-async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+async fn readyz(State(st): State<AppState>) -> axum::response::Response {
     let amqp = st
         .sources
         .amqp_up
         .load(std::sync::atomic::Ordering::Relaxed);
     let (ready, mut body) = floodgate_common::health::readiness(&st.redis, &st.pg, amqp).await;
     body["subscribers"] = json!(st.hub.subscribers());
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body))
-}
-
-async fn metrics() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        telemetry::metrics().render(),
-    )
+    floodgate_common::health::response(ready, body)
 }
 
 /// The caller, from `Authorization: Bearer` or `access_token` (browsers cannot set
