@@ -82,7 +82,9 @@ pub struct Config {
     pub ingress_addr: SocketAddr,
     /// Where the worker serves health and metrics (`FLOODGATE_WORKER_ADDR`).
     pub worker_addr: SocketAddr,
-    /// How long a reservation waits for a worker before it may be reaped.
+    /// How long a reservation whose publish is not confirmed holds its stock before the
+    /// reaper returns it (ingress died between the reserve and the confirm). A confirmed
+    /// order's reservation never expires: it waits for a worker however long that takes.
     pub reservation_ttl: Duration,
     /// How long an Idempotency-Key is remembered.
     pub idempotency_ttl: Duration,
@@ -100,6 +102,10 @@ pub struct Config {
     pub batch_size: usize,
     /// How long a worker waits to fill a batch after its first message.
     pub batch_max_wait: Duration,
+    /// Batches one worker process keeps in flight (`FLOODGATE_WORKER_PIPELINE`): while
+    /// one waits for its COMMIT the next is claimed and written, so the commit latency
+    /// does not bound the drain rate.
+    pub worker_pipeline: usize,
     /// PostgreSQL connections per process.
     pub db_pool_size: usize,
     /// How long a worker statement waits for a row lock before it fails (transiently).
@@ -191,15 +197,16 @@ impl Config {
             jwt_secret: Secret::new(jwt_secret),
             ingress_addr: parsed(&get, "FLOODGATE_INGRESS_ADDR", ([0, 0, 0, 0], 8080).into())?,
             worker_addr: parsed(&get, "FLOODGATE_WORKER_ADDR", ([0, 0, 0, 0], 8082).into())?,
-            reservation_ttl: secs("FLOODGATE_RESERVATION_TTL_SECS", 120)?,
+            reservation_ttl: secs("FLOODGATE_RESERVATION_TTL_SECS", 30)?,
             idempotency_ttl: secs("FLOODGATE_IDEMPOTENCY_TTL_SECS", 86_400)?,
             publish_timeout: ms("FLOODGATE_PUBLISH_TIMEOUT_MS", 5_000)?,
             publish_channels: parsed(&get, "FLOODGATE_PUBLISH_CHANNELS", 4)?,
             rate_limit_per_sec: parsed(&get, "FLOODGATE_RATE_LIMIT_PER_SEC", 20)?,
             rate_limit_burst: parsed(&get, "FLOODGATE_RATE_LIMIT_BURST", 40)?,
-            worker_prefetch: parsed(&get, "FLOODGATE_WORKER_PREFETCH", 500)?,
+            worker_prefetch: parsed(&get, "FLOODGATE_WORKER_PREFETCH", 1000)?,
             batch_size: parsed(&get, "FLOODGATE_BATCH_SIZE", 200)?,
             batch_max_wait: ms("FLOODGATE_BATCH_MAX_WAIT_MS", 20)?,
+            worker_pipeline: parsed(&get, "FLOODGATE_WORKER_PIPELINE", 4)?,
             db_pool_size: parsed(&get, "FLOODGATE_DB_POOL_SIZE", 16)?,
             db_lock_timeout: ms("FLOODGATE_DB_LOCK_TIMEOUT_MS", 5_000)?,
             retry_delays: delays(&string(
@@ -243,11 +250,32 @@ impl Config {
         if self.batch_size == 0 || self.batch_size > 5_000 {
             return bad("FLOODGATE_BATCH_SIZE", "must be 1..=5000");
         }
+        if self.worker_pipeline == 0 || self.worker_pipeline > 64 {
+            return bad("FLOODGATE_WORKER_PIPELINE", "must be 1..=64");
+        }
+        // Each batch in flight holds a pooled connection; the relay and the reaper need one.
+        if self.worker_pipeline >= self.db_pool_size {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_WORKER_PIPELINE",
+                reason: format!(
+                    "must be less than FLOODGATE_DB_POOL_SIZE ({})",
+                    self.db_pool_size
+                ),
+            });
+        }
         if self.worker_prefetch == 0 {
             return bad("FLOODGATE_WORKER_PREFETCH", "must be at least 1");
         }
-        if self.reservation_ttl.is_zero() {
-            return bad("FLOODGATE_RESERVATION_TTL_SECS", "must be at least 1");
+        // The reaper expires only reservations whose publish is unconfirmed; one whose
+        // confirm is still allowed to arrive must not be expired under it.
+        if self.reservation_ttl <= self.publish_timeout {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_RESERVATION_TTL_SECS",
+                reason: format!(
+                    "must be longer than FLOODGATE_PUBLISH_TIMEOUT_MS ({} ms)",
+                    self.publish_timeout.as_millis()
+                ),
+            });
         }
         if self.db_pool_size == 0 {
             return bad("FLOODGATE_DB_POOL_SIZE", "must be at least 1");
@@ -376,6 +404,26 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("at least 800"), "{e}");
         assert!(cfg(&[("FLOODGATE_STOCK_INTERVAL_MS", "5")]).is_err());
+        assert!(cfg(&[("FLOODGATE_WORKER_PIPELINE", "0")]).is_err());
+        let e = cfg(&[
+            ("FLOODGATE_WORKER_PIPELINE", "8"),
+            ("FLOODGATE_DB_POOL_SIZE", "8"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("FLOODGATE_DB_POOL_SIZE (8)"), "{e}");
+        // An unconfirmed reservation must outlive the wait for its confirm.
+        let e = cfg(&[("FLOODGATE_RESERVATION_TTL_SECS", "5")]).unwrap_err();
+        assert!(
+            e.to_string().contains("FLOODGATE_PUBLISH_TIMEOUT_MS"),
+            "{e}"
+        );
+        assert!(
+            cfg(&[
+                ("FLOODGATE_RESERVATION_TTL_SECS", "2"),
+                ("FLOODGATE_PUBLISH_TIMEOUT_MS", "1500"),
+            ])
+            .is_ok()
+        );
         assert!(cfg(&[("FLOODGATE_PUBLIC_INGRESS_URL", "localhost:8080")]).is_err());
         assert!(cfg(&[("FLOODGATE_CORS_ORIGINS", "shop.example")]).is_err());
         let c = cfg(&[(

@@ -29,7 +29,7 @@ fn v(kind: &'static str, detail: String) -> Violation {
     Violation { kind, detail }
 }
 
-/// Units held by open reservations (reserved or claimed, not yet committed), per SKU.
+/// Units held by open reservations (reserved, queued or claimed: not yet committed), per SKU.
 async fn held_by_reservations<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
@@ -46,7 +46,7 @@ async fn held_by_reservations<C: ConnectionLike>(
             continue;
         };
         if let Some(r) = crate::redis::reservation(con, keys, &order).await?
-            && matches!(r.state.as_str(), "reserved" | "claimed")
+            && r.state.is_open()
         {
             for l in r.lines {
                 *held.entry(l.sku.to_string()).or_default() += l.qty.get();

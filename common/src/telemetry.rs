@@ -13,6 +13,10 @@ pub mod names {
     pub const RESERVE_DURATION: &str = "floodgate_reserve_duration_seconds";
     pub const PUBLISH_DURATION: &str = "floodgate_publish_duration_seconds";
     pub const PUBLISH_FAILURES: &str = "floodgate_publish_failures_total";
+    /// Confirmed orders marked queued per `queued.lua` call (ingress batches them).
+    pub const QUEUED_MARK_BATCH: &str = "floodgate_queued_mark_batch_orders";
+    /// Confirmed orders ingress could not mark queued (Redis unreachable); by outcome.
+    pub const QUEUED_MARK_FAILURES: &str = "floodgate_queued_mark_failures_total";
     pub const BATCH_SIZE: &str = "floodgate_worker_batch_orders";
     pub const COMMIT_DURATION: &str = "floodgate_worker_commit_duration_seconds";
     pub const ORDERS_COMMITTED: &str = "floodgate_worker_orders_total";

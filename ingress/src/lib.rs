@@ -8,6 +8,7 @@
 //! - [`stock`] - public stock levels from Redis.
 //! - [`catalog`] - admin SKU operations (PostgreSQL first, then Redis once per change).
 //! - [`publisher`] - confirm-mode publishing, pipelined across channels.
+//! - [`queued`] - marks confirmed orders queued in Redis (never expired), batched.
 //! - [`repo`] - every SQL statement ingress runs.
 //! - [`extract`] - the bearer-token caller and JSON bodies with API.md's error codes.
 //! - [`error`] - [`error::ApiError`], rendered as problem+json.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod extract;
 pub mod orders;
 pub mod publisher;
+pub mod queued;
 pub mod repo;
 pub mod routes;
 pub mod state;
@@ -65,11 +67,14 @@ impl Application {
             });
         }
         let verifier = Arc::new(Verifier::new(cfg.jwt_secret.expose()));
+        let keys = Arc::new(keys);
+        let queued = queued::QueuedMarker::spawn(redis.clone(), keys.clone());
         Ok(Self {
             listener,
             state: state::AppState {
-                keys: Arc::new(keys),
+                keys,
                 redis,
+                queued,
                 pg,
                 publisher,
                 verifier,

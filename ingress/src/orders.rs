@@ -1,12 +1,13 @@
 //! Placing and reading orders: the hot path (validate, reserve in Redis, publish, answer)
 //! and the status read.
 
-use crate::{error::ApiError, repo, state::AppState};
+use crate::{error::ApiError, queued::MarkError, repo, state::AppState};
+use backon::{ExponentialBuilder, Retryable};
 use floodgate_common::{
     amqp::{IntakeMessage, OrderPlaced},
     auth::Caller,
     domain::{IdempotencyKey, Invalid, OrderId, OrderLine, OrderLines, Quantity, Sku},
-    redis::{self as fredis, Reserve, ReserveRequest},
+    redis::{self as fredis, ConfirmedOrder, Queued, Reserve, ReserveRequest, ResvState},
     telemetry::names,
 };
 use serde::{Deserialize, Serialize};
@@ -228,14 +229,44 @@ async fn publish(
         }
         return Err(unavailable("the message broker", e));
     }
-    if let Some(k) = key {
-        // Duplicates wait for this mark; if it is lost they wait out their deadline and
-        // answer 503, never a second order.
-        if let Err(e) = fredis::mark_published(&mut redis, &st.keys, &caller.user, k).await {
-            tracing::warn!(error = %e, %order_id, "could not mark the Idempotency-Key published");
+    // The message is durably queued. Before answering 202, mark the reservation queued,
+    // so it waits for a worker however long that takes (the reaper expires only
+    // unconfirmed ones), and mark the Idempotency-Key record so repeats answer with it.
+    let confirmed = ConfirmedOrder {
+        order_id,
+        user: caller.user.clone(),
+        idempotency_key: key.cloned(),
+    };
+    let mark = (|| st.queued.mark(confirmed.clone()))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(20))
+                .with_max_delay(Duration::from_millis(500))
+                .with_max_times(5)
+                .with_jitter(),
+        )
+        .when(|e| matches!(e, MarkError::Redis(_)))
+        .await;
+    match mark {
+        Ok(Queued::Accepted) => Ok(()),
+        Ok(Queued::Released) => {
+            // Only if the confirm took longer than the reservation TTL: the reaper gave
+            // the stock back, and the worker will record the order failed.
+            metrics::counter!(names::QUEUED_MARK_FAILURES, "outcome" => "expired").increment(1);
+            tracing::warn!(%order_id, "the reservation expired before the publish was confirmed");
+            Err(ApiError::Unavailable(
+                "the reservation expired before the broker confirmed the order; nothing was reserved"
+                    .into(),
+            ))
+        }
+        Err(e) => {
+            // The order is in the queue: it is accepted. Unmarked, it still reaches a
+            // worker unless the reaper expires it first (OPERATIONS.md, crash windows).
+            metrics::counter!(names::QUEUED_MARK_FAILURES, "outcome" => "unmarked").increment(1);
+            tracing::error!(error = format!("{e:#}"), %order_id, "could not mark a confirmed order queued");
+            Ok(())
         }
     }
-    Ok(())
 }
 
 /// The first order of a repeated Idempotency-Key, with its current status.
@@ -276,7 +307,7 @@ pub async fn view(
         .await
         .map_err(|e| unavailable("Redis", e))?;
     Ok(resv
-        .filter(|r| matches!(r.state.as_str(), "reserved" | "claimed" | "done"))
+        .filter(|r| r.state != ResvState::Released)
         .filter(|r| visible(r.user.as_str()))
         .map(|r| OrderView {
             order_id,

@@ -1,6 +1,6 @@
 //! What every handler shares: cheap to clone.
 
-use crate::publisher::Publisher;
+use crate::{publisher::Publisher, queued::QueuedMarker};
 use deadpool_postgres::Pool;
 use floodgate_common::{Config, auth::Verifier, redis::Keys};
 use governor::{DefaultKeyedRateLimiter, Quota};
@@ -19,6 +19,8 @@ pub struct AppState {
     /// PostgreSQL, for admin writes and order status reads; never on the reserve path.
     pub pg: Pool,
     pub publisher: Publisher,
+    /// Marks confirmed orders queued before the 202, batching the marks.
+    pub queued: QueuedMarker,
     pub verifier: Arc<Verifier>,
     /// None when `FLOODGATE_RATE_LIMIT_PER_SEC=0`.
     pub limiter: Option<Arc<Limiter>>,

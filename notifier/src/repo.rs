@@ -5,7 +5,7 @@ use deadpool_postgres::Pool;
 use floodgate_common::{
     amqp::OrderEvent,
     domain::{OrderId, OrderStatus, UserId},
-    redis::{Keys, reservation},
+    redis::{Keys, ResvState, reservation},
 };
 use redis::aio::ConnectionManager;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
@@ -52,17 +52,14 @@ pub async fn current(
     let Some(resv) = reservation(&mut redis, keys, id).await? else {
         return Ok(None);
     };
-    let event = match resv.state.as_str() {
-        "reserved" | "claimed" | "done" => Some(OrderEvent {
-            order_id: *id,
-            user_id: resv.user.clone(),
-            status: OrderStatus::Accepted,
-            reason: None,
-            at: OffsetDateTime::parse(&resv.accepted_at, &Rfc3339)
-                .unwrap_or_else(|_| OffsetDateTime::now_utc()),
-        }),
-        _ => None,
-    };
+    let event = (resv.state != ResvState::Released).then(|| OrderEvent {
+        order_id: *id,
+        user_id: resv.user.clone(),
+        status: OrderStatus::Accepted,
+        reason: None,
+        at: OffsetDateTime::parse(&resv.accepted_at, &Rfc3339)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc()),
+    });
     // A reservation whose publish failed was answered 503: that order never existed.
     if resv.reason.as_deref() == Some("publish_failed") {
         return Ok(None);

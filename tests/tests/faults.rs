@@ -6,6 +6,7 @@
 //! Every test prints a `FAULT` line (accepted, outcomes, verdict) for the operators' table.
 
 use floodgate_common::{
+    amqp::{IntakeMessage, OrderPlaced},
     dlq,
     domain::{OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
     reconcile,
@@ -308,82 +309,143 @@ async fn poison_message_and_deleted_sku_are_dead_lettered_with_reasons() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reaper_releases_unclaimed_reservations_and_late_messages_fail_cleanly() {
-    let _turn = TURN.lock().await;
-    let mut app = TestApp::spawn_with(Options {
-        worker: false,
-        notifier: false,
-        tweak: Box::new(|c| {
-            c.reservation_ttl = Duration::from_secs(1);
-            c.reaper_interval = Duration::from_millis(200);
-        }),
-    })
-    .await;
-    app.create_sku("slow", 10, None).await;
-    // Two orders queued while no worker runs: their messages arrive after the deadline.
-    let mut accepted = Vec::new();
-    for u in 0..2 {
-        let r = app
-            .order(&app.customer(&format!("s{u}")), &[("slow", 2)], None)
-            .await;
-        assert_eq!(r.status, 202);
-        accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
-    }
-    // One reservation whose ingress died before publishing: no message at all.
-    let lost = OrderId::new();
-    let user = UserId::parse("crashed").unwrap();
+/// Reserves `qty` of `sku` for `user` straight in Redis with a deadline of `ttl` from
+/// now, as ingress does before it publishes. Returns the order and its message.
+async fn reserve_directly(
+    app: &TestApp,
+    user: &str,
+    sku: &str,
+    qty: i64,
+    ttl: Duration,
+) -> (OrderId, Vec<u8>) {
+    let id = OrderId::new();
+    let user = UserId::parse(user).unwrap();
     let lines = OrderLines::try_from(vec![OrderLine {
-        sku: Sku::parse("slow").unwrap(),
-        qty: Quantity::try_from(3).unwrap(),
+        sku: Sku::parse(sku).unwrap(),
+        qty: Quantity::try_from(qty).unwrap(),
     }])
     .unwrap();
-    let mut r = app.redis.clone();
     let now = time::OffsetDateTime::now_utc();
+    let accepted_at = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let deadline_ms = ((now + ttl).unix_timestamp_nanos() / 1_000_000) as i64;
+    let mut r = app.redis.clone();
     let decision = fredis::reserve(
         &mut r,
         &app.keys,
         &ReserveRequest {
-            order_id: lost,
+            order_id: id,
             user: &user,
             lines: &lines,
             idempotency: None,
-            accepted_at: &now
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap(),
-            deadline_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64 + 1000,
+            accepted_at: &accepted_at,
+            deadline_ms,
             idempotency_ttl_secs: 60,
         },
     )
     .await
     .unwrap();
     assert_eq!(decision, fredis::Reserve::Reserved);
-    assert_eq!(app.available("slow").await, Some(3));
+    let msg = IntakeMessage::OrderV1(OrderPlaced {
+        order_id: id,
+        user_id: user,
+        items: lines,
+        accepted_at,
+        deadline_ms,
+        idempotency_key: None,
+    });
+    (id, msg.to_bytes())
+}
 
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    app.start_worker().await;
-    eventually(Duration::from_secs(20), || async {
-        app.scalar("SELECT count(*) FROM orders WHERE reason = 'reservation_expired'")
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_expire() {
+    let _turn = TURN.lock().await;
+    let ttl = Duration::from_secs(2);
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        notifier: false,
+        tweak: Box::new(move |c| {
+            c.reservation_ttl = ttl;
+            c.publish_timeout = Duration::from_millis(1_500);
+            c.reaper_interval = Duration::from_millis(200);
+        }),
+    })
+    .await;
+    app.create_sku("slow", 40, None).await;
+    // Every worker is down: 30 orders are accepted and wait in the queue.
+    let mut accepted = Vec::new();
+    for u in 0..30 {
+        let r = app
+            .order(&app.customer(&format!("s{u}")), &[("slow", 1)], None)
+            .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
+    }
+    // Ingress died after the reserve, before the publish: no message, no 202.
+    let (lost, _) = reserve_directly(&app, "crashed", "slow", 3, ttl).await;
+    // Ingress died after the confirm, before its mark and its answer: the message is
+    // queued but no 202 was sent, so the reaper may take its stock back.
+    let (unmarked, message) = reserve_directly(&app, "crashed2", "slow", 2, ttl).await;
+    app.publish_raw(&message).await;
+    assert_eq!(app.available("slow").await, Some(5));
+
+    // Far past the TTL, with a reaper running as often as a worker's would (the
+    // consumers are still down).
+    tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+    let mut r = app.redis.clone();
+    let reaped = floodgate_worker::reaper::once(&app.keys, &mut r, &app.pg)
+        .await
+        .unwrap();
+    assert_eq!(reaped, 2, "only the two unconfirmed reservations expire");
+    assert_eq!(app.available("slow").await, Some(10));
+    tokio::time::sleep(ttl).await;
+    assert_eq!(
+        floodgate_worker::reaper::once(&app.keys, &mut r, &app.pg)
             .await
-            == 3
+            .unwrap(),
+        0
+    );
+
+    app.start_worker().await;
+    eventually(Duration::from_secs(30), || async {
+        app.scalar("SELECT count(*) FROM orders").await == 32
     })
     .await;
     app.wait_idle().await;
+    let ids: Vec<uuid::Uuid> = accepted.iter().map(|s| s.parse().unwrap()).collect();
+    let confirmed: i64 = app
+        .pg
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM orders WHERE id = ANY($1) AND status = 'confirmed'",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(confirmed, 30, "every 202 ends confirmed");
     assert_eq!(
-        app.available("slow").await,
-        Some(10),
-        "every unit is back on sale"
+        app.scalar("SELECT count(*) FROM orders WHERE reason = 'reservation_expired'")
+            .await,
+        2
     );
-    assert_eq!(app.scalar("SELECT sold FROM inventory").await, 0);
+    assert_eq!(app.available("slow").await, Some(10));
+    assert_eq!(app.scalar("SELECT sold FROM inventory").await, 30);
     assert_eq!(
         app.scalar("SELECT count(*) FROM stock_movements WHERE kind = 'release'")
             .await,
-        3
+        2
     );
-    accepted.push(lost.to_string());
-    let outcomes = app.assert_invariants(&accepted).await;
+    let mut all = accepted.clone();
+    all.push(lost.to_string());
+    all.push(unmarked.to_string());
+    let outcomes = app.assert_invariants(&all).await;
     eprintln!(
-        "FAULT | reservations expired (2 late messages, 1 never published) | accepted 3 | outcomes {outcomes:?} | invariants hold"
+        "FAULT | no worker for {:?} (TTL {ttl:?}) | accepted 30 | outcomes {outcomes:?} | 2 unconfirmed reservations reaped, invariants hold",
+        ttl * 2 + Duration::from_millis(500)
     );
 }
 

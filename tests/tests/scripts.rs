@@ -4,7 +4,10 @@
 use floodgate_common::{
     Namespace,
     domain::{OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
-    redis::{self as fredis, Claim, Keys, Release, Reserve, ReserveRequest},
+    redis::{
+        self as fredis, Claim, ConfirmedOrder, Keys, Queued, Release, Reserve, ReserveRequest,
+        ResvState,
+    },
 };
 use redis::aio::ConnectionManager;
 
@@ -95,9 +98,7 @@ async fn a_failed_publish_cannot_release_an_order_a_worker_claimed() {
     let mut ns = Ns::new(10).await;
     let (id, user) = (OrderId::new(), UserId::parse("u").unwrap());
     ns.reserve(id, &user, 3, FAR).await;
-    let claims = fredis::claim(&mut ns.con, &ns.keys, &[(id, &user)], 0)
-        .await
-        .unwrap();
+    let claims = fredis::claim(&mut ns.con, &ns.keys, &[id]).await.unwrap();
     assert_eq!(claims, [Claim::Claimed]);
     // The confirm was lost, but the message was consumed: ingress must answer 202.
     let r = fredis::release(&mut ns.con, &ns.keys, &id, &user, None, "publish_failed")
@@ -123,9 +124,7 @@ async fn a_late_message_of_an_unpublished_order_is_recognised() {
         .unwrap();
     assert_eq!(again, Release::NotHeld);
     assert_eq!(ns.available().await, 10);
-    let claims = fredis::claim(&mut ns.con, &ns.keys, &[(id, &user)], 0)
-        .await
-        .unwrap();
+    let claims = fredis::claim(&mut ns.con, &ns.keys, &[id]).await.unwrap();
     assert_eq!(claims, [Claim::Unpublished]);
 }
 
@@ -144,14 +143,14 @@ async fn claim_and_reap_never_both_win() {
             .await
             .unwrap()
     );
-    let c = fredis::claim(&mut ns.con, &ns.keys, &[(reaped_first, &user)], 2_000)
+    let c = fredis::claim(&mut ns.con, &ns.keys, &[reaped_first])
         .await
         .unwrap();
     assert_eq!(c, [Claim::Expired]);
     assert_eq!(ns.available().await, 9, "released once");
 
-    // Claim first (before the deadline): the reaper leaves it alone.
-    let c = fredis::claim(&mut ns.con, &ns.keys, &[(claimed_first, &user)], 500)
+    // Claim first: the reaper leaves it alone.
+    let c = fredis::claim(&mut ns.con, &ns.keys, &[claimed_first])
         .await
         .unwrap();
     assert_eq!(c, [Claim::Claimed]);
@@ -161,7 +160,7 @@ async fn claim_and_reap_never_both_win() {
             .unwrap()
     );
     assert_eq!(ns.available().await, 9);
-    // A claimed entry no longer sits at the head of the due list.
+    // A claimed entry (its message exists) no longer sits on the due list.
     assert!(
         fredis::due(&mut ns.con, &ns.keys, 2_000, 10)
             .await
@@ -173,29 +172,155 @@ async fn claim_and_reap_never_both_win() {
     fredis::finish(&mut ns.con, &ns.keys, &[claimed_first])
         .await
         .unwrap();
-    let c = fredis::claim(&mut ns.con, &ns.keys, &[(claimed_first, &user)], 3_000)
+    let c = fredis::claim(&mut ns.con, &ns.keys, &[claimed_first])
         .await
         .unwrap();
     assert_eq!(c, [Claim::Done]);
 }
 
 #[tokio::test]
-async fn an_expired_reservation_claimed_late_is_released_by_the_claim() {
+async fn a_message_past_its_deadline_is_claimed_not_expired() {
+    // The worker holds the message, so the publish happened: the order is committed
+    // however late, unless the reaper got there first.
     let mut ns = Ns::new(5).await;
     let (id, user) = (OrderId::new(), UserId::parse("u").unwrap());
     ns.reserve(id, &user, 5, 1_000).await;
     assert_eq!(ns.available().await, 0);
-    let c = fredis::claim(&mut ns.con, &ns.keys, &[(id, &user)], 1_001)
-        .await
-        .unwrap();
-    assert_eq!(c, [Claim::Expired]);
-    assert_eq!(ns.available().await, 5);
+    let c = fredis::claim(&mut ns.con, &ns.keys, &[id]).await.unwrap();
+    assert_eq!(c, [Claim::Claimed]);
     assert!(
         !fredis::reap(&mut ns.con, &ns.keys, &id, &user, 5_000)
             .await
             .unwrap()
     );
-    assert_eq!(ns.available().await, 5, "not released twice");
+    assert_eq!(ns.available().await, 0, "the claimed units stay sold");
+}
+
+async fn state(ns: &mut Ns, id: &OrderId) -> ResvState {
+    fredis::reservation(&mut ns.con, &ns.keys, id)
+        .await
+        .unwrap()
+        .expect("a reservation record")
+        .state
+}
+
+async fn deadline(ns: &mut Ns, id: &OrderId) -> Option<f64> {
+    redis::cmd("ZSCORE")
+        .arg(ns.keys.deadlines())
+        .arg(id.to_string())
+        .query_async(&mut ns.con)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_queued_reservation_is_never_reaped_and_stays_open() {
+    let mut ns = Ns::new(10).await;
+    let user = UserId::parse("u").unwrap();
+    let (queued, unconfirmed, claimed) = (OrderId::new(), OrderId::new(), OrderId::new());
+    for id in [queued, unconfirmed, claimed] {
+        ns.reserve(id, &user, 1, 1_000).await;
+    }
+    // A worker was faster than ingress's mark for one of them.
+    assert_eq!(
+        fredis::claim(&mut ns.con, &ns.keys, &[claimed])
+            .await
+            .unwrap(),
+        [Claim::Claimed]
+    );
+    let confirmed = |order_id| ConfirmedOrder {
+        order_id,
+        user: user.clone(),
+        idempotency_key: None,
+    };
+    let marks = fredis::mark_queued(
+        &mut ns.con,
+        &ns.keys,
+        &[confirmed(queued), confirmed(claimed)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(marks, [Queued::Accepted, Queued::Accepted]);
+    assert_eq!(state(&mut ns, &queued).await, ResvState::Queued);
+    assert_eq!(state(&mut ns, &claimed).await, ResvState::Claimed);
+    // Both stay listed as open reservations (reconcile counts them), with no deadline.
+    assert_eq!(deadline(&mut ns, &queued).await, Some(f64::INFINITY));
+    assert_eq!(deadline(&mut ns, &claimed).await, Some(f64::INFINITY));
+
+    // Far past every deadline, only the unconfirmed reservation is due and reaped.
+    let due = fredis::due(&mut ns.con, &ns.keys, i64::MAX / 4, 10)
+        .await
+        .unwrap();
+    assert_eq!(due, [unconfirmed]);
+    for id in [queued, claimed, unconfirmed] {
+        let reaped = fredis::reap(&mut ns.con, &ns.keys, &id, &user, i64::MAX / 4)
+            .await
+            .unwrap();
+        assert_eq!(reaped, id == unconfirmed, "{id}");
+    }
+    assert_eq!(ns.available().await, 8, "only the unconfirmed unit is back");
+
+    // The queued one is claimed whenever a worker comes, then finished.
+    assert_eq!(
+        fredis::claim(&mut ns.con, &ns.keys, &[queued])
+            .await
+            .unwrap(),
+        [Claim::Claimed]
+    );
+    fredis::finish(&mut ns.con, &ns.keys, &[queued, claimed])
+        .await
+        .unwrap();
+    assert_eq!(deadline(&mut ns, &queued).await, None);
+    assert_eq!(state(&mut ns, &queued).await, ResvState::Done);
+    // A late mark never resurrects a settled reservation's entry.
+    let marks = fredis::mark_queued(&mut ns.con, &ns.keys, &[confirmed(queued)])
+        .await
+        .unwrap();
+    assert_eq!(marks, [Queued::Accepted]);
+    assert_eq!(deadline(&mut ns, &queued).await, None);
+    // The reaped one answers Released to a mark that comes too late: no 202 for it.
+    let marks = fredis::mark_queued(&mut ns.con, &ns.keys, &[confirmed(unconfirmed)])
+        .await
+        .unwrap();
+    assert_eq!(marks, [Queued::Released]);
+    assert_eq!(
+        fredis::claim(&mut ns.con, &ns.keys, &[unconfirmed])
+            .await
+            .unwrap(),
+        [Claim::Expired]
+    );
+}
+
+#[tokio::test]
+async fn a_queued_order_that_fails_in_the_worker_is_released_once() {
+    let mut ns = Ns::new(4).await;
+    let (id, user) = (OrderId::new(), UserId::parse("u").unwrap());
+    ns.reserve(id, &user, 4, 1_000).await;
+    let order = ConfirmedOrder {
+        order_id: id,
+        user: user.clone(),
+        idempotency_key: None,
+    };
+    fredis::mark_queued(&mut ns.con, &ns.keys, &[order])
+        .await
+        .unwrap();
+    // A late 'publish_failed' cannot take back a queued order.
+    let r = fredis::release(&mut ns.con, &ns.keys, &id, &user, None, "publish_failed")
+        .await
+        .unwrap();
+    assert_eq!(r, Release::Taken);
+    assert_eq!(ns.available().await, 0);
+    // The worker's release of a failed order gives the stock back, once.
+    let r = fredis::release(&mut ns.con, &ns.keys, &id, &user, None, "failed")
+        .await
+        .unwrap();
+    assert_eq!(r, Release::Released);
+    let r = fredis::release(&mut ns.con, &ns.keys, &id, &user, None, "failed")
+        .await
+        .unwrap();
+    assert_eq!(r, Release::NotHeld);
+    assert_eq!(ns.available().await, 4);
+    assert_eq!(deadline(&mut ns, &id).await, None);
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@
 //!   its reservation released.
 
 use crate::{
+    acks::AckWindow,
     repo::{self, DbError, OrderRecord},
     session::{Session, attempt_of},
 };
@@ -28,7 +29,7 @@ use floodgate_common::{
     redis::{self as fredis, Claim, Keys},
     telemetry::names,
 };
-use futures::StreamExt;
+use futures::{StreamExt, stream::FuturesUnordered};
 use lapin::{BasicProperties, Consumer, message::Delivery, options::BasicAckOptions};
 use redis::aio::ConnectionManager;
 use std::{
@@ -96,13 +97,9 @@ struct Decoded {
     key: Option<IdempotencyKey>,
 }
 
-fn now_ms() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
-
 impl Pipeline {
     /// Consumes until shutdown or a broker failure, pausing through outages.
-    pub async fn run(&mut self, session: &mut Session, shutdown: &CancellationToken) -> Stop {
+    pub async fn run(&self, session: &mut Session, shutdown: &CancellationToken) -> Stop {
         loop {
             let mut consumer = match session.consume().await {
                 Ok(c) => c,
@@ -139,7 +136,7 @@ impl Pipeline {
     }
 
     /// Probes PostgreSQL and Redis with backoff until both answer. False on shutdown.
-    async fn wait_until_healthy(&mut self, shutdown: &CancellationToken) -> bool {
+    async fn wait_until_healthy(&self, shutdown: &CancellationToken) -> bool {
         let mut wait = Duration::from_millis(200);
         loop {
             tokio::select! {
@@ -161,51 +158,86 @@ impl Pipeline {
         }
     }
 
+    /// Collects batches and keeps up to `FLOODGATE_WORKER_PIPELINE` of them in flight:
+    /// while one waits for its commit, the next is claimed and written. Each batch is
+    /// acknowledged once it and every earlier delivery are settled ([`AckWindow`]).
     async fn drain(
-        &mut self,
+        &self,
         session: &Session,
         consumer: &mut Consumer,
         shutdown: &CancellationToken,
     ) -> Halt {
+        let (depth, size) = (self.cfg.worker_pipeline, self.cfg.batch_size);
+        let mut acks = AckWindow::default();
+        let mut in_flight = FuturesUnordered::new();
+        let mut pending: Vec<Delivery> = Vec::with_capacity(size);
+        // When the batch being collected must go, full or not.
+        let mut fill_until: Option<tokio::time::Instant> = None;
         loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return Halt::Shutdown,
-                d = consumer.next() => d,
-            };
-            let first = match first {
-                Some(Ok(d)) => d,
-                Some(Err(e)) => return Halt::Broker(e.into()),
-                None => return Halt::Broker(anyhow::anyhow!("the broker ended the consumer")),
-            };
-            let mut batch = vec![first];
-            let fill_until = tokio::time::Instant::now() + self.cfg.batch_max_wait;
-            while batch.len() < self.cfg.batch_size {
-                match tokio::time::timeout_at(fill_until, consumer.next()).await {
-                    Ok(Some(Ok(d))) => batch.push(d),
-                    Ok(Some(Err(e))) => return Halt::Broker(e.into()),
-                    Ok(None) | Err(_) => break,
-                }
+            let room = in_flight.len() < depth;
+            let due = fill_until.is_some_and(|t| t <= tokio::time::Instant::now());
+            if room && (pending.len() >= size || (due && !pending.is_empty())) {
+                fill_until = None;
+                let batch = std::mem::replace(&mut pending, Vec::with_capacity(size));
+                in_flight.push(self.process(session, batch, shutdown));
+                continue;
             }
-            if let Err(h) = self.process(session, batch, shutdown).await {
-                // Unsettled deliveries return to the queue when the channel closes.
-                return h;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    // Take nothing new; let the batches in flight finish and ack them.
+                    // What was collected but not started returns to the queue.
+                    let finish = async {
+                        while let Some(done) = in_flight.next().await {
+                            let tags = done?;
+                            if let Some(upto) = acks.settle(tags) {
+                                ack(session, upto).await?;
+                            }
+                        }
+                        Ok::<(), Halt>(())
+                    };
+                    return match tokio::time::timeout(SHUTDOWN_GRACE, finish).await {
+                        Ok(Err(h)) => h,
+                        _ => Halt::Shutdown,
+                    };
+                }
+                Some(done) = in_flight.next() => match done {
+                    Ok(tags) => {
+                        if let Some(upto) = acks.settle(tags)
+                            && let Err(h) = ack(session, upto).await
+                        {
+                            return h;
+                        }
+                    }
+                    // Unsettled deliveries return to the queue when the channel closes.
+                    Err(h) => return h,
+                },
+                d = consumer.next(), if room && pending.len() < size => match d {
+                    Some(Ok(d)) => {
+                        if pending.is_empty() {
+                            fill_until = Some(tokio::time::Instant::now() + self.cfg.batch_max_wait);
+                        }
+                        pending.push(d);
+                    }
+                    Some(Err(e)) => return Halt::Broker(e.into()),
+                    None => return Halt::Broker(anyhow::anyhow!("the broker ended the consumer")),
+                },
+                _ = sleep_until_opt(fill_until), if room && fill_until.is_some() => {}
             }
         }
     }
 
+    /// Decides and settles one batch (retries and dead letters published); returns its
+    /// delivery tags for the ack window. Nothing is acked here.
     async fn process(
-        &mut self,
+        &self,
         session: &Session,
         batch: Vec<Delivery>,
         shutdown: &CancellationToken,
-    ) -> Result<(), Halt> {
+    ) -> Result<Vec<u64>, Halt> {
         let started = Instant::now();
         metrics::histogram!(names::BATCH_SIZE).record(batch.len() as f64);
-        let last_tag = batch
-            .iter()
-            .map(|d| d.delivery_tag)
-            .max()
-            .unwrap_or_default();
+        let tags: Vec<u64> = batch.iter().map(|d| d.delivery_tag).collect();
         let items: Vec<Item> = batch.into_iter().map(decode).collect();
         let settle = self.decide(&items, shutdown).await?;
         for (item, s) in items.iter().zip(&settle) {
@@ -230,18 +262,13 @@ impl Pipeline {
                 }
             }
         }
-        // Every delivery of the batch is settled: one ack covers them all.
-        session
-            .consume
-            .basic_ack(last_tag, BasicAckOptions { multiple: true })
-            .await?;
         metrics::histogram!(names::COMMIT_DURATION).record(started.elapsed().as_secs_f64());
-        Ok(())
+        Ok(tags)
     }
 
     /// Decides every item. Errors leave the whole batch unsettled.
     async fn decide(
-        &mut self,
+        &self,
         items: &[Item],
         shutdown: &CancellationToken,
     ) -> Result<Vec<Settle>, Halt> {
@@ -266,11 +293,8 @@ impl Pipeline {
             return Ok(settle);
         }
         let decoded = |i: usize| items[i].order.as_ref().expect("decoded");
-        let claims_in: Vec<(OrderId, &UserId)> = firsts
-            .iter()
-            .map(|&i| (decoded(i).record.id, &decoded(i).user))
-            .collect();
-        let claims = fredis::claim(&mut self.redis, &self.keys, &claims_in, now_ms())
+        let claims_in: Vec<OrderId> = firsts.iter().map(|&i| decoded(i).record.id).collect();
+        let claims = fredis::claim(&mut self.redis.clone(), &self.keys, &claims_in)
             .await
             .map_err(|e| Halt::Outage("redis", e.into()))?;
 
@@ -334,11 +358,7 @@ impl Pipeline {
     }
 
     /// Commits one order alone (after its batch was refused).
-    async fn commit_one(
-        &mut self,
-        item: &Item,
-        shutdown: &CancellationToken,
-    ) -> Result<Settle, Halt> {
+    async fn commit_one(&self, item: &Item, shutdown: &CancellationToken) -> Result<Settle, Halt> {
         let d = item.order.as_ref().expect("decoded");
         let one = [&d.record];
         match retry_quick(|| repo::commit_batch(&self.pg, &one, &[])).await {
@@ -369,7 +389,7 @@ impl Pipeline {
 
     /// A transient failure while the database answers: the next scheduled retry, or,
     /// past the schedule, the order fails and the message is dead-lettered.
-    async fn retry_or_give_up(&mut self, item: &Item, e: &anyhow::Error) -> Result<Settle, Halt> {
+    async fn retry_or_give_up(&self, item: &Item, e: &anyhow::Error) -> Result<Settle, Halt> {
         let next = item.attempt + 1;
         if next <= self.cfg.retry_delays.len() {
             return Ok(Settle::Retry(next));
@@ -381,7 +401,7 @@ impl Pipeline {
 
     /// Records the order failed and settles Redis by what PostgreSQL now holds: an order
     /// an earlier delivery confirmed keeps its stock.
-    async fn fail_order(&mut self, d: &Decoded, reason: &'static str) -> Result<(), Halt> {
+    async fn fail_order(&self, d: &Decoded, reason: &'static str) -> Result<(), Halt> {
         tracing::info!(order_id = %d.record.id, reason, "order failed");
         let (recorded, status) = retry_quick(|| repo::record_failed(&self.pg, &d.record, reason))
             .await
@@ -397,7 +417,7 @@ impl Pipeline {
     /// in one call for the whole batch; `failed` or `cancelled` ones give their stock back
     /// (once, and rare); orders PostgreSQL does not hold are left alone.
     async fn settle_redis(
-        &mut self,
+        &self,
         orders: &[&Decoded],
         status: &HashMap<OrderId, String>,
     ) -> Result<(), Halt> {
@@ -407,13 +427,13 @@ impl Pipeline {
             .map(|d| d.record.id)
             .filter(|id| status.get(id).is_some_and(|s| s == "confirmed"))
             .collect();
-        fredis::finish(&mut self.redis, &self.keys, &confirmed)
+        fredis::finish(&mut self.redis.clone(), &self.keys, &confirmed)
             .await
             .map_err(outage)?;
         for d in orders {
             if status.get(&d.record.id).is_some_and(|s| s != "confirmed") {
                 fredis::release(
-                    &mut self.redis,
+                    &mut self.redis.clone(),
                     &self.keys,
                     &d.record.id,
                     &d.user,
@@ -428,7 +448,7 @@ impl Pipeline {
     }
 
     /// An undecodable message may still name its order and user: release what it held.
-    async fn release_poison(&mut self, payload: &[u8]) -> Result<(), Halt> {
+    async fn release_poison(&self, payload: &[u8]) -> Result<(), Halt> {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
             return Ok(());
         };
@@ -436,7 +456,7 @@ impl Pipeline {
         let user = v["user_id"].as_str().and_then(|u| UserId::parse(u).ok());
         if let (Some(order), Some(user)) = (order, user) {
             fredis::release(
-                &mut self.redis,
+                &mut self.redis.clone(),
                 &self.keys,
                 &order,
                 &user,
@@ -447,6 +467,24 @@ impl Pipeline {
             .map_err(|e| Halt::Outage("redis", e.into()))?;
         }
         Ok(())
+    }
+}
+
+/// How long shutdown waits for the batches in flight to commit and be acked.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+async fn ack(session: &Session, upto: u64) -> Result<(), Halt> {
+    session
+        .consume
+        .basic_ack(upto, BasicAckOptions { multiple: true })
+        .await
+        .map_err(Halt::from)
+}
+
+async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -3,7 +3,9 @@
 //! # Layout
 //!
 //! - [`consumer`] - the batch loop: collect, claim in Redis, commit, settle (ack, retry,
-//!   dead letter), and pause through outages.
+//!   dead letter), several batches in flight, and pause through outages.
+//! - [`acks`] - the ack window: a multiple ack never covers another batch's unsettled
+//!   deliveries.
 //! - [`repo`] - the batch transaction (one aggregated inventory update per SKU) and the
 //!   order-by-order fallback; database failures classified transient or permanent.
 //! - [`session`] - the AMQP session: consuming channel, confirm-mode channel for delay
@@ -15,6 +17,7 @@
 //!   the health/metrics endpoint.
 #![forbid(unsafe_code)]
 
+pub mod acks;
 pub mod consumer;
 pub mod outbox;
 pub mod reaper;
@@ -88,7 +91,7 @@ impl Worker {
         let Worker {
             listener,
             mut session,
-            mut pipeline,
+            pipeline,
         } = self;
         let amqp_up = Arc::new(AtomicBool::new(true));
         let health = Health {

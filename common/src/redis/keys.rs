@@ -47,7 +47,9 @@ impl Keys {
     pub fn applied(&self) -> String {
         format!("{}applied", self.prefix)
     }
-    /// Zset order id -> reservation deadline (ms).
+    /// Zset of every open reservation: order id -> deadline (ms) while its publish is
+    /// unconfirmed, `+inf` once the broker confirmed it (queued orders never expire).
+    /// The reaper reads what is due; reconcile counts what the open ones hold.
     pub fn deadlines(&self) -> String {
         format!("{}deadlines", self.prefix)
     }

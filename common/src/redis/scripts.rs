@@ -10,6 +10,7 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lu
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/finish.lua")));
+static QUEUED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/queued.lua")));
 static APPLY_STOCK: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/apply_stock.lua")));
 
@@ -128,19 +129,103 @@ pub async fn reserve<C: ConnectionLike>(
     })
 }
 
-/// Marks an Idempotency-Key record published, so duplicates may answer with it.
-pub async fn mark_published<C: ConnectionLike>(
+/// The state of a reservation record in Redis (`resv:<order>`'s `state` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResvState {
+    /// Stock held; the publish is not confirmed yet. The only state the reaper expires.
+    Reserved,
+    /// The broker confirmed the message: it waits for a worker however long that takes.
+    Queued,
+    /// A worker took it into a batch.
+    Claimed,
+    /// Committed in PostgreSQL as confirmed.
+    Done,
+    /// Its stock went back (publish failed, expired unconfirmed, or the order failed).
+    Released,
+}
+
+impl ResvState {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "reserved" => Self::Reserved,
+            "queued" => Self::Queued,
+            "claimed" => Self::Claimed,
+            "done" => Self::Done,
+            "released" => Self::Released,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserved => "reserved",
+            Self::Queued => "queued",
+            Self::Claimed => "claimed",
+            Self::Done => "done",
+            Self::Released => "released",
+        }
+    }
+
+    /// Holding stock for an order that is (or may yet be) accepted.
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Reserved | Self::Queued | Self::Claimed)
+    }
+}
+
+/// What `queued.lua` found for one confirmed order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// Accepted: queued (or a worker already claimed or committed it, or Redis lost the
+    /// record and PostgreSQL will decide). It never expires now.
+    Accepted,
+    /// The reservation was released before the mark: the stock is back on sale, the order
+    /// will be recorded failed. Only when a confirm took longer than the reservation TTL.
+    Released,
+}
+
+/// One order whose publish the broker confirmed.
+#[derive(Debug, Clone)]
+pub struct ConfirmedOrder {
+    pub order_id: OrderId,
+    pub user: UserId,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+/// Runs `queued.lua` for orders whose publish the broker confirmed, in one call: each
+/// reservation waits for a worker however long that takes, and each Idempotency-Key
+/// record is marked accepted. One [`Queued`] per order, in order.
+pub async fn mark_queued<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
-    user: &UserId,
-    key: &IdempotencyKey,
-) -> RedisResult<()> {
-    redis::cmd("HSET")
-        .arg(keys.idem(user, key))
-        .arg("state")
-        .arg("accepted")
-        .query_async(con)
-        .await
+    orders: &[ConfirmedOrder],
+) -> RedisResult<Vec<Queued>> {
+    if orders.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut inv = QUEUED.prepare_invoke();
+    inv.key(keys.deadlines());
+    for o in orders {
+        let idem = o
+            .idempotency_key
+            .as_ref()
+            .map_or_else(|| keys.no_idem(), |k| keys.idem(&o.user, k));
+        inv.key(keys.resv(&o.order_id))
+            .key(idem)
+            .arg(o.order_id.to_string());
+    }
+    let reply: Vec<String> = inv.invoke_async(con).await?;
+    if reply.len() != orders.len() {
+        return Err(protocol_error("queued", &reply));
+    }
+    reply
+        .iter()
+        .map(|w| match ResvState::parse(w) {
+            Some(ResvState::Released) => Ok(Queued::Released),
+            Some(_) => Ok(Queued::Accepted),
+            None if w == "missing" => Ok(Queued::Accepted),
+            None => Err(protocol_error("queued", &reply)),
+        })
+        .collect()
 }
 
 /// What `release.lua` did.
@@ -148,7 +233,7 @@ pub async fn mark_published<C: ConnectionLike>(
 pub enum Release {
     /// This call gave the stock back.
     Released,
-    /// A worker holds it (`claimed`) or committed it (`done`): for a failed publish this
+    /// Queued, claimed by a worker or committed (`done`): for a failed publish this
     /// means the message got through after all.
     Taken,
     /// Released before, or unknown to Redis: nothing to give back.
@@ -180,7 +265,7 @@ pub async fn release<C: ConnectionLike>(
         .await?;
     Ok(match outcome.as_str() {
         "released_now" => Release::Released,
-        "claimed" | "done" => Release::Taken,
+        "queued" | "claimed" | "done" => Release::Taken,
         _ => Release::NotHeld,
     })
 }
@@ -192,7 +277,7 @@ pub enum Claim {
     Claimed,
     /// Committed before; the message is a redelivery.
     Done,
-    /// The deadline passed before a worker got to it; its stock is back on sale.
+    /// The reaper released it (its publish was never confirmed); its stock is back on sale.
     Expired,
     /// Ingress gave up on its publish and answered 503: never accepted, nothing to record.
     Unpublished,
@@ -206,23 +291,14 @@ pub enum Claim {
 pub async fn claim<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
-    orders: &[(OrderId, &UserId)],
-    now_ms: i64,
+    orders: &[OrderId],
 ) -> RedisResult<Vec<Claim>> {
     if orders.is_empty() {
         return Ok(Vec::new());
     }
     let mut inv = CLAIM.prepare_invoke();
-    inv.key(keys.stock())
-        .key(keys.deadlines())
-        .key(keys.stock_changes())
-        .key(keys.stock_seq())
-        .arg(now_ms)
-        .arg(RECORD_TTL_SECS);
-    for (id, user) in orders {
-        inv.key(keys.resv(id))
-            .key(keys.user(user))
-            .arg(id.to_string());
+    for id in orders {
+        inv.key(keys.resv(id));
     }
     let reply: Vec<String> = inv.invoke_async(con).await?;
     if reply.len() != orders.len() {
@@ -317,7 +393,7 @@ pub async fn apply_stock<C: ConnectionLike>(
 /// A reservation as ingress shows it before the worker commits it.
 #[derive(Debug, Clone)]
 pub struct Reservation {
-    pub state: String,
+    pub state: ResvState,
     pub user: UserId,
     pub lines: Vec<OrderLine>,
     pub accepted_at: String,
@@ -340,6 +416,7 @@ pub async fn reservation<C: ConnectionLike>(
     let (Some(state), Some(user), Some(items)) = (state, user, items) else {
         return Ok(None);
     };
+    let state = ResvState::parse(&state).ok_or_else(|| protocol_error("reservation", &[state]))?;
     let user = UserId::parse(user).map_err(|e| protocol_error("reservation", &[e.0]))?;
     let lines = serde_json::from_str(&items)
         .map_err(|e| protocol_error("reservation", &[e.to_string()]))?;

@@ -8,7 +8,7 @@
 local n = 0
 for i = 2, #KEYS do
   local state = redis.call('HGET', KEYS[i], 'state')
-  if state == 'claimed' or state == 'reserved' then
+  if state == 'claimed' or state == 'queued' or state == 'reserved' then
     redis.call('HSET', KEYS[i], 'state', 'done')
     redis.call('EXPIRE', KEYS[i], ARGV[1])
     n = n + 1

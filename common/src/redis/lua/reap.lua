@@ -1,4 +1,7 @@
--- reap.lua: release a reservation whose deadline passed before any worker claimed it.
+-- reap.lua: release a reservation still 'reserved' past its deadline: ingress never
+-- marked it queued, so its publish was never confirmed (ingress died between the reserve
+-- and the confirm) and no 202 was answered for it. A queued or claimed reservation is
+-- never reaped: its message is in the queue and it waits for a worker however long.
 -- Atomic against claim.lua: whichever runs first wins, the other sees the new state.
 -- The order id goes into the `reaped` zset until PostgreSQL has recorded it failed, so a
 -- reaper that dies between the two steps is finished by the next one.
@@ -11,12 +14,12 @@
 -- KEYS[6] changes    zset sku -> change sequence;  KEYS[7] seq  its counter
 -- ARGV[1] order id, ARGV[2] now (ms), ARGV[3] seconds to keep the released record
 --
--- Returns 1 if reaped now, 0 if not (claimed, done, released, or not yet due).
+-- Returns 1 if reaped now, 0 if not (queued, claimed, done, released, or not yet due).
 local rec = redis.call('HMGET', KEYS[1], 'state', 'deadline')
-if rec[1] == 'claimed' then
-  -- A worker holds it (or died holding it: the message is redelivered and claimed
-  -- again). Look again in a minute instead of blocking the head of the due list.
-  redis.call('ZADD', KEYS[4], tonumber(ARGV[2]) + 60000, ARGV[1])
+if rec[1] == 'claimed' or rec[1] == 'queued' then
+  -- Its message exists (a worker holds it, or held it and it is redelivered): it stays
+  -- open with no deadline, like every queued reservation.
+  redis.call('ZADD', KEYS[4], 'inf', ARGV[1])
   return 0
 end
 if rec[1] ~= 'reserved' then

@@ -1,5 +1,6 @@
 -- release.lua: give a reservation's stock back (publish failed, or the order failed in
--- the worker). Idempotent: only a 'reserved' or 'claimed' reservation is released, once.
+-- the worker). Idempotent: only an open reservation ('reserved', 'queued' or 'claimed') is
+-- released, and once.
 --
 -- KEYS[1] resv       hash of the reservation
 -- KEYS[2] stock      hash sku -> units available
@@ -14,16 +15,17 @@
 -- a repeat of the key must keep answering.
 --
 -- Returns 'released_now' if this call gave the stock back, else the state that kept it
--- ('claimed', 'done', 'released' or 'missing').
+-- ('queued', 'claimed', 'done', 'released' or 'missing').
 --
 -- A 'publish_failed' release takes back only a 'reserved' reservation: if a worker has
 -- claimed it, the message did reach the queue (its confirm was lost), and the order is
--- being committed; ingress then answers 202 after all.
+-- being committed; ingress then answers 202 after all. ('queued' cannot meet a
+-- 'publish_failed' release: ingress marks it only after the confirm.)
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   return 'missing'
 end
-if state ~= 'reserved' and (ARGV[2] == 'publish_failed' or state ~= 'claimed') then
+if state ~= 'reserved' and (ARGV[2] == 'publish_failed' or (state ~= 'queued' and state ~= 'claimed')) then
   return state
 end
 local items = cjson.decode(redis.call('HGET', KEYS[1], 'items'))
