@@ -27,6 +27,8 @@ pub mod names {
     pub const REAPED: &str = "floodgate_reservations_reaped_total";
     pub const RECONNECTS: &str = "floodgate_amqp_reconnects_total";
     pub const OUTBOX_RELAYED: &str = "floodgate_outbox_relayed_total";
+    /// Broker messages the relay published for them (a run of events is one message).
+    pub const OUTBOX_MESSAGES: &str = "floodgate_outbox_messages_total";
     /// Gauge, by `transport` (sse, ws).
     pub const SUBSCRIBERS: &str = "floodgate_notifier_subscribers";
     /// By `type` (order, stock): events that reached the notifier.

@@ -437,18 +437,22 @@ impl Hub {
             }
         }
         metrics::counter!(names::EVENTS_IN, "type" => "order").increment(1);
-        let event = Arc::new(OrderOut::new(event));
         let mut slow = Vec::new();
         {
             let index = self.inner.index.read().expect("index lock");
             let mut targets: HashSet<u64> = HashSet::new();
             targets.extend(index.all_orders.iter().copied());
-            if let Some(ids) = index.mine.get(&event.event.user_id) {
+            if let Some(ids) = index.mine.get(&event.user_id) {
                 targets.extend(ids.iter().copied());
             }
-            if let Some(ids) = index.orders.get(&event.event.order_id) {
+            if let Some(ids) = index.orders.get(&event.order_id) {
                 targets.extend(ids.iter().copied());
             }
+            if targets.is_empty() {
+                // Nobody listens for it: not even serialized.
+                return;
+            }
+            let event = Arc::new(OrderOut::new(event));
             for id in targets {
                 let Some(sub) = index.subs.get(&id) else {
                     continue;

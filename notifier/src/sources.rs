@@ -14,7 +14,7 @@
 use crate::hub::{CloseReason, Hub};
 use floodgate_common::{
     Config,
-    amqp::{OrderEvent, Topology},
+    amqp::{ORDER_EVENT_BATCH, OrderEvent, OrderEventBatch, Topology},
     redis::{Keys, StockCursor, stock_changes},
     telemetry::names,
 };
@@ -209,18 +209,37 @@ async fn consume_once(
             Some(Err(e)) => return Err(e.into()),
             None => anyhow::bail!("the broker ended the consumer"),
         };
-        let event_id = delivery
+        let batch = delivery
             .properties
-            .message_id()
+            .kind()
             .as_ref()
-            .and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok());
-        match OrderEvent::from_bytes(&delivery.data) {
-            Ok(event) => hub.publish_order(event_id, event),
-            Err(e) => {
-                metrics::counter!(names::EVENTS_DROPPED, "reason" => "undecodable").increment(1);
-                tracing::warn!(error = %e, "an order event could not be read; dropped");
+            .is_some_and(|k| k.as_str() == ORDER_EVENT_BATCH);
+        if batch {
+            match OrderEventBatch::from_bytes(&delivery.data) {
+                Ok(b) => {
+                    for e in b.events {
+                        hub.publish_order(Some(e.id), e.event);
+                    }
+                }
+                Err(e) => undecodable(&e),
+            }
+        } else {
+            // One event per message (a relay from before batches).
+            let event_id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok());
+            match OrderEvent::from_bytes(&delivery.data) {
+                Ok(event) => hub.publish_order(event_id, event),
+                Err(e) => undecodable(&e),
             }
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
+}
+
+fn undecodable(e: &serde_json::Error) {
+    metrics::counter!(names::EVENTS_DROPPED, "reason" => "undecodable").increment(1);
+    tracing::warn!(error = %e, "an order event could not be read; dropped");
 }

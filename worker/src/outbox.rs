@@ -1,19 +1,25 @@
 //! The outbox relay: publishes the events committed to the `outbox` table (by the batch
 //! transaction, the reaper and cancellations) to the `events` exchange, and deletes each
-//! row only after the broker confirmed it.
+//! row only after the broker confirmed it. Consecutive rows with one routing key travel
+//! as one message ([`OrderEventBatch`]): one broker message per committed batch, not one
+//! per order.
 //!
 //! One relay publishes at a time (a transaction-scoped advisory lock per namespace), so
 //! one order's events leave in the order they were written, whichever worker relays. A crash after the publish
 //! and before the delete publishes those rows again on the next pass, with the same
-//! `message_id` (the row's event id): delivery is at least once and subscribers
-//! de-duplicate. A crash before the publish loses nothing; the rows wait.
+//! event ids (each event in a batch carries its row's): delivery is at least once and
+//! subscribers de-duplicate by event id. A crash before the publish loses nothing; the rows wait.
 //!
 //! It has its own AMQP connection, so a relay failure never disturbs the consumer, and
 //! it runs while the consumer is paused: events already committed still go out.
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
-use floodgate_common::{Config, amqp::Topology, telemetry::names};
+use floodgate_common::{
+    Config,
+    amqp::{ORDER_EVENT_BATCH, OrderEventBatch, Topology},
+    telemetry::names,
+};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
     options::{BasicPublishOptions, ConfirmSelectOptions},
@@ -210,16 +216,17 @@ async fn pass(pg: &Pool, link: &Link, armed: Option<Failpoint>) -> Result<usize,
         return Ok(0);
     }
     trip(Failpoint::BeforePublish, armed);
-    let mut confirms = Vec::with_capacity(rows.len());
-    let mut ids = Vec::with_capacity(rows.len());
-    for r in &rows {
-        ids.push(r.get::<_, i64>(0));
-        let event_id: uuid::Uuid = r.get(1);
-        let routing_key: &str = r.get(2);
-        let payload: &str = r.get(3);
-        let at: time::OffsetDateTime = r.get(4);
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let mut confirms = Vec::new();
+    // Each run of consecutive rows with one routing key is one message, in row order.
+    for run in rows.chunk_by(|a, b| a.get::<_, &str>(2) == b.get::<_, &str>(2)) {
+        let first_id: uuid::Uuid = run[0].get(1);
+        let routing_key: &str = run[0].get(2);
+        let at: time::OffsetDateTime = run[0].get(4);
+        let payload = OrderEventBatch::encode_raw(run.iter().map(|r| (r.get(1), r.get(3))));
         let props = BasicProperties::default()
-            .with_message_id(event_id.to_string().into())
+            .with_message_id(first_id.to_string().into())
+            .with_type(ORDER_EVENT_BATCH.into())
             .with_content_type("application/json".into())
             // Persistent: the notifiers' queues are durable and outlive a broker restart.
             .with_delivery_mode(2)
@@ -232,14 +239,15 @@ async fn pass(pg: &Pool, link: &Link, armed: Option<Failpoint>) -> Result<usize,
                 // Not mandatory: with no notifier running, nobody is bound, and that is
                 // not a failure.
                 BasicPublishOptions::default(),
-                payload.as_bytes(),
+                &payload,
                 props,
             )
             .await
-            .context("publishing an event")
+            .context("publishing events")
             .map_err(PassError::Broker)?;
         confirms.push(confirm);
     }
+    let messages = confirms.len();
     for confirm in confirms {
         match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
             Ok(Ok(Confirmation::Ack(_))) => {}
@@ -262,5 +270,6 @@ async fn pass(pg: &Pool, link: &Link, armed: Option<Failpoint>) -> Result<usize,
         .map_err(db_err)?;
     tx.commit().await.map_err(db_err)?;
     metrics::counter!(names::OUTBOX_RELAYED).increment(rows.len() as u64);
+    metrics::counter!(names::OUTBOX_MESSAGES).increment(messages as u64);
     Ok(rows.len())
 }

@@ -59,6 +59,51 @@ impl OrderEvent {
     }
 }
 
+/// The AMQP `type` property of a message that carries an [`OrderEventBatch`]; a message
+/// without it carries one [`OrderEvent`] (its `message_id` the event id).
+pub const ORDER_EVENT_BATCH: &str = "order.batch";
+
+/// Several order events in one message: the relay sends each run of consecutive outbox
+/// rows with the same routing key (`order.<status>`) as one message, in row order, so
+/// an order's events still arrive in the order they were committed, and the broker
+/// handles one message per committed batch instead of one per order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderEventBatch {
+    pub events: Vec<BatchedEvent>,
+}
+
+/// One event of a batch with its outbox event id, which subscribers de-duplicate by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchedEvent {
+    pub id: uuid::Uuid,
+    pub event: OrderEvent,
+}
+
+impl OrderEventBatch {
+    pub fn from_bytes(b: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(b)
+    }
+
+    /// The wire form, built from the outbox rows' JSON payloads as they are, without
+    /// decoding them: `{"events":[{"id":"<uuid>","event":<payload>},...]}`.
+    pub fn encode_raw<'a>(rows: impl IntoIterator<Item = (uuid::Uuid, &'a str)>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        out.extend_from_slice(br#"{"events":["#);
+        for (i, (id, payload)) in rows.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#"{"id":""#);
+            out.extend_from_slice(id.hyphenated().to_string().as_bytes());
+            out.extend_from_slice(br#"","event":"#);
+            out.extend_from_slice(payload.as_bytes());
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +134,32 @@ mod tests {
         let out = serde_json::to_value(&e).unwrap();
         assert_eq!(out["type"], "order");
         assert!(OrderEvent::from_bytes(&json.replace("confirmed", "lost").into_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_raw_batch_decodes_to_its_events_in_order() {
+        let a = r#"{"type":"order","order_id":"0190f0b4-1a2b-7c3d-8e4f-123456789abc","user_id":"alice","status":"confirmed","at":"2026-11-21T10:00:00Z"}"#;
+        let b = r#"{"type":"order","order_id":"0190f0b4-1a2b-7c3d-8e4f-123456789abd","user_id":"bob","status":"failed","reason":"insufficient_stock","at":"2026-11-21T10:00:01Z"}"#;
+        let (ia, ib) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let raw = OrderEventBatch::encode_raw([(ia, a), (ib, b)]);
+        let batch = OrderEventBatch::from_bytes(&raw).unwrap();
+        assert_eq!(batch.events.len(), 2);
+        assert_eq!(batch.events[0].id, ia);
+        assert_eq!(
+            batch.events[0].event,
+            OrderEvent::from_bytes(a.as_bytes()).unwrap()
+        );
+        assert_eq!(batch.events[1].id, ib);
+        assert_eq!(
+            batch.events[1].event.reason.as_deref(),
+            Some("insufficient_stock")
+        );
+        let empty = OrderEventBatch::encode_raw(std::iter::empty());
+        assert!(
+            OrderEventBatch::from_bytes(&empty)
+                .unwrap()
+                .events
+                .is_empty()
+        );
     }
 }
