@@ -267,12 +267,13 @@ impl Config {
             return bad("FLOODGATE_WORKER_PREFETCH", "must be at least 1");
         }
         // The reaper expires only reservations whose publish is unconfirmed; one whose
-        // confirm is still allowed to arrive must not be expired under it.
-        if self.reservation_ttl <= self.publish_timeout {
+        // confirm may still arrive must not expire under it, and after the confirm
+        // ingress needs time to mark it queued (and clocks differ a little).
+        if self.reservation_ttl < self.publish_timeout + Duration::from_secs(2) {
             return Err(ConfigError::Invalid {
                 var: "FLOODGATE_RESERVATION_TTL_SECS",
                 reason: format!(
-                    "must be longer than FLOODGATE_PUBLISH_TIMEOUT_MS ({} ms)",
+                    "must be at least FLOODGATE_PUBLISH_TIMEOUT_MS ({} ms) + 2 s",
                     self.publish_timeout.as_millis()
                 ),
             });
@@ -412,15 +413,16 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("FLOODGATE_DB_POOL_SIZE (8)"), "{e}");
         // An unconfirmed reservation must outlive the wait for its confirm.
-        let e = cfg(&[("FLOODGATE_RESERVATION_TTL_SECS", "5")]).unwrap_err();
+        let e = cfg(&[("FLOODGATE_RESERVATION_TTL_SECS", "6")]).unwrap_err();
         assert!(
             e.to_string().contains("FLOODGATE_PUBLISH_TIMEOUT_MS"),
             "{e}"
         );
+        assert!(cfg(&[("FLOODGATE_RESERVATION_TTL_SECS", "7")]).is_ok());
         assert!(
             cfg(&[
-                ("FLOODGATE_RESERVATION_TTL_SECS", "2"),
-                ("FLOODGATE_PUBLISH_TIMEOUT_MS", "1500"),
+                ("FLOODGATE_RESERVATION_TTL_SECS", "3"),
+                ("FLOODGATE_PUBLISH_TIMEOUT_MS", "1000"),
             ])
             .is_ok()
         );

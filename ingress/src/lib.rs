@@ -7,6 +7,8 @@
 //! - [`orders`] - placing an order (validate, reserve, publish) and reading one.
 //! - [`stock`] - public stock levels from Redis.
 //! - [`catalog`] - admin SKU operations (PostgreSQL first, then Redis once per change).
+//! - [`handover`] - publish, then mark queued or release, in a task a hang-up cannot
+//!   cut short.
 //! - [`publisher`] - confirm-mode publishing, pipelined across channels.
 //! - [`queued`] - marks confirmed orders queued in Redis (never expired), batched.
 //! - [`repo`] - every SQL statement ingress runs.
@@ -18,6 +20,7 @@
 pub mod catalog;
 pub mod error;
 pub mod extract;
+pub mod handover;
 pub mod orders;
 pub mod publisher;
 pub mod queued;

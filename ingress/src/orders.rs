@@ -1,13 +1,12 @@
 //! Placing and reading orders: the hot path (validate, reserve in Redis, publish, answer)
 //! and the status read.
 
-use crate::{error::ApiError, queued::MarkError, repo, state::AppState};
-use backon::{ExponentialBuilder, Retryable};
+use crate::{error::ApiError, repo, state::AppState};
 use floodgate_common::{
     amqp::{IntakeMessage, OrderPlaced},
     auth::Caller,
     domain::{IdempotencyKey, Invalid, OrderId, OrderLine, OrderLines, Quantity, Sku},
-    redis::{self as fredis, ConfirmedOrder, Queued, Reserve, ReserveRequest, ResvState},
+    redis::{self as fredis, Reserve, ReserveRequest, ResvState},
     telemetry::names,
 };
 use serde::{Deserialize, Serialize};
@@ -77,13 +76,29 @@ fn body_hash(lines: &OrderLines) -> String {
     hex::encode(Sha256::digest(canonical))
 }
 
-fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
     tracing::warn!(error = %e, "{what} unavailable");
     ApiError::Unavailable(format!("{what} is unavailable; nothing was reserved"))
 }
 
 /// Reserve, publish, answer. Nothing is reserved unless the answer is 202.
+///
+/// It runs in a task of its own: a client that hangs up mid-request must not cut it
+/// short between the reserve and the publish, nor between the confirm and the mark
+/// (either would leave a reservation that only the reaper settles).
 pub async fn place(
+    st: &AppState,
+    caller: &Caller,
+    lines: OrderLines,
+    key: Option<IdempotencyKey>,
+) -> Result<Placed, ApiError> {
+    let (st, caller) = (st.clone(), caller.clone());
+    tokio::spawn(async move { place_to_the_end(&st, &caller, lines, key).await })
+        .await
+        .unwrap_or_else(|e| Err(ApiError::Internal(anyhow::anyhow!("placing an order: {e}"))))
+}
+
+async fn place_to_the_end(
     st: &AppState,
     caller: &Caller,
     lines: OrderLines,
@@ -190,6 +205,7 @@ pub async fn place(
     }
 }
 
+/// Publishes the reserved order and marks it queued ([`crate::handover`]).
 async fn publish(
     st: &AppState,
     caller: &Caller,
@@ -207,66 +223,7 @@ async fn publish(
         deadline_ms,
         idempotency_key: key.cloned(),
     });
-    let started = Instant::now();
-    let published = st.publisher.publish(&msg, &order_id.to_string()).await;
-    metrics::histogram!(names::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
-    let mut redis = st.redis.clone();
-    if let Err(e) = published {
-        metrics::counter!(names::PUBLISH_FAILURES).increment(1);
-        tracing::warn!(error = %e, %order_id, "publish failed; releasing the reservation");
-        // If the release fails too, the reservation expires and the reaper returns it.
-        if let Err(re) = fredis::release(
-            &mut redis,
-            &st.keys,
-            &order_id,
-            &caller.user,
-            key,
-            "publish_failed",
-        )
-        .await
-        {
-            tracing::error!(error = %re, %order_id, "release after a failed publish failed");
-        }
-        return Err(unavailable("the message broker", e));
-    }
-    // The message is durably queued. Before answering 202, mark the reservation queued,
-    // so it waits for a worker however long that takes (the reaper expires only
-    // unconfirmed ones), and mark the Idempotency-Key record so repeats answer with it.
-    let confirmed = ConfirmedOrder {
-        order_id,
-        user: caller.user.clone(),
-        idempotency_key: key.cloned(),
-    };
-    let mark = (|| st.queued.mark(confirmed.clone()))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(20))
-                .with_max_delay(Duration::from_millis(500))
-                .with_max_times(5)
-                .with_jitter(),
-        )
-        .when(|e| matches!(e, MarkError::Redis(_)))
-        .await;
-    match mark {
-        Ok(Queued::Accepted) => Ok(()),
-        Ok(Queued::Released) => {
-            // Only if the confirm took longer than the reservation TTL: the reaper gave
-            // the stock back, and the worker will record the order failed.
-            metrics::counter!(names::QUEUED_MARK_FAILURES, "outcome" => "expired").increment(1);
-            tracing::warn!(%order_id, "the reservation expired before the publish was confirmed");
-            Err(ApiError::Unavailable(
-                "the reservation expired before the broker confirmed the order; nothing was reserved"
-                    .into(),
-            ))
-        }
-        Err(e) => {
-            // The order is in the queue: it is accepted. Unmarked, it still reaches a
-            // worker unless the reaper expires it first (OPERATIONS.md, crash windows).
-            metrics::counter!(names::QUEUED_MARK_FAILURES, "outcome" => "unmarked").increment(1);
-            tracing::error!(error = format!("{e:#}"), %order_id, "could not mark a confirmed order queued");
-            Ok(())
-        }
-    }
+    crate::handover::hand_over(st, &caller.user, key, order_id, msg, deadline_ms).await
 }
 
 /// The first order of a repeated Idempotency-Key, with its current status.

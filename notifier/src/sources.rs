@@ -215,10 +215,13 @@ async fn consume_once(
             .as_ref()
             .is_some_and(|k| k.as_str() == ORDER_EVENT_BATCH);
         if batch {
-            match OrderEventBatch::from_bytes(&delivery.data) {
-                Ok(b) => {
-                    for e in b.events {
-                        hub.publish_order(Some(e.id), e.event);
+            match OrderEventBatch::decode_each(&delivery.data) {
+                Ok(events) => {
+                    for (id, event) in events {
+                        match event {
+                            Ok(event) => hub.publish_order(Some(id), event),
+                            Err(e) => undecodable(&e),
+                        }
                     }
                 }
                 Err(e) => undecodable(&e),

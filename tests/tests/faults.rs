@@ -361,13 +361,13 @@ async fn reserve_directly(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_expire() {
     let _turn = TURN.lock().await;
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(3);
     let mut app = TestApp::spawn_with(Options {
         worker: false,
         notifier: false,
         tweak: Box::new(move |c| {
             c.reservation_ttl = ttl;
-            c.publish_timeout = Duration::from_millis(1_500);
+            c.publish_timeout = Duration::from_millis(1_000);
             c.reaper_interval = Duration::from_millis(200);
         }),
     })
@@ -389,6 +389,25 @@ async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_exp
     let (unmarked, message) = reserve_directly(&app, "crashed2", "slow", 2, ttl).await;
     app.publish_raw(&message).await;
     assert_eq!(app.available("slow").await, Some(5));
+    // Buyers who hang up the moment their request is sent: whatever ingress reserved for
+    // them it still publishes and marks (or releases); nothing of theirs may be reaped.
+    app.create_sku("hangup", 100, None).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    for u in 0..20 {
+        let body = r#"{"items":[{"sku":"hangup","qty":1}]}"#;
+        let req = format!(
+            "POST /v1/orders HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            app.customer(&format!("h{u}")),
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(u % 4)).await;
+        drop(s);
+    }
 
     // Far past the TTL, with a reaper running as often as a worker's would (the
     // consumers are still down).
@@ -397,7 +416,10 @@ async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_exp
     let reaped = floodgate_worker::reaper::once(&app.keys, &mut r, &app.pg)
         .await
         .unwrap();
-    assert_eq!(reaped, 2, "only the two unconfirmed reservations expire");
+    assert_eq!(
+        reaped, 2,
+        "only the two unconfirmed reservations expire, no hung-up buyer's"
+    );
     assert_eq!(app.available("slow").await, Some(10));
     tokio::time::sleep(ttl).await;
     assert_eq!(
@@ -409,10 +431,28 @@ async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_exp
 
     app.start_worker().await;
     eventually(Duration::from_secs(30), || async {
-        app.scalar("SELECT count(*) FROM orders").await == 32
+        app.scalar(
+            "SELECT count(*) FROM orders o JOIN order_items i ON i.order_id = o.id \
+              WHERE i.sku = 'slow'",
+        )
+        .await
+            == 32
     })
     .await;
     app.wait_idle().await;
+    let hung_up = app
+        .scalar(
+            "SELECT count(*) FROM orders o JOIN order_items i ON i.order_id = o.id \
+              WHERE i.sku = 'hangup' AND o.status = 'confirmed'",
+        )
+        .await;
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM order_items WHERE sku = 'hangup'")
+            .await,
+        hung_up,
+        "every order a hung-up buyer got reserved is confirmed"
+    );
+    assert_eq!(app.available("hangup").await, Some(100 - hung_up));
     let ids: Vec<uuid::Uuid> = accepted.iter().map(|s| s.parse().unwrap()).collect();
     let confirmed: i64 = app
         .pg
@@ -433,7 +473,11 @@ async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_exp
         2
     );
     assert_eq!(app.available("slow").await, Some(10));
-    assert_eq!(app.scalar("SELECT sold FROM inventory").await, 30);
+    assert_eq!(
+        app.scalar("SELECT sold FROM inventory WHERE sku = 'slow'")
+            .await,
+        30
+    );
     assert_eq!(
         app.scalar("SELECT count(*) FROM stock_movements WHERE kind = 'release'")
             .await,
@@ -444,7 +488,7 @@ async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_exp
     all.push(unmarked.to_string());
     let outcomes = app.assert_invariants(&all).await;
     eprintln!(
-        "FAULT | no worker for {:?} (TTL {ttl:?}) | accepted 30 | outcomes {outcomes:?} | 2 unconfirmed reservations reaped, invariants hold",
+        "FAULT | no worker for {:?} (TTL {ttl:?}) | accepted 30 | outcomes {outcomes:?} | 2 unconfirmed reservations reaped; {hung_up} of 20 hung-up buyers' orders confirmed, none reaped; invariants hold",
         ttl * 2 + Duration::from_millis(500)
     );
 }

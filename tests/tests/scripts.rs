@@ -321,6 +321,17 @@ async fn a_queued_order_that_fails_in_the_worker_is_released_once() {
     assert_eq!(r, Release::NotHeld);
     assert_eq!(ns.available().await, 4);
     assert_eq!(deadline(&mut ns, &id).await, None);
+    // A mark that comes after the worker recorded the order failed: it was accepted (the
+    // client reads `failed` in its status), not a 503 "nothing was reserved".
+    let order = ConfirmedOrder {
+        order_id: id,
+        user,
+        idempotency_key: None,
+    };
+    let marks = fredis::mark_queued(&mut ns.con, &ns.keys, &[order])
+        .await
+        .unwrap();
+    assert_eq!(marks, [Queued::Accepted]);
 }
 
 #[tokio::test]

@@ -45,9 +45,16 @@ impl AckWindow {
         (self.next > start).then(|| self.next - 1)
     }
 
-    /// Settled tags still waiting for a lower one (for logs on shutdown).
+    /// Settled tags still waiting for a lower one.
     pub fn waiting(&self) -> usize {
         self.settled.len()
+    }
+
+    /// Takes the settled tags still waiting for a lower one: when the channel is about
+    /// to close with that lower one unsettled, each is acked on its own (a single ack is
+    /// always allowed), so settled work is not redelivered and done twice.
+    pub fn take_waiting(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.settled).into_iter().collect()
     }
 }
 
@@ -72,6 +79,10 @@ mod tests {
         assert_eq!(w.settle([10]), Some(12));
         // A tag settled twice or below the window changes nothing.
         assert_eq!(w.settle([5, 12]), None);
+        // Before a channel closes with a hole, the settled ones go one by one.
+        assert_eq!(w.settle([14, 16]), None);
+        assert_eq!(w.take_waiting(), [14, 16]);
+        assert_eq!(w.waiting(), 0);
     }
 
     #[test]

@@ -185,20 +185,31 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    // Take nothing new; let the batches in flight finish and ack them.
-                    // What was collected but not started returns to the queue.
+                    // Take nothing new; let the batches in flight finish and ack what
+                    // they settled. What was collected but not started, and whatever a
+                    // failed batch held, returns to the queue when the channel closes.
                     let finish = async {
+                        let mut halt = None;
                         while let Some(done) = in_flight.next().await {
-                            let tags = done?;
-                            if let Some(upto) = acks.settle(tags) {
-                                ack(session, upto).await?;
+                            match done {
+                                Ok(tags) => {
+                                    if let Some(upto) = acks.settle(tags) {
+                                        ack(session, upto).await?;
+                                    }
+                                }
+                                Err(h) => halt = Some(h),
                             }
                         }
-                        Ok::<(), Halt>(())
+                        Ok::<_, Halt>(halt)
                     };
-                    return match tokio::time::timeout(SHUTDOWN_GRACE, finish).await {
-                        Ok(Err(h)) => h,
-                        _ => Halt::Shutdown,
+                    let halt = match tokio::time::timeout(SHUTDOWN_GRACE, finish).await {
+                        Ok(Ok(None)) | Err(_) => Halt::Shutdown,
+                        Ok(Ok(Some(h))) | Ok(Err(h)) => h,
+                    };
+                    ack_each(session, &mut acks).await;
+                    return match halt {
+                        Halt::Outage(..) => Halt::Shutdown,
+                        h => h,
                     };
                 }
                 Some(done) = in_flight.next() => match done {
@@ -209,8 +220,14 @@ impl Pipeline {
                             return h;
                         }
                     }
-                    // Unsettled deliveries return to the queue when the channel closes.
-                    Err(h) => return h,
+                    // The batches still in flight are dropped (their transactions roll
+                    // back) and every unsettled delivery returns to the queue when the
+                    // channel closes; those already settled behind this one are acked
+                    // one by one first, so they are not done twice.
+                    Err(h) => {
+                        ack_each(session, &mut acks).await;
+                        return h;
+                    }
                 },
                 d = consumer.next(), if room && pending.len() < size => match d {
                     Some(Ok(d)) => {
@@ -479,6 +496,29 @@ async fn ack(session: &Session, upto: u64) -> Result<(), Halt> {
         .basic_ack(upto, BasicAckOptions { multiple: true })
         .await
         .map_err(Halt::from)
+}
+
+/// Acks, each on its own, the settled deliveries waiting behind an unsettled one.
+/// Best effort and bounded: on a broken channel they are redelivered, which is safe.
+async fn ack_each(session: &Session, acks: &mut AckWindow) {
+    let tags = acks.take_waiting();
+    if tags.is_empty() {
+        return;
+    }
+    let each = async {
+        for tag in tags {
+            session
+                .consume
+                .basic_ack(tag, BasicAckOptions { multiple: false })
+                .await?;
+        }
+        Ok::<(), lapin::Error>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), each).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::info!(error = %e, "settled deliveries left to redelivery"),
+        Err(_) => tracing::info!("settled deliveries left to redelivery (ack timed out)"),
+    }
 }
 
 async fn sleep_until_opt(t: Option<tokio::time::Instant>) {

@@ -79,9 +79,37 @@ pub struct BatchedEvent {
     pub event: OrderEvent,
 }
 
+/// A batch as read: each event still raw, so one bad event costs only itself.
+#[derive(Deserialize)]
+struct RawBatch<'a> {
+    #[serde(borrow)]
+    events: Vec<RawEvent<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    id: uuid::Uuid,
+    #[serde(borrow)]
+    event: &'a serde_json::value::RawValue,
+}
+
 impl OrderEventBatch {
     pub fn from_bytes(b: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(b)
+    }
+
+    /// Reads a batch event by event: the envelope must parse, but an event that does
+    /// not (a newer writer's field, a corrupted row) is its own error, not the batch's.
+    #[allow(clippy::type_complexity)]
+    pub fn decode_each(
+        b: &[u8],
+    ) -> Result<Vec<(uuid::Uuid, Result<OrderEvent, serde_json::Error>)>, serde_json::Error> {
+        let raw: RawBatch = serde_json::from_slice(b)?;
+        Ok(raw
+            .events
+            .into_iter()
+            .map(|e| (e.id, serde_json::from_str(e.event.get())))
+            .collect())
     }
 
     /// The wire form, built from the outbox rows' JSON payloads as they are, without
@@ -154,6 +182,14 @@ mod tests {
             batch.events[1].event.reason.as_deref(),
             Some("insufficient_stock")
         );
+        // One bad event is its own error; the others still read.
+        let bad =
+            OrderEventBatch::encode_raw([(ia, a), (ib, r#"{"type":"order","status":"lost"}"#)]);
+        let each = OrderEventBatch::decode_each(&bad).unwrap();
+        assert_eq!(each.len(), 2);
+        assert!(each[0].1.is_ok());
+        assert!(each[1].1.is_err());
+        assert!(OrderEventBatch::decode_each(b"{not json").is_err());
         let empty = OrderEventBatch::encode_raw(std::iter::empty());
         assert!(
             OrderEventBatch::from_bytes(&empty)

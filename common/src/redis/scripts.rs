@@ -178,8 +178,9 @@ pub enum Queued {
     /// Accepted: queued (or a worker already claimed or committed it, or Redis lost the
     /// record and PostgreSQL will decide). It never expires now.
     Accepted,
-    /// The reservation was released before the mark: the stock is back on sale, the order
-    /// will be recorded failed. Only when a confirm took longer than the reservation TTL.
+    /// The reaper released the reservation before the mark (its confirm outlasted the
+    /// reservation TTL): the stock is back on sale, the order will be recorded failed,
+    /// and it must not be answered 202.
     Released,
 }
 
@@ -219,11 +220,18 @@ pub async fn mark_queued<C: ConnectionLike>(
     }
     reply
         .iter()
-        .map(|w| match ResvState::parse(w) {
-            Some(ResvState::Released) => Ok(Queued::Released),
-            Some(_) => Ok(Queued::Accepted),
-            None if w == "missing" => Ok(Queued::Accepted),
-            None => Err(protocol_error("queued", &reply)),
+        .map(|w| match w.split_once(':') {
+            // Expired unconfirmed (or released by ingress itself): never accepted.
+            Some(("released", "reservation_expired" | "publish_failed")) => Ok(Queued::Released),
+            // A worker was faster than the mark and recorded the order failed: it was
+            // accepted, and its status tells the rest.
+            Some(("released", _)) => Ok(Queued::Accepted),
+            _ => match ResvState::parse(w) {
+                Some(ResvState::Released) | None if w != "missing" => {
+                    Err(protocol_error("queued", &reply))
+                }
+                _ => Ok(Queued::Accepted),
+            },
         })
         .collect()
 }

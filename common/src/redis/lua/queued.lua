@@ -11,9 +11,11 @@
 -- ARGV[i]      order id i
 --
 -- Returns one word per order: its state after this call. 'queued', or 'claimed'/'done'
--- when a worker got to the message before this mark (both mean accepted); 'released'
--- when the reservation was released before the mark (never accepted); 'missing' when
--- Redis does not know it (it lost its data: PostgreSQL decides, the order is accepted).
+-- when a worker got to the message before this mark (both mean accepted);
+-- 'released:<reason>' when it was released before the mark: by the reaper
+-- ('reservation_expired': never accepted) or by a worker that already recorded the
+-- order failed (accepted, then failed); 'missing' when Redis does not know it (it lost
+-- its data: PostgreSQL decides, the order is accepted).
 local out = {}
 for i = 1, #ARGV do
   local resv, idem, id = KEYS[2 * i], KEYS[2 * i + 1], ARGV[i]
@@ -30,6 +32,9 @@ for i = 1, #ARGV do
     if redis.call('HGET', idem, 'order_id') == id then
       redis.call('HSET', idem, 'state', 'accepted')
     end
+  end
+  if state == 'released' then
+    state = 'released:' .. (redis.call('HGET', resv, 'reason') or '')
   end
   out[i] = state or 'missing'
 end
