@@ -83,10 +83,32 @@ async fn main() -> anyhow::Result<()> {
         )
         .expect("set once");
 
-    GooseAttack::initialize()?
+    let started = std::time::Instant::now();
+    let metrics = GooseAttack::initialize()?
         .register_scenario(scenario!("Buyer").register_transaction(transaction!(order)))
         .set_default(GooseDefault::Host, host.as_str())?
         .execute()
         .await?;
+    // One machine-readable line for ops/bench/compare: the order route's answers by
+    // status, its latency percentiles, and how long the attack ran.
+    if let Some(r) = metrics.requests.values().find(|r| r.path == "/v1/orders") {
+        let t = &r.raw_data;
+        let ms = |p: f32| t.percentile_us(p) as f64 / 1000.0;
+        let status: serde_json::Map<String, serde_json::Value> = r
+            .status_code_counts
+            .iter()
+            .map(|(code, n)| (code.to_string(), (*n).into()))
+            .collect();
+        println!(
+            "LOADTEST_RESULT {}",
+            serde_json::json!({
+                "requests": t.counter,
+                "status": status,
+                "secs": started.elapsed().as_secs_f64(),
+                "p50_ms": ms(0.5),
+                "p99_ms": ms(0.99),
+            })
+        );
+    }
     Ok(())
 }
