@@ -12,3 +12,9 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(port = app.port(), "ingress listening");
     app.run_until_stopped(shutdown::on_signal()).await
 }
+
+/// glibc's malloc and free took about 17 % of ingress's CPU under load (perf); mimalloc's
+/// thread-local free lists cost a fraction of that for the many small, short-lived
+/// allocations of a request or a batch.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
