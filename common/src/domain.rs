@@ -260,6 +260,52 @@ impl OrderStatus {
     }
 }
 
+/// Why an order failed (`orders.reason`, `order.failed` events) or why its message was
+/// dead-lettered. A closed set: it is a metric label and a stable word in the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailReason {
+    /// Its reservation expired unconfirmed (the reaper took it) before a worker did.
+    ReservationExpired,
+    /// Its reservation was released for another reason before a worker took it.
+    ReservationReleased,
+    /// PostgreSQL's `sold <= on_hand` refused it.
+    InsufficientStock,
+    /// Transient failures outlasted the retry schedule.
+    RetriesExhausted,
+    /// A SKU of the order has no inventory row.
+    UnknownSku,
+    /// The database refused it for good (a constraint or data error).
+    Invalid,
+    /// Another order of this user already holds its Idempotency-Key.
+    DuplicateIdempotencyKey,
+    /// The message could not be read (dead letters only).
+    Undecodable,
+    /// The order could not even be recorded failed (dead letters only).
+    Unrecordable,
+}
+
+impl FailReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReservationExpired => "reservation_expired",
+            Self::ReservationReleased => "reservation_released",
+            Self::InsufficientStock => "insufficient_stock",
+            Self::RetriesExhausted => "retries_exhausted",
+            Self::UnknownSku => "unknown_sku",
+            Self::Invalid => "invalid",
+            Self::DuplicateIdempotencyKey => "duplicate_idempotency_key",
+            Self::Undecodable => "undecodable",
+            Self::Unrecordable => "unrecordable",
+        }
+    }
+}
+
+impl fmt::Display for FailReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@
 //! - [`problem`] - problem+json error responses and the bearer token of a request.
 //! - [`dlq`] - reading and replaying the dead-letter queue.
 //! - [`reconcile`] - checking and repairing the invariants between Redis and PostgreSQL.
+//! - [`retry`] - waiting for a server to come back: jittered backoff, cancellable.
 //! - [`telemetry`] - logging, the Prometheus recorder and metric names.
 //! - [`shutdown`] - a [`tokio_util::sync::CancellationToken`] fired by SIGINT/SIGTERM.
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod health;
 pub mod problem;
 pub mod reconcile;
 pub mod redis;
+pub mod retry;
 pub mod shutdown;
 pub mod stock;
 pub mod telemetry;

@@ -5,7 +5,7 @@ use crate::{error::ApiError, repo, state::AppState};
 use floodgate_common::{
     amqp::{IntakeMessage, OrderPlaced},
     auth::Caller,
-    domain::{IdempotencyKey, Invalid, OrderId, OrderLine, OrderLines, Quantity, Sku},
+    domain::{IdempotencyKey, Invalid, OrderId, OrderLine, OrderLines, OrderStatus, Quantity, Sku},
     redis::{self as fredis, Reserve, ReserveRequest, ResvState},
     telemetry::names,
 };
@@ -53,7 +53,7 @@ pub struct OrderView {
     pub order_id: OrderId,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
-    pub status: &'static str,
+    pub status: OrderStatus,
     pub items: Vec<OrderLine>,
     pub accepted_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -148,7 +148,7 @@ async fn place_to_the_end(
                 return Ok(Placed::New(OrderView {
                     order_id,
                     user_id: None,
-                    status: "accepted",
+                    status: OrderStatus::Accepted,
                     items: lines.as_slice().to_vec(),
                     accepted_at,
                     confirmed_at: None,
@@ -167,7 +167,7 @@ async fn place_to_the_end(
                     // The first request's ingress may have died before confirming; once
                     // its order is decided (the reaper records it) that is the answer.
                     if let Some(view) = view(st, caller, order_id).await?
-                        && view.status != "accepted"
+                        && view.status != OrderStatus::Accepted
                     {
                         return Ok(Placed::Repeat(OrderView {
                             user_id: None,
@@ -246,9 +246,7 @@ pub async fn view(
         if !visible(&o.user_id) {
             return Ok(None);
         }
-        let status = floodgate_common::domain::OrderStatus::parse(&o.status)
-            .map(|s| s.as_str())
-            .unwrap_or("failed");
+        let status = OrderStatus::parse(&o.status).unwrap_or(OrderStatus::Failed);
         return Ok(Some(OrderView {
             order_id,
             user_id: Some(o.user_id),
@@ -269,7 +267,7 @@ pub async fn view(
         .map(|r| OrderView {
             order_id,
             user_id: Some(r.user.to_string()),
-            status: "accepted",
+            status: OrderStatus::Accepted,
             items: r.lines,
             accepted_at: r.accepted_at,
             confirmed_at: None,
@@ -305,7 +303,7 @@ pub async fn cancel(
                 if Instant::now() > until {
                     return Err(ApiError::NotCancellable(format!(
                         "the order is {} and not committed yet; retry in a moment",
-                        v.status
+                        v.status.as_str()
                     )));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -13,6 +13,7 @@
 use floodgate_common::{
     Config,
     amqp::{IntakeMessage, Topology},
+    retry::{self, Backoff},
     telemetry::names,
 };
 use lapin::{
@@ -183,7 +184,8 @@ impl Publisher {
 }
 
 /// Watches the session; when it has been unhealthy for two checks in a row, replaces it,
-/// retrying with backoff (200 ms to 2 s: buyers are waiting) until the broker is back.
+/// retrying with backoff ([`Backoff::INTERACTIVE`]: buyers are waiting) until the broker
+/// is back.
 async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
     let mut bad_checks = 0;
     loop {
@@ -211,23 +213,19 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
         if let Some(old) = old {
             old.close().await;
         }
-        let mut wait = Duration::from_millis(200);
-        loop {
-            match Session::open(&i.cfg, &i.topology).await {
-                Ok(s) => {
-                    *i.session.write().expect("publisher lock poisoned") = Some(Arc::new(s));
-                    metrics::counter!(names::RECONNECTS, "service" => "ingress").increment(1);
-                    tracing::info!("broker session rebuilt");
-                    break;
-                }
-                Err(e) => tracing::info!(error = %e, ?wait, "broker still unreachable"),
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {},
-            }
-            wait = (wait * 2).min(Duration::from_secs(2));
-        }
+        let Some(s) = retry::until_ok(
+            &stop,
+            Backoff::INTERACTIVE,
+            "broker still unreachable",
+            || Session::open(&i.cfg, &i.topology),
+        )
+        .await
+        else {
+            return;
+        };
+        *i.session.write().expect("publisher lock poisoned") = Some(Arc::new(s));
+        metrics::counter!(names::RECONNECTS, "service" => "ingress").increment(1);
+        tracing::info!("broker session rebuilt");
         bad_checks = 0;
     }
 }

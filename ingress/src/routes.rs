@@ -138,7 +138,7 @@ async fn place_order(
                 .into_response())
         }
         Placed::Repeat(view) => {
-            let status = if view.status == "accepted" {
+            let status = if view.status == floodgate_common::domain::OrderStatus::Accepted {
                 StatusCode::ACCEPTED
             } else {
                 StatusCode::OK

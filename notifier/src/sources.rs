@@ -16,6 +16,7 @@ use floodgate_common::{
     Config,
     amqp::{ORDER_EVENT_BATCH, OrderEvent, OrderEventBatch, Topology},
     redis::{Keys, StockCursor, stock_changes},
+    retry::{Backoff, Waits},
     telemetry::names,
 };
 use futures::StreamExt;
@@ -81,7 +82,8 @@ pub async fn sample_stock(
     }
 }
 
-/// Consumes order events until `shutdown`, reconnecting with backoff (200 ms to 5 s).
+/// Consumes order events until `shutdown`, reconnecting with backoff
+/// ([`Backoff::BACKGROUND`]).
 pub async fn consume_orders(
     hub: Hub,
     cfg: Config,
@@ -89,7 +91,7 @@ pub async fn consume_orders(
     shutdown: CancellationToken,
 ) {
     let queue = format!("{}.events.notifier.{}", cfg.namespace, uuid::Uuid::now_v7());
-    let mut backoff = Duration::from_millis(200);
+    let mut waits = Waits::new(Backoff::BACKGROUND);
     let mut first = true;
     while !shutdown.is_cancelled() {
         match consume_once(&hub, &cfg, &queue, first, &health, &shutdown).await {
@@ -99,17 +101,14 @@ pub async fn consume_orders(
                 health.amqp_up.store(false, Ordering::Relaxed);
                 tracing::warn!(
                     error = format!("{e:#}"),
-                    ?backoff,
                     "order events: broker failed; reconnecting"
                 );
                 metrics::counter!(names::RECONNECTS, "service" => "notifier").increment(1);
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        if !waits.sleep(&shutdown).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

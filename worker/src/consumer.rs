@@ -24,9 +24,10 @@ use deadpool_postgres::Pool;
 use floodgate_common::{
     Config,
     amqp::IntakeMessage,
-    domain::{IdempotencyKey, OrderId, UserId},
+    domain::{FailReason, IdempotencyKey, OrderId, OrderStatus, UserId},
     health,
     redis::{self as fredis, Claim, Keys},
+    retry::{self, Backoff},
     telemetry::names,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -79,7 +80,8 @@ impl From<lapin::Error> for Halt {
 enum Settle {
     Ack,
     Retry(usize),
-    DeadLetter(String),
+    /// To the dead-letter queue, with why (a closed set, the metric label) and the detail.
+    DeadLetter(FailReason, String),
 }
 
 /// One delivery.
@@ -137,25 +139,23 @@ impl Pipeline {
 
     /// Probes PostgreSQL and Redis with backoff until both answer. False on shutdown.
     async fn wait_until_healthy(&self, shutdown: &CancellationToken) -> bool {
-        let mut wait = Duration::from_millis(200);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(wait) => {},
-            }
+        let probe = || async {
             let (pg, redis) =
                 tokio::join!(health::postgres_ok(&self.pg), health::redis_ok(&self.redis));
             if pg && redis {
-                return true;
+                Ok(())
+            } else {
+                Err(format!("postgres up: {pg}, redis up: {redis}"))
             }
-            tracing::info!(
-                postgres = pg,
-                redis,
-                ?wait,
-                "still waiting for dependencies"
-            );
-            wait = (wait * 2).min(Duration::from_secs(5));
-        }
+        };
+        retry::until_ok(
+            shutdown,
+            Backoff::BACKGROUND,
+            "still waiting for dependencies",
+            probe,
+        )
+        .await
+        .is_some()
     }
 
     /// Collects batches and keeps up to `FLOODGATE_WORKER_PIPELINE` of them in flight:
@@ -268,12 +268,12 @@ impl Pipeline {
                         .await
                         .map_err(Halt::Broker)?;
                 }
-                Settle::DeadLetter(reason) => {
-                    let kind = reason.split(':').next().unwrap_or("unknown").to_owned();
-                    metrics::counter!(names::DEAD_LETTERED, "reason" => kind).increment(1);
+                Settle::DeadLetter(why, detail) => {
+                    metrics::counter!(names::DEAD_LETTERED, "reason" => why.as_str()).increment(1);
+                    let reason = format!("{why}: {detail}");
                     tracing::warn!(delivery_tag = item.tag, reason, "dead-lettered");
                     session
-                        .dead_letter(&item.payload, &item.props, reason)
+                        .dead_letter(&item.payload, &item.props, &reason)
                         .await
                         .map_err(Halt::Broker)?;
                 }
@@ -294,7 +294,7 @@ impl Pipeline {
         for (i, item) in items.iter().enumerate() {
             if let Err(why) = &item.order {
                 self.release_poison(&item.payload).await?;
-                settle[i] = Settle::DeadLetter(format!("undecodable: {why}"));
+                settle[i] = Settle::DeadLetter(FailReason::Undecodable, why.clone());
             }
         }
         // Each order once, even if it was delivered twice into this batch.
@@ -316,18 +316,18 @@ impl Pipeline {
             .map_err(|e| Halt::Outage("redis", e.into()))?;
 
         let mut confirm: Vec<usize> = Vec::new();
-        let mut fail: Vec<(usize, &'static str)> = Vec::new();
+        let mut fail: Vec<(usize, FailReason)> = Vec::new();
         for (&i, c) in firsts.iter().zip(&claims) {
             match c {
                 Claim::Claimed | Claim::Missing => confirm.push(i),
                 // Ingress answered 503 for it: nothing to record, only the message to drop.
                 Claim::Done | Claim::Unpublished => {}
-                Claim::Expired => fail.push((i, "reservation_expired")),
-                Claim::Released => fail.push((i, "reservation_released")),
+                Claim::Expired => fail.push((i, FailReason::ReservationExpired)),
+                Claim::Released => fail.push((i, FailReason::ReservationReleased)),
             }
         }
         let confirm_recs: Vec<&OrderRecord> = confirm.iter().map(|&i| &decoded(i).record).collect();
-        let fail_recs: Vec<(&OrderRecord, &'static str)> =
+        let fail_recs: Vec<(&OrderRecord, FailReason)> =
             fail.iter().map(|&(i, r)| (&decoded(i).record, r)).collect();
 
         match repo::commit_batch(&self.pg, &confirm_recs, &fail_recs).await {
@@ -361,7 +361,8 @@ impl Pipeline {
                         // Never an outage: a record that can never be written is a dead letter.
                         Err(e) => {
                             for &(i, _) in &fail {
-                                settle[i] = Settle::DeadLetter(format!("unrecordable: {e:#}"));
+                                settle[i] =
+                                    Settle::DeadLetter(FailReason::Unrecordable, format!("{e:#}"));
                             }
                         }
                     }
@@ -394,12 +395,12 @@ impl Pipeline {
                 self.retry_or_give_up(item, &e).await
             }
             Err(DbError::InsufficientStock) => {
-                self.fail_order(d, "insufficient_stock").await?;
+                self.fail_order(d, FailReason::InsufficientStock).await?;
                 Ok(Settle::Ack)
             }
             Err(DbError::Permanent { reason, source }) => {
                 self.fail_order(d, reason).await?;
-                Ok(Settle::DeadLetter(format!("{reason}: {source:#}")))
+                Ok(Settle::DeadLetter(reason, format!("{source:#}")))
             }
         }
     }
@@ -412,14 +413,17 @@ impl Pipeline {
             return Ok(Settle::Retry(next));
         }
         let d = item.order.as_ref().expect("decoded");
-        self.fail_order(d, "retries_exhausted").await?;
-        Ok(Settle::DeadLetter(format!("retries_exhausted: {e:#}")))
+        self.fail_order(d, FailReason::RetriesExhausted).await?;
+        Ok(Settle::DeadLetter(
+            FailReason::RetriesExhausted,
+            format!("{e:#}"),
+        ))
     }
 
     /// Records the order failed and settles Redis by what PostgreSQL now holds: an order
     /// an earlier delivery confirmed keeps its stock.
-    async fn fail_order(&self, d: &Decoded, reason: &'static str) -> Result<(), Halt> {
-        tracing::info!(order_id = %d.record.id, reason, "order failed");
+    async fn fail_order(&self, d: &Decoded, reason: FailReason) -> Result<(), Halt> {
+        tracing::info!(order_id = %d.record.id, reason = reason.as_str(), "order failed");
         let (recorded, status) = retry_quick(|| repo::record_failed(&self.pg, &d.record, reason))
             .await
             .map_err(|e| Halt::Outage("postgres", e.into()))?;
@@ -436,19 +440,22 @@ impl Pipeline {
     async fn settle_redis(
         &self,
         orders: &[&Decoded],
-        status: &HashMap<OrderId, String>,
+        status: &HashMap<OrderId, OrderStatus>,
     ) -> Result<(), Halt> {
         let outage = |e: redis::RedisError| Halt::Outage("redis", e.into());
         let confirmed: Vec<OrderId> = orders
             .iter()
             .map(|d| d.record.id)
-            .filter(|id| status.get(id).is_some_and(|s| s == "confirmed"))
+            .filter(|id| status.get(id) == Some(&OrderStatus::Confirmed))
             .collect();
         fredis::finish(&mut self.redis.clone(), &self.keys, &confirmed)
             .await
             .map_err(outage)?;
         for d in orders {
-            if status.get(&d.record.id).is_some_and(|s| s != "confirmed") {
+            if status
+                .get(&d.record.id)
+                .is_some_and(|s| *s != OrderStatus::Confirmed)
+            {
                 fredis::release(
                     &mut self.redis.clone(),
                     &self.keys,

@@ -26,7 +26,12 @@ pub mod session;
 
 use anyhow::Context;
 use axum::{Router, extract::State, routing::get};
-use floodgate_common::{Config, redis::Keys, telemetry};
+use floodgate_common::{
+    Config,
+    redis::Keys,
+    retry::{self, Backoff},
+    telemetry,
+};
 use std::{
     sync::{
         Arc,
@@ -150,25 +155,21 @@ impl Worker {
     }
 }
 
-/// Opens a new session with exponential backoff (200 ms to 5 s). None on shutdown.
+/// Opens a new session with backoff ([`Backoff::BACKGROUND`]). None on shutdown.
 async fn reconnect(cfg: &Config, shutdown: &CancellationToken) -> Option<session::Session> {
-    let mut wait = Duration::from_millis(200);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(wait) => {},
-        }
-        // Bounded: a node that is still booting can accept a connection and then sit on
-        // a declare.
-        match tokio::time::timeout(Duration::from_secs(30), session::Session::open(cfg)).await {
-            Ok(Ok(s)) => return Some(s),
-            Ok(Err(e)) => {
-                tracing::info!(error = format!("{e:#}"), ?wait, "broker still unreachable")
-            }
-            Err(_) => tracing::info!(?wait, "opening a broker session timed out"),
-        }
-        wait = (wait * 2).min(Duration::from_secs(5));
-    }
+    retry::until_ok(
+        shutdown,
+        Backoff::BACKGROUND,
+        "broker still unreachable",
+        || async {
+            // Bounded: a node that is still booting can accept a connection and then sit on
+            // a declare.
+            tokio::time::timeout(Duration::from_secs(30), session::Session::open(cfg))
+                .await
+                .map_err(|_| anyhow::anyhow!("opening a broker session timed out"))?
+        },
+    )
+    .await
 }
 
 fn health_router(h: Health) -> Router {

@@ -18,6 +18,7 @@ use deadpool_postgres::Pool;
 use floodgate_common::{
     Config,
     amqp::{ORDER_EVENT_BATCH, OrderEventBatch, Topology},
+    retry::{self, Backoff},
     telemetry::names,
 };
 use lapin::{
@@ -105,25 +106,14 @@ enum PassError {
 /// wrote outbox rows; `cfg.outbox_poll` bounds the wait for rows written elsewhere.
 pub async fn run(cfg: Config, pg: Pool, wake: Arc<Notify>, shutdown: CancellationToken) {
     let armed = failpoint();
-    let mut backoff = Duration::from_millis(200);
-    while !shutdown.is_cancelled() {
-        let link = match Link::open(&cfg).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::info!(
-                    error = format!("{e:#}"),
-                    ?backoff,
-                    "outbox relay: broker unreachable"
-                );
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {},
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(200);
+    while let Some(link) = retry::until_ok(
+        &shutdown,
+        Backoff::BACKGROUND,
+        "outbox relay: broker unreachable",
+        || Link::open(&cfg),
+    )
+    .await
+    {
         relay(&cfg, &pg, &link, &wake, armed, &shutdown).await;
         link.close().await;
     }

@@ -9,7 +9,7 @@
 use crate::repo::{self, OrderRecord};
 use deadpool_postgres::Pool;
 use floodgate_common::{
-    domain::OrderId,
+    domain::{FailReason, OrderId},
     redis::{self as fredis, Keys},
     telemetry::names,
 };
@@ -94,7 +94,7 @@ async fn record(
                 .map(|l| (l.sku.to_string(), l.qty.get()))
                 .collect(),
         };
-        repo::commit_batch(pg, &[], &[(&rec, "reservation_expired")])
+        repo::commit_batch(pg, &[], &[(&rec, FailReason::ReservationExpired)])
             .await
             .map_err(anyhow::Error::new)?;
     }

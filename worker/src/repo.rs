@@ -1,7 +1,7 @@
 //! The batch transaction and the per-order fallback: every SQL statement the worker runs.
 
 use deadpool_postgres::{Pool, Transaction};
-use floodgate_common::domain::OrderId;
+use floodgate_common::domain::{FailReason, OrderId, OrderStatus};
 use std::collections::{BTreeMap, HashMap};
 use time::OffsetDateTime;
 use tokio_postgres::{error::SqlState, types::ToSql};
@@ -26,10 +26,10 @@ pub enum DbError {
     /// Will pass on retry: connection lost, timeout, serialization failure, shutdown.
     #[error("transient database failure")]
     Transient(#[source] anyhow::Error),
-    /// Will never pass: a constraint or data error. The string is the order's reason.
+    /// Will never pass: a constraint or data error, with the order's reason.
     #[error("permanent database failure: {reason}")]
     Permanent {
-        reason: &'static str,
+        reason: FailReason,
         #[source]
         source: anyhow::Error,
     },
@@ -50,10 +50,10 @@ impl From<tokio_postgres::Error> for DbError {
         {
             DbError::Transient(e.into())
         } else {
-            let reason = match class {
-                "23" if code == SqlState::UNIQUE_VIOLATION => "duplicate_idempotency_key",
-                "23" => "invalid",
-                _ => "invalid",
+            let reason = if code == SqlState::UNIQUE_VIOLATION {
+                FailReason::DuplicateIdempotencyKey
+            } else {
+                FailReason::Invalid
             };
             DbError::Permanent {
                 reason,
@@ -69,7 +69,7 @@ impl From<deadpool_postgres::PoolError> for DbError {
     }
 }
 
-fn permanent(reason: &'static str, msg: String) -> DbError {
+fn permanent(reason: FailReason, msg: String) -> DbError {
     DbError::Permanent {
         reason,
         source: anyhow::anyhow!(msg),
@@ -85,15 +85,16 @@ pub struct Committed {
     pub failed: usize,
     /// The status PostgreSQL holds for every order the batch tried to confirm, whoever
     /// wrote it: Redis is settled from this, never from what the batch intended.
-    pub status: HashMap<OrderId, String>,
+    pub status: HashMap<OrderId, OrderStatus>,
 }
 
 async fn insert_orders(
     tx: &Transaction<'_>,
     orders: &[&OrderRecord],
-    status: &str,
-    reason: Option<&str>,
+    status: OrderStatus,
+    reason: Option<FailReason>,
 ) -> Result<Vec<Uuid>, DbError> {
+    let (status, reason) = (status.as_str(), reason.map(FailReason::as_str));
     if orders.is_empty() {
         return Ok(Vec::new());
     }
@@ -214,7 +215,7 @@ async fn add_sold(tx: &Transaction<'_>, orders: &[&OrderRecord]) -> Result<(), D
             .filter(|s| !found.iter().any(|f| f == **s))
             .collect();
         return Err(permanent(
-            "unknown_sku",
+            FailReason::UnknownSku,
             format!("no inventory row for {missing:?}"),
         ));
     }
@@ -229,13 +230,13 @@ async fn add_sold(tx: &Transaction<'_>, orders: &[&OrderRecord]) -> Result<(), D
 pub async fn commit_batch(
     pool: &Pool,
     confirm: &[&OrderRecord],
-    fail: &[(&OrderRecord, &'static str)],
+    fail: &[(&OrderRecord, FailReason)],
 ) -> Result<Committed, DbError> {
     let mut db = pool.get().await?;
     let tx = db.transaction().await?;
     let mut committed = Committed::default();
     for (reason, group) in group_by_reason(fail) {
-        let new = insert_orders(&tx, &group, "failed", Some(reason)).await?;
+        let new = insert_orders(&tx, &group, OrderStatus::Failed, Some(reason)).await?;
         let fresh: Vec<&OrderRecord> = group
             .into_iter()
             .filter(|o| new.contains(&o.id.as_uuid()))
@@ -243,7 +244,7 @@ pub async fn commit_batch(
         insert_lines(&tx, &fresh, Some("release")).await?;
         committed.failed += fresh.len();
     }
-    let new = insert_orders(&tx, confirm, "confirmed", None).await?;
+    let new = insert_orders(&tx, confirm, OrderStatus::Confirmed, None).await?;
     let fresh: Vec<&OrderRecord> = confirm
         .iter()
         .copied()
@@ -261,7 +262,7 @@ pub async fn commit_batch(
 async fn statuses(
     tx: &Transaction<'_>,
     ids: impl Iterator<Item = OrderId>,
-) -> Result<HashMap<OrderId, String>, DbError> {
+) -> Result<HashMap<OrderId, OrderStatus>, DbError> {
     let ids: Vec<Uuid> = ids.map(|i| i.as_uuid()).collect();
     if ids.is_empty() {
         return Ok(HashMap::new());
@@ -269,20 +270,28 @@ async fn statuses(
     let stmt = tx
         .prepare_cached("SELECT id, status FROM orders WHERE id = ANY($1)")
         .await?;
-    Ok(tx
-        .query(&stmt, &[&ids])
+    tx.query(&stmt, &[&ids])
         .await?
         .iter()
-        .map(|r| (OrderId::from(r.get::<_, Uuid>(0)), r.get(1)))
-        .collect())
+        .map(|r| {
+            let status: &str = r.get(1);
+            let status = OrderStatus::parse(status).ok_or_else(|| {
+                permanent(
+                    FailReason::Invalid,
+                    format!("unknown order status {status:?}"),
+                )
+            })?;
+            Ok((OrderId::from(r.get::<_, Uuid>(0)), status))
+        })
+        .collect()
 }
 
 fn group_by_reason<'a>(
-    fail: &[(&'a OrderRecord, &'static str)],
-) -> BTreeMap<&'static str, Vec<&'a OrderRecord>> {
-    let mut m: BTreeMap<&'static str, Vec<&OrderRecord>> = BTreeMap::new();
+    fail: &[(&'a OrderRecord, FailReason)],
+) -> BTreeMap<FailReason, Vec<&'a OrderRecord>> {
+    let mut m: BTreeMap<FailReason, Vec<&OrderRecord>> = BTreeMap::new();
     for (o, r) in fail {
-        m.entry(r).or_default().push(o);
+        m.entry(*r).or_default().push(o);
     }
     m
 }
@@ -293,18 +302,18 @@ fn group_by_reason<'a>(
 pub async fn record_failed(
     pool: &Pool,
     order: &OrderRecord,
-    reason: &'static str,
-) -> Result<(bool, String), DbError> {
+    reason: FailReason,
+) -> Result<(bool, OrderStatus), DbError> {
     let mut db = pool.get().await?;
     let tx = db.transaction().await?;
-    let new = insert_orders(&tx, &[order], "failed", Some(reason)).await?;
+    let new = insert_orders(&tx, &[order], OrderStatus::Failed, Some(reason)).await?;
     if !new.is_empty() {
         insert_lines(&tx, &[order], Some("release")).await?;
     }
     let status = statuses(&tx, std::iter::once(order.id))
         .await?
         .remove(&order.id)
-        .unwrap_or_else(|| "failed".into());
+        .unwrap_or(OrderStatus::Failed);
     tx.commit().await?;
     Ok((!new.is_empty(), status))
 }
