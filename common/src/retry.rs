@@ -6,8 +6,9 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use std::{fmt::Display, future::Future, time::Duration};
 use tokio_util::sync::CancellationToken;
 
-/// Waits from `min`, doubling, up to `max`, each jittered (so many processes that lost
-/// the same server do not all come back in the same millisecond).
+/// Delays from `min`, doubling, up to `max`; each wait is its delay plus a random part of
+/// it (backon's jitter: `d..2d`), so many processes that lost the same server do not all
+/// come back in the same millisecond.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub min: Duration,
@@ -15,15 +16,15 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// Background work (worker, relay, notifier): 200 ms up to 5 s.
+    /// Background work (worker, relay, notifier): waits of 100-200 ms up to 2.5-5 s.
     pub const BACKGROUND: Backoff = Backoff {
-        min: Duration::from_millis(200),
-        max: Duration::from_secs(5),
+        min: Duration::from_millis(100),
+        max: Duration::from_millis(2_500),
     };
-    /// Buyers are waiting (ingress's publisher): 200 ms up to 2 s.
+    /// Buyers are waiting (ingress's publisher): waits of 100-200 ms up to 1-2 s.
     pub const INTERACTIVE: Backoff = Backoff {
-        min: Duration::from_millis(200),
-        max: Duration::from_secs(2),
+        min: Duration::from_millis(100),
+        max: Duration::from_secs(1),
     };
 
     fn waits(self) -> ExponentialBackoff {
@@ -55,8 +56,7 @@ impl Waits {
         self.waits = self.backoff.waits();
     }
 
-    /// The wait [`Waits::sleep`] will sleep next is drawn when it is called; this sleeps
-    /// it. False if `shutdown` was cancelled first.
+    /// Sleeps the next wait. False if `shutdown` was cancelled first.
     pub async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
         let wait = self.waits.next().unwrap_or(self.backoff.max);
         tokio::select! {
@@ -68,7 +68,8 @@ impl Waits {
 
 /// Calls `attempt` until it succeeds, logging each failure with `what` and sleeping a
 /// backoff wait in between. None if `shutdown` is cancelled first (also before the
-/// first attempt).
+/// first attempt). The first attempt is made at once: a caller that must not retry
+/// at once what just failed sleeps a [`Waits`] first.
 pub async fn until_ok<T, E, F, Fut>(
     shutdown: &CancellationToken,
     backoff: Backoff,

@@ -16,7 +16,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use floodgate_common::{
     amqp::IntakeMessage,
     domain::{IdempotencyKey, OrderId, UserId},
-    redis::{self as fredis, ConfirmedOrder, Queued, Release},
+    redis::{self as fredis, ConfirmedOrder, Queued, Release, ResvState},
     telemetry::names,
 };
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ pub async fn hand_over(
         deadline_ms,
         answer: Some(answer),
     };
-    tokio::spawn(task.run(msg));
+    st.tasks.spawn(task.run(msg));
     answered.await.unwrap_or_else(|_| {
         Err(ApiError::Internal(anyhow::anyhow!(
             "the hand-over task of order {order_id} ended without an answer"
@@ -97,6 +97,13 @@ impl Task {
                 Ok(Release::Taken) => {
                     tracing::info!(%order_id, "a worker took the order whose confirm was lost");
                 }
+                Ok(Release::NotHeld) if self.worker_recorded_it().await => {
+                    // A worker took it and already recorded it failed (its stock back):
+                    // accepted, and its status says the rest.
+                    tracing::info!(%order_id, "a worker settled the order whose confirm was lost");
+                    self.answer(Ok(()));
+                    return;
+                }
                 Ok(_) => {
                     self.answer(Err(crate::orders::unavailable("the message broker", e)));
                     return;
@@ -110,6 +117,15 @@ impl Task {
             }
         }
         self.mark().await;
+    }
+
+    /// True when the reservation was released by a worker (the order is recorded failed),
+    /// not by this publish's failure or the reaper.
+    async fn worker_recorded_it(&self) -> bool {
+        let mut redis = self.st.redis.clone();
+        let r = fredis::reservation(&mut redis, &self.st.keys, &self.order.order_id).await;
+        matches!(r, Ok(Some(r)) if r.state == ResvState::Released
+            && !matches!(r.reason.as_deref(), Some("publish_failed" | "reservation_expired")))
     }
 
     /// Marks the order queued, retrying (jittered, up to 1 s apart) until the deadline

@@ -78,6 +78,7 @@ impl Application {
                 keys,
                 redis,
                 queued,
+                tasks: tokio_util::task::TaskTracker::new(),
                 pg,
                 publisher,
                 verifier,
@@ -96,11 +97,19 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let _ = floodgate_common::telemetry::metrics();
         let publisher = self.state.publisher.clone();
+        let tasks = self.state.tasks.clone();
+        let grace = self.state.cfg.reservation_ttl;
         let app = routes::router(self.state);
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .context("serving HTTP")?;
+        // Orders whose buyer hung up, and marks still retrying after an early 202, finish
+        // before the publisher goes (bounded: past the TTL the reaper decides anyway).
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!(tasks = tasks.len(), "order tasks still running at shutdown");
+        }
         publisher.close().await;
         Ok(())
     }

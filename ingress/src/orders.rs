@@ -93,7 +93,9 @@ pub async fn place(
     key: Option<IdempotencyKey>,
 ) -> Result<Placed, ApiError> {
     let (st, caller) = (st.clone(), caller.clone());
-    tokio::spawn(async move { place_to_the_end(&st, &caller, lines, key).await })
+    let tasks = st.tasks.clone();
+    tasks
+        .spawn(async move { place_to_the_end(&st, &caller, lines, key).await })
         .await
         .unwrap_or_else(|e| Err(ApiError::Internal(anyhow::anyhow!("placing an order: {e}"))))
 }
@@ -145,6 +147,8 @@ async fn place_to_the_end(
                     deadline_ms,
                 )
                 .await?;
+                // Counted here, not in the handler: a buyer who hung up still has an order.
+                metrics::counter!(names::ORDERS_ACCEPTED).increment(1);
                 return Ok(Placed::New(OrderView {
                     order_id,
                     user_id: None,

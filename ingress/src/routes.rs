@@ -128,7 +128,6 @@ async fn place_order(
         .map_err(rejected)?
     {
         Placed::New(view) => {
-            metrics::counter!(names::ORDERS_ACCEPTED).increment(1);
             let location = format!("/v1/orders/{}", view.order_id);
             Ok((
                 StatusCode::ACCEPTED,

@@ -21,6 +21,9 @@ pub struct AppState {
     pub publisher: Publisher,
     /// Marks confirmed orders queued before the 202, batching the marks.
     pub queued: QueuedMarker,
+    /// Order requests and their hand-overs run as tasks of their own (a hang-up must not
+    /// cut them short); shutdown waits for them before closing the publisher.
+    pub tasks: tokio_util::task::TaskTracker,
     pub verifier: Arc<Verifier>,
     /// None when `FLOODGATE_RATE_LIMIT_PER_SEC=0`.
     pub limiter: Option<Arc<Limiter>>,

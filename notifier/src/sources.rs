@@ -94,6 +94,7 @@ pub async fn consume_orders(
     let mut waits = Waits::new(Backoff::BACKGROUND);
     let mut first = true;
     while !shutdown.is_cancelled() {
+        let started = std::time::Instant::now();
         match consume_once(&hub, &cfg, &queue, first, &health, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
@@ -105,6 +106,10 @@ pub async fn consume_orders(
                 );
                 metrics::counter!(names::RECONNECTS, "service" => "notifier").increment(1);
             }
+        }
+        // A session that lived a while was healthy: start again from the shortest wait.
+        if started.elapsed() > Duration::from_secs(10) {
+            waits.reset();
         }
         if !waits.sleep(&shutdown).await {
             return;

@@ -446,6 +446,7 @@ async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_exp
               WHERE i.sku = 'hangup' AND o.status = 'confirmed'",
         )
         .await;
+    assert!(hung_up > 0, "no hung-up buyer got as far as a reservation");
     assert_eq!(
         app.scalar("SELECT count(*) FROM order_items WHERE sku = 'hangup'")
             .await,
@@ -677,5 +678,56 @@ async fn reconcile_check_finds_drift_and_repair_fixes_it() {
             .await
             .status,
         202
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_after_redis_forgot_it_fails_that_order_and_jams_nothing() {
+    let _turn = TURN.lock().await;
+    let app = TestApp::spawn().await;
+    app.create_sku("keyed", 10, None).await;
+    let buyer = app.customer("k");
+    let first = app.order(&buyer, &[("keyed", 1)], Some("checkout-1")).await;
+    assert_eq!(first.status, 202);
+    app.wait_idle().await;
+    // Redis forgets the key (its TTL passed); PostgreSQL still holds it on the first order.
+    let mut r = app.redis.clone();
+    let idem: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{}}}:idem:*", app.cfg.namespace))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(idem.len(), 1, "{idem:?}");
+    let _: () = redis::cmd("DEL")
+        .arg(&idem)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let second = app.order(&buyer, &[("keyed", 2)], Some("checkout-1")).await;
+    assert_eq!(second.status, 202, "{:?}", second.body);
+    let second_id = second.body["order_id"].as_str().unwrap().to_owned();
+    // The second order fails for its key, is dead-lettered, and gives its stock back;
+    // the worker carries on (a later order is confirmed).
+    eventually(Duration::from_secs(20), || async {
+        app.scalar("SELECT count(*) FROM orders WHERE reason = 'duplicate_idempotency_key'")
+            .await
+            == 1
+    })
+    .await;
+    let later = app
+        .order(&app.customer("other"), &[("keyed", 1)], None)
+        .await;
+    assert_eq!(later.status, 202);
+    app.wait_idle().await;
+    assert_eq!(app.dead_letters().await, 1);
+    assert_eq!(app.available("keyed").await, Some(8));
+    let ids = [
+        first.body["order_id"].as_str().unwrap().to_owned(),
+        second_id,
+        later.body["order_id"].as_str().unwrap().to_owned(),
+    ];
+    let outcomes = app.assert_invariants(&ids).await;
+    eprintln!(
+        "FAULT | Idempotency-Key reused after Redis forgot it | accepted 3 | outcomes {outcomes:?} | dead-lettered, nothing jammed"
     );
 }

@@ -27,7 +27,7 @@ use floodgate_common::{
     domain::{FailReason, IdempotencyKey, OrderId, OrderStatus, UserId},
     health,
     redis::{self as fredis, Claim, Keys},
-    retry::{self, Backoff},
+    retry::{self, Backoff, Waits},
     telemetry::names,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -84,6 +84,13 @@ enum Settle {
     DeadLetter(FailReason, String),
 }
 
+/// Whether a failed order could be written to PostgreSQL.
+enum Recorded {
+    Yes,
+    /// Refused for good, with why.
+    No(String),
+}
+
 /// One delivery.
 struct Item {
     tag: u64,
@@ -137,8 +144,12 @@ impl Pipeline {
         }
     }
 
-    /// Probes PostgreSQL and Redis with backoff until both answer. False on shutdown.
+    /// Probes PostgreSQL and Redis with backoff until both answer, after a first wait (a
+    /// failure the probe cannot see must still pause the worker). False on shutdown.
     async fn wait_until_healthy(&self, shutdown: &CancellationToken) -> bool {
+        if !Waits::new(Backoff::BACKGROUND).sleep(shutdown).await {
+            return false;
+        }
         let probe = || async {
             let (pg, redis) =
                 tokio::join!(health::postgres_ok(&self.pg), health::redis_ok(&self.redis));
@@ -394,13 +405,20 @@ impl Pipeline {
                 }
                 self.retry_or_give_up(item, &e).await
             }
-            Err(DbError::InsufficientStock) => {
-                self.fail_order(d, FailReason::InsufficientStock).await?;
-                Ok(Settle::Ack)
-            }
+            Err(DbError::InsufficientStock) => Ok(
+                match self.fail_order(d, FailReason::InsufficientStock).await? {
+                    Recorded::Yes => Settle::Ack,
+                    Recorded::No(why) => Settle::DeadLetter(FailReason::Unrecordable, why),
+                },
+            ),
             Err(DbError::Permanent { reason, source }) => {
-                self.fail_order(d, reason).await?;
-                Ok(Settle::DeadLetter(reason, format!("{source:#}")))
+                Ok(match self.fail_order(d, reason).await? {
+                    Recorded::Yes => Settle::DeadLetter(reason, format!("{source:#}")),
+                    Recorded::No(why) => Settle::DeadLetter(
+                        FailReason::Unrecordable,
+                        format!("{reason}: {source:#}; recording it failed: {why}"),
+                    ),
+                })
             }
         }
     }
@@ -413,25 +431,43 @@ impl Pipeline {
             return Ok(Settle::Retry(next));
         }
         let d = item.order.as_ref().expect("decoded");
-        self.fail_order(d, FailReason::RetriesExhausted).await?;
-        Ok(Settle::DeadLetter(
-            FailReason::RetriesExhausted,
-            format!("{e:#}"),
-        ))
+        Ok(
+            match self.fail_order(d, FailReason::RetriesExhausted).await? {
+                Recorded::Yes => Settle::DeadLetter(FailReason::RetriesExhausted, format!("{e:#}")),
+                Recorded::No(why) => Settle::DeadLetter(
+                    FailReason::Unrecordable,
+                    format!("retries_exhausted: {e:#}; recording it failed: {why}"),
+                ),
+            },
+        )
     }
 
     /// Records the order failed and settles Redis by what PostgreSQL now holds: an order
     /// an earlier delivery confirmed keeps its stock.
-    async fn fail_order(&self, d: &Decoded, reason: FailReason) -> Result<(), Halt> {
+    ///
+    /// A record PostgreSQL refuses for good is [`Recorded::No`]: never an outage (that would
+    /// pause and redeliver it forever); its message is dead-lettered and its stock stays
+    /// held until an operator replays or settles it.
+    async fn fail_order(&self, d: &Decoded, reason: FailReason) -> Result<Recorded, Halt> {
         tracing::info!(order_id = %d.record.id, reason = reason.as_str(), "order failed");
-        let (recorded, status) = retry_quick(|| repo::record_failed(&self.pg, &d.record, reason))
-            .await
-            .map_err(|e| Halt::Outage("postgres", e.into()))?;
+        let (recorded, status) = match retry_quick(|| {
+            repo::record_failed(&self.pg, &d.record, reason)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(DbError::Transient(e)) => return Err(Halt::Outage("postgres", e)),
+            Err(e) => {
+                tracing::error!(order_id = %d.record.id, error = format!("{e:#}"), "a failed order cannot be recorded");
+                return Ok(Recorded::No(format!("{e:#}")));
+            }
+        };
         if recorded {
             count_committed(0, 1);
         }
         self.settle_redis(&[d], &HashMap::from([(d.record.id, status)]))
-            .await
+            .await?;
+        Ok(Recorded::Yes)
     }
 
     /// Brings reservations in line with PostgreSQL: the `confirmed` ones are marked done

@@ -29,7 +29,7 @@ use axum::{Router, extract::State, routing::get};
 use floodgate_common::{
     Config,
     redis::Keys,
-    retry::{self, Backoff},
+    retry::{self, Backoff, Waits},
     telemetry,
 };
 use std::{
@@ -155,8 +155,12 @@ impl Worker {
     }
 }
 
-/// Opens a new session with backoff ([`Backoff::BACKGROUND`]). None on shutdown.
+/// Opens a new session with backoff ([`Backoff::BACKGROUND`]), after a first wait: the
+/// last one just failed. None on shutdown.
 async fn reconnect(cfg: &Config, shutdown: &CancellationToken) -> Option<session::Session> {
+    if !Waits::new(Backoff::BACKGROUND).sleep(shutdown).await {
+        return None;
+    }
     retry::until_ok(
         shutdown,
         Backoff::BACKGROUND,

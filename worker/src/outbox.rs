@@ -18,7 +18,7 @@ use deadpool_postgres::Pool;
 use floodgate_common::{
     Config,
     amqp::{ORDER_EVENT_BATCH, OrderEventBatch, Topology},
-    retry::{self, Backoff},
+    retry::{self, Backoff, Waits},
     telemetry::names,
 };
 use lapin::{
@@ -29,6 +29,9 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// A link that lived this long was healthy: the next reconnect starts from the
+/// shortest wait again.
+const HEALTHY_LINK: Duration = Duration::from_secs(10);
 /// Rows published per transaction at most.
 const BATCH: i64 = 500;
 /// How long the relay waits for the broker to confirm a batch.
@@ -106,6 +109,8 @@ enum PassError {
 /// wrote outbox rows; `cfg.outbox_poll` bounds the wait for rows written elsewhere.
 pub async fn run(cfg: Config, pg: Pool, wake: Arc<Notify>, shutdown: CancellationToken) {
     let armed = failpoint();
+    // Between links: a link that opens and then fails at once must not spin.
+    let mut pause = Waits::new(Backoff::BACKGROUND);
     while let Some(link) = retry::until_ok(
         &shutdown,
         Backoff::BACKGROUND,
@@ -114,8 +119,15 @@ pub async fn run(cfg: Config, pg: Pool, wake: Arc<Notify>, shutdown: Cancellatio
     )
     .await
     {
+        let opened = std::time::Instant::now();
         relay(&cfg, &pg, &link, &wake, armed, &shutdown).await;
         link.close().await;
+        if opened.elapsed() > HEALTHY_LINK {
+            pause.reset();
+        }
+        if !pause.sleep(&shutdown).await {
+            break;
+        }
     }
 }
 

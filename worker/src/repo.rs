@@ -304,6 +304,18 @@ pub async fn record_failed(
     order: &OrderRecord,
     reason: FailReason,
 ) -> Result<(bool, OrderStatus), DbError> {
+    // Its Idempotency-Key belongs to another order of the user (Redis had forgotten the
+    // key, PostgreSQL has not): the failed order is recorded without it.
+    let keyless;
+    let order = if reason == FailReason::DuplicateIdempotencyKey {
+        keyless = OrderRecord {
+            idempotency_key: None,
+            ..order.clone()
+        };
+        &keyless
+    } else {
+        order
+    };
     let mut db = pool.get().await?;
     let tx = db.transaction().await?;
     let new = insert_orders(&tx, &[order], OrderStatus::Failed, Some(reason)).await?;
