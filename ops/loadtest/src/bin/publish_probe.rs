@@ -83,15 +83,18 @@ async fn main() -> anyhow::Result<()> {
             Ok::<(), anyhow::Error>(())
         })
     });
-    for r in join_all(tasks).await {
-        r??;
-    }
+    let outcome: anyhow::Result<()> = join_all(tasks)
+        .await
+        .into_iter()
+        .try_for_each(|r| r.map_err(anyhow::Error::from).and_then(|r| r));
     let elapsed = started.elapsed().as_secs_f64();
     let n = published.load(Ordering::Relaxed);
+    // The queue goes whether the probe succeeded or not.
     let _ = channels[0]
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = conn.close(200, "done".into()).await;
+    outcome?;
     println!(
         "PROBE_RESULT {}",
         serde_json::json!({"published": n, "secs": elapsed, "per_sec": n as f64 / elapsed})
