@@ -119,13 +119,14 @@ impl Task {
         self.mark().await;
     }
 
-    /// True when the reservation was released by a worker (the order is recorded failed),
-    /// not by this publish's failure or the reaper.
+    /// True when a worker released the reservation after recording the order failed in
+    /// PostgreSQL (release reason `failed`); not for this publish's failure, the reaper,
+    /// or an undecodable message (never recorded).
     async fn worker_recorded_it(&self) -> bool {
         let mut redis = self.st.redis.clone();
         let r = fredis::reservation(&mut redis, &self.st.keys, &self.order.order_id).await;
         matches!(r, Ok(Some(r)) if r.state == ResvState::Released
-            && !matches!(r.reason.as_deref(), Some("publish_failed" | "reservation_expired")))
+            && r.reason.as_deref() == Some("failed"))
     }
 
     /// Marks the order queued, retrying (jittered, up to 1 s apart) until the deadline

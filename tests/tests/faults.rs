@@ -446,7 +446,6 @@ async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_exp
               WHERE i.sku = 'hangup' AND o.status = 'confirmed'",
         )
         .await;
-    assert!(hung_up > 0, "no hung-up buyer got as far as a reservation");
     assert_eq!(
         app.scalar("SELECT count(*) FROM order_items WHERE sku = 'hangup'")
             .await,

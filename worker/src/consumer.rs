@@ -27,7 +27,7 @@ use floodgate_common::{
     domain::{FailReason, IdempotencyKey, OrderId, OrderStatus, UserId},
     health,
     redis::{self as fredis, Claim, Keys},
-    retry::{self, Backoff, Waits},
+    retry::{Backoff, Waits},
     telemetry::names,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -109,6 +109,10 @@ struct Decoded {
 impl Pipeline {
     /// Consumes until shutdown or a broker failure, pausing through outages.
     pub async fn run(&self, session: &mut Session, shutdown: &CancellationToken) -> Stop {
+        // One backoff across back-to-back outages (a failure the probe cannot see must
+        // not be retried every 200 ms forever), started afresh after a healthy spell.
+        let mut waits = Waits::new(Backoff::BACKGROUND);
+        let mut resumed = Instant::now();
         loop {
             let mut consumer = match session.consume().await {
                 Ok(c) => c,
@@ -131,7 +135,11 @@ impl Pipeline {
                     metrics::gauge!(names::WORKER_PAUSED).set(1.0);
                     self.paused
                         .store(true, std::sync::atomic::Ordering::Relaxed);
-                    let healthy = self.wait_until_healthy(shutdown).await;
+                    if resumed.elapsed() > HEALTHY_SPELL {
+                        waits.reset();
+                    }
+                    let healthy = self.wait_until_healthy(&mut waits, shutdown).await;
+                    resumed = Instant::now();
                     self.paused
                         .store(false, std::sync::atomic::Ordering::Relaxed);
                     metrics::gauge!(names::WORKER_PAUSED).set(0.0);
@@ -146,27 +154,18 @@ impl Pipeline {
 
     /// Probes PostgreSQL and Redis with backoff until both answer, after a first wait (a
     /// failure the probe cannot see must still pause the worker). False on shutdown.
-    async fn wait_until_healthy(&self, shutdown: &CancellationToken) -> bool {
-        if !Waits::new(Backoff::BACKGROUND).sleep(shutdown).await {
-            return false;
-        }
-        let probe = || async {
+    async fn wait_until_healthy(&self, waits: &mut Waits, shutdown: &CancellationToken) -> bool {
+        loop {
+            if !waits.sleep(shutdown).await {
+                return false;
+            }
             let (pg, redis) =
                 tokio::join!(health::postgres_ok(&self.pg), health::redis_ok(&self.redis));
             if pg && redis {
-                Ok(())
-            } else {
-                Err(format!("postgres up: {pg}, redis up: {redis}"))
+                return true;
             }
-        };
-        retry::until_ok(
-            shutdown,
-            Backoff::BACKGROUND,
-            "still waiting for dependencies",
-            probe,
-        )
-        .await
-        .is_some()
+            tracing::info!(postgres = pg, redis, "still waiting for dependencies");
+        }
     }
 
     /// Collects batches and keeps up to `FLOODGATE_WORKER_PIPELINE` of them in flight:
@@ -529,6 +528,9 @@ impl Pipeline {
         Ok(())
     }
 }
+
+/// Consuming this long without an outage starts the outage backoff afresh.
+const HEALTHY_SPELL: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for the batches in flight to commit and be acked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

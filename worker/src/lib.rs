@@ -29,7 +29,7 @@ use axum::{Router, extract::State, routing::get};
 use floodgate_common::{
     Config,
     redis::Keys,
-    retry::{self, Backoff, Waits},
+    retry::{Backoff, Waits},
     telemetry,
 };
 use std::{
@@ -125,7 +125,10 @@ impl Worker {
             shutdown.clone(),
         ));
 
+        // One backoff across back-to-back session failures, afresh after a healthy spell.
+        let mut waits = Waits::new(Backoff::BACKGROUND);
         loop {
+            let since = std::time::Instant::now();
             match pipeline.run(&mut session, &shutdown).await {
                 consumer::Stop::Shutdown => break,
                 consumer::Stop::Broker(e) => {
@@ -135,7 +138,10 @@ impl Worker {
                         "broker session lost; reconnecting"
                     );
                     session.close().await;
-                    match reconnect(&pipeline.cfg, &shutdown).await {
+                    if since.elapsed() > Duration::from_secs(10) {
+                        waits.reset();
+                    }
+                    match reconnect(&pipeline.cfg, &mut waits, &shutdown).await {
                         Some(s) => session = s,
                         None => break,
                     }
@@ -155,25 +161,25 @@ impl Worker {
     }
 }
 
-/// Opens a new session with backoff ([`Backoff::BACKGROUND`]), after a first wait: the
-/// last one just failed. None on shutdown.
-async fn reconnect(cfg: &Config, shutdown: &CancellationToken) -> Option<session::Session> {
-    if !Waits::new(Backoff::BACKGROUND).sleep(shutdown).await {
-        return None;
+/// Opens a new session, sleeping a backoff wait before each try (the last session just
+/// failed). None on shutdown.
+async fn reconnect(
+    cfg: &Config,
+    waits: &mut Waits,
+    shutdown: &CancellationToken,
+) -> Option<session::Session> {
+    loop {
+        if !waits.sleep(shutdown).await {
+            return None;
+        }
+        // Bounded: a node that is still booting can accept a connection and then sit on
+        // a declare.
+        match tokio::time::timeout(Duration::from_secs(30), session::Session::open(cfg)).await {
+            Ok(Ok(s)) => return Some(s),
+            Ok(Err(e)) => tracing::info!(error = format!("{e:#}"), "broker still unreachable"),
+            Err(_) => tracing::info!("opening a broker session timed out"),
+        }
     }
-    retry::until_ok(
-        shutdown,
-        Backoff::BACKGROUND,
-        "broker still unreachable",
-        || async {
-            // Bounded: a node that is still booting can accept a connection and then sit on
-            // a declare.
-            tokio::time::timeout(Duration::from_secs(30), session::Session::open(cfg))
-                .await
-                .map_err(|_| anyhow::anyhow!("opening a broker session timed out"))?
-        },
-    )
-    .await
 }
 
 fn health_router(h: Health) -> Router {

@@ -100,9 +100,18 @@ async fn insert_orders(
     }
     let ids: Vec<Uuid> = orders.iter().map(|o| o.id.as_uuid()).collect();
     let users: Vec<&str> = orders.iter().map(|o| o.user_id.as_str()).collect();
+    // A failed order is written without its Idempotency-Key: the key may belong to
+    // another order of the user (Redis had forgotten it, PostgreSQL has not), and only
+    // the unique index reads it. Redis answers repeats of a key, not PostgreSQL.
     let keys: Vec<Option<&str>> = orders
         .iter()
-        .map(|o| o.idempotency_key.as_deref())
+        .map(|o| {
+            if status == OrderStatus::Failed.as_str() {
+                None
+            } else {
+                o.idempotency_key.as_deref()
+            }
+        })
         .collect();
     let accepted: Vec<OffsetDateTime> = orders.iter().map(|o| o.accepted_at).collect();
     let stmt = tx
@@ -304,18 +313,6 @@ pub async fn record_failed(
     order: &OrderRecord,
     reason: FailReason,
 ) -> Result<(bool, OrderStatus), DbError> {
-    // Its Idempotency-Key belongs to another order of the user (Redis had forgotten the
-    // key, PostgreSQL has not): the failed order is recorded without it.
-    let keyless;
-    let order = if reason == FailReason::DuplicateIdempotencyKey {
-        keyless = OrderRecord {
-            idempotency_key: None,
-            ..order.clone()
-        };
-        &keyless
-    } else {
-        order
-    };
     let mut db = pool.get().await?;
     let tx = db.transaction().await?;
     let new = insert_orders(&tx, &[order], OrderStatus::Failed, Some(reason)).await?;
