@@ -20,9 +20,7 @@ use floodgate_common::{
     telemetry::names,
 };
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use redis::aio::ConnectionManager;
 use std::{
@@ -90,7 +88,7 @@ pub async fn consume_orders(
     health: SourceHealth,
     shutdown: CancellationToken,
 ) {
-    let queue = format!("{}.events.notifier.{}", cfg.namespace, uuid::Uuid::now_v7());
+    let queue = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len()).notifier_queue();
     let mut waits = Waits::new(Backoff::BACKGROUND);
     let mut first = true;
     while !shutdown.is_cancelled() {
@@ -156,36 +154,10 @@ async fn consume_once(
     let ch = conn.create_channel().await?;
     let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
     topology.declare_events(&ch).await?;
-    let mut args = FieldTable::default();
-    // Deleted a minute after its last consumer went away: long enough to ride out a
-    // reconnect, short enough that a dead instance's queue does not pile up events.
-    args.insert("x-expires".into(), lapin::types::AMQPValue::LongInt(60_000));
-    ch.queue_declare(
-        // One queue per notifier instance, so every instance sees every event.
-        queue.into(),
-        QueueDeclareOptions {
-            // Survives a broker restart with its binding (events are published
-            // persistent); neither exclusive nor auto-deleted, so it outlives a broken
-            // connection.
-            durable: true,
-            exclusive: false,
-            auto_delete: false,
-            ..QueueDeclareOptions::default()
-        },
-        args,
-    )
-    .await?;
+    topology.declare_notifier_queue(&ch, queue).await?;
     // Deliveries in flight at once; acknowledged one by one as the hub takes them.
     ch.basic_qos(1_000, BasicQosOptions { global: false })
         .await?;
-    ch.queue_bind(
-        queue.into(),
-        topology.events_exchange.as_str().into(),
-        "order.*".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
     let mut consumer = ch
         .basic_consume(
             queue.into(),

@@ -153,6 +153,43 @@ impl Topology {
         .await
     }
 
+    /// The name of a new notifier instance's own event queue: one per instance, so every
+    /// instance sees every event.
+    pub fn notifier_queue(&self) -> String {
+        format!("{}.notifier.{}", self.events_exchange, uuid::Uuid::now_v7())
+    }
+
+    /// Declares a notifier instance's event queue and binds it to every order event.
+    pub async fn declare_notifier_queue(&self, ch: &Channel, queue: &str) -> lapin::Result<()> {
+        let mut args = FieldTable::default();
+        // Deleted a minute after its last consumer went away: long enough to ride out a
+        // reconnect, short enough that a dead instance's queue does not pile up events.
+        args.insert("x-expires".into(), AMQPValue::LongInt(60_000));
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                // Survives a broker restart with its binding (events are published
+                // persistent); neither exclusive nor auto-deleted, so it outlives a broken
+                // connection.
+                durable: true,
+                exclusive: false,
+                auto_delete: false,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+        // Every order event, whatever its status (`order.<status>`, `order.batch` runs).
+        ch.queue_bind(
+            queue.into(),
+            self.events_exchange.as_str().into(),
+            "order.*".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+
     /// Deletes everything [`Topology::declare`] made (tests clean up their namespace).
     pub async fn delete(&self, ch: &Channel) -> lapin::Result<()> {
         for q in [&self.intake_queue, &self.dead_queue]
