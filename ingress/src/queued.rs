@@ -67,10 +67,8 @@ async fn run(
     keys: Arc<Keys>,
 ) {
     let mut waiting = Vec::with_capacity(MAX_BATCH);
-    let mut orders = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut waiting, MAX_BATCH).await > 0 {
-        orders.clear();
-        orders.extend(waiting.iter().map(|(o, _)| o.clone()));
+        let orders: Vec<&ConfirmedOrder> = waiting.iter().map(|(o, _)| o).collect();
         metrics::histogram!(floodgate_common::telemetry::names::QUEUED_MARK_BATCH)
             .record(orders.len() as f64);
         match fredis::mark_queued(&mut redis, &keys, &orders).await {

@@ -236,7 +236,7 @@ async fn a_queued_reservation_is_never_reaped_and_stays_open() {
     let marks = fredis::mark_queued(
         &mut ns.con,
         &ns.keys,
-        &[confirmed(queued), confirmed(claimed)],
+        &[&confirmed(queued), &confirmed(claimed)],
     )
     .await
     .unwrap();
@@ -273,13 +273,13 @@ async fn a_queued_reservation_is_never_reaped_and_stays_open() {
     assert_eq!(deadline(&mut ns, &queued).await, None);
     assert_eq!(state(&mut ns, &queued).await, ResvState::Done);
     // A late mark never resurrects a settled reservation's entry.
-    let marks = fredis::mark_queued(&mut ns.con, &ns.keys, &[confirmed(queued)])
+    let marks = fredis::mark_queued(&mut ns.con, &ns.keys, &[&confirmed(queued)])
         .await
         .unwrap();
     assert_eq!(marks, [Queued::Accepted]);
     assert_eq!(deadline(&mut ns, &queued).await, None);
     // The reaped one answers Released to a mark that comes too late: no 202 for it.
-    let marks = fredis::mark_queued(&mut ns.con, &ns.keys, &[confirmed(unconfirmed)])
+    let marks = fredis::mark_queued(&mut ns.con, &ns.keys, &[&confirmed(unconfirmed)])
         .await
         .unwrap();
     assert_eq!(marks, [Queued::Released]);
@@ -301,7 +301,7 @@ async fn a_queued_order_that_fails_in_the_worker_is_released_once() {
         user: user.clone(),
         idempotency_key: None,
     };
-    fredis::mark_queued(&mut ns.con, &ns.keys, &[order])
+    fredis::mark_queued(&mut ns.con, &ns.keys, &[&order])
         .await
         .unwrap();
     // A late 'publish_failed' cannot take back a queued order.
@@ -328,7 +328,7 @@ async fn a_queued_order_that_fails_in_the_worker_is_released_once() {
         user,
         idempotency_key: None,
     };
-    let marks = fredis::mark_queued(&mut ns.con, &ns.keys, &[order])
+    let marks = fredis::mark_queued(&mut ns.con, &ns.keys, &[&order])
         .await
         .unwrap();
     assert_eq!(marks, [Queued::Accepted]);

@@ -170,6 +170,11 @@ impl ResvState {
     pub fn is_open(self) -> bool {
         matches!(self, Self::Reserved | Self::Queued | Self::Claimed)
     }
+
+    /// What `queued.lua` leaves an accepted order in.
+    fn is_accepted(self) -> bool {
+        matches!(self, Self::Queued | Self::Claimed | Self::Done)
+    }
 }
 
 /// What `queued.lua` found for one confirmed order.
@@ -198,7 +203,7 @@ pub struct ConfirmedOrder {
 pub async fn mark_queued<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
-    orders: &[ConfirmedOrder],
+    orders: &[&ConfirmedOrder],
 ) -> RedisResult<Vec<Queued>> {
     if orders.is_empty() {
         return Ok(Vec::new());
@@ -226,12 +231,11 @@ pub async fn mark_queued<C: ConnectionLike>(
             // A worker was faster than the mark and recorded the order failed: it was
             // accepted, and its status tells the rest.
             Some(("released", _)) => Ok(Queued::Accepted),
-            _ => match ResvState::parse(w) {
-                Some(ResvState::Released) | None if w != "missing" => {
-                    Err(protocol_error("queued", &reply))
-                }
-                _ => Ok(Queued::Accepted),
-            },
+            // Queued, claimed or done; or missing (PostgreSQL decides): accepted.
+            None if w == "missing" || ResvState::parse(w).is_some_and(ResvState::is_accepted) => {
+                Ok(Queued::Accepted)
+            }
+            _ => Err(protocol_error("queued", &reply)),
         })
         .collect()
 }
