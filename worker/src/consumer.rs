@@ -202,11 +202,7 @@ impl Pipeline {
                         let mut halt = None;
                         while let Some(done) = in_flight.next().await {
                             match done {
-                                Ok(tags) => {
-                                    if let Some(upto) = acks.settle(tags) {
-                                        ack(session, upto).await?;
-                                    }
-                                }
+                                Ok(tags) => ack_settled(session, &mut acks, tags).await?,
                                 Err(h) => halt = Some(h),
                             }
                         }
@@ -224,9 +220,7 @@ impl Pipeline {
                 }
                 Some(done) = in_flight.next() => match done {
                     Ok(tags) => {
-                        if let Some(upto) = acks.settle(tags)
-                            && let Err(h) = ack(session, upto).await
-                        {
+                        if let Err(h) = ack_settled(session, &mut acks, tags).await {
                             return h;
                         }
                     }
@@ -535,7 +529,12 @@ const HEALTHY_SPELL: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the batches in flight to commit and be acked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-async fn ack(session: &Session, upto: u64) -> Result<(), Halt> {
+/// Records a batch's tags settled and acks, in one multiple ack, every delivery below
+/// which all are now settled.
+async fn ack_settled(session: &Session, acks: &mut AckWindow, tags: Vec<u64>) -> Result<(), Halt> {
+    let Some(upto) = acks.settle(tags) else {
+        return Ok(());
+    };
     session
         .consume
         .basic_ack(upto, BasicAckOptions { multiple: true })
