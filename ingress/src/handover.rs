@@ -91,7 +91,7 @@ enum Marked {
     /// The outcome is known: answer it.
     Answer(Result<(), ApiError>),
     /// Still failing when the buyer's answer was due.
-    StillFailing(anyhow::Error),
+    StillFailing(MarkError),
 }
 
 /// Marks the order queued, retrying (jittered, up to 1 s apart) until the deadline nears.
@@ -116,6 +116,9 @@ async fn mark(st: &AppState, order: ConfirmedOrder, deadline_ms: i64) -> Result<
             tracing::warn!(error = format!("{e:#}"), order_id = %order.order_id, "answering 202 while the mark is still failing");
             let st2 = st.clone();
             st.tasks.spawn(async move {
+                let wait = waits.next().unwrap_or(Duration::from_secs(1));
+                tokio::time::sleep(wait.min(give_up.saturating_duration_since(Instant::now())))
+                    .await;
                 if let Marked::Answer(Ok(())) =
                     mark_until(&st2, &order, give_up, None, &mut waits).await
                 {
@@ -163,7 +166,7 @@ async fn mark_until(
             return Marked::Answer(Ok(()));
         }
         if answer_by.is_some_and(|t| now >= t) {
-            return Marked::StillFailing(e.into());
+            return Marked::StillFailing(e);
         }
         let wait = waits.next().unwrap_or(Duration::from_secs(1));
         tokio::time::sleep(wait.min(give_up.saturating_duration_since(now))).await;

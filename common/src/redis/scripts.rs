@@ -170,11 +170,6 @@ impl ResvState {
     pub fn is_open(self) -> bool {
         matches!(self, Self::Reserved | Self::Queued | Self::Claimed)
     }
-
-    /// What `queued.lua` leaves an accepted order in.
-    fn is_accepted(self) -> bool {
-        matches!(self, Self::Queued | Self::Claimed | Self::Done)
-    }
 }
 
 /// What `queued.lua` found for one confirmed order.
@@ -231,8 +226,10 @@ pub async fn mark_queued<C: ConnectionLike>(
             // A worker was faster than the mark and recorded the order failed: it was
             // accepted, and its status tells the rest.
             Some(("released", _)) => Ok(Queued::Accepted),
-            // Queued, claimed or done; or missing (PostgreSQL decides): accepted.
-            None if w == "missing" || ResvState::parse(w).is_some_and(ResvState::is_accepted) => {
+            // Any other state (queued, claimed, done), or missing (PostgreSQL decides).
+            None if w == "missing"
+                || ResvState::parse(w).is_some_and(|s| s != ResvState::Released) =>
+            {
                 Ok(Queued::Accepted)
             }
             _ => Err(protocol_error("queued", &reply)),
