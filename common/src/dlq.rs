@@ -3,13 +3,13 @@
 
 use crate::{
     Config,
-    amqp::{ATTEMPT_HEADER, REASON_HEADER, Topology},
+    amqp::{ATTEMPT_HEADER, Link, REASON_HEADER, Topology},
 };
 use anyhow::Context;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection,
+    BasicProperties, Channel, Confirmation,
     message::BasicGetMessage,
-    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    options::{BasicGetOptions, BasicPublishOptions},
     types::AMQPValue,
 };
 
@@ -35,11 +35,11 @@ fn header(props: &BasicProperties, name: &str) -> String {
     }
 }
 
-async fn open(cfg: &Config) -> anyhow::Result<(Connection, Channel, Topology)> {
-    let conn = crate::amqp::connect(&cfg.amqp_url, "floodgate dlq")
+async fn open(cfg: &Config) -> anyhow::Result<(Link, Channel, Topology)> {
+    let conn = Link::open(&cfg.amqp_url, "floodgate dlq")
         .await
         .context("connecting to RabbitMQ")?;
-    let ch = conn.create_channel().await?;
+    let ch = conn.channel().await?;
     let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
     topology.declare(&ch).await?;
     Ok((conn, ch, topology))
@@ -65,9 +65,9 @@ async fn next(ch: &Channel, topology: &Topology) -> lapin::Result<Option<BasicGe
     .await
 }
 
-async fn close(conn: Connection, ch: Channel) {
+async fn close(conn: Link, ch: Channel) {
     let _ = ch.close(200, "done".into()).await;
-    let _ = conn.close(200, "done".into()).await;
+    conn.close().await;
 }
 
 /// Up to `limit` dead letters, oldest first. Nothing is removed: every message read is
@@ -100,10 +100,7 @@ pub async fn replay(
     limit: usize,
 ) -> anyhow::Result<(Vec<DeadLetter>, usize)> {
     let (conn, ch, topology) = open(cfg).await?;
-    let publish = conn.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let publish = conn.confirm_channel().await?;
     let (mut replayed, mut kept) = (Vec::new(), 0);
     for _ in 0..limit {
         let Some(m) = next(&ch, &topology).await? else {

@@ -224,10 +224,10 @@ pub async fn repair<C: ConnectionLike>(
         .await
         .context("closing the gate")?;
     progress("gate closed: ingress answers 503 until the reload");
-    let conn = crate::amqp::connect(&cfg.amqp_url, "floodgate reconcile")
+    let conn = crate::amqp::Link::open(&cfg.amqp_url, "floodgate reconcile")
         .await
         .context("connecting to RabbitMQ")?;
-    let ch = conn.create_channel().await?;
+    let ch = conn.channel().await?;
     topology.declare(&ch).await?;
     let started = Instant::now();
     let mut empty_since: Option<Instant> = None;
@@ -248,7 +248,7 @@ pub async fn repair<C: ConnectionLike>(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let _ = conn.close(200, "done".into()).await;
+    conn.close().await;
     let skus = stock::load(pool, con, &keys).await?;
     progress(&format!("reloaded {skus} SKUs from PostgreSQL; gate open"));
     Ok(skus)

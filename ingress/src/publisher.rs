@@ -12,14 +12,10 @@
 
 use floodgate_common::{
     Config,
-    amqp::{IntakeMessage, Topology},
-    retry::{self, Backoff},
-    telemetry::names,
+    amqp::{IntakeMessage, Link, Reconnect, Topology},
+    retry::Backoff,
 };
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-};
+use lapin::{BasicProperties, Channel, Confirmation, options::BasicPublishOptions};
 use std::{
     sync::{
         Arc, RwLock,
@@ -44,44 +40,32 @@ pub enum PublishError {
     Timeout(Duration),
 }
 
-/// One connection and its confirm-mode channels.
+/// One link and its confirm-mode channels.
 struct Session {
-    conn: Connection,
+    link: Link,
     channels: Vec<Channel>,
 }
 
 impl Session {
-    async fn open(cfg: &Config, topology: &Topology) -> lapin::Result<Self> {
-        let conn = floodgate_common::amqp::connect(
+    async fn open(cfg: &Config, topology: &Topology) -> anyhow::Result<Self> {
+        let link = Link::open(
             &cfg.amqp_url,
             &format!("floodgate-ingress {}", cfg.namespace),
         )
         .await?;
         let mut channels = Vec::with_capacity(cfg.publish_channels);
         for i in 0..cfg.publish_channels {
-            let ch = conn.create_channel().await?;
+            let ch = link.confirm_channel().await?;
             if i == 0 {
                 topology.declare(&ch).await?;
             }
-            ch.confirm_select(ConfirmSelectOptions::default()).await?;
             channels.push(ch);
         }
-        Ok(Self { conn, channels })
+        Ok(Self { link, channels })
     }
 
     fn healthy(&self) -> bool {
-        self.conn.status().connected() && self.channels.iter().all(|c| c.status().connected())
-    }
-
-    /// Bounded: on a dead or recovering connection a close may never be answered.
-    async fn close(&self) {
-        let close = async {
-            for ch in &self.channels {
-                let _ = ch.close(200, "shutdown".into()).await;
-            }
-            let _ = self.conn.close(200, "shutdown".into()).await;
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+        self.link.is_connected() && self.channels.iter().all(|c| c.status().connected())
     }
 }
 
@@ -178,15 +162,16 @@ impl Publisher {
             .expect("publisher lock poisoned")
             .take();
         if let Some(s) = old {
-            s.close().await;
+            s.link.close().await;
         }
     }
 }
 
-/// Watches the session; when it has been unhealthy for two checks in a row, replaces it,
-/// retrying with backoff ([`Backoff::INTERACTIVE`]: buyers are waiting) until the broker
+/// Watches the session; when it has been unhealthy for two checks in a row, replaces it
+/// through [`Reconnect`] ([`Backoff::INTERACTIVE`]: buyers are waiting) until the broker
 /// is back.
 async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
+    let mut links = Reconnect::new("ingress", Backoff::INTERACTIVE).already_open();
     let mut bad_checks = 0;
     loop {
         tokio::select! {
@@ -208,24 +193,20 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
         if bad_checks < 2 {
             continue;
         }
-        tracing::warn!("broker session lost; rebuilding");
+        links.lost(&anyhow::anyhow!(
+            "the connection or a publishing channel closed"
+        ));
         let old = i.session.write().expect("publisher lock poisoned").take();
         if let Some(old) = old {
-            old.close().await;
+            old.link.close().await;
         }
-        let Some(s) = retry::until_ok(
-            &stop,
-            Backoff::INTERACTIVE,
-            "broker still unreachable",
-            || Session::open(&i.cfg, &i.topology),
-        )
-        .await
+        let Some(s) = links
+            .next(&stop, || Session::open(&i.cfg, &i.topology))
+            .await
         else {
             return;
         };
         *i.session.write().expect("publisher lock poisoned") = Some(Arc::new(s));
-        metrics::counter!(names::RECONNECTS, "service" => "ingress").increment(1);
-        tracing::info!("broker session rebuilt");
         bad_checks = 0;
     }
 }

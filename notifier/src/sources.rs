@@ -14,14 +14,16 @@
 use crate::hub::{CloseReason, Hub};
 use floodgate_common::{
     Config,
-    amqp::{ORDER_EVENT_BATCH, OrderEvent, OrderEventBatch, Topology},
+    amqp::{
+        CLOSE_TIMEOUT, Link, ORDER_EVENT_BATCH, OrderEvent, OrderEventBatch, Reconnect, Topology,
+    },
     redis::{Keys, StockCursor, stock_changes},
-    retry::{Backoff, Waits},
+    retry::Backoff,
     telemetry::names,
 };
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::{Channel, types::FieldTable};
 use redis::aio::ConnectionManager;
 use std::{
     sync::{
@@ -89,42 +91,37 @@ pub async fn consume_orders(
     shutdown: CancellationToken,
 ) {
     let queue = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len()).notifier_queue();
-    let mut waits = Waits::new(Backoff::BACKGROUND);
-    let mut first = true;
-    while !shutdown.is_cancelled() {
-        let started = std::time::Instant::now();
-        match consume_once(&hub, &cfg, &queue, first, &health, &shutdown).await {
+    let mut links = Reconnect::new("notifier", Backoff::BACKGROUND);
+    loop {
+        let first = links.is_first();
+        let Some((link, consumer)) = links
+            .next(&shutdown, || open(&hub, &cfg, &queue, first))
+            .await
+        else {
+            return;
+        };
+        health.amqp_up.store(true, Ordering::Relaxed);
+        tracing::info!(queue, "consuming order events");
+        match consume(&hub, &link, &queue, consumer, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
-                first = false;
                 health.amqp_up.store(false, Ordering::Relaxed);
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "order events: broker failed; reconnecting"
-                );
-                metrics::counter!(names::RECONNECTS, "service" => "notifier").increment(1);
+                link.close().await;
+                links.lost(&e);
             }
-        }
-        // A session that lived a while was healthy: start again from the shortest wait.
-        if started.elapsed() > Duration::from_secs(10) {
-            waits.reset();
-        }
-        if !waits.sleep(&shutdown).await {
-            return;
         }
     }
 }
 
-/// One broker session: Ok on shutdown, Err when the broker fails.
-async fn consume_once(
+/// Opens a session: declares the exchange and this instance's queue and starts
+/// consuming. After an outage (`first` false), checks first whether the queue survived.
+async fn open(
     hub: &Hub,
     cfg: &Config,
     queue: &str,
     first: bool,
-    health: &SourceHealth,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let conn = floodgate_common::amqp::connect(
+) -> anyhow::Result<(Link, (Channel, lapin::Consumer))> {
+    let link = Link::open(
         &cfg.amqp_url,
         &format!("floodgate-notifier {}", cfg.namespace),
     )
@@ -132,7 +129,7 @@ async fn consume_once(
     if !first {
         // Did our queue survive the outage? A passive declare fails (and closes its
         // channel) if it did not.
-        let probe = conn.create_channel().await?;
+        let probe = link.channel().await?;
         let passive = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
@@ -151,14 +148,14 @@ async fn consume_once(
             let _ = probe.close(200, "probed".into()).await;
         }
     }
-    let ch = conn.create_channel().await?;
+    let ch = link.channel().await?;
     let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
     topology.declare_events(&ch).await?;
     topology.declare_notifier_queue(&ch, queue).await?;
     // Deliveries in flight at once; acknowledged one by one as the hub takes them.
     ch.basic_qos(1_000, BasicQosOptions { global: false })
         .await?;
-    let mut consumer = ch
+    let consumer = ch
         .basic_consume(
             queue.into(),
             "notifier".into(),
@@ -166,16 +163,23 @@ async fn consume_once(
             FieldTable::default(),
         )
         .await?;
-    health.amqp_up.store(true, Ordering::Relaxed);
-    tracing::info!(queue, "consuming order events");
+    Ok((link, (ch, consumer)))
+}
+
+/// Hands order events to the hub until the broker fails (Err) or `shutdown` (Ok, the
+/// queue deleted and the link closed).
+async fn consume(
+    hub: &Hub,
+    link: &Link,
+    queue: &str,
+    (ch, mut consumer): (Channel, lapin::Consumer),
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    let _ = ch.queue_delete(queue.into(), Default::default()).await;
-                    let _ = conn.close(200, "shutdown".into()).await;
-                })
-                .await;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, ch.queue_delete(queue.into(), Default::default())).await;
+                link.close().await;
                 return Ok(());
             }
             d = consumer.next() => d,

@@ -12,7 +12,7 @@ use floodgate_common::{
     redis::Keys,
 };
 use lapin::{
-    BasicProperties, Channel, Connection,
+    BasicProperties, Channel,
     options::{BasicPublishOptions, QueueDeclareOptions},
     types::FieldTable,
 };
@@ -190,7 +190,7 @@ pub struct TestApp {
     pub pg: Pool,
     pub keys: Keys,
     pub topology: Topology,
-    pub amqp: Connection,
+    pub amqp: floodgate_common::amqp::Link,
     pub channel: Channel,
     shutdown: CancellationToken,
     worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
@@ -263,10 +263,10 @@ impl TestApp {
         floodgate_common::stock::load_if_absent(&pg, &mut redis, &keys)
             .await
             .expect("load stock");
-        let amqp = floodgate_common::amqp::connect(&cfg.amqp_url, "floodgate-tests")
+        let amqp = floodgate_common::amqp::Link::open(&cfg.amqp_url, "floodgate-tests")
             .await
             .expect("amqp");
-        let channel = amqp.create_channel().await.expect("channel");
+        let channel = amqp.channel().await.expect("channel");
         let mut app = TestApp {
             keys,
             topology: Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len()),
@@ -426,10 +426,10 @@ impl TestApp {
     }
 
     async fn queue_depth(&self, queue: &str) -> u32 {
-        let conn = floodgate_common::amqp::connect(&self.cfg.amqp_url, "floodgate-tests-probe")
+        let conn = floodgate_common::amqp::Link::open(&self.cfg.amqp_url, "floodgate-tests-probe")
             .await
             .expect("amqp");
-        let ch = conn.create_channel().await.expect("channel");
+        let ch = conn.channel().await.expect("channel");
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -441,7 +441,7 @@ impl TestApp {
             )
             .await
             .expect("queue exists");
-        let _ = conn.close(200, "probe".into()).await;
+        conn.close().await;
         q.message_count()
     }
 
@@ -680,11 +680,12 @@ impl Drop for TestApp {
                     }
                 }
                 if let Ok(c) =
-                    floodgate_common::amqp::connect(&cfg.amqp_url, "floodgate-tests-cleanup").await
-                    && let Ok(ch) = c.create_channel().await
+                    floodgate_common::amqp::Link::open(&cfg.amqp_url, "floodgate-tests-cleanup")
+                        .await
+                    && let Ok(ch) = c.channel().await
                 {
                     let _ = topology.delete(&ch).await;
-                    let _ = c.close(200, "bye".into()).await;
+                    c.close().await;
                 }
             });
         });

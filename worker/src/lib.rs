@@ -26,18 +26,10 @@ pub mod session;
 
 use anyhow::Context;
 use axum::{Router, extract::State, routing::get};
-use floodgate_common::{
-    Config,
-    redis::Keys,
-    retry::{Backoff, Waits},
-    telemetry,
-};
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
+use floodgate_common::{Config, amqp::Reconnect, redis::Keys, retry::Backoff, telemetry};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -125,30 +117,22 @@ impl Worker {
             shutdown.clone(),
         ));
 
-        // One backoff across back-to-back session failures, afresh after a healthy spell.
-        let mut waits = Waits::new(Backoff::BACKGROUND);
+        let mut links = Reconnect::new("worker", Backoff::BACKGROUND).already_open();
         loop {
-            let since = std::time::Instant::now();
             match pipeline.run(&mut session, &shutdown).await {
                 consumer::Stop::Shutdown => break,
                 consumer::Stop::Broker(e) => {
                     amqp_up.store(false, Ordering::Relaxed);
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "broker session lost; reconnecting"
-                    );
+                    links.lost(&e);
                     session.close().await;
-                    if since.elapsed() > Duration::from_secs(10) {
-                        waits.reset();
-                    }
-                    match reconnect(&pipeline.cfg, &mut waits, &shutdown).await {
+                    match links
+                        .next(&shutdown, || session::Session::open(&pipeline.cfg))
+                        .await
+                    {
                         Some(s) => session = s,
                         None => break,
                     }
                     amqp_up.store(true, Ordering::Relaxed);
-                    metrics::counter!(telemetry::names::RECONNECTS, "service" => "worker")
-                        .increment(1);
-                    tracing::info!("broker session rebuilt");
                 }
             }
         }
@@ -158,27 +142,6 @@ impl Worker {
         let _ = relay.await;
         http.await??;
         Ok(())
-    }
-}
-
-/// Opens a new session, sleeping a backoff wait before each try (the last session just
-/// failed). None on shutdown.
-async fn reconnect(
-    cfg: &Config,
-    waits: &mut Waits,
-    shutdown: &CancellationToken,
-) -> Option<session::Session> {
-    loop {
-        if !waits.sleep(shutdown).await {
-            return None;
-        }
-        // Bounded: a node that is still booting can accept a connection and then sit on
-        // a declare.
-        match tokio::time::timeout(Duration::from_secs(30), session::Session::open(cfg)).await {
-            Ok(Ok(s)) => return Some(s),
-            Ok(Err(e)) => tracing::info!(error = format!("{e:#}"), "broker still unreachable"),
-            Err(_) => tracing::info!("opening a broker session timed out"),
-        }
     }
 }
 

@@ -17,21 +17,15 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 use floodgate_common::{
     Config,
-    amqp::{ORDER_EVENT_BATCH, OrderEventBatch, Topology},
-    retry::{self, Backoff, Waits},
+    amqp::{Link, ORDER_EVENT_BATCH, OrderEventBatch, Reconnect, Topology},
+    retry::Backoff,
     telemetry::names,
 };
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-};
+use lapin::{BasicProperties, Channel, Confirmation, options::BasicPublishOptions};
 use std::{sync::Arc, time::Duration};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// A link that lived this long was healthy: the next reconnect starts from the
-/// shortest wait again.
-const HEALTHY_LINK: Duration = Duration::from_secs(10);
 /// Rows published per transaction at most.
 const BATCH: i64 = 500;
 /// How long the relay waits for the broker to confirm a batch.
@@ -64,38 +58,28 @@ fn trip(at: Failpoint, armed: Option<Failpoint>) {
     }
 }
 
-struct Link {
-    conn: Connection,
+/// The relay's broker session: its own link and one confirm-mode channel.
+struct Session {
+    link: Link,
     channel: Channel,
     exchange: String,
 }
 
-impl Link {
+impl Session {
     async fn open(cfg: &Config) -> anyhow::Result<Self> {
-        let conn = floodgate_common::amqp::connect(
+        let link = Link::open(
             &cfg.amqp_url,
             &format!("floodgate-outbox {}", cfg.namespace),
         )
         .await?;
-        let channel = conn.create_channel().await?;
+        let channel = link.confirm_channel().await?;
         let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
         topology.declare_events(&channel).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
         Ok(Self {
-            conn,
+            link,
             channel,
             exchange: topology.events_exchange,
         })
-    }
-
-    async fn close(&self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = self.channel.close(200, "shutdown".into()).await;
-            let _ = self.conn.close(200, "shutdown".into()).await;
-        })
-        .await;
     }
 }
 
@@ -109,39 +93,28 @@ enum PassError {
 /// wrote outbox rows; `cfg.outbox_poll` bounds the wait for rows written elsewhere.
 pub async fn run(cfg: Config, pg: Pool, wake: Arc<Notify>, shutdown: CancellationToken) {
     let armed = failpoint();
-    // Between links: a link that opens and then fails at once must not spin.
-    let mut pause = Waits::new(Backoff::BACKGROUND);
-    while let Some(link) = retry::until_ok(
-        &shutdown,
-        Backoff::BACKGROUND,
-        "outbox relay: broker unreachable",
-        || Link::open(&cfg),
-    )
-    .await
-    {
-        let opened = std::time::Instant::now();
-        relay(&cfg, &pg, &link, &wake, armed, &shutdown).await;
-        link.close().await;
-        if opened.elapsed() > HEALTHY_LINK {
-            pause.reset();
-        }
-        if !pause.sleep(&shutdown).await {
-            break;
+    let mut links = Reconnect::new("outbox", Backoff::BACKGROUND);
+    while let Some(session) = links.next(&shutdown, || Session::open(&cfg)).await {
+        let lost = relay(&cfg, &pg, &session, &wake, armed, &shutdown).await;
+        session.link.close().await;
+        match lost {
+            Some(e) => links.lost(&e),
+            None => break,
         }
     }
 }
 
-/// Relays over one broker link until it fails or `shutdown`.
+/// Relays over one broker session until it fails (returns why) or `shutdown` (None).
 async fn relay(
     cfg: &Config,
     pg: &Pool,
-    link: &Link,
+    session: &Session,
     wake: &Notify,
     armed: Option<Failpoint>,
     shutdown: &CancellationToken,
-) {
+) -> Option<anyhow::Error> {
     loop {
-        let outcome = tokio::time::timeout(PASS_TIMEOUT, pass(pg, link, armed))
+        let outcome = tokio::time::timeout(PASS_TIMEOUT, pass(pg, session, armed))
             .await
             .unwrap_or_else(|_| {
                 Err(PassError::Broker(anyhow::anyhow!(
@@ -150,32 +123,25 @@ async fn relay(
             });
         let idle = match outcome {
             Ok(n) => n < BATCH as usize,
-            Err(PassError::Broker(e)) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "outbox relay: broker failed; reconnecting"
-                );
-                metrics::counter!(names::RECONNECTS, "service" => "outbox").increment(1);
-                return;
-            }
+            Err(PassError::Broker(e)) => return Some(e),
             Err(PassError::Db(e)) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "outbox relay: database failed; retrying in 1 s"
                 );
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {},
                 }
                 false
             }
         };
         if shutdown.is_cancelled() {
-            return;
+            return None;
         }
         if idle {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return None,
                 _ = wake.notified() => {},
                 _ = tokio::time::sleep(cfg.outbox_poll) => {},
             }
@@ -185,7 +151,7 @@ async fn relay(
 
 /// One transaction: take the relay lock, lock up to [`BATCH`] rows, publish them, wait for every confirm,
 /// delete them. Returns how many rows went out.
-async fn pass(pg: &Pool, link: &Link, armed: Option<Failpoint>) -> Result<usize, PassError> {
+async fn pass(pg: &Pool, session: &Session, armed: Option<Failpoint>) -> Result<usize, PassError> {
     let db_err = |e: tokio_postgres::Error| PassError::Db(e.into());
     let mut db = pg.get().await.map_err(|e| PassError::Db(e.into()))?;
     let tx = db.transaction().await.map_err(db_err)?;
@@ -233,10 +199,10 @@ async fn pass(pg: &Pool, link: &Link, armed: Option<Failpoint>) -> Result<usize,
             // Persistent: the notifiers' queues are durable and outlive a broker restart.
             .with_delivery_mode(2)
             .with_timestamp(at.unix_timestamp().max(0) as u64);
-        let confirm = link
+        let confirm = session
             .channel
             .basic_publish(
-                link.exchange.as_str().into(),
+                session.exchange.as_str().into(),
                 routing_key.into(),
                 // Not mandatory: with no notifier running, nobody is bound, and that is
                 // not a failure.

@@ -3,18 +3,18 @@
 
 use floodgate_common::{
     Config,
-    amqp::{ATTEMPT_HEADER, REASON_HEADER, Topology},
+    amqp::{ATTEMPT_HEADER, CLOSE_TIMEOUT, Link, REASON_HEADER, Topology},
 };
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, Consumer,
-    options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions},
+    BasicProperties, Channel, Confirmation, Consumer,
+    options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use rand::Rng;
 use std::time::Duration;
 
 pub struct Session {
-    pub conn: Connection,
+    link: Link,
     pub consume: Channel,
     publish: Channel,
     pub topology: Topology,
@@ -23,28 +23,25 @@ pub struct Session {
 impl Session {
     /// Connects, declares the topology and sets the prefetch window.
     pub async fn open(cfg: &Config) -> anyhow::Result<Self> {
-        let conn = floodgate_common::amqp::connect(
+        let link = Link::open(
             &cfg.amqp_url,
             &format!("floodgate-worker {}", cfg.namespace),
         )
         .await?;
         let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
-        let publish = conn.create_channel().await?;
+        let publish = link.confirm_channel().await?;
         topology.declare(&publish).await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let consume = Self::consuming_channel(&conn, cfg).await?;
+        let consume = Self::consuming_channel(&link, cfg).await?;
         Ok(Self {
-            conn,
+            link,
             consume,
             publish,
             topology,
         })
     }
 
-    async fn consuming_channel(conn: &Connection, cfg: &Config) -> lapin::Result<Channel> {
-        let ch = conn.create_channel().await?;
+    async fn consuming_channel(link: &Link, cfg: &Config) -> lapin::Result<Channel> {
+        let ch = link.channel().await?;
         // The prefetch window: how many unacked deliveries the broker hands us at once.
         ch.basic_qos(cfg.worker_prefetch, BasicQosOptions { global: false })
             .await?;
@@ -66,12 +63,9 @@ impl Session {
     /// Stops pulling: closes the consuming channel, so the broker requeues every unacked
     /// delivery, and opens a fresh one for when consumption resumes.
     pub async fn stop_pulling(&mut self, cfg: &Config) -> lapin::Result<()> {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.consume.close(200, "pausing".into()),
-        )
-        .await;
-        self.consume = Self::consuming_channel(&self.conn, cfg).await?;
+        let _ =
+            tokio::time::timeout(CLOSE_TIMEOUT, self.consume.close(200, "pausing".into())).await;
+        self.consume = Self::consuming_channel(&self.link, cfg).await?;
         Ok(())
     }
 
@@ -143,15 +137,10 @@ impl Session {
         }
     }
 
-    /// Closes channels and connection. Bounded: on a dead or recovering connection a
-    /// close may never be answered.
+    /// Closes the link and its channels (bounded, see [`Link::close`]); the broker
+    /// requeues every unacknowledged delivery.
     pub async fn close(&self) {
-        let close = async {
-            let _ = self.consume.close(200, "shutdown".into()).await;
-            let _ = self.publish.close(200, "shutdown".into()).await;
-            let _ = self.conn.close(200, "shutdown".into()).await;
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+        self.link.close().await;
     }
 }
 
