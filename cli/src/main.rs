@@ -121,12 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!(
                 "{}",
-                auth::mint(
-                    cfg.jwt_secret.expose(),
-                    &user,
-                    role,
-                    Duration::from_secs(ttl_secs)
-                )
+                auth::mint_for(&cfg, &user, role, Duration::from_secs(ttl_secs))
             );
         }
         Command::Reconcile {

@@ -62,8 +62,9 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// The development JWT secret; the services warn loudly when it is in use.
-pub const DEV_JWT_SECRET: &str = "floodgate-dev-secret-change-me";
+/// The shortest HS256 secret accepted: 32 bytes, the hash's own output size (RFC 7518
+/// section 3.2 asks for at least that much key).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
 
 /// Every setting of every floodgate process. Read with [`Config::from_env`].
 #[derive(Debug, Clone)]
@@ -76,8 +77,16 @@ pub struct Config {
     pub amqp_url: String,
     /// `FLOODGATE_DATABASE_URL`; the schema comes from the namespace.
     pub database_url: String,
-    /// HS256 secret that signs and verifies JWTs.
+    /// HS256 secret that signs JWTs: the first of `FLOODGATE_JWT_SECRET`.
     pub jwt_secret: Secret,
+    /// Every secret that verifies JWTs, the signing one first: `FLOODGATE_JWT_SECRET` is a
+    /// comma-separated list, so a new secret can sign while tokens signed with the old
+    /// one still verify until they expire (rotation).
+    pub jwt_verify_secrets: Vec<Secret>,
+    /// When set (`FLOODGATE_JWT_ISSUER`), tokens must carry this `iss`, and minted ones do.
+    pub jwt_issuer: Option<String>,
+    /// When set (`FLOODGATE_JWT_AUDIENCE`), tokens must carry this `aud`, and minted ones do.
+    pub jwt_audience: Option<String>,
     /// Where ingress listens (`FLOODGATE_INGRESS_ADDR`).
     pub ingress_addr: SocketAddr,
     /// Where the worker serves health and metrics (`FLOODGATE_WORKER_ADDR`).
@@ -176,13 +185,12 @@ impl Config {
                     reason,
                 }
             })?;
-        let jwt_secret = string("FLOODGATE_JWT_SECRET", DEV_JWT_SECRET);
-        if jwt_secret.len() < 16 {
-            return Err(ConfigError::Invalid {
-                var: "FLOODGATE_JWT_SECRET",
-                reason: "must be at least 16 bytes".into(),
-            });
-        }
+        let jwt_verify_secrets = jwt_secrets(get("FLOODGATE_JWT_SECRET"))?;
+        let optional = |var: &str| {
+            get(var)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
         let cfg = Config {
             namespace,
             redis_url: string("FLOODGATE_REDIS_URL", "redis://127.0.0.1:6379"),
@@ -194,7 +202,10 @@ impl Config {
                 "FLOODGATE_DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/floodgate",
             ),
-            jwt_secret: Secret::new(jwt_secret),
+            jwt_secret: jwt_verify_secrets[0].clone(),
+            jwt_verify_secrets,
+            jwt_issuer: optional("FLOODGATE_JWT_ISSUER"),
+            jwt_audience: optional("FLOODGATE_JWT_AUDIENCE"),
             ingress_addr: parsed(&get, "FLOODGATE_INGRESS_ADDR", ([0, 0, 0, 0], 8080).into())?,
             worker_addr: parsed(&get, "FLOODGATE_WORKER_ADDR", ([0, 0, 0, 0], 8082).into())?,
             reservation_ttl: secs("FLOODGATE_RESERVATION_TTL_SECS", 30)?,
@@ -330,11 +341,38 @@ impl Config {
         }
         Ok(self)
     }
+}
 
-    /// True while the well-known development secret signs tokens.
-    pub fn uses_dev_secret(&self) -> bool {
-        self.jwt_secret.expose() == DEV_JWT_SECRET
-    }
+/// Parses `FLOODGATE_JWT_SECRET`: required, one or more comma-separated secrets (the first
+/// signs, all verify), each at least [`MIN_JWT_SECRET_BYTES`]. There is no default: a
+/// default written in the source would let anyone who reads it mint admin tokens.
+fn jwt_secrets(v: Option<String>) -> Result<Vec<Secret>, ConfigError> {
+    let bad = |reason: String| ConfigError::Invalid {
+        var: "FLOODGATE_JWT_SECRET",
+        reason,
+    };
+    let Some(v) = v.filter(|v| !v.trim().is_empty()) else {
+        return Err(bad(format!(
+            "not set; every floodgate process needs the HS256 secret that signs tokens \
+             (at least {MIN_JWT_SECRET_BYTES} bytes, e.g. `openssl rand -base64 48`; \
+             `ops/stack up` keeps one in .stack/jwt-secret)"
+        )));
+    };
+    v.split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, s)| {
+            if s.len() < MIN_JWT_SECRET_BYTES {
+                Err(bad(format!(
+                    "secret {} of the list is {} bytes; each must be at least {MIN_JWT_SECRET_BYTES}",
+                    i + 1,
+                    s.len()
+                )))
+            } else {
+                Ok(Secret::new(s))
+            }
+        })
+        .collect()
 }
 
 /// Parses `FLOODGATE_RETRY_DELAYS_MS`: 1-10 comma-separated delays in ms, each 1..=3600000.
@@ -365,12 +403,40 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes!";
+
+    /// A config from `pairs`, with a valid secret unless `pairs` sets one.
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = pairs
+        let mut map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        map.entry("FLOODGATE_JWT_SECRET".into())
+            .or_insert_with(|| SECRET.into());
         Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn no_secret_no_start_and_a_list_rotates() {
+        let none = Config::from_lookup(|_| None).unwrap_err().to_string();
+        assert!(
+            none.starts_with("FLOODGATE_JWT_SECRET") && none.contains("not set"),
+            "{none}"
+        );
+        let e = cfg(&[("FLOODGATE_JWT_SECRET", "   ")]).unwrap_err();
+        assert!(e.to_string().contains("not set"), "{e}");
+        let e = cfg(&[("FLOODGATE_JWT_SECRET", &"x".repeat(31))]).unwrap_err();
+        assert!(e.to_string().contains("31 bytes"), "{e}");
+        assert!(cfg(&[("FLOODGATE_JWT_SECRET", &"x".repeat(32))]).is_ok());
+        let old = "an-older-secret-still-verifying-1234";
+        let list = format!("{SECRET}, {old}");
+        let c = cfg(&[("FLOODGATE_JWT_SECRET", &list)]).unwrap();
+        assert_eq!(c.jwt_secret.expose(), SECRET);
+        let all: Vec<&str> = c.jwt_verify_secrets.iter().map(Secret::expose).collect();
+        assert_eq!(all, [SECRET, old]);
+        // One short secret anywhere in the list refuses the whole list.
+        let e = cfg(&[("FLOODGATE_JWT_SECRET", &format!("{SECRET},short"))]).unwrap_err();
+        assert!(e.to_string().contains("secret 2"), "{e}");
     }
 
     #[test]
@@ -382,7 +448,7 @@ mod tests {
         assert_eq!(c.notifier_addr.port(), 8081);
         assert_eq!(c.stock_interval, Duration::from_millis(100));
         assert_eq!(c.cors_origins, ["*"]);
-        assert!(c.uses_dev_secret());
+        assert_eq!((c.jwt_issuer, c.jwt_audience), (None, None));
     }
 
     #[test]
@@ -391,8 +457,6 @@ mod tests {
         assert!(e.to_string().starts_with("FLOODGATE_BATCH_SIZE"), "{e}");
         let e = cfg(&[("FLOODGATE_NAMESPACE", "Bad-Name")]).unwrap_err();
         assert!(e.to_string().starts_with("FLOODGATE_NAMESPACE"), "{e}");
-        let e = cfg(&[("FLOODGATE_JWT_SECRET", "short")]).unwrap_err();
-        assert!(e.to_string().contains("16 bytes"), "{e}");
         assert!(cfg(&[("FLOODGATE_BATCH_SIZE", "0")]).is_err());
         assert!(cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "100,x")]).is_err());
         assert!(cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "")]).is_err());
@@ -443,7 +507,11 @@ mod tests {
 
     #[test]
     fn secrets_are_not_printed() {
-        let c = cfg(&[("FLOODGATE_JWT_SECRET", "a-very-secret-value-123")]).unwrap();
-        assert!(!format!("{c:?}").contains("a-very-secret-value-123"));
+        let c = cfg(&[(
+            "FLOODGATE_JWT_SECRET",
+            "a-very-secret-value-123-0123456789abcdef",
+        )])
+        .unwrap();
+        assert!(!format!("{c:?}").contains("a-very-secret-value-123-0123456789abcdef"));
     }
 }

@@ -29,6 +29,7 @@ pub mod dlq;
 pub mod domain;
 pub mod health;
 pub mod problem;
+pub mod process;
 pub mod reconcile;
 pub mod redis;
 pub mod retry;

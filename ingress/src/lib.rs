@@ -69,7 +69,7 @@ impl Application {
                 }
             });
         }
-        let verifier = Arc::new(Verifier::new(cfg.jwt_secret.expose()));
+        let verifier = Arc::new(Verifier::from_config(&cfg));
         let keys = Arc::new(keys);
         let queued = queued::QueuedMarker::spawn(redis.clone(), keys.clone());
         Ok(Self {
@@ -113,4 +113,19 @@ impl Application {
         publisher.close().await;
         Ok(())
     }
+}
+
+/// The `floodgate-ingress` binary: `--help`/`--version`, config from the environment,
+/// logging, run until SIGINT/SIGTERM.
+pub async fn main_from_env() -> anyhow::Result<()> {
+    floodgate_common::process::service_args(
+        "floodgate-ingress",
+        "floodgate ingress: the public order API (reserve in Redis, publish to RabbitMQ).",
+    );
+    floodgate_common::telemetry::init_logging();
+    let cfg = Config::from_env().context("reading configuration")?;
+    let app = Application::build(cfg).await?;
+    tracing::info!(port = app.port(), "ingress listening");
+    app.run_until_stopped(floodgate_common::shutdown::on_signal())
+        .await
 }

@@ -715,6 +715,7 @@ mod tests {
         Some(Caller {
             user: UserId::parse(user).unwrap(),
             role,
+            expires_at: u64::MAX,
         })
     }
 

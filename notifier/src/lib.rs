@@ -55,7 +55,7 @@ impl Notifier {
             .with_context(|| format!("binding {}", cfg.notifier_addr))?;
         let state = routes::AppState {
             hub: hub::Hub::new(cfg.subscriber_buffer, cfg.max_subscribers),
-            verifier: Arc::new(Verifier::new(cfg.jwt_secret.expose())),
+            verifier: Arc::new(Verifier::from_config(&cfg)),
             keys: Arc::new(Keys::new(&cfg.namespace)),
             redis,
             pg,
@@ -119,11 +119,12 @@ impl Notifier {
 /// The `floodgate-notifier` binary: config from the environment, logging, run until
 /// SIGINT/SIGTERM.
 pub async fn main_from_env() -> anyhow::Result<()> {
+    floodgate_common::process::service_args(
+        "floodgate-notifier",
+        "floodgate notifier: streams order status and stock levels (SSE, WebSocket).",
+    );
     floodgate_common::telemetry::init_logging();
     let cfg = Config::from_env().context("reading configuration")?;
-    if cfg.uses_dev_secret() {
-        tracing::warn!("FLOODGATE_JWT_SECRET is the development default; set your own");
-    }
     let notifier = Notifier::build(cfg).await?;
     tracing::info!(port = notifier.port(), "notifier listening");
     notifier

@@ -219,7 +219,7 @@ impl TestApp {
             "FLOODGATE_INGRESS_ADDR" | "FLOODGATE_WORKER_ADDR" | "FLOODGATE_NOTIFIER_ADDR" => {
                 Some("127.0.0.1:0".into())
             }
-            "FLOODGATE_JWT_SECRET" => Some(format!("test-secret-{ns}-0123456789")),
+            "FLOODGATE_JWT_SECRET" => Some(format!("test-secret-{ns}-0123456789abcdef0123456789")),
             "FLOODGATE_RATE_LIMIT_PER_SEC" => Some("0".into()),
             "FLOODGATE_DB_POOL_SIZE" => Some("8".into()),
             k => std::env::var(k).ok(),

@@ -163,6 +163,10 @@ async fn readyz(State(h): State<Health>) -> axum::response::Response {
 /// The `floodgate-worker` binary: config from the environment, logging, run until
 /// SIGINT/SIGTERM. (Also what the fault tests start as a real process to SIGKILL.)
 pub async fn main_from_env() -> anyhow::Result<()> {
+    floodgate_common::process::service_args(
+        "floodgate-worker",
+        "floodgate worker: drains the intake queue and commits orders to PostgreSQL.",
+    );
     telemetry::init_logging();
     let cfg = Config::from_env().context("reading configuration")?;
     let worker = Worker::build(cfg).await?;

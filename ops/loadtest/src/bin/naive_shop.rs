@@ -465,15 +465,12 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .filter(|&n| n > 0)
         .context("NAIVE_POOL_SIZE must be a positive integer")?;
-    if cfg.uses_dev_secret() {
-        eprintln!("naive-shop: WARNING: FLOODGATE_JWT_SECRET is the development secret");
-    }
 
     let pool = pool(&url, &schema, pool_size)?;
     create_schema(&pool, &schema).await?;
     let app = App {
         pool,
-        verifier: Arc::new(Verifier::new(cfg.jwt_secret.expose())),
+        verifier: Arc::new(Verifier::from_config(&cfg)),
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -1,0 +1,6 @@
+//! The production ingress entry point, built inside the test package so tests can start it
+//! as a real process via `CARGO_BIN_EXE_ingress-process`.
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    floodgate_ingress::main_from_env().await
+}
