@@ -28,6 +28,7 @@ pub mod db;
 pub mod dlq;
 pub mod domain;
 pub mod health;
+pub mod http;
 pub mod problem;
 pub mod process;
 pub mod reconcile;

@@ -81,6 +81,12 @@ pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView,
             "name: must be 1-200 characters".into(),
         ));
     }
+    // PostgreSQL text cannot hold NUL, and no control character belongs in a name.
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::InvalidRequest(
+            "name: must not contain control characters".into(),
+        ));
+    }
     let new = NewSku {
         sku,
         name,

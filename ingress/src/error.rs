@@ -39,6 +39,8 @@ pub enum ApiError {
     TooLarge,
     #[error("the body must be application/json")]
     UnsupportedMediaType,
+    #[error("the body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("too many orders; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
     #[error("this Idempotency-Key was used with another body")]
@@ -69,6 +71,7 @@ impl ApiError {
             Malformed(_) => StatusCode::BAD_REQUEST,
             TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -90,6 +93,7 @@ impl ApiError {
             Malformed(_) => "malformed",
             TooLarge => "too_large",
             UnsupportedMediaType => "unsupported_media_type",
+            RequestTimeout(_) => "request_timeout",
             RateLimited { .. } => "rate_limited",
             IdempotencyKeyReused => "idempotency_key_reused",
             SkuExists { .. } => "sku_exists",

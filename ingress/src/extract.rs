@@ -56,6 +56,35 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
+/// A JSON object whose keys are unique: `{"qty":1,"qty":1000}` is refused as malformed
+/// (400), as the order body's derived struct refuses it, instead of the last one winning.
+pub struct Object(pub serde_json::Map<String, serde_json::Value>);
+
+impl<'de> serde::Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Object;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Object, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some((k, v)) = m.next_entry::<String, serde_json::Value>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate field `{k}`"
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(Object(out))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 async fn json_bytes(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     let is_json = req
         .headers()
@@ -73,6 +102,8 @@ async fn json_bytes(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge
+        } else if floodgate_common::http::is_body_timeout(&e) {
+            ApiError::RequestTimeout(floodgate_common::http::BODY_DEADLINE)
         } else {
             ApiError::Malformed(format!("the body could not be read: {e}"))
         }

@@ -99,11 +99,15 @@ impl Application {
         let publisher = self.state.publisher.clone();
         let tasks = self.state.tasks.clone();
         let grace = self.state.cfg.reservation_ttl;
+        let opts = floodgate_common::http::ServeOptions {
+            send_buffer: None,
+            http_buffer: floodgate_common::http::PARSE_BUFFER,
+            // A request past its confirm timeout has answered or handed its order to a
+            // task that the wait below covers.
+            grace: self.state.cfg.publish_timeout + Duration::from_secs(1),
+        };
         let app = routes::router(self.state);
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .context("serving HTTP")?;
+        floodgate_common::http::serve(self.listener, app, opts, shutdown).await;
         // Orders whose buyer hung up, and marks still retrying after an early 202, finish
         // before the publisher goes (bounded: past the TTL the reaper decides anyway).
         tasks.close();

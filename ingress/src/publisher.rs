@@ -201,7 +201,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
             old.link.close().await;
         }
         let Some(s) = links
-            .next(&stop, || Session::open(&i.cfg, &i.topology))
+            .next_at_once(&stop, || Session::open(&i.cfg, &i.topology))
             .await
         else {
             return;

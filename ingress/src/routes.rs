@@ -3,7 +3,7 @@
 use crate::{
     catalog,
     error::ApiError,
-    extract::{Admin, JsonBody, MAX_BODY_BYTES},
+    extract::{Admin, JsonBody, MAX_BODY_BYTES, Object},
     orders::{self, OrderRequest, Placed},
     state::AppState,
     stock,
@@ -21,12 +21,12 @@ use floodgate_common::{
     domain::{IdempotencyKey, OrderId, Sku},
     telemetry::{self, names},
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::{collections::HashMap, time::Instant};
 
 pub fn router(state: AppState) -> Router {
     let cors = cors(&state.cfg.cors_origins);
-    Router::new()
+    let router = Router::new()
         .route("/v1/orders", post(place_order))
         .route("/v1/orders/{id}", get(get_order))
         .route("/v1/orders/{id}/cancel", post(cancel_order))
@@ -43,7 +43,8 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(track))
         .layer(cors)
-        .with_state(state)
+        .with_state(state);
+    floodgate_common::http::edge(router)
 }
 
 /// CORS for browsers on other origins (the notifier's live page places test orders).
@@ -76,11 +77,11 @@ async fn track(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let method = floodgate_common::http::method_label(req.method());
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    metrics::counter!(names::HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status)
+    metrics::counter!(names::HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);
     metrics::histogram!(names::HTTP_DURATION, "route" => route, "method" => method)
         .record(started.elapsed().as_secs_f64());
@@ -220,7 +221,7 @@ async fn stock_many(
 async fn create_sku(
     State(st): State<AppState>,
     _admin: Admin,
-    JsonBody(body): JsonBody<Map<String, Value>>,
+    JsonBody(Object(body)): JsonBody<Object>,
 ) -> Result<impl IntoResponse, ApiError> {
     let view = catalog::create(&st, &body).await?;
     let location = format!("/v1/skus/{}", view.row.sku);
@@ -243,7 +244,7 @@ async fn receive(
     State(st): State<AppState>,
     _admin: Admin,
     Path(sku): Path<String>,
-    JsonBody(body): JsonBody<Map<String, Value>>,
+    JsonBody(Object(body)): JsonBody<Object>,
 ) -> Result<Json<catalog::Received>, ApiError> {
     catalog::receive(&st, &sku, &body).await.map(Json)
 }

@@ -15,7 +15,6 @@
 //! - [`routes`] - SSE, WebSocket, the live page, health and metrics.
 //! - [`topics`] - the topic grammar.
 //! - [`repo`] - the order lookup behind `order:<id>` subscriptions.
-//! - [`serve`] - the HTTP server loop that can drop one chosen connection.
 //! - [`error`] - errors as problem+json and as WebSocket close frames.
 #![forbid(unsafe_code)]
 
@@ -23,7 +22,6 @@ pub mod error;
 pub mod hub;
 pub mod repo;
 pub mod routes;
-pub mod serve;
 pub mod sources;
 pub mod topics;
 
@@ -98,12 +96,17 @@ impl Notifier {
             streams_done.cancel();
         });
         let hub = st.hub.clone();
-        serve::serve(
+        floodgate_common::http::serve(
             self.listener,
-            routes::router(st),
-            cfg.subscriber_send_buffer,
+            floodgate_common::http::edge(routes::router(st)),
+            floodgate_common::http::ServeOptions {
+                send_buffer: Some(cfg.subscriber_send_buffer),
+                // Bounds each subscriber's HTTP/1 write buffer: a client that stopped
+                // reading is found out after kilobytes (hyper's minimum is 8 KiB).
+                http_buffer: 16 * 1024,
+                grace: SHUTDOWN_GRACE,
+            },
             shutdown,
-            SHUTDOWN_GRACE,
         )
         .await;
         // WebSockets outlive their HTTP connection: give them the same grace.

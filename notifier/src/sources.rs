@@ -93,9 +93,13 @@ pub async fn consume_orders(
     let queue = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len()).notifier_queue();
     let mut links = Reconnect::new("notifier", Backoff::BACKGROUND);
     loop {
-        let first = links.is_first();
+        // Per attempt: once one attempt failed, the queue may have been lost (or never
+        // existed while subscribers came), so the next one probes.
+        let mut first = links.is_first();
         let Some((link, consumer)) = links
-            .next(&shutdown, || open(&hub, &cfg, &queue, first))
+            .next(&shutdown, || {
+                open(&hub, &cfg, &queue, std::mem::replace(&mut first, false))
+            })
             .await
         else {
             return;
@@ -178,8 +182,12 @@ async fn consume(
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, ch.queue_delete(queue.into(), Default::default())).await;
-                link.close().await;
+                // One bound for both: the notifier's whole shutdown grace is 5 s.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                    let _ = ch.queue_delete(queue.into(), Default::default()).await;
+                    link.close().await;
+                })
+                .await;
                 return Ok(());
             }
             d = consumer.next() => d,

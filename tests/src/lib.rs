@@ -192,6 +192,8 @@ pub struct TestApp {
     pub topology: Topology,
     pub amqp: floodgate_common::amqp::Link,
     pub channel: Channel,
+    /// The running in-process worker's health/metrics base URL.
+    pub worker_url: Option<String>,
     shutdown: CancellationToken,
     worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -282,6 +284,7 @@ impl TestApp {
             amqp,
             channel,
             shutdown,
+            worker_url: None,
             worker: None,
         };
         if worker {
@@ -302,6 +305,7 @@ impl TestApp {
         let worker = floodgate_worker::Worker::build(self.cfg.clone())
             .await
             .expect("build worker");
+        self.worker_url = Some(format!("http://127.0.0.1:{}", worker.port()));
         let handle = tokio::spawn(worker.run_until_stopped(token.clone()));
         self.worker = Some((token, handle));
     }

@@ -268,6 +268,24 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
             .token(&admin),
         case("movements unknown sku", g.clone(), "/v1/skus/ghost/movements", 404, "unknown_sku").token(&admin),
         case("movements as customer", g.clone(), "/v1/skus/tee/movements", 403, "forbidden").token(&carol_t),
+        // Admin bodies: a NUL in a name was a 500; a repeated key let the last one win.
+        case("create sku with NUL in name", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&admin)
+            .json(json!({"sku": "new", "name": "a\u{0}b", "price_cents": 1, "initial_stock": 1})),
+        case("create sku with a repeated key", p.clone(), "/v1/skus", 400, "malformed")
+            .token(&admin)
+            .raw("application/json", r#"{"sku":"new","name":"n","price_cents":1,"initial_stock":1,"initial_stock":9}"#.into()),
+        case("receive with a repeated key", p.clone(), "/v1/skus/tee/receive", 400, "malformed")
+            .token(&admin)
+            .raw("application/json", r#"{"qty":1,"qty":1000,"reference":"po-9"}"#.into()),
+        // What axum and hyper answer by themselves is problem+json too.
+        case("wrong method", Method::DELETE, o, 405, "method_not_allowed").token(&carol_t),
+        case("made-up method", Method::from_bytes(b"BREW").unwrap(), "/v1/stock/tee", 405, "method_not_allowed"),
+        case("path not UTF-8", g.clone(), "/v1/orders/%FF", 400, "bad_request").token(&carol_t),
+        case("stock path not UTF-8", g.clone(), "/v1/stock/%FF%FE", 400, "bad_request"),
+        case("no such endpoint", g.clone(), "/v1/nothing", 404, "not_found"),
+        case("headers too large", g.clone(), "/v1/stock/tee", 431, "headers_too_large")
+            .header("x-pad", &"a".repeat(9 * 1024)),
     ];
 
     let before = app.snapshot().await;

@@ -97,11 +97,16 @@ impl Worker {
             pg: pipeline.pg.clone(),
         };
         let http_shutdown = shutdown.clone();
-        let http = tokio::spawn(async move {
-            axum::serve(listener, health_router(health))
-                .with_graceful_shutdown(http_shutdown.cancelled_owned())
-                .await
-        });
+        let http = tokio::spawn(floodgate_common::http::serve(
+            listener,
+            floodgate_common::http::edge(health_router(health)),
+            floodgate_common::http::ServeOptions {
+                send_buffer: None,
+                http_buffer: floodgate_common::http::PARSE_BUFFER,
+                grace: std::time::Duration::from_secs(2),
+            },
+            http_shutdown,
+        ));
         let reaper = tokio::spawn(reaper::run(
             pipeline.keys.clone(),
             pipeline.redis.clone(),
@@ -140,7 +145,7 @@ impl Worker {
         shutdown.cancel();
         let _ = reaper.await;
         let _ = relay.await;
-        http.await??;
+        http.await?;
         Ok(())
     }
 }

@@ -124,7 +124,36 @@ impl Reconnect {
     /// Opens the next session with `open`, retrying with backoff until it works. The
     /// first is tried at once; any later one only after a wait, since the last session
     /// just failed. None once `shutdown` is cancelled.
-    pub async fn next<S, F, Fut>(&mut self, shutdown: &CancellationToken, mut open: F) -> Option<S>
+    pub async fn next<S, F, Fut>(&mut self, shutdown: &CancellationToken, open: F) -> Option<S>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = anyhow::Result<S>>,
+    {
+        let wait_first = self.opened.is_some();
+        self.open(shutdown, open, wait_first).await
+    }
+
+    /// Like [`Reconnect::next`], but the first attempt is made at once: for a caller
+    /// that already waited (ingress's publisher saw two failed health checks, and buyers
+    /// get 503 until the session is back).
+    pub async fn next_at_once<S, F, Fut>(
+        &mut self,
+        shutdown: &CancellationToken,
+        open: F,
+    ) -> Option<S>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = anyhow::Result<S>>,
+    {
+        self.open(shutdown, open, false).await
+    }
+
+    async fn open<S, F, Fut>(
+        &mut self,
+        shutdown: &CancellationToken,
+        mut open: F,
+        mut wait_first: bool,
+    ) -> Option<S>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = anyhow::Result<S>>,
@@ -138,7 +167,6 @@ impl Reconnect {
                 true
             }
         };
-        let mut wait_first = reconnecting;
         loop {
             if shutdown.is_cancelled() || (wait_first && !self.waits.sleep(shutdown).await) {
                 return None;
@@ -211,13 +239,21 @@ mod tests {
         assert_eq!(t0.elapsed(), Duration::ZERO, "the first try is immediate");
         assert!(!r.is_first());
 
-        // The session failed at once: the next open waits at least the shortest wait,
-        // and each failed attempt adds a growing one.
-        let calls = Arc::new(AtomicU32::new(0));
+        // The session failed at once: the next open waits first, even when it works.
         let t1 = Instant::now();
+        assert_eq!(r.next(&shutdown, flaky(0, Arc::default())).await, Some(0));
+        assert!(t1.elapsed() >= FAST.min, "{:?}", t1.elapsed());
+        // ... unless the caller waited already.
+        let t2 = Instant::now();
+        assert_eq!(
+            r.next_at_once(&shutdown, flaky(0, Arc::default())).await,
+            Some(0)
+        );
+        assert_eq!(t2.elapsed(), Duration::ZERO);
+        // Each failed attempt adds a wait.
+        let calls = Arc::new(AtomicU32::new(0));
         assert_eq!(r.next(&shutdown, flaky(2, calls.clone())).await, Some(2));
         assert_eq!(calls.load(Ordering::Relaxed), 3);
-        assert!(t1.elapsed() >= FAST.min * 3, "{:?}", t1.elapsed());
     }
 
     #[tokio::test(start_paused = true)]
@@ -265,8 +301,9 @@ mod tests {
         let tries = Arc::new(AtomicU32::new(0));
         let t = Instant::now();
         let mut r = Reconnect::new("test", FAST);
-        let got = r
-            .next(&shutdown, || {
+        let got = tokio::time::timeout(
+            OPEN_TIMEOUT * 2,
+            r.next(&shutdown, || {
                 let n = tries.fetch_add(1, Ordering::Relaxed);
                 async move {
                     if n == 0 {
@@ -274,8 +311,10 @@ mod tests {
                     }
                     Ok(n)
                 }
-            })
-            .await;
+            }),
+        )
+        .await
+        .expect("a hung open is abandoned after OPEN_TIMEOUT");
         assert_eq!(got, Some(1));
         assert!(t.elapsed() >= OPEN_TIMEOUT);
     }

@@ -6,7 +6,6 @@ use super::{AppState, CLOSE_GRACE, Sent, caller, subscribe};
 use crate::{
     error::ApiError,
     hub::{CloseReason, Next, Subscription, Transport},
-    serve::ConnectionHandle,
     topics::Topic,
 };
 use axum::{
@@ -18,6 +17,7 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
+use floodgate_common::http::ConnectionHandle;
 use serde_json::json;
 use std::{collections::HashMap, convert::Infallible};
 use tokio_util::sync::CancellationToken;

@@ -1,0 +1,261 @@
+//! The HTTP edge every service shares: the server loop, the limits every listener
+//! enforces, and the rule that every error answer is problem+json.
+//!
+//! - [`serve`]: hyper's HTTP/1 server with a header read timeout ([`HEADER_TIMEOUT`]),
+//!   a bounded parse buffer, an optional bounded kernel send buffer, the peer address
+//!   in each request's extensions (`ConnectInfo`), and a kill switch per connection
+//!   ([`ConnectionHandle`]): axum's `serve` can neither time out a client that never
+//!   finishes its headers nor drop one chosen connection (the notifier must, for a
+//!   subscriber that stopped reading with its send buffer full).
+//! - [`edge`]: the layers every router gets: request headers bounded
+//!   ([`MAX_HEADER_BYTES`], [`MAX_HEADERS`]; 431), the whole request body bounded in time
+//!   ([`BODY_DEADLINE`]; 408), and any error answer that is not problem+json yet (axum's
+//!   405, a path that is not valid UTF-8, a failed WebSocket upgrade, ...) rewritten as
+//!   one with a stable `code`.
+//!
+//! What no floodgate code can see: a request head larger than the connection's buffer
+//! ([`ServeOptions::http_buffer`]: 64 KiB, the notifier's 16 KiB) or that is not HTTP at
+//! all is refused by hyper itself (431 or 400, empty body, connection closed).
+
+use crate::problem;
+use axum::{
+    Router,
+    body::{Body, to_bytes},
+    extract::{ConnectInfo, Request},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::Response,
+};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use serde_json::Map;
+use std::{net::SocketAddr, time::Duration};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+
+/// How long a client may take to send its request line and headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a whole request body (64 KiB at most).
+pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// Request header bytes (names and values) floodgate accepts; more is 431.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Request headers floodgate accepts; more is 431.
+pub const MAX_HEADERS: usize = 64;
+/// hyper's default buffer bound: request heads past it never reach floodgate (hyper
+/// answers 431 with no body). Well above [`MAX_HEADER_BYTES`], so that is what clients meet.
+pub const PARSE_BUFFER: usize = 64 * 1024;
+/// hyper's own header count limit, above [`MAX_HEADERS`] for the same reason.
+const PARSE_HEADERS: usize = 256;
+
+/// A connection's kill switch, found in every request's extensions.
+#[derive(Clone, Debug)]
+pub struct ConnectionHandle {
+    kill: CancellationToken,
+}
+
+impl ConnectionHandle {
+    /// Drops the connection now, whatever it is doing.
+    pub fn kill(&self) {
+        self.kill.cancel();
+    }
+}
+
+/// How [`serve`] treats each connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Kernel send buffer per connection (the notifier bounds it so a client that stops
+    /// reading is found out after kilobytes); None leaves the kernel's autotuning.
+    pub send_buffer: Option<usize>,
+    /// hyper's read and write buffer bound per connection ([`PARSE_BUFFER`] unless a
+    /// service needs less: the notifier's 16 KiB makes a stalled subscriber show sooner).
+    pub http_buffer: usize,
+    /// How long connections may finish after shutdown before they are dropped.
+    pub grace: Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown`; then stops accepting, lets each
+/// connection finish gracefully for up to `opts.grace`, and drops the rest.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, usually: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        if let Some(bytes) = opts.send_buffer
+            && let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(bytes)
+        {
+            tracing::debug!(error = %e, "could not bound the send buffer");
+        }
+        let handle = ConnectionHandle {
+            kill: CancellationToken::new(),
+        };
+        let kill = handle.kill.clone();
+        let service = router
+            .clone()
+            .map_request(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(handle.clone());
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            });
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(opts.http_buffer)
+                .max_headers(PARSE_HEADERS)
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = kill.cancelled() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(opts.grace, conn).await;
+                }
+            }
+        });
+    }
+    // Stop accepting: new connections are refused, not left waiting in the backlog.
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// The peer address [`serve`] put in the request (None under another server).
+pub fn peer(req: &Request) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+/// The layers every service's router gets; see the module docs.
+pub fn edge(router: Router) -> Router {
+    router
+        .layer(middleware::from_fn(bound_request))
+        .layer(middleware::from_fn(problem_errors))
+}
+
+/// 431 for too many or too large headers; the body must arrive within [`BODY_DEADLINE`]
+/// (a body read that passes it fails, and the extractor answers 408).
+async fn bound_request(req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return problem::response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            &format!(
+                "request headers: at most {MAX_HEADERS} and {MAX_HEADER_BYTES} bytes, got {} and {bytes}",
+                headers.len()
+            ),
+            Map::new(),
+            None,
+        );
+    }
+    let req =
+        req.map(|body| Body::new(tower_http::timeout::DeadlineBody::new(BODY_DEADLINE, body)));
+    next.run(req).await
+}
+
+/// True if `e` (or what caused it) is a body read that ran past [`BODY_DEADLINE`].
+pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The stable code of an error status that floodgate's own handlers did not answer.
+fn code_of(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    }
+}
+
+/// Rewrites an error answer that is not problem+json (axum's and tower's own) as one;
+/// its text, if any, becomes `detail`. Headers such as `Allow` are kept.
+async fn problem_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_problem = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if is_problem {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let detail = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        t => t.to_owned(),
+    };
+    let mut fixed = problem::response(status, code_of(status), &detail, Map::new(), None);
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            fixed.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    fixed
+}
+
+/// HTTP methods as a metric label: a closed set, so a client inventing methods cannot
+/// grow `/metrics`.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}

@@ -1,0 +1,146 @@
+//! The HTTP edge of every service under hostile clients: slow headers and bodies are cut
+//! off, what axum or hyper refuse by themselves is problem+json, and a client cannot grow
+//! `/metrics` with made-up methods.
+
+use floodgate_common::http::{BODY_DEADLINE, HEADER_TIMEOUT};
+use floodgate_tests::{Options, TestApp};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn addr(base: &str) -> String {
+    base.trim_start_matches("http://").to_owned()
+}
+
+/// Sends `head` (and nothing more) and reads until the server closes; returns what came
+/// back and when.
+async fn send_and_wait(base: &str, head: &str) -> (String, Duration) {
+    let mut s = TcpStream::connect(addr(base)).await.unwrap();
+    let started = Instant::now();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    // Bounded: a server that never gives up on the client fails the test here.
+    let limit = (HEADER_TIMEOUT + BODY_DEADLINE) * 3;
+    tokio::time::timeout(limit, s.read_to_end(&mut out))
+        .await
+        .expect("the server held the connection open")
+        .ok();
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+async fn problem(client: &reqwest::Client, rb: reqwest::RequestBuilder) -> (u16, Value) {
+    let _ = client;
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(ct.as_deref(), Some("application/problem+json"), "{status}");
+    (status, r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_every_refusal_is_problem_json() {
+    let app = TestApp::spawn_with(Options {
+        notifier: true,
+        ..Options::default()
+    })
+    .await;
+    let notifier = app.notifier.clone().unwrap();
+    let worker = app.worker_url.clone().unwrap();
+    let token = app.customer("slowpoke");
+
+    // Three slow clients at once, on ingress and the notifier.
+    let headers_never_end =
+        async { send_and_wait(&app.base, "GET /v1/stock/x HTTP/1.1\r\nHost: x\r\n").await };
+    let notifier_headers = async {
+        send_and_wait(
+            &notifier,
+            "GET /v1/stream?topics=stock:* HTTP/1.1\r\nHost: x\r\n",
+        )
+        .await
+    };
+    let body_never_ends = async {
+        let head = format!(
+            "POST /v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"items\":"
+        );
+        send_and_wait(&app.base, &head).await
+    };
+    let ((_, t1), (_, t2), (body, t3)) =
+        tokio::join!(headers_never_end, notifier_headers, body_never_ends);
+    // Cut off, not held: within the bounds (plus scheduling slack on a busy machine).
+    assert!(
+        t1 < HEADER_TIMEOUT * 3 && t2 < HEADER_TIMEOUT * 3,
+        "{t1:?} {t2:?}"
+    );
+    assert!(t3 < BODY_DEADLINE * 3, "{t3:?}");
+    assert!(body.starts_with("HTTP/1.1 408"), "{body}");
+    assert!(
+        body.contains("application/problem+json") && body.contains("request_timeout"),
+        "{body}"
+    );
+
+    let c = &app.client;
+    // The notifier: no route, wrong method, a WebSocket request without the upgrade,
+    // too many header bytes.
+    let (s, b) = problem(c, c.get(format!("{notifier}/nothing"))).await;
+    assert_eq!((s, b["code"].as_str()), (404, Some("not_found")));
+    let (s, b) = problem(c, c.post(format!("{notifier}/v1/stream?topics=stock:*"))).await;
+    assert_eq!((s, b["code"].as_str()), (405, Some("method_not_allowed")));
+    let (s, b) = problem(c, c.get(format!("{notifier}/v1/ws"))).await;
+    assert!(s == 400 || s == 426, "{s} {b}");
+    assert!(!b["detail"].as_str().unwrap().is_empty());
+    let (s, b) = problem(
+        c,
+        c.get(format!("{notifier}/healthz"))
+            .header("x-pad", "p".repeat(9 * 1024)),
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (431, Some("headers_too_large")));
+    // The worker's health port.
+    let (s, b) = problem(c, c.get(format!("{worker}/nothing"))).await;
+    assert_eq!((s, b["code"].as_str()), (404, Some("not_found")));
+    let (s, b) = problem(c, c.post(format!("{worker}/metrics"))).await;
+    assert_eq!((s, b["code"].as_str()), (405, Some("method_not_allowed")));
+
+    // 300 made-up methods grow no metric series.
+    let metrics_lines = || async {
+        c.get(format!("{}/metrics", app.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("method=\""))
+            // The series, not its value.
+            .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let m = reqwest::Method::from_bytes(b"WARMUP").unwrap();
+    c.request(m, format!("{}/v1/stock/x", app.base))
+        .send()
+        .await
+        .unwrap();
+    metrics_lines().await;
+    let before = metrics_lines().await;
+    for i in 0..300 {
+        let m = reqwest::Method::from_bytes(format!("M{i}").as_bytes()).unwrap();
+        let r = c
+            .request(m, format!("{}/v1/stock/x", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405);
+    }
+    let after = metrics_lines().await;
+    let new: Vec<_> = after.difference(&before).collect();
+    assert!(new.is_empty(), "new metric lines: {new:#?}");
+}
