@@ -1,0 +1,919 @@
+//! The reserve decision against a model: random sequences of orders (several lines,
+//! several users, with and without an Idempotency-Key), publish confirms and failures,
+//! worker commits and failures, reaps, cancels, goods received, and replays of keys,
+//! cancels and receipts, run against the real Lua scripts on a real Redis and compared
+//! step by step with a plain in-memory model of the contract (API.md and each script's
+//! header).
+//!
+//! After every step both the step's outcome (reserved / sold_out{sku,available} /
+//! limit_exceeded{sku,limit,already} / unknown_sku / duplicate{order,published} /
+//! key reused / the claim, release, reap and mark words) and the whole observable state
+//! must agree: units available per SKU, units each user holds per SKU, every reservation's
+//! state, and the open-reservation list (`deadlines`). A failure prints the shrunk,
+//! minimal sequence of steps.
+//!
+//! Each case runs in a namespace of its own, removed when the case ends, pass or fail.
+
+use floodgate_common::{
+    Namespace,
+    domain::{IdempotencyKey, OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
+    redis::{
+        self as fredis, Claim, ConfirmedOrder, Keys, Queued, Release, Reserve, ReserveRequest,
+        ResvState, StockChange,
+    },
+};
+use proptest::prelude::*;
+use proptest::sample::Index;
+use redis::aio::ConnectionManager;
+use std::collections::{HashMap, HashSet};
+
+/// Cases per run: each is up to `MAX_STEPS` steps of a few Redis round trips; the whole
+/// test takes a few seconds on a 2-core machine.
+const CASES: u32 = 128;
+const MAX_STEPS: usize = 40;
+
+/// The catalogue; `GHOST` is named by orders but never created.
+const SKUS: [&str; 3] = ["a", "b", "tee-red-m"];
+const GHOST: &str = "ghost";
+/// Users whose ids contain ':', so their Idempotency-Key records must not collide.
+const USERS: [&str; 3] = ["u", "u:k", "u:k:k"];
+const IDEM_KEYS: [&str; 2] = ["k", "k:k"];
+const REFERENCES: [&str; 2] = ["po-1", "po-2"];
+
+/// Every reservation's deadline: in the past of `NOW`, so a reap takes any reservation
+/// whose publish was never confirmed.
+const DEADLINE_MS: i64 = 1_000;
+const NOW_MS: i64 = 2_000;
+
+fn sku_name(i: usize) -> &'static str {
+    SKUS.get(i).copied().unwrap_or(GHOST)
+}
+
+/// What became of an order's publish right after its reserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    /// The broker confirmed: ingress marks it queued.
+    Confirmed,
+    /// The publish failed: ingress releases it (`publish_failed`).
+    Failed,
+    /// Ingress is still waiting (or died): neither yet.
+    Pending,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// A new order: (SKU index, qty) lines, `SKUS.len()` being the unknown SKU.
+    Order {
+        user: usize,
+        lines: Vec<(usize, i64)>,
+        key: Option<usize>,
+        publish: Publish,
+    },
+    /// The same user sends an earlier keyed order's key again, with the same body (its
+    /// lines in reverse order, which is the same body) or another (one qty more).
+    Replay {
+        of: Index,
+        same_body: bool,
+        publish: Publish,
+    },
+    /// A late publish confirm of an earlier order.
+    Confirm { of: Index },
+    /// A late publish failure of an earlier order.
+    PublishFailed { of: Index },
+    /// A worker claims an earlier order and commits it.
+    Commit { of: Index },
+    /// A worker claims an earlier order and PostgreSQL fails it.
+    WorkerFail { of: Index },
+    /// The reaper, past every deadline, tries an earlier order.
+    Reap { of: Index },
+    /// The owner cancels an earlier order (only a committed order gets this far).
+    Cancel { of: Index },
+    /// Goods received: `units` of a SKU under a reference (a repeat applies once).
+    Receive {
+        sku: usize,
+        units: i64,
+        reference: usize,
+    },
+}
+
+fn publish() -> impl Strategy<Value = Publish> {
+    prop_oneof![
+        6 => Just(Publish::Confirmed),
+        1 => Just(Publish::Failed),
+        2 => Just(Publish::Pending),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    // Now and then a line names the SKU that does not exist.
+    let sku = prop_oneof![12 => 0..SKUS.len(), 1 => Just(SKUS.len())];
+    let lines = prop::collection::vec((sku, 1i64..=4), 1..=3).prop_map(|mut v| {
+        // No SKU twice in one order (OrderLines refuses it before Redis is asked).
+        let mut seen = HashSet::new();
+        v.retain(|(s, _)| seen.insert(*s));
+        v
+    });
+    let order = (
+        0..USERS.len(),
+        lines,
+        prop::option::weighted(0.6, 0..IDEM_KEYS.len()),
+        publish(),
+    )
+        .prop_map(|(user, lines, key, publish)| Step::Order {
+            user,
+            lines,
+            key,
+            publish,
+        });
+    prop_oneof![
+        10 => order,
+        4 => (any::<Index>(), prop::bool::weighted(0.7), publish())
+            .prop_map(|(of, same_body, publish)| Step::Replay { of, same_body, publish }),
+        2 => any::<Index>().prop_map(|of| Step::Confirm { of }),
+        1 => any::<Index>().prop_map(|of| Step::PublishFailed { of }),
+        3 => any::<Index>().prop_map(|of| Step::Commit { of }),
+        1 => any::<Index>().prop_map(|of| Step::WorkerFail { of }),
+        2 => any::<Index>().prop_map(|of| Step::Reap { of }),
+        3 => any::<Index>().prop_map(|of| Step::Cancel { of }),
+        2 => (0..SKUS.len(), 1i64..=5, 0..REFERENCES.len())
+            .prop_map(|(sku, units, reference)| Step::Receive { sku, units, reference }),
+    ]
+}
+
+/// The catalogue at the start of a case: per SKU (initial stock, per-user limit or 0).
+fn catalogue() -> impl Strategy<Value = Vec<(i64, i64)>> {
+    prop::collection::vec((0i64..=8, prop_oneof![Just(0i64), 1i64..=4]), SKUS.len())
+}
+
+/// One step's observable outcome, as the typed wrappers return it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// The reserve decision, and what marking or releasing it after its publish answered.
+    Order(Reserve, Option<Settled>),
+    Queued(Queued),
+    Release(Release),
+    /// The claim, and for a worker failure the release that followed a claimed order.
+    Claim(Claim, Option<Release>),
+    Reaped(bool),
+    /// Units available after each line's cancel token was applied.
+    Cancelled(Vec<i64>),
+    /// Units available after the receipt.
+    Received(i64),
+    /// The step had nothing to act on (no earlier order, or an order not committed).
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Settled {
+    Queued(Queued),
+    Release(Release),
+}
+
+/// The model's view of a reservation: the state of `resv:<id>` and why it was released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Reserved,
+    Queued,
+    Claimed,
+    Done,
+    Released(&'static str),
+}
+
+impl State {
+    fn resv_state(&self) -> ResvState {
+        match self {
+            State::Reserved => ResvState::Reserved,
+            State::Queued => ResvState::Queued,
+            State::Claimed => ResvState::Claimed,
+            State::Done => ResvState::Done,
+            State::Released(_) => ResvState::Released,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        matches!(self, State::Reserved | State::Queued | State::Claimed)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Order {
+    id: OrderId,
+    user: usize,
+    /// (SKU, qty) in the order the client sent them.
+    lines: Vec<(&'static str, i64)>,
+    key: Option<usize>,
+    state: State,
+    /// The deadlines zset's score: `None` when the order is not listed.
+    deadline: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+struct IdemRecord {
+    order: usize,
+    body_hash: String,
+    accepted: bool,
+}
+
+/// The contract, in memory.
+#[derive(Debug, Default)]
+struct Model {
+    available: HashMap<&'static str, i64>,
+    limits: HashMap<&'static str, i64>,
+    held: HashMap<(usize, &'static str), i64>,
+    idem: HashMap<(usize, usize), IdemRecord>,
+    applied: HashSet<String>,
+    orders: Vec<Order>,
+}
+
+/// What ingress sends as the body hash: the same lines in any order are the same body.
+fn body_hash(lines: &[(&str, i64)]) -> String {
+    let mut sorted = lines.to_vec();
+    sorted.sort();
+    format!("{sorted:?}")
+}
+
+impl Model {
+    fn new(catalogue: &[(i64, i64)]) -> Self {
+        let mut m = Model::default();
+        for (i, &(stock, limit)) in catalogue.iter().enumerate() {
+            m.available.insert(SKUS[i], stock);
+            m.limits.insert(SKUS[i], limit);
+            m.applied.insert(format!("receive:{}:initial", SKUS[i]));
+        }
+        m
+    }
+
+    fn held(&self, user: usize, sku: &'static str) -> i64 {
+        self.held.get(&(user, sku)).copied().unwrap_or(0)
+    }
+
+    fn give_back(&mut self, o: usize) {
+        let (user, lines) = (self.orders[o].user, self.orders[o].lines.clone());
+        for (sku, qty) in lines {
+            *self.available.get_mut(sku).expect("a known SKU") += qty;
+            *self.held.entry((user, sku)).or_default() -= qty;
+        }
+    }
+
+    /// reserve.lua: idempotency, unknown SKUs, per-user limits, stock; then all or none.
+    fn reserve(
+        &mut self,
+        id: OrderId,
+        user: usize,
+        lines: &[(&'static str, i64)],
+        key: Option<usize>,
+    ) -> Reserve {
+        let hash = body_hash(lines);
+        if let Some(rec) = key.and_then(|k| self.idem.get(&(user, k))) {
+            if rec.body_hash != hash {
+                return Reserve::KeyReused;
+            }
+            return Reserve::Duplicate {
+                order_id: self.orders[rec.order].id,
+                published: rec.accepted,
+            };
+        }
+        if let Some((sku, _)) = lines.iter().find(|(s, _)| !self.available.contains_key(s)) {
+            return Reserve::UnknownSku(sku.to_string());
+        }
+        for &(sku, qty) in lines {
+            let (limit, already) = (self.limits[sku], self.held(user, sku));
+            if limit > 0 && already + qty > limit {
+                return Reserve::LimitExceeded {
+                    sku: sku.into(),
+                    limit,
+                    already,
+                };
+            }
+        }
+        for &(sku, qty) in lines {
+            let available = self.available[sku];
+            if available < qty {
+                return Reserve::SoldOut {
+                    sku: sku.into(),
+                    available: available.max(0),
+                };
+            }
+        }
+        for &(sku, qty) in lines {
+            *self.available.get_mut(sku).expect("checked") -= qty;
+            *self.held.entry((user, sku)).or_default() += qty;
+        }
+        self.orders.push(Order {
+            id,
+            user,
+            lines: lines.to_vec(),
+            key,
+            state: State::Reserved,
+            deadline: Some(DEADLINE_MS as f64),
+        });
+        if let Some(k) = key {
+            let order = self.orders.len() - 1;
+            self.idem.insert(
+                (user, k),
+                IdemRecord {
+                    order,
+                    body_hash: hash,
+                    accepted: false,
+                },
+            );
+        }
+        Reserve::Reserved
+    }
+
+    /// queued.lua for one order.
+    fn mark_queued(&mut self, o: usize) -> Queued {
+        let order = &mut self.orders[o];
+        if order.state == State::Reserved {
+            order.state = State::Queued;
+        }
+        if matches!(order.state, State::Queued | State::Claimed) && order.deadline.is_some() {
+            order.deadline = Some(f64::INFINITY);
+        }
+        let (state, user, key) = (order.state.clone(), order.user, order.key);
+        if matches!(state, State::Queued | State::Claimed | State::Done)
+            && let Some(rec) = key.and_then(|k| self.idem.get_mut(&(user, k)))
+            && rec.order == o
+        {
+            rec.accepted = true;
+        }
+        match state {
+            State::Released("reservation_expired" | "publish_failed") => Queued::Released,
+            _ => Queued::Accepted,
+        }
+    }
+
+    /// release.lua.
+    fn release(&mut self, o: usize, reason: &'static str) -> Release {
+        let state = self.orders[o].state.clone();
+        let releasable = match state {
+            State::Reserved => true,
+            State::Queued | State::Claimed => reason != "publish_failed",
+            State::Done | State::Released(_) => false,
+        };
+        if !releasable {
+            return match state {
+                State::Released(_) => Release::NotHeld,
+                _ => Release::Taken,
+            };
+        }
+        self.give_back(o);
+        let order = &mut self.orders[o];
+        order.state = State::Released(reason);
+        order.deadline = None;
+        let (user, key) = (order.user, order.key);
+        if reason == "publish_failed"
+            && let Some(k) = key
+            && self.idem.get(&(user, k)).is_some_and(|r| r.order == o)
+        {
+            self.idem.remove(&(user, k));
+        }
+        Release::Released
+    }
+
+    /// claim.lua for one order.
+    fn claim(&mut self, o: usize) -> Claim {
+        let order = &mut self.orders[o];
+        match order.state {
+            State::Reserved | State::Queued | State::Claimed => {
+                order.state = State::Claimed;
+                Claim::Claimed
+            }
+            State::Done => Claim::Done,
+            State::Released("reservation_expired") => Claim::Expired,
+            State::Released("publish_failed") => Claim::Unpublished,
+            State::Released(_) => Claim::Released,
+        }
+    }
+
+    /// finish.lua for one order.
+    fn finish(&mut self, o: usize) {
+        let order = &mut self.orders[o];
+        if order.state.is_open() {
+            order.state = State::Done;
+        }
+        order.deadline = None;
+    }
+
+    /// reap.lua at `NOW_MS`.
+    fn reap(&mut self, o: usize) -> bool {
+        let order = &mut self.orders[o];
+        match order.state {
+            State::Queued | State::Claimed => {
+                order.deadline = Some(f64::INFINITY);
+                false
+            }
+            State::Reserved => {
+                self.give_back(o);
+                let order = &mut self.orders[o];
+                order.state = State::Released("reservation_expired");
+                order.deadline = None;
+                true
+            }
+            _ => {
+                order.deadline = None;
+                false
+            }
+        }
+    }
+
+    /// apply_stock.lua: a change applied once per token.
+    fn apply_stock(
+        &mut self,
+        sku: &'static str,
+        units: i64,
+        token: String,
+        user: Option<(usize, i64)>,
+    ) -> i64 {
+        if self.applied.insert(token) {
+            *self.available.entry(sku).or_default() += units;
+            if let Some((u, delta)) = user {
+                *self.held.entry((u, sku)).or_default() += delta;
+            }
+        }
+        self.available.get(sku).copied().unwrap_or(0)
+    }
+}
+
+/// One case's namespace on the real Redis, removed when dropped, pass or fail.
+struct Real {
+    keys: Keys,
+    con: ConnectionManager,
+    url: String,
+}
+
+impl Drop for Real {
+    fn drop(&mut self) {
+        let (pattern, url) = (self.keys.pattern(), self.url.clone());
+        // A blocking connection on a thread of its own: this may run inside the runtime.
+        let _ = std::thread::spawn(move || {
+            let mut con = redis::Client::open(url)?.get_connection()?;
+            let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut con)?;
+            if !keys.is_empty() {
+                redis::cmd("DEL").arg(keys).exec(&mut con)?;
+            }
+            Ok::<_, redis::RedisError>(())
+        })
+        .join();
+    }
+}
+
+fn users() -> Vec<UserId> {
+    USERS.iter().map(|u| UserId::parse(*u).unwrap()).collect()
+}
+
+fn sku(name: &str) -> Sku {
+    Sku::parse(name).unwrap()
+}
+
+/// What Redis shows of the state the model predicts, read in one round trip.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    available: Vec<Option<i64>>,
+    held: Vec<Vec<i64>>,
+    states: Vec<Option<ResvState>>,
+    deadlines: Vec<Option<f64>>,
+}
+
+impl Real {
+    async fn new(catalogue: &[(i64, i64)]) -> Self {
+        let ns = Namespace::parse(&floodgate_tests::namespace()).unwrap();
+        let url = std::env::var("FLOODGATE_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let con = fredis::connect(&url)
+            .await
+            .expect("Redis at FLOODGATE_REDIS_URL");
+        let mut real = Real {
+            keys: Keys::new(&ns),
+            con,
+            url,
+        };
+        let _: () = redis::cmd("SET")
+            .arg(real.keys.epoch())
+            .arg(OrderId::new().to_string())
+            .query_async(&mut real.con)
+            .await
+            .unwrap();
+        // As `POST /v1/skus` loads a new SKU.
+        for (i, &(stock, limit)) in catalogue.iter().enumerate() {
+            let s = sku(SKUS[i]);
+            let token = fredis::receive_token(&s, "initial");
+            fredis::apply_stock(
+                &mut real.con,
+                &real.keys,
+                &StockChange {
+                    sku: &s,
+                    units: stock,
+                    token: &token,
+                    per_user_limit: Some(limit),
+                    user: None,
+                },
+            )
+            .await
+            .unwrap();
+        }
+        real
+    }
+
+    async fn observe(&mut self, orders: &[Order]) -> Observed {
+        let k = &self.keys;
+        let mut pipe = redis::pipe();
+        let mut all_skus: Vec<&str> = SKUS.to_vec();
+        all_skus.push(GHOST);
+        pipe.cmd("HMGET").arg(k.stock()).arg(&all_skus);
+        for u in users() {
+            pipe.cmd("HMGET").arg(k.user(&u)).arg(&all_skus);
+        }
+        for o in orders {
+            pipe.cmd("HGET").arg(k.resv(&o.id)).arg("state");
+        }
+        for o in orders {
+            pipe.cmd("ZSCORE").arg(k.deadlines()).arg(o.id.to_string());
+        }
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.con).await.unwrap();
+        let mut take = |n: usize| replies.drain(..n).collect::<Vec<_>>();
+        let from = |v: redis::Value| -> Vec<Option<i64>> { redis::from_redis_value(v).unwrap() };
+        let available = from(take(1).remove(0));
+        let held = take(USERS.len())
+            .into_iter()
+            .map(|v| from(v).into_iter().map(|h| h.unwrap_or(0)).collect())
+            .collect();
+        let states = take(orders.len())
+            .into_iter()
+            .map(|v| {
+                let s: Option<String> = redis::from_redis_value(v).unwrap();
+                s.map(|s| ResvState::parse(&s).expect("a known state"))
+            })
+            .collect();
+        let deadlines = take(orders.len())
+            .into_iter()
+            .map(|v| redis::from_redis_value(v).unwrap())
+            .collect();
+        Observed {
+            available,
+            held,
+            states,
+            deadlines,
+        }
+    }
+}
+
+impl Model {
+    fn observed(&self) -> Observed {
+        let mut available: Vec<Option<i64>> = SKUS
+            .iter()
+            .map(|s| self.available.get(s).copied())
+            .collect();
+        available.push(None);
+        let held = (0..USERS.len())
+            .map(|u| SKUS.iter().map(|s| self.held(u, s)).chain([0]).collect())
+            .collect();
+        Observed {
+            available,
+            held,
+            states: self
+                .orders
+                .iter()
+                .map(|o| Some(o.state.resv_state()))
+                .collect(),
+            deadlines: self.orders.iter().map(|o| o.deadline).collect(),
+        }
+    }
+}
+
+/// Runs one step on Redis and on the model; returns (real outcome, model outcome).
+async fn run_step(
+    step: &Step,
+    real: &mut Real,
+    model: &mut Model,
+    users: &[UserId],
+) -> (Outcome, Outcome) {
+    let pick = |of: &Index, model: &Model| {
+        (!model.orders.is_empty()).then(|| of.index(model.orders.len()))
+    };
+    match step {
+        Step::Order {
+            user,
+            lines,
+            key,
+            publish,
+        } => {
+            let lines: Vec<(&'static str, i64)> =
+                lines.iter().map(|&(s, q)| (sku_name(s), q)).collect();
+            place(real, model, users, *user, &lines, *key, *publish).await
+        }
+        Step::Replay {
+            of,
+            same_body,
+            publish,
+        } => {
+            let keyed: Vec<&Order> = model.orders.iter().filter(|o| o.key.is_some()).collect();
+            if keyed.is_empty() {
+                return (Outcome::Skipped, Outcome::Skipped);
+            }
+            let first = keyed[of.index(keyed.len())];
+            let (user, key) = (first.user, first.key);
+            let mut lines = first.lines.clone();
+            lines.reverse();
+            if !same_body {
+                lines[0].1 += 1;
+            }
+            place(real, model, users, user, &lines, key, *publish).await
+        }
+        Step::Confirm { of } => {
+            let Some(o) = pick(of, model) else {
+                return (Outcome::Skipped, Outcome::Skipped);
+            };
+            let r = mark_queued(real, &model.orders[o], users).await;
+            (Outcome::Queued(r), Outcome::Queued(model.mark_queued(o)))
+        }
+        Step::PublishFailed { of } => {
+            let Some(o) = pick(of, model) else {
+                return (Outcome::Skipped, Outcome::Skipped);
+            };
+            let r = release(real, &model.orders[o], users, "publish_failed").await;
+            (
+                Outcome::Release(r),
+                Outcome::Release(model.release(o, "publish_failed")),
+            )
+        }
+        Step::Commit { of } => {
+            let Some(o) = pick(of, model) else {
+                return (Outcome::Skipped, Outcome::Skipped);
+            };
+            let id = model.orders[o].id;
+            let c = fredis::claim(&mut real.con, &real.keys, &[id])
+                .await
+                .unwrap()[0];
+            if c == Claim::Claimed {
+                fredis::finish(&mut real.con, &real.keys, &[id])
+                    .await
+                    .unwrap();
+            }
+            let m = model.claim(o);
+            if m == Claim::Claimed {
+                model.finish(o);
+            }
+            (Outcome::Claim(c, None), Outcome::Claim(m, None))
+        }
+        Step::WorkerFail { of } => {
+            let Some(o) = pick(of, model) else {
+                return (Outcome::Skipped, Outcome::Skipped);
+            };
+            let id = model.orders[o].id;
+            let c = fredis::claim(&mut real.con, &real.keys, &[id])
+                .await
+                .unwrap()[0];
+            let r = match c {
+                Claim::Claimed => Some(release(real, &model.orders[o], users, "failed").await),
+                _ => None,
+            };
+            let m = model.claim(o);
+            let mr = (m == Claim::Claimed).then(|| model.release(o, "failed"));
+            (Outcome::Claim(c, r), Outcome::Claim(m, mr))
+        }
+        Step::Reap { of } => {
+            let Some(o) = pick(of, model) else {
+                return (Outcome::Skipped, Outcome::Skipped);
+            };
+            let order = &model.orders[o];
+            let r = fredis::reap(
+                &mut real.con,
+                &real.keys,
+                &order.id,
+                &users[order.user],
+                NOW_MS,
+            )
+            .await
+            .unwrap();
+            (Outcome::Reaped(r), Outcome::Reaped(model.reap(o)))
+        }
+        Step::Cancel { of } => {
+            let Some(o) = pick(of, model) else {
+                return (Outcome::Skipped, Outcome::Skipped);
+            };
+            // PostgreSQL cancels only a confirmed (committed) order; the rest never reach
+            // Redis. Released-after-commit cannot happen: finish makes it done for good.
+            if model.orders[o].state != State::Done {
+                return (Outcome::Skipped, Outcome::Skipped);
+            }
+            let order = model.orders[o].clone();
+            let (mut real_av, mut model_av) = (vec![], vec![]);
+            for &(s, qty) in &order.lines {
+                let token = fredis::cancel_token(&order.id, &sku(s));
+                real_av.push(
+                    fredis::apply_stock(
+                        &mut real.con,
+                        &real.keys,
+                        &StockChange {
+                            sku: &sku(s),
+                            units: qty,
+                            token: &token,
+                            per_user_limit: None,
+                            user: Some((&users[order.user], -qty)),
+                        },
+                    )
+                    .await
+                    .unwrap(),
+                );
+                model_av.push(model.apply_stock(s, qty, token, Some((order.user, -qty))));
+            }
+            (Outcome::Cancelled(real_av), Outcome::Cancelled(model_av))
+        }
+        Step::Receive {
+            sku: s,
+            units,
+            reference,
+        } => {
+            let name = SKUS[*s];
+            let token = fredis::receive_token(&sku(name), REFERENCES[*reference]);
+            let r = fredis::apply_stock(
+                &mut real.con,
+                &real.keys,
+                &StockChange {
+                    sku: &sku(name),
+                    units: *units,
+                    token: &token,
+                    per_user_limit: None,
+                    user: None,
+                },
+            )
+            .await
+            .unwrap();
+            (
+                Outcome::Received(r),
+                Outcome::Received(model.apply_stock(name, *units, token, None)),
+            )
+        }
+    }
+}
+
+/// Ingress's path for one order: reserve, then mark it queued or release it as its
+/// publish went.
+async fn place(
+    real: &mut Real,
+    model: &mut Model,
+    users: &[UserId],
+    user: usize,
+    lines: &[(&'static str, i64)],
+    key: Option<usize>,
+    publish: Publish,
+) -> (Outcome, Outcome) {
+    let id = OrderId::new();
+    let order_lines = OrderLines::try_from(
+        lines
+            .iter()
+            .map(|&(s, q)| OrderLine {
+                sku: sku(s),
+                qty: Quantity::try_from(q).unwrap(),
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let idem_key = key.map(|k| IdempotencyKey::parse(IDEM_KEYS[k]).unwrap());
+    let hash = body_hash(lines);
+    let r = fredis::reserve(
+        &mut real.con,
+        &real.keys,
+        &ReserveRequest {
+            order_id: id,
+            user: &users[user],
+            lines: &order_lines,
+            idempotency: idem_key.as_ref().map(|k| (k, hash.as_str())),
+            accepted_at: "2026-11-21T00:00:00Z",
+            deadline_ms: DEADLINE_MS,
+            idempotency_ttl_secs: 600,
+        },
+    )
+    .await
+    .unwrap();
+    let m = model.reserve(id, user, lines, key);
+    if r != Reserve::Reserved || m != Reserve::Reserved {
+        return (Outcome::Order(r, None), Outcome::Order(m, None));
+    }
+    let o = model.orders.len() - 1;
+    let (rs, ms) = match publish {
+        Publish::Pending => (None, None),
+        Publish::Confirmed => (
+            Some(Settled::Queued(
+                mark_queued(real, &model.orders[o], users).await,
+            )),
+            Some(Settled::Queued(model.mark_queued(o))),
+        ),
+        Publish::Failed => (
+            Some(Settled::Release(
+                release(real, &model.orders[o], users, "publish_failed").await,
+            )),
+            Some(Settled::Release(model.release(o, "publish_failed"))),
+        ),
+    };
+    (Outcome::Order(r, rs), Outcome::Order(m, ms))
+}
+
+async fn mark_queued(real: &mut Real, order: &Order, users: &[UserId]) -> Queued {
+    let confirmed = ConfirmedOrder {
+        order_id: order.id,
+        user: users[order.user].clone(),
+        idempotency_key: order
+            .key
+            .map(|k| IdempotencyKey::parse(IDEM_KEYS[k]).unwrap()),
+    };
+    fredis::mark_queued(&mut real.con, &real.keys, &[&confirmed])
+        .await
+        .unwrap()[0]
+}
+
+async fn release(real: &mut Real, order: &Order, users: &[UserId], reason: &str) -> Release {
+    let key = order
+        .key
+        .map(|k| IdempotencyKey::parse(IDEM_KEYS[k]).unwrap());
+    fredis::release(
+        &mut real.con,
+        &real.keys,
+        &order.id,
+        &users[order.user],
+        key.as_ref(),
+        reason,
+    )
+    .await
+    .unwrap()
+}
+
+async fn run_case(catalogue: &[(i64, i64)], steps: &[Step]) -> Result<(), TestCaseError> {
+    let users = users();
+    let mut real = Real::new(catalogue).await;
+    let mut model = Model::new(catalogue);
+    prop_assert_eq!(
+        real.observe(&model.orders).await,
+        model.observed(),
+        "after loading"
+    );
+    for (i, step) in steps.iter().enumerate() {
+        let (got, want) = run_step(step, &mut real, &mut model, &users).await;
+        prop_assert_eq!(got, want, "outcome of step {} ({:?})", i, step);
+        let observed = real.observe(&model.orders).await;
+        prop_assert_eq!(
+            observed,
+            model.observed(),
+            "state after step {} ({:?})",
+            i,
+            step
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: CASES,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn reserve_matches_the_model(
+        catalogue in catalogue(),
+        steps in prop::collection::vec(step(), 1..=MAX_STEPS),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(run_case(&catalogue, &steps))?;
+    }
+}
+
+/// The same reserve call twice, same order id (a client-side retry of a call whose
+/// reply was lost would do this): the second must not take the units again. Ignored:
+/// reserve.lua does not look at `resv:<id>` first, so the second call reserves again,
+/// overwrites the record, and the first call's units are held by nothing. Ingress makes a
+/// fresh id for every attempt, so no API request reaches this today.
+#[tokio::test]
+#[ignore = "finding: reserve.lua is not idempotent per order id"]
+async fn a_replayed_reserve_does_not_take_the_units_twice() {
+    let mut real = Real::new(&[(5, 0), (0, 0), (0, 0)]).await;
+    let mut model = Model::new(&[(5, 0), (0, 0), (0, 0)]);
+    let users = users();
+    let lines = OrderLines::try_from(vec![OrderLine {
+        sku: sku("a"),
+        qty: Quantity::try_from(2).unwrap(),
+    }])
+    .unwrap();
+    let req = ReserveRequest {
+        order_id: OrderId::new(),
+        user: &users[0],
+        lines: &lines,
+        idempotency: None,
+        accepted_at: "2026-11-21T00:00:00Z",
+        deadline_ms: DEADLINE_MS,
+        idempotency_ttl_secs: 600,
+    };
+    let first = fredis::reserve(&mut real.con, &real.keys, &req)
+        .await
+        .unwrap();
+    assert_eq!(first, Reserve::Reserved);
+    model.reserve(req.order_id, 0, &[("a", 2)], None);
+    let _again = fredis::reserve(&mut real.con, &real.keys, &req)
+        .await
+        .unwrap();
+    assert_eq!(real.observe(&model.orders).await, model.observed());
+}
