@@ -883,12 +883,9 @@ proptest! {
 }
 
 /// The same reserve call twice, same order id (a client-side retry of a call whose
-/// reply was lost would do this): the second must not take the units again. Ignored:
-/// reserve.lua does not look at `resv:<id>` first, so the second call reserves again,
-/// overwrites the record, and the first call's units are held by nothing. Ingress makes a
-/// fresh id for every attempt, so no API request reaches this today.
+/// reply was lost would do this): the second must not take the units again. (Found by
+/// this suite: reserve.lua once reserved again and overwrote the record.)
 #[tokio::test]
-#[ignore = "finding: reserve.lua is not idempotent per order id"]
 async fn a_replayed_reserve_does_not_take_the_units_twice() {
     let mut real = Real::new(&[(5, 0), (0, 0), (0, 0)]).await;
     let mut model = Model::new(&[(5, 0), (0, 0), (0, 0)]);
@@ -912,8 +909,9 @@ async fn a_replayed_reserve_does_not_take_the_units_twice() {
         .unwrap();
     assert_eq!(first, Reserve::Reserved);
     model.reserve(req.order_id, 0, &[("a", 2)], None);
-    let _again = fredis::reserve(&mut real.con, &real.keys, &req)
+    let again = fredis::reserve(&mut real.con, &real.keys, &req)
         .await
         .unwrap();
+    assert_eq!(again, Reserve::Reserved);
     assert_eq!(real.observe(&model.orders).await, model.observed());
 }

@@ -37,6 +37,12 @@ if has_idem then
   end
 end
 
+-- The same order id again (a retried call whose reply was lost): it was decided already
+-- and holds its units; taking them again would leave the first ones held by nothing.
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  return {'ok'}
+end
+
 local skus, qtys = {}, {}
 local n = (#ARGV - 7) / 2
 for i = 1, n do
