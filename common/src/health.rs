@@ -1,6 +1,7 @@
 //! Dependency probes: one real, bounded round trip each. `/readyz` of every service and the
 //! worker's outage probing use the same ones.
 
+use crate::supervise::{Supervisor, TaskState};
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
@@ -29,25 +30,36 @@ pub async fn postgres_ok(pg: &Pool) -> bool {
     )
 }
 
-/// Probes Redis and PostgreSQL and combines them with the broker state the caller knows.
-/// Returns whether all are up, and the `/readyz` body naming what is down.
-pub async fn readiness(redis: &ConnectionManager, pg: &Pool, rabbitmq_up: bool) -> (bool, Value) {
+/// Probes Redis and PostgreSQL and combines them with the broker state the caller knows
+/// and its supervised tasks. Returns whether all are up, and the `/readyz` body naming
+/// what is down (a task as `task:<name>`, with its state under `tasks`).
+pub async fn readiness(
+    redis: &ConnectionManager,
+    pg: &Pool,
+    rabbitmq_up: bool,
+    tasks: &Supervisor,
+) -> (bool, Value) {
     let (redis_ok, pg_ok) = tokio::join!(redis_ok(redis), postgres_ok(pg));
-    let checks = [
-        ("redis", redis_ok),
-        ("rabbitmq", rabbitmq_up),
-        ("postgres", pg_ok),
+    let mut checks = vec![
+        ("redis".to_owned(), redis_ok),
+        ("rabbitmq".to_owned(), rabbitmq_up),
+        ("postgres".to_owned(), pg_ok),
     ];
+    let states = tasks.states();
+    for (name, state) in &states {
+        checks.push((format!("task:{name}"), *state == TaskState::Running));
+    }
     let down: Vec<&str> = checks
         .iter()
         .filter(|(_, ok)| !ok)
-        .map(|(n, _)| *n)
+        .map(|(n, _)| n.as_str())
         .collect();
     let ready = down.is_empty();
     let body = json!({
         "status": if ready { "ready" } else { "unavailable" },
         "down": down,
-        "checks": checks.iter().map(|(n, ok)| (n.to_string(), json!(ok))).collect::<serde_json::Map<_, _>>(),
+        "checks": checks.iter().map(|(n, ok)| (n.clone(), json!(ok))).collect::<serde_json::Map<_, _>>(),
+        "tasks": states.iter().map(|(n, s)| (n.to_string(), json!(s.as_str()))).collect::<serde_json::Map<_, _>>(),
     });
     (ready, body)
 }

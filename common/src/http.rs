@@ -213,7 +213,7 @@ fn code_of(status: StatusCode) -> &'static str {
     }
 }
 
-/// Rewrites an error answer that is not problem+json (axum's and tower's own) as one;
+/// Rewrites an error answer that is not JSON (axum's and tower's own) as problem+json;
 /// its text, if any, becomes `detail`. Headers such as `Allow` are kept.
 async fn problem_errors(req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
@@ -221,11 +221,13 @@ async fn problem_errors(req: Request, next: Next) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
-    let is_problem = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if is_problem {
+    // Ours already: problem+json, or a JSON body of its own (`/readyz`'s 503 names
+    // what is down).
+    let is_ours = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"application/problem+json") || v.starts_with(b"application/json")
+    });
+    if is_ours {
         return resp;
     }
     let (parts, body) = resp.into_parts();

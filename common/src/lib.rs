@@ -36,6 +36,7 @@ pub mod redis;
 pub mod retry;
 pub mod shutdown;
 pub mod stock;
+pub mod supervise;
 pub mod telemetry;
 
 pub use config::{Config, Namespace};

@@ -71,7 +71,8 @@ impl Application {
         }
         let verifier = Arc::new(Verifier::from_config(&cfg));
         let keys = Arc::new(keys);
-        let queued = queued::QueuedMarker::spawn(redis.clone(), keys.clone());
+        let supervisor = floodgate_common::supervise::Supervisor::default();
+        let queued = queued::QueuedMarker::spawn(redis.clone(), keys.clone(), &supervisor);
         Ok(Self {
             listener,
             state: state::AppState {
@@ -82,6 +83,7 @@ impl Application {
                 pg,
                 publisher,
                 verifier,
+                supervisor,
                 limiter,
                 cfg: Arc::new(cfg),
             },

@@ -10,7 +10,10 @@
 //! script call: one Redis round trip and one script run for tens of orders under load,
 //! and no waiting at all when it is quiet (the first mark goes out at once).
 
-use floodgate_common::redis::{self as fredis, ConfirmedOrder, Keys, Queued};
+use floodgate_common::{
+    redis::{self as fredis, ConfirmedOrder, Keys, Queued},
+    supervise::Supervisor,
+};
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -41,9 +44,11 @@ pub enum MarkError {
 impl QueuedMarker {
     /// Starts the marking task on `redis` (a multiplexed connection; the task holds one
     /// clone of it).
-    pub fn spawn(redis: ConnectionManager, keys: Arc<Keys>) -> Self {
+    pub fn spawn(redis: ConnectionManager, keys: Arc<Keys>, tasks: &Supervisor) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(rx, redis, keys));
+        // It ends when every sender is gone (the process is stopping); before that, a
+        // panic makes ingress unready.
+        tasks.spawn_once("queued_marker", run(rx, redis, keys));
         Self { tx }
     }
 

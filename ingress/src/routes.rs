@@ -266,8 +266,13 @@ async fn movements(
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {
-    let (ready, body) =
-        floodgate_common::health::readiness(&st.redis, &st.pg, st.publisher.is_connected()).await;
+    let (ready, body) = floodgate_common::health::readiness(
+        &st.redis,
+        &st.pg,
+        st.publisher.is_connected(),
+        &st.supervisor,
+    )
+    .await;
     floodgate_common::health::response(ready, body)
 }
 

@@ -25,6 +25,8 @@ pub struct AppState {
     /// cut them short); shutdown waits for them before closing the publisher.
     pub tasks: tokio_util::task::TaskTracker,
     pub verifier: Arc<Verifier>,
+    /// The background tasks `/readyz` reports.
+    pub supervisor: floodgate_common::supervise::Supervisor,
     /// None when `FLOODGATE_RATE_LIMIT_PER_SEC=0`.
     pub limiter: Option<Arc<Limiter>>,
 }

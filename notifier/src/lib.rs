@@ -58,6 +58,7 @@ impl Notifier {
             redis,
             pg,
             sources: sources::SourceHealth::default(),
+            supervisor: Default::default(),
             shutdown: CancellationToken::new(),
             cfg: Arc::new(cfg),
         };
@@ -75,19 +76,33 @@ impl Notifier {
         let st = self.state;
         let cfg = st.cfg.clone();
         let tasks = tokio_util::task::TaskTracker::new();
-        tasks.spawn(sources::sample_stock(
+        let (hub, redis, keys, stop) = (
             st.hub.clone(),
             st.redis.clone(),
             (*st.keys).clone(),
-            cfg.stock_interval,
             st.shutdown.clone(),
-        ));
-        tasks.spawn(sources::consume_orders(
+        );
+        let interval = cfg.stock_interval;
+        st.supervisor
+            .spawn(&tasks, "stock_sampler", st.shutdown.clone(), move || {
+                sources::sample_stock(
+                    hub.clone(),
+                    redis.clone(),
+                    keys.clone(),
+                    interval,
+                    stop.clone(),
+                )
+            });
+        let (hub, c, health, stop) = (
             st.hub.clone(),
             (*cfg).clone(),
             st.sources.clone(),
             st.shutdown.clone(),
-        ));
+        );
+        st.supervisor
+            .spawn(&tasks, "order_events", st.shutdown.clone(), move || {
+                sources::consume_orders(hub.clone(), c.clone(), health.clone(), stop.clone())
+            });
         tasks.close();
         let streams_done = st.shutdown.clone();
         let trigger = shutdown.clone();

@@ -110,13 +110,14 @@ impl WorkerProcess {
         Self::start_with(exe, cfg, &[])
     }
 
-    /// [`WorkerProcess::start`] with extra environment (a failpoint, say).
+    /// [`WorkerProcess::start`] with extra environment (a failpoint, say; it wins over
+    /// the defaults).
     pub fn start_with(exe: &str, cfg: &Config, extra: &[(&str, &str)]) -> Self {
         let child = std::process::Command::new(exe)
             .envs(env_of(cfg))
-            .envs(extra.iter().copied())
             .env("FLOODGATE_WORKER_ADDR", "127.0.0.1:0")
             .env("FLOODGATE_LOG", "warn")
+            .envs(extra.iter().copied())
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start the worker process");

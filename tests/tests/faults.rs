@@ -730,3 +730,55 @@ async fn a_key_reused_after_redis_forgot_it_fails_that_order_and_jams_nothing() 
         "FAULT | Idempotency-Key reused after Redis forgot it | accepted 3 | outcomes {outcomes:?} | dead-lettered, nothing jammed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_task_that_keeps_dying_makes_readyz_name_it() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let w = floodgate_tests::WorkerProcess::start_with(
+        WORKER_EXE,
+        &app.cfg,
+        &[
+            ("FLOODGATE_TEST_FAILPOINT", "outbox_panic"),
+            ("FLOODGATE_WORKER_ADDR", &addr),
+        ],
+    );
+    let url = format!("http://{addr}/readyz");
+    // Five quick panics with backoff between them: a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen;
+    let last = loop {
+        let got = reqwest::get(&url).await;
+        seen = format!("{got:?}");
+        if let Ok(r) = got {
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            if status == 503 && body["tasks"]["outbox_relay"] == "dead" {
+                break body;
+            }
+            seen = format!("{status} {body}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never named the dead relay: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Only the dead task is down; the reaper and every dependency are fine.
+    assert_eq!(
+        last["down"],
+        serde_json::json!(["task:outbox_relay"]),
+        "{last}"
+    );
+    assert_eq!(last["tasks"]["reaper"], "running", "{last}");
+    w.stop();
+}

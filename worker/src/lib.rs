@@ -46,6 +46,7 @@ struct Health {
     amqp_up: Arc<AtomicBool>,
     redis: redis::aio::ConnectionManager,
     pg: deadpool_postgres::Pool,
+    tasks: floodgate_common::supervise::Supervisor,
 }
 
 impl Worker {
@@ -95,11 +96,12 @@ impl Worker {
             amqp_up: amqp_up.clone(),
             redis: pipeline.redis.clone(),
             pg: pipeline.pg.clone(),
+            tasks: Default::default(),
         };
         let http_shutdown = shutdown.clone();
         let http = tokio::spawn(floodgate_common::http::serve(
             listener,
-            floodgate_common::http::edge(health_router(health)),
+            floodgate_common::http::edge(health_router(health.clone())),
             floodgate_common::http::ServeOptions {
                 send_buffer: None,
                 http_buffer: floodgate_common::http::PARSE_BUFFER,
@@ -107,20 +109,39 @@ impl Worker {
             },
             http_shutdown,
         ));
-        let reaper = tokio::spawn(reaper::run(
+        let background = tokio_util::task::TaskTracker::new();
+        let (keys, redis, pg, interval, paused, stop) = (
             pipeline.keys.clone(),
             pipeline.redis.clone(),
             pipeline.pg.clone(),
             pipeline.cfg.reaper_interval,
             pipeline.paused.clone(),
             shutdown.clone(),
-        ));
-        let relay = tokio::spawn(outbox::run(
+        );
+        health
+            .tasks
+            .spawn(&background, "reaper", shutdown.clone(), move || {
+                reaper::run(
+                    keys.clone(),
+                    redis.clone(),
+                    pg.clone(),
+                    interval,
+                    paused.clone(),
+                    stop.clone(),
+                )
+            });
+        let (cfg, pg, wake, stop) = (
             pipeline.cfg.clone(),
             pipeline.pg.clone(),
             pipeline.outbox_wake.clone(),
             shutdown.clone(),
-        ));
+        );
+        health
+            .tasks
+            .spawn(&background, "outbox_relay", shutdown.clone(), move || {
+                outbox::run(cfg.clone(), pg.clone(), wake.clone(), stop.clone())
+            });
+        background.close();
 
         let mut links = Reconnect::new("worker", Backoff::BACKGROUND).already_open();
         loop {
@@ -143,8 +164,7 @@ impl Worker {
         }
         session.close().await;
         shutdown.cancel();
-        let _ = reaper.await;
-        let _ = relay.await;
+        background.wait().await;
         http.await?;
         Ok(())
     }
@@ -159,9 +179,13 @@ fn health_router(h: Health) -> Router {
 }
 
 async fn readyz(State(h): State<Health>) -> axum::response::Response {
-    let (ready, body) =
-        floodgate_common::health::readiness(&h.redis, &h.pg, h.amqp_up.load(Ordering::Relaxed))
-            .await;
+    let (ready, body) = floodgate_common::health::readiness(
+        &h.redis,
+        &h.pg,
+        h.amqp_up.load(Ordering::Relaxed),
+        &h.tasks,
+    )
+    .await;
     floodgate_common::health::response(ready, body)
 }
 

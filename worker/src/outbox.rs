@@ -36,17 +36,20 @@ const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Test hook: `FLOODGATE_TEST_FAILPOINT=outbox_before_publish|outbox_after_publish`
 /// aborts the process at that point of the first non-empty pass, so the crash-window
-/// tests can kill a real relay exactly there. Read once; never set in production.
+/// tests can kill a real relay exactly there; `outbox_panic` panics at the start of every
+/// pass (the supervision test). Read once; never set in production.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failpoint {
     BeforePublish,
     AfterPublish,
+    Panic,
 }
 
 fn failpoint() -> Option<Failpoint> {
     match std::env::var("FLOODGATE_TEST_FAILPOINT").ok()?.as_str() {
         "outbox_before_publish" => Some(Failpoint::BeforePublish),
         "outbox_after_publish" => Some(Failpoint::AfterPublish),
+        "outbox_panic" => Some(Failpoint::Panic),
         _ => None,
     }
 }
@@ -152,6 +155,7 @@ async fn relay(
 /// One transaction: take the relay lock, lock up to [`BATCH`] rows, publish them, wait for every confirm,
 /// delete them. Returns how many rows went out.
 async fn pass(pg: &Pool, session: &Session, armed: Option<Failpoint>) -> Result<usize, PassError> {
+    assert!(armed != Some(Failpoint::Panic), "failpoint outbox_panic");
     let db_err = |e: tokio_postgres::Error| PassError::Db(e.into());
     let mut db = pg.get().await.map_err(|e| PassError::Db(e.into()))?;
     let tx = db.transaction().await.map_err(db_err)?;

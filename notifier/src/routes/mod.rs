@@ -37,6 +37,8 @@ pub struct AppState {
     /// For the order-topic lookup only.
     pub pg: Pool,
     pub sources: SourceHealth,
+    /// The background tasks `/readyz` reports (stock sampler, event consumer).
+    pub supervisor: floodgate_common::supervise::Supervisor,
     /// Fired on shutdown: every stream ends with a `shutting_down` close.
     pub shutdown: CancellationToken,
 }
@@ -61,7 +63,8 @@ async fn readyz(State(st): State<AppState>) -> axum::response::Response {
         .sources
         .amqp_up
         .load(std::sync::atomic::Ordering::Relaxed);
-    let (ready, mut body) = floodgate_common::health::readiness(&st.redis, &st.pg, amqp).await;
+    let (ready, mut body) =
+        floodgate_common::health::readiness(&st.redis, &st.pg, amqp, &st.supervisor).await;
     body["subscribers"] = json!(st.hub.subscribers());
     floodgate_common::health::response(ready, body)
 }
