@@ -14,7 +14,7 @@
 
 use floodgate_common::{
     amqp::OrderEvent,
-    auth::Caller,
+    auth::{self, Caller},
     domain::{OrderId, OrderStatus, UserId},
     telemetry::names,
 };
@@ -24,6 +24,7 @@ use std::{
         Arc, Mutex, OnceLock, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc};
@@ -116,6 +117,10 @@ pub enum CloseReason {
     Resync,
     /// The subscription was refused (bad topic, not allowed) before it streamed.
     Rejected,
+    /// The token it was opened with expired (plus the verification leeway): order events
+    /// are for callers whose token is valid, so the stream ends and the client reconnects
+    /// with a fresh token.
+    TokenExpired,
 }
 
 impl CloseReason {
@@ -127,6 +132,7 @@ impl CloseReason {
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::Resync => "resync",
             CloseReason::Rejected => "rejected",
+            CloseReason::TokenExpired => "token_expired",
         }
     }
 
@@ -144,6 +150,7 @@ impl CloseReason {
                  reconnect to read the current status"
             }
             CloseReason::Rejected => "the subscription was refused",
+            CloseReason::TokenExpired => "the token expired; reconnect with a fresh one",
         }
     }
 }
@@ -381,12 +388,37 @@ impl Hub {
             .subs
             .insert(shared.id, shared.clone());
         metrics::gauge!(names::SUBSCRIBERS, "transport" => transport.as_str()).increment(1.0);
+        self.close_at_expiry(&shared);
         Ok(Subscription {
             hub: self.clone(),
             shared,
             orders: rx,
             stock_turn: false,
         })
+    }
+
+    /// Closes `sub` with [`CloseReason::TokenExpired`] once its caller's token expired
+    /// (`exp` plus the leeway verification allows). Nothing to do without a token.
+    fn close_at_expiry(&self, sub: &Arc<Shared>) {
+        let Some(caller) = &sub.caller else { return };
+        let ends = caller.expires_at.saturating_add(auth::LEEWAY_SECS);
+        let left = Duration::from_secs(ends.saturating_sub(auth::now_secs()));
+        // A token good for more than a year is, for a stream, one that never expires.
+        if left > Duration::from_secs(365 * 86_400) {
+            return;
+        }
+        let (hub, sub) = (self.clone(), Arc::downgrade(sub));
+        let Some(dropped) = sub.upgrade().map(|s| s.dropped.clone()) else { return };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = dropped.cancelled() => {}
+                _ = tokio::time::sleep(left) => {
+                    if let Some(sub) = sub.upgrade() {
+                        hub.close(&sub, CloseReason::TokenExpired);
+                    }
+                }
+            }
+        });
     }
 
     /// New stock levels from the sampler; only those that differ from the last known

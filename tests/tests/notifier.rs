@@ -820,3 +820,39 @@ async fn a_websocket_that_never_answers_pings_is_closed() {
         "counted as a ping timeout"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_token_expires_is_closed_with_token_expired() {
+    let app = with_notifier().await;
+    app.create_sku("tee", 5, None).await;
+    // Valid for two more seconds; streams end once exp plus the leeway has passed.
+    let exp = floodgate_common::auth::now_secs() + 2;
+    let token = floodgate_common::auth::mint_expiring_at(
+        app.cfg.jwt_secret.expose(),
+        &floodgate_common::domain::UserId::parse("alice").unwrap(),
+        floodgate_common::domain::Role::Customer,
+        exp,
+    );
+    let mut sse = Sse::connect(&app.client, &stream_url(&app, "orders:mine", Some(&token)))
+        .await
+        .expect("stream");
+    let mut ws = Ws::connect(&ws_url(&app, Some(&token))).await.expect("ws");
+    ws.send(&json!({"subscribe": ["orders:mine"]})).await;
+    assert_eq!(ws.next(Duration::from_secs(5)).await.unwrap()["type"], "subscribed");
+
+    let wait = Duration::from_secs(2 + floodgate_common::auth::LEEWAY_SECS + 20);
+    let ended = loop {
+        match sse.next(wait).await {
+            Some(e) if e.name == "error" => break e,
+            Some(_) => continue,
+            None => panic!("the stream outlived its token"),
+        }
+    };
+    assert_eq!(ended.data["code"], "token_expired", "{:?}", ended.data);
+    while ws.next(wait).await.is_some() {}
+    let (code, reason) = ws.closed.clone().expect("a close frame");
+    assert_eq!(code, 4401, "{reason}");
+    assert!(reason.starts_with("token_expired"), "{reason}");
+    // Never before the token expired.
+    assert!(floodgate_common::auth::now_secs() >= exp);
+}

@@ -162,6 +162,8 @@ fn close_for(r: CloseReason) -> End {
         CloseReason::ShuttingDown | CloseReason::PingTimeout => 1001,
         CloseReason::SlowConsumer | CloseReason::Resync | CloseReason::Rejected => 1008,
         CloseReason::ProtocolError => 1003,
+        // As a refused subscription without a valid token would be.
+        CloseReason::TokenExpired => 4401,
     };
     End::Close(code, truncate(format!("{}: {}", r.code(), r.detail()), 123))
 }
