@@ -408,7 +408,9 @@ impl Hub {
             return;
         }
         let (hub, sub) = (self.clone(), Arc::downgrade(sub));
-        let Some(dropped) = sub.upgrade().map(|s| s.dropped.clone()) else { return };
+        let Some(dropped) = sub.upgrade().map(|s| s.dropped.clone()) else {
+            return;
+        };
         tokio::spawn(async move {
             tokio::select! {
                 _ = dropped.cancelled() => {}
@@ -424,11 +426,37 @@ impl Hub {
     /// New stock levels from the sampler; only those that differ from the last known
     /// level are passed on. Returns how many changed.
     pub fn publish_stock(&self, levels: Vec<(String, i64)>, at: OffsetDateTime) -> usize {
+        self.offer_levels(levels, at, false)
+    }
+
+    /// True once the hub has a level for `sku`.
+    pub fn knows_sku(&self, sku: &str) -> bool {
+        self.inner
+            .levels
+            .read()
+            .expect("levels lock")
+            .contains_key(sku)
+    }
+
+    /// Levels read from Redis for SKUs the sampler has not reported yet (one created a
+    /// moment ago): taken only where the hub has no level, so a sample that arrived
+    /// meanwhile is never overwritten by this older read.
+    pub fn learn_skus(&self, levels: Vec<(String, i64)>, at: OffsetDateTime) -> usize {
+        self.offer_levels(levels, at, true)
+    }
+
+    fn offer_levels(
+        &self,
+        levels: Vec<(String, i64)>,
+        at: OffsetDateTime,
+        only_new: bool,
+    ) -> usize {
         let mut changed = Vec::new();
         {
             let mut known = self.inner.levels.write().expect("levels lock");
             for (sku, available) in levels {
-                if known.get(&sku).is_some_and(|l| l.available == available) {
+                let old = known.get(&sku);
+                if old.is_some_and(|l| only_new || l.available == available) {
                     continue;
                 }
                 let level = StockLevel::new(sku.clone(), available, at);
@@ -436,7 +464,9 @@ impl Hub {
                 changed.push(level);
             }
         }
-        self.inner.levels_loaded.store(true, Ordering::Relaxed);
+        if !only_new {
+            self.inner.levels_loaded.store(true, Ordering::Relaxed);
+        }
         if changed.is_empty() {
             return 0;
         }

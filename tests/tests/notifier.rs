@@ -838,7 +838,10 @@ async fn a_stream_whose_token_expires_is_closed_with_token_expired() {
         .expect("stream");
     let mut ws = Ws::connect(&ws_url(&app, Some(&token))).await.expect("ws");
     ws.send(&json!({"subscribe": ["orders:mine"]})).await;
-    assert_eq!(ws.next(Duration::from_secs(5)).await.unwrap()["type"], "subscribed");
+    assert_eq!(
+        ws.next(Duration::from_secs(5)).await.unwrap()["type"],
+        "subscribed"
+    );
 
     let wait = Duration::from_secs(2 + floodgate_common::auth::LEEWAY_SECS + 20);
     let ended = loop {
@@ -855,4 +858,38 @@ async fn a_stream_whose_token_expires_is_closed_with_token_expired() {
     assert!(reason.starts_with("token_expired"), "{reason}");
     // Never before the token expired.
     assert!(floodgate_common::auth::now_secs() >= exp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sku_is_subscribable_the_moment_it_exists() {
+    // A slow sampler: without asking Redis the notifier would call the SKU unknown for
+    // up to five seconds after it was created.
+    let app = TestApp::spawn_with(Options {
+        notifier: true,
+        tweak: Box::new(|c| c.stock_interval = Duration::from_secs(5)),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("first", 3, None).await;
+    // Let the sampler's first read load the levels (so unknown SKUs are refused at all).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let ghost = Sse::connect(&app.client, &stream_url(&app, "stock:ghost", None)).await;
+    assert_eq!(
+        ghost.err().map(|(s, b)| (s, b["code"].clone())),
+        Some((404, json!("unknown_sku")))
+    );
+
+    app.create_sku("fresh", 7, None).await;
+    let mut sse = Sse::connect(&app.client, &stream_url(&app, "stock:fresh", None))
+        .await
+        .expect("a SKU that exists is subscribable at once");
+    let first = sse.next(WAIT).await.expect("its level");
+    assert_eq!(
+        (first.data["sku"].clone(), first.data["available"].clone()),
+        (json!("fresh"), json!(7))
+    );
+    let mut ws = Ws::connect(&ws_url(&app, None)).await.expect("ws");
+    app.create_sku("fresher", 2, None).await;
+    ws.send(&json!({"subscribe": ["stock:fresher"]})).await;
+    assert_eq!(ws.next(WAIT).await.unwrap()["type"], "subscribed");
 }

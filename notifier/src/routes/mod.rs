@@ -95,6 +95,29 @@ async fn subscribe(
     topics: &[Topic],
 ) -> Result<(), ApiError> {
     let held = sub.topics();
+    // A SKU created a moment ago may not have reached the stock sampler yet (up to one
+    // interval): ask Redis before calling it unknown.
+    let unseen: Vec<&floodgate_common::domain::Sku> = topics
+        .iter()
+        .filter_map(|t| match t {
+            Topic::Stock(sku) if !st.hub.knows_sku(sku.as_str()) => Some(sku),
+            _ => None,
+        })
+        .collect();
+    if !unseen.is_empty() {
+        let mut redis = st.redis.clone();
+        if let Ok(levels) = floodgate_common::redis::available(&mut redis, &st.keys, &unseen).await
+        {
+            let found: Vec<(String, i64)> = unseen
+                .iter()
+                .zip(levels)
+                .filter_map(|(sku, level)| level.map(|l| (sku.to_string(), l)))
+                .collect();
+            if !found.is_empty() {
+                st.hub.learn_skus(found, time::OffsetDateTime::now_utc());
+            }
+        }
+    }
     if let Err(e) = sub.add(topics) {
         sub.close(CloseReason::Rejected);
         return Err(e.into());
