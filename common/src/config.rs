@@ -105,6 +105,15 @@ pub struct Config {
     pub rate_limit_per_sec: u32,
     /// Burst allowed above the per-user rate.
     pub rate_limit_burst: u32,
+    /// Requests one ingress works on at once (`FLOODGATE_MAX_IN_FLIGHT`); past it a
+    /// request is shed at once with 503 and `Retry-After`, never queued.
+    pub max_in_flight: usize,
+    /// Requests per second per client IP on the public, unauthenticated routes (stock
+    /// reads, stream subscriptions), `FLOODGATE_IP_RATE_LIMIT_PER_SEC`; 0 turns it off
+    /// (behind a proxy every client has the proxy's address: limit there instead).
+    pub ip_rate_limit_per_sec: u32,
+    /// Burst allowed above the per-IP rate.
+    pub ip_rate_limit_burst: u32,
     /// Unacknowledged deliveries a worker holds at once.
     pub worker_prefetch: u16,
     /// Orders committed in one transaction at most.
@@ -214,6 +223,9 @@ impl Config {
             publish_channels: parsed(&get, "FLOODGATE_PUBLISH_CHANNELS", 4)?,
             rate_limit_per_sec: parsed(&get, "FLOODGATE_RATE_LIMIT_PER_SEC", 20)?,
             rate_limit_burst: parsed(&get, "FLOODGATE_RATE_LIMIT_BURST", 40)?,
+            max_in_flight: parsed(&get, "FLOODGATE_MAX_IN_FLIGHT", 1_024)?,
+            ip_rate_limit_per_sec: parsed(&get, "FLOODGATE_IP_RATE_LIMIT_PER_SEC", 50)?,
+            ip_rate_limit_burst: parsed(&get, "FLOODGATE_IP_RATE_LIMIT_BURST", 200)?,
             worker_prefetch: parsed(&get, "FLOODGATE_WORKER_PREFETCH", 1000)?,
             batch_size: parsed(&get, "FLOODGATE_BATCH_SIZE", 200)?,
             batch_max_wait: ms("FLOODGATE_BATCH_MAX_WAIT_MS", 20)?,
@@ -255,6 +267,9 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
+        if self.max_in_flight == 0 {
+            return bad("FLOODGATE_MAX_IN_FLIGHT", "must be at least 1");
+        }
         if self.publish_channels == 0 {
             return bad("FLOODGATE_PUBLISH_CHANNELS", "must be at least 1");
         }

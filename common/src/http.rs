@@ -32,7 +32,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use serde_json::Map;
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
@@ -244,6 +244,92 @@ async fn problem_errors(req: Request, next: Next) -> Response {
         }
     }
     fixed
+}
+
+/// Sheds requests past a fixed number in flight: 503 `unavailable` with `Retry-After`
+/// at once, instead of a queue whose wait grows with the crowd.
+#[derive(Clone)]
+pub struct InFlight {
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl InFlight {
+    pub fn new(max: usize) -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+        }
+    }
+
+    /// The middleware (`axum::middleware::from_fn_with_state`).
+    pub async fn layer(
+        axum::extract::State(me): axum::extract::State<InFlight>,
+        req: Request,
+        next: Next,
+    ) -> Response {
+        let Ok(_permit) = me.permits.clone().try_acquire_owned() else {
+            metrics::counter!(crate::telemetry::names::SHED, "reason" => "in_flight").increment(1);
+            return problem::response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "overloaded: too many requests in flight; retry shortly",
+                Map::new(),
+                Some(1),
+            );
+        };
+        next.run(req).await
+    }
+}
+
+/// Requests per second per client IP, for public routes that need no token.
+#[derive(Clone)]
+pub struct PerIp {
+    limiter: Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+}
+
+impl PerIp {
+    /// None when `per_sec` is 0 (off).
+    pub fn new(per_sec: u32, burst: u32) -> Option<Self> {
+        let rate = std::num::NonZeroU32::new(per_sec)?;
+        let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+        let limiter = Arc::new(governor::DefaultKeyedRateLimiter::keyed(
+            governor::Quota::per_second(rate).allow_burst(burst),
+        ));
+        // Forget idle addresses, so memory follows the clients of the last minute.
+        let weak = Arc::downgrade(&limiter);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(l) = weak.upgrade() else { break };
+                l.retain_recent();
+            }
+        });
+        Some(Self { limiter })
+    }
+
+    /// The middleware (`axum::middleware::from_fn_with_state`); a request without a
+    /// known peer (another server) passes.
+    pub async fn layer(
+        axum::extract::State(me): axum::extract::State<Option<PerIp>>,
+        req: Request,
+        next: Next,
+    ) -> Response {
+        if let (Some(me), Some(peer)) = (&me, peer(&req))
+            && let Err(not_until) = me.limiter.check_key(&peer.ip())
+        {
+            use governor::clock::Clock;
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            metrics::counter!(crate::telemetry::names::SHED, "reason" => "per_ip").increment(1);
+            return problem::response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this address; retry after the wait",
+                Map::new(),
+                Some(wait.as_secs().max(1)),
+            );
+        }
+        next.run(req).await
+    }
 }
 
 /// HTTP methods as a metric label: a closed set, so a client inventing methods cannot

@@ -28,6 +28,8 @@ pub mod names {
     pub const RECONNECTS: &str = "floodgate_amqp_reconnects_total";
     /// By `task`: supervised background tasks that panicked or ended unexpectedly.
     pub const TASK_FAILURES: &str = "floodgate_task_failures_total";
+    /// By `reason` (in_flight, per_ip): requests refused at the edge before any work.
+    pub const SHED: &str = "floodgate_http_shed_total";
     pub const OUTBOX_RELAYED: &str = "floodgate_outbox_relayed_total";
     /// Broker messages the relay published for them (a run of events is one message).
     pub const OUTBOX_MESSAGES: &str = "floodgate_outbox_messages_total";

@@ -19,6 +19,7 @@ use axum::{
 use floodgate_common::{
     auth::Caller,
     domain::{IdempotencyKey, OrderId, Sku},
+    http::{InFlight, PerIp},
     telemetry::{self, names},
 };
 use serde_json::{Value, json};
@@ -26,16 +27,30 @@ use std::{collections::HashMap, time::Instant};
 
 pub fn router(state: AppState) -> Router {
     let cors = cors(&state.cfg.cors_origins);
-    let router = Router::new()
+    let per_ip = PerIp::new(
+        state.cfg.ip_rate_limit_per_sec,
+        state.cfg.ip_rate_limit_burst,
+    );
+    let in_flight = InFlight::new(state.cfg.max_in_flight);
+    // Public and tokenless: bounded per client address.
+    let public = Router::new()
+        .route("/v1/stock/{sku}", get(stock_one))
+        .route("/v1/stock", get(stock_many))
+        .route_layer(middleware::from_fn_with_state(per_ip, PerIp::layer));
+    // Every API request counts against the in-flight bound; health and metrics do not,
+    // so an overloaded ingress can still be watched.
+    let api = Router::new()
         .route("/v1/orders", post(place_order))
         .route("/v1/orders/{id}", get(get_order))
         .route("/v1/orders/{id}/cancel", post(cancel_order))
-        .route("/v1/stock/{sku}", get(stock_one))
-        .route("/v1/stock", get(stock_many))
         .route("/v1/skus", post(create_sku))
         .route("/v1/skus/{sku}", get(get_sku))
         .route("/v1/skus/{sku}/receive", post(receive))
         .route("/v1/skus/{sku}/movements", get(movements))
+        .merge(public)
+        .route_layer(middleware::from_fn_with_state(in_flight, InFlight::layer));
+    let router = Router::new()
+        .merge(api)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -224,6 +224,8 @@ impl TestApp {
             }
             "FLOODGATE_JWT_SECRET" => Some(format!("test-secret-{ns}-0123456789abcdef0123456789")),
             "FLOODGATE_RATE_LIMIT_PER_SEC" => Some("0".into()),
+            // Every test client is 127.0.0.1; the per-IP test turns it on.
+            "FLOODGATE_IP_RATE_LIMIT_PER_SEC" => Some("0".into()),
             "FLOODGATE_DB_POOL_SIZE" => Some("8".into()),
             k => std::env::var(k).ok(),
         })

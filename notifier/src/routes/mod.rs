@@ -44,9 +44,18 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    use floodgate_common::http::PerIp;
+    // Stream subscriptions need no token: bounded per client address.
+    let per_ip = PerIp::new(
+        state.cfg.ip_rate_limit_per_sec,
+        state.cfg.ip_rate_limit_burst,
+    );
+    let streams = Router::new()
         .route("/v1/stream", get(sse::stream))
         .route("/v1/ws", get(ws::upgrade))
+        .route_layer(axum::middleware::from_fn_with_state(per_ip, PerIp::layer));
+    Router::new()
+        .merge(streams)
         .route("/", get(page::index))
         .route("/assets/app.js", get(page::script))
         .route("/assets/app.css", get(page::style))
