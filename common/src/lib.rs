@@ -14,6 +14,8 @@
 //! - [`stock`] - loading Redis stock levels from PostgreSQL, the system of record.
 //! - [`health`] - the `/readyz` probes every service shares.
 //! - [`problem`] - problem+json error responses and the bearer token of a request.
+//! - [`openapi`] - what the services' OpenAPI documents share: the problem schema, error
+//!   responses built from each service's error type, security schemes, domain schemas.
 //! - [`dlq`] - reading and replaying the dead-letter queue.
 //! - [`reconcile`] - checking and repairing the invariants between Redis and PostgreSQL.
 //! - [`retry`] - waiting for a server to come back: jittered backoff, cancellable.
@@ -29,6 +31,7 @@ pub mod dlq;
 pub mod domain;
 pub mod health;
 pub mod http;
+pub mod openapi;
 pub mod problem;
 pub mod process;
 pub mod reconcile;

@@ -60,7 +60,7 @@ fn missing(name: &str) -> ApiError {
 }
 
 /// A SKU with its live availability.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SkuView {
     #[serde(flatten)]
     pub row: SkuRow,
@@ -139,7 +139,7 @@ pub async fn get(st: &AppState, sku: &str) -> Result<SkuView, ApiError> {
     Ok(SkuView { row, available })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Received {
     pub sku: String,
     pub on_hand: i64,
@@ -187,7 +187,7 @@ pub async fn receive(
     })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct MovementsPage {
     pub movements: Vec<repo::Movement>,
     pub next_cursor: Option<String>,

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 /// The request body as sent; any shape error is 400 before this exists.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct OrderRequest {
+    /// 1-50 lines, no SKU twice.
+    #[schema(schema_with = floodgate_common::openapi::order_lines_schema)]
     pub items: Vec<LineRequest>,
 }
 
@@ -48,17 +50,22 @@ fn at(i: usize, field: &str, e: Invalid) -> ApiError {
 }
 
 /// What API.md answers for an order.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OrderView {
     pub order_id: OrderId,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub user_id: Option<String>,
     pub status: OrderStatus,
     pub items: Vec<OrderLine>,
+    #[schema(format = DateTime)]
     pub accepted_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, format = DateTime)]
     pub confirmed_at: Option<String>,
+    /// Why a `failed` order failed (`reservation_expired`, `insufficient_stock`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub reason: Option<String>,
 }
 

@@ -63,7 +63,7 @@ pub async fn order(pool: &Pool, id: &OrderId) -> anyhow::Result<Option<OrderRow>
 }
 
 /// A SKU as admins see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SkuRow {
     pub sku: String,
     pub name: String,
@@ -186,12 +186,17 @@ pub async fn receive(
     Ok(Some(on_hand))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Movement {
     pub id: String,
+    #[schema(
+        pattern = "^(receive|sale|release|cancel|adjust)$",
+        example = "receive"
+    )]
     pub kind: String,
     pub qty: i64,
     pub reference: String,
+    #[schema(format = DateTime)]
     pub at: String,
 }
 

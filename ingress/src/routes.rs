@@ -1,4 +1,7 @@
-//! The HTTP surface: handlers extract and delegate, nothing more.
+//! The HTTP surface: handlers extract and delegate, nothing more. Each handler's
+//! `#[utoipa::path]` is its entry in the OpenAPI document ([`openapi`]).
+
+pub mod openapi;
 
 use crate::{
     catalog,
@@ -51,9 +54,10 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(in_flight, InFlight::layer));
     let router = Router::new()
         .merge(api)
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(openapi::router())
         .fallback(|| async { ApiError::NoSuchEndpoint })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(track))
@@ -120,6 +124,20 @@ fn rejected(e: ApiError) -> ApiError {
     e
 }
 
+#[utoipa::path(
+    post, path = "/v1/orders", tag = "orders", security(("bearer" = [])),
+    summary = "Place an order: reserve every line or none, queue it durably",
+    params(("Idempotency-Key" = Option<IdempotencyKey>, Header, nullable = false,
+        description = "the same key and body from the same user answers the first order again")),
+    request_body = OrderRequest,
+    responses(
+        (status = 202, description = "reserved and durably queued (or a repeat of a queued order)",
+            body = orders::OrderView, headers(("Location" = String, description = "`/v1/orders/{id}`"))),
+        (status = 200, description = "a repeated Idempotency-Key whose order has moved on",
+            body = orders::OrderView, headers(("Location" = String, description = "`/v1/orders/{id}`"))),
+        openapi::PlaceOrderErrors,
+    ),
+)]
 async fn place_order(
     State(st): State<AppState>,
     caller: Caller,
@@ -164,6 +182,12 @@ async fn place_order(
     }
 }
 
+#[utoipa::path(
+    get, path = "/v1/orders/{id}", tag = "orders", security(("bearer" = [])),
+    summary = "An order's status (its owner or an admin; anyone else gets 404)",
+    params(("id" = OrderId, Path)),
+    responses((status = 200, body = orders::OrderView), openapi::GetOrderErrors),
+)]
 async fn get_order(
     State(st): State<AppState>,
     caller: Caller,
@@ -176,6 +200,13 @@ async fn get_order(
         .ok_or(ApiError::OrderNotFound)
 }
 
+#[utoipa::path(
+    post, path = "/v1/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
+    summary = "Cancel an order: its stock returns to sale (idempotent)",
+    params(("id" = OrderId, Path)),
+    responses((status = 200, description = "the order, `cancelled`", body = orders::OrderView),
+        openapi::CancelOrderErrors),
+)]
 async fn cancel_order(
     State(st): State<AppState>,
     caller: Caller,
@@ -188,6 +219,12 @@ async fn cancel_order(
         .ok_or(ApiError::OrderNotFound)
 }
 
+#[utoipa::path(
+    get, path = "/v1/stock/{sku}", tag = "stock", security(()),
+    summary = "One SKU's live stock level",
+    params(("sku" = Sku, Path)),
+    responses((status = 200, body = openapi::StockLevel), openapi::StockOneErrors),
+)]
 async fn stock_one(
     State(st): State<AppState>,
     Path(sku): Path<String>,
@@ -201,6 +238,12 @@ async fn stock_one(
     Ok(Json(json!({"sku": sku, "available": available})))
 }
 
+#[utoipa::path(
+    get, path = "/v1/stock", tag = "stock", security(()),
+    summary = "Several SKUs' live stock levels; unknown SKUs are left out",
+    params(("skus" = String, Query, description = "comma-separated SKU ids, at most 100")),
+    responses((status = 200, body = openapi::StockLevels), openapi::StockManyErrors),
+)]
 async fn stock_many(
     State(st): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
@@ -233,6 +276,16 @@ async fn stock_many(
     Ok(Json(json!({ "stock": stock })))
 }
 
+#[utoipa::path(
+    post, path = "/v1/skus", tag = "skus", security(("bearer" = [])),
+    summary = "Create a SKU with its initial stock (admin)",
+    request_body = openapi::NewSku,
+    responses(
+        (status = 201, body = catalog::SkuView,
+            headers(("Location" = String, description = "`/v1/skus/{sku}`"))),
+        openapi::CreateSkuErrors,
+    ),
+)]
 async fn create_sku(
     State(st): State<AppState>,
     _admin: Admin,
@@ -247,6 +300,12 @@ async fn create_sku(
     ))
 }
 
+#[utoipa::path(
+    get, path = "/v1/skus/{sku}", tag = "skus", security(("bearer" = [])),
+    summary = "A SKU with its stock (admin)",
+    params(("sku" = Sku, Path)),
+    responses((status = 200, body = catalog::SkuView), openapi::GetSkuErrors),
+)]
 async fn get_sku(
     State(st): State<AppState>,
     _admin: Admin,
@@ -255,6 +314,13 @@ async fn get_sku(
     catalog::get(&st, &sku).await.map(Json)
 }
 
+#[utoipa::path(
+    post, path = "/v1/skus/{sku}/receive", tag = "skus", security(("bearer" = [])),
+    summary = "Goods received: add units (admin; idempotent per reference)",
+    params(("sku" = Sku, Path)),
+    request_body = openapi::Receipt,
+    responses((status = 200, body = catalog::Received), openapi::ReceiveErrors),
+)]
 async fn receive(
     State(st): State<AppState>,
     _admin: Admin,
@@ -264,6 +330,16 @@ async fn receive(
     catalog::receive(&st, &sku, &body).await.map(Json)
 }
 
+#[utoipa::path(
+    get, path = "/v1/skus/{sku}/movements", tag = "skus", security(("bearer" = [])),
+    summary = "A SKU's ledger, newest first (admin)",
+    params(
+        ("sku" = Sku, Path),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "default 50"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses((status = 200, body = catalog::MovementsPage), openapi::MovementsErrors),
+)]
 async fn movements(
     State(st): State<AppState>,
     _admin: Admin,
@@ -280,6 +356,15 @@ async fn movements(
     .map(Json)
 }
 
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    summary = "Whether Redis, RabbitMQ and PostgreSQL are reachable",
+    responses(
+        (status = 200, description = "ready", body = floodgate_common::openapi::Readiness),
+        (status = 503, description = "a dependency is down (named in `down`)",
+            body = floodgate_common::openapi::Readiness),
+    ),
+)]
 async fn readyz(State(st): State<AppState>) -> Response {
     let (ready, body) = floodgate_common::health::readiness(
         &st.redis,
@@ -291,6 +376,21 @@ async fn readyz(State(st): State<AppState>) -> Response {
     floodgate_common::health::response(ready, body)
 }
 
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text exposition format",
+        content_type = "text/plain", body = String)),
+)]
 async fn metrics() -> Response {
     telemetry::metrics_response()
+}
+
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    summary = "The process is up",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)),
+)]
+async fn healthz() -> &'static str {
+    "ok"
 }

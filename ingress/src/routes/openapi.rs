@@ -1,0 +1,272 @@
+//! Ingress's OpenAPI 3.1 document, generated from the handlers' `#[utoipa::path]`
+//! attributes, served at `GET /openapi.json` with Swagger UI at `GET /docs`.
+//!
+//! Every error response is built from [`ApiError`] values, so its status and `code` are
+//! the ones `ApiError::status` and `ApiError::code` answer, not a copy of them. The
+//! committed `docs/openapi-ingress.json` must equal [`document`]: the `openapi` test
+//! fails otherwise (`UPDATE_OPENAPI=1 cargo test -p floodgate-ingress openapi` rewrites
+//! it), so every contract change shows in review.
+
+use super::*;
+use crate::catalog::{MAX_INITIAL_STOCK, MAX_RECEIVE};
+use floodgate_common::openapi::{BearerAuth, ProblemDoc, problems};
+use std::collections::BTreeMap;
+use utoipa::{
+    IntoResponses, OpenApi, ToSchema,
+    openapi::{RefOr, response::Response},
+};
+use utoipa_swagger_ui::SwaggerUi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "floodgate ingress",
+        description = "Flash-sale order intake: orders are decided atomically in Redis, \
+                       durably queued, then committed by the worker. The contract is API.md.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(
+        place_order,
+        get_order,
+        cancel_order,
+        stock_one,
+        stock_many,
+        create_sku,
+        get_sku,
+        receive,
+        movements,
+        healthz,
+        readyz,
+        metrics,
+        openapi_json,
+    ),
+    components(schemas(floodgate_common::openapi::Problem)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "orders", description = "placing, reading and cancelling orders"),
+        (name = "stock", description = "public stock levels"),
+        (name = "skus", description = "admin: the catalog and goods received"),
+        (name = "operations", description = "health, readiness, metrics, this document"),
+    ),
+)]
+struct ApiDoc;
+
+/// The document, as served and committed.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// `GET /openapi.json` and Swagger UI at `/docs` (its assets are compiled in).
+pub fn router() -> Router<AppState> {
+    SwaggerUi::new("/docs")
+        .url("/openapi.json", document())
+        .into()
+}
+
+/// The document itself (the route is Swagger UI's; this documents it).
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "this OpenAPI 3.1 document", content_type = "application/json", body = Object)),
+)]
+#[allow(dead_code)]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(document())
+}
+
+impl From<ApiError> for ProblemDoc {
+    fn from(e: ApiError) -> Self {
+        ProblemDoc {
+            status: e.status().as_u16(),
+            code: e.code(),
+            retry_after: e.retry_after().is_some(),
+        }
+    }
+}
+
+/// Declares the error responses of one operation as a list of [`ApiError`] values.
+macro_rules! errors {
+    ($(#[$m:meta])* $name:ident: $($e:expr),+ $(,)?) => {
+        $(#[$m])*
+        pub(super) struct $name;
+
+        impl IntoResponses for $name {
+            fn responses() -> BTreeMap<String, RefOr<Response>> {
+                use ApiError::*;
+                problems([$(ProblemDoc::from($e)),+])
+            }
+        }
+    };
+}
+
+fn s() -> String {
+    String::new()
+}
+
+errors!(
+    /// A body read by `JsonBody`: wrong media type, too large, not the right JSON.
+    PlaceOrderErrors:
+    Malformed(s()),
+    Unauthorized,
+    SoldOut { sku: s(), available: 0 },
+    TooLarge,
+    UnsupportedMediaType,
+    InvalidOrder(s()),
+    UnknownSku { sku: s() },
+    LimitExceeded { sku: s(), limit: 0, already: 0 },
+    IdempotencyKeyReused,
+    RateLimited { retry_after_secs: 1 },
+    Unavailable(s()),
+);
+
+errors!(GetOrderErrors: Unauthorized, OrderNotFound, Unavailable(s()));
+
+errors!(
+    CancelOrderErrors:
+    Unauthorized,
+    OrderNotFound,
+    NotCancellable(s()),
+    Unavailable(s()),
+);
+
+errors!(StockOneErrors: SkuNotFound { sku: s() }, Unavailable(s()));
+
+errors!(StockManyErrors: InvalidRequest(s()), Unavailable(s()));
+
+errors!(
+    CreateSkuErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden,
+    SkuExists { sku: s() },
+    TooLarge,
+    UnsupportedMediaType,
+    InvalidRequest(s()),
+);
+
+errors!(GetSkuErrors: Unauthorized, Forbidden, SkuNotFound { sku: s() });
+
+errors!(
+    ReceiveErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden,
+    SkuNotFound { sku: s() },
+    TooLarge,
+    UnsupportedMediaType,
+    InvalidRequest(s()),
+);
+
+errors!(
+    MovementsErrors:
+    Unauthorized,
+    Forbidden,
+    SkuNotFound { sku: s() },
+    InvalidRequest(s()),
+);
+
+/// One SKU's live level.
+#[derive(ToSchema)]
+#[allow(dead_code)] // the handler writes it with `json!`
+pub(super) struct StockLevel {
+    #[schema(value_type = floodgate_common::domain::Sku)]
+    sku: String,
+    /// Units that can still be ordered.
+    #[schema(minimum = 0)]
+    available: i64,
+}
+
+/// The known SKUs among those asked for.
+#[derive(ToSchema)]
+#[allow(dead_code)] // the handler writes it with `json!`
+pub(super) struct StockLevels {
+    stock: Vec<StockLevel>,
+}
+
+/// An integer in `min..=max`, from the limits the handlers check.
+fn int_in(min: i64, max: i64) -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::Integer)
+        .minimum(Some(min))
+        .maximum(Some(max))
+        .build()
+}
+
+fn initial_stock() -> utoipa::openapi::Object {
+    int_in(0, MAX_INITIAL_STOCK)
+}
+
+fn receipt_qty() -> utoipa::openapi::Object {
+    int_in(1, MAX_RECEIVE)
+}
+
+// The handler reads this body as a map, so that a wrong field is a 422 naming it
+// (API.md) rather than serde's 400; this is the shape it accepts.
+/// A new SKU. A field that breaks a rule: 422 `invalid_request` naming it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct NewSku {
+    #[schema(value_type = floodgate_common::domain::Sku)]
+    sku: String,
+    /// 1-200 characters once trimmed.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    name: String,
+    #[schema(minimum = 0, maximum = 214_748_364_700_i64)]
+    price_cents: i64,
+    #[schema(schema_with = initial_stock)]
+    initial_stock: i64,
+    /// Units one buyer may hold; absent or null: no limit.
+    #[schema(minimum = 1, maximum = 1_000_000, format = Int64)]
+    per_user_limit: Option<i64>,
+}
+
+/// Goods received, idempotent per (sku, reference).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct Receipt {
+    #[schema(schema_with = receipt_qty)]
+    qty: i64,
+    #[schema(value_type = floodgate_common::domain::Reference)]
+    reference: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi-ingress.json");
+
+    /// The committed document is the generated one; `UPDATE_OPENAPI=1` rewrites it.
+    #[test]
+    fn openapi_document_is_committed() {
+        let generated = document()
+            .to_pretty_json()
+            .expect("the document serializes")
+            + "\n";
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(COMMITTED, &generated).expect("writing the committed document");
+            return;
+        }
+        let committed = std::fs::read_to_string(COMMITTED).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/openapi-ingress.json differs from the generated document; run \
+             `UPDATE_OPENAPI=1 cargo test -p floodgate-ingress openapi` and commit it"
+        );
+    }
+
+    #[test]
+    fn every_error_code_of_an_operation_is_listed_under_its_status() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let codes = &doc["paths"]["/v1/orders"]["post"]["responses"]["422"]["content"]["application/problem+json"]
+            ["schema"]["allOf"][1]["properties"]["code"]["enum"];
+        assert_eq!(
+            codes,
+            &serde_json::json!([
+                "idempotency_key_reused",
+                "invalid_order",
+                "limit_exceeded",
+                "unknown_sku"
+            ])
+        );
+    }
+}
