@@ -194,7 +194,7 @@ pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// The stable code of an error status that floodgate's own handlers did not answer.
-fn code_of(status: StatusCode) -> &'static str {
+pub fn code_of(status: StatusCode) -> &'static str {
     match status {
         StatusCode::BAD_REQUEST => "bad_request",
         StatusCode::UNAUTHORIZED => "unauthorized",

@@ -9,7 +9,10 @@
 
 use super::*;
 use crate::catalog::{MAX_INITIAL_STOCK, MAX_RECEIVE};
-use floodgate_common::openapi::{BearerAuth, ProblemDoc, problems};
+use floodgate_common::{
+    http::BODY_DEADLINE,
+    openapi::{BearerAuth, ProblemDoc, problems},
+};
 use std::collections::BTreeMap;
 use utoipa::{
     IntoResponses, OpenApi, ToSchema,
@@ -110,6 +113,7 @@ errors!(
     SoldOut { sku: s(), available: 0 },
     TooLarge,
     UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
     InvalidOrder(s()),
     UnknownSku { sku: s() },
     LimitExceeded { sku: s(), limit: 0, already: 0 },
@@ -140,6 +144,7 @@ errors!(
     SkuExists { sku: s() },
     TooLarge,
     UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
     InvalidRequest(s()),
 );
 
@@ -153,6 +158,7 @@ errors!(
     SkuNotFound { sku: s() },
     TooLarge,
     UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
     InvalidRequest(s()),
 );
 

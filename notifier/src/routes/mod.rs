@@ -1,6 +1,8 @@
 //! The HTTP surface: the two stream endpoints, the live page, health and metrics.
 //! Handlers extract and delegate; the subscribing logic both transports share is here.
+//! Each handler's `#[utoipa::path]` is its entry in the OpenAPI document ([`openapi`]).
 
+pub mod openapi;
 mod page;
 mod sse;
 mod ws;
@@ -60,13 +62,42 @@ pub fn router(state: AppState) -> Router {
         .route("/assets/app.js", get(page::script))
         .route("/assets/app.css", get(page::style))
         .route("/config.json", get(page::config))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { telemetry::metrics_response() }))
+        .route("/metrics", get(metrics))
+        .merge(openapi::router())
         .fallback(|| async { ApiError::NoSuchEndpoint })
         .with_state(state)
 }
 
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    summary = "The process is up",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)),
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text exposition format",
+        content_type = "text/plain", body = String)),
+)]
+async fn metrics() -> axum::response::Response {
+    telemetry::metrics_response()
+}
+
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    summary = "Whether Redis, RabbitMQ and PostgreSQL are reachable, and the subscriber count",
+    responses(
+        (status = 200, description = "ready", body = openapi::NotifierReadiness),
+        (status = 503, description = "a dependency is down (named in `down`)",
+            body = openapi::NotifierReadiness),
+    ),
+)]
 async fn readyz(State(st): State<AppState>) -> axum::response::Response {
     let amqp = st
         .sources

@@ -8,6 +8,8 @@ const INDEX: &str = include_str!("../../assets/index.html");
 const SCRIPT: &str = include_str!("../../assets/app.js");
 const STYLE: &str = include_str!("../../assets/app.css");
 
+#[utoipa::path(get, path = "/", tag = "page", summary = "The live page",
+    responses((status = 200, content_type = "text/html", body = String)))]
 pub async fn index() -> impl IntoResponse {
     (
         [
@@ -18,6 +20,8 @@ pub async fn index() -> impl IntoResponse {
     )
 }
 
+#[utoipa::path(get, path = "/assets/app.js", tag = "page", summary = "The live page's script",
+    responses((status = 200, content_type = "text/javascript", body = String)))]
 pub async fn script() -> impl IntoResponse {
     (
         [
@@ -28,6 +32,8 @@ pub async fn script() -> impl IntoResponse {
     )
 }
 
+#[utoipa::path(get, path = "/assets/app.css", tag = "page", summary = "The live page's style sheet",
+    responses((status = 200, content_type = "text/css", body = String)))]
 pub async fn style() -> impl IntoResponse {
     (
         [
@@ -39,6 +45,9 @@ pub async fn style() -> impl IntoResponse {
 }
 
 /// What the page needs to know about the deployment.
+#[utoipa::path(get, path = "/config.json", tag = "page",
+    summary = "Where the live page finds ingress",
+    responses((status = 200, body = super::openapi::PageConfig)))]
 pub async fn config(State(st): State<AppState>) -> impl IntoResponse {
     Json(json!({ "ingress_url": st.cfg.public_ingress_url }))
 }

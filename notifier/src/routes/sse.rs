@@ -22,6 +22,20 @@ use serde_json::json;
 use std::{collections::HashMap, convert::Infallible};
 use tokio_util::sync::CancellationToken;
 
+#[utoipa::path(
+    get, path = "/v1/stream", tag = "streams",
+    security((), ("bearer" = []), ("access_token" = [])),
+    summary = "Server-Sent Events: `stock`, `order` and a last `error` event",
+    description = "Each event's `data` is one JSON object: a `StockEvent` (`event: stock`), an \
+        `OrderEvent` (`event: order`), or, when the notifier ends the stream, an `ErrorEvent` \
+        (`event: error`). Without a token only public topics (`stock:...`) may be named.",
+    params(("topics" = super::openapi::Topics, Query,
+        description = "comma-separated, at most 100")),
+    responses(
+        (status = 200, description = "the stream", content_type = "text/event-stream", body = String),
+        super::openapi::SubscribeErrors,
+    ),
+)]
 pub async fn stream(
     State(st): State<AppState>,
     Extension(conn): Extension<ConnectionHandle>,

@@ -37,6 +37,20 @@ const MAX_MESSAGE: usize = 16 * 1024;
 /// How long the closing handshake may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+#[utoipa::path(
+    get, path = "/v1/ws", tag = "streams",
+    security((), ("bearer" = []), ("access_token" = [])),
+    summary = "WebSocket: subscribe and unsubscribe with messages, events as text messages",
+    description = "Client messages: `{\"subscribe\":[...]}` / `{\"unsubscribe\":[...]}`, each \
+        answered with `{\"type\":\"subscribed\",\"topics\":[...]}`; events are `StockEvent` \
+        and `OrderEvent` JSON. A refused subscription closes with 4000 + its HTTP status.",
+    params(("topics" = Option<super::openapi::Topics>, Query, nullable = false,
+        description = "subscribes before the upgrade, with HTTP errors")),
+    responses(
+        (status = 101, description = "switching to the WebSocket protocol"),
+        super::openapi::UpgradeErrors,
+    ),
+)]
 pub async fn upgrade(
     ws: WebSocketUpgrade,
     State(st): State<AppState>,
