@@ -35,7 +35,7 @@ impl Fields<'_> {
     fn int(&self, name: &str, min: i64, max: i64) -> Result<i64, ApiError> {
         match self.0.get(name) {
             None | Some(Value::Null) => Err(missing(name)),
-            Some(Value::Number(n)) => match n.as_i64() {
+            Some(Value::Number(n)) => match crate::extract::integral(n) {
                 Some(v) if (min..=max).contains(&v) => Ok(v),
                 _ => Err(ApiError::InvalidRequest(format!(
                     "{name}: must be an integer in {min}..={max}, got {n}"

@@ -109,3 +109,41 @@ async fn json_bytes(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
         }
     })
 }
+
+/// The integer a JSON number stands for, if it stands for one. JSON has one number
+/// type, and JSON Schema counts `2.0` as the integer 2, so a client (or a generator
+/// working from the OpenAPI document) may write an integer either way; a fraction, or a
+/// float too large to be exact, is not an integer.
+pub fn integral(n: &serde_json::Number) -> Option<i64> {
+    /// Past 2^53 a float no longer names one integer.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() <= EXACT)
+            .map(|f| f as i64)
+    })
+}
+
+/// `#[serde(deserialize_with)]` for an integer field that takes [`integral`] numbers.
+pub fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    use serde::{Deserialize, de::Error};
+    let n = serde_json::Number::deserialize(d)?;
+    integral(&n).ok_or_else(|| D::Error::custom(format!("invalid value: {n}, expected an integer")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::integral;
+
+    #[test]
+    fn integral_numbers_are_integers_whichever_way_written() {
+        let n = |s: &str| serde_json::from_str::<serde_json::Number>(s).unwrap();
+        assert_eq!(integral(&n("325")), Some(325));
+        assert_eq!(integral(&n("325.0")), Some(325));
+        assert_eq!(integral(&n("3.25e2")), Some(325));
+        assert_eq!(integral(&n("-0.0")), Some(0));
+        assert_eq!(integral(&n("3.5")), None);
+        assert_eq!(integral(&n("1e300")), None);
+        assert_eq!(integral(&n("18446744073709551615")), None);
+    }
+}

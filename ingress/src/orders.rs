@@ -25,6 +25,7 @@ pub struct OrderRequest {
 #[derive(Debug, Deserialize, Serialize)]
 pub struct LineRequest {
     pub sku: String,
+    #[serde(deserialize_with = "crate::extract::integer")]
     pub qty: i64,
 }
 

@@ -43,7 +43,12 @@ use utoipa_swagger_ui::SwaggerUi;
         metrics,
         openapi_json,
     ),
-    components(schemas(floodgate_common::openapi::Problem)),
+    components(schemas(
+        floodgate_common::openapi::Problem,
+        floodgate_common::domain::IdempotencyKey,
+        floodgate_common::domain::OrderId,
+        floodgate_common::domain::Sku,
+    )),
     modifiers(&BearerAuth),
     tags(
         (name = "orders", description = "placing, reading and cancelling orders"),

@@ -37,7 +37,14 @@ use utoipa_swagger_ui::SwaggerUi;
         super::metrics,
         openapi_json,
     ),
-    components(schemas(floodgate_common::openapi::Problem, StockEvent, OrderEvent, ErrorEvent)),
+    components(schemas(
+        floodgate_common::openapi::Problem,
+        Topics,
+        StreamEvent,
+        StockEvent,
+        OrderEvent,
+        ErrorEvent,
+    )),
     modifiers(&StreamAuth),
     tags(
         (name = "streams", description = "live order statuses and stock levels"),
@@ -168,6 +175,46 @@ fn topics_schema() -> utoipa::openapi::Object {
         .examples([serde_json::json!("stock:*,orders:mine")])
         .build()
 }
+
+/// One event of `GET /v1/stream`, as OpenAPI 3.1 describes an event stream: `event` names
+/// it and `data` is its JSON.
+pub(super) struct StreamEvent;
+
+impl utoipa::PartialSchema for StreamEvent {
+    fn schema() -> RefOr<utoipa::openapi::Schema> {
+        use utoipa::openapi::{ObjectBuilder, OneOfBuilder, Type, extensions::Extensions};
+        let event = |name: &str, payload: &str| {
+            // utoipa has no builder for `contentSchema`; an extension map without the
+            // `x-` prefix serializes as the plain keyword.
+            let content_schema = Extensions::from_iter([(
+                "contentSchema",
+                serde_json::json!({ "$ref": format!("#/components/schemas/{payload}") }),
+            )]);
+            ObjectBuilder::new()
+                .property(
+                    "event",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some([name])),
+                )
+                .required("event")
+                .property(
+                    "data",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .content_media_type("application/json")
+                        .extensions(Some(content_schema)),
+                )
+                .required("data")
+        };
+        OneOfBuilder::new()
+            .item(event("stock", "StockEvent"))
+            .item(event("order", "OrderEvent"))
+            .item(event("error", "ErrorEvent"))
+            .into()
+    }
+}
+impl ToSchema for StreamEvent {}
 
 /// A stock level (conflated: the latest of each SKU, at most every 100 ms).
 #[derive(ToSchema)]

@@ -28,11 +28,13 @@ use tokio_util::sync::CancellationToken;
     summary = "Server-Sent Events: `stock`, `order` and a last `error` event",
     description = "Each event's `data` is one JSON object: a `StockEvent` (`event: stock`), an \
         `OrderEvent` (`event: order`), or, when the notifier ends the stream, an `ErrorEvent` \
-        (`event: error`). Without a token only public topics (`stock:...`) may be named.",
+        (`event: error`); a comment line every 15 s keeps it alive. Without a token only \
+        public topics (`stock:...`) may be named.",
     params(("topics" = super::openapi::Topics, Query,
         description = "comma-separated, at most 100")),
     responses(
-        (status = 200, description = "the stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "the stream: one `StreamEvent` after another",
+            content_type = "text/event-stream", body = super::openapi::StreamEvent),
         super::openapi::SubscribeErrors,
     ),
 )]
