@@ -49,7 +49,7 @@ use utoipa_swagger_ui::SwaggerUi;
         floodgate_common::domain::OrderId,
         floodgate_common::domain::Sku,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &Links),
     tags(
         (name = "orders", description = "placing, reading and cancelling orders"),
         (name = "stock", description = "public stock levels"),
@@ -58,6 +58,66 @@ use utoipa_swagger_ui::SwaggerUi;
     ),
 )]
 struct ApiDoc;
+
+/// OpenAPI links: what a created order or SKU leads to, so a client (or a test generator
+/// such as schemathesis) can follow the id an answer carries.
+struct Links;
+
+impl utoipa::Modify for Links {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, extensions::Extensions, link::LinkBuilder};
+        let link = |operation: &str, param: &str, field: &str| {
+            // utoipa 5 writes `LinkBuilder::operation_id` as `operation_id`, which no
+            // OpenAPI reader knows; an extension without the `x-` prefix is written as is.
+            let operation_id = Extensions::from_iter([("operationId", operation)]);
+            LinkBuilder::new()
+                .extensions(Some(operation_id))
+                .parameter(param, format!("$response.body#/{field}"))
+                .build()
+        };
+        /// (operation to follow, its parameter, the answer's field that fills it).
+        type Follow<'a> = &'a [(&'a str, &'a str, &'a str)];
+        let follow: [(&str, &[&str], Follow); 2] = [
+            (
+                "/v1/orders",
+                &["200", "202"],
+                &[
+                    ("get_order", "id", "order_id"),
+                    ("cancel_order", "id", "order_id"),
+                ],
+            ),
+            (
+                "/v1/skus",
+                &["201"],
+                &[
+                    ("get_sku", "sku", "sku"),
+                    ("receive", "sku", "sku"),
+                    ("movements", "sku", "sku"),
+                    ("stock_one", "sku", "sku"),
+                ],
+            ),
+        ];
+        for (path, statuses, links) in follow {
+            let Some(op) = openapi
+                .paths
+                .paths
+                .get_mut(path)
+                .and_then(|p| p.post.as_mut())
+            else {
+                continue;
+            };
+            for status in statuses {
+                if let Some(RefOr::T(response)) = op.responses.responses.get_mut(*status) {
+                    for (operation, param, field) in links {
+                        response
+                            .links
+                            .insert((*operation).into(), link(operation, param, field).into());
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// The document, as served and committed.
 pub fn document() -> utoipa::openapi::OpenApi {
