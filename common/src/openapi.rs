@@ -120,6 +120,26 @@ pub fn problems(errors: impl IntoIterator<Item = ProblemDoc>) -> BTreeMap<String
         .collect()
 }
 
+/// The answer of the shared HTTP edge to a request past ingress's in-flight bound
+/// ([`crate::http::InFlight`]): 503, shed at once, with `Retry-After`.
+pub fn shed() -> ProblemDoc {
+    edge(axum::http::StatusCode::SERVICE_UNAVAILABLE)
+}
+
+/// The answer of the shared HTTP edge to one address past the public routes' rate
+/// ([`crate::http::PerIp`]): 429 with `Retry-After`.
+pub fn per_ip_limited() -> ProblemDoc {
+    edge(axum::http::StatusCode::TOO_MANY_REQUESTS)
+}
+
+fn edge(status: axum::http::StatusCode) -> ProblemDoc {
+    ProblemDoc {
+        status: status.as_u16(),
+        code: crate::http::code_of(status),
+        retry_after: true,
+    }
+}
+
 /// `bearer`: the `Authorization: Bearer <JWT>` every authenticated route takes.
 pub struct BearerAuth;
 
@@ -262,9 +282,22 @@ pub struct Readiness {
     status: ReadyStatus,
     /// The dependencies that are down.
     down: Vec<String>,
-    /// Each dependency and whether it answered.
+    /// Each dependency (and `task:<name>`) and whether it is up.
     checks: BTreeMap<String, bool>,
+    /// Each supervised background task's state.
+    tasks: BTreeMap<String, crate::supervise::TaskState>,
 }
+
+impl PartialSchema for crate::supervise::TaskState {
+    fn schema() -> RefOr<Schema> {
+        use crate::supervise::TaskState::*;
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some([Running, Restarting, Dead].map(|s| s.as_str())))
+            .into()
+    }
+}
+impl ToSchema for crate::supervise::TaskState {}
 
 #[derive(ToSchema)]
 #[schema(rename_all = "lowercase")]

@@ -11,7 +11,7 @@ use super::*;
 use crate::catalog::{MAX_INITIAL_STOCK, MAX_RECEIVE};
 use floodgate_common::{
     http::BODY_DEADLINE,
-    openapi::{BearerAuth, ProblemDoc, problems},
+    openapi::{BearerAuth, ProblemDoc, per_ip_limited, problems, shed},
 };
 use std::collections::BTreeMap;
 use utoipa::{
@@ -152,15 +152,17 @@ impl From<ApiError> for ProblemDoc {
 }
 
 /// Declares the error responses of one operation as a list of [`ApiError`] values.
+/// After `;`, what the shared HTTP edge answers on that route (`shed()`,
+/// `per_ip_limited()`).
 macro_rules! errors {
-    ($(#[$m:meta])* $name:ident: $($e:expr),+ $(,)?) => {
+    ($(#[$m:meta])* $name:ident: $($e:expr),+ $(,)? $(; $($edge:expr),+ $(,)?)?) => {
         $(#[$m])*
         pub(super) struct $name;
 
         impl IntoResponses for $name {
             fn responses() -> BTreeMap<String, RefOr<Response>> {
                 use ApiError::*;
-                problems([$(ProblemDoc::from($e)),+])
+                problems([$(ProblemDoc::from($e)),+ $($(, $edge)+)?])
             }
         }
     };
@@ -171,7 +173,7 @@ fn s() -> String {
 }
 
 errors!(
-    /// A body read by `JsonBody`: wrong media type, too large, not the right JSON.
+    /// Besides the order's own refusals, what `JsonBody` answers for a body it cannot read.
     PlaceOrderErrors:
     Malformed(s()),
     Unauthorized,
@@ -184,22 +186,22 @@ errors!(
     LimitExceeded { sku: s(), limit: 0, already: 0 },
     IdempotencyKeyReused,
     RateLimited { retry_after_secs: 1 },
-    Unavailable(s()),
+    Unavailable(s()); shed(),
 );
 
-errors!(GetOrderErrors: Unauthorized, OrderNotFound, Unavailable(s()));
+errors!(GetOrderErrors: Unauthorized, OrderNotFound, Unavailable(s()); shed());
 
 errors!(
     CancelOrderErrors:
     Unauthorized,
     OrderNotFound,
     NotCancellable(s()),
-    Unavailable(s()),
+    Unavailable(s()); shed(),
 );
 
-errors!(StockOneErrors: SkuNotFound { sku: s() }, Unavailable(s()));
+errors!(StockOneErrors: SkuNotFound { sku: s() }, Unavailable(s()); shed(), per_ip_limited());
 
-errors!(StockManyErrors: InvalidRequest(s()), Unavailable(s()));
+errors!(StockManyErrors: InvalidRequest(s()), Unavailable(s()); shed(), per_ip_limited());
 
 errors!(
     CreateSkuErrors:
@@ -210,10 +212,10 @@ errors!(
     TooLarge,
     UnsupportedMediaType,
     RequestTimeout(BODY_DEADLINE),
-    InvalidRequest(s()),
+    InvalidRequest(s()); shed(),
 );
 
-errors!(GetSkuErrors: Unauthorized, Forbidden, SkuNotFound { sku: s() });
+errors!(GetSkuErrors: Unauthorized, Forbidden, SkuNotFound { sku: s() }; shed());
 
 errors!(
     ReceiveErrors:
@@ -224,7 +226,7 @@ errors!(
     TooLarge,
     UnsupportedMediaType,
     RequestTimeout(BODY_DEADLINE),
-    InvalidRequest(s()),
+    InvalidRequest(s()); shed(),
 );
 
 errors!(
@@ -232,7 +234,7 @@ errors!(
     Unauthorized,
     Forbidden,
     SkuNotFound { sku: s() },
-    InvalidRequest(s()),
+    InvalidRequest(s()); shed(),
 );
 
 /// One SKU's live level.

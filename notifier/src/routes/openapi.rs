@@ -87,7 +87,8 @@ impl From<ApiError> for ProblemDoc {
     }
 }
 
-/// What refuses a subscription before its stream starts.
+/// What refuses a subscription before its stream starts, and the shared edge's per-address
+/// limit on the (public) stream routes.
 pub(super) struct SubscribeErrors;
 
 impl SubscribeErrors {
@@ -106,6 +107,7 @@ impl SubscribeErrors {
             .map(ApiError::Subscribe)
             .chain([ApiError::BadToken])
             .map(ProblemDoc::from)
+            .chain([floodgate_common::openapi::per_ip_limited()])
             .collect()
     }
 }
@@ -253,7 +255,7 @@ pub(super) struct OrderEvent {
 pub(super) struct ErrorEvent {
     #[schema(pattern = "^error$")]
     r#type: String,
-    /// `slow_consumer`, `shutting_down` or `resync`.
+    /// `slow_consumer`, `shutting_down`, `resync` or `token_expired`.
     code: String,
     detail: String,
 }
