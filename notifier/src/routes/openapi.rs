@@ -6,7 +6,7 @@
 //! `docs/openapi-notifier.json` must equal [`document`]: the `openapi` test fails
 //! otherwise (`UPDATE_OPENAPI=1 cargo test -p floodgate-notifier openapi` rewrites it).
 
-use super::{AppState, page, sse, ws};
+use super::{page, sse, ws};
 use crate::{error::ApiError, hub::SubscribeError};
 use axum::{Json, Router, http::StatusCode};
 use floodgate_common::openapi::{ProblemDoc, StreamAuth, problems};
@@ -60,7 +60,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
 }
 
 /// `GET /openapi.json` and Swagger UI at `/docs` (its assets are compiled in).
-pub fn router() -> Router<AppState> {
+pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     SwaggerUi::new("/docs")
         .url("/openapi.json", document())
         .into()
@@ -267,6 +267,31 @@ mod tests {
     const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi-notifier.json");
 
     /// The committed document is the generated one; `UPDATE_OPENAPI=1` rewrites it.
+    /// What `/openapi.json` serves is the document, and `/docs` is Swagger UI from the
+    /// binary (no CDN).
+    #[tokio::test]
+    async fn openapi_json_and_docs_are_served() {
+        use tower::ServiceExt;
+        let get = |uri: &str| {
+            router::<()>().oneshot(
+                axum::http::Request::get(uri)
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+        };
+        let served = get("/openapi.json").await.unwrap();
+        assert_eq!(served.status(), 200);
+        let body = axum::body::to_bytes(served.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let served: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(served, serde_json::to_value(document()).unwrap());
+        for page in ["/docs/", "/docs/swagger-ui-bundle.js"] {
+            let resp = get(page).await.unwrap();
+            assert_eq!(resp.status(), 200, "{page}");
+        }
+    }
+
     #[test]
     fn openapi_document_is_committed() {
         let generated = document()
