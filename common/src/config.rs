@@ -267,8 +267,14 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
-        if self.max_in_flight == 0 {
-            return bad("FLOODGATE_MAX_IN_FLIGHT", "must be at least 1");
+        if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
+            return bad("FLOODGATE_MAX_IN_FLIGHT", "must be 1..=1000000");
+        }
+        if self.ip_rate_limit_per_sec > 0 && self.ip_rate_limit_burst == 0 {
+            return bad(
+                "FLOODGATE_IP_RATE_LIMIT_BURST",
+                "must be at least 1 while FLOODGATE_IP_RATE_LIMIT_PER_SEC is set",
+            );
         }
         if self.publish_channels == 0 {
             return bad("FLOODGATE_PUBLISH_CHANNELS", "must be at least 1");

@@ -47,7 +47,8 @@ pub async fn readiness(
     ];
     let states = tasks.states();
     for (name, state) in &states {
-        checks.push((format!("task:{name}"), *state == TaskState::Running));
+        // Restarting after a failure is not yet down; failing again and again is.
+        checks.push((format!("task:{name}"), *state != TaskState::Dead));
     }
     let down: Vec<&str> = checks
         .iter()

@@ -248,15 +248,38 @@ async fn problem_errors(req: Request, next: Next) -> Response {
 
 /// Sheds requests past a fixed number in flight: 503 `unavailable` with `Retry-After`
 /// at once, instead of a queue whose wait grows with the crowd.
+///
+/// A request counts once its body has arrived (a client sending slowly holds a
+/// connection until [`BODY_DEADLINE`], never a slot), and for as long as any work it
+/// started runs: a handler that hands work to a task of its own moves the request's
+/// [`InFlightPermit`] (in its extensions) into that task.
 #[derive(Clone)]
 pub struct InFlight {
     permits: Arc<tokio::sync::Semaphore>,
+    max_body: usize,
+}
+
+/// A request's slot; the slot is free once every clone is dropped.
+#[derive(Clone)]
+pub struct InFlightPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+fn chain_has<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<E>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 impl InFlight {
-    pub fn new(max: usize) -> Self {
+    /// At most `max` requests at once, each body at most `max_body` bytes.
+    pub fn new(max: usize, max_body: usize) -> Self {
         Self {
             permits: Arc::new(tokio::sync::Semaphore::new(max)),
+            max_body,
         }
     }
 
@@ -266,7 +289,35 @@ impl InFlight {
         req: Request,
         next: Next,
     ) -> Response {
-        let Ok(_permit) = me.permits.clone().try_acquire_owned() else {
+        let (parts, body) = req.into_parts();
+        let bytes = match to_bytes(body, me.max_body).await {
+            Ok(b) => b,
+            Err(e) => {
+                let e = e.into_inner();
+                let (status, code, detail) = if is_body_timeout(&*e) {
+                    (
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request_timeout",
+                        format!("the body did not arrive within {BODY_DEADLINE:?}"),
+                    )
+                } else if chain_has::<http_body_util::LengthLimitError>(&*e) {
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        format!("the body is larger than {} KiB", me.max_body / 1024),
+                    )
+                } else {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        "malformed",
+                        format!("the body could not be read: {e}"),
+                    )
+                };
+                return problem::response(status, code, &detail, Map::new(), None);
+            }
+        };
+        let mut req = Request::from_parts(parts, Body::from(bytes));
+        let Ok(permit) = me.permits.clone().try_acquire_owned() else {
             metrics::counter!(crate::telemetry::names::SHED, "reason" => "in_flight").increment(1);
             return problem::response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -276,6 +327,8 @@ impl InFlight {
                 Some(1),
             );
         };
+        req.extensions_mut()
+            .insert(InFlightPermit(Arc::new(permit)));
         next.run(req).await
     }
 }

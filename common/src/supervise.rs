@@ -1,6 +1,8 @@
 //! Supervised background tasks: a task that panics or ends before shutdown is restarted
-//! with backoff; one that keeps failing is given up on and named by `/readyz` (503), so
-//! a process whose relay, reaper or consumer died is never reported ready.
+//! with backoff. One that keeps failing is reported dead, so `/readyz` answers 503
+//! naming it (a process whose relay, reaper or consumer cannot run is never reported
+//! ready), and is still retried at the longest backoff: a passing cause (a schema
+//! migrated late) heals without a restart of the process.
 
 use crate::retry::{Backoff, Waits};
 use std::{
@@ -9,10 +11,9 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// Failures in a row (each within [`HEALTHY_RUN`] of its start) before a task is given up.
+/// Failures in a row (each within [`HEALTHY_RUN`] of its start) before a task is dead.
 pub const MAX_QUICK_FAILURES: u32 = 5;
 /// A run that lasted this long was healthy: the failure count starts again.
 pub const HEALTHY_RUN: Duration = Duration::from_secs(60);
@@ -21,9 +22,10 @@ pub const HEALTHY_RUN: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TaskState {
     Running,
-    /// Failed; waiting to start again.
+    /// Failed; waiting to start again (not yet counted as down).
     Restarting,
-    /// Failed [`MAX_QUICK_FAILURES`] times in a row; not restarted.
+    /// Failed [`MAX_QUICK_FAILURES`] times in a row; still retried, and dead until a
+    /// run lasts [`HEALTHY_RUN`].
     Dead,
 }
 
@@ -65,8 +67,17 @@ impl Supervisor {
             let mut waits = Waits::new(Backoff::BACKGROUND);
             let mut quick_failures = 0;
             loop {
-                let started = Instant::now();
-                let outcome = tokio::spawn(make()).await;
+                let mut run = tokio::spawn(make());
+                // A run that lasts HEALTHY_RUN clears the record (and a dead task).
+                let outcome = tokio::select! {
+                    o = &mut run => o,
+                    _ = tokio::time::sleep(HEALTHY_RUN) => {
+                        quick_failures = 0;
+                        waits.reset();
+                        set(TaskState::Running);
+                        run.await
+                    }
+                };
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -76,25 +87,26 @@ impl Supervisor {
                 }
                 metrics::counter!(crate::telemetry::names::TASK_FAILURES, "task" => name)
                     .increment(1);
-                if started.elapsed() >= HEALTHY_RUN {
-                    quick_failures = 0;
-                    waits.reset();
-                }
                 quick_failures += 1;
-                if quick_failures >= MAX_QUICK_FAILURES {
+                let dead = quick_failures >= MAX_QUICK_FAILURES;
+                if quick_failures == MAX_QUICK_FAILURES {
                     tracing::error!(
                         task = name,
                         failures = quick_failures,
-                        "task keeps failing; given up: /readyz reports it"
+                        "task keeps failing: /readyz reports it dead; still retrying"
                     );
-                    set(TaskState::Dead);
-                    return;
                 }
-                set(TaskState::Restarting);
+                set(if dead {
+                    TaskState::Dead
+                } else {
+                    TaskState::Restarting
+                });
                 if !waits.sleep(&shutdown).await {
                     return;
                 }
-                set(TaskState::Running);
+                if !dead {
+                    set(TaskState::Running);
+                }
             }
         });
     }
@@ -156,12 +168,42 @@ mod tests {
             let s = s.clone();
             async move { s.cancelled().await }
         });
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(runs.load(Ordering::Relaxed), MAX_QUICK_FAILURES);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        // Dead after five quick failures, and still retried at the longest backoff.
+        let after_30s = runs.load(Ordering::Relaxed);
+        assert!(after_30s > MAX_QUICK_FAILURES, "{after_30s}");
         assert_eq!(
             sup.states(),
             [("flaky", TaskState::Dead), ("steady", TaskState::Running)]
         );
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(runs.load(Ordering::Relaxed) > after_30s);
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_task_that_runs_again_for_a_while_is_alive_again() {
+        let sup = Supervisor::default();
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let runs = Arc::new(AtomicU32::new(0));
+        let (r, s) = (runs.clone(), shutdown.clone());
+        sup.spawn(&tracker, "heals", shutdown.clone(), move || {
+            let n = r.fetch_add(1, Ordering::Relaxed);
+            let s = s.clone();
+            async move {
+                if n < MAX_QUICK_FAILURES + 2 {
+                    panic!("not yet");
+                }
+                s.cancelled().await
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(sup.states(), [("heals", TaskState::Dead)]);
+        tokio::time::sleep(HEALTHY_RUN + Duration::from_secs(5)).await;
+        assert_eq!(sup.states(), [("heals", TaskState::Running)]);
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;

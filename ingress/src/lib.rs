@@ -104,9 +104,13 @@ impl Application {
         let opts = floodgate_common::http::ServeOptions {
             send_buffer: None,
             http_buffer: floodgate_common::http::PARSE_BUFFER,
-            // A request past its confirm timeout has answered or handed its order to a
-            // task that the wait below covers.
-            grace: self.state.cfg.publish_timeout + Duration::from_secs(1),
+            // The longest an order request takes to answer: a duplicate's wait for its
+            // first (publish timeout + 1 s), or a publish and its mark (publish
+            // timeout + ANSWER_WITHIN), plus Redis. Past that the work is in tasks the
+            // wait below covers.
+            grace: self.state.cfg.publish_timeout
+                + handover::ANSWER_WITHIN
+                + Duration::from_secs(2),
         };
         let app = routes::router(self.state);
         floodgate_common::http::serve(self.listener, app, opts, shutdown).await;

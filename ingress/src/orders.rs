@@ -99,11 +99,17 @@ pub async fn place(
     caller: &Caller,
     lines: OrderLines,
     key: Option<IdempotencyKey>,
+    permit: Option<floodgate_common::http::InFlightPermit>,
 ) -> Result<Placed, ApiError> {
     let (st, caller) = (st.clone(), caller.clone());
     let tasks = st.tasks.clone();
     tasks
-        .spawn(async move { place_to_the_end(&st, &caller, lines, key).await })
+        .spawn(async move {
+            // The request's in-flight slot stays taken while its order is worked on,
+            // even after its client hung up.
+            let _slot = permit;
+            place_to_the_end(&st, &caller, lines, key).await
+        })
         .await
         .unwrap_or_else(|e| Err(ApiError::Internal(anyhow::anyhow!("placing an order: {e}"))))
 }

@@ -34,7 +34,7 @@ pub fn router(state: AppState) -> Router {
         state.cfg.ip_rate_limit_per_sec,
         state.cfg.ip_rate_limit_burst,
     );
-    let in_flight = InFlight::new(state.cfg.max_in_flight);
+    let in_flight = InFlight::new(state.cfg.max_in_flight, MAX_BODY_BYTES);
     // Public and tokenless: bounded per client address.
     let public = Router::new()
         .route("/v1/stock/{sku}", get(stock_one))
@@ -142,6 +142,7 @@ async fn place_order(
     State(st): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
+    permit: Option<axum::Extension<floodgate_common::http::InFlightPermit>>,
     body: Result<JsonBody<OrderRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
     if let Some(limiter) = &st.limiter
@@ -157,7 +158,7 @@ async fn place_order(
     let JsonBody(body) = body.map_err(rejected)?;
     let lines = body.validate().map_err(rejected)?;
     let key = idempotency_key(&headers).map_err(rejected)?;
-    match orders::place(&st, &caller, lines, key)
+    match orders::place(&st, &caller, lines, key, permit.map(|p| p.0))
         .await
         .map_err(rejected)?
     {

@@ -39,6 +39,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Default)]
 pub struct SourceHealth {
     pub amqp_up: Arc<AtomicBool>,
+    /// True once the event queue was consumed: a consumer restarted by the supervisor
+    /// must check whether the queue survived, as a reconnect does.
+    pub consumed_before: Arc<AtomicBool>,
 }
 
 /// Samples changed stock levels until `shutdown`.
@@ -95,7 +98,7 @@ pub async fn consume_orders(
     loop {
         // Per attempt: once one attempt failed, the queue may have been lost (or never
         // existed while subscribers came), so the next one probes.
-        let mut first = links.is_first();
+        let mut first = links.is_first() && !health.consumed_before.load(Ordering::Relaxed);
         let Some((link, consumer)) = links
             .next(&shutdown, || {
                 open(&hub, &cfg, &queue, std::mem::replace(&mut first, false))
@@ -105,6 +108,7 @@ pub async fn consume_orders(
             return;
         };
         health.amqp_up.store(true, Ordering::Relaxed);
+        health.consumed_before.store(true, Ordering::Relaxed);
         tracing::info!(queue, "consuming order events");
         match consume(&hub, &link, &queue, consumer, &shutdown).await {
             Ok(()) => return,

@@ -22,7 +22,8 @@ async fn five_times_the_load_is_shed_fast_and_changes_no_invariant() {
         ..Options::default()
     })
     .await;
-    app.create_sku("crowd", 2_000, None).await;
+    // Stock for the whole run: the load is orders that reserve, not cheap sold-out 409s.
+    app.create_sku("crowd", 1_000_000, None).await;
     // Warm-up, so the baseline RSS includes connections and buffers at steady state.
     let warm = app
         .load("crowd", 64, Duration::ZERO, Duration::from_secs(2))
@@ -48,6 +49,7 @@ async fn five_times_the_load_is_shed_fast_and_changes_no_invariant() {
         !load.accepted.is_empty(),
         "orders still went through: {load:?}"
     );
+    assert_eq!(load.statuses.get(&409), None, "the stock lasted: {load:?}");
     assert!(
         after < before + 256 * 1024,
         "RSS grew from {before} to {after} KiB"
@@ -102,4 +104,45 @@ async fn public_routes_are_bounded_per_address() {
     for _ in 0..3 {
         assert_eq!(app.order(&alice, &[("tee", 1)], None).await.status, 202);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_sending_slowly_take_no_in_flight_slot() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        tweak: Box::new(|c| c.max_in_flight = 2),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("tee", 5, None).await;
+    let token = app.customer("slow");
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    // Four clients that send a little of their body and then stall.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"items\":"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The slots are free: a stock read and an order go through.
+    let r = app
+        .client
+        .get(format!("{}/v1/stock/tee", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        app.order(&app.customer("quick"), &[("tee", 1)], None)
+            .await
+            .status,
+        202
+    );
+    drop(stalled);
 }

@@ -136,7 +136,9 @@ async fn subscribe(
 ) -> Result<(), ApiError> {
     let held = sub.topics();
     // A SKU created a moment ago may not have reached the stock sampler yet (up to one
-    // interval): ask Redis before calling it unknown.
+    // interval): ask Redis, which decides both ways. Known there: the hub learns its
+    // level. Unknown there while stock is loaded: refused now, whether or not the
+    // sampler's first pass has run (before it, the hub cannot tell).
     let unseen: Vec<&floodgate_common::domain::Sku> = topics
         .iter()
         .filter_map(|t| match t {
@@ -153,8 +155,18 @@ async fn subscribe(
                 .zip(levels)
                 .filter_map(|(sku, level)| level.map(|l| (sku.to_string(), l)))
                 .collect();
+            let missing = unseen.len() > found.len();
             if !found.is_empty() {
                 st.hub.learn_skus(found, time::OffsetDateTime::now_utc());
+            }
+            if missing
+                && floodgate_common::redis::stock_loaded(&mut redis, &st.keys)
+                    .await
+                    .unwrap_or(false)
+                && let Some(sku) = unseen.iter().find(|s| !st.hub.knows_sku(s.as_str()))
+            {
+                sub.close(CloseReason::Rejected);
+                return Err(SubscribeError::UnknownSku(sku.to_string()).into());
             }
         }
     }
