@@ -153,7 +153,26 @@ pub fn peer(req: &Request) -> Option<SocketAddr> {
 pub fn edge(router: Router) -> Router {
     router
         .layer(middleware::from_fn(bound_request))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(problem_errors))
+}
+
+/// A handler that panicked answers 500 problem+json (and is logged), instead of the
+/// connection being reset.
+fn panicked(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = err
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| err.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = what, "a request handler panicked");
+    problem::response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+        Map::new(),
+        None,
+    )
 }
 
 /// 431 for too many or too large headers; the body must arrive within [`BODY_DEADLINE`]
@@ -238,9 +257,16 @@ async fn problem_errors(req: Request, next: Next) -> Response {
         t => t.to_owned(),
     };
     let mut fixed = problem::response(status, code_of(status), &detail, Map::new(), None);
+    // Keep what describes the exchange (Allow, CORS, Retry-After; every value of a
+    // repeated one), not what described the old body.
     for (name, value) in parts.headers.iter() {
-        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            fixed.headers_mut().insert(name.clone(), value.clone());
+        let about_body = [
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            header::CONTENT_ENCODING,
+        ];
+        if !about_body.contains(name) {
+            fixed.headers_mut().append(name.clone(), value.clone());
         }
     }
     fixed
@@ -398,5 +424,64 @@ pub fn method_label(method: &axum::http::Method) -> &'static str {
         Method::DELETE => "DELETE",
         Method::PATCH => "PATCH",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+
+    async fn call(
+        router: Router,
+        req: Request,
+    ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        let resp = edge(router).oneshot(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let bytes = to_bytes(body, 1 << 16).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).unwrap_or_default(),
+        )
+    }
+
+    fn get_req(path: &str) -> Request {
+        Request::builder().uri(path).body(Body::empty()).unwrap()
+    }
+
+    async fn boom() -> &'static str {
+        panic!("boom")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_problem_json() {
+        let router = Router::new().route("/boom", get(boom));
+        let (status, headers, body) = call(router, get_req("/boom")).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(body["code"], "internal");
+    }
+
+    #[tokio::test]
+    async fn plain_errors_become_problems_keeping_allow_and_json_stays_as_it_is() {
+        let router = Router::new()
+            .route("/only-post", post(|| async { "ok" }))
+            .route(
+                "/json-503",
+                get(|| async {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(serde_json::json!({"down": ["redis"]})),
+                    )
+                }),
+            );
+        let (status, headers, body) = call(router.clone(), get_req("/only-post")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(body["code"], "method_not_allowed");
+        assert!(headers[header::ALLOW].to_str().unwrap().contains("POST"));
+        let (status, _, body) = call(router, get_req("/json-503")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, serde_json::json!({"down": ["redis"]}));
     }
 }
