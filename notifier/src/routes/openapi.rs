@@ -296,17 +296,7 @@ mod tests {
     fn openapi_document_is_committed() {
         let generated = document()
             .to_pretty_json()
-            .expect("the document serializes")
-            + "\n";
-        if std::env::var_os("UPDATE_OPENAPI").is_some() {
-            std::fs::write(COMMITTED, &generated).expect("writing the committed document");
-            return;
-        }
-        let committed = std::fs::read_to_string(COMMITTED).unwrap_or_default();
-        assert!(
-            committed == generated,
-            "docs/openapi-notifier.json differs from the generated document; run \
-             `UPDATE_OPENAPI=1 cargo test -p floodgate-notifier openapi` and commit it"
-        );
+            .expect("the document serializes");
+        floodgate_common::openapi::assert_committed(&generated, COMMITTED);
     }
 }
