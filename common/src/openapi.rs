@@ -307,6 +307,24 @@ enum ReadyStatus {
     Unavailable,
 }
 
+/// The check behind each service's `openapi_document_is_committed` test: the committed
+/// file `committed` (e.g. `docs/openapi-ingress.json`) is exactly `generated`; with
+/// `UPDATE_OPENAPI` set, the file is rewritten instead.
+pub fn assert_committed(generated: &str, committed: &str) {
+    let generated = format!("{generated}\n");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(committed, &generated).expect("writing the committed document");
+        return;
+    }
+    let on_disk = std::fs::read_to_string(committed).unwrap_or_default();
+    assert!(
+        on_disk == generated,
+        "{committed} differs from the generated document; run \
+         `UPDATE_OPENAPI=1 cargo test -p floodgate-ingress -p floodgate-notifier openapi` \
+         and commit it"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,22 +349,4 @@ mod tests {
         assert!(json["503"]["headers"]["Retry-After"].is_object());
         assert!(json["404"]["headers"].is_null());
     }
-}
-
-/// The check behind each service's `openapi_document_is_committed` test: the committed
-/// file `committed` (e.g. `docs/openapi-ingress.json`) is exactly `generated`; with
-/// `UPDATE_OPENAPI` set, the file is rewritten instead.
-pub fn assert_committed(generated: &str, committed: &str) {
-    let generated = format!("{generated}\n");
-    if std::env::var_os("UPDATE_OPENAPI").is_some() {
-        std::fs::write(committed, &generated).expect("writing the committed document");
-        return;
-    }
-    let on_disk = std::fs::read_to_string(committed).unwrap_or_default();
-    assert!(
-        on_disk == generated,
-        "{committed} differs from the generated document; run \
-         `UPDATE_OPENAPI=1 cargo test -p floodgate-ingress -p floodgate-notifier openapi` \
-         and commit it"
-    );
 }
