@@ -74,9 +74,10 @@ pub mod names {
     /// worker checks.
     pub const CONSISTENCY_CHECKED: &str = "floodgate_consistency_checked_timestamp_seconds";
     // Process metrics (metrics-process, on every /metrics render, unprefixed as
-    // Prometheus' own clients name them): process_cpu_seconds_total,
-    // process_resident_memory_bytes, process_virtual_memory_bytes, process_open_fds,
-    // process_max_fds, process_threads, process_start_time_seconds.
+    // Prometheus' own clients name them): process_cpu_seconds_total (typed gauge, to keep
+    // its fraction of a second; rate() it as a counter), process_resident_memory_bytes,
+    // process_virtual_memory_bytes, process_open_fds, process_max_fds, process_threads,
+    // process_start_time_seconds.
 }
 
 /// Buckets of [`names::QUEUE_WAIT`]: a healthy wait is milliseconds, a backlog minutes.
