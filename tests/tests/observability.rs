@@ -192,6 +192,31 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
         ),
         Some(5.0)
     );
+
+    // A poll that fails (a queue gone) kills nothing: the gauges say "unknown" (NaN), and
+    // once the queue is back they read again; ingress stays ready throughout.
+    app.channel
+        .queue_delete(app.topology.dead_queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    metrics_until(
+        &ingress,
+        Duration::from_secs(30),
+        "NaN while unknown",
+        |p| {
+            sample(p, r#"floodgate_queue_messages{queue="dead"}"#).is_some_and(f64::is_nan)
+                && sample(p, r#"floodgate_queue_messages{queue="intake"}"#).is_some_and(f64::is_nan)
+        },
+    )
+    .await;
+    app.topology.declare(&app.channel).await.unwrap();
+    metrics_until(&ingress, Duration::from_secs(30), "read again", |p| {
+        sample(p, r#"floodgate_queue_messages{queue="dead"}"#) == Some(0.0)
+            && sample(p, r#"floodgate_queue_consumers{queue="intake"}"#) == Some(1.0)
+    })
+    .await;
+    let ready = reqwest::get(format!("{ingress}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
     worker.stop();
 }
 
