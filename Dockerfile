@@ -46,12 +46,10 @@ RUN cargo build --release --locked \
 
 # The load generator (ops/loadtest: goose), for `docker compose --profile loadtest`.
 # cargo-chef plans one workspace and this is another (with its own Cargo.lock), so its
-# crates are cached with BuildKit cache mounts instead.
+# crates are cached with BuildKit cache mounts instead. It builds floodgate-common, which
+# inherits from the root workspace's manifest: copy the whole context.
 FROM chef AS loadtest-builder
-COPY Cargo.toml Cargo.lock ./
-COPY common common
-COPY migrations migrations
-COPY ops/loadtest ops/loadtest
+COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/ops/loadtest/target \
     cargo build --release --locked --manifest-path ops/loadtest/Cargo.toml --bin floodgate-loadtest \
