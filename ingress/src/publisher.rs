@@ -14,6 +14,7 @@ use floodgate_common::{
     Config,
     amqp::{IntakeMessage, Link, Reconnect, Topology},
     retry::Backoff,
+    trace::TraceParent,
 };
 use lapin::{BasicProperties, Channel, Confirmation, options::BasicPublishOptions};
 use std::{
@@ -115,16 +116,24 @@ impl Publisher {
     }
 
     /// Publishes persistent and mandatory, and returns only once the broker confirmed it
-    /// has the message in a queue.
-    pub async fn publish(&self, msg: &IntakeMessage, message_id: &str) -> Result<(), PublishError> {
+    /// has the message in a queue. `trace` goes in the `traceparent` header.
+    pub async fn publish(
+        &self,
+        msg: &IntakeMessage,
+        message_id: &str,
+        trace: Option<&TraceParent>,
+    ) -> Result<(), PublishError> {
         let i = &self.inner;
         let session = self.current().ok_or(PublishError::NotConnected)?;
         let ch = &session.channels[i.next.fetch_add(1, Ordering::Relaxed) % session.channels.len()];
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             // 2 = persistent: written to disk by the quorum queue before the confirm.
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(message_id.into());
+        if let Some(t) = trace {
+            props = props.with_headers(floodgate_common::amqp::trace_headers(t));
+        }
         let payload = msg.to_bytes();
         let confirm = async {
             let pending = ch
