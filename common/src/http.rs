@@ -165,7 +165,9 @@ pub fn edge(router: Router) -> Router {
             crate::request::REQUEST_ID,
             crate::request::MakeId,
         ))
-        .layer(middleware::map_request(crate::request::drop_invalid_id))
+        .layer(tower::util::MapRequestLayer::new(
+            crate::request::drop_invalid_id::<Body>,
+        ))
 }
 
 /// A handler that panicked answers 500 problem+json (and is logged), instead of the

@@ -42,8 +42,9 @@ pub fn valid_id(v: &[u8]) -> bool {
 }
 
 /// Removes an `X-Request-Id` that is not [`valid_id`] (or is repeated), so a new one
-/// is made instead of the junk being reflected.
-pub async fn drop_invalid_id(mut req: Request) -> Request {
+/// is made instead of the junk being reflected. Synchronous: a plain
+/// `tower::util::MapRequestLayer`, no future per request.
+pub fn drop_invalid_id<B>(mut req: axum::http::Request<B>) -> axum::http::Request<B> {
     let h = req.headers();
     let mut values = h.get_all(&REQUEST_ID).iter();
     let keep = match (values.next(), values.next()) {
