@@ -186,7 +186,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_an_otlp_endpoint_spans_are_exported_and_flushed_at_shutdown() {
+async fn with_an_otlp_endpoint_every_step_exports_the_orders_trace_and_flushes_at_shutdown() {
     let app = TestApp::spawn_with(Options {
         worker: false,
         notifier: false,
@@ -195,14 +195,31 @@ async fn with_an_otlp_endpoint_spans_are_exported_and_flushed_at_shutdown() {
     .await;
     app.create_sku("otlp-tee", 10, None).await;
     let (endpoint, got) = otlp_receiver().await;
-    let ingress = Service::start(
+    let start = |exe: &str, name: &str, log: &str| {
+        Service::start(
+            exe,
+            name,
+            &app,
+            &[
+                ("FLOODGATE_LOG", log),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ],
+        )
+    };
+    let ingress = start(
         env!("CARGO_BIN_EXE_ingress-process"),
         "ingress",
-        &app,
-        &[
-            ("FLOODGATE_LOG", "info,lapin=off"),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-        ],
+        "info,lapin=off",
+    );
+    let notifier = start(
+        env!("CARGO_BIN_EXE_notifier-process"),
+        "notifier",
+        "info,lapin=off,floodgate_notifier=debug",
+    );
+    let worker = start(
+        env!("CARGO_BIN_EXE_worker-process"),
+        "worker",
+        "warn,lapin=off",
     );
     let mut port = None;
     eventually(WAIT, || {
@@ -212,6 +229,10 @@ async fn with_an_otlp_endpoint_spans_are_exported_and_flushed_at_shutdown() {
             .and_then(|l| l["port"].as_u64());
         port = found;
         async move { found.is_some() }
+    })
+    .await;
+    eventually(WAIT, || async {
+        !notifier.lines("consuming order events").is_empty()
     })
     .await;
     let base = format!("http://127.0.0.1:{}", port.unwrap());
@@ -226,17 +247,35 @@ async fn with_an_otlp_endpoint_spans_are_exported_and_flushed_at_shutdown() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    // Stopped before the batch processor's 5 s schedule: what arrives was flushed.
+    let order: Value = r.json().await.unwrap();
+    let order = order["order_id"].as_str().unwrap().to_owned();
+    eventually(WAIT, || async {
+        notifier
+            .lines("order event in")
+            .iter()
+            .any(|l| l["order_id"] == order.as_str())
+    })
+    .await;
+    // Stopped before the batch processors' 5 s schedule: what arrives was flushed.
     ingress.stop();
+    worker.stop();
+    notifier.stop();
     let got = got.lock().unwrap().clone();
-    assert!(!got.is_empty(), "no export arrived");
     let trace_bytes: Vec<u8> = (0..16)
         .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
         .collect();
-    assert!(
-        got.iter()
-            .any(|b| contains(b, b"floodgate-ingress") && contains(b, &trace_bytes)),
-        "no span of the order's trace from floodgate-ingress in {} exports",
-        got.len()
-    );
+    // Ingress's request span is in the trace; the worker's batch span links to it; the
+    // notifier's deliver span is in it.
+    for service in [
+        "floodgate-ingress",
+        "floodgate-worker",
+        "floodgate-notifier",
+    ] {
+        assert!(
+            got.iter()
+                .any(|b| contains(b, service.as_bytes()) && contains(b, &trace_bytes)),
+            "no span of the order's trace from {service} in {} exports",
+            got.len()
+        );
+    }
 }
