@@ -309,15 +309,17 @@ const CANCEL_WAIT: Duration = Duration::from_secs(3);
 
 /// Cancels a confirmed order: PostgreSQL first (status, inventory, ledger), then its units
 /// return to Redis once per line. Idempotent. None if the caller may not see the order.
+/// `trace` (the request's) goes with the `order.cancelled` event.
 pub async fn cancel(
     st: &AppState,
     caller: &Caller,
     order_id: OrderId,
+    trace: Option<TraceParent>,
 ) -> Result<Option<OrderView>, ApiError> {
     let may = |owner: &str| caller.is_admin() || owner == caller.user.as_str();
     let until = Instant::now() + CANCEL_WAIT;
     let (user_id, lines) = loop {
-        match repo::cancel(&st.pg, &order_id, may).await? {
+        match repo::cancel(&st.pg, &order_id, may, trace.as_ref()).await? {
             repo::Cancel::Cancelled { user_id, lines } => break (user_id, lines),
             repo::Cancel::Failed { .. } => {
                 return Err(ApiError::NotCancellable(

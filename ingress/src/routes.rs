@@ -219,10 +219,11 @@ async fn get_order(
 async fn cancel_order(
     State(st): State<AppState>,
     caller: Caller,
+    trace: Option<axum::Extension<floodgate_common::trace::TraceParent>>,
     Path(id): Path<String>,
 ) -> Result<Json<orders::OrderView>, ApiError> {
     let id = OrderId::parse(&id).ok_or(ApiError::OrderNotFound)?;
-    orders::cancel(&st, &caller, id)
+    orders::cancel(&st, &caller, id, trace.map(|t| t.0))
         .await?
         .map(Json)
         .ok_or(ApiError::OrderNotFound)
