@@ -7,7 +7,8 @@
 //!   answers it in `X-Request-Id`; [`drop_invalid_id`] runs first so a junk header
 //!   counts as none. problem+json bodies carry it as `request_id` ([`current_id`]).
 //! - **Span**: `request{request_id, trace_id}` around the whole request, so every log
-//!   line of the request names both. It continues a valid incoming `traceparent` (else
+//!   line of the request names both. The span is at `ERROR` level: enabled whenever any
+//!   line is logged (a `warn` filter must not lose the id from the warnings). It continues a valid incoming `traceparent` (else
 //!   starts a trace); the request's own [`TraceParent`] is in its extensions, for
 //!   handlers that hand work on (ingress puts it on the order's AMQP message).
 
@@ -86,7 +87,7 @@ pub async fn context(mut req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse);
     let (span, own) = if trace::exporting() {
-        let span = tracing::info_span!(
+        let span = tracing::error_span!(
             "request",
             request_id = shown,
             trace_id = tracing::field::Empty
@@ -97,7 +98,7 @@ pub async fn context(mut req: Request, next: Next) -> Response {
     } else {
         // No OpenTelemetry: the ids are ours, known before the span exists.
         let own = trace::continue_trace(&tracing::Span::none(), incoming);
-        let span = tracing::info_span!(
+        let span = tracing::error_span!(
             "request",
             request_id = shown,
             trace_id = %own.trace_id()
