@@ -11,7 +11,8 @@
 //!   ([`MAX_HEADER_BYTES`], [`MAX_HEADERS`]; 431), the whole request body bounded in time
 //!   ([`BODY_DEADLINE`]; 408), and any error answer that is not problem+json yet (axum's
 //!   405, a path that is not valid UTF-8, a failed WebSocket upgrade, ...) rewritten as
-//!   one with a stable `code`.
+//!   one with a stable `code`; and every request its id (`X-Request-Id`) and span
+//!   ([`crate::request`]).
 //!
 //! What no floodgate code can see: a request head larger than the connection's buffer
 //! ([`ServeOptions::http_buffer`]: 64 KiB, the notifier's 16 KiB) or that is not HTTP at
@@ -151,10 +152,22 @@ pub fn peer(req: &Request) -> Option<SocketAddr> {
 
 /// The layers every service's router gets; see the module docs.
 pub fn edge(router: Router) -> Router {
+    use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+    // Outermost last: the request id is settled first, then the span and the id's
+    // scope wrap everything that can answer an error (so every problem body has it).
     router
         .layer(middleware::from_fn(bound_request))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(problem_errors))
+        .layer(middleware::from_fn(crate::request::context))
+        .layer(PropagateRequestIdLayer::new(crate::request::REQUEST_ID))
+        .layer(SetRequestIdLayer::new(
+            crate::request::REQUEST_ID,
+            crate::request::MakeId,
+        ))
+        .layer(tower::util::MapRequestLayer::new(
+            crate::request::drop_invalid_id::<Body>,
+        ))
 }
 
 /// A handler that panicked answers 500 problem+json (and is logged), instead of the

@@ -14,12 +14,16 @@
 //! - [`stock`] - loading Redis stock levels from PostgreSQL, the system of record.
 //! - [`health`] - the `/readyz` probes every service shares.
 //! - [`problem`] - problem+json error responses and the bearer token of a request.
+//! - [`request`] - every HTTP request's id (`X-Request-Id`) and span.
+//! - [`trace`] - W3C `traceparent` values that travel with an order, and the few
+//!   OpenTelemetry calls made when spans are exported.
 //! - [`openapi`] - what the services' OpenAPI documents share: the problem schema, error
 //!   responses built from each service's error type, security schemes, domain schemas.
 //! - [`dlq`] - reading and replaying the dead-letter queue.
 //! - [`reconcile`] - checking and repairing the invariants between Redis and PostgreSQL.
 //! - [`retry`] - waiting for a server to come back: jittered backoff, cancellable.
-//! - [`telemetry`] - logging, the Prometheus recorder and metric names.
+//! - [`telemetry`] - logging, span export (OTLP, when configured), the Prometheus
+//!   recorder and metric names.
 //! - [`shutdown`] - a [`tokio_util::sync::CancellationToken`] fired by SIGINT/SIGTERM.
 #![forbid(unsafe_code)]
 
@@ -36,10 +40,12 @@ pub mod problem;
 pub mod process;
 pub mod reconcile;
 pub mod redis;
+pub mod request;
 pub mod retry;
 pub mod shutdown;
 pub mod stock;
 pub mod supervise;
 pub mod telemetry;
+pub mod trace;
 
 pub use config::{Config, Namespace};

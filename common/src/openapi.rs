@@ -51,6 +51,11 @@ pub struct Problem {
     /// `limit_exceeded`: units of `sku` the buyer holds already.
     #[schema(nullable = false)]
     already: Option<i64>,
+    /// The request's id, as answered in `X-Request-Id` (the client's own if it sent a
+    /// valid one); quote it when reporting a problem. Every problem the service itself
+    /// answers carries it.
+    #[schema(nullable = false, example = "0190f0b4-1a2b-7c3d-8e4f-123456789abc")]
+    request_id: Option<String>,
 }
 
 /// One error a service can answer: its status, its `code`, and whether it carries

@@ -7,7 +7,8 @@ use axum::{
 use serde_json::{Map, Value, json};
 
 /// A problem+json response: `type`, `title`, `status`, `detail` and the stable `code`,
-/// plus `extensions` (for example `{"sku": ...}`), with `Retry-After` when given.
+/// plus `extensions` (for example `{"sku": ...}`), with `Retry-After` when given, and
+/// `request_id` when answering a request that passed the edge ([`crate::request`]).
 pub fn response(
     status: StatusCode,
     code: &str,
@@ -22,6 +23,11 @@ pub fn response(
     body.insert("status".into(), json!(status.as_u16()));
     body.insert("detail".into(), json!(detail));
     body.insert("code".into(), json!(code));
+    if let Some(id) = crate::request::current_id()
+        && let Ok(id) = id.to_str()
+    {
+        body.insert("request_id".into(), json!(id));
+    }
     let mut resp = (status, axum::Json(Value::Object(body))).into_response();
     let h = resp.headers_mut();
     h.insert(

@@ -1,4 +1,5 @@
-//! Logging and metrics. Metric names live here so every service spells them the same.
+//! Logging, span export and metrics. Metric names live here so every service spells
+//! them the same.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -87,29 +88,163 @@ const QUEUE_WAIT_BUCKETS: &[f64] = &[
 ];
 
 /// JSON logs (or human ones with `FLOODGATE_LOG_FORMAT=pretty`), filtered by
-/// `FLOODGATE_LOG` (default `info`). Safe to call more than once.
+/// `FLOODGATE_LOG` (default `info`). Safe to call more than once. No span export: the
+/// services start with [`init_service`].
 pub fn init_logging() {
     init_logging_with_default("info");
 }
 
 /// [`init_logging`] with another default filter (tests log warnings only).
 pub fn init_logging_with_default(default: &str) {
+    install(default, None);
+}
+
+/// A service's telemetry: [`init_logging`], plus OpenTelemetry span export over
+/// OTLP/HTTP (protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. Off by default, and then nothing more
+/// than the logs is installed: no exporter, no extra layer.
+///
+/// Spans go to `<endpoint>/v1/traces` with the resource `service.name` = `service`
+/// (`OTEL_SERVICE_NAME` wins). Exported: every span at `info` and above whatever
+/// `FLOODGATE_LOG` says (the request, batch, relay and delivery spans), batched in the
+/// background. Keep the returned guard until the process ends: dropping it flushes.
+pub fn init_service(service: &'static str) -> Telemetry {
+    if !otlp_configured() {
+        init_logging();
+        return Telemetry { provider: None };
+    }
+    match otlp::provider(service) {
+        Ok(provider) => {
+            use opentelemetry::trace::TracerProvider as _;
+            let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("floodgate"));
+            if install("info", Some(Box::new(layer))) {
+                crate::trace::set_exporting();
+            }
+            tracing::info!(service, "exporting spans over OTLP");
+            Telemetry {
+                provider: Some(provider),
+            }
+        }
+        Err(e) => {
+            init_logging();
+            tracing::error!(
+                error = format!("{e:#}"),
+                "OTLP span export is off: the exporter could not be built"
+            );
+            Telemetry { provider: None }
+        }
+    }
+}
+
+fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
+}
+
+type BoxedLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+/// Installs the global subscriber: the log layer filtered by `FLOODGATE_LOG` (else
+/// `default`), and, when given, the span-export layer with a filter of its own
+/// (`info`, the chatty dependencies off). False if a subscriber was installed already.
+fn install(default: &str, export: Option<BoxedLayer>) -> bool {
+    use tracing_subscriber::Layer as _;
     let filter =
         EnvFilter::try_from_env("FLOODGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let pretty = std::env::var("FLOODGATE_LOG_FORMAT").is_ok_and(|v| v == "pretty");
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = if pretty {
-        registry.with(fmt::layer()).try_init()
-    } else {
-        registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false),
-            )
+    let Some(export) = export else {
+        // As before span export existed: one global filter, one layer.
+        return tracing_subscriber::registry()
+            .with(filter)
+            .with(log_layer())
             .try_init()
+            .is_ok();
     };
+    // Each layer its own filter: exporting `info` spans must not turn on `info` logs.
+    // The exporter's own HTTP client must not trace itself into the export.
+    let quiet = EnvFilter::new(
+        "info,lapin=off,h2=off,hyper=off,hyper_util=off,reqwest=off,\
+         opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off",
+    );
+    let layers = vec![
+        log_layer().with_filter(filter).boxed(),
+        export.with_filter(quiet).boxed(),
+    ];
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok()
+}
+
+/// Log lines on stdout: JSON (each line with its spans' fields, `request_id` and
+/// `trace_id` among them), or human ones with `FLOODGATE_LOG_FORMAT=pretty`.
+fn log_layer<S>() -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let pretty = std::env::var("FLOODGATE_LOG_FORMAT").is_ok_and(|v| v == "pretty");
+    if pretty {
+        Box::new(fmt::layer())
+    } else {
+        Box::new(
+            fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false),
+        )
+    }
+}
+
+/// What [`init_service`] installed. Dropping it (or [`Telemetry::shutdown`]) flushes the
+/// spans not yet exported and stops the exporter; without export it does nothing.
+#[must_use = "dropping it stops span export"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops span export (at shutdown).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("flushing spans at shutdown failed: {e}");
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+mod otlp {
+    use opentelemetry_otlp::{SpanExporter, WithExportConfig as _};
+    use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
+
+    /// The exporter (endpoint, headers and timeout from the standard `OTEL_EXPORTER_OTLP_*`
+    /// variables) behind a batch processor with its own thread.
+    pub(super) fn provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
+        let exporter = SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build()?;
+        let name = std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| service.to_owned());
+        Ok(SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(Resource::builder().with_service_name(name).build())
+            .build())
+    }
 }
 
 /// The process-wide Prometheus recorder, installed on first use. Latencies are

@@ -18,6 +18,7 @@ use floodgate_common::{
     domain::{IdempotencyKey, OrderId, UserId},
     redis::{self as fredis, ConfirmedOrder, Queued, Release, ResvState},
     telemetry::names,
+    trace::TraceParent,
 };
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -29,8 +30,8 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(1);
 /// reaper may take it from then on (and clocks of two machines differ a little).
 pub const MARK_MARGIN: Duration = Duration::from_secs(1);
 
-/// Publishes `msg` (the order `order_id` of `user`, reserved until `deadline_ms`) and
-/// marks it queued. Ok means answer 202.
+/// Publishes `msg` (the order `order_id` of `user`, reserved until `deadline_ms`, with
+/// its request's `trace`) and marks it queued. Ok means answer 202.
 pub async fn hand_over(
     st: &AppState,
     user: &UserId,
@@ -38,6 +39,7 @@ pub async fn hand_over(
     order_id: OrderId,
     msg: IntakeMessage,
     deadline_ms: i64,
+    trace: Option<TraceParent>,
 ) -> Result<(), ApiError> {
     let order = ConfirmedOrder {
         order_id,
@@ -45,7 +47,10 @@ pub async fn hand_over(
         idempotency_key: key.cloned(),
     };
     let started = Instant::now();
-    let published = st.publisher.publish(&msg, &order_id.to_string()).await;
+    let published = st
+        .publisher
+        .publish(&msg, &order_id.to_string(), trace.as_ref())
+        .await;
     metrics::histogram!(names::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
     if let Err(e) = published {
         metrics::counter!(names::PUBLISH_FAILURES).increment(1);
@@ -115,7 +120,7 @@ async fn mark(st: &AppState, order: ConfirmedOrder, deadline_ms: i64) -> Result<
             metrics::counter!(names::QUEUED_MARK_FAILURES, "outcome" => "late").increment(1);
             tracing::warn!(error = format!("{e:#}"), order_id = %order.order_id, "answering 202 while the mark is still failing");
             let st2 = st.clone();
-            st.tasks.spawn(async move {
+            st.tasks.spawn(tracing::Instrument::in_current_span(async move {
                 let wait = waits.next().unwrap_or(Duration::from_secs(1));
                 tokio::time::sleep(wait.min(give_up.saturating_duration_since(Instant::now())))
                     .await;
@@ -124,7 +129,7 @@ async fn mark(st: &AppState, order: ConfirmedOrder, deadline_ms: i64) -> Result<
                 {
                     tracing::info!(order_id = %order.order_id, "a confirmed order is marked queued at last");
                 }
-            });
+            }));
             Ok(())
         }
     }

@@ -142,11 +142,14 @@ pub async fn main_from_env() -> anyhow::Result<()> {
         "floodgate-ingress",
         "floodgate ingress: the public order API (reserve in Redis, publish to RabbitMQ).",
     );
-    floodgate_common::telemetry::init_logging();
+    let spans = floodgate_common::telemetry::init_service("floodgate-ingress");
     floodgate_common::config::warn_unknown_env();
     let cfg = Config::from_env().context("reading configuration")?;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "ingress listening");
-    app.run_until_stopped(floodgate_common::shutdown::on_signal())
-        .await
+    let stopped = app
+        .run_until_stopped(floodgate_common::shutdown::on_signal())
+        .await;
+    spans.shutdown();
+    stopped
 }

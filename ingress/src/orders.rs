@@ -8,6 +8,7 @@ use floodgate_common::{
     domain::{IdempotencyKey, Invalid, OrderId, OrderLine, OrderLines, OrderStatus, Quantity, Sku},
     redis::{self as fredis, Reserve, ReserveRequest, ResvState},
     telemetry::names,
+    trace::TraceParent,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -100,16 +101,21 @@ pub async fn place(
     lines: OrderLines,
     key: Option<IdempotencyKey>,
     permit: Option<floodgate_common::http::InFlightPermit>,
+    trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
+    use tracing::Instrument;
     let (st, caller) = (st.clone(), caller.clone());
     let tasks = st.tasks.clone();
     tasks
-        .spawn(async move {
-            // The request's in-flight slot stays taken while its order is worked on,
-            // even after its client hung up.
-            let _slot = permit;
-            place_to_the_end(&st, &caller, lines, key).await
-        })
+        .spawn(
+            async move {
+                // The request's in-flight slot stays taken while its order is worked on,
+                // even after its client hung up.
+                let _slot = permit;
+                place_to_the_end(&st, &caller, lines, key, trace).await
+            }
+            .in_current_span(),
+        )
         .await
         .unwrap_or_else(|e| Err(ApiError::Internal(anyhow::anyhow!("placing an order: {e}"))))
 }
@@ -119,6 +125,7 @@ async fn place_to_the_end(
     caller: &Caller,
     lines: OrderLines,
     key: Option<IdempotencyKey>,
+    trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     let hash = key.as_ref().map(|_| body_hash(&lines));
     // A duplicate whose first request is still publishing waits for it; if that publish
@@ -159,6 +166,7 @@ async fn place_to_the_end(
                     order_id,
                     &accepted_at,
                     deadline_ms,
+                    trace,
                 )
                 .await?;
                 // Counted here, not in the handler: a buyer who hung up still has an order.
@@ -223,7 +231,9 @@ async fn place_to_the_end(
     }
 }
 
-/// Publishes the reserved order and marks it queued ([`crate::handover`]).
+/// Publishes the reserved order and marks it queued ([`crate::handover`]). `trace` (the
+/// request's) travels in the message's `traceparent` header.
+#[allow(clippy::too_many_arguments)]
 async fn publish(
     st: &AppState,
     caller: &Caller,
@@ -232,6 +242,7 @@ async fn publish(
     order_id: OrderId,
     accepted_at: &str,
     deadline_ms: i64,
+    trace: Option<TraceParent>,
 ) -> Result<(), ApiError> {
     let msg = IntakeMessage::OrderV1(OrderPlaced {
         order_id,
@@ -241,7 +252,7 @@ async fn publish(
         deadline_ms,
         idempotency_key: key.cloned(),
     });
-    crate::handover::hand_over(st, &caller.user, key, order_id, msg, deadline_ms).await
+    crate::handover::hand_over(st, &caller.user, key, order_id, msg, deadline_ms, trace).await
 }
 
 /// The first order of a repeated Idempotency-Key, with its current status.
@@ -298,15 +309,17 @@ const CANCEL_WAIT: Duration = Duration::from_secs(3);
 
 /// Cancels a confirmed order: PostgreSQL first (status, inventory, ledger), then its units
 /// return to Redis once per line. Idempotent. None if the caller may not see the order.
+/// `trace` (the request's) goes with the `order.cancelled` event.
 pub async fn cancel(
     st: &AppState,
     caller: &Caller,
     order_id: OrderId,
+    trace: Option<TraceParent>,
 ) -> Result<Option<OrderView>, ApiError> {
     let may = |owner: &str| caller.is_admin() || owner == caller.user.as_str();
     let until = Instant::now() + CANCEL_WAIT;
     let (user_id, lines) = loop {
-        match repo::cancel(&st.pg, &order_id, may).await? {
+        match repo::cancel(&st.pg, &order_id, may, trace.as_ref()).await? {
             repo::Cancel::Cancelled { user_id, lines } => break (user_id, lines),
             repo::Cancel::Failed { .. } => {
                 return Err(ApiError::NotCancellable(

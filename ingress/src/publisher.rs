@@ -14,6 +14,7 @@ use floodgate_common::{
     Config,
     amqp::{self, IntakeMessage, Link, PUBLISHED_HEADER, Reconnect, Topology},
     retry::Backoff,
+    trace::TraceParent,
 };
 use lapin::{
     BasicProperties, Channel, Confirmation,
@@ -119,13 +120,22 @@ impl Publisher {
     }
 
     /// Publishes persistent and mandatory, and returns only once the broker confirmed it
-    /// has the message in a queue.
-    pub async fn publish(&self, msg: &IntakeMessage, message_id: &str) -> Result<(), PublishError> {
+    /// has the message in a queue. `trace` goes in the `traceparent` header.
+    pub async fn publish(
+        &self,
+        msg: &IntakeMessage,
+        message_id: &str,
+        trace: Option<&TraceParent>,
+    ) -> Result<(), PublishError> {
         let i = &self.inner;
         let session = self.current().ok_or(PublishError::NotConnected)?;
         let ch = &session.channels[i.next.fetch_add(1, Ordering::Relaxed) % session.channels.len()];
-        // When it went out, so the worker can measure how long it waited in the queue.
-        let mut headers = FieldTable::default();
+        // When it went out, so the worker can measure how long it waited in the queue,
+        // and the order's trace.
+        let mut headers = match trace {
+            Some(t) => floodgate_common::amqp::trace_headers(t),
+            None => FieldTable::default(),
+        };
         headers.insert(
             PUBLISHED_HEADER.into(),
             AMQPValue::LongLongInt(amqp::unix_ms()),

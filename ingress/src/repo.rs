@@ -2,7 +2,10 @@
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
-use floodgate_common::domain::{OrderId, OrderLine, Quantity, Reference, Sku};
+use floodgate_common::{
+    domain::{OrderId, OrderLine, Quantity, Reference, Sku},
+    trace::TraceParent,
+};
 use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -262,11 +265,13 @@ pub enum Cancel {
 /// Cancels a confirmed order in one transaction: status `cancelled`, its units back in
 /// inventory (one aggregated update), a `cancel` ledger row per line. Idempotent: an order
 /// already cancelled changes nothing. Its `order.cancelled` event goes to the outbox in
-/// the same transaction. `may` decides visibility before anything is written.
+/// the same transaction, with `trace` (the cancel request's) as its `traceparent`. `may`
+/// decides visibility before anything is written.
 pub async fn cancel(
     pool: &Pool,
     id: &OrderId,
     may: impl Fn(&str) -> bool,
+    trace: Option<&TraceParent>,
 ) -> anyhow::Result<Cancel> {
     let mut db = pool.get().await.context("PostgreSQL connection")?;
     let tx = db.transaction().await?;
@@ -322,13 +327,14 @@ pub async fn cancel(
         )
         .await
         .context("recording the cancellation")?;
+        let trace = trace.map(|t| t.to_string());
         tx.execute(
-            "INSERT INTO outbox (routing_key, payload)
+            "INSERT INTO outbox (routing_key, payload, traceparent)
              SELECT 'order.cancelled', jsonb_build_object(
                       'type', 'order', 'order_id', id, 'user_id', user_id,
-                      'status', 'cancelled', 'reason', NULL, 'at', clock_timestamp())
+                      'status', 'cancelled', 'reason', NULL, 'at', clock_timestamp()), $2
                FROM orders WHERE id = $1",
-            &[&id.as_uuid()],
+            &[&id.as_uuid(), &trace],
         )
         .await
         .context("queueing the cancellation event")?;

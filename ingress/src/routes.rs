@@ -84,8 +84,14 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             HeaderName::from_static("idempotency-key"),
+            floodgate_common::request::REQUEST_ID,
+            HeaderName::from_static(floodgate_common::trace::HEADER),
         ])
-        .expose_headers([header::LOCATION, header::RETRY_AFTER])
+        .expose_headers([
+            header::LOCATION,
+            header::RETRY_AFTER,
+            floodgate_common::request::REQUEST_ID,
+        ])
         .max_age(std::time::Duration::from_secs(600))
 }
 
@@ -143,6 +149,7 @@ async fn place_order(
     caller: Caller,
     headers: HeaderMap,
     permit: Option<axum::Extension<floodgate_common::http::InFlightPermit>>,
+    trace: Option<axum::Extension<floodgate_common::trace::TraceParent>>,
     body: Result<JsonBody<OrderRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
     if let Some(limiter) = &st.limiter
@@ -158,7 +165,8 @@ async fn place_order(
     let JsonBody(body) = body.map_err(rejected)?;
     let lines = body.validate().map_err(rejected)?;
     let key = idempotency_key(&headers).map_err(rejected)?;
-    match orders::place(&st, &caller, lines, key, permit.map(|p| p.0))
+    let trace = trace.map(|t| t.0);
+    match orders::place(&st, &caller, lines, key, permit.map(|p| p.0), trace)
         .await
         .map_err(rejected)?
     {
@@ -211,10 +219,11 @@ async fn get_order(
 async fn cancel_order(
     State(st): State<AppState>,
     caller: Caller,
+    trace: Option<axum::Extension<floodgate_common::trace::TraceParent>>,
     Path(id): Path<String>,
 ) -> Result<Json<orders::OrderView>, ApiError> {
     let id = OrderId::parse(&id).ok_or(ApiError::OrderNotFound)?;
-    orders::cancel(&st, &caller, id)
+    orders::cancel(&st, &caller, id, trace.map(|t| t.0))
         .await?
         .map(Json)
         .ok_or(ApiError::OrderNotFound)

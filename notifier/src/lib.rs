@@ -141,12 +141,14 @@ pub async fn main_from_env() -> anyhow::Result<()> {
         "floodgate-notifier",
         "floodgate notifier: streams order status and stock levels (SSE, WebSocket).",
     );
-    floodgate_common::telemetry::init_logging();
+    let spans = floodgate_common::telemetry::init_service("floodgate-notifier");
     floodgate_common::config::warn_unknown_env();
     let cfg = Config::from_env().context("reading configuration")?;
     let notifier = Notifier::build(cfg).await?;
     tracing::info!(port = notifier.port(), "notifier listening");
-    notifier
+    let stopped = notifier
         .run_until_stopped(floodgate_common::shutdown::on_signal())
-        .await
+        .await;
+    spans.shutdown();
+    stopped
 }

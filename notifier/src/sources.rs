@@ -16,10 +16,12 @@ use floodgate_common::{
     Config,
     amqp::{
         CLOSE_TIMEOUT, Link, ORDER_EVENT_BATCH, OrderEvent, OrderEventBatch, Reconnect, Topology,
+        trace_of,
     },
     redis::{Keys, StockCursor, stock_changes},
     retry::Backoff,
     telemetry::names,
+    trace::{self, TraceParent},
 };
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
@@ -209,10 +211,10 @@ async fn consume(
         if batch {
             match OrderEventBatch::decode_each(&delivery.data) {
                 Ok(events) => {
-                    for (id, event) in events {
-                        match event {
-                            Ok(event) => hub.publish_order(Some(id), event),
-                            Err(e) => undecodable(&e),
+                    for e in events {
+                        match e.event {
+                            Ok(event) => deliver(hub, Some(e.id), e.trace, event),
+                            Err(err) => undecodable(&err),
                         }
                     }
                 }
@@ -226,12 +228,32 @@ async fn consume(
                 .as_ref()
                 .and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok());
             match OrderEvent::from_bytes(&delivery.data) {
-                Ok(event) => hub.publish_order(event_id, event),
+                Ok(event) => deliver(hub, event_id, trace_of(&delivery.properties), event),
                 Err(e) => undecodable(&e),
             }
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
+}
+
+/// Hands one order event to the hub. Its line (debug) names the order's `trace_id`;
+/// when spans are exported, a `deliver` span continues the order's trace.
+fn deliver(hub: &Hub, event_id: Option<uuid::Uuid>, trace: Option<TraceParent>, event: OrderEvent) {
+    let span = if trace::exporting() {
+        let span = tracing::info_span!("deliver", order_id = %event.order_id);
+        trace::set_parent(&span, trace.as_ref());
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let _in = span.enter();
+    tracing::debug!(
+        order_id = %event.order_id,
+        trace_id = trace.map(|t| tracing::field::display(t.trace_id())),
+        status = event.status.as_str(),
+        "order event in"
+    );
+    hub.publish_order(event_id, event);
 }
 
 fn undecodable(e: &serde_json::Error) {

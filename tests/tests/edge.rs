@@ -150,3 +150,110 @@ async fn slow_clients_are_cut_off_and_every_refusal_is_problem_json() {
     let new: Vec<_> = after.difference(&before).collect();
     assert!(new.is_empty(), "new metric lines: {new:#?}");
 }
+
+/// The `X-Request-Id` every answer carries, and the `request_id` of a problem body.
+fn request_id(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-request-id")
+        .expect("every answer names its request")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn problem_with_id(rb: reqwest::RequestBuilder) -> (u16, String, Value) {
+    let r = rb.send().await.unwrap();
+    let id = request_id(&r);
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["request_id"], id.as_str(), "{status} {body}");
+    (status, id, body)
+}
+
+fn is_made_here(id: &str) -> bool {
+    uuid::Uuid::parse_str(id).is_ok_and(|u| u.get_version_num() == 7)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_names_its_request_and_problems_carry_the_id() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        notifier: true,
+        ..Options::default()
+    })
+    .await;
+    let notifier = app.notifier.clone().unwrap();
+    let c = &app.client;
+
+    // A valid id from the client is echoed; without one, a new one is made (UUIDv7).
+    let r = c
+        .get(format!("{}/healthz", app.base))
+        .header("X-Request-Id", "shop-42:retry.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(request_id(&r), "shop-42:retry.1");
+    let r = c.get(format!("{}/healthz", app.base)).send().await.unwrap();
+    assert!(is_made_here(&request_id(&r)));
+    let (a, b) = (
+        request_id(&c.get(format!("{notifier}/healthz")).send().await.unwrap()),
+        request_id(&c.get(format!("{notifier}/healthz")).send().await.unwrap()),
+    );
+    assert!(is_made_here(&a) && is_made_here(&b) && a != b);
+
+    // Junk is never reflected: too long, a tab, repeated.
+    for junk in [&*"x".repeat(129), "a\tb"] {
+        let r = c
+            .get(format!("{}/healthz", app.base))
+            .header("X-Request-Id", junk)
+            .send()
+            .await
+            .unwrap();
+        assert!(is_made_here(&request_id(&r)), "{junk:?}");
+    }
+    let r = c
+        .get(format!("{}/healthz", app.base))
+        .header("X-Request-Id", "one")
+        .header("X-Request-Id", "two")
+        .send()
+        .await
+        .unwrap();
+    assert!(is_made_here(&request_id(&r)));
+
+    // Problems carry it: a handler's own (404, 422, 401), the edge's rewrites (405, 431),
+    // the notifier's.
+    let given = |rb: reqwest::RequestBuilder| rb.header("X-Request-Id", "given-1");
+    let (s, id, _) = problem_with_id(given(c.get(format!("{}/nothing", app.base)))).await;
+    assert_eq!((s, id.as_str()), (404, "given-1"));
+    let token = app.customer("ider");
+    let (s, _, b) = problem_with_id(
+        c.post(format!("{}/v1/orders", app.base))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"items": [{"sku": "x", "qty": 0}]})),
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (422, Some("invalid_order")));
+    let (s, _, _) = problem_with_id(c.get(format!("{}/v1/orders/x", app.base))).await;
+    assert_eq!(s, 401);
+    let (s, _, b) = problem_with_id(c.post(format!("{}/v1/stock/x", app.base))).await;
+    assert_eq!((s, b["code"].as_str()), (405, Some("method_not_allowed")));
+    let (s, _, _) = problem_with_id(
+        c.get(format!("{}/healthz", app.base))
+            .header("x-pad", "p".repeat(9 * 1024)),
+    )
+    .await;
+    assert_eq!(s, 431);
+    let (s, id, b) =
+        problem_with_id(given(c.get(format!("{notifier}/v1/stream?topics=bogus")))).await;
+    assert_eq!((s, id.as_str()), (400, "given-1"));
+    assert_eq!(b["code"], "invalid_topic");
+
+    // A malformed traceparent is ignored, never an error.
+    let r = c
+        .get(format!("{}/v1/stock/none", app.base))
+        .header("traceparent", "00-zz-zz-01")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

@@ -23,12 +23,13 @@ use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::Pool;
 use floodgate_common::{
     Config,
-    amqp::{self, IntakeMessage},
+    amqp::{self, IntakeMessage, trace_of},
     domain::{FailReason, IdempotencyKey, OrderId, OrderStatus, UserId},
     health,
     redis::{self as fredis, Claim, Keys},
     retry::{Backoff, Waits},
     telemetry::names,
+    trace,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
 use lapin::{BasicProperties, Consumer, message::Delivery, options::BasicAckOptions};
@@ -39,6 +40,7 @@ use std::{
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Everything a batch needs besides the AMQP session.
 pub struct Pipeline {
@@ -251,6 +253,10 @@ impl Pipeline {
 
     /// Decides and settles one batch (retries and dead letters published); returns its
     /// delivery tags for the ack window. Nothing is acked here.
+    ///
+    /// One `batch` span holds many orders, each of its own trace: when spans are
+    /// exported the span links to every order's trace, and each order's line (debug)
+    /// names its `trace_id`.
     async fn process(
         &self,
         session: &Session,
@@ -261,6 +267,26 @@ impl Pipeline {
         metrics::histogram!(names::BATCH_SIZE).record(batch.len() as f64);
         let tags: Vec<u64> = batch.iter().map(|d| d.delivery_tag).collect();
         let items: Vec<Item> = batch.into_iter().map(decode).collect();
+        let span = tracing::info_span!("batch", orders = items.len());
+        trace::link(
+            &span,
+            items
+                .iter()
+                .filter_map(|i| i.order.as_ref().ok().and_then(|d| d.record.trace.as_ref())),
+        );
+        self.settle_batch(session, items, tags, started, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn settle_batch(
+        &self,
+        session: &Session,
+        items: Vec<Item>,
+        tags: Vec<u64>,
+        started: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<u64>, Halt> {
         let settle = self.decide(&items, shutdown).await?;
         for (item, s) in items.iter().zip(&settle) {
             match s {
@@ -339,6 +365,14 @@ impl Pipeline {
             Ok(c) => {
                 self.outbox_wake.notify_one();
                 count_committed(c.confirmed.len(), c.failed);
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    for &i in &confirm {
+                        committed_line(decoded(i), c.status.get(&decoded(i).record.id));
+                    }
+                    for &(i, reason) in &fail {
+                        failed_line(decoded(i), reason);
+                    }
+                }
                 let batch: Vec<&Decoded> = confirm.iter().map(|&i| decoded(i)).collect();
                 self.settle_redis(&batch, &c.status).await?;
             }
@@ -387,6 +421,7 @@ impl Pipeline {
         match retry_quick(|| repo::commit_batch(&self.pg, &one, &[])).await {
             Ok(c) => {
                 count_committed(c.confirmed.len(), 0);
+                committed_line(d, c.status.get(&d.record.id));
                 self.settle_redis(&[d], &c.status).await?;
                 Ok(Settle::Ack)
             }
@@ -443,7 +478,12 @@ impl Pipeline {
     /// pause and redeliver it forever); its message is dead-lettered and its stock stays
     /// held until an operator replays or settles it.
     async fn fail_order(&self, d: &Decoded, reason: FailReason) -> Result<Recorded, Halt> {
-        tracing::info!(order_id = %d.record.id, reason = reason.as_str(), "order failed");
+        tracing::info!(
+            order_id = %d.record.id,
+            trace_id = d.record.trace.map(|t| tracing::field::display(t.trace_id())),
+            reason = reason.as_str(),
+            "order failed"
+        );
         let (recorded, status) = match retry_quick(|| {
             repo::record_failed(&self.pg, &d.record, reason)
         })
@@ -583,6 +623,26 @@ fn observe_queue_wait(props: &BasicProperties) {
     }
 }
 
+/// An order's line once its batch committed (debug: nothing per order at `info`).
+fn committed_line(d: &Decoded, status: Option<&OrderStatus>) {
+    tracing::debug!(
+        order_id = %d.record.id,
+        trace_id = d.record.trace.map(|t| tracing::field::display(t.trace_id())),
+        status = status.map(|s| s.as_str()),
+        "order committed"
+    );
+}
+
+/// An order recorded failed with its batch (debug).
+fn failed_line(d: &Decoded, reason: FailReason) {
+    tracing::debug!(
+        order_id = %d.record.id,
+        trace_id = d.record.trace.map(|t| tracing::field::display(t.trace_id())),
+        reason = reason.as_str(),
+        "order recorded failed"
+    );
+}
+
 fn count_committed(confirmed: usize, failed: usize) {
     metrics::counter!(names::ORDERS_COMMITTED, "status" => "confirmed").increment(confirmed as u64);
     metrics::counter!(names::ORDERS_COMMITTED, "status" => "failed").increment(failed as u64);
@@ -605,6 +665,7 @@ where
 }
 
 fn decode(d: Delivery) -> Item {
+    let trace = trace_of(&d.properties);
     let order = IntakeMessage::from_bytes(&d.data)
         .map_err(|e| e.to_string())
         .and_then(|IntakeMessage::OrderV1(o)| {
@@ -622,6 +683,7 @@ fn decode(d: Delivery) -> Item {
                         .iter()
                         .map(|l| (l.sku.to_string(), l.qty.get()))
                         .collect(),
+                    trace,
                 },
                 user: o.user_id,
                 key: o.idempotency_key,

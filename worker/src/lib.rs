@@ -229,12 +229,14 @@ pub async fn main_from_env() -> anyhow::Result<()> {
         "floodgate-worker",
         "floodgate worker: drains the intake queue and commits orders to PostgreSQL.",
     );
-    telemetry::init_logging();
+    let spans = telemetry::init_service("floodgate-worker");
     floodgate_common::config::warn_unknown_env();
     let cfg = Config::from_env().context("reading configuration")?;
     let worker = Worker::build(cfg).await?;
     tracing::info!(port = worker.port(), "worker consuming");
-    worker
+    let stopped = worker
         .run_until_stopped(floodgate_common::shutdown::on_signal())
-        .await
+        .await;
+    spans.shutdown();
+    stopped
 }

@@ -20,11 +20,13 @@ use floodgate_common::{
     amqp::{Link, ORDER_EVENT_BATCH, OrderEventBatch, Reconnect, Topology},
     retry::Backoff,
     telemetry::names,
+    trace::{self, TraceParent},
 };
 use lapin::{BasicProperties, Channel, Confirmation, options::BasicPublishOptions};
 use std::{sync::Arc, time::Duration};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Rows published per transaction at most.
 const BATCH: i64 = 500;
@@ -178,8 +180,8 @@ async fn pass(pg: &Pool, session: &Session, armed: Option<Failpoint>) -> Result<
     }
     let rows = tx
         .query(
-            "SELECT id, event_id, routing_key, payload::text, created_at FROM outbox
-              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "SELECT id, event_id, routing_key, payload::text, created_at, traceparent
+               FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
             &[&BATCH],
         )
         .await
@@ -189,13 +191,46 @@ async fn pass(pg: &Pool, session: &Session, armed: Option<Failpoint>) -> Result<
     }
     trip(Failpoint::BeforePublish, armed);
     let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    // Each event's order trace (its row's `traceparent`), sent beside the event.
+    let traces: Vec<Option<TraceParent>> = rows
+        .iter()
+        .map(|r| r.get::<_, Option<&str>>(5).and_then(TraceParent::parse))
+        .collect();
+    let span = tracing::info_span!("outbox_relay", events = rows.len());
+    trace::link(&span, traces.iter().flatten());
+    let messages = publish_rows(session, &rows, &traces)
+        .instrument(span)
+        .await?;
+    trip(Failpoint::AfterPublish, armed);
+    tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
+        .await
+        .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    metrics::counter!(names::OUTBOX_RELAYED).increment(rows.len() as u64);
+    metrics::counter!(names::OUTBOX_MESSAGES).increment(messages as u64);
+    Ok(rows.len())
+}
+
+/// Publishes `rows` (each run of one routing key as one message, each event with its
+/// trace) and waits for every confirm. Returns how many messages went out.
+async fn publish_rows(
+    session: &Session,
+    rows: &[tokio_postgres::Row],
+    traces: &[Option<TraceParent>],
+) -> Result<usize, PassError> {
     let mut confirms = Vec::new();
+    let mut offset = 0;
     // Each run of consecutive rows with one routing key is one message, in row order.
     for run in rows.chunk_by(|a, b| a.get::<_, &str>(2) == b.get::<_, &str>(2)) {
         let first_id: uuid::Uuid = run[0].get(1);
         let routing_key: &str = run[0].get(2);
         let at: time::OffsetDateTime = run[0].get(4);
-        let payload = OrderEventBatch::encode_raw(run.iter().map(|r| (r.get(1), r.get(3))));
+        let payload = OrderEventBatch::encode_raw(
+            run.iter()
+                .zip(&traces[offset..])
+                .map(|(r, t)| (r.get(1), *t, r.get(3))),
+        );
+        offset += run.len();
         let props = BasicProperties::default()
             .with_message_id(first_id.to_string().into())
             .with_type(ORDER_EVENT_BATCH.into())
@@ -236,12 +271,15 @@ async fn pass(pg: &Pool, session: &Session, armed: Option<Failpoint>) -> Result<
             }
         }
     }
-    trip(Failpoint::AfterPublish, armed);
-    tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
-        .await
-        .map_err(db_err)?;
-    tx.commit().await.map_err(db_err)?;
-    metrics::counter!(names::OUTBOX_RELAYED).increment(rows.len() as u64);
-    metrics::counter!(names::OUTBOX_MESSAGES).increment(messages as u64);
-    Ok(rows.len())
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        for (r, t) in rows.iter().zip(traces) {
+            tracing::debug!(
+                event_id = %r.get::<_, uuid::Uuid>(1),
+                routing_key = r.get::<_, &str>(2),
+                trace_id = t.map(|t| tracing::field::display(t.trace_id())),
+                "event relayed"
+            );
+        }
+    }
+    Ok(messages)
 }

@@ -93,6 +93,7 @@ async fn record(
                 .iter()
                 .map(|l| (l.sku.to_string(), l.qty.get()))
                 .collect(),
+            trace: None,
         };
         repo::commit_batch(pg, &[], &[(&rec, FailReason::ReservationExpired)])
             .await

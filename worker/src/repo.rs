@@ -1,7 +1,10 @@
 //! The batch transaction and the per-order fallback: every SQL statement the worker runs.
 
 use deadpool_postgres::{Pool, Transaction};
-use floodgate_common::domain::{FailReason, OrderId, OrderStatus};
+use floodgate_common::{
+    domain::{FailReason, OrderId, OrderStatus},
+    trace::TraceParent,
+};
 use std::collections::{BTreeMap, HashMap};
 use time::OffsetDateTime;
 use tokio_postgres::{error::SqlState, types::ToSql};
@@ -15,6 +18,9 @@ pub struct OrderRecord {
     pub idempotency_key: Option<String>,
     pub accepted_at: OffsetDateTime,
     pub lines: Vec<(String, i64)>,
+    /// The trace of the request that placed it (its message's `traceparent`), written
+    /// with its outbox event so the notifier continues it.
+    pub trace: Option<TraceParent>,
 }
 
 /// How a database failure is handled.
@@ -114,6 +120,10 @@ async fn insert_orders(
         })
         .collect();
     let accepted: Vec<OffsetDateTime> = orders.iter().map(|o| o.accepted_at).collect();
+    let traces: Vec<Option<String>> = orders
+        .iter()
+        .map(|o| o.trace.map(|t| t.to_string()))
+        .collect();
     let stmt = tx
         .prepare_cached(
             "WITH new AS (
@@ -124,18 +134,24 @@ async fn insert_orders(
                        AS t(id, user_id, key, accepted_at)
                 ON CONFLICT (id) DO NOTHING
                 RETURNING id, user_id, status, reason
+             ), traces AS (
+                SELECT * FROM unnest($1::uuid[], $7::text[]) AS t(id, traceparent)
              ), events AS (
-                INSERT INTO outbox (routing_key, payload)
-                SELECT 'order.' || status, jsonb_build_object(
-                         'type', 'order', 'order_id', id, 'user_id', user_id,
-                         'status', status, 'reason', reason, 'at', clock_timestamp())
-                  FROM new
+                INSERT INTO outbox (routing_key, payload, traceparent)
+                SELECT 'order.' || new.status, jsonb_build_object(
+                         'type', 'order', 'order_id', new.id, 'user_id', new.user_id,
+                         'status', new.status, 'reason', new.reason, 'at', clock_timestamp()),
+                       traces.traceparent
+                  FROM new JOIN traces USING (id)
              )
              SELECT id FROM new",
         )
         .await?;
     let rows = tx
-        .query(&stmt, &[&ids, &users, &keys, &accepted, &status, &reason])
+        .query(
+            &stmt,
+            &[&ids, &users, &keys, &accepted, &status, &reason, &traces],
+        )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }

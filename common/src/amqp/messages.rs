@@ -1,6 +1,36 @@
-use crate::domain::{IdempotencyKey, OrderId, OrderLines, OrderStatus, UserId};
+use crate::{
+    domain::{IdempotencyKey, OrderId, OrderLines, OrderStatus, UserId},
+    trace::{self, TraceParent},
+};
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable},
+};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+
+/// Message headers carrying `t` as `traceparent` (W3C trace context), so the trace of
+/// the request that placed an order continues in whoever consumes it.
+pub fn trace_headers(t: &TraceParent) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert(
+        trace::HEADER.into(),
+        AMQPValue::LongString(t.to_string().into()),
+    );
+    h
+}
+
+/// The `traceparent` a message carries; None if absent or malformed.
+pub fn trace_of(props: &BasicProperties) -> Option<TraceParent> {
+    let v = props.headers().as_ref()?.inner().get(trace::HEADER)?;
+    match v {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()
+            .and_then(TraceParent::parse),
+        AMQPValue::ShortString(s) => TraceParent::parse(s.as_str()),
+        _ => None,
+    }
+}
 
 /// What travels on the intake queue. Tagged and versioned: a new shape is a new variant,
 /// so workers of two versions can share a queue during a rolling deploy.
@@ -73,10 +103,23 @@ pub struct OrderEventBatch {
 }
 
 /// One event of a batch with its outbox event id, which subscribers de-duplicate by.
+/// On the wire it may also carry `traceparent`: the trace of the request that placed
+/// the order (readers that do not know it ignore it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BatchedEvent {
     pub id: uuid::Uuid,
     pub event: OrderEvent,
+}
+
+/// One event of a batch as [`OrderEventBatch::decode_each`] reads it.
+#[derive(Debug)]
+pub struct DecodedEvent {
+    /// The outbox event id, which subscribers de-duplicate by.
+    pub id: uuid::Uuid,
+    /// The order's trace, when the batch carried a valid one.
+    pub trace: Option<TraceParent>,
+    /// The event, or why it could not be read (that costs only this event).
+    pub event: Result<OrderEvent, serde_json::Error>,
 }
 
 /// A batch as read: each event still raw, so one bad event costs only itself.
@@ -89,6 +132,8 @@ struct RawBatch<'a> {
 #[derive(Deserialize)]
 struct RawEvent<'a> {
     id: uuid::Uuid,
+    #[serde(default, borrow)]
+    traceparent: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     event: &'a serde_json::value::RawValue,
 }
@@ -100,29 +145,40 @@ impl OrderEventBatch {
 
     /// Reads a batch event by event: the envelope must parse, but an event that does
     /// not (a newer writer's field, a corrupted row) is its own error, not the batch's.
-    #[allow(clippy::type_complexity)]
-    pub fn decode_each(
-        b: &[u8],
-    ) -> Result<Vec<(uuid::Uuid, Result<OrderEvent, serde_json::Error>)>, serde_json::Error> {
+    /// A malformed `traceparent` is dropped, never an error.
+    pub fn decode_each(b: &[u8]) -> Result<Vec<DecodedEvent>, serde_json::Error> {
         let raw: RawBatch = serde_json::from_slice(b)?;
         Ok(raw
             .events
             .into_iter()
-            .map(|e| (e.id, serde_json::from_str(e.event.get())))
+            .map(|e| DecodedEvent {
+                id: e.id,
+                trace: e.traceparent.as_deref().and_then(TraceParent::parse),
+                event: serde_json::from_str(e.event.get()),
+            })
             .collect())
     }
 
     /// The wire form, built from the outbox rows' JSON payloads as they are, without
-    /// decoding them: `{"events":[{"id":"<uuid>","event":<payload>},...]}`.
-    pub fn encode_raw<'a>(rows: impl IntoIterator<Item = (uuid::Uuid, &'a str)>) -> Vec<u8> {
+    /// decoding them:
+    /// `{"events":[{"id":"<uuid>","traceparent":"<trace>","event":<payload>},...]}`
+    /// (`traceparent` only for rows that have one).
+    pub fn encode_raw<'a>(
+        rows: impl IntoIterator<Item = (uuid::Uuid, Option<TraceParent>, &'a str)>,
+    ) -> Vec<u8> {
         let mut out = Vec::with_capacity(4096);
         out.extend_from_slice(br#"{"events":["#);
-        for (i, (id, payload)) in rows.into_iter().enumerate() {
+        for (i, (id, trace, payload)) in rows.into_iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
             out.extend_from_slice(br#"{"id":""#);
             out.extend_from_slice(id.hyphenated().to_string().as_bytes());
+            if let Some(t) = trace {
+                // Hex digits and dashes only: nothing to escape.
+                out.extend_from_slice(br#"","traceparent":""#);
+                out.extend_from_slice(t.to_string().as_bytes());
+            }
             out.extend_from_slice(br#"","event":"#);
             out.extend_from_slice(payload.as_bytes());
             out.push(b'}');
@@ -169,7 +225,8 @@ mod tests {
         let a = r#"{"type":"order","order_id":"0190f0b4-1a2b-7c3d-8e4f-123456789abc","user_id":"alice","status":"confirmed","at":"2026-11-21T10:00:00Z"}"#;
         let b = r#"{"type":"order","order_id":"0190f0b4-1a2b-7c3d-8e4f-123456789abd","user_id":"bob","status":"failed","reason":"insufficient_stock","at":"2026-11-21T10:00:01Z"}"#;
         let (ia, ib) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-        let raw = OrderEventBatch::encode_raw([(ia, a), (ib, b)]);
+        let t = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let raw = OrderEventBatch::encode_raw([(ia, t, a), (ib, None, b)]);
         let batch = OrderEventBatch::from_bytes(&raw).unwrap();
         assert_eq!(batch.events.len(), 2);
         assert_eq!(batch.events[0].id, ia);
@@ -182,13 +239,22 @@ mod tests {
             batch.events[1].event.reason.as_deref(),
             Some("insufficient_stock")
         );
+        let each = OrderEventBatch::decode_each(&raw).unwrap();
+        assert_eq!(each[0].trace, t);
+        assert_eq!(each[1].trace, None);
         // One bad event is its own error; the others still read.
-        let bad =
-            OrderEventBatch::encode_raw([(ia, a), (ib, r#"{"type":"order","status":"lost"}"#)]);
+        let bad = OrderEventBatch::encode_raw([
+            (ia, None, a),
+            (ib, None, r#"{"type":"order","status":"lost"}"#),
+        ]);
         let each = OrderEventBatch::decode_each(&bad).unwrap();
         assert_eq!(each.len(), 2);
-        assert!(each[0].1.is_ok());
-        assert!(each[1].1.is_err());
+        assert!(each[0].event.is_ok());
+        assert!(each[1].event.is_err());
+        // A malformed traceparent is dropped, not an error.
+        let junk = format!(r#"{{"events":[{{"id":"{ia}","traceparent":"junk","event":{a}}}]}}"#);
+        let each = OrderEventBatch::decode_each(junk.as_bytes()).unwrap();
+        assert!(each[0].event.is_ok() && each[0].trace.is_none());
         assert!(OrderEventBatch::decode_each(b"{not json").is_err());
         let empty = OrderEventBatch::encode_raw(std::iter::empty());
         assert!(
