@@ -463,7 +463,7 @@ async fn dashboard_panels_have_data_and_a_stopped_worker_fires_its_alerts() {
     still_ordering.abort();
     reading.abort();
     screenshot(&prom.url);
-    eprintln!("observability test took {:?}", started.elapsed());
+    eprintln!("monitoring test took {:?}", started.elapsed());
 }
 
 /// Chromium's screenshot of Prometheus' /alerts page, for the record; Chromium missing
