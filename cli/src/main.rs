@@ -101,6 +101,14 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // On stderr, not in the logs: those share stdout with what the command prints (a
+    // token read with `$(floodgate token ...)`).
+    for (name, closest) in floodgate_common::config::unknown_env() {
+        eprintln!(
+            "warning: {}",
+            floodgate_common::config::unknown_var_message(&name, closest)
+        );
+    }
     let cfg = Config::from_env().context("reading configuration")?;
     telemetry::init_logging_with_default("warn");
     match cli.command {

@@ -36,3 +36,29 @@ fn token_needs_a_real_secret_and_signs_with_the_first() {
     assert!(caller.is_admin());
     assert!(only(old).is_err());
 }
+
+#[test]
+fn an_unknown_variable_is_warned_about_on_stderr_and_the_token_stays_clean() {
+    let out = floodgate(
+        &[
+            (
+                "FLOODGATE_JWT_SECRET",
+                "a-test-secret-of-at-least-32-bytes!",
+            ),
+            ("FLOODGATE_NAMESPCE", "shop"),
+        ],
+        &["token", "--sub", "alice"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "unknown configuration variable FLOODGATE_NAMESPCE is ignored; did you mean FLOODGATE_NAMESPACE?"
+        ),
+        "{err}"
+    );
+    // Only the token on stdout, so `$(floodgate token ...)` still works.
+    let token = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(token.trim().split('.').count(), 3, "{token}");
+    assert_eq!(token.lines().count(), 1, "{token}");
+}

@@ -1,6 +1,303 @@
 //! Configuration from `FLOODGATE_*` environment variables, validated once at start-up.
+//!
+//! [`VARS`] lists every variable any floodgate process reads, with its default and
+//! meaning: the services' `--help` prints it, and a process warns at start about a set
+//! `FLOODGATE_*` variable that is not in it (a typo would otherwise be ignored silently).
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{fmt, net::SocketAddr, str::FromStr, sync::Once, time::Duration};
+
+/// One configuration variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Var {
+    pub name: &'static str,
+    /// The value used when it is unset, as an operator would write it; `""` when it is
+    /// required or unset by default (`about` says which).
+    pub default: &'static str,
+    /// What it means, in one line.
+    pub about: &'static str,
+}
+
+/// Every `FLOODGATE_*` variable a floodgate process (a service or the `floodgate`
+/// command) reads. The tests below fail when a reader uses a name missing here, when a
+/// default here differs from the one [`Config`] applies, or when README's configuration
+/// table and this list disagree.
+pub const VARS: &[Var] = &[
+    Var {
+        name: "FLOODGATE_NAMESPACE",
+        default: "floodgate",
+        about: "prefix of every Redis key, AMQP name and the PostgreSQL schema; [a-z][a-z0-9_]{0,39}",
+    },
+    Var {
+        name: "FLOODGATE_REDIS_URL",
+        default: "redis://127.0.0.1:6379",
+        about: "Redis",
+    },
+    Var {
+        name: "FLOODGATE_AMQP_URL",
+        default: "amqp://guest:guest@127.0.0.1:5672/%2f",
+        about: "RabbitMQ",
+    },
+    Var {
+        name: "FLOODGATE_DATABASE_URL",
+        default: "postgres://postgres@127.0.0.1:5432/floodgate",
+        about: "PostgreSQL; `floodgate migrate` creates the database if missing",
+    },
+    Var {
+        name: "FLOODGATE_JWT_SECRET",
+        default: "",
+        about: "required: HS256 secret(s), comma-separated, each >= 32 bytes; the first signs, all verify",
+    },
+    Var {
+        name: "FLOODGATE_JWT_ISSUER",
+        default: "",
+        about: "unset by default; when set, tokens must carry this `iss`",
+    },
+    Var {
+        name: "FLOODGATE_JWT_AUDIENCE",
+        default: "",
+        about: "unset by default; when set, tokens must carry this `aud`",
+    },
+    Var {
+        name: "FLOODGATE_INGRESS_ADDR",
+        default: "0.0.0.0:8080",
+        about: "ingress listen address",
+    },
+    Var {
+        name: "FLOODGATE_WORKER_ADDR",
+        default: "0.0.0.0:8082",
+        about: "worker health/metrics address",
+    },
+    Var {
+        name: "FLOODGATE_RESERVATION_TTL_SECS",
+        default: "30",
+        about: "how long a reservation whose publish was never confirmed holds its stock",
+    },
+    Var {
+        name: "FLOODGATE_IDEMPOTENCY_TTL_SECS",
+        default: "86400",
+        about: "how long an Idempotency-Key is remembered",
+    },
+    Var {
+        name: "FLOODGATE_PUBLISH_TIMEOUT_MS",
+        default: "5000",
+        about: "wait for a publisher confirm before releasing and answering 503",
+    },
+    Var {
+        name: "FLOODGATE_PUBLISH_CHANNELS",
+        default: "4",
+        about: "confirm-mode channels per ingress",
+    },
+    Var {
+        name: "FLOODGATE_RATE_LIMIT_PER_SEC",
+        default: "20",
+        about: "orders per second per user per ingress (0 = off)",
+    },
+    Var {
+        name: "FLOODGATE_RATE_LIMIT_BURST",
+        default: "40",
+        about: "burst above the per-user rate",
+    },
+    Var {
+        name: "FLOODGATE_MAX_IN_FLIGHT",
+        default: "1024",
+        about: "API requests one ingress works on at once; past it 503 at once",
+    },
+    Var {
+        name: "FLOODGATE_IP_RATE_LIMIT_PER_SEC",
+        default: "50",
+        about: "requests per second per client address on the public routes (0 = off)",
+    },
+    Var {
+        name: "FLOODGATE_IP_RATE_LIMIT_BURST",
+        default: "200",
+        about: "burst above the per-address rate",
+    },
+    Var {
+        name: "FLOODGATE_WORKER_PREFETCH",
+        default: "1000",
+        about: "unacked deliveries a worker holds",
+    },
+    Var {
+        name: "FLOODGATE_WORKER_PIPELINE",
+        default: "4",
+        about: "batches one worker keeps in flight (1..=64, less than FLOODGATE_DB_POOL_SIZE)",
+    },
+    Var {
+        name: "FLOODGATE_BATCH_SIZE",
+        default: "200",
+        about: "orders per commit at most (1..=5000)",
+    },
+    Var {
+        name: "FLOODGATE_BATCH_MAX_WAIT_MS",
+        default: "20",
+        about: "how long a worker waits to fill a batch",
+    },
+    Var {
+        name: "FLOODGATE_DB_POOL_SIZE",
+        default: "16",
+        about: "PostgreSQL connections per process",
+    },
+    Var {
+        name: "FLOODGATE_DB_LOCK_TIMEOUT_MS",
+        default: "5000",
+        about: "a statement waiting this long for a row lock fails (transiently)",
+    },
+    Var {
+        name: "FLOODGATE_RETRY_DELAYS_MS",
+        default: "1000,5000,30000,120000",
+        about: "scheduled-retry delays (1-10 steps, jittered); after the last, dead-lettered",
+    },
+    Var {
+        name: "FLOODGATE_REAPER_INTERVAL_MS",
+        default: "1000",
+        about: "how often each worker looks for reservations past their deadline",
+    },
+    Var {
+        name: "FLOODGATE_OUTBOX_POLL_MS",
+        default: "250",
+        about: "how often the outbox relay looks for events other processes wrote",
+    },
+    Var {
+        name: "FLOODGATE_CONSISTENCY_CHECK_SECS",
+        default: "60",
+        about: "how often one worker checks Redis against PostgreSQL for the consistency gauges (0 = off)",
+    },
+    Var {
+        name: "FLOODGATE_NOTIFIER_ADDR",
+        default: "0.0.0.0:8081",
+        about: "notifier listen address",
+    },
+    Var {
+        name: "FLOODGATE_STOCK_INTERVAL_MS",
+        default: "100",
+        about: "how often the notifier samples changed stock levels (>= 10)",
+    },
+    Var {
+        name: "FLOODGATE_SUBSCRIBER_BUFFER",
+        default: "1024",
+        about: "order events queued per subscriber before it is disconnected (>= 500 and FLOODGATE_BATCH_SIZE)",
+    },
+    Var {
+        name: "FLOODGATE_MAX_SUBSCRIBERS",
+        default: "20000",
+        about: "streams one notifier serves; past it 503",
+    },
+    Var {
+        name: "FLOODGATE_SUBSCRIBER_SEND_BUFFER_BYTES",
+        default: "65536",
+        about: "kernel send buffer per notifier connection (>= 4096)",
+    },
+    Var {
+        name: "FLOODGATE_KEEPALIVE_SECS",
+        default: "15",
+        about: "SSE keep-alive and WebSocket ping interval",
+    },
+    Var {
+        name: "FLOODGATE_PUBLIC_INGRESS_URL",
+        default: "http://127.0.0.1:8080",
+        about: "ingress as a browser sees it (the live page's test orders)",
+    },
+    Var {
+        name: "FLOODGATE_CORS_ORIGINS",
+        default: "*",
+        about: "origins ingress answers CORS requests from (`*` or a comma-separated list)",
+    },
+    Var {
+        name: "FLOODGATE_LOG",
+        default: "info",
+        about: "log filter (tracing env-filter syntax)",
+    },
+    Var {
+        name: "FLOODGATE_LOG_FORMAT",
+        default: "json",
+        about: "`pretty` for human-readable logs",
+    },
+    Var {
+        name: "FLOODGATE_TEST_FAILPOINT",
+        default: "",
+        about: "tests only: makes the worker's outbox relay abort or panic at a chosen point; never set it",
+    },
+];
+
+/// The entry of `name` in [`VARS`].
+pub fn var(name: &str) -> Option<&'static Var> {
+    VARS.iter().find(|v| v.name == name)
+}
+
+/// Each name of `names` that starts with `FLOODGATE_` but is not in [`VARS`], with the
+/// known name it most likely misspells (None when none is reasonably close).
+pub fn unknown_vars<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<(&'a str, Option<&'static str>)> {
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("FLOODGATE_") && var(n).is_none())
+        .map(|n| (n, closest_var(n)))
+        .collect()
+}
+
+/// The known variable `name` most likely misspells: the nearest by Damerau-Levenshtein
+/// distance (typos, swapped letters) if it is within a third of the name, else the
+/// nearest by Jaro-Winkler similarity (a name cut short or extended) if that is at least
+/// 0.9. Compared without the common `FLOODGATE_` prefix, which would make every name
+/// look alike.
+pub fn closest_var(name: &str) -> Option<&'static str> {
+    let strip = |n: &'static str| n.trim_start_matches("FLOODGATE_");
+    let typed = name.trim_start_matches("FLOODGATE_");
+    let (best, distance) = VARS
+        .iter()
+        .map(|v| (v.name, strsim::damerau_levenshtein(typed, strip(v.name))))
+        .min_by_key(|(_, d)| *d)?;
+    if distance <= (typed.chars().count() / 3).max(1) {
+        return Some(best);
+    }
+    VARS.iter()
+        .map(|v| (v.name, strsim::jaro_winkler(typed, strip(v.name))))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .filter(|(_, score)| *score >= 0.9)
+        .map(|(n, _)| n)
+}
+
+/// What an operator is told about a set variable `name` that nothing reads.
+pub fn unknown_var_message(name: &str, closest: Option<&str>) -> String {
+    match closest {
+        Some(known) => {
+            format!("unknown configuration variable {name} is ignored; did you mean {known}?")
+        }
+        None => format!(
+            "unknown configuration variable {name} is ignored (`--help` of a service lists every one)"
+        ),
+    }
+}
+
+/// The set `FLOODGATE_*` environment variables that nothing reads, with the known one
+/// each most likely misspells.
+pub fn unknown_env() -> Vec<(String, Option<&'static str>)> {
+    let set: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .collect();
+    unknown_vars(set.iter().map(String::as_str))
+        .into_iter()
+        .map(|(n, c)| (n.to_owned(), c))
+        .collect()
+}
+
+/// Logs a warning (once per process) for every set `FLOODGATE_*` environment variable
+/// that nothing reads, naming the known one it most likely misspells. Every service
+/// calls it at start, once logging is set up.
+pub fn warn_unknown_env() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for (name, closest) in unknown_env() {
+            tracing::warn!(
+                variable = name,
+                did_you_mean = closest,
+                "{}",
+                unknown_var_message(&name, closest)
+            );
+        }
+    });
+}
 
 /// Why a configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +433,10 @@ pub struct Config {
     /// How often the outbox relay looks for events another process committed (events of
     /// its own worker's commits wake it at once).
     pub outbox_poll: Duration,
+    /// How often a worker runs the invariant check of `floodgate reconcile --check` for
+    /// the consistency gauges (`FLOODGATE_CONSISTENCY_CHECK_SECS`); None turns it off.
+    /// One worker of a namespace at a time (an advisory lock); the others skip the turn.
+    pub consistency_check: Option<Duration>,
     /// Where the notifier listens (`FLOODGATE_NOTIFIER_ADDR`).
     pub notifier_addr: SocketAddr,
     /// How often the notifier samples changed stock levels: a subscriber gets the latest
@@ -238,6 +539,8 @@ impl Config {
             ))?,
             reaper_interval: ms("FLOODGATE_REAPER_INTERVAL_MS", 1_000)?,
             outbox_poll: ms("FLOODGATE_OUTBOX_POLL_MS", 250)?,
+            consistency_check: Some(secs("FLOODGATE_CONSISTENCY_CHECK_SECS", 60)?)
+                .filter(|d| !d.is_zero()),
             notifier_addr: parsed(&get, "FLOODGATE_NOTIFIER_ADDR", ([0, 0, 0, 0], 8081).into())?,
             stock_interval: ms("FLOODGATE_STOCK_INTERVAL_MS", 100)?,
             subscriber_buffer: parsed(&get, "FLOODGATE_SUBSCRIBER_BUFFER", 1_024)?,
@@ -524,6 +827,200 @@ mod tests {
             c.retry_delays,
             [Duration::from_millis(100), Duration::from_secs(2)]
         );
+    }
+
+    /// Variables read outside [`Config`]: logging (`telemetry`) and the worker's test
+    /// failpoint.
+    const READ_ELSEWHERE: [&str; 3] = [
+        "FLOODGATE_LOG",
+        "FLOODGATE_LOG_FORMAT",
+        "FLOODGATE_TEST_FAILPOINT",
+    ];
+
+    #[test]
+    fn config_reads_exactly_the_listed_variables() {
+        let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        Config::from_lookup(|k| {
+            seen.borrow_mut().insert(k.to_owned());
+            (k == "FLOODGATE_JWT_SECRET").then(|| SECRET.to_owned())
+        })
+        .unwrap();
+        let seen = seen.into_inner();
+        let unlisted: Vec<&String> = seen.iter().filter(|n| var(n).is_none()).collect();
+        assert!(unlisted.is_empty(), "read but not in VARS: {unlisted:?}");
+        let unread: Vec<&str> = VARS
+            .iter()
+            .map(|v| v.name)
+            .filter(|n| !seen.contains(*n) && !READ_ELSEWHERE.contains(n))
+            .collect();
+        assert!(unread.is_empty(), "in VARS but read by nothing: {unread:?}");
+        let mut names: Vec<&str> = VARS.iter().map(|v| v.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), VARS.len(), "a name is listed twice");
+    }
+
+    #[test]
+    fn listed_defaults_are_the_ones_config_applies() {
+        let given: Vec<(&str, &str)> = VARS
+            .iter()
+            .filter(|v| !v.default.is_empty())
+            .map(|v| (v.name, v.default))
+            .collect();
+        assert_eq!(
+            format!("{:?}", cfg(&given).unwrap()),
+            format!("{:?}", cfg(&[]).unwrap())
+        );
+        // And the comparison can tell: one value off changes the config.
+        let mut off = given.clone();
+        off.retain(|(n, _)| *n != "FLOODGATE_BATCH_SIZE");
+        off.push(("FLOODGATE_BATCH_SIZE", "201"));
+        assert_ne!(
+            format!("{:?}", cfg(&off).unwrap()),
+            format!("{:?}", cfg(&[]).unwrap())
+        );
+        assert_eq!(var("FLOODGATE_BATCH_SIZE").unwrap().default, "200");
+        assert_eq!(
+            var("FLOODGATE_CONSISTENCY_CHECK_SECS").unwrap().default,
+            "60"
+        );
+        assert_eq!(
+            cfg(&[]).unwrap().consistency_check,
+            Some(Duration::from_secs(60))
+        );
+        let off = cfg(&[("FLOODGATE_CONSISTENCY_CHECK_SECS", "0")]).unwrap();
+        assert_eq!(off.consistency_check, None);
+        let e = cfg(&[("FLOODGATE_CONSISTENCY_CHECK_SECS", "soon")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("FLOODGATE_CONSISTENCY_CHECK_SECS"),
+            "{e}"
+        );
+    }
+
+    /// Every `FLOODGATE_[A-Z0-9_]+` name in `text`.
+    fn names_in(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("FLOODGATE_") {
+            let tail = &rest[at + "FLOODGATE_".len()..];
+            let len = tail
+                .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            let suffix = tail[..len].trim_end_matches('_');
+            if !suffix.is_empty() {
+                out.push(format!("FLOODGATE_{suffix}"));
+            }
+            rest = &tail[len..];
+        }
+        out
+    }
+
+    /// Every `.rs` file under `dir`.
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{dir:?}: {e}")) {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn the_sources_name_only_listed_variables() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        // Every process's code (the test harness in tests/ sets variables, reads none).
+        for dir in [
+            "common/src",
+            "ingress/src",
+            "worker/src",
+            "notifier/src",
+            "cli/src",
+            "ops/loadtest/src",
+        ] {
+            rust_files(&root.join(dir), &mut files);
+        }
+        assert!(files.len() > 20, "{files:?}");
+        let mut unlisted = Vec::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            for n in names_in(&text) {
+                if var(&n).is_none() {
+                    unlisted.push(format!("{}: {n}", f.display()));
+                }
+            }
+        }
+        assert!(unlisted.is_empty(), "not in VARS: {unlisted:#?}");
+        // The scanner finds names where they are (built with concat!, or the scan above
+        // would find these made-up ones in this very file).
+        assert_eq!(
+            names_in(concat!(
+                "x FLOODGATE",
+                "_A_1, `FLOODGATE",
+                "_*` FLOODGATE",
+                "_B_"
+            )),
+            [concat!("FLOODGATE", "_A_1"), concat!("FLOODGATE", "_B")]
+        );
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_variable_with_its_default() {
+        let readme = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+        )
+        .unwrap();
+        let rows: Vec<&str> = readme
+            .lines()
+            .filter(|l| l.starts_with("| `FLOODGATE_"))
+            .collect();
+        let mut in_readme: Vec<String> = rows.iter().map(|r| names_in(r)[0].clone()).collect();
+        in_readme.sort();
+        let mut listed: Vec<&str> = VARS.iter().map(|v| v.name).collect();
+        listed.sort_unstable();
+        assert_eq!(
+            in_readme, listed,
+            "README's configuration table and VARS differ"
+        );
+        for v in VARS.iter().filter(|v| !v.default.is_empty()) {
+            let row = rows
+                .iter()
+                .find(|r| r.starts_with(&format!("| `{}` |", v.name)))
+                .unwrap();
+            assert!(
+                row.contains(&format!("| `{}` |", v.default)),
+                "README gives {} another default than {:?}: {row}",
+                v.name,
+                v.default
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_variable_is_found_with_the_one_it_misspells() {
+        // Built with concat!, so the sources scan above does not take them for readers.
+        let typo = |s: &str| format!("{}{s}", concat!("FLOODGATE", "_"));
+        let cases: [(&str, Option<&str>); 9] = [
+            ("BATCH_SIZ", Some("FLOODGATE_BATCH_SIZE")),
+            ("BACTH_SIZE", Some("FLOODGATE_BATCH_SIZE")),
+            ("REDIS_ULR", Some("FLOODGATE_REDIS_URL")),
+            ("NAMESPCE", Some("FLOODGATE_NAMESPACE")),
+            ("DB_POOL", Some("FLOODGATE_DB_POOL_SIZE")),
+            ("JWT_SECRETS", Some("FLOODGATE_JWT_SECRET")),
+            ("WORKER_PREFECH", Some("FLOODGATE_WORKER_PREFETCH")),
+            ("FOO", None),
+            ("TOTALLY_UNRELATED_THING", None),
+        ];
+        for (name, want) in cases {
+            let name = typo(name);
+            assert_eq!(closest_var(&name), want, "{name}");
+            assert_eq!(unknown_vars([name.as_str()]), [(name.as_str(), want)]);
+        }
+        // Known names and other variables are not reported.
+        assert!(unknown_vars(["FLOODGATE_BATCH_SIZE", "PATH", "floodgate_x"]).is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::{
     Config,
-    amqp::{ATTEMPT_HEADER, Link, REASON_HEADER, Topology},
+    amqp::{ATTEMPT_HEADER, Link, PUBLISHED_HEADER, REASON_HEADER, Topology},
 };
 use anyhow::Context;
 use lapin::{
@@ -119,6 +119,11 @@ pub async fn replay(
         let mut headers = props.headers().clone().unwrap_or_default().inner().clone();
         headers.remove(REASON_HEADER);
         headers.remove(ATTEMPT_HEADER);
+        // Due for a worker from now: its queue wait does not count its time as a dead letter.
+        headers.insert(
+            PUBLISHED_HEADER.into(),
+            AMQPValue::LongLongInt(crate::amqp::unix_ms()),
+        );
         let confirm = publish
             .basic_publish(
                 topology.orders_exchange.as_str().into(),

@@ -47,7 +47,44 @@ pub mod names {
     /// By `type`: from the event's time (status change, stock sample) to its write to a
     /// subscriber.
     pub const DELIVERY_LAG: &str = "floodgate_notifier_delivery_lag_seconds";
+    /// Gauge, by `queue` (`intake`; `retry`: all delay queues of the retry schedule
+    /// together; `dead`): messages ready in the namespace's queues, as floodgate itself
+    /// sees them (a passive declare every 5 s by every ingress and worker, so alerts need
+    /// no broker plugin; aggregate with `max`). NaN while the broker cannot be asked: an
+    /// unknown depth, never an old one shown as current (broker outages have alerts of
+    /// their own: `/readyz`, `floodgate_amqp_reconnects_total`).
+    pub const QUEUE_MESSAGES: &str = "floodgate_queue_messages";
+    /// Gauge, by `queue` (`intake`): consumers of the intake queue (0: no worker drains
+    /// it). NaN while the broker cannot be asked, like [`QUEUE_MESSAGES`].
+    pub const QUEUE_CONSUMERS: &str = "floodgate_queue_consumers";
+    /// Histogram: from the moment a message became due for a worker (ingress's publish;
+    /// for a scheduled retry the end of its delay; for a replayed dead letter the
+    /// replay) to the moment a worker took it into a batch. Carried in the
+    /// `x-floodgate-published-ms` header; messages without it (published by an older
+    /// ingress) are not observed. Buckets up to 30 min, for "oldest order waits too long".
+    pub const QUEUE_WAIT: &str = "floodgate_worker_queue_wait_seconds";
+    /// Gauge: invariant violations the last completed consistency check found (the check
+    /// of `floodgate reconcile --check`; every `FLOODGATE_CONSISTENCY_CHECK_SECS`, run by
+    /// one worker of the namespace at a time, so only that worker's value moves; take
+    /// `max`). A difference counts only if seen in three passes 500 ms apart, so under
+    /// steady traffic a Redis drift shows once its SKU has been quiet for a moment.
+    pub const CONSISTENCY_VIOLATIONS: &str = "floodgate_consistency_violations";
+    /// Gauge: Unix time of the last completed consistency check of this worker (absent
+    /// until it completed one). `time() - max(...)` far above the interval means no
+    /// worker checks.
+    pub const CONSISTENCY_CHECKED: &str = "floodgate_consistency_checked_timestamp_seconds";
+    // Process metrics (metrics-process, on every /metrics render, unprefixed as
+    // Prometheus' own clients name them): process_cpu_seconds_total (typed gauge, to keep
+    // its fraction of a second; rate() it as a counter), process_resident_memory_bytes,
+    // process_virtual_memory_bytes, process_open_fds, process_max_fds, process_threads,
+    // process_start_time_seconds.
 }
+
+/// Buckets of [`names::QUEUE_WAIT`]: a healthy wait is milliseconds, a backlog minutes.
+const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1800.0,
+];
 
 /// JSON logs (or human ones with `FLOODGATE_LOG_FORMAT=pretty`), filtered by
 /// `FLOODGATE_LOG` (default `info`). Safe to call more than once.
@@ -95,6 +132,13 @@ pub fn metrics() -> PrometheusHandle {
                         &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
                     )
                 })
+                // A full name wins over the `_seconds` suffix.
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(names::QUEUE_WAIT.into()),
+                        QUEUE_WAIT_BUCKETS,
+                    )
+                })
                 .expect("bucket lists are not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -116,9 +160,25 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// The `/metrics` answer of every service: the process's metrics in Prometheus text.
+/// Samples the process metrics (CPU, memory, open fds, threads: a few reads of
+/// `/proc/self`) into the recorder; [`metrics_response`] does it on every render.
+pub fn collect_process_metrics() {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    let _ = metrics();
+    COLLECTOR
+        .get_or_init(|| {
+            let c = metrics_process::Collector::default();
+            c.describe();
+            c
+        })
+        .collect();
+}
+
+/// The `/metrics` answer of every service: the process's metrics in Prometheus text,
+/// with the process metrics sampled now.
 pub fn metrics_response() -> axum::response::Response {
     use axum::{http::header, response::IntoResponse};
+    collect_process_metrics();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics().render(),

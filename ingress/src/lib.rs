@@ -98,6 +98,15 @@ impl Application {
     /// which either answers 202 after its confirm or releases its reservation).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let _ = floodgate_common::telemetry::metrics();
+        // The queue-depth gauges, so alerts on the backlog need no broker plugin.
+        let background = tokio_util::task::TaskTracker::new();
+        let (cfg, stop) = ((*self.state.cfg).clone(), shutdown.clone());
+        self.state
+            .supervisor
+            .spawn(&background, "queue_depth", shutdown.clone(), move || {
+                floodgate_common::amqp::depth::watch(cfg.clone(), "ingress", stop.clone())
+            });
+        background.close();
         let publisher = self.state.publisher.clone();
         let tasks = self.state.tasks.clone();
         let grace = self.state.cfg.reservation_ttl;
@@ -121,6 +130,7 @@ impl Application {
             tracing::warn!(tasks = tasks.len(), "order tasks still running at shutdown");
         }
         publisher.close().await;
+        background.wait().await;
         Ok(())
     }
 }
@@ -133,6 +143,7 @@ pub async fn main_from_env() -> anyhow::Result<()> {
         "floodgate ingress: the public order API (reserve in Redis, publish to RabbitMQ).",
     );
     floodgate_common::telemetry::init_logging();
+    floodgate_common::config::warn_unknown_env();
     let cfg = Config::from_env().context("reading configuration")?;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "ingress listening");

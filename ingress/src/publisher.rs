@@ -12,10 +12,14 @@
 
 use floodgate_common::{
     Config,
-    amqp::{IntakeMessage, Link, Reconnect, Topology},
+    amqp::{self, IntakeMessage, Link, PUBLISHED_HEADER, Reconnect, Topology},
     retry::Backoff,
 };
-use lapin::{BasicProperties, Channel, Confirmation, options::BasicPublishOptions};
+use lapin::{
+    BasicProperties, Channel, Confirmation,
+    options::BasicPublishOptions,
+    types::{AMQPValue, FieldTable},
+};
 use std::{
     sync::{
         Arc, RwLock,
@@ -120,11 +124,18 @@ impl Publisher {
         let i = &self.inner;
         let session = self.current().ok_or(PublishError::NotConnected)?;
         let ch = &session.channels[i.next.fetch_add(1, Ordering::Relaxed) % session.channels.len()];
+        // When it went out, so the worker can measure how long it waited in the queue.
+        let mut headers = FieldTable::default();
+        headers.insert(
+            PUBLISHED_HEADER.into(),
+            AMQPValue::LongLongInt(amqp::unix_ms()),
+        );
         let props = BasicProperties::default()
             // 2 = persistent: written to disk by the quorum queue before the confirm.
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
-            .with_message_id(message_id.into());
+            .with_message_id(message_id.into())
+            .with_headers(headers);
         let payload = msg.to_bytes();
         let confirm = async {
             let pending = ch

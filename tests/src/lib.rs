@@ -175,6 +175,10 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
         ("FLOODGATE_RETRY_DELAYS_MS", delays.join(",")),
         ("FLOODGATE_REAPER_INTERVAL_MS", ms(cfg.reaper_interval)),
         ("FLOODGATE_OUTBOX_POLL_MS", ms(cfg.outbox_poll)),
+        (
+            "FLOODGATE_CONSISTENCY_CHECK_SECS",
+            cfg.consistency_check.map_or(0, |d| d.as_secs()).to_string(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -54,6 +54,18 @@ fn help_and_version_answer_without_starting_anything() {
             out.contains(name) && out.contains("FLOODGATE_JWT_SECRET"),
             "{out}"
         );
+        // Every variable, with its default and meaning.
+        assert!(
+            out.lines()
+                .any(|l| l.trim() == "FLOODGATE_BATCH_SIZE [default: 200]"),
+            "{out}"
+        );
+        for v in floodgate_common::config::VARS {
+            assert!(
+                out.contains(v.name) && out.contains(v.about),
+                "{name}: {v:?}"
+            );
+        }
 
         let version = run(exe, &["--version"], &[]);
         assert!(version.status.success(), "{name} --version: {version:?}");
@@ -90,5 +102,43 @@ fn no_secret_or_a_short_one_refuses_to_start_and_says_why() {
             "{name} started with a short secret"
         );
         assert!(err.contains("at least 32"), "{name}: {err}");
+    }
+}
+
+#[test]
+fn an_unknown_variable_is_warned_about_naming_the_one_it_misspells() {
+    for (name, exe) in BINARIES {
+        // The servers are unreachable: each process reads its configuration, warns, and
+        // fails to connect.
+        let out = run(
+            exe,
+            &[],
+            &[
+                (
+                    "FLOODGATE_JWT_SECRET",
+                    "a-test-secret-of-at-least-32-bytes!",
+                ),
+                ("FLOODGATE_BATCH_SIZ", "5"),
+                ("FLOODGATE_TOTALLY_UNRELATED_THING", "1"),
+            ],
+        );
+        let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        let warned = |var: &str| {
+            log.lines()
+                .filter(|l| l.contains(&format!("unknown configuration variable {var} ")))
+                .collect::<Vec<_>>()
+        };
+        let typo = warned("FLOODGATE_BATCH_SIZ");
+        assert_eq!(typo.len(), 1, "{name}: once per variable: {log}");
+        assert!(
+            typo[0].contains("did you mean FLOODGATE_BATCH_SIZE?") && typo[0].contains("WARN"),
+            "{name}: {log}"
+        );
+        let other = warned("FLOODGATE_TOTALLY_UNRELATED_THING");
+        assert_eq!(other.len(), 1, "{name}: {log}");
+        assert!(!other[0].contains("did you mean"), "{name}: {log}");
+        // The known ones set by `run` are not warned about.
+        assert!(warned("FLOODGATE_REDIS_URL").is_empty(), "{name}: {log}");
+        assert!(warned("FLOODGATE_JWT_SECRET").is_empty(), "{name}: {log}");
     }
 }

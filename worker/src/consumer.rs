@@ -23,7 +23,7 @@ use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::Pool;
 use floodgate_common::{
     Config,
-    amqp::IntakeMessage,
+    amqp::{self, IntakeMessage},
     domain::{FailReason, IdempotencyKey, OrderId, OrderStatus, UserId},
     health,
     redis::{self as fredis, Claim, Keys},
@@ -235,6 +235,7 @@ impl Pipeline {
                 },
                 d = consumer.next(), if room && pending.len() < size => match d {
                     Some(Ok(d)) => {
+                        observe_queue_wait(&d.properties);
                         if pending.is_empty() {
                             fill_until = Some(tokio::time::Instant::now() + self.cfg.batch_max_wait);
                         }
@@ -569,6 +570,16 @@ async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Records how long a delivery waited since it became due ([`names::QUEUE_WAIT`]); a
+/// message without the header (an older ingress's) is not measured. Clocks of two hosts
+/// may disagree a little: a negative wait counts as none.
+fn observe_queue_wait(props: &BasicProperties) {
+    if let Some(due) = amqp::published_ms(props.headers().as_ref()) {
+        let waited_ms = (amqp::unix_ms() - due).max(0);
+        metrics::histogram!(names::QUEUE_WAIT).record(waited_ms as f64 / 1000.0);
     }
 }
 

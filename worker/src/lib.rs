@@ -13,11 +13,14 @@
 //! - [`outbox`] - the relay that publishes committed order events to the `events`
 //!   exchange and deletes them after the broker's confirm.
 //! - [`reaper`] - releases reservations past their deadline and records them failed.
+//! - [`consistency`] - the periodic invariant check behind the consistency gauges, one
+//!   worker of a namespace at a time.
 //! - [`Worker`] - the supervisor that rebuilds the session after a broker failure, and
 //!   the health/metrics endpoint.
 #![forbid(unsafe_code)]
 
 pub mod acks;
+pub mod consistency;
 pub mod consumer;
 pub mod outbox;
 pub mod reaper;
@@ -141,6 +144,36 @@ impl Worker {
             .spawn(&background, "outbox_relay", shutdown.clone(), move || {
                 outbox::run(cfg.clone(), pg.clone(), wake.clone(), stop.clone())
             });
+        let (cfg, stop) = (pipeline.cfg.clone(), shutdown.clone());
+        health
+            .tasks
+            .spawn(&background, "queue_depth", shutdown.clone(), move || {
+                floodgate_common::amqp::depth::watch(cfg.clone(), "worker", stop.clone())
+            });
+        if let Some(every) = pipeline.cfg.consistency_check {
+            let (ns, redis, pg, paused, stop) = (
+                pipeline.cfg.namespace.clone(),
+                pipeline.redis.clone(),
+                pipeline.pg.clone(),
+                pipeline.paused.clone(),
+                shutdown.clone(),
+            );
+            health.tasks.spawn(
+                &background,
+                "consistency_check",
+                shutdown.clone(),
+                move || {
+                    consistency::run(
+                        ns.clone(),
+                        redis.clone(),
+                        pg.clone(),
+                        every,
+                        paused.clone(),
+                        stop.clone(),
+                    )
+                },
+            );
+        }
         background.close();
 
         let mut links = Reconnect::new("worker", Backoff::BACKGROUND).already_open();
@@ -197,6 +230,7 @@ pub async fn main_from_env() -> anyhow::Result<()> {
         "floodgate worker: drains the intake queue and commits orders to PostgreSQL.",
     );
     telemetry::init_logging();
+    floodgate_common::config::warn_unknown_env();
     let cfg = Config::from_env().context("reading configuration")?;
     let worker = Worker::build(cfg).await?;
     tracing::info!(port = worker.port(), "worker consuming");

@@ -1,6 +1,8 @@
-//! RabbitMQ: the topology (declared in one place), the messages on it, and the one
-//! reconnecting link every service talks to the broker through.
+//! RabbitMQ: the topology (declared in one place), the messages on it, the one
+//! reconnecting link every service talks to the broker through, and the queue-depth
+//! gauges ([`depth`]).
 
+pub mod depth;
 mod link;
 mod messages;
 mod topology;

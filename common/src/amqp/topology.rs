@@ -29,6 +29,28 @@ pub struct Topology {
 pub const ATTEMPT_HEADER: &str = "x-floodgate-attempt";
 /// Header carrying why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-floodgate-reason";
+/// Header carrying when a message became due for a worker, in ms since the Unix epoch:
+/// ingress's publish, the end of a scheduled retry's delay, a dead letter's replay. The
+/// worker's queue-wait histogram is measured from it; a message without it (from an
+/// older ingress) is consumed as ever, only not measured.
+pub const PUBLISHED_HEADER: &str = "x-floodgate-published-ms";
+
+/// Now, in ms since the Unix epoch (what [`PUBLISHED_HEADER`] carries).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The [`PUBLISHED_HEADER`] of a message's headers, if it has a usable one.
+pub fn published_ms(headers: Option<&FieldTable>) -> Option<i64> {
+    match headers?.inner().get(PUBLISHED_HEADER)? {
+        AMQPValue::LongLongInt(ms) => Some(*ms),
+        AMQPValue::LongUInt(ms) => Some(i64::from(*ms)),
+        AMQPValue::LongInt(ms) => Some(i64::from(*ms)),
+        _ => None,
+    }
+}
 
 impl Topology {
     /// The names of `ns`, with `retry_steps` delay queues (one per step of the retry

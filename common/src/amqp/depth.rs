@@ -1,0 +1,129 @@
+//! The depth of a namespace's queues as floodgate itself sees them, for alerts that must
+//! not depend on the broker's Prometheus plugin: every ingress and worker asks the broker
+//! every [`POLL_INTERVAL`] (passive declares: they read, never create) and sets
+//! `floodgate_queue_messages{queue}` and `floodgate_queue_consumers{queue}`.
+//!
+//! A failed poll kills nothing: the gauges turn NaN (unknown, rather than an old depth
+//! read as current) and the link is rebuilt through [`Reconnect`] with its backoff.
+
+use super::{Link, Reconnect, Topology};
+use crate::{Config, retry::Backoff, telemetry::names};
+use lapin::{Channel, options::QueueDeclareOptions, types::FieldTable};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How often the queues are read.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// One poll at most; a broker that accepts the declares but never answers must not
+/// freeze the gauges at an old value.
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one poll read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Depths {
+    /// Messages ready in the intake queue.
+    pub intake: u64,
+    /// Consumers of the intake queue (workers).
+    pub intake_consumers: u64,
+    /// Messages waiting out a delay in the retry queues, all steps together.
+    pub retry: u64,
+    /// Messages in the dead-letter queue.
+    pub dead: u64,
+}
+
+/// Reads every queue of `topology` with passive declares. A missing queue is an error
+/// (and closes `ch`, as the protocol says).
+pub async fn read(ch: &Channel, topology: &Topology) -> lapin::Result<Depths> {
+    let passive = |q: &str| {
+        ch.queue_declare(
+            q.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+    };
+    let intake = passive(&topology.intake_queue).await?;
+    let dead = passive(&topology.dead_queue).await?;
+    let mut retry = 0;
+    for q in &topology.retry_queues {
+        retry += u64::from(passive(q).await?.message_count());
+    }
+    Ok(Depths {
+        intake: intake.message_count().into(),
+        intake_consumers: intake.consumer_count().into(),
+        retry,
+        dead: dead.message_count().into(),
+    })
+}
+
+/// Sets the gauges; None (the broker could not be asked) sets them NaN.
+fn record(d: Option<Depths>) {
+    let [intake, retry, dead, consumers] = d.map_or([f64::NAN; 4], |d| {
+        [d.intake, d.retry, d.dead, d.intake_consumers].map(|n| n as f64)
+    });
+    metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "intake").set(intake);
+    metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "retry").set(retry);
+    metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "dead").set(dead);
+    metrics::gauge!(names::QUEUE_CONSUMERS, "queue" => "intake").set(consumers);
+}
+
+/// One link and the channel the polls use.
+struct Session {
+    link: Link,
+    channel: Channel,
+}
+
+impl Session {
+    async fn open(url: &str, name: &str) -> anyhow::Result<Self> {
+        let link = Link::open(url, name).await?;
+        let channel = link.channel().await?;
+        Ok(Self { link, channel })
+    }
+}
+
+/// Polls the queues of `cfg`'s namespace every [`POLL_INTERVAL`] until `shutdown`, on a
+/// link of its own (named after `service`), rebuilt with backoff whenever a poll fails.
+pub async fn watch(cfg: Config, service: &'static str, shutdown: CancellationToken) {
+    let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+    let name = format!("floodgate-{service} queue-depth {}", cfg.namespace);
+    let mut links = Reconnect::new("queue_depth", Backoff::BACKGROUND);
+    while let Some(session) = links
+        .next(&shutdown, || Session::open(&cfg.amqp_url, &name))
+        .await
+    {
+        let lost = poll(&session.channel, &topology, &shutdown).await;
+        session.link.close().await;
+        match lost {
+            Some(e) => {
+                record(None);
+                links.lost(&e);
+            }
+            None => break,
+        }
+    }
+}
+
+/// Polls on one channel until a poll fails (returns why) or `shutdown` (None).
+async fn poll(
+    ch: &Channel,
+    topology: &Topology,
+    shutdown: &CancellationToken,
+) -> Option<anyhow::Error> {
+    loop {
+        match tokio::time::timeout(POLL_TIMEOUT, read(ch, topology)).await {
+            Ok(Ok(d)) => record(Some(d)),
+            Ok(Err(e)) => return Some(anyhow::Error::new(e).context("reading queue depths")),
+            Err(_) => {
+                return Some(anyhow::anyhow!(
+                    "reading queue depths took longer than {POLL_TIMEOUT:?}"
+                ));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+    }
+}

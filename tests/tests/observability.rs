@@ -1,0 +1,306 @@
+//! What an operator watches, read from the services' `/metrics`: process metrics on
+//! every service, the queue gauges and the queue wait, and the consistency gauges.
+//!
+//! The gauges have no namespace label and the metrics recorder is per process, so the
+//! services whose gauges are read run as real processes of their own (the in-process
+//! services of parallel tests would overwrite each other's values).
+
+use floodgate_common::redis::Keys;
+use floodgate_tests::{Options, TestApp, WorkerProcess, env_of};
+use std::time::{Duration, Instant};
+
+const INGRESS_EXE: &str = env!("CARGO_BIN_EXE_ingress-process");
+const WORKER_EXE: &str = env!("CARGO_BIN_EXE_worker-process");
+
+/// The value of the sample `series` (a name, with its labels as rendered:
+/// `name{queue="intake"}`) in a Prometheus text page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn metrics_page(base: &str) -> String {
+    match reqwest::get(format!("{base}/metrics")).await {
+        Ok(r) if r.status() == 200 => r.text().await.unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// Polls `base`'s `/metrics` until `ok` holds for the page; panics with the last page
+/// after `timeout`.
+async fn metrics_until(base: &str, timeout: Duration, what: &str, ok: impl Fn(&str) -> bool) {
+    let until = Instant::now() + timeout;
+    loop {
+        let page = metrics_page(base).await;
+        if ok(&page) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "{what}: not seen within {timeout:?} on {base}/metrics:\n{}",
+            page.lines()
+                .filter(|l| l.starts_with("floodgate_queue")
+                    || l.starts_with("floodgate_consistency")
+                    || l.starts_with("floodgate_worker_queue_wait_seconds_count"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// An ingress as a real process, on `addr`; killed on drop.
+struct IngressProcess(std::process::Child);
+
+impl IngressProcess {
+    fn start(app: &TestApp, addr: &str) -> Self {
+        let child = std::process::Command::new(INGRESS_EXE)
+            .envs(env_of(&app.cfg))
+            .env("FLOODGATE_INGRESS_ADDR", addr)
+            .env("FLOODGATE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the ingress process");
+        Self(child)
+    }
+}
+
+impl Drop for IngressProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_exports_process_metrics() {
+    let app = TestApp::spawn_with(Options {
+        notifier: true,
+        ..Options::default()
+    })
+    .await;
+    let bases = [
+        app.base.clone(),
+        app.worker_url.clone().unwrap(),
+        app.notifier.clone().unwrap(),
+    ];
+    for base in bases {
+        let page = metrics_page(&base).await;
+        let get = |name: &str| {
+            sample(&page, name).unwrap_or_else(|| panic!("{name} missing on {base}/metrics"))
+        };
+        assert!(get("process_resident_memory_bytes") > 1_000_000.0, "{base}");
+        assert!(get("process_open_fds") > 0.0, "{base}");
+        assert!(get("process_max_fds") >= get("process_open_fds"), "{base}");
+        assert!(get("process_threads") >= 1.0, "{base}");
+        assert!(get("process_cpu_seconds_total") > 0.0, "{base}");
+        let started = get("process_start_time_seconds");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            started > now - 3600.0 && started <= now,
+            "{base}: {started}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("gauge", 100, None).await;
+    for i in 0..5 {
+        let r = app
+            .order(&app.customer(&format!("q{i}")), &[("gauge", 1)], None)
+            .await;
+        assert_eq!(r.status, 202, "{r:?}");
+    }
+    // An ingress of its own polls the queues: five waiting, nobody consuming.
+    let ingress_addr = free_addr();
+    let _ingress = IngressProcess::start(&app, &ingress_addr);
+    let ingress = format!("http://{ingress_addr}");
+    metrics_until(
+        &ingress,
+        Duration::from_secs(30),
+        "5 queued, no consumer",
+        |p| {
+            sample(p, r#"floodgate_queue_messages{queue="intake"}"#) == Some(5.0)
+                && sample(p, r#"floodgate_queue_consumers{queue="intake"}"#) == Some(0.0)
+                && sample(p, r#"floodgate_queue_messages{queue="retry"}"#) == Some(0.0)
+                && sample(p, r#"floodgate_queue_messages{queue="dead"}"#) == Some(0.0)
+        },
+    )
+    .await;
+    // Let them wait a measurable while, then a worker takes them.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let worker_addr = free_addr();
+    let worker = WorkerProcess::start_with(
+        WORKER_EXE,
+        &app.cfg,
+        &[("FLOODGATE_WORKER_ADDR", &worker_addr)],
+    );
+    let worker_url = format!("http://{worker_addr}");
+    app.wait_idle().await;
+    // Every order was measured, from its publish, and each waited over a second.
+    metrics_until(
+        &worker_url,
+        Duration::from_secs(30),
+        "5 waits of > 1 s",
+        |p| {
+            sample(p, "floodgate_worker_queue_wait_seconds_count") == Some(5.0)
+                && sample(p, "floodgate_worker_queue_wait_seconds_sum").is_some_and(|s| s > 5.0)
+                && sample(p, r#"floodgate_worker_queue_wait_seconds_bucket{le="0.5"}"#) == Some(0.0)
+        },
+    )
+    .await;
+    // A message without the publish header (an older ingress's) is consumed as ever, not
+    // measured; an undecodable one lands in the dead-letter queue, and the gauges of
+    // both processes say so: the queue drained, one consumer, one dead letter.
+    app.publish_raw(b"not an order").await;
+    for base in [&ingress, &worker_url] {
+        metrics_until(
+            base,
+            Duration::from_secs(30),
+            "drained, 1 dead letter",
+            |p| {
+                sample(p, r#"floodgate_queue_messages{queue="intake"}"#) == Some(0.0)
+                    && sample(p, r#"floodgate_queue_consumers{queue="intake"}"#) == Some(1.0)
+                    && sample(p, r#"floodgate_queue_messages{queue="dead"}"#) == Some(1.0)
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        sample(
+            &metrics_page(&worker_url).await,
+            "floodgate_worker_queue_wait_seconds_count"
+        ),
+        Some(5.0)
+    );
+
+    // A poll that fails (a queue gone) kills nothing: the gauges say "unknown" (NaN), and
+    // once the queue is back they read again; ingress stays ready throughout.
+    app.channel
+        .queue_delete(app.topology.dead_queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    metrics_until(
+        &ingress,
+        Duration::from_secs(30),
+        "NaN while unknown",
+        |p| {
+            sample(p, r#"floodgate_queue_messages{queue="dead"}"#).is_some_and(f64::is_nan)
+                && sample(p, r#"floodgate_queue_messages{queue="intake"}"#).is_some_and(f64::is_nan)
+        },
+    )
+    .await;
+    app.topology.declare(&app.channel).await.unwrap();
+    metrics_until(&ingress, Duration::from_secs(30), "read again", |p| {
+        sample(p, r#"floodgate_queue_messages{queue="dead"}"#) == Some(0.0)
+            && sample(p, r#"floodgate_queue_consumers{queue="intake"}"#) == Some(1.0)
+    })
+    .await;
+    let ready = reqwest::get(format!("{ingress}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    worker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consistency_gauges_see_redis_drift_and_its_repair() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("drift", 10, None).await;
+    let addr = free_addr();
+    let worker = WorkerProcess::start_with(
+        WORKER_EXE,
+        &app.cfg,
+        &[
+            ("FLOODGATE_WORKER_ADDR", &addr),
+            ("FLOODGATE_CONSISTENCY_CHECK_SECS", "1"),
+        ],
+    );
+    let url = format!("http://{addr}");
+    let violations = |p: &str| sample(p, "floodgate_consistency_violations");
+    let checked = |p: &str| sample(p, "floodgate_consistency_checked_timestamp_seconds");
+    metrics_until(&url, Duration::from_secs(30), "a clean check", |p| {
+        violations(p) == Some(0.0) && checked(p).is_some()
+    })
+    .await;
+
+    // Redis changed behind floodgate's back: 3 units fewer than PostgreSQL says.
+    let set_stock = |n: i64| {
+        let (mut redis, keys) = (app.redis.clone(), app.keys.clone());
+        async move {
+            let _: () = redis::cmd("HSET")
+                .arg(keys.stock())
+                .arg("drift")
+                .arg(n)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+    };
+    set_stock(7).await;
+    metrics_until(&url, Duration::from_secs(30), "the drift counted", |p| {
+        violations(p).is_some_and(|v| v >= 1.0)
+    })
+    .await;
+    let seen_at = checked(&metrics_page(&url).await).unwrap();
+
+    // Repaired: the next completed check finds nothing.
+    set_stock(10).await;
+    metrics_until(&url, Duration::from_secs(30), "the repair seen", |p| {
+        violations(p) == Some(0.0) && checked(p).is_some_and(|t| t > seen_at)
+    })
+    .await;
+    worker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_of_a_namespace_checks_at_a_time() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("locked", 4, None).await;
+    let keys = Keys::new(&app.cfg.namespace);
+    let mut redis = app.redis.clone();
+    // Another worker holds the namespace's check lock: this one skips its turn.
+    let mut other = app.pg.get().await.unwrap();
+    let held = other.transaction().await.unwrap();
+    held.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('floodgate-consistency:' || $1))",
+        &[&app.cfg.namespace.as_str()],
+    )
+    .await
+    .unwrap();
+    let turn = floodgate_worker::consistency::once(&app.cfg.namespace, &keys, &mut redis, &app.pg)
+        .await
+        .unwrap();
+    assert_eq!(turn, floodgate_worker::consistency::Turn::Skipped);
+    // Released: the next turn checks (and finds this namespace consistent).
+    held.rollback().await.unwrap();
+    let turn = floodgate_worker::consistency::once(&app.cfg.namespace, &keys, &mut redis, &app.pg)
+        .await
+        .unwrap();
+    assert_eq!(turn, floodgate_worker::consistency::Turn::Checked(vec![]));
+}
