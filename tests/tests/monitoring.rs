@@ -462,13 +462,25 @@ async fn dashboard_panels_have_data_and_a_stopped_worker_fires_its_alerts() {
     );
     still_ordering.abort();
     reading.abort();
-    screenshot(&prom.url);
+    screenshot(&alerts_page(&prom.url).await);
     eprintln!("monitoring test took {:?}", started.elapsed());
 }
 
-/// Chromium's screenshot of Prometheus' /alerts page, for the record; Chromium missing
+/// Prometheus' alerts page: `/alerts` upstream, `/classic/alerts` in Debian's build
+/// (which ships only the classic UI).
+async fn alerts_page(prometheus: &str) -> String {
+    for path in ["/alerts", "/classic/alerts"] {
+        let url = format!("{prometheus}{path}");
+        if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+            return url;
+        }
+    }
+    panic!("{prometheus} serves no alerts page");
+}
+
+/// Chromium's screenshot of Prometheus' alerts page (`page`), for the record; Chromium missing
 /// only says so (outside CI).
-fn screenshot(prometheus: &str) {
+fn screenshot(page: &str) {
     let Some(chromium) = ["chromium", "chromium-browser"].into_iter().find(|b| {
         Command::new(b)
             .arg("--version")
@@ -502,7 +514,7 @@ fn screenshot(prometheus: &str) {
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(["--window-size=1400,1600", "--virtual-time-budget=8000"])
         .arg(format!("--screenshot={}", png.display()))
-        .arg(format!("{prometheus}/alerts"))
+        .arg(page)
         .output()
         .expect("run chromium");
     let _ = std::fs::remove_dir_all(&profile);
