@@ -112,7 +112,11 @@ async fn poll(
     shutdown: &CancellationToken,
 ) -> Option<anyhow::Error> {
     loop {
-        match tokio::time::timeout(POLL_TIMEOUT, read(ch, topology)).await {
+        let polled = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            p = tokio::time::timeout(POLL_TIMEOUT, read(ch, topology)) => p,
+        };
+        match polled {
             Ok(Ok(d)) => record(Some(d)),
             Ok(Err(e)) => return Some(anyhow::Error::new(e).context("reading queue depths")),
             Err(_) => {
