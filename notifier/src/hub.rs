@@ -36,6 +36,11 @@ use crate::topics::{MAX_TOPICS, Topic};
 /// Event ids remembered for de-duplication (the outbox relay delivers at least once).
 const DEDUP_WINDOW: usize = 100_000;
 
+/// Gauge, by `sku`: units available in Redis as the sampler last saw them (the
+/// dashboard's stock panel). One series per SKU the notifier has seen; every notifier
+/// instance exports the same levels.
+const STOCK_AVAILABLE: &str = "floodgate_stock_available";
+
 /// How a subscriber is connected, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -471,6 +476,10 @@ impl Hub {
             return 0;
         }
         metrics::counter!(names::EVENTS_IN, "type" => "stock").increment(changed.len() as u64);
+        for level in &changed {
+            metrics::gauge!(STOCK_AVAILABLE, "sku" => level.sku.clone())
+                .set(level.available as f64);
+        }
         let index = self.inner.index.read().expect("index lock");
         for level in &changed {
             let one = index.stock.get(&level.sku).into_iter().flatten();
