@@ -285,6 +285,19 @@ pub enum FailReason {
 }
 
 impl FailReason {
+    /// Every reason, so each can be exported at 0 before its first use.
+    pub const ALL: [FailReason; 9] = [
+        Self::ReservationExpired,
+        Self::ReservationReleased,
+        Self::InsufficientStock,
+        Self::RetriesExhausted,
+        Self::UnknownSku,
+        Self::Invalid,
+        Self::DuplicateIdempotencyKey,
+        Self::Undecodable,
+        Self::Unrecordable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ReservationExpired => "reservation_expired",

@@ -63,6 +63,8 @@ impl Supervisor {
             states.lock().expect("supervisor lock").insert(name, s);
         };
         set(TaskState::Running);
+        // At 0 from the start, so an alert on `increase()` sees the first failure.
+        metrics::counter!(crate::telemetry::names::TASK_FAILURES, "task" => name).increment(0);
         tracker.spawn(async move {
             let mut waits = Waits::new(Backoff::BACKGROUND);
             let mut quick_failures = 0;
@@ -123,6 +125,7 @@ impl Supervisor {
             .lock()
             .expect("supervisor lock")
             .insert(name, TaskState::Running);
+        metrics::counter!(crate::telemetry::names::TASK_FAILURES, "task" => name).increment(0);
         tokio::spawn(async move {
             if !tokio::spawn(task).await.is_err_and(|e| e.is_panic()) {
                 return;

@@ -46,6 +46,16 @@ impl Application {
     /// `cfg.ingress_addr` (port 0 picks a free port, for tests). Orders are refused with
     /// 503 until the stock is loaded into Redis (`floodgate reconcile`).
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        // Rare-event counters exist at 0 from the start: Prometheus cannot see the first
+        // increment of a series it never scraped, and the alerts use `increase()`.
+        let _ = floodgate_common::telemetry::metrics(); // the recorder, before any counter
+        for outcome in ["late", "expired", "unmarked"] {
+            metrics::counter!(
+                floodgate_common::telemetry::names::QUEUED_MARK_FAILURES,
+                "outcome" => outcome
+            )
+            .increment(0);
+        }
         let keys = Keys::new(&cfg.namespace);
         let redis = floodgate_common::redis::connect(&cfg.redis_url)
             .await

@@ -114,6 +114,22 @@ async fn every_service_exports_process_metrics() {
             "{base}: {started}"
         );
     }
+    // Rare-event counters are there at 0 before their first event, so an alert on
+    // `increase()` sees the first one (the services here share one recorder).
+    let page = metrics_page(&app.base).await;
+    for series in [
+        r#"floodgate_worker_dead_lettered_total{reason="undecodable"}"#,
+        r#"floodgate_worker_dead_lettered_total{reason="retries_exhausted"}"#,
+        "floodgate_reservations_reaped_total",
+        r#"floodgate_queued_mark_failures_total{outcome="unmarked"}"#,
+        r#"floodgate_task_failures_total{task="reaper"}"#,
+        r#"floodgate_amqp_reconnects_total{service="ingress"}"#,
+    ] {
+        assert!(
+            sample(&page, series).is_some(),
+            "{series} missing before any event"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

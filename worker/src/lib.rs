@@ -112,6 +112,14 @@ impl Worker {
             },
             http_shutdown,
         ));
+        // Counters of rare events exist at 0 from the start: Prometheus cannot see the
+        // first increment of a series it has never scraped, so an alert on `increase()`
+        // would miss the first dead letter or reaped reservation after a restart.
+        for reason in floodgate_common::domain::FailReason::ALL {
+            metrics::counter!(telemetry::names::DEAD_LETTERED, "reason" => reason.as_str())
+                .increment(0);
+        }
+        metrics::counter!(telemetry::names::REAPED).increment(0);
         let background = tokio_util::task::TaskTracker::new();
         let (keys, redis, pg, interval, paused, stop) = (
             pipeline.keys.clone(),

@@ -93,6 +93,8 @@ pub struct Reconnect {
 impl Reconnect {
     /// `service` labels the metric and the logs.
     pub fn new(service: &'static str, backoff: Backoff) -> Self {
+        // At 0 from the start, so an alert on `increase()` sees the first reconnect.
+        metrics::counter!(names::RECONNECTS, "service" => service).increment(0);
         Self {
             service,
             waits: Waits::new(backoff),
