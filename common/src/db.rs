@@ -1,7 +1,7 @@
 //! PostgreSQL: one schema per namespace, a connection pool whose sessions search that
 //! schema, and migrations applied by refinery under an advisory lock.
 
-use crate::Config;
+use crate::{Config, Namespace};
 use anyhow::Context;
 use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
@@ -119,6 +119,47 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
         tracing::info!(migration = %m, schema = ns, "applied");
     }
     Ok(())
+}
+
+/// The newest migration this build carries.
+pub fn latest_migration() -> i32 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Refuses a schema older than this build: a worker writing columns a migration has not
+/// added yet would see every order refused by PostgreSQL and dead-letter it. PostgreSQL
+/// out of reach is not decided here (the worker pauses and probes as ever); only a
+/// schema that answers and is behind is an error, naming the fix.
+pub async fn require_migrated(pool: &Pool, ns: &Namespace) -> anyhow::Result<()> {
+    let client = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "PostgreSQL out of reach at start: schema version not checked");
+            return Ok(());
+        }
+    };
+    let needed = latest_migration();
+    let found: Option<i32> = match client
+        .query_opt("SELECT max(version) FROM refinery_schema_history", &[])
+        .await
+    {
+        Ok(row) => row.and_then(|r| r.get(0)),
+        // No history table: never migrated.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
+        Err(e) => return Err(e).context("reading the schema's migration history"),
+    };
+    match found {
+        Some(v) if v >= needed => Ok(()),
+        found => anyhow::bail!(
+            "the database schema of namespace {ns} is at migration {}, this build needs V{needed}: run `floodgate migrate` first",
+            found.map_or("none".to_string(), |v| format!("V{v}"))
+        ),
+    }
 }
 
 /// Drops the namespace's schema and everything in it (tests clean up with this).

@@ -82,6 +82,9 @@ pub mod names {
 }
 
 /// Buckets of [`names::QUEUE_WAIT`]: a healthy wait is milliseconds, a backlog minutes.
+/// How long a service's exit waits for its last spans to reach the OTLP collector.
+const SPAN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 const QUEUE_WAIT_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0, 600.0, 1800.0,
@@ -212,7 +215,7 @@ impl Telemetry {
 
     fn stop(&mut self) {
         if let Some(p) = self.provider.take()
-            && let Err(e) = p.shutdown()
+            && let Err(e) = p.shutdown_with_timeout(SPAN_FLUSH_TIMEOUT)
         {
             eprintln!("flushing spans at shutdown failed: {e}");
         }

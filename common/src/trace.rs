@@ -54,7 +54,9 @@ impl TraceParent {
         }
         let trace_id = hex_u128(&b[3..35])?;
         let span_id = hex_u64(&b[36..52])?;
-        let flags = hex_u8(&b[53..55])?;
+        // Only the flags this version defines (sampled, random) travel on; the spec wants
+        // the reserved bits zero when a trace is passed on.
+        let flags = hex_u8(&b[53..55])? & 0x03;
         if trace_id == 0 || span_id == 0 {
             return None;
         }
@@ -256,6 +258,13 @@ mod otel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passes_on_only_the_flags_the_version_defines() {
+        let t = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff")
+            .expect("reserved flag bits are not an error");
+        assert!(t.to_string().ends_with("-03"), "{t}");
+    }
 
     #[test]
     fn parses_the_specifications_examples_and_refuses_junk() {

@@ -142,3 +142,44 @@ fn an_unknown_variable_is_warned_about_naming_the_one_it_misspells() {
         assert!(warned("FLOODGATE_JWT_SECRET").is_empty(), "{name}: {log}");
     }
 }
+
+#[test]
+fn a_worker_refuses_a_schema_older_than_its_migrations_and_names_the_fix() {
+    // A namespace whose schema exists but was never migrated: the worker would write
+    // columns that are not there and dead-letter every order.
+    let ns = format!("unmigrated_{}", std::process::id());
+    let db = "postgres://postgres@127.0.0.1:5432/floodgate";
+    let psql = |sql: &str| {
+        let ok = Command::new("psql")
+            .args([db, "-qAtc", sql])
+            .status()
+            .expect("psql")
+            .success();
+        assert!(ok, "psql {sql}");
+    };
+    psql(&format!("CREATE SCHEMA {ns}"));
+    let out = run(
+        BINARIES[1].1,
+        &[],
+        &[
+            (
+                "FLOODGATE_JWT_SECRET",
+                "a-test-secret-that-is-long-enough-0123456789",
+            ),
+            ("FLOODGATE_NAMESPACE", &ns),
+            ("FLOODGATE_DATABASE_URL", db),
+            ("FLOODGATE_REDIS_URL", "redis://127.0.0.1:6379"),
+            ("FLOODGATE_WORKER_ADDR", "127.0.0.1:0"),
+        ],
+    );
+    psql(&format!("DROP SCHEMA {ns} CASCADE"));
+    let log = text(&out.stdout) + &text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the worker started on an unmigrated schema"
+    );
+    assert!(
+        log.contains("is at migration none") && log.contains("run `floodgate migrate` first"),
+        "{log}"
+    );
+}

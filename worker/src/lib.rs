@@ -60,6 +60,7 @@ impl Worker {
             .await
             .context("connecting to Redis")?;
         let pg = floodgate_common::db::pool(&cfg)?;
+        floodgate_common::db::require_migrated(&pg, &cfg.namespace).await?;
         let session = session::Session::open(&cfg)
             .await
             .context("connecting to RabbitMQ")?;
