@@ -304,3 +304,65 @@ async fn one_worker_of_a_namespace_checks_at_a_time() {
         .unwrap();
     assert_eq!(turn, floodgate_worker::consistency::Turn::Checked(vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_counts_every_open_reservation_of_a_large_namespace_once() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("many", 10_000, None).await;
+    // 2,500 reservations in every state (more than one ZSCAN step and one pipeline of the
+    // check), written as reserve.lua writes them; Redis's level is what the open ones
+    // leave.
+    let mut redis = app.redis.clone();
+    let mut pipe = redis::pipe();
+    let mut held = 0;
+    for i in 0..2_500i64 {
+        let id = floodgate_common::domain::OrderId::new();
+        let state = ["reserved", "queued", "claimed", "done", "released"][i as usize % 5];
+        let qty = 1 + i % 3;
+        let items = format!(r#"[{{"sku":"many","qty":{qty}}}]"#);
+        pipe.cmd("HSET")
+            .arg(app.keys.resv(&id))
+            .arg(&[("state", state), ("user", "many-user"), ("items", &items)])
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg(app.keys.deadlines())
+            .arg(4_102_444_800_000 + i) // 2100: the reaper leaves them be
+            .arg(id.to_string())
+            .ignore();
+        if !["done", "released"].contains(&state) {
+            held += qty;
+        }
+    }
+    pipe.cmd("HINCRBY")
+        .arg(app.keys.stock())
+        .arg("many")
+        .arg(-held)
+        .ignore();
+    let _: () = pipe.query_async(&mut redis).await.unwrap();
+    let found = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+        .await
+        .unwrap();
+    assert_eq!(found, vec![], "{held} units held");
+    // One unit off is seen, with the exact count.
+    let _: () = redis::cmd("HINCRBY")
+        .arg(app.keys.stock())
+        .arg("many")
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let found = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].kind, "redis_differs");
+    let expected = 10_000 - held;
+    assert!(
+        found[0].detail.ends_with(&format!("= {expected}")),
+        "{found:?}"
+    );
+}
