@@ -303,6 +303,23 @@ async fn one_worker_of_a_namespace_checks_at_a_time() {
         .await
         .unwrap();
     assert_eq!(turn, floodgate_worker::consistency::Turn::Checked(vec![]));
+    // ... and gave the lock back: no pooled connection keeps it.
+    let free: bool = other
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('floodgate-consistency:' || $1))",
+            &[&app.cfg.namespace.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(free, "the check lock is still held after the check");
+    other
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('floodgate-consistency:' || $1))",
+            &[&app.cfg.namespace.as_str()],
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,10 +4,10 @@
 //! row) and exports what it found, so an alert fires on a broken invariant without an
 //! operator running the command.
 //!
-//! One worker of a namespace checks at a time: each turn starts by trying a PostgreSQL
-//! advisory lock (transaction-scoped, so a check abandoned halfway releases it), and a
-//! worker that does not get it skips its turn. Only the workers that completed a check
-//! export the gauges.
+//! One worker of a namespace checks at a time: each turn starts by trying a session-level
+//! PostgreSQL advisory lock on a connection of its own ([`once`]), and a worker that does
+//! not get it skips its turn. Only the workers that completed a check export the
+//! gauges.
 
 use deadpool_postgres::Pool;
 use floodgate_common::{Namespace, reconcile, redis::Keys, telemetry::names};
@@ -86,30 +86,108 @@ pub async fn run(
 }
 
 /// One turn: the namespace's check lock, then the check, or [`Turn::Skipped`].
+///
+/// The lock is session-level, on one pooled connection that does nothing else while the
+/// check runs on others: no transaction is left open (idle in transaction) for the
+/// length of a check. A completed check's result is returned even if giving the lock back
+/// fails.
 pub async fn once(
     ns: &Namespace,
     keys: &Keys,
     redis: &mut ConnectionManager,
     pg: &Pool,
 ) -> anyhow::Result<Turn> {
-    let mut db = pg.get().await?;
-    let lock = db.transaction().await?;
-    // hashtext is stable across sessions; the constant keeps us off other apps' locks
-    // (and off the migration lock, `floodgate-migrate:`).
-    let held: bool = lock
-        .query_one(
-            "SELECT pg_try_advisory_xact_lock(hashtext('floodgate-consistency:' || $1))",
-            &[&ns.as_str()],
-        )
-        .await?
-        .get(0);
-    if !held {
+    let Some(lock) = CheckLock::try_acquire(pg, ns).await? else {
         return Ok(Turn::Skipped);
+    };
+    let checked = reconcile::check(pg, redis, keys, PASSES).await;
+    lock.release().await;
+    Ok(Turn::Checked(checked?))
+}
+
+/// The namespace's check lock: a session-level advisory lock held by one pooled
+/// connection. That connection goes back to the pool only after an unlock that
+/// PostgreSQL confirmed; in every other case (the unlock failed, or the guard was dropped
+/// because the check was abandoned: timeout, shutdown, panic) it is taken out of the pool
+/// and closed, and the lock ends with its session. A pooled connection never keeps it.
+struct CheckLock {
+    /// None once released.
+    conn: Option<deadpool_postgres::Object>,
+    ns: String,
+}
+
+/// The lock key: hashtext is stable across sessions; the constant keeps us off other
+/// apps' locks (and off the migration lock, `floodgate-migrate:`).
+const LOCK_KEY: &str = "hashtext('floodgate-consistency:' || $1)";
+
+impl CheckLock {
+    /// The lock, or None when another session holds it.
+    async fn try_acquire(pg: &Pool, ns: &Namespace) -> anyhow::Result<Option<Self>> {
+        let conn = pg.get().await?;
+        // Guarded before the query: if its answer is lost (a cancelled future, a broken
+        // connection) the lock may be held, and the connection must not be reused.
+        let mut lock = Self {
+            conn: Some(conn),
+            ns: ns.as_str().to_owned(),
+        };
+        let conn = lock.conn.as_ref().expect("just set");
+        let held: bool = conn
+            .query_one(
+                &format!("SELECT pg_try_advisory_lock({LOCK_KEY})"),
+                &[&lock.ns],
+            )
+            .await?
+            .get(0);
+        if held {
+            Ok(Some(lock))
+        } else {
+            // Not ours: the connection holds nothing and may go back to the pool.
+            lock.conn.take();
+            Ok(None)
+        }
     }
-    let violations = reconcile::check(pg, redis, keys, PASSES).await?;
-    // Ends the transaction, and with it the lock.
-    lock.commit().await?;
-    Ok(Turn::Checked(violations))
+
+    /// Gives the lock back; on any failure closes its connection instead (which ends it).
+    async fn release(mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let unlocked = conn
+            .query_one(
+                &format!("SELECT pg_advisory_unlock({LOCK_KEY})"),
+                &[&self.ns],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0));
+        match unlocked {
+            Ok(true) => {} // back to the pool, holding nothing
+            Ok(false) => {
+                tracing::warn!("consistency lock was not held at unlock; closing its connection");
+                close(conn);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not release the consistency lock; closing its connection, which does"
+                );
+                close(conn);
+            }
+        }
+    }
+}
+
+impl Drop for CheckLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            close(conn);
+        }
+    }
+}
+
+/// Takes `conn` out of its pool and closes it: PostgreSQL ends its session, and with it
+/// every session-level lock it held.
+fn close(conn: deadpool_postgres::Object) {
+    drop(deadpool_postgres::Object::take(conn));
 }
 
 fn unix_secs() -> f64 {
