@@ -64,15 +64,20 @@ pub mod names {
     /// `x-floodgate-published-ms` header; messages without it (published by an older
     /// ingress) are not observed. Buckets up to 30 min, for "oldest order waits too long".
     pub const QUEUE_WAIT: &str = "floodgate_worker_queue_wait_seconds";
-    /// Gauge: invariant violations the last completed consistency check found (the check
-    /// of `floodgate reconcile --check`; every `FLOODGATE_CONSISTENCY_CHECK_SECS`, run by
-    /// one worker of the namespace at a time, so only that worker's value moves; take
-    /// `max`). A difference counts only if seen in three passes 500 ms apart, so under
-    /// steady traffic a Redis drift shows once its SKU has been quiet for a moment.
+    /// Gauge: invariant violations found by this worker's latest consistency check (the
+    /// check of `floodgate reconcile --check`; every `FLOODGATE_CONSISTENCY_CHECK_SECS`,
+    /// one worker of the namespace at a time). NaN when this worker's latest turn
+    /// completed no check (another worker held the lock, the worker was paused, the check
+    /// failed or timed out), so a worker never shows an old count after a repair. Alert on
+    /// `max(...)`: Prometheus' `max` and `min` skip NaN unless every series is NaN, and
+    /// `NaN > 0` is false, so the max is the count of the workers that just checked; an
+    /// all-NaN max means nobody completed a check, which [`CONSISTENCY_CHECKED`] shows. A
+    /// difference counts only if seen in three passes 500 ms apart, so under steady
+    /// traffic a Redis drift shows once its SKU has been quiet for a moment.
     pub const CONSISTENCY_VIOLATIONS: &str = "floodgate_consistency_violations";
-    /// Gauge: Unix time of the last completed consistency check of this worker (absent
-    /// until it completed one). `time() - max(...)` far above the interval means no
-    /// worker checks.
+    /// Gauge: Unix time of this worker's last completed consistency check (absent until
+    /// it completed one; not moved by turns that completed none).
+    /// `time() - max(...)` far above the interval means no worker checks.
     pub const CONSISTENCY_CHECKED: &str = "floodgate_consistency_checked_timestamp_seconds";
     // Process metrics (metrics-process, on every /metrics render, unprefixed as
     // Prometheus' own clients name them): process_cpu_seconds_total (typed gauge, to keep

@@ -271,6 +271,32 @@ async fn the_consistency_gauges_see_redis_drift_and_its_repair() {
         violations(p) == Some(0.0) && checked(p).is_some_and(|t| t > seen_at)
     })
     .await;
+
+    // Another worker holds the check lock: this one's turns complete no check, so its
+    // count is NaN (not current; `max` over the workers skips it) and its timestamp stays
+    // at its last completed check.
+    let mut other = app.pg.get().await.unwrap();
+    let held = other.transaction().await.unwrap();
+    held.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('floodgate-consistency:' || $1))",
+        &[&app.cfg.namespace.as_str()],
+    )
+    .await
+    .unwrap();
+    metrics_until(&url, Duration::from_secs(30), "NaN while skipping", |p| {
+        violations(p).is_some_and(f64::is_nan)
+    })
+    .await;
+    let last = checked(&metrics_page(&url).await).unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let page = metrics_page(&url).await;
+    assert!(violations(&page).is_some_and(f64::is_nan));
+    assert_eq!(checked(&page), Some(last));
+    held.rollback().await.unwrap();
+    metrics_until(&url, Duration::from_secs(30), "checking again", |p| {
+        violations(p) == Some(0.0) && checked(p).is_some_and(|t| t > last)
+    })
+    .await;
     worker.stop();
 }
 

@@ -6,8 +6,10 @@
 //!
 //! One worker of a namespace checks at a time: each turn starts by trying a session-level
 //! PostgreSQL advisory lock on a connection of its own ([`once`]), and a worker that does
-//! not get it skips its turn. Only the workers that completed a check export the
-//! gauges.
+//! not get it skips its turn. A worker whose latest turn did not complete a check
+//! (skipped, paused, failed) sets its violations gauge to NaN, so `max` over the workers
+//! is the value of the one that checked last, never an old value of another; the
+//! checked timestamp stays at the worker's own last completed check.
 
 use deadpool_postgres::Pool;
 use floodgate_common::{Namespace, reconcile, redis::Keys, telemetry::names};
@@ -38,8 +40,9 @@ pub enum Turn {
 
 /// Checks every `every` until `shutdown` (the first turn after one interval, so a
 /// restarting fleet does not check all at once); skips turns while the worker is paused
-/// for an outage. A failed check is logged and tried again next turn; the gauges keep
-/// the last completed check's values, and its timestamp shows their age.
+/// for an outage. A failed check is logged and tried again next turn. After a turn that
+/// completed no check the violations gauge is NaN (see
+/// [`names::CONSISTENCY_VIOLATIONS`]); the timestamp keeps the last completed check's.
 pub async fn run(
     ns: Namespace,
     mut redis: ConnectionManager,
@@ -57,6 +60,7 @@ pub async fn run(
             _ = tick.tick() => {},
         }
         if paused.load(Ordering::Relaxed) {
+            not_checked();
             continue;
         }
         let turn = tokio::select! {
@@ -72,15 +76,22 @@ pub async fn run(
                 metrics::gauge!(names::CONSISTENCY_CHECKED).set(unix_secs());
             }
             Ok(Ok(Turn::Skipped)) => {
+                not_checked();
                 tracing::debug!("another worker is running the consistency check")
             }
-            Ok(Err(e)) => tracing::warn!(
-                error = format!("{e:#}"),
-                "consistency check failed; trying again next turn"
-            ),
-            Err(_) => tracing::warn!(
-                "consistency check took longer than {CHECK_TIMEOUT:?}; trying again next turn"
-            ),
+            Ok(Err(e)) => {
+                not_checked();
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "consistency check failed; trying again next turn"
+                )
+            }
+            Err(_) => {
+                not_checked();
+                tracing::warn!(
+                    "consistency check took longer than {CHECK_TIMEOUT:?}; trying again next turn"
+                )
+            }
         }
     }
 }
@@ -188,6 +199,13 @@ impl Drop for CheckLock {
 /// every session-level lock it held.
 fn close(conn: deadpool_postgres::Object) {
     drop(deadpool_postgres::Object::take(conn));
+}
+
+/// This worker's latest turn completed no check: its last count is no longer current.
+/// NaN rather than absent (a gauge cannot be removed) or kept: Prometheus' `max` skips
+/// NaN unless every worker's is.
+fn not_checked() {
+    metrics::gauge!(names::CONSISTENCY_VIOLATIONS).set(f64::NAN);
 }
 
 fn unix_secs() -> f64 {
