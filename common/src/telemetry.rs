@@ -51,13 +51,19 @@ pub mod names {
     /// Gauge, by `queue` (`intake`; `retry`: all delay queues of the retry schedule
     /// together; `dead`): messages ready in the namespace's queues, as floodgate itself
     /// sees them (a passive declare every 5 s by every ingress and worker, so alerts need
-    /// no broker plugin; aggregate with `max`). NaN while the broker cannot be asked: an
-    /// unknown depth, never an old one shown as current (broker outages have alerts of
-    /// their own: `/readyz`, `floodgate_amqp_reconnects_total`).
+    /// no broker plugin; aggregate with `max`). While the broker cannot be asked it keeps
+    /// the last value read (a backlog alert keeps firing, its `for:` keeps counting);
+    /// [`QUEUE_POLLED`] says how old that value is.
     pub const QUEUE_MESSAGES: &str = "floodgate_queue_messages";
     /// Gauge, by `queue` (`intake`): consumers of the intake queue (0: no worker drains
-    /// it). NaN while the broker cannot be asked, like [`QUEUE_MESSAGES`].
+    /// it). Kept at the last value read while the broker cannot be asked, like
+    /// [`QUEUE_MESSAGES`].
     pub const QUEUE_CONSUMERS: &str = "floodgate_queue_consumers";
+    /// Gauge: Unix time of this process's last successful poll of the queue gauges
+    /// (absent until the first). `time() - max(...)` well above 5 s means the depths are
+    /// stale: nobody can read the queues (broker outages have alerts of their own too:
+    /// `/readyz`, `floodgate_amqp_reconnects_total`).
+    pub const QUEUE_POLLED: &str = "floodgate_queue_polled_timestamp_seconds";
     /// Histogram: from the moment a message became due for a worker (ingress's publish;
     /// for a scheduled retry the end of its delay; for a replayed dead letter the
     /// replay) to the moment a worker took it into a batch. Carried in the

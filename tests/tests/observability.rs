@@ -193,31 +193,76 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
         Some(5.0)
     );
 
-    // A poll that fails (a queue gone) kills nothing: the gauges say "unknown" (NaN), and
-    // once the queue is back they read again; ingress stays ready throughout.
+    // A poll that fails (a queue gone) kills nothing: the gauges keep the last values
+    // read (a backlog alert keeps firing) and the poll timestamp stops; once the queue is
+    // back they read again and the timestamp moves on. Ingress stays ready throughout.
+    let polled = |p: &str| sample(p, "floodgate_queue_polled_timestamp_seconds");
+    let reconnects = |p: &str| {
+        sample(
+            p,
+            r#"floodgate_amqp_reconnects_total{service="queue_depth"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let before = metrics_page(&ingress).await;
+    assert!(polled(&before).is_some(), "no poll timestamp");
+    let failed_before = reconnects(&before);
     app.channel
         .queue_delete(app.topology.dead_queue.as_str().into(), Default::default())
         .await
         .unwrap();
-    metrics_until(
-        &ingress,
-        Duration::from_secs(30),
-        "NaN while unknown",
-        |p| {
-            sample(p, r#"floodgate_queue_messages{queue="dead"}"#).is_some_and(f64::is_nan)
-                && sample(p, r#"floodgate_queue_messages{queue="intake"}"#).is_some_and(f64::is_nan)
-        },
-    )
+    let deleted_at = unix_secs();
+    // A poll failed and the link was rebuilt: polls after the delete fail.
+    metrics_until(&ingress, Duration::from_secs(30), "a failed poll", |p| {
+        reconnects(p) > failed_before
+    })
     .await;
+    let stale = metrics_page(&ingress).await;
+    let last_poll = polled(&stale).unwrap();
+    // (A poll that read the dead queue just before the delete records just after it.)
+    assert!(
+        last_poll < deleted_at + 1.0,
+        "polled at {last_poll}, after the delete at {deleted_at}"
+    );
+    assert_eq!(
+        sample(&stale, r#"floodgate_queue_messages{queue="dead"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&stale, r#"floodgate_queue_messages{queue="intake"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&stale, r#"floodgate_queue_consumers{queue="intake"}"#),
+        Some(1.0)
+    );
+    // More than a poll interval later, still the same: the timestamp does not advance.
+    tokio::time::sleep(floodgate_common::amqp::depth::POLL_INTERVAL + Duration::from_secs(1)).await;
+    let still = metrics_page(&ingress).await;
+    assert_eq!(polled(&still), Some(last_poll));
+    assert_eq!(
+        sample(&still, r#"floodgate_queue_messages{queue="dead"}"#),
+        Some(1.0)
+    );
+    let ready = reqwest::get(format!("{ingress}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
     app.topology.declare(&app.channel).await.unwrap();
     metrics_until(&ingress, Duration::from_secs(30), "read again", |p| {
         sample(p, r#"floodgate_queue_messages{queue="dead"}"#) == Some(0.0)
             && sample(p, r#"floodgate_queue_consumers{queue="intake"}"#) == Some(1.0)
+            && polled(p).is_some_and(|t| t > last_poll)
     })
     .await;
     let ready = reqwest::get(format!("{ingress}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     worker.stop();
+}
+
+fn unix_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
