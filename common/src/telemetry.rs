@@ -64,11 +64,14 @@ pub mod names {
     /// stale: nobody can read the queues (broker outages have alerts of their own too:
     /// `/readyz`, `floodgate_amqp_reconnects_total`).
     pub const QUEUE_POLLED: &str = "floodgate_queue_polled_timestamp_seconds";
-    /// Histogram: from the moment a message became due for a worker (ingress's publish;
-    /// for a scheduled retry the end of its delay; for a replayed dead letter the
-    /// replay) to the moment a worker took it into a batch. Carried in the
-    /// `x-floodgate-published-ms` header; messages without it (published by an older
-    /// ingress) are not observed. Buckets up to 30 min, for "oldest order waits too long".
+    /// Histogram: from an order's publish to the first time a worker took it into a
+    /// batch, observed once per order: redeliveries (after a worker's pause or crash, a
+    /// failed batch) and scheduled retries (`x-floodgate-attempt`) are not observed, so
+    /// the count is the orders taken and the buckets are the queue's wait, not retry
+    /// delays. A replayed dead letter is a first attempt again, measured from its replay.
+    /// Carried in the `x-floodgate-published-ms` header; messages without it (published
+    /// by an older ingress) are not observed. Buckets up to 30 min, for "oldest order
+    /// waits too long".
     pub const QUEUE_WAIT: &str = "floodgate_worker_queue_wait_seconds";
     /// Gauge: invariant violations found by this worker's latest consistency check (the
     /// check of `floodgate reconcile --check`; every `FLOODGATE_CONSISTENCY_CHECK_SECS`,

@@ -146,6 +146,26 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
         },
     )
     .await;
+    // One of them is taken and given back, as by a worker that died with it: its next
+    // delivery is a redelivery, and its wait was the first taker's to measure.
+    let taken = app
+        .channel
+        .basic_get(
+            app.topology.intake_queue.as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .expect("a queued order");
+    taken
+        .delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     // Let them wait a measurable while, then a worker takes them.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let worker_addr = free_addr();
@@ -156,31 +176,60 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
     );
     let worker_url = format!("http://{worker_addr}");
     app.wait_idle().await;
-    // Every order was measured, from its publish, and each waited over a second.
+    // Every order first taken by the worker was measured once, from its publish, and
+    // each waited over a second; the redelivered one was not.
     metrics_until(
         &worker_url,
         Duration::from_secs(30),
-        "5 waits of > 1 s",
+        "4 waits of > 1 s",
         |p| {
-            sample(p, "floodgate_worker_queue_wait_seconds_count") == Some(5.0)
-                && sample(p, "floodgate_worker_queue_wait_seconds_sum").is_some_and(|s| s > 5.0)
+            sample(p, "floodgate_worker_queue_wait_seconds_count") == Some(4.0)
+                && sample(p, "floodgate_worker_queue_wait_seconds_sum").is_some_and(|s| s > 4.0)
                 && sample(p, r#"floodgate_worker_queue_wait_seconds_bucket{le="0.5"}"#) == Some(0.0)
         },
     )
     .await;
     // A message without the publish header (an older ingress's) is consumed as ever, not
-    // measured; an undecodable one lands in the dead-letter queue, and the gauges of
-    // both processes say so: the queue drained, one consumer, one dead letter.
+    // measured, nor is a scheduled retry (its wait includes its delay); undecodable, both
+    // land in the dead-letter queue, and the gauges of both processes say so: the queue
+    // drained, one consumer, two dead letters.
     app.publish_raw(b"not an order").await;
+    let retry_headers: lapin::types::FieldTable = [
+        (
+            floodgate_common::amqp::PUBLISHED_HEADER.into(),
+            lapin::types::AMQPValue::LongLongInt(floodgate_common::amqp::unix_ms() - 60_000),
+        ),
+        (
+            floodgate_common::amqp::ATTEMPT_HEADER.into(),
+            lapin::types::AMQPValue::LongLongInt(1),
+        ),
+    ]
+    .into_iter()
+    .collect::<std::collections::BTreeMap<_, _>>()
+    .into();
+    app.channel
+        .basic_publish(
+            app.topology.orders_exchange.as_str().into(),
+            app.topology.intake_key.as_str().into(),
+            Default::default(),
+            b"not an order either",
+            lapin::BasicProperties::default()
+                .with_headers(retry_headers)
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     for base in [&ingress, &worker_url] {
         metrics_until(
             base,
             Duration::from_secs(30),
-            "drained, 1 dead letter",
+            "drained, 2 dead letters",
             |p| {
                 sample(p, r#"floodgate_queue_messages{queue="intake"}"#) == Some(0.0)
                     && sample(p, r#"floodgate_queue_consumers{queue="intake"}"#) == Some(1.0)
-                    && sample(p, r#"floodgate_queue_messages{queue="dead"}"#) == Some(1.0)
+                    && sample(p, r#"floodgate_queue_messages{queue="dead"}"#) == Some(2.0)
             },
         )
         .await;
@@ -190,7 +239,7 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
             &metrics_page(&worker_url).await,
             "floodgate_worker_queue_wait_seconds_count"
         ),
-        Some(5.0)
+        Some(4.0)
     );
 
     // A poll that fails (a queue gone) kills nothing: the gauges keep the last values
@@ -226,7 +275,7 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
     );
     assert_eq!(
         sample(&stale, r#"floodgate_queue_messages{queue="dead"}"#),
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(
         sample(&stale, r#"floodgate_queue_messages{queue="intake"}"#),
@@ -242,7 +291,7 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
     assert_eq!(polled(&still), Some(last_poll));
     assert_eq!(
         sample(&still, r#"floodgate_queue_messages{queue="dead"}"#),
-        Some(1.0)
+        Some(2.0)
     );
     let ready = reqwest::get(format!("{ingress}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
