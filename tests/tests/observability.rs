@@ -440,6 +440,42 @@ async fn one_worker_of_a_namespace_checks_at_a_time() {
         )
         .await
         .unwrap();
+    // A check abandoned at any point (the worker's timeout, shutdown) leaves no pooled
+    // connection holding the lock: its connection is closed, which ends the lock.
+    for ms in [1, 3, 10, 30, 100] {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(ms),
+            floodgate_worker::consistency::once(&app.cfg.namespace, &keys, &mut redis, &app.pg),
+        )
+        .await;
+        floodgate_tests::eventually(Duration::from_secs(10), || async {
+            let free: bool = other
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtext('floodgate-consistency:' || $1))",
+                    &[&app.cfg.namespace.as_str()],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if free {
+                other
+                    .execute(
+                        "SELECT pg_advisory_unlock(hashtext('floodgate-consistency:' || $1))",
+                        &[&app.cfg.namespace.as_str()],
+                    )
+                    .await
+                    .unwrap();
+            }
+            free
+        })
+        .await;
+        // And the pool still serves: a whole turn checks.
+        let turn =
+            floodgate_worker::consistency::once(&app.cfg.namespace, &keys, &mut redis, &app.pg)
+                .await
+                .unwrap();
+        assert_eq!(turn, floodgate_worker::consistency::Turn::Checked(vec![]));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
