@@ -158,9 +158,10 @@ impl CheckLock {
         }
     }
 
-    /// Gives the lock back; on any failure closes its connection instead (which ends it).
+    /// Gives the lock back; on any failure (or if this is abandoned halfway) its
+    /// connection is closed instead, by [`Drop`], which ends the lock.
     async fn release(mut self) {
-        let Some(conn) = self.conn.take() else {
+        let Some(conn) = self.conn.as_ref() else {
             return;
         };
         let unlocked = conn
@@ -171,18 +172,15 @@ impl CheckLock {
             .await
             .map(|r| r.get::<_, bool>(0));
         match unlocked {
-            Ok(true) => {} // back to the pool, holding nothing
+            // Back to the pool, holding nothing.
+            Ok(true) => drop(self.conn.take()),
             Ok(false) => {
-                tracing::warn!("consistency lock was not held at unlock; closing its connection");
-                close(conn);
+                tracing::warn!("consistency lock was not held at unlock; closing its connection")
             }
-            Err(e) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "could not release the consistency lock; closing its connection, which does"
-                );
-                close(conn);
-            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not release the consistency lock; closing its connection, which does"
+            ),
         }
     }
 }
