@@ -1,7 +1,7 @@
 //! Dependency probes: one real, bounded round trip each. `/readyz` of every service and the
 //! worker's outage probing use the same ones.
 
-use crate::supervise::{Supervisor, TaskState};
+use crate::supervise::{Role, Supervisor, TaskState};
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
@@ -31,8 +31,8 @@ pub async fn postgres_ok(pg: &Pool) -> bool {
 }
 
 /// Probes Redis and PostgreSQL and combines them with the broker state the caller knows
-/// and its supervised tasks. Returns whether all are up, and the `/readyz` body naming
-/// what is down (a task as `task:<name>`, with its state under `tasks`).
+/// and its essential supervised tasks. Returns whether all are up, and the `/readyz` body
+/// naming what is down (a task as `task:<name>`), with every task's state under `tasks`.
 pub async fn readiness(
     redis: &ConnectionManager,
     pg: &Pool,
@@ -45,10 +45,13 @@ pub async fn readiness(
         ("rabbitmq".to_owned(), rabbitmq_up),
         ("postgres".to_owned(), pg_ok),
     ];
-    let states = tasks.states();
-    for (name, state) in &states {
-        // Restarting after a failure is not yet down; failing again and again is.
-        checks.push((format!("task:{name}"), *state != TaskState::Dead));
+    let states = tasks.tasks();
+    for (name, state, role) in &states {
+        // Restarting after a failure is not yet down; failing again and again is. A
+        // task that only feeds metrics shows its state under `tasks`, and that is all.
+        if *role == Role::Essential {
+            checks.push((format!("task:{name}"), *state != TaskState::Dead));
+        }
     }
     let down: Vec<&str> = checks
         .iter()
@@ -60,7 +63,7 @@ pub async fn readiness(
         "status": if ready { "ready" } else { "unavailable" },
         "down": down,
         "checks": checks.iter().map(|(n, ok)| (n.clone(), json!(ok))).collect::<serde_json::Map<_, _>>(),
-        "tasks": states.iter().map(|(n, s)| (n.to_string(), json!(s.as_str()))).collect::<serde_json::Map<_, _>>(),
+        "tasks": states.iter().map(|(n, s, _)| (n.to_string(), json!(s.as_str()))).collect::<serde_json::Map<_, _>>(),
     });
     (ready, body)
 }

@@ -1,12 +1,12 @@
 //! Checking and repairing the invariants of DESIGN.md between Redis and PostgreSQL.
 
-use crate::{Config, amqp::Topology, redis::Keys, stock};
+use crate::{Config, amqp::Topology, domain::OrderId, redis::Keys, stock};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use lapin::{Channel, options::QueueDeclareOptions, types::FieldTable};
 use redis::aio::ConnectionLike;
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fmt,
     time::{Duration, Instant},
 };
@@ -29,31 +29,56 @@ fn v(kind: &'static str, detail: String) -> Violation {
     Violation { kind, detail }
 }
 
+/// Reservation ids read per `ZSCAN` step, and reservations read per pipelined round trip.
+const SCAN_CHUNK: usize = 1_000;
+
 /// Units held by open reservations (reserved, queued or claimed: not yet committed), per SKU.
+///
+/// Walks the deadlines zset with `ZSCAN` and reads each step's reservations in one
+/// pipelined round trip: about N/[`SCAN_CHUNK`] round trips, and no command that holds
+/// Redis for the whole set (this runs on the worker's shared connection, beside its
+/// orders). A reservation present for the whole walk is counted exactly once (`ZSCAN`
+/// may return an id twice; the second is skipped); one added or removed meanwhile may or
+/// may not be, as with any read that is not one snapshot, which is why a violation must
+/// be seen in several passes.
 async fn held_by_reservations<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
 ) -> anyhow::Result<BTreeMap<String, i64>> {
-    let ids: Vec<String> = redis::cmd("ZRANGE")
-        .arg(keys.deadlines())
-        .arg(0)
-        .arg(-1)
-        .query_async(con)
-        .await?;
     let mut held = BTreeMap::new();
-    for id in ids {
-        let Some(order) = crate::domain::OrderId::parse(&id) else {
-            continue;
-        };
-        if let Some(r) = crate::redis::reservation(con, keys, &order).await?
-            && r.state.is_open()
-        {
-            for l in r.lines {
-                *held.entry(l.sku.to_string()).or_default() += l.qty.get();
+    let mut seen = HashSet::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, members_and_scores): (u64, Vec<String>) = redis::cmd("ZSCAN")
+            .arg(keys.deadlines())
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(SCAN_CHUNK)
+            .query_async(con)
+            .await
+            .context("scanning the reservation deadlines")?;
+        let ids: Vec<OrderId> = members_and_scores
+            .iter()
+            .step_by(2)
+            .filter_map(|id| OrderId::parse(id))
+            .filter(|id| seen.insert(*id))
+            .collect();
+        // A step of a small (listpack) zset returns all of it at once: read it in chunks.
+        for chunk in ids.chunks(SCAN_CHUNK) {
+            let found = crate::redis::reservations(con, keys, chunk)
+                .await
+                .context("reading reservations")?;
+            for r in found.into_iter().flatten().filter(|r| r.state.is_open()) {
+                for l in r.lines {
+                    *held.entry(l.sku.to_string()).or_default() += l.qty.get();
+                }
             }
         }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(held);
+        }
     }
-    Ok(held)
 }
 
 /// One pass over every invariant.

@@ -2,7 +2,9 @@
 //! with backoff. One that keeps failing is reported dead, so `/readyz` answers 503
 //! naming it (a process whose relay, reaper or consumer cannot run is never reported
 //! ready), and is still retried at the longest backoff: a passing cause (a schema
-//! migrated late) heals without a restart of the process.
+//! migrated late) heals without a restart of the process. A task that only feeds metrics
+//! ([`Role::MetricsOnly`]) is supervised the same way, but its death is only shown and
+//! counted: taking the process out of its load balancer would not bring it back.
 
 use crate::retry::{Backoff, Waits};
 use std::{
@@ -39,17 +41,44 @@ impl TaskState {
     }
 }
 
+/// Whether a supervised task's death makes its process unready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The process cannot do its work without it (the relay, the reaper, a consumer):
+    /// dead, `/readyz` answers 503 naming it.
+    Essential,
+    /// It only exports metrics (the queue-depth poller): dead, `/readyz` shows it under
+    /// `tasks` and `floodgate_task_failures_total` counts it, but the process stays ready.
+    MetricsOnly,
+}
+
 /// The supervised tasks of one process; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Supervisor {
-    states: Arc<Mutex<BTreeMap<&'static str, TaskState>>>,
+    states: Arc<Mutex<BTreeMap<&'static str, (TaskState, Role)>>>,
 }
 
 impl Supervisor {
-    /// Runs `make()` as task `name` on `tracker` until `shutdown`, restarting it whenever
-    /// it panics or returns while `shutdown` is not cancelled.
+    /// Runs `make()` as the [`Role::Essential`] task `name` on `tracker` until
+    /// `shutdown`, restarting it whenever it panics or returns while `shutdown` is not
+    /// cancelled.
     pub fn spawn<F, Fut>(
         &self,
+        tracker: &TaskTracker,
+        name: &'static str,
+        shutdown: CancellationToken,
+        make: F,
+    ) where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.spawn_as(Role::Essential, tracker, name, shutdown, make)
+    }
+
+    /// [`Supervisor::spawn`] for a task of `role`.
+    pub fn spawn_as<F, Fut>(
+        &self,
+        role: Role,
         tracker: &TaskTracker,
         name: &'static str,
         shutdown: CancellationToken,
@@ -60,7 +89,10 @@ impl Supervisor {
     {
         let states = self.states.clone();
         let set = move |s: TaskState| {
-            states.lock().expect("supervisor lock").insert(name, s);
+            states
+                .lock()
+                .expect("supervisor lock")
+                .insert(name, (s, role));
         };
         set(TaskState::Running);
         // At 0 from the start, so an alert on `increase()` sees the first failure.
@@ -95,6 +127,7 @@ impl Supervisor {
                     tracing::error!(
                         task = name,
                         failures = quick_failures,
+                        essential = role == Role::Essential,
                         "task keeps failing: /readyz reports it dead; still retrying"
                     );
                 }
@@ -124,7 +157,7 @@ impl Supervisor {
         states
             .lock()
             .expect("supervisor lock")
-            .insert(name, TaskState::Running);
+            .insert(name, (TaskState::Running, Role::Essential));
         metrics::counter!(crate::telemetry::names::TASK_FAILURES, "task" => name).increment(0);
         tokio::spawn(async move {
             if !tokio::spawn(task).await.is_err_and(|e| e.is_panic()) {
@@ -135,17 +168,22 @@ impl Supervisor {
             states
                 .lock()
                 .expect("supervisor lock")
-                .insert(name, TaskState::Dead);
+                .insert(name, (TaskState::Dead, Role::Essential));
         });
     }
 
     /// Every task with its state.
     pub fn states(&self) -> Vec<(&'static str, TaskState)> {
+        self.tasks().into_iter().map(|(n, s, _)| (n, s)).collect()
+    }
+
+    /// Every task with its state and role.
+    pub fn tasks(&self) -> Vec<(&'static str, TaskState, Role)> {
         self.states
             .lock()
             .expect("supervisor lock")
             .iter()
-            .map(|(n, s)| (*n, *s))
+            .map(|(n, (s, r))| (*n, *s, *r))
             .collect()
     }
 }
@@ -181,6 +219,34 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(runs.load(Ordering::Relaxed) > after_30s);
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_metrics_only_task_is_supervised_the_same_and_says_so() {
+        let sup = Supervisor::default();
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        sup.spawn_as(
+            Role::MetricsOnly,
+            &tracker,
+            "gauges",
+            shutdown.clone(),
+            move || {
+                r.fetch_add(1, Ordering::Relaxed);
+                async { panic!("boom") }
+            },
+        );
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(runs.load(Ordering::Relaxed) > MAX_QUICK_FAILURES);
+        assert_eq!(
+            sup.tasks(),
+            [("gauges", TaskState::Dead, Role::MetricsOnly)]
+        );
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;

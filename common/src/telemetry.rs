@@ -51,28 +51,42 @@ pub mod names {
     /// Gauge, by `queue` (`intake`; `retry`: all delay queues of the retry schedule
     /// together; `dead`): messages ready in the namespace's queues, as floodgate itself
     /// sees them (a passive declare every 5 s by every ingress and worker, so alerts need
-    /// no broker plugin; aggregate with `max`). NaN while the broker cannot be asked: an
-    /// unknown depth, never an old one shown as current (broker outages have alerts of
-    /// their own: `/readyz`, `floodgate_amqp_reconnects_total`).
+    /// no broker plugin; aggregate with `max`). While the broker cannot be asked it keeps
+    /// the last value read (a backlog alert keeps firing, its `for:` keeps counting);
+    /// [`QUEUE_POLLED`] says how old that value is.
     pub const QUEUE_MESSAGES: &str = "floodgate_queue_messages";
     /// Gauge, by `queue` (`intake`): consumers of the intake queue (0: no worker drains
-    /// it). NaN while the broker cannot be asked, like [`QUEUE_MESSAGES`].
+    /// it). Kept at the last value read while the broker cannot be asked, like
+    /// [`QUEUE_MESSAGES`].
     pub const QUEUE_CONSUMERS: &str = "floodgate_queue_consumers";
-    /// Histogram: from the moment a message became due for a worker (ingress's publish;
-    /// for a scheduled retry the end of its delay; for a replayed dead letter the
-    /// replay) to the moment a worker took it into a batch. Carried in the
-    /// `x-floodgate-published-ms` header; messages without it (published by an older
-    /// ingress) are not observed. Buckets up to 30 min, for "oldest order waits too long".
+    /// Gauge: Unix time of this process's last successful poll of the queue gauges
+    /// (absent until the first). `time() - max(...)` well above 5 s means the depths are
+    /// stale: nobody can read the queues (broker outages have alerts of their own too:
+    /// `/readyz`, `floodgate_amqp_reconnects_total`).
+    pub const QUEUE_POLLED: &str = "floodgate_queue_polled_timestamp_seconds";
+    /// Histogram: from an order's publish to the first time a worker took it into a
+    /// batch, observed once per order: redeliveries (after a worker's pause or crash, a
+    /// failed batch) and scheduled retries (`x-floodgate-attempt`) are not observed, so
+    /// the count is the orders taken and the buckets are the queue's wait, not retry
+    /// delays. A replayed dead letter is a first attempt again, measured from its replay.
+    /// Carried in the `x-floodgate-published-ms` header; messages without it (published
+    /// by an older ingress) are not observed. Buckets up to 30 min, for "oldest order
+    /// waits too long".
     pub const QUEUE_WAIT: &str = "floodgate_worker_queue_wait_seconds";
-    /// Gauge: invariant violations the last completed consistency check found (the check
-    /// of `floodgate reconcile --check`; every `FLOODGATE_CONSISTENCY_CHECK_SECS`, run by
-    /// one worker of the namespace at a time, so only that worker's value moves; take
-    /// `max`). A difference counts only if seen in three passes 500 ms apart, so under
-    /// steady traffic a Redis drift shows once its SKU has been quiet for a moment.
+    /// Gauge: invariant violations found by this worker's latest consistency check (the
+    /// check of `floodgate reconcile --check`; every `FLOODGATE_CONSISTENCY_CHECK_SECS`,
+    /// one worker of the namespace at a time). NaN when this worker's latest turn
+    /// completed no check (another worker held the lock, the worker was paused, the check
+    /// failed or timed out), so a worker never shows an old count after a repair. Alert on
+    /// `max(...)`: Prometheus' `max` and `min` skip NaN unless every series is NaN, and
+    /// `NaN > 0` is false, so the max is the count of the workers that just checked; an
+    /// all-NaN max means nobody completed a check, which [`CONSISTENCY_CHECKED`] shows. A
+    /// difference counts only if seen in three passes 500 ms apart, so under steady
+    /// traffic a Redis drift shows once its SKU has been quiet for a moment.
     pub const CONSISTENCY_VIOLATIONS: &str = "floodgate_consistency_violations";
-    /// Gauge: Unix time of the last completed consistency check of this worker (absent
-    /// until it completed one). `time() - max(...)` far above the interval means no
-    /// worker checks.
+    /// Gauge: Unix time of this worker's last completed consistency check (absent until
+    /// it completed one; not moved by turns that completed none).
+    /// `time() - max(...)` far above the interval means no worker checks.
     pub const CONSISTENCY_CHECKED: &str = "floodgate_consistency_checked_timestamp_seconds";
     // Process metrics (metrics-process, on every /metrics render, unprefixed as
     // Prometheus' own clients name them): process_cpu_seconds_total (typed gauge, to keep

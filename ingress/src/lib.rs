@@ -30,7 +30,7 @@ pub mod state;
 pub mod stock;
 
 use anyhow::Context;
-use floodgate_common::{Config, auth::Verifier, redis::Keys};
+use floodgate_common::{Config, auth::Verifier, redis::Keys, supervise::Role};
 use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -111,11 +111,13 @@ impl Application {
         // The queue-depth gauges, so alerts on the backlog need no broker plugin.
         let background = tokio_util::task::TaskTracker::new();
         let (cfg, stop) = ((*self.state.cfg).clone(), shutdown.clone());
-        self.state
-            .supervisor
-            .spawn(&background, "queue_depth", shutdown.clone(), move || {
-                floodgate_common::amqp::depth::watch(cfg.clone(), "ingress", stop.clone())
-            });
+        self.state.supervisor.spawn_as(
+            Role::MetricsOnly,
+            &background,
+            "queue_depth",
+            shutdown.clone(),
+            move || floodgate_common::amqp::depth::watch(cfg.clone(), "ingress", stop.clone()),
+        );
         background.close();
         let publisher = self.state.publisher.clone();
         let tasks = self.state.tasks.clone();

@@ -601,8 +601,10 @@ fn compose_file_matches_the_code() {
                 _ => {}
             }
         }
-        let one_shot =
-            svc.get("restart").map(text).as_deref() == Some("no") || svc.get("profiles").is_some();
+        // Runs to completion: never restarted, or restarted only until it succeeds.
+        let restart = svc.get("restart").map(text);
+        let one_shot = matches!(restart.as_deref(), Some("no" | "on-failure"))
+            || svc.get("profiles").is_some();
         if !one_shot && healthcheck(svc).is_none() {
             bad.push(format!(
                 "{name}: a long-running service without a health check"
@@ -628,6 +630,17 @@ fn compose_file_matches_the_code() {
     }
     if words(services.get("migrate").and_then(|s| s.get("command"))) != ["floodgate", "migrate"] {
         bad.push("`migrate` does not run `floodgate migrate`".into());
+    }
+    // A migration that fails once (PostgreSQL not yet taking connections) must not leave
+    // every service waiting for it for good.
+    if services
+        .get("migrate")
+        .and_then(|s| s.get("restart"))
+        .map(text)
+        .as_deref()
+        != Some("on-failure")
+    {
+        bad.push("`migrate` is not restarted on failure".into());
     }
     if words(services.get("reconcile").and_then(|s| s.get("command")))
         != ["floodgate", "reconcile", "--if-unloaded"]

@@ -4,10 +4,12 @@
 //! row) and exports what it found, so an alert fires on a broken invariant without an
 //! operator running the command.
 //!
-//! One worker of a namespace checks at a time: each turn starts by trying a PostgreSQL
-//! advisory lock (transaction-scoped, so a check abandoned halfway releases it), and a
-//! worker that does not get it skips its turn. Only the workers that completed a check
-//! export the gauges.
+//! One worker of a namespace checks at a time: each turn starts by trying a session-level
+//! PostgreSQL advisory lock on a connection of its own ([`once`]), and a worker that does
+//! not get it skips its turn. A worker whose latest turn did not complete a check
+//! (skipped, paused, failed) sets its violations gauge to NaN, so `max` over the workers
+//! is the value of the one that checked last, never an old value of another; the
+//! checked timestamp stays at the worker's own last completed check.
 
 use deadpool_postgres::Pool;
 use floodgate_common::{Namespace, reconcile, redis::Keys, telemetry::names};
@@ -38,8 +40,9 @@ pub enum Turn {
 
 /// Checks every `every` until `shutdown` (the first turn after one interval, so a
 /// restarting fleet does not check all at once); skips turns while the worker is paused
-/// for an outage. A failed check is logged and tried again next turn; the gauges keep
-/// the last completed check's values, and its timestamp shows their age.
+/// for an outage. A failed check is logged and tried again next turn. After a turn that
+/// completed no check the violations gauge is NaN (see
+/// [`names::CONSISTENCY_VIOLATIONS`]); the timestamp keeps the last completed check's.
 pub async fn run(
     ns: Namespace,
     mut redis: ConnectionManager,
@@ -57,6 +60,7 @@ pub async fn run(
             _ = tick.tick() => {},
         }
         if paused.load(Ordering::Relaxed) {
+            not_checked();
             continue;
         }
         let turn = tokio::select! {
@@ -72,44 +76,134 @@ pub async fn run(
                 metrics::gauge!(names::CONSISTENCY_CHECKED).set(unix_secs());
             }
             Ok(Ok(Turn::Skipped)) => {
+                not_checked();
                 tracing::debug!("another worker is running the consistency check")
             }
-            Ok(Err(e)) => tracing::warn!(
-                error = format!("{e:#}"),
-                "consistency check failed; trying again next turn"
-            ),
-            Err(_) => tracing::warn!(
-                "consistency check took longer than {CHECK_TIMEOUT:?}; trying again next turn"
-            ),
+            Ok(Err(e)) => {
+                not_checked();
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "consistency check failed; trying again next turn"
+                )
+            }
+            Err(_) => {
+                not_checked();
+                tracing::warn!(
+                    "consistency check took longer than {CHECK_TIMEOUT:?}; trying again next turn"
+                )
+            }
         }
     }
 }
 
 /// One turn: the namespace's check lock, then the check, or [`Turn::Skipped`].
+///
+/// The lock is session-level, on one pooled connection that does nothing else while the
+/// check runs on others: no transaction is left open (idle in transaction) for the
+/// length of a check. A completed check's result is returned even if giving the lock back
+/// fails.
 pub async fn once(
     ns: &Namespace,
     keys: &Keys,
     redis: &mut ConnectionManager,
     pg: &Pool,
 ) -> anyhow::Result<Turn> {
-    let mut db = pg.get().await?;
-    let lock = db.transaction().await?;
-    // hashtext is stable across sessions; the constant keeps us off other apps' locks
-    // (and off the migration lock, `floodgate-migrate:`).
-    let held: bool = lock
-        .query_one(
-            "SELECT pg_try_advisory_xact_lock(hashtext('floodgate-consistency:' || $1))",
-            &[&ns.as_str()],
-        )
-        .await?
-        .get(0);
-    if !held {
+    let Some(lock) = CheckLock::try_acquire(pg, ns).await? else {
         return Ok(Turn::Skipped);
+    };
+    let checked = reconcile::check(pg, redis, keys, PASSES).await;
+    lock.release().await;
+    Ok(Turn::Checked(checked?))
+}
+
+/// The namespace's check lock: a session-level advisory lock held by one pooled
+/// connection. That connection goes back to the pool only after an unlock that
+/// PostgreSQL confirmed; in every other case (the unlock failed, or the guard was dropped
+/// because the check was abandoned: timeout, shutdown, panic) it is taken out of the pool
+/// and closed, and the lock ends with its session. A pooled connection never keeps it.
+struct CheckLock {
+    /// None once released.
+    conn: Option<deadpool_postgres::Object>,
+    ns: String,
+}
+
+/// The lock key: hashtext is stable across sessions; the constant keeps us off other
+/// apps' locks (and off the migration lock, `floodgate-migrate:`).
+const LOCK_KEY: &str = "hashtext('floodgate-consistency:' || $1)";
+
+impl CheckLock {
+    /// The lock, or None when another session holds it.
+    async fn try_acquire(pg: &Pool, ns: &Namespace) -> anyhow::Result<Option<Self>> {
+        let conn = pg.get().await?;
+        // Guarded before the query: if its answer is lost (a cancelled future, a broken
+        // connection) the lock may be held, and the connection must not be reused.
+        let mut lock = Self {
+            conn: Some(conn),
+            ns: ns.as_str().to_owned(),
+        };
+        let conn = lock.conn.as_ref().expect("just set");
+        let held: bool = conn
+            .query_one(
+                &format!("SELECT pg_try_advisory_lock({LOCK_KEY})"),
+                &[&lock.ns],
+            )
+            .await?
+            .get(0);
+        if held {
+            Ok(Some(lock))
+        } else {
+            // Not ours: the connection holds nothing and may go back to the pool.
+            lock.conn.take();
+            Ok(None)
+        }
     }
-    let violations = reconcile::check(pg, redis, keys, PASSES).await?;
-    // Ends the transaction, and with it the lock.
-    lock.commit().await?;
-    Ok(Turn::Checked(violations))
+
+    /// Gives the lock back; on any failure (or if this is abandoned halfway) its
+    /// connection is closed instead, by [`Drop`], which ends the lock.
+    async fn release(mut self) {
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        let unlocked = conn
+            .query_one(
+                &format!("SELECT pg_advisory_unlock({LOCK_KEY})"),
+                &[&self.ns],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0));
+        match unlocked {
+            // Back to the pool, holding nothing.
+            Ok(true) => drop(self.conn.take()),
+            Ok(false) => {
+                tracing::warn!("consistency lock was not held at unlock; closing its connection")
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not release the consistency lock; closing its connection, which does"
+            ),
+        }
+    }
+}
+
+impl Drop for CheckLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            close(conn);
+        }
+    }
+}
+
+/// Takes `conn` out of its pool and closes it: PostgreSQL ends its session, and with it
+/// every session-level lock it held.
+fn close(conn: deadpool_postgres::Object) {
+    drop(deadpool_postgres::Object::take(conn));
+}
+
+/// This worker's latest turn completed no check: its last count is no longer current.
+/// NaN rather than absent (a gauge cannot be removed) or kept: Prometheus' `max` skips
+/// NaN unless every worker's is.
+fn not_checked() {
+    metrics::gauge!(names::CONSISTENCY_VIOLATIONS).set(f64::NAN);
 }
 
 fn unix_secs() -> f64 {

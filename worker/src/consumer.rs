@@ -237,7 +237,7 @@ impl Pipeline {
                 },
                 d = consumer.next(), if room && pending.len() < size => match d {
                     Some(Ok(d)) => {
-                        observe_queue_wait(&d.properties);
+                        observe_queue_wait(&d);
                         if pending.is_empty() {
                             fill_until = Some(tokio::time::Instant::now() + self.cfg.batch_max_wait);
                         }
@@ -613,11 +613,17 @@ async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
     }
 }
 
-/// Records how long a delivery waited since it became due ([`names::QUEUE_WAIT`]); a
-/// message without the header (an older ingress's) is not measured. Clocks of two hosts
-/// may disagree a little: a negative wait counts as none.
-fn observe_queue_wait(props: &BasicProperties) {
-    if let Some(due) = amqp::published_ms(props.headers().as_ref()) {
+/// Records how long an order waited from its publish to the first time a worker took it
+/// ([`names::QUEUE_WAIT`]), once per order: a redelivery (after a pause, a crash, a
+/// failed batch) or a scheduled retry (`x-floodgate-attempt`) was measured when it was
+/// first taken, and its later waits are not the queue's. A message without the header
+/// (an older ingress's) is not measured. Clocks of two hosts may disagree a little: a
+/// negative wait counts as none.
+fn observe_queue_wait(d: &Delivery) {
+    if d.redelivered || attempt_of(&d.properties) > 0 {
+        return;
+    }
+    if let Some(due) = amqp::published_ms(d.properties.headers().as_ref()) {
         let waited_ms = (amqp::unix_ms() - due).max(0);
         metrics::histogram!(names::QUEUE_WAIT).record(waited_ms as f64 / 1000.0);
     }

@@ -29,7 +29,9 @@ pub mod session;
 
 use anyhow::Context;
 use axum::{Router, extract::State, routing::get};
-use floodgate_common::{Config, amqp::Reconnect, redis::Keys, retry::Backoff, telemetry};
+use floodgate_common::{
+    Config, amqp::Reconnect, redis::Keys, retry::Backoff, supervise::Role, telemetry,
+};
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -154,11 +156,13 @@ impl Worker {
                 outbox::run(cfg.clone(), pg.clone(), wake.clone(), stop.clone())
             });
         let (cfg, stop) = (pipeline.cfg.clone(), shutdown.clone());
-        health
-            .tasks
-            .spawn(&background, "queue_depth", shutdown.clone(), move || {
-                floodgate_common::amqp::depth::watch(cfg.clone(), "worker", stop.clone())
-            });
+        health.tasks.spawn_as(
+            Role::MetricsOnly,
+            &background,
+            "queue_depth",
+            shutdown.clone(),
+            move || floodgate_common::amqp::depth::watch(cfg.clone(), "worker", stop.clone()),
+        );
         if let Some(every) = pipeline.cfg.consistency_check {
             let (ns, redis, pg, paused, stop) = (
                 pipeline.cfg.namespace.clone(),

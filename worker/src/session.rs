@@ -3,9 +3,7 @@
 
 use floodgate_common::{
     Config,
-    amqp::{
-        ATTEMPT_HEADER, CLOSE_TIMEOUT, Link, PUBLISHED_HEADER, REASON_HEADER, Topology, unix_ms,
-    },
+    amqp::{ATTEMPT_HEADER, CLOSE_TIMEOUT, Link, REASON_HEADER, Topology},
 };
 use lapin::{
     BasicProperties, Channel, Confirmation, Consumer,
@@ -88,11 +86,6 @@ impl Session {
         headers.insert(
             ATTEMPT_HEADER.into(),
             AMQPValue::LongLongInt(attempt as i64),
-        );
-        // Due for a worker again once the delay is over: its queue wait starts then.
-        headers.insert(
-            PUBLISHED_HEADER.into(),
-            AMQPValue::LongLongInt(unix_ms() + ttl as i64),
         );
         let props = props
             .clone()

@@ -1,10 +1,15 @@
 //! The depth of a namespace's queues as floodgate itself sees them, for alerts that must
 //! not depend on the broker's Prometheus plugin: every ingress and worker asks the broker
 //! every [`POLL_INTERVAL`] (passive declares: they read, never create) and sets
-//! `floodgate_queue_messages{queue}` and `floodgate_queue_consumers{queue}`.
+//! `floodgate_queue_messages{queue}`, `floodgate_queue_consumers{queue}` and
+//! `floodgate_queue_polled_timestamp_seconds`.
 //!
-//! A failed poll kills nothing: the gauges turn NaN (unknown, rather than an old depth
-//! read as current) and the link is rebuilt through [`Reconnect`] with its backoff.
+//! A failed poll kills nothing: the gauges keep the last values read (not NaN: `NaN > x`
+//! is false, so a backlog alert would resolve and its `for:` timer restart while the
+//! broker cannot be asked), the poll timestamp stops, so staleness is alerted on by
+//! itself, and the link is rebuilt through [`Reconnect`] with its backoff. The task only
+//! feeds metrics: it is supervised as [`crate::supervise::Role::MetricsOnly`], so it can
+//! never make `/readyz` answer 503.
 
 use super::{Link, Reconnect, Topology};
 use crate::{Config, retry::Backoff, telemetry::names};
@@ -58,15 +63,16 @@ pub async fn read(ch: &Channel, topology: &Topology) -> lapin::Result<Depths> {
     })
 }
 
-/// Sets the gauges; None (the broker could not be asked) sets them NaN.
-fn record(d: Option<Depths>) {
-    let [intake, retry, dead, consumers] = d.map_or([f64::NAN; 4], |d| {
-        [d.intake, d.retry, d.dead, d.intake_consumers].map(|n| n as f64)
-    });
-    metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "intake").set(intake);
-    metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "retry").set(retry);
-    metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "dead").set(dead);
-    metrics::gauge!(names::QUEUE_CONSUMERS, "queue" => "intake").set(consumers);
+/// Sets the gauges and the time of this successful poll.
+fn record(d: Depths) {
+    metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "intake").set(d.intake as f64);
+    metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "retry").set(d.retry as f64);
+    metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "dead").set(d.dead as f64);
+    metrics::gauge!(names::QUEUE_CONSUMERS, "queue" => "intake").set(d.intake_consumers as f64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |t| t.as_secs_f64());
+    metrics::gauge!(names::QUEUE_POLLED).set(now);
 }
 
 /// One link and the channel the polls use.
@@ -96,10 +102,7 @@ pub async fn watch(cfg: Config, service: &'static str, shutdown: CancellationTok
         let lost = poll(&session.channel, &topology, &shutdown).await;
         session.link.close().await;
         match lost {
-            Some(e) => {
-                record(None);
-                links.lost(&e);
-            }
+            Some(e) => links.lost(&e),
             None => break,
         }
     }
@@ -117,7 +120,7 @@ async fn poll(
             p = tokio::time::timeout(POLL_TIMEOUT, read(ch, topology)) => p,
         };
         match polled {
-            Ok(Ok(d)) => record(Some(d)),
+            Ok(Ok(d)) => record(d),
             Ok(Err(e)) => return Some(anyhow::Error::new(e).context("reading queue depths")),
             Err(_) => {
                 return Some(anyhow::anyhow!(

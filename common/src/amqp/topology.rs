@@ -29,10 +29,11 @@ pub struct Topology {
 pub const ATTEMPT_HEADER: &str = "x-floodgate-attempt";
 /// Header carrying why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-floodgate-reason";
-/// Header carrying when a message became due for a worker, in ms since the Unix epoch:
-/// ingress's publish, the end of a scheduled retry's delay, a dead letter's replay. The
-/// worker's queue-wait histogram is measured from it; a message without it (from an
-/// older ingress) is consumed as ever, only not measured.
+/// Header carrying when a message was published for a worker, in ms since the Unix epoch:
+/// ingress's publish, or a dead letter's replay (a scheduled retry keeps its order's).
+/// The worker's queue-wait histogram is measured from it on a first delivery of a first
+/// attempt; a message without it (from an older ingress) is consumed as ever, only not
+/// measured.
 pub const PUBLISHED_HEADER: &str = "x-floodgate-published-ms";
 
 /// Now, in ms since the Unix epoch (what [`PUBLISHED_HEADER`] carries).

@@ -410,6 +410,9 @@ pub struct Reservation {
     pub reason: Option<String>,
 }
 
+/// The fields of a reservation hash that [`Reservation`] is read from, in order.
+const RESERVATION_FIELDS: [&str; 5] = ["state", "user", "items", "accepted_at", "reason"];
+
 /// Reads one reservation record, if Redis has it.
 pub async fn reservation<C: ConnectionLike>(
     con: &mut C,
@@ -418,9 +421,35 @@ pub async fn reservation<C: ConnectionLike>(
 ) -> RedisResult<Option<Reservation>> {
     let fields: [Option<String>; 5] = redis::cmd("HMGET")
         .arg(keys.resv(order_id))
-        .arg(&["state", "user", "items", "accepted_at", "reason"])
+        .arg(&RESERVATION_FIELDS)
         .query_async(con)
         .await?;
+    parse_reservation(fields)
+}
+
+/// Reads the reservation records of `order_ids` in one round trip (a pipeline of
+/// `HMGET`s, not a transaction: each record is read whole, the set of them is not one
+/// snapshot). The answers are in the order of `order_ids`; None where Redis has none.
+/// Callers walking many ids send them in chunks, so no single reply grows without bound.
+pub async fn reservations<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    order_ids: &[OrderId],
+) -> RedisResult<Vec<Option<Reservation>>> {
+    if order_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in order_ids {
+        pipe.cmd("HMGET")
+            .arg(keys.resv(id))
+            .arg(&RESERVATION_FIELDS);
+    }
+    let replies: Vec<[Option<String>; 5]> = pipe.query_async(con).await?;
+    replies.into_iter().map(parse_reservation).collect()
+}
+
+fn parse_reservation(fields: [Option<String>; 5]) -> RedisResult<Option<Reservation>> {
     let [state, user, items, accepted_at, reason] = fields;
     let (Some(state), Some(user), Some(items)) = (state, user, items) else {
         return Ok(None);
