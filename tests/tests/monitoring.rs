@@ -1,22 +1,31 @@
 //! The monitoring as shipped, proven against live services: a real `prometheus` binary
 //! with `ops/prometheus/prometheus.yml` (1 s intervals instead of 5 s) and the real
 //! `alerts.yml`, scraping this test's ingress, worker and notifier through file_sd
-//! files of the same names as the committed ones. Under load, every target of every
-//! panel of `ops/grafana/dashboards/floodgate.json` must return data (a renamed metric
-//! fails here); then the worker stops under load and `FloodgateIntakeNoConsumer`,
-//! `FloodgateServiceDown` and `FloodgateDeadLetterQueueNotEmpty` must reach `firing`
-//! within their `for` plus a margin. With Chromium installed, a screenshot of
-//! Prometheus' /alerts page is kept in `target/artifacts/prometheus-alerts.png`.
+//! files of the same names as the committed ones. The three run as real processes (the
+//! test package's `*-process` binaries), so each job's /metrics has only its own
+//! service's metrics, as in production. Under load, every target of every panel of
+//! `ops/grafana/dashboards/floodgate.json` must return a finite number (not NaN, as
+//! `histogram_quantile` over zero rates gives), and every metric a panel reads must come
+//! from exactly the jobs [`METRIC_JOBS`] names (a renamed metric, or one a service stopped
+//! exporting, fails here); then the worker process stops under load and
+//! `FloodgateIntakeNoConsumer`, `FloodgateServiceDown` and
+//! `FloodgateDeadLetterQueueNotEmpty` must reach `firing` within their `for` plus a
+//! margin. With Chromium installed, a screenshot of Prometheus' /alerts page is kept in
+//! `target/artifacts/prometheus-alerts.png`.
 //!
 //! Without a `prometheus` binary (Debian's `prometheus`; `ops/stack test` installs it)
 //! the live test says so and passes, except in CI (`CI` set), where it fails.
 
-use floodgate_tests::{Options, TestApp, eventually, servers::free_port, streams::Sse};
+use floodgate_tests::{Options, TestApp, env_of, eventually, servers::free_port, streams::Sse};
 use serde_json::Value;
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -331,6 +340,213 @@ fn prometheus_bin() -> Option<String> {
         .then_some(bin)
 }
 
+/// The jobs whose series a metric of a panel may come from: its name's longest prefix
+/// here. Each service has a metrics recorder of its own, so a metric another service
+/// started exporting, or one a service stopped exporting, shows up as the wrong set.
+const METRIC_JOBS: &[(&str, &[&str])] = &[
+    ("floodgate_orders_", &[INGRESS]),
+    ("floodgate_reserve_duration_seconds", &[INGRESS]),
+    ("floodgate_publish_", &[INGRESS]),
+    ("floodgate_http_", &[INGRESS]),
+    ("floodgate_queued_mark_", &[INGRESS]),
+    // Every ingress and worker polls the queues (common::amqp::depth).
+    ("floodgate_queue_", &[INGRESS, WORKER]),
+    ("floodgate_worker_", &[WORKER]),
+    ("floodgate_outbox_", &[WORKER]),
+    ("floodgate_consistency_", &[WORKER]),
+    ("floodgate_notifier_", &[NOTIFIER]),
+    ("floodgate_stock_available", &[NOTIFIER]),
+    ("process_", &[INGRESS, WORKER, NOTIFIER]),
+    ("up", &[INGRESS, WORKER, NOTIFIER]),
+];
+
+const INGRESS: &str = "floodgate-ingress";
+const WORKER: &str = "floodgate-worker";
+const NOTIFIER: &str = "floodgate-notifier";
+
+/// The metric names an expr reads (floodgate_*, process_*, up).
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|t| t.starts_with("floodgate_") || t.starts_with("process_") || *t == "up")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The jobs `metric` must come from, per [`METRIC_JOBS`] (its longest matching prefix).
+fn expected_jobs(metric: &str) -> Option<BTreeSet<String>> {
+    METRIC_JOBS
+        .iter()
+        .filter(|(prefix, _)| {
+            if *prefix == "up" {
+                metric == "up"
+            } else {
+                metric.starts_with(prefix)
+            }
+        })
+        .max_by_key(|(prefix, _)| prefix.len())
+        .map(|(_, jobs)| jobs.iter().map(|j| (*j).to_owned()).collect())
+}
+
+/// Whether a series of an instant query's result has a finite value (not NaN or ±Inf, as
+/// `histogram_quantile` over zero rates, or a queue gauge whose poll failed, gives).
+fn finite(series: &Value) -> bool {
+    series["value"][1]
+        .as_str()
+        .and_then(|v| v.parse::<f64>().ok())
+        .is_some_and(f64::is_finite)
+}
+
+#[test]
+fn every_panel_metric_has_its_jobs() {
+    let dashboard: Value = serde_json::from_str(&read("ops/grafana/dashboards/floodgate.json"))
+        .expect("dashboard JSON");
+    for (title, expr) in dashboard_exprs(&dashboard) {
+        let names = metric_names(&expr);
+        assert!(!names.is_empty(), "{title}: no metric in {expr}");
+        for m in names {
+            assert!(
+                expected_jobs(&m).is_some(),
+                "{title}: {m} has no entry in METRIC_JOBS (which jobs export it?)"
+            );
+        }
+    }
+    assert_eq!(
+        metric_names(r#"max by (job) (up{job=~"floodgate-.*"}) + rate(process_x[5s])"#),
+        ["process_x", "up"].map(String::from).into()
+    );
+    assert_eq!(
+        expected_jobs("floodgate_queue_messages").unwrap(),
+        [INGRESS, WORKER].map(String::from).into()
+    );
+    assert!(expected_jobs("upstream").is_none());
+    for (v, ok) in [("1.5", true), ("0", true), ("NaN", false), ("+Inf", false)] {
+        assert_eq!(finite(&serde_json::json!({"value": [0, v]})), ok, "{v}");
+    }
+}
+
+/// A floodgate service as a real process (the production entry point, its own metrics
+/// recorder), listening on `url`; its output in a log file; killed on drop.
+struct Service {
+    child: Child,
+    name: &'static str,
+    url: String,
+    log: PathBuf,
+}
+
+impl Service {
+    /// Starts `exe` with the test's configuration, listening on a free port.
+    fn start(exe: &str, name: &'static str, app: &TestApp) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::env::temp_dir().join(format!(
+            "floodgate-monitoring-{}-{name}.log",
+            app.cfg.namespace
+        ));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(exe)
+            .envs(env_of(&app.cfg))
+            .env("FLOODGATE_INGRESS_ADDR", &addr)
+            .env("FLOODGATE_WORKER_ADDR", &addr)
+            .env("FLOODGATE_NOTIFIER_ADDR", &addr)
+            // As TestApp: every buyer here is 127.0.0.1, and the load outruns the
+            // per-user limit.
+            .env("FLOODGATE_RATE_LIMIT_PER_SEC", "0")
+            .env("FLOODGATE_IP_RATE_LIMIT_PER_SEC", "0")
+            .env("FLOODGATE_LOG", "warn,lapin=off")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self {
+            child,
+            name,
+            url: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    /// Waits for `/readyz` to answer 200 (the notifier: once its event queue is bound).
+    async fn ready(&mut self) {
+        let ready = format!("{}/readyz", self.url);
+        let until = Instant::now() + Duration::from_secs(30);
+        while !reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
+            assert!(
+                Instant::now() < until && !matches!(self.child.try_wait(), Ok(Some(_))),
+                "{} not ready within 30 s; its log:\n{}",
+                self.name,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM and a graceful exit (SIGKILL after 30 s).
+    async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let until = Instant::now() + Duration::from_secs(30);
+        while !matches!(self.child.try_wait(), Ok(Some(_))) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}'s log: {}", self.name, self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+/// `users` buyers each ordering one unit of `sku` every `pace` until aborted; the count
+/// of 202s.
+fn keep_ordering(
+    app: &TestApp,
+    sku: &str,
+    users: usize,
+    pace: Duration,
+) -> (tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let url = format!("{}/v1/orders", app.base);
+    let body = serde_json::json!({"items": [{"sku": sku, "qty": 1}]});
+    let runs: Vec<_> = (0..users)
+        .map(|u| {
+            let token = app.customer(&format!("mon-{u}"));
+            let (client, url, body, accepted) = (
+                app.client.clone(),
+                url.clone(),
+                body.clone(),
+                accepted.clone(),
+            );
+            async move {
+                loop {
+                    let r = client
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                    if r.is_ok_and(|r| r.status() == 202) {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(pace).await;
+                }
+            }
+        })
+        .collect();
+    let task = tokio::spawn(async move {
+        futures::future::join_all(runs).await;
+    });
+    (task, accepted)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dashboard_panels_have_data_and_a_stopped_worker_fires_its_alerts() {
     let Some(bin) = prometheus_bin() else {
@@ -344,27 +560,40 @@ async fn dashboard_panels_have_data_and_a_stopped_worker_fires_its_alerts() {
         return;
     };
     let started = Instant::now();
+    // TestApp for the namespace, the database, Redis and the helpers; its in-process
+    // ingress is stopped at once: the services Prometheus scrapes are real processes, each
+    // exporting only its own metrics.
     let mut app = TestApp::spawn_with(Options {
-        worker: true,
-        notifier: true,
+        worker: false,
+        notifier: false,
         ..Options::default()
     })
     .await;
-    let worker = app.worker_url.clone().expect("worker");
-    let notifier = app.notifier.clone().expect("notifier");
-    let prom = Prometheus::start(&bin, [&app.base, &worker, &notifier]);
+    app.shut_down();
+    let mut notifier = Service::start(env!("CARGO_BIN_EXE_notifier-process"), NOTIFIER, &app);
+    let mut worker = Service::start(env!("CARGO_BIN_EXE_worker-process"), WORKER, &app);
+    let mut ingress = Service::start(env!("CARGO_BIN_EXE_ingress-process"), INGRESS, &app);
+    for s in [&mut notifier, &mut worker, &mut ingress] {
+        s.ready().await;
+    }
+    app.base = ingress.url.clone();
+    let prom = Prometheus::start(&bin, [&ingress.url, &worker.url, &notifier.url]);
     let ready = format!("{}/-/ready", prom.url);
     eventually(Duration::from_secs(30), || async {
         reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200)
     })
     .await;
 
-    // Traffic for every panel: orders accepted and sold out, a subscriber reading stock
-    // and order events, one that leaves (a disconnect), a poison message (a dead letter).
+    // Traffic for every panel: orders accepted (all along, so that rates and quantiles
+    // over the last 30 s stay defined) and sold out, a subscriber reading stock and order
+    // events, one that leaves (a disconnect), a poison message (a dead letter).
     app.create_sku("obs-plenty", 1_000_000, None).await;
     app.create_sku("obs-few", 20, None).await;
     let admin = app.admin();
-    let stream = format!("{notifier}/v1/stream?topics=stock:*,orders:*&access_token={admin}");
+    let stream = format!(
+        "{}/v1/stream?topics=stock:*,orders:*&access_token={admin}",
+        notifier.url
+    );
     let mut reader = Sse::connect(&app.client, &stream).await.expect("subscribe");
     let reading = tokio::spawn(async move {
         while !reader.ended {
@@ -374,65 +603,63 @@ async fn dashboard_panels_have_data_and_a_stopped_worker_fires_its_alerts() {
     let leaver = Sse::connect(&app.client, &stream).await.expect("subscribe");
     drop(leaver);
     app.publish_raw(b"{ not an order").await;
-    let (load, sold) = tokio::join!(
-        app.load(
-            "obs-plenty",
-            8,
-            Duration::from_millis(20),
-            Duration::from_secs(8)
-        ),
-        app.sell_out("obs-few", 4),
-    );
-    assert!(!load.accepted.is_empty(), "{load:?}");
+    let (ordering, accepted) = keep_ordering(&app, "obs-plenty", 4, Duration::from_millis(100));
+    let sold = app.sell_out("obs-few", 4).await;
     assert_eq!(sold.len(), 20);
 
-    // Every panel target returns data.
+    // Every panel target returns a finite number, and each metric comes from the jobs of
+    // METRIC_JOBS, no more, no fewer.
     let dashboard: Value = serde_json::from_str(&read("ops/grafana/dashboards/floodgate.json"))
         .expect("dashboard JSON");
     let exprs = dashboard_exprs(&dashboard);
+    let metrics: BTreeSet<String> = exprs.iter().flat_map(|(_, e)| metric_names(e)).collect();
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let mut empty = Vec::new();
+        let mut wrong = Vec::new();
         for (title, expr) in &exprs {
-            if prom.query(expr).await.is_empty() {
-                empty.push(format!("{title}: {expr}"));
+            let result = prom.query(expr).await;
+            if !result.iter().any(finite) {
+                let values: Vec<&Value> = result.iter().map(|s| &s["value"][1]).collect();
+                wrong.push(format!("{title}: {expr}: no finite value in {values:?}"));
             }
         }
-        if empty.is_empty() {
+        for m in &metrics {
+            let want = expected_jobs(m).expect("every panel metric is in METRIC_JOBS");
+            let got: BTreeSet<String> = prom
+                .query(&format!("count by (job) ({m})"))
+                .await
+                .iter()
+                .filter_map(|s| s["metric"]["job"].as_str())
+                .filter(|j| j.starts_with("floodgate-"))
+                .map(str::to_owned)
+                .collect();
+            if got != want {
+                wrong.push(format!("{m}: from jobs {got:?}, expected {want:?}"));
+            }
+        }
+        if wrong.is_empty() {
             break;
         }
         assert!(
             Instant::now() < until,
-            "panel targets without data after 60 s:\n  {}\nprometheus log:\n{}",
-            empty.join("\n  "),
+            "after 60 s:\n  {}\nprometheus log:\n{}",
+            wrong.join("\n  "),
             prom.log()
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    assert!(accepted.load(Ordering::Relaxed) > 0);
     eprintln!(
-        "{} panel targets have data ({:?} in)",
+        "{} panel targets have finite data and {} metrics come from their jobs ({:?} in)",
         exprs.len(),
+        metrics.len(),
         started.elapsed()
     );
 
-    // The worker stops while orders keep coming: they wait in intake with no consumer.
-    app.stop_worker().await;
+    // The worker process stops while orders keep coming: they wait in intake with no
+    // consumer, and its target is down.
+    worker.stop().await;
     let stopped = Instant::now();
-    let buyer = app.customer("obs-late");
-    let url = format!("{}/v1/orders", app.base);
-    let client = app.client.clone();
-    let still_ordering = tokio::spawn(async move {
-        let body = serde_json::json!({"items": [{"sku": "obs-plenty", "qty": 1}]});
-        loop {
-            let _ = client
-                .post(&url)
-                .bearer_auth(&buyer)
-                .json(&body)
-                .send()
-                .await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
     let rules = read("ops/prometheus/alerts.yml");
     let wait = EXPECTED_ALERTS
         .iter()
@@ -447,7 +674,7 @@ async fn dashboard_panels_have_data_and_a_stopped_worker_fires_its_alerts() {
             !alerts.iter().any(|a| {
                 a["labels"]["alertname"] == *name
                     && a["state"] == "firing"
-                    && (*name != "FloodgateServiceDown" || a["labels"]["job"] == "floodgate-worker")
+                    && (*name != "FloodgateServiceDown" || a["labels"]["job"] == WORKER)
             })
         });
         assert!(
@@ -460,9 +687,10 @@ async fn dashboard_panels_have_data_and_a_stopped_worker_fires_its_alerts() {
         "{EXPECTED_ALERTS:?} firing {:?} after the worker stopped",
         stopped.elapsed()
     );
-    still_ordering.abort();
+    ordering.abort();
     reading.abort();
     screenshot(&alerts_page(&prom.url).await);
+    drop((ingress, notifier));
     eprintln!("monitoring test took {:?}", started.elapsed());
 }
 
