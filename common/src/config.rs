@@ -284,7 +284,7 @@ pub fn unknown_env() -> Vec<(String, Option<&'static str>)> {
 
 /// Logs a warning (once per process) for every set `FLOODGATE_*` environment variable
 /// that nothing reads, naming the known one it most likely misspells. Every service
-/// calls it at start, once logging is set up.
+/// gets it from [`crate::telemetry::init_service`], once logging is set up.
 pub fn warn_unknown_env() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {

@@ -96,6 +96,13 @@ pub mod names {
 }
 
 /// Buckets of [`names::QUEUE_WAIT`]: a healthy wait is milliseconds, a backlog minutes.
+/// Now as Unix seconds, the unit of the `*_timestamp_seconds` gauges.
+pub fn unix_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// How long a service's exit waits for its last spans to reach the OTLP collector.
 const SPAN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -126,6 +133,12 @@ pub fn init_logging_with_default(default: &str) {
 /// `FLOODGATE_LOG` says (the request, batch, relay and delivery spans), batched in the
 /// background. Keep the returned guard until the process ends: dropping it flushes.
 pub fn init_service(service: &'static str) -> Telemetry {
+    let telemetry = init_export(service);
+    crate::config::warn_unknown_env();
+    telemetry
+}
+
+fn init_export(service: &'static str) -> Telemetry {
     if !otlp_configured() {
         init_logging();
         return Telemetry { provider: None };

@@ -155,7 +155,6 @@ pub async fn main_from_env() -> anyhow::Result<()> {
         "floodgate ingress: the public order API (reserve in Redis, publish to RabbitMQ).",
     );
     let spans = floodgate_common::telemetry::init_service("floodgate-ingress");
-    floodgate_common::config::warn_unknown_env();
     let cfg = Config::from_env().context("reading configuration")?;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "ingress listening");

@@ -142,7 +142,6 @@ pub async fn main_from_env() -> anyhow::Result<()> {
         "floodgate notifier: streams order status and stock levels (SSE, WebSocket).",
     );
     let spans = floodgate_common::telemetry::init_service("floodgate-notifier");
-    floodgate_common::config::warn_unknown_env();
     let cfg = Config::from_env().context("reading configuration")?;
     let notifier = Notifier::build(cfg).await?;
     tracing::info!(port = notifier.port(), "notifier listening");

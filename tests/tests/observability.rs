@@ -51,12 +51,7 @@ async fn metrics_until(base: &str, timeout: Duration, what: &str, ok: impl Fn(&s
 }
 
 fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
+    format!("127.0.0.1:{}", floodgate_tests::servers::free_port())
 }
 
 /// An ingress as a real process, on `addr`; killed on drop.
@@ -276,7 +271,7 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
         .queue_delete(app.topology.dead_queue.as_str().into(), Default::default())
         .await
         .unwrap();
-    let deleted_at = unix_secs();
+    let deleted_at = floodgate_common::telemetry::unix_secs();
     // A poll failed and the link was rebuilt: polls after the delete fail.
     metrics_until(&ingress, Duration::from_secs(30), "a failed poll", |p| {
         reconnects(p) > failed_before
@@ -321,13 +316,6 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
     let ready = reqwest::get(format!("{ingress}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     worker.stop();
-}
-
-fn unix_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,11 @@
 //! checked timestamp stays at the worker's own last completed check.
 
 use deadpool_postgres::Pool;
-use floodgate_common::{Namespace, reconcile, redis::Keys, telemetry::names};
+use floodgate_common::{
+    Namespace, reconcile,
+    redis::Keys,
+    telemetry::{self, names},
+};
 use redis::aio::ConnectionManager;
 use std::{
     sync::{
@@ -73,7 +77,7 @@ pub async fn run(
                     tracing::warn!(violation = %v, "consistency check: invariant violated");
                 }
                 metrics::gauge!(names::CONSISTENCY_VIOLATIONS).set(violations.len() as f64);
-                metrics::gauge!(names::CONSISTENCY_CHECKED).set(unix_secs());
+                metrics::gauge!(names::CONSISTENCY_CHECKED).set(telemetry::unix_secs());
             }
             Ok(Ok(Turn::Skipped)) => {
                 not_checked();
@@ -204,10 +208,4 @@ fn close(conn: deadpool_postgres::Object) {
 /// NaN unless every worker's is.
 fn not_checked() {
     metrics::gauge!(names::CONSISTENCY_VIOLATIONS).set(f64::NAN);
-}
-
-fn unix_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -243,7 +243,6 @@ pub async fn main_from_env() -> anyhow::Result<()> {
         "floodgate worker: drains the intake queue and commits orders to PostgreSQL.",
     );
     let spans = telemetry::init_service("floodgate-worker");
-    floodgate_common::config::warn_unknown_env();
     let cfg = Config::from_env().context("reading configuration")?;
     let worker = Worker::build(cfg).await?;
     tracing::info!(port = worker.port(), "worker consuming");

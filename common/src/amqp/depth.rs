@@ -69,10 +69,7 @@ fn record(d: Depths) {
     metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "retry").set(d.retry as f64);
     metrics::gauge!(names::QUEUE_MESSAGES, "queue" => "dead").set(d.dead as f64);
     metrics::gauge!(names::QUEUE_CONSUMERS, "queue" => "intake").set(d.intake_consumers as f64);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |t| t.as_secs_f64());
-    metrics::gauge!(names::QUEUE_POLLED).set(now);
+    metrics::gauge!(names::QUEUE_POLLED).set(crate::telemetry::unix_secs());
 }
 
 /// One link and the channel the polls use.
