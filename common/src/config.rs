@@ -43,6 +43,11 @@ pub const VARS: &[Var] = &[
         about: "PostgreSQL; `floodgate migrate` creates the database if missing",
     },
     Var {
+        name: "FLOODGATE_DATABASE_REPLICA_URL",
+        default: "",
+        about: "optional streaming replica for order-status reads; a read uses it only when it has replayed every commit made before the request",
+    },
+    Var {
         name: "FLOODGATE_JWT_SECRET",
         default: "",
         about: "required: HS256 secret(s), comma-separated, each >= 32 bytes; the first signs, all verify",
@@ -76,6 +81,11 @@ pub const VARS: &[Var] = &[
         name: "FLOODGATE_IDEMPOTENCY_TTL_SECS",
         default: "86400",
         about: "how long an Idempotency-Key is remembered",
+    },
+    Var {
+        name: "FLOODGATE_SOLD_OUT_CACHE_MS",
+        default: "250",
+        about: "an ingress refuses key-less orders for a SKU it saw sold out without asking Redis, for this long (the staleness bound; 0 = always ask)",
     },
     Var {
         name: "FLOODGATE_PUBLISH_TIMEOUT_MS",
@@ -374,6 +384,9 @@ pub struct Config {
     pub amqp_url: String,
     /// `FLOODGATE_DATABASE_URL`; the schema comes from the namespace.
     pub database_url: String,
+    /// `FLOODGATE_DATABASE_REPLICA_URL`: a streaming replica that order-status reads may
+    /// use (see `db::Reads`); writes always go to `database_url`.
+    pub database_replica_url: Option<String>,
     /// HS256 secret that signs JWTs: the first of `FLOODGATE_JWT_SECRET`.
     pub jwt_secret: Secret,
     /// Every secret that verifies JWTs, the signing one first: `FLOODGATE_JWT_SECRET` is a
@@ -396,6 +409,9 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// How long ingress waits for a publisher confirm before it gives up and releases.
     pub publish_timeout: Duration,
+    /// `FLOODGATE_SOLD_OUT_CACHE_MS`: how long an ingress answers `sold_out` for a SKU
+    /// from memory after Redis said it has none left (zero: never).
+    pub sold_out_cache: Duration,
     /// Publisher channels per ingress process; confirms are pipelined on each.
     pub publish_channels: usize,
     /// Orders per second per user at one ingress; 0 turns the limiter off.
@@ -512,6 +528,7 @@ impl Config {
                 "FLOODGATE_DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/floodgate",
             ),
+            database_replica_url: optional("FLOODGATE_DATABASE_REPLICA_URL"),
             jwt_secret: jwt_verify_secrets[0].clone(),
             jwt_verify_secrets,
             jwt_issuer: optional("FLOODGATE_JWT_ISSUER"),
@@ -521,6 +538,7 @@ impl Config {
             reservation_ttl: secs("FLOODGATE_RESERVATION_TTL_SECS", 30)?,
             idempotency_ttl: secs("FLOODGATE_IDEMPOTENCY_TTL_SECS", 86_400)?,
             publish_timeout: ms("FLOODGATE_PUBLISH_TIMEOUT_MS", 5_000)?,
+            sold_out_cache: ms("FLOODGATE_SOLD_OUT_CACHE_MS", 250)?,
             publish_channels: parsed(&get, "FLOODGATE_PUBLISH_CHANNELS", 4)?,
             rate_limit_per_sec: parsed(&get, "FLOODGATE_RATE_LIMIT_PER_SEC", 20)?,
             rate_limit_burst: parsed(&get, "FLOODGATE_RATE_LIMIT_BURST", 40)?,

@@ -16,10 +16,13 @@ pub mod sqlstate {
 }
 
 fn pg_config(cfg: &Config) -> anyhow::Result<tokio_postgres::Config> {
-    let mut pg: tokio_postgres::Config = cfg
-        .database_url
+    url_config(cfg, &cfg.database_url, "FLOODGATE_DATABASE_URL")
+}
+
+fn url_config(cfg: &Config, url: &str, var: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let mut pg: tokio_postgres::Config = url
         .parse()
-        .context("FLOODGATE_DATABASE_URL is not a PostgreSQL URL")?;
+        .with_context(|| format!("{var} is not a PostgreSQL URL"))?;
     // A statement waiting on a row lock fails (transiently) instead of hanging a batch.
     pg.options(format!(
         "-c search_path={} -c lock_timeout={}",
@@ -35,8 +38,20 @@ fn pg_config(cfg: &Config) -> anyhow::Result<tokio_postgres::Config> {
 
 /// A pool whose connections use the namespace's schema.
 pub fn pool(cfg: &Config) -> anyhow::Result<Pool> {
+    pool_of(cfg, pg_config(cfg)?)
+}
+
+/// A pool on the replica of `FLOODGATE_DATABASE_REPLICA_URL`, if one is set.
+pub fn replica_pool(cfg: &Config) -> anyhow::Result<Option<Pool>> {
+    cfg.database_replica_url
+        .as_deref()
+        .map(|url| pool_of(cfg, url_config(cfg, url, "FLOODGATE_DATABASE_REPLICA_URL")?))
+        .transpose()
+}
+
+fn pool_of(cfg: &Config, pg: tokio_postgres::Config) -> anyhow::Result<Pool> {
     let mgr = deadpool_postgres::Manager::from_config(
-        pg_config(cfg)?,
+        pg,
         NoTls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,

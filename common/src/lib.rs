@@ -38,6 +38,7 @@ pub mod http;
 pub mod openapi;
 pub mod problem;
 pub mod process;
+pub mod reads;
 pub mod reconcile;
 pub mod redis;
 pub mod request;

@@ -14,6 +14,8 @@ pub mod names {
     pub const RESERVE_DURATION: &str = "floodgate_reserve_duration_seconds";
     pub const PUBLISH_DURATION: &str = "floodgate_publish_duration_seconds";
     pub const PUBLISH_FAILURES: &str = "floodgate_publish_failures_total";
+    /// Orders refused `sold_out` from an ingress's memory, without Redis.
+    pub const SOLD_OUT_CACHED: &str = "floodgate_sold_out_cache_hits_total";
     /// Confirmed orders marked queued per `queued.lua` call (ingress batches them).
     pub const QUEUED_MARK_BATCH: &str = "floodgate_queued_mark_batch_orders";
     /// Confirmed orders ingress could not mark queued (Redis unreachable); by outcome.
@@ -27,6 +29,10 @@ pub mod names {
     pub const WORKER_PAUSED: &str = "floodgate_worker_paused";
     pub const REAPED: &str = "floodgate_reservations_reaped_total";
     pub const RECONNECTS: &str = "floodgate_amqp_reconnects_total";
+    /// By `outcome` (replica: served there; lagging: it had not replayed every commit
+    /// made before the read, so the primary served it; error: it failed, the primary
+    /// served it): order-status reads while a replica is configured.
+    pub const REPLICA_READS: &str = "floodgate_replica_reads_total";
     /// By `task`: supervised background tasks that panicked or ended unexpectedly.
     pub const TASK_FAILURES: &str = "floodgate_task_failures_total";
     /// By `reason` (in_flight, per_ip): requests refused at the edge before any work.

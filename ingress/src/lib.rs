@@ -26,6 +26,7 @@ pub mod publisher;
 pub mod queued;
 pub mod repo;
 pub mod routes;
+pub mod sold_out;
 pub mod state;
 pub mod stock;
 
@@ -61,6 +62,10 @@ impl Application {
             .await
             .context("connecting to Redis")?;
         let pg = floodgate_common::db::pool(&cfg)?;
+        let reads = floodgate_common::reads::Reads::with_replica(
+            pg.clone(),
+            floodgate_common::db::replica_pool(&cfg)?,
+        );
         let publisher = publisher::Publisher::connect(&cfg)
             .await
             .context("connecting to RabbitMQ")?;
@@ -91,6 +96,8 @@ impl Application {
                 queued,
                 tasks: tokio_util::task::TaskTracker::new(),
                 pg,
+                reads,
+                sold_out: Arc::new(sold_out::SoldOut::new(cfg.sold_out_cache)),
                 publisher,
                 verifier,
                 supervisor,

@@ -104,6 +104,16 @@ pub async fn place(
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     use tracing::Instrument;
+    if key.is_none() {
+        let first = &lines.as_slice()[0].sku;
+        if st.sold_out.is_sold_out(first) {
+            metrics::counter!(names::SOLD_OUT_CACHED).increment(1);
+            return Err(ApiError::SoldOut {
+                sku: first.to_string(),
+                available: 0,
+            });
+        }
+    }
     let (st, caller) = (st.clone(), caller.clone());
     let tasks = st.tasks.clone();
     tasks
@@ -220,6 +230,9 @@ async fn place_to_the_end(
                 });
             }
             Reserve::SoldOut { sku, available } => {
+                if available == 0 {
+                    st.sold_out.remember(&sku);
+                }
                 return Err(ApiError::SoldOut { sku, available });
             }
             Reserve::StockNotLoaded => {
@@ -270,8 +283,9 @@ pub async fn view(
     caller: &Caller,
     order_id: OrderId,
 ) -> Result<Option<OrderView>, ApiError> {
+    let began = std::time::Instant::now();
     let visible = |owner: &str| caller.is_admin() || owner == caller.user.as_str();
-    if let Some(o) = repo::order(&st.pg, &order_id).await? {
+    if let Some(o) = repo::order(&st.reads, began, &order_id).await? {
         if !visible(&o.user_id) {
             return Ok(None);
         }

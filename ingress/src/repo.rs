@@ -4,9 +4,11 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 use floodgate_common::{
     domain::{OrderId, OrderLine, Quantity, Reference, Sku},
+    reads::Reads,
     trace::TraceParent,
 };
 use serde::Serialize;
+use std::time::Instant;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// Formats a timestamp as RFC 3339 UTC, as API.md requires.
@@ -26,8 +28,13 @@ pub struct OrderRow {
     pub confirmed_at: Option<OffsetDateTime>,
 }
 
-pub async fn order(pool: &Pool, id: &OrderId) -> anyhow::Result<Option<OrderRow>> {
-    let db = pool.get().await.context("PostgreSQL connection")?;
+/// The order `id`, as of every commit made before `began` (see [`Reads`]).
+pub async fn order(
+    reads: &Reads,
+    began: Instant,
+    id: &OrderId,
+) -> anyhow::Result<Option<OrderRow>> {
+    let (db, _) = reads.connection(began).await?;
     let Some(o) = db
         .query_opt(
             "SELECT user_id, status, reason, accepted_at, confirmed_at FROM orders WHERE id = $1",

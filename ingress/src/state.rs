@@ -18,6 +18,8 @@ pub struct AppState {
     pub redis: ConnectionManager,
     /// PostgreSQL, for admin writes and order status reads; never on the reserve path.
     pub pg: Pool,
+    /// Order-status reads: the replica when it has caught up, else `pg`.
+    pub reads: floodgate_common::reads::Reads,
     pub publisher: Publisher,
     /// Marks confirmed orders queued before the 202, batching the marks.
     pub queued: QueuedMarker,
@@ -27,6 +29,8 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
     /// The background tasks `/readyz` reports.
     pub supervisor: floodgate_common::supervise::Supervisor,
+    /// SKUs this ingress saw sold out, refused without Redis for a bounded time.
+    pub sold_out: Arc<crate::sold_out::SoldOut>,
     /// None when `FLOODGATE_RATE_LIMIT_PER_SEC=0`.
     pub limiter: Option<Arc<Limiter>>,
 }

@@ -48,6 +48,10 @@ impl Notifier {
             .await
             .context("connecting to Redis")?;
         let pg = floodgate_common::db::pool(&cfg)?;
+        let reads = floodgate_common::reads::Reads::with_replica(
+            pg.clone(),
+            floodgate_common::db::replica_pool(&cfg)?,
+        );
         let listener = TcpListener::bind(cfg.notifier_addr)
             .await
             .with_context(|| format!("binding {}", cfg.notifier_addr))?;
@@ -57,6 +61,7 @@ impl Notifier {
             keys: Arc::new(Keys::new(&cfg.namespace)),
             redis,
             pg,
+            reads,
             sources: sources::SourceHealth::default(),
             supervisor: Default::default(),
             shutdown: CancellationToken::new(),

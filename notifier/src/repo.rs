@@ -1,13 +1,14 @@
 //! The one lookup the notifier makes: an order's owner and current status, for an
 //! `order:<id>` subscription (ownership check and the status to send at once).
 
-use deadpool_postgres::Pool;
 use floodgate_common::{
     amqp::OrderEvent,
     domain::{OrderId, OrderStatus, UserId},
+    reads::Reads,
     redis::{Keys, ResvState, reservation},
 };
 use redis::aio::ConnectionManager;
+use std::time::Instant;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// What is known about an order now.
@@ -21,12 +22,12 @@ pub struct Current {
 /// PostgreSQL first (committed orders), then the Redis reservation (accepted orders not
 /// yet committed). None when neither knows it, or ingress never accepted it.
 pub async fn current(
-    pg: &Pool,
+    reads: &Reads,
     redis: &ConnectionManager,
     keys: &Keys,
     id: &OrderId,
 ) -> anyhow::Result<Option<Current>> {
-    let db = pg.get().await?;
+    let (db, _) = reads.connection(Instant::now()).await?;
     let row = db
         .query_opt(
             "SELECT user_id, status, reason, updated_at FROM orders WHERE id = $1",

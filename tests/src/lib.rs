@@ -166,6 +166,7 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
             cfg.reservation_ttl.as_secs().to_string(),
         ),
         ("FLOODGATE_PUBLISH_TIMEOUT_MS", ms(cfg.publish_timeout)),
+        ("FLOODGATE_SOLD_OUT_CACHE_MS", ms(cfg.sold_out_cache)),
         ("FLOODGATE_BATCH_SIZE", cfg.batch_size.to_string()),
         ("FLOODGATE_BATCH_MAX_WAIT_MS", ms(cfg.batch_max_wait)),
         ("FLOODGATE_WORKER_PREFETCH", cfg.worker_prefetch.to_string()),
@@ -231,6 +232,9 @@ impl TestApp {
             // Every test client is 127.0.0.1; the per-IP test turns it on.
             "FLOODGATE_IP_RATE_LIMIT_PER_SEC" => Some("0".into()),
             "FLOODGATE_DB_POOL_SIZE" => Some("8".into()),
+            // Tests that sell out and restock at once would race the bound; the
+            // sold-out cache's own test turns it on.
+            "FLOODGATE_SOLD_OUT_CACHE_MS" => Some(std::env::var(k).unwrap_or_else(|_| "0".into())),
             k => std::env::var(k).ok(),
         })
         .expect("test config");

@@ -2,6 +2,7 @@
 
 use floodgate_tests::{Options, TestApp, eventually};
 use futures::future::join_all;
+use serde_json::json;
 use std::{collections::HashSet, time::Duration};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -488,4 +489,58 @@ async fn cancel_returns_the_stock_once_and_refuses_failed_orders() {
         found.iter().all(|v| v.detail.starts_with("rare")),
         "{found:?}"
     );
+}
+
+/// After a sell-out, an ingress refuses key-less orders for the SKU from memory for
+/// `FLOODGATE_SOLD_OUT_CACHE_MS` (no Redis call: units that came back in the meantime
+/// are not sold yet), keyed orders still ask Redis, and after the bound the returned
+/// units sell again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sold_out_is_answered_from_memory_for_a_bounded_time() {
+    let bound = Duration::from_secs(10);
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(move |c| c.sold_out_cache = bound),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("last-one", 1, None).await;
+    let (alice, bob) = (app.customer("alice"), app.customer("bob"));
+    let first = app.order(&alice, &[("last-one", 1)], None).await;
+    assert_eq!(first.status, 202, "{first:?}");
+    let id = first.body["order_id"].as_str().unwrap().to_owned();
+    app.wait_idle().await;
+
+    // Redis says sold out; from now on this ingress remembers it.
+    let r = app.order(&bob, &[("last-one", 1)], None).await;
+    let remembered = std::time::Instant::now();
+    assert_eq!((r.status, r.code()), (409, "sold_out"), "{r:?}");
+    assert_eq!(r.body["available"], 0);
+
+    // The unit comes back, but within the bound a key-less order is refused unasked.
+    let c = app
+        .post(&format!("/v1/orders/{id}/cancel"), Some(&alice), &json!({}))
+        .await;
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(app.available("last-one").await, Some(1));
+    let r = app.order(&bob, &[("last-one", 1)], None).await;
+    if remembered.elapsed() < bound {
+        assert_eq!((r.status, r.code()), (409, "sold_out"), "{r:?}");
+        assert_eq!(app.available("last-one").await, Some(1), "nothing reserved");
+    }
+    let hits = reqwest::get(format!("{}/metrics", app.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        hits.lines()
+            .any(|l| l.starts_with("floodgate_sold_out_cache_hits_total") && !l.ends_with(" 0")),
+        "the refusal was counted as answered from memory"
+    );
+
+    // An order with an Idempotency-Key always asks Redis, and gets the unit.
+    let keyed = app.order(&bob, &[("last-one", 1)], Some("bob-1")).await;
+    assert_eq!(keyed.status, 202, "{keyed:?}");
+    assert_eq!(app.available("last-one").await, Some(0));
 }

@@ -38,6 +38,8 @@ pub struct AppState {
     pub redis: ConnectionManager,
     /// For the order-topic lookup only.
     pub pg: Pool,
+    /// The subscribe-time status read: the replica when it has caught up, else `pg`.
+    pub reads: floodgate_common::reads::Reads,
     pub sources: SourceHealth,
     /// The background tasks `/readyz` reports (stock sampler, event consumer).
     pub supervisor: floodgate_common::supervise::Supervisor,
@@ -181,7 +183,7 @@ async fn subscribe(
         .collect();
     for t in topics {
         let Topic::Order(id) = t else { continue };
-        let found = repo::current(&st.pg, &st.redis, &st.keys, id).await;
+        let found = repo::current(&st.reads, &st.redis, &st.keys, id).await;
         let visible = match &found {
             Ok(Some(cur)) => sub
                 .caller()
