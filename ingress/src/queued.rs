@@ -10,11 +10,11 @@
 //! script call: one Redis round trip and one script run for tens of orders under load,
 //! and no waiting at all when it is quiet (the first mark goes out at once).
 
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     redis::{self as fredis, ConfirmedOrder, Keys, Queued},
     supervise::Supervisor,
 };
-use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -44,7 +44,7 @@ pub enum MarkError {
 impl QueuedMarker {
     /// Starts the marking task on `redis` (a multiplexed connection; the task holds one
     /// clone of it).
-    pub fn spawn(redis: ConnectionManager, keys: Arc<Keys>, tasks: &Supervisor) -> Self {
+    pub fn spawn(redis: Redis, keys: Arc<Keys>, tasks: &Supervisor) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         // It ends when every sender is gone (the process is stopping); before that, a
         // panic makes ingress unready.
@@ -66,11 +66,7 @@ impl QueuedMarker {
     }
 }
 
-async fn run(
-    mut rx: mpsc::Receiver<(ConfirmedOrder, Reply)>,
-    mut redis: ConnectionManager,
-    keys: Arc<Keys>,
-) {
+async fn run(mut rx: mpsc::Receiver<(ConfirmedOrder, Reply)>, mut redis: Redis, keys: Arc<Keys>) {
     let mut waiting = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut waiting, MAX_BATCH).await > 0 {
         let orders: Vec<&ConfirmedOrder> = waiting.iter().map(|(o, _)| o).collect();

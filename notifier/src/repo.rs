@@ -2,12 +2,12 @@
 //! `order:<id>` subscription (ownership check and the status to send at once).
 
 use deadpool_postgres::Pool;
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     amqp::OrderEvent,
     domain::{OrderId, OrderStatus, UserId},
     redis::{Keys, ResvState, reservation},
 };
-use redis::aio::ConnectionManager;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// What is known about an order now.
@@ -22,7 +22,7 @@ pub struct Current {
 /// yet committed). None when neither knows it, or ingress never accepted it.
 pub async fn current(
     pg: &Pool,
-    redis: &ConnectionManager,
+    redis: &Redis,
     keys: &Keys,
     id: &OrderId,
 ) -> anyhow::Result<Option<Current>> {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use deadpool_postgres::Pool;
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Config,
     amqp::Topology,
@@ -16,7 +17,6 @@ use lapin::{
     options::{BasicPublishOptions, QueueDeclareOptions},
     types::FieldTable,
 };
-use redis::aio::ConnectionManager;
 use serde_json::Value;
 use std::{collections::BTreeMap, future::Future, time::Duration};
 use tokio::task::JoinHandle;
@@ -191,7 +191,7 @@ pub struct TestApp {
     /// The notifier's base URL, when [`Options::notifier`] started one.
     pub notifier: Option<String>,
     pub client: reqwest::Client,
-    pub redis: ConnectionManager,
+    pub redis: Redis,
     pub pg: Pool,
     pub keys: Keys,
     pub topology: Topology,

@@ -14,6 +14,7 @@
 //!
 //! Each case runs in a namespace of its own, removed when the case ends, pass or fail.
 
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Namespace,
     domain::{IdempotencyKey, OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
@@ -24,7 +25,6 @@ use floodgate_common::{
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
-use redis::aio::ConnectionManager;
 use std::collections::{HashMap, HashSet};
 
 /// Cases per run: each is up to `MAX_STEPS` steps of a few Redis round trips; the whole
@@ -438,7 +438,7 @@ impl Model {
 /// One case's namespace on the real Redis, removed when dropped, pass or fail.
 struct Real {
     keys: Keys,
-    con: ConnectionManager,
+    con: Redis,
     url: String,
 }
 

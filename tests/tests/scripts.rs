@@ -1,6 +1,7 @@
 //! The Lua scripts' races, decided directly against a real Redis: which of reserve,
 //! claim, release and reap wins, and that the loser changes nothing.
 
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Namespace,
     domain::{OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
@@ -9,11 +10,10 @@ use floodgate_common::{
         ResvState,
     },
 };
-use redis::aio::ConnectionManager;
 
 struct Ns {
     keys: Keys,
-    con: ConnectionManager,
+    con: Redis,
     url: String,
 }
 
