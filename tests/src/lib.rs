@@ -496,11 +496,7 @@ impl TestApp {
             .query_async(&mut r)
             .await
             .unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(self.keys.pattern())
-            .query_async(&mut r)
-            .await
-            .unwrap();
+        let keys = r.namespace_keys(&self.keys).await.unwrap();
         let mut tables = BTreeMap::new();
         for t in [
             "skus",
@@ -681,14 +677,7 @@ impl Drop for TestApp {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = floodgate_common::db::drop_schema(&cfg).await;
                 if let Ok(mut r) = floodgate_common::redis::connect(&cfg.redis_url).await {
-                    let ks: Vec<String> = redis::cmd("KEYS")
-                        .arg(keys.pattern())
-                        .query_async(&mut r)
-                        .await
-                        .unwrap_or_default();
-                    if !ks.is_empty() {
-                        let _: Result<(), _> = redis::cmd("DEL").arg(ks).query_async(&mut r).await;
-                    }
+                    let _ = r.delete_namespace(&keys).await;
                 }
                 if let Ok(c) =
                     floodgate_common::amqp::Link::open(&cfg.amqp_url, "floodgate-tests-cleanup")
@@ -702,6 +691,30 @@ impl Drop for TestApp {
         });
         let _ = cleanup.join();
     }
+}
+
+/// Deletes every key of a namespace from the Redis (or Redis Cluster) at `url`, on a
+/// thread and runtime of its own: callable from `Drop`, inside or outside a runtime.
+pub fn delete_redis_namespace(url: &str, keys: &Keys) {
+    let (url, keys) = (url.to_owned(), keys.clone());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(mut r) = floodgate_common::redis::connect(&url).await {
+                let _ = r.delete_namespace(&keys).await;
+            }
+        });
+    })
+    .join();
+}
+
+/// The Redis the Redis-only tests use: `FLOODGATE_REDIS_URL` (one server or a cluster's
+/// node list), else the local server.
+pub fn redis_url() -> String {
+    std::env::var("FLOODGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 /// Polls `check` until it is true; panics after `timeout`.
