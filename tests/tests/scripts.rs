@@ -614,3 +614,30 @@ async fn a_stock_change_resent_applies_once() {
     );
     assert_eq!((first, second), (15, 15));
 }
+
+#[tokio::test]
+async fn a_wait_counts_the_replicas_of_the_namespaces_node() {
+    let mut ns = Ns::new(10).await;
+    ns.reserve(OrderId::new(), &UserId::parse("u").unwrap(), 1, FAR)
+        .await;
+    // On a cluster this must reach the master of the namespace's slot, not every master.
+    let info: String = ns
+        .con
+        .on_namespace_node(&ns.keys, redis::cmd("INFO").arg("replication"))
+        .await
+        .unwrap();
+    let replicas: u32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_slaves:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_slaves in INFO replication");
+    let acked = ns
+        .con
+        .wait_replicas(&ns.keys, 1, std::time::Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(
+        acked >= replicas.min(1) && acked <= replicas,
+        "{acked} of {replicas}: {info}"
+    );
+}

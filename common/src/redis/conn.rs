@@ -220,18 +220,30 @@ impl Redis {
         Ok(all.len())
     }
 
-    /// `WAIT replicas timeout` on the namespace's node: how many replicas have every
-    /// write this connection made so far (a reservation and its queued mark). Returns
-    /// at once with the count when `replicas` have it, else after `timeout`.
+    /// Waits until `replicas` replicas of the namespace's node have every write that
+    /// node made before this call (reservations and queued marks sent on any connection
+    /// and answered before it), or `timeout` passes; returns how many have.
+    ///
+    /// `WAIT` counts only the writes of its own connection, and blocks that connection
+    /// while it waits: so this sends a write of its own first (`INCR` of
+    /// [`Keys::replication_probe`]), then `WAIT`, in one round trip. Replication is one
+    /// ordered stream per master, so a replica that has the probe has everything before
+    /// it. Call it on a connection of its own, not the one the order path shares.
     pub async fn wait_replicas(
         &mut self,
         keys: &Keys,
         replicas: u32,
         timeout: Duration,
     ) -> RedisResult<u32> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(replicas).arg(timeout.as_millis() as u64);
-        self.on_namespace_node(keys, &cmd).await
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR")
+            .arg(keys.replication_probe())
+            .ignore()
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout.as_millis().max(1) as u64);
+        let (n,): (u32,) = pipe.query_async(self).await?;
+        Ok(n)
     }
 }
 
