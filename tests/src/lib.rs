@@ -158,6 +158,14 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
     [
         ("FLOODGATE_NAMESPACE", cfg.namespace.to_string()),
         ("FLOODGATE_REDIS_URL", cfg.redis_url.clone()),
+        (
+            "FLOODGATE_REDIS_WAIT_REPLICAS",
+            cfg.redis_wait_replicas.to_string(),
+        ),
+        (
+            "FLOODGATE_REDIS_WAIT_TIMEOUT_MS",
+            ms(cfg.redis_wait_timeout),
+        ),
         ("FLOODGATE_AMQP_URL", cfg.amqp_url.clone()),
         ("FLOODGATE_DATABASE_URL", cfg.database_url.clone()),
         ("FLOODGATE_JWT_SECRET", cfg.jwt_secret.expose().to_owned()),
