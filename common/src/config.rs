@@ -30,7 +30,17 @@ pub const VARS: &[Var] = &[
     Var {
         name: "FLOODGATE_REDIS_URL",
         default: "redis://127.0.0.1:6379",
-        about: "Redis",
+        about: "Redis: one URL, or a comma-separated list of two or more redis:// URLs = seed nodes of a Redis Cluster",
+    },
+    Var {
+        name: "FLOODGATE_REDIS_WAIT_REPLICAS",
+        default: "0",
+        about: "replicas that must have an order's reservation (Redis WAIT) before its 202; 0 = do not wait",
+    },
+    Var {
+        name: "FLOODGATE_REDIS_WAIT_TIMEOUT_MS",
+        default: "50",
+        about: "how long a 202 waits for those replicas; past it the order is answered 202 anyway and counted",
     },
     Var {
         name: "FLOODGATE_AMQP_URL",
@@ -378,8 +388,14 @@ pub const MIN_JWT_SECRET_BYTES: usize = 32;
 pub struct Config {
     /// Prefix of every Redis key, AMQP name and the PostgreSQL schema.
     pub namespace: Namespace,
-    /// `FLOODGATE_REDIS_URL`.
+    /// `FLOODGATE_REDIS_URL`: one server, or a cluster's seed nodes (checked at start-up
+    /// by [`crate::redis::Target::parse`]).
     pub redis_url: String,
+    /// Replicas that must acknowledge an order's reservation and queued mark before its
+    /// 202 (`WAIT`), so a failover cannot lose it; 0 = answer without waiting.
+    pub redis_wait_replicas: u32,
+    /// The longest a 202 waits for them.
+    pub redis_wait_timeout: Duration,
     /// `FLOODGATE_AMQP_URL`.
     pub amqp_url: String,
     /// `FLOODGATE_DATABASE_URL`; the schema comes from the namespace.
@@ -520,6 +536,8 @@ impl Config {
         let cfg = Config {
             namespace,
             redis_url: string("FLOODGATE_REDIS_URL", "redis://127.0.0.1:6379"),
+            redis_wait_replicas: parsed(&get, "FLOODGATE_REDIS_WAIT_REPLICAS", 0)?,
+            redis_wait_timeout: ms("FLOODGATE_REDIS_WAIT_TIMEOUT_MS", 50)?,
             amqp_url: string(
                 "FLOODGATE_AMQP_URL",
                 "amqp://guest:guest@127.0.0.1:5672/%2f",
@@ -576,6 +594,18 @@ impl Config {
     }
 
     fn validate(self) -> Result<Self, ConfigError> {
+        if let Err(reason) = crate::redis::Target::parse(&self.redis_url) {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_REDIS_URL",
+                reason,
+            });
+        }
+        if self.redis_wait_replicas > 0 && self.redis_wait_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_REDIS_WAIT_TIMEOUT_MS",
+                reason: "must be at least 1 while FLOODGATE_REDIS_WAIT_REPLICAS is set (WAIT 0 waits forever)".into(),
+            });
+        }
         if self.reaper_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 var: "FLOODGATE_REAPER_INTERVAL_MS",
@@ -834,6 +864,23 @@ mod tests {
         );
         assert!(cfg(&[("FLOODGATE_PUBLIC_INGRESS_URL", "localhost:8080")]).is_err());
         assert!(cfg(&[("FLOODGATE_CORS_ORIGINS", "shop.example")]).is_err());
+        // A Redis Cluster is a list of nodes; a malformed list stops the start.
+        let e = cfg(&[("FLOODGATE_REDIS_URL", "redis://a:7000,,redis://b:7001")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("FLOODGATE_REDIS_URL: an empty entry"),
+            "{e}"
+        );
+        let c = cfg(&[("FLOODGATE_REDIS_URL", "redis://a:7000,redis://b:7001")]).unwrap();
+        assert_eq!(c.redis_url, "redis://a:7000,redis://b:7001");
+        assert!(cfg(&[("FLOODGATE_REDIS_WAIT_REPLICAS", "1")]).is_ok());
+        assert!(
+            cfg(&[
+                ("FLOODGATE_REDIS_WAIT_REPLICAS", "1"),
+                ("FLOODGATE_REDIS_WAIT_TIMEOUT_MS", "0"),
+            ])
+            .is_err()
+        );
         let c = cfg(&[(
             "FLOODGATE_CORS_ORIGINS",
             "https://a.example, https://b.example",

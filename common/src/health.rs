@@ -1,21 +1,21 @@
 //! Dependency probes: one real, bounded round trip each. `/readyz` of every service and the
 //! worker's outage probing use the same ones.
 
+use crate::redis::{Keys, Redis};
 use crate::supervise::{Role, Supervisor, TaskState};
 use deadpool_postgres::Pool;
-use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use std::time::Duration;
 
 /// How long one probe may take before its dependency counts as down.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One bounded PING.
-pub async fn redis_ok(redis: &ConnectionManager) -> bool {
+/// One bounded PING of the node that holds the namespace (on a cluster, the master of
+/// its slot: another master being down does not stop this deployment).
+pub async fn redis_ok(redis: &Redis, keys: &Keys) -> bool {
     let mut redis = redis.clone();
-    let cmd = redis::cmd("PING");
-    let ping = cmd.query_async::<String>(&mut redis);
-    matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)))
+    let ping = redis.ping(keys);
+    matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(())))
 }
 
 /// One bounded `SELECT 1` on a pooled connection.
@@ -34,12 +34,13 @@ pub async fn postgres_ok(pg: &Pool) -> bool {
 /// and its essential supervised tasks. Returns whether all are up, and the `/readyz` body
 /// naming what is down (a task as `task:<name>`), with every task's state under `tasks`.
 pub async fn readiness(
-    redis: &ConnectionManager,
+    redis: &Redis,
+    keys: &Keys,
     pg: &Pool,
     rabbitmq_up: bool,
     tasks: &Supervisor,
 ) -> (bool, Value) {
-    let (redis_ok, pg_ok) = tokio::join!(redis_ok(redis), postgres_ok(pg));
+    let (redis_ok, pg_ok) = tokio::join!(redis_ok(redis, keys), postgres_ok(pg));
     let mut checks = vec![
         ("redis".to_owned(), redis_ok),
         ("rabbitmq".to_owned(), rabbitmq_up),

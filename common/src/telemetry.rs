@@ -20,6 +20,9 @@ pub mod names {
     pub const QUEUED_MARK_BATCH: &str = "floodgate_queued_mark_batch_orders";
     /// Confirmed orders ingress could not mark queued (Redis unreachable); by outcome.
     pub const QUEUED_MARK_FAILURES: &str = "floodgate_queued_mark_failures_total";
+    /// Orders answered 202 before `FLOODGATE_REDIS_WAIT_REPLICAS` replicas had their
+    /// reservation (the `WAIT` timed out or failed): a failover could lose them.
+    pub const REDIS_WAIT_SHORT: &str = "floodgate_redis_wait_short_total";
     pub const BATCH_SIZE: &str = "floodgate_worker_batch_orders";
     pub const COMMIT_DURATION: &str = "floodgate_worker_commit_duration_seconds";
     pub const ORDERS_COMMITTED: &str = "floodgate_worker_orders_total";

@@ -57,6 +57,7 @@ impl Application {
             )
             .increment(0);
         }
+        metrics::counter!(floodgate_common::telemetry::names::REDIS_WAIT_SHORT).increment(0);
         let keys = Keys::new(&cfg.namespace);
         let redis = floodgate_common::redis::connect(&cfg.redis_url)
             .await
@@ -87,7 +88,18 @@ impl Application {
         let verifier = Arc::new(Verifier::from_config(&cfg));
         let keys = Arc::new(keys);
         let supervisor = floodgate_common::supervise::Supervisor::default();
-        let queued = queued::QueuedMarker::spawn(redis.clone(), keys.clone(), &supervisor);
+        let wait = if cfg.redis_wait_replicas > 0 {
+            Some(queued::ReplicaWait {
+                redis: floodgate_common::redis::connect(&cfg.redis_url)
+                    .await
+                    .context("connecting to Redis for WAIT")?,
+                replicas: cfg.redis_wait_replicas,
+                timeout: cfg.redis_wait_timeout,
+            })
+        } else {
+            None
+        };
+        let queued = queued::QueuedMarker::spawn(redis.clone(), keys.clone(), wait, &supervisor);
         Ok(Self {
             listener,
             state: state::AppState {

@@ -9,13 +9,23 @@
 //! in batches), so one task collects whatever marks are waiting and runs them in one
 //! script call: one Redis round trip and one script run for tens of orders under load,
 //! and no waiting at all when it is quiet (the first mark goes out at once).
+//!
+//! With `FLOODGATE_REDIS_WAIT_REPLICAS` > 0 the marked orders' answers go through a
+//! second task first, which waits until that many replicas have the reservations and
+//! marks (one `WAIT` for whatever batches are waiting, on a connection of its own, so the
+//! order path's shared connection is never blocked by it): a failover after the 202
+//! cannot lose them. If the replicas do not answer within the timeout the orders are
+//! answered anyway (each is durably queued in RabbitMQ) and counted.
 
 use floodgate_common::{
-    redis::{self as fredis, ConfirmedOrder, Keys, Queued},
+    redis::{self as fredis, ConfirmedOrder, Keys, Queued, Redis},
     supervise::Supervisor,
+    telemetry::names,
 };
-use redis::aio::ConnectionManager;
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 use tokio::sync::{mpsc, oneshot};
 
 /// Marks per script call at most: bounds one script's run time in Redis.
@@ -25,6 +35,17 @@ const MAX_BATCH: usize = 256;
 const QUEUE: usize = 4_096;
 
 type Reply = oneshot::Sender<Result<Queued, Arc<redis::RedisError>>>;
+
+/// Marked orders whose answers wait for the replicas.
+type Marked = Vec<(Reply, Queued)>;
+
+/// Replicas every 202 waits for (`FLOODGATE_REDIS_WAIT_REPLICAS`).
+pub struct ReplicaWait {
+    /// A connection of its own: `WAIT` blocks the connection it runs on.
+    pub redis: Redis,
+    pub replicas: u32,
+    pub timeout: Duration,
+}
 
 /// Cheap to clone; the marking task ends when the last clone is dropped.
 #[derive(Clone)]
@@ -43,12 +64,22 @@ pub enum MarkError {
 
 impl QueuedMarker {
     /// Starts the marking task on `redis` (a multiplexed connection; the task holds one
-    /// clone of it).
-    pub fn spawn(redis: ConnectionManager, keys: Arc<Keys>, tasks: &Supervisor) -> Self {
+    /// clone of it), and the replica wait when `wait` is given.
+    pub fn spawn(
+        redis: Redis,
+        keys: Arc<Keys>,
+        wait: Option<ReplicaWait>,
+        tasks: &Supervisor,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let waiter = wait.map(|w| {
+            let (wtx, wrx) = mpsc::channel(QUEUE);
+            tasks.spawn_once("replica_wait", wait_then_answer(wrx, w, keys.clone()));
+            wtx
+        });
         // It ends when every sender is gone (the process is stopping); before that, a
         // panic makes ingress unready.
-        tasks.spawn_once("queued_marker", run(rx, redis, keys));
+        tasks.spawn_once("queued_marker", run(rx, redis, keys, waiter));
         Self { tx }
     }
 
@@ -68,8 +99,9 @@ impl QueuedMarker {
 
 async fn run(
     mut rx: mpsc::Receiver<(ConfirmedOrder, Reply)>,
-    mut redis: ConnectionManager,
+    mut redis: Redis,
     keys: Arc<Keys>,
+    waiter: Option<mpsc::Sender<Marked>>,
 ) {
     let mut waiting = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut waiting, MAX_BATCH).await > 0 {
@@ -78,8 +110,22 @@ async fn run(
             .record(orders.len() as f64);
         match fredis::mark_queued(&mut redis, &keys, &orders).await {
             Ok(marks) => {
-                for ((_, reply), mark) in waiting.drain(..).zip(marks) {
-                    let _ = reply.send(Ok(mark));
+                let marked = waiting.drain(..).map(|(_, reply)| reply).zip(marks);
+                match &waiter {
+                    Some(w) => {
+                        if let Err(mpsc::error::SendError(marked)) = w.send(marked.collect()).await
+                        {
+                            // The wait has stopped (the process is stopping): answer now.
+                            for (reply, mark) in marked {
+                                let _ = reply.send(Ok(mark));
+                            }
+                        }
+                    }
+                    None => {
+                        for (reply, mark) in marked {
+                            let _ = reply.send(Ok(mark));
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -88,6 +134,38 @@ async fn run(
                     let _ = reply.send(Err(e.clone()));
                 }
             }
+        }
+    }
+}
+
+/// Batches of marked orders waiting per `WAIT` at most.
+const MAX_WAIT_BATCHES: usize = 64;
+
+/// How often a replica wait that falls short is logged at most (the counter has each).
+const SHORT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One `WAIT` for whatever marked batches are waiting, then their answers.
+async fn wait_then_answer(mut rx: mpsc::Receiver<Marked>, mut w: ReplicaWait, keys: Arc<Keys>) {
+    let mut batches: Vec<Marked> = Vec::with_capacity(MAX_WAIT_BATCHES);
+    let mut logged: Option<Instant> = None;
+    while rx.recv_many(&mut batches, MAX_WAIT_BATCHES).await > 0 {
+        let acked = w.redis.wait_replicas(&keys, w.replicas, w.timeout).await;
+        if !matches!(acked, Ok(n) if n >= w.replicas) {
+            let orders: usize = batches.iter().map(Vec::len).sum();
+            metrics::counter!(names::REDIS_WAIT_SHORT).increment(orders as u64);
+            if logged.is_none_or(|t| t.elapsed() >= SHORT_LOG_EVERY) {
+                logged = Some(Instant::now());
+                tracing::warn!(
+                    acked = ?acked.as_ref().ok(),
+                    error = acked.as_ref().err().map(|e| format!("{e:#}")),
+                    wanted = w.replicas,
+                    orders,
+                    "answering 202 before the Redis replicas have the reservations"
+                );
+            }
+        }
+        for (reply, mark) in batches.drain(..).flatten() {
+            let _ = reply.send(Ok(mark));
         }
     }
 }

@@ -2,9 +2,9 @@
 
 use crate::{publisher::Publisher, queued::QueuedMarker};
 use deadpool_postgres::Pool;
+use floodgate_common::redis::Redis;
 use floodgate_common::{Config, auth::Verifier, redis::Keys};
 use governor::{DefaultKeyedRateLimiter, Quota};
-use redis::aio::ConnectionManager;
 use std::{num::NonZeroU32, sync::Arc};
 
 /// Per-user order rate limiter (in-memory, per ingress instance).
@@ -15,7 +15,7 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     pub keys: Arc<Keys>,
     /// Multiplexed: one connection serves every request, commands are pipelined.
-    pub redis: ConnectionManager,
+    pub redis: Redis,
     /// PostgreSQL, for admin writes and order status reads; never on the reserve path.
     pub pg: Pool,
     /// Order-status reads: the replica when it has caught up, else `pg`.

@@ -1,13 +1,13 @@
 //! The one lookup the notifier makes: an order's owner and current status, for an
 //! `order:<id>` subscription (ownership check and the status to send at once).
 
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     amqp::OrderEvent,
     domain::{OrderId, OrderStatus, UserId},
     reads::Reads,
     redis::{Keys, ResvState, reservation},
 };
-use redis::aio::ConnectionManager;
 use std::time::Instant;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -23,7 +23,7 @@ pub struct Current {
 /// yet committed). None when neither knows it, or ingress never accepted it.
 pub async fn current(
     reads: &Reads,
-    redis: &ConnectionManager,
+    redis: &Redis,
     keys: &Keys,
     id: &OrderId,
 ) -> anyhow::Result<Option<Current>> {

@@ -12,6 +12,7 @@
 //!   order topics are closed with `resync` and reconnect to read the current status.
 
 use crate::hub::{CloseReason, Hub};
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Config,
     amqp::{
@@ -26,7 +27,6 @@ use floodgate_common::{
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::{Channel, types::FieldTable};
-use redis::aio::ConnectionManager;
 use std::{
     sync::{
         Arc,
@@ -49,7 +49,7 @@ pub struct SourceHealth {
 /// Samples changed stock levels until `shutdown`.
 pub async fn sample_stock(
     hub: Hub,
-    mut redis: ConnectionManager,
+    mut redis: Redis,
     keys: Keys,
     interval: Duration,
     shutdown: CancellationToken,

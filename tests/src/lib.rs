@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use deadpool_postgres::Pool;
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Config,
     amqp::Topology,
@@ -16,7 +17,6 @@ use lapin::{
     options::{BasicPublishOptions, QueueDeclareOptions},
     types::FieldTable,
 };
-use redis::aio::ConnectionManager;
 use serde_json::Value;
 use std::{collections::BTreeMap, future::Future, time::Duration};
 use tokio::task::JoinHandle;
@@ -158,6 +158,14 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
     [
         ("FLOODGATE_NAMESPACE", cfg.namespace.to_string()),
         ("FLOODGATE_REDIS_URL", cfg.redis_url.clone()),
+        (
+            "FLOODGATE_REDIS_WAIT_REPLICAS",
+            cfg.redis_wait_replicas.to_string(),
+        ),
+        (
+            "FLOODGATE_REDIS_WAIT_TIMEOUT_MS",
+            ms(cfg.redis_wait_timeout),
+        ),
         ("FLOODGATE_AMQP_URL", cfg.amqp_url.clone()),
         ("FLOODGATE_DATABASE_URL", cfg.database_url.clone()),
         ("FLOODGATE_JWT_SECRET", cfg.jwt_secret.expose().to_owned()),
@@ -192,7 +200,7 @@ pub struct TestApp {
     /// The notifier's base URL, when [`Options::notifier`] started one.
     pub notifier: Option<String>,
     pub client: reqwest::Client,
-    pub redis: ConnectionManager,
+    pub redis: Redis,
     pub pg: Pool,
     pub keys: Keys,
     pub topology: Topology,
@@ -500,11 +508,7 @@ impl TestApp {
             .query_async(&mut r)
             .await
             .unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(self.keys.pattern())
-            .query_async(&mut r)
-            .await
-            .unwrap();
+        let keys = r.namespace_keys(&self.keys).await.unwrap();
         let mut tables = BTreeMap::new();
         for t in [
             "skus",
@@ -685,14 +689,7 @@ impl Drop for TestApp {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = floodgate_common::db::drop_schema(&cfg).await;
                 if let Ok(mut r) = floodgate_common::redis::connect(&cfg.redis_url).await {
-                    let ks: Vec<String> = redis::cmd("KEYS")
-                        .arg(keys.pattern())
-                        .query_async(&mut r)
-                        .await
-                        .unwrap_or_default();
-                    if !ks.is_empty() {
-                        let _: Result<(), _> = redis::cmd("DEL").arg(ks).query_async(&mut r).await;
-                    }
+                    let _ = r.delete_namespace(&keys).await;
                 }
                 if let Ok(c) =
                     floodgate_common::amqp::Link::open(&cfg.amqp_url, "floodgate-tests-cleanup")
@@ -706,6 +703,30 @@ impl Drop for TestApp {
         });
         let _ = cleanup.join();
     }
+}
+
+/// Deletes every key of a namespace from the Redis (or Redis Cluster) at `url`, on a
+/// thread and runtime of its own: callable from `Drop`, inside or outside a runtime.
+pub fn delete_redis_namespace(url: &str, keys: &Keys) {
+    let (url, keys) = (url.to_owned(), keys.clone());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(mut r) = floodgate_common::redis::connect(&url).await {
+                let _ = r.delete_namespace(&keys).await;
+            }
+        });
+    })
+    .join();
+}
+
+/// The Redis the Redis-only tests use: `FLOODGATE_REDIS_URL` (one server or a cluster's
+/// node list), else the local server.
+pub fn redis_url() -> String {
+    std::env::var("FLOODGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 /// Polls `check` until it is true; panics after `timeout`.

@@ -346,7 +346,8 @@ fn cluster_script() -> PathBuf {
 static TAKEN_RANGES: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
 
 /// The first of `count` consecutive ports on 127.0.0.1 that are all free now, below the
-/// kernel's ephemeral range (so outgoing connections do not take them meanwhile).
+/// kernel's ephemeral range (so outgoing connections do not take them meanwhile) and
+/// outside the fixed ports of `ops/stack --cluster` (17000-17199).
 pub fn free_port_range(count: u16) -> u16 {
     let mut taken = TAKEN_RANGES.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..500 {
@@ -354,7 +355,8 @@ pub fn free_port_range(count: u16) -> u16 {
         // parallel run) rarely meet, and a range found busy is skipped anyway.
         let start = 15_000 + (uuid::Uuid::new_v4().as_u128() % 15_000) as u16;
         let end = start + count;
-        if taken.iter().any(|&(s, e)| start < e && s < end) {
+        if taken.iter().any(|&(s, e)| start < e && s < end) || (start < 17_200 && 17_000 < end) {
+            // 17000-17199: `ops/stack up --cluster` and `test --cluster` (fixed ports).
             continue;
         }
         if (start..end).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {

@@ -691,11 +691,8 @@ async fn a_key_reused_after_redis_forgot_it_fails_that_order_and_jams_nothing() 
     app.wait_idle().await;
     // Redis forgets the key (its TTL passed); PostgreSQL still holds it on the first order.
     let mut r = app.redis.clone();
-    let idem: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{{{}}}:idem:*", app.cfg.namespace))
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let mut idem = r.namespace_keys(&app.keys).await.unwrap();
+    idem.retain(|k| k.contains(":idem:"));
     assert_eq!(idem.len(), 1, "{idem:?}");
     let _: () = redis::cmd("DEL")
         .arg(&idem)

@@ -14,6 +14,7 @@
 //!
 //! Each case runs in a namespace of its own, removed when the case ends, pass or fail.
 
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Namespace,
     domain::{IdempotencyKey, OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
@@ -24,7 +25,6 @@ use floodgate_common::{
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
-use redis::aio::ConnectionManager;
 use std::collections::{HashMap, HashSet};
 
 /// Cases per run: each is up to `MAX_STEPS` steps of a few Redis round trips; the whole
@@ -438,23 +438,13 @@ impl Model {
 /// One case's namespace on the real Redis, removed when dropped, pass or fail.
 struct Real {
     keys: Keys,
-    con: ConnectionManager,
+    con: Redis,
     url: String,
 }
 
 impl Drop for Real {
     fn drop(&mut self) {
-        let (pattern, url) = (self.keys.pattern(), self.url.clone());
-        // A blocking connection on a thread of its own: this may run inside the runtime.
-        let _ = std::thread::spawn(move || {
-            let mut con = redis::Client::open(url)?.get_connection()?;
-            let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut con)?;
-            if !keys.is_empty() {
-                redis::cmd("DEL").arg(keys).exec(&mut con)?;
-            }
-            Ok::<_, redis::RedisError>(())
-        })
-        .join();
+        floodgate_tests::delete_redis_namespace(&self.url, &self.keys);
     }
 }
 
@@ -478,8 +468,7 @@ struct Observed {
 impl Real {
     async fn new(catalogue: &[(i64, i64)]) -> Self {
         let ns = Namespace::parse(&floodgate_tests::namespace()).unwrap();
-        let url = std::env::var("FLOODGATE_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let url = floodgate_tests::redis_url();
         let con = fredis::connect(&url)
             .await
             .expect("Redis at FLOODGATE_REDIS_URL");

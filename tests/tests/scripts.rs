@@ -1,6 +1,7 @@
 //! The Lua scripts' races, decided directly against a real Redis: which of reserve,
 //! claim, release and reap wins, and that the loser changes nothing.
 
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Namespace,
     domain::{OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
@@ -9,42 +10,24 @@ use floodgate_common::{
         ResvState,
     },
 };
-use redis::aio::ConnectionManager;
 
 struct Ns {
     keys: Keys,
-    con: ConnectionManager,
+    con: Redis,
     url: String,
 }
 
 /// Removes the namespace's keys whether the test passed or not.
 impl Drop for Ns {
     fn drop(&mut self) {
-        let (pattern, url) = (self.keys.pattern(), self.url.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(client) = redis::Client::open(url) else {
-                return;
-            };
-            let Ok(mut con) = client.get_connection() else {
-                return;
-            };
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(pattern)
-                .query(&mut con)
-                .unwrap_or_default();
-            if !keys.is_empty() {
-                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut con);
-            }
-        })
-        .join();
+        floodgate_tests::delete_redis_namespace(&self.url, &self.keys);
     }
 }
 
 impl Ns {
     async fn new(stock: i64) -> Self {
         let ns = Namespace::parse(&floodgate_tests::namespace()).unwrap();
-        let url = std::env::var("FLOODGATE_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let url = floodgate_tests::redis_url();
         let mut con = fredis::connect(&url).await.unwrap();
         let keys = Keys::new(&ns);
         let _: () = redis::pipe()
@@ -403,5 +386,258 @@ async fn stock_changes_returns_what_changed_since_the_cursor_and_everything_afte
             .await
             .unwrap()
             .is_none()
+    );
+}
+
+// Every script re-sent. A cluster client re-sends a command whose connection dropped
+// before the reply, so a script may run twice with the same arguments; the caller sees
+// only the second reply. Each test runs a call, dumps the namespace, runs the very same
+// call again and dumps it again: the second run must change nothing, and its reply must
+// lead the caller to the same decision as the first.
+
+/// Every key of the namespace with its type and whole value (TTLs aside).
+async fn dump(ns: &mut Ns) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for key in ns.con.namespace_keys(&ns.keys).await.unwrap() {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut ns.con)
+            .await
+            .unwrap();
+        let cmd = match kind.as_str() {
+            "hash" => redis::cmd("HGETALL").arg(&key).clone(),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .clone(),
+            "set" => redis::cmd("SMEMBERS").arg(&key).clone(),
+            "string" => redis::cmd("GET").arg(&key).clone(),
+            other => panic!("{key}: unexpected type {other}"),
+        };
+        let mut value: Vec<String> = match kind.as_str() {
+            "string" => vec![cmd.query_async(&mut ns.con).await.unwrap()],
+            _ => cmd.query_async(&mut ns.con).await.unwrap(),
+        };
+        if kind == "hash" || kind == "set" {
+            // Field order of a hash or set is not part of its value.
+            if kind == "hash" {
+                let mut pairs: Vec<String> = value.chunks(2).map(|p| p.join("=")).collect();
+                pairs.sort();
+                value = pairs;
+            } else {
+                value.sort();
+            }
+        }
+        out.insert(key, format!("{kind} {value:?}"));
+    }
+    out
+}
+
+/// Runs `$call` (an expression using `$ns.con`), then the very same call again; asserts
+/// the second run changed nothing and returns both replies.
+macro_rules! twice {
+    ($ns:ident, $call:expr) => {{
+        let first = $call;
+        let after_first = dump(&mut $ns).await;
+        let second = $call;
+        assert_eq!(
+            after_first,
+            dump(&mut $ns).await,
+            "a re-sent call changed Redis"
+        );
+        (first, second)
+    }};
+}
+
+fn one_line(qty: i64) -> OrderLines {
+    OrderLines::try_from(vec![OrderLine {
+        sku: Sku::parse("tee").unwrap(),
+        qty: Quantity::try_from(qty).unwrap(),
+    }])
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_reserve_resent_decrements_once_with_and_without_an_idempotency_key() {
+    use floodgate_common::domain::IdempotencyKey;
+    let mut ns = Ns::new(10).await;
+    let user = UserId::parse("u").unwrap();
+    let lines = one_line(3);
+    let key = IdempotencyKey::parse("checkout-1").unwrap();
+    for idempotency in [None, Some((&key, "body-hash"))] {
+        let req = ReserveRequest {
+            order_id: OrderId::new(),
+            user: &user,
+            lines: &lines,
+            idempotency,
+            accepted_at: "2026-11-21T00:00:00Z",
+            deadline_ms: FAR,
+            idempotency_ttl_secs: 60,
+        };
+        let (first, second) = twice!(
+            ns,
+            fredis::reserve(&mut ns.con, &ns.keys, &req).await.unwrap()
+        );
+        assert_eq!(first, Reserve::Reserved);
+        // Not `Duplicate` of itself: ingress would wait for its own publish.
+        assert_eq!(second, Reserve::Reserved, "key: {idempotency:?}");
+    }
+    assert_eq!(ns.available().await, 4, "two orders of 3, each taken once");
+    // Resent after the gate closed (a reload began): still the first run's answer.
+    let id = OrderId::new();
+    ns.reserve(id, &user, 1, FAR).await;
+    let _: () = redis::cmd("DEL")
+        .arg(ns.keys.epoch())
+        .query_async(&mut ns.con)
+        .await
+        .unwrap();
+    let again = fredis::reserve(
+        &mut ns.con,
+        &ns.keys,
+        &ReserveRequest {
+            order_id: id,
+            user: &user,
+            lines: &one_line(1),
+            idempotency: None,
+            accepted_at: "2026-11-21T00:00:00Z",
+            deadline_ms: FAR,
+            idempotency_ttl_secs: 60,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, Reserve::Reserved);
+}
+
+#[tokio::test]
+async fn a_mark_claim_and_finish_resent_change_nothing() {
+    let mut ns = Ns::new(10).await;
+    let (id, user) = (OrderId::new(), UserId::parse("u").unwrap());
+    ns.reserve(id, &user, 2, 1_000).await;
+    let order = ConfirmedOrder {
+        order_id: id,
+        user: user.clone(),
+        idempotency_key: None,
+    };
+    let (first, second) = twice!(
+        ns,
+        fredis::mark_queued(&mut ns.con, &ns.keys, &[&order])
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        (first, second),
+        (vec![Queued::Accepted], vec![Queued::Accepted])
+    );
+    let (first, second) = twice!(
+        ns,
+        fredis::claim(&mut ns.con, &ns.keys, &[id]).await.unwrap()
+    );
+    assert_eq!(
+        (first, second),
+        (vec![Claim::Claimed], vec![Claim::Claimed])
+    );
+    twice!(
+        ns,
+        fredis::finish(&mut ns.con, &ns.keys, &[id]).await.unwrap()
+    );
+    assert_eq!(state(&mut ns, &id).await, ResvState::Done);
+    assert_eq!(ns.available().await, 8);
+}
+
+#[tokio::test]
+async fn a_release_resent_gives_back_once() {
+    let mut ns = Ns::new(10).await;
+    let user = UserId::parse("u").unwrap();
+    // A failed publish (ingress), and an order the worker failed.
+    let (unpublished, failed) = (OrderId::new(), OrderId::new());
+    ns.reserve(unpublished, &user, 2, FAR).await;
+    ns.reserve(failed, &user, 3, FAR).await;
+    fredis::claim(&mut ns.con, &ns.keys, &[failed])
+        .await
+        .unwrap();
+    for (id, reason) in [(unpublished, "publish_failed"), (failed, "failed")] {
+        let (first, second) = twice!(
+            ns,
+            fredis::release(&mut ns.con, &ns.keys, &id, &user, None, reason)
+                .await
+                .unwrap()
+        );
+        // Either answer leads each caller to the same decision: ingress answers 503 for
+        // a publish that failed unless a worker took it (`Taken`); the worker goes on.
+        assert_eq!((first, second), (Release::Released, Release::NotHeld));
+    }
+    assert_eq!(ns.available().await, 10, "each released once");
+}
+
+#[tokio::test]
+async fn a_reap_resent_releases_once_and_the_order_is_still_recorded() {
+    let mut ns = Ns::new(10).await;
+    let (id, user) = (OrderId::new(), UserId::parse("u").unwrap());
+    ns.reserve(id, &user, 4, 1_000).await;
+    let (first, second) = twice!(
+        ns,
+        fredis::reap(&mut ns.con, &ns.keys, &id, &user, 2_000)
+            .await
+            .unwrap()
+    );
+    assert!(first && !second);
+    assert_eq!(ns.available().await, 10);
+    // The second reply says "not reaped by this call", but the order waits in `reaped`,
+    // where the reaper's next pass records it failed in PostgreSQL.
+    assert_eq!(
+        fredis::reaped(&mut ns.con, &ns.keys, 10).await.unwrap(),
+        [id]
+    );
+}
+
+#[tokio::test]
+async fn a_stock_change_resent_applies_once() {
+    let mut ns = Ns::new(10).await;
+    let sku = Sku::parse("tee").unwrap();
+    let user = UserId::parse("u").unwrap();
+    let token = fredis::receive_token(&sku, "po-7");
+    let change = fredis::StockChange {
+        sku: &sku,
+        units: 5,
+        token: &token,
+        per_user_limit: Some(2),
+        user: Some((&user, -1)),
+    };
+    let (first, second) = twice!(
+        ns,
+        fredis::apply_stock(&mut ns.con, &ns.keys, &change)
+            .await
+            .unwrap()
+    );
+    assert_eq!((first, second), (15, 15));
+}
+
+#[tokio::test]
+async fn a_wait_counts_the_replicas_of_the_namespaces_node() {
+    let mut ns = Ns::new(10).await;
+    ns.reserve(OrderId::new(), &UserId::parse("u").unwrap(), 1, FAR)
+        .await;
+    // On a cluster this must reach the master of the namespace's slot, not every master.
+    let info: String = ns
+        .con
+        .on_namespace_node(&ns.keys, redis::cmd("INFO").arg("replication"))
+        .await
+        .unwrap();
+    let replicas: u32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_slaves:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_slaves in INFO replication");
+    let acked = ns
+        .con
+        .wait_replicas(&ns.keys, 1, std::time::Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(
+        acked >= replicas.min(1) && acked <= replicas,
+        "{acked} of {replicas}: {info}"
     );
 }

@@ -12,12 +12,12 @@
 //! checked timestamp stays at the worker's own last completed check.
 
 use deadpool_postgres::Pool;
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Namespace, reconcile,
     redis::Keys,
     telemetry::{self, names},
 };
-use redis::aio::ConnectionManager;
 use std::{
     sync::{
         Arc,
@@ -49,7 +49,7 @@ pub enum Turn {
 /// [`names::CONSISTENCY_VIOLATIONS`]); the timestamp keeps the last completed check's.
 pub async fn run(
     ns: Namespace,
-    mut redis: ConnectionManager,
+    mut redis: Redis,
     pg: Pool,
     every: Duration,
     paused: Arc<AtomicBool>,
@@ -109,7 +109,7 @@ pub async fn run(
 pub async fn once(
     ns: &Namespace,
     keys: &Keys,
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     pg: &Pool,
 ) -> anyhow::Result<Turn> {
     let Some(lock) = CheckLock::try_acquire(pg, ns).await? else {

@@ -21,6 +21,7 @@ use crate::{
 };
 use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::Pool;
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Config,
     amqp::{self, IntakeMessage, trace_of},
@@ -33,7 +34,6 @@ use floodgate_common::{
 };
 use futures::{StreamExt, stream::FuturesUnordered};
 use lapin::{BasicProperties, Consumer, message::Delivery, options::BasicAckOptions};
-use redis::aio::ConnectionManager;
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
@@ -46,7 +46,7 @@ use tracing::Instrument;
 pub struct Pipeline {
     pub cfg: Config,
     pub keys: Keys,
-    pub redis: ConnectionManager,
+    pub redis: Redis,
     pub pg: Pool,
     /// Set while consumption is paused for an outage; the reaper waits too, so orders
     /// queued durably during an outage are not expired for it.
@@ -161,8 +161,10 @@ impl Pipeline {
             if !waits.sleep(shutdown).await {
                 return false;
             }
-            let (pg, redis) =
-                tokio::join!(health::postgres_ok(&self.pg), health::redis_ok(&self.redis));
+            let (pg, redis) = tokio::join!(
+                health::postgres_ok(&self.pg),
+                health::redis_ok(&self.redis, &self.keys)
+            );
             if pg && redis {
                 return true;
             }

@@ -49,7 +49,8 @@ pub struct Worker {
 #[derive(Clone)]
 struct Health {
     amqp_up: Arc<AtomicBool>,
-    redis: redis::aio::ConnectionManager,
+    redis: floodgate_common::redis::Redis,
+    keys: floodgate_common::redis::Keys,
     pg: deadpool_postgres::Pool,
     tasks: floodgate_common::supervise::Supervisor,
 }
@@ -101,6 +102,7 @@ impl Worker {
         let health = Health {
             amqp_up: amqp_up.clone(),
             redis: pipeline.redis.clone(),
+            keys: pipeline.keys.clone(),
             pg: pipeline.pg.clone(),
             tasks: Default::default(),
         };
@@ -227,6 +229,7 @@ fn health_router(h: Health) -> Router {
 async fn readyz(State(h): State<Health>) -> axum::response::Response {
     let (ready, body) = floodgate_common::health::readiness(
         &h.redis,
+        &h.keys,
         &h.pg,
         h.amqp_up.load(Ordering::Relaxed),
         &h.tasks,

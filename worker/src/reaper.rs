@@ -8,12 +8,12 @@
 
 use crate::repo::{self, OrderRecord};
 use deadpool_postgres::Pool;
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     domain::{FailReason, OrderId},
     redis::{self as fredis, Keys},
     telemetry::names,
 };
-use redis::aio::ConnectionManager;
 use std::time::Duration;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ const PER_TICK: usize = 500;
 /// outage (orders durably queued meanwhile are waiting, not lost).
 pub async fn run(
     keys: Keys,
-    mut redis: ConnectionManager,
+    mut redis: Redis,
     pg: Pool,
     interval: Duration,
     paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -51,7 +51,7 @@ pub async fn run(
 }
 
 /// One pass: finish recording earlier reaps, then reap what is due.
-pub async fn once(keys: &Keys, redis: &mut ConnectionManager, pg: &Pool) -> anyhow::Result<usize> {
+pub async fn once(keys: &Keys, redis: &mut Redis, pg: &Pool) -> anyhow::Result<usize> {
     for id in fredis::reaped(redis, keys, PER_TICK).await? {
         record(keys, redis, pg, &id).await?;
     }
@@ -75,12 +75,7 @@ pub async fn once(keys: &Keys, redis: &mut ConnectionManager, pg: &Pool) -> anyh
 }
 
 /// Records a reaped order failed (with a `release` ledger row) and forgets it.
-async fn record(
-    keys: &Keys,
-    redis: &mut ConnectionManager,
-    pg: &Pool,
-    id: &OrderId,
-) -> anyhow::Result<()> {
+async fn record(keys: &Keys, redis: &mut Redis, pg: &Pool, id: &OrderId) -> anyhow::Result<()> {
     if let Some(r) = fredis::reservation(redis, keys, id).await? {
         let rec = OrderRecord {
             id: *id,

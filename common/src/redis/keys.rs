@@ -75,6 +75,11 @@ impl Keys {
     pub fn idem(&self, user: &UserId, key: &IdempotencyKey) -> String {
         format!("{}idem:{}:{user}:{key}", self.prefix, user.as_str().len())
     }
+    /// A counter written only so that a `WAIT` has a write of its own connection to wait
+    /// for ([`crate::redis::Redis::wait_replicas`]).
+    pub fn replication_probe(&self) -> String {
+        format!("{}wait", self.prefix)
+    }
     /// One order's reservation.
     pub fn resv(&self, order: &OrderId) -> String {
         format!("{}resv:{order}", self.prefix)

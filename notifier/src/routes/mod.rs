@@ -16,13 +16,13 @@ use crate::{
 };
 use axum::{Router, extract::State, http::HeaderMap, routing::get};
 use deadpool_postgres::Pool;
+use floodgate_common::redis::Redis;
 use floodgate_common::{
     Config,
     auth::{Caller, Verifier},
     redis::Keys,
     telemetry::{self, names},
 };
-use redis::aio::ConnectionManager;
 use serde_json::json;
 use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
@@ -35,7 +35,7 @@ pub struct AppState {
     pub hub: Hub,
     pub verifier: Arc<Verifier>,
     pub keys: Arc<Keys>,
-    pub redis: ConnectionManager,
+    pub redis: Redis,
     /// For the order-topic lookup only.
     pub pg: Pool,
     /// The subscribe-time status read: the replica when it has caught up, else `pg`.
@@ -106,7 +106,8 @@ async fn readyz(State(st): State<AppState>) -> axum::response::Response {
         .amqp_up
         .load(std::sync::atomic::Ordering::Relaxed);
     let (ready, mut body) =
-        floodgate_common::health::readiness(&st.redis, &st.pg, amqp, &st.supervisor).await;
+        floodgate_common::health::readiness(&st.redis, &st.keys, &st.pg, amqp, &st.supervisor)
+            .await;
     body["subscribers"] = json!(st.hub.subscribers());
     floodgate_common::health::response(ready, body)
 }

@@ -22,6 +22,17 @@
 --   {'limit', sku, limit, already}
 --   {'sold_out', sku, available}
 --   {'unavailable'}                         stock not loaded
+--
+-- The same order id again is this very call, re-sent (a cluster client re-sends a
+-- command whose connection dropped before the reply; ingress makes a new order id for
+-- every attempt of its own). The first run decided and holds the units; taking them
+-- again would leave the first ones held by nothing. It is checked before the gate and
+-- the Idempotency-Key: the first run wrote the key's record naming this order, and
+-- answering 'dup' to the re-sent call would make ingress wait for itself.
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  return {'ok'}
+end
+
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'unavailable'}
 end
@@ -35,12 +46,6 @@ if has_idem then
     end
     return {'dup', rec[1], rec[3], rec[4]}
   end
-end
-
--- The same order id again (a retried call whose reply was lost): it was decided already
--- and holds its units; taking them again would leave the first ones held by nothing.
-if redis.call('EXISTS', KEYS[6]) == 1 then
-  return {'ok'}
 end
 
 local skus, qtys = {}, {}
