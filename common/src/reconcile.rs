@@ -81,6 +81,110 @@ async fn held_by_reservations<C: ConnectionLike>(
     }
 }
 
+/// What [`settle`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Open reservations of orders PostgreSQL holds confirmed or cancelled: marked done.
+    pub finished: usize,
+    /// Open reservations of orders PostgreSQL holds failed: their units given back.
+    pub released: usize,
+}
+
+/// Settles open reservations whose order PostgreSQL already decided.
+///
+/// The worker commits a batch and then marks its reservations done (or releases a failed
+/// order's). When that Redis step is lost (a Redis failover that dropped the last
+/// acknowledged writes, a worker killed between the two), the reservation stays open for
+/// good: its units count as held, `--check` reports `redis_differs`, and nothing would
+/// ever close it, since its message is acked. This walks the open reservations and, for
+/// each order PostgreSQL holds, does what the worker would have done: confirmed or
+/// cancelled -> done (a cancel returns its units through its own token, never through
+/// the reservation), failed -> released. Orders PostgreSQL does not hold are left alone
+/// (queued, or being committed). Idempotent and safe beside running workers: both
+/// scripts act only on a reservation still open.
+pub async fn settle<C: ConnectionLike>(
+    pool: &Pool,
+    con: &mut C,
+    keys: &Keys,
+) -> anyhow::Result<Settled> {
+    let mut open: Vec<(OrderId, crate::domain::UserId)> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, members_and_scores): (u64, Vec<String>) = redis::cmd("ZSCAN")
+            .arg(keys.deadlines())
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(SCAN_CHUNK)
+            .query_async(con)
+            .await
+            .context("scanning the reservation deadlines")?;
+        let ids: Vec<OrderId> = members_and_scores
+            .iter()
+            .step_by(2)
+            .filter_map(|id| OrderId::parse(id))
+            .filter(|id| seen.insert(*id))
+            .collect();
+        for chunk in ids.chunks(SCAN_CHUNK) {
+            let found = crate::redis::reservations(con, keys, chunk)
+                .await
+                .context("reading reservations")?;
+            for (id, r) in chunk.iter().zip(found) {
+                if let Some(r) = r.filter(|r| r.state.is_open()) {
+                    open.push((*id, r.user));
+                }
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let mut settled = Settled::default();
+    let db = pool.get().await.context("PostgreSQL connection")?;
+    for chunk in open.chunks(SCAN_CHUNK) {
+        let uuids: Vec<uuid::Uuid> = chunk.iter().map(|(id, _)| id.as_uuid()).collect();
+        let rows = db
+            .query(
+                "SELECT id, status FROM orders WHERE id = ANY($1)",
+                &[&uuids],
+            )
+            .await
+            .context("reading the orders of open reservations")?;
+        let mut done = Vec::new();
+        for r in rows {
+            let id = OrderId::from(r.get::<_, uuid::Uuid>("id"));
+            match r.get::<_, &str>("status") {
+                "confirmed" | "cancelled" => done.push(id),
+                "failed" => {
+                    let Some((_, user)) = chunk.iter().find(|(o, _)| *o == id) else {
+                        continue;
+                    };
+                    let outcome = crate::redis::release(con, keys, &id, user, None, "failed")
+                        .await
+                        .context("releasing a failed order's reservation")?;
+                    if outcome == crate::redis::Release::Released {
+                        settled.released += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        crate::redis::finish(con, keys, &done)
+            .await
+            .context("marking committed orders done")?;
+        settled.finished += done.len();
+    }
+    if settled != Settled::default() {
+        tracing::warn!(
+            finished = settled.finished,
+            released = settled.released,
+            "settled reservations whose order PostgreSQL had already decided (a lost Redis write)"
+        );
+    }
+    Ok(settled)
+}
+
 /// One pass over every invariant.
 async fn check_once<C: ConnectionLike>(
     pool: &Pool,
@@ -293,6 +397,13 @@ pub async fn repair<C: ConnectionLike>(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     conn.close().await;
+    let settled = settle(pool, con, &keys).await?;
+    if settled != Settled::default() {
+        progress(&format!(
+            "settled {} reservations PostgreSQL had confirmed or cancelled, released {} it had failed",
+            settled.finished, settled.released
+        ));
+    }
     let skus = stock::load(pool, con, &keys).await?;
     progress(&format!("reloaded {skus} SKUs from PostgreSQL; gate open"));
     Ok(skus)

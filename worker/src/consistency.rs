@@ -115,7 +115,12 @@ pub async fn once(
     let Some(lock) = CheckLock::try_acquire(pg, ns).await? else {
         return Ok(Turn::Skipped);
     };
-    let checked = reconcile::check(pg, redis, keys, PASSES).await;
+    // First close what a lost Redis write left open (see `reconcile::settle`), so the
+    // check reports what is still wrong, not what the worker would have done.
+    let checked = match reconcile::settle(pg, redis, keys).await {
+        Ok(_) => reconcile::check(pg, redis, keys, PASSES).await,
+        Err(e) => Err(e),
+    };
     lock.release().await;
     Ok(Turn::Checked(checked?))
 }

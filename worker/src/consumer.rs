@@ -506,9 +506,11 @@ impl Pipeline {
         Ok(Recorded::Yes)
     }
 
-    /// Brings reservations in line with PostgreSQL: the `confirmed` ones are marked done
-    /// in one call for the whole batch; `failed` or `cancelled` ones give their stock back
-    /// (once, and rare); orders PostgreSQL does not hold are left alone.
+    /// Brings reservations in line with PostgreSQL: the `confirmed` ones (and `cancelled`
+    /// ones: a cancel returns its units through its own token, so giving the
+    /// reservation's back too would count them twice) are marked done in one call for the
+    /// whole batch; `failed` ones give their stock back (once, and rare); orders
+    /// PostgreSQL does not hold are left alone.
     async fn settle_redis(
         &self,
         orders: &[&Decoded],
@@ -518,16 +520,18 @@ impl Pipeline {
         let confirmed: Vec<OrderId> = orders
             .iter()
             .map(|d| d.record.id)
-            .filter(|id| status.get(id) == Some(&OrderStatus::Confirmed))
+            .filter(|id| {
+                matches!(
+                    status.get(id),
+                    Some(OrderStatus::Confirmed | OrderStatus::Cancelled)
+                )
+            })
             .collect();
         fredis::finish(&mut self.redis.clone(), &self.keys, &confirmed)
             .await
             .map_err(outage)?;
         for d in orders {
-            if status
-                .get(&d.record.id)
-                .is_some_and(|s| *s != OrderStatus::Confirmed)
-            {
+            if status.get(&d.record.id) == Some(&OrderStatus::Failed) {
                 fredis::release(
                     &mut self.redis.clone(),
                     &self.keys,
