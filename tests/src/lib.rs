@@ -159,6 +159,10 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
         ("FLOODGATE_NAMESPACE", cfg.namespace.to_string()),
         ("FLOODGATE_REDIS_URL", cfg.redis_url.clone()),
         ("FLOODGATE_AMQP_URL", cfg.amqp_url.clone()),
+        (
+            "FLOODGATE_INTAKE_PARTITIONS",
+            cfg.intake_partitions.to_string(),
+        ),
         ("FLOODGATE_DATABASE_URL", cfg.database_url.clone()),
         ("FLOODGATE_JWT_SECRET", cfg.jwt_secret.expose().to_owned()),
         (
@@ -278,7 +282,7 @@ impl TestApp {
         let channel = amqp.channel().await.expect("channel");
         let mut app = TestApp {
             keys,
-            topology: Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len()),
+            topology: Topology::of(&cfg),
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .build()
@@ -425,10 +429,14 @@ impl TestApp {
         db.query_one(sql, &[]).await.unwrap().get(0)
     }
 
-    /// Messages ready in the intake queue (a fresh connection each time, so it works across
-    /// a broker restart).
+    /// Messages ready in the intake queues, every partition together (a fresh connection
+    /// each time, so it works across a broker restart).
     pub async fn queued(&self) -> u32 {
-        self.queue_depth(&self.topology.intake_queue).await
+        let mut n = 0;
+        for p in &self.topology.partitions {
+            n += self.queue_depth(&p.queue).await;
+        }
+        n
     }
 
     /// Messages ready in the dead-letter queue.
@@ -436,7 +444,8 @@ impl TestApp {
         self.queue_depth(&self.topology.dead_queue).await
     }
 
-    async fn queue_depth(&self, queue: &str) -> u32 {
+    /// Messages ready in `queue`.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
         let conn = floodgate_common::amqp::Link::open(&self.cfg.amqp_url, "floodgate-tests-probe")
             .await
             .expect("amqp");
@@ -525,13 +534,13 @@ impl TestApp {
         }
     }
 
-    /// Publishes a raw message to the intake exchange, as ingress would.
+    /// Publishes a raw message to the intake exchange (partition 0), as ingress would.
     pub async fn publish_raw(&self, payload: &[u8]) {
         let confirm = self
             .channel
             .basic_publish(
                 self.topology.orders_exchange.as_str().into(),
-                self.topology.intake_key.as_str().into(),
+                self.topology.partitions[0].key.as_str().into(),
                 BasicPublishOptions::default(),
                 payload,
                 BasicProperties::default().with_delivery_mode(2),
