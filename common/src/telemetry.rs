@@ -13,6 +13,9 @@ pub mod names {
     pub const ORDERS_REJECTED: &str = "floodgate_orders_rejected_total";
     pub const RESERVE_DURATION: &str = "floodgate_reserve_duration_seconds";
     pub const PUBLISH_DURATION: &str = "floodgate_publish_duration_seconds";
+    /// Publishes not confirmed (released, answered 503), by `reason`: `not_connected`,
+    /// `broker` (a channel or connection error), `nacked`, `returned` (no queue bound),
+    /// `timeout` (no confirm within `FLOODGATE_PUBLISH_TIMEOUT_MS`).
     pub const PUBLISH_FAILURES: &str = "floodgate_publish_failures_total";
     /// Confirmed orders marked queued per `queued.lua` call (ingress batches them).
     pub const QUEUED_MARK_BATCH: &str = "floodgate_queued_mark_batch_orders";

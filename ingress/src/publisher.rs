@@ -73,6 +73,19 @@ pub const NACK_BACKOFF: Duration = Duration::from_millis(250);
 /// quorum nacks until it has one again, whatever the connection).
 pub const NACK_BACKOFF_MAX: Duration = Duration::from_secs(4);
 
+impl PublishError {
+    /// The metric label (`floodgate_publish_failures_total{reason}`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::NotConnected => "not_connected",
+            Self::Broker(_) => "broker",
+            Self::Nacked => "nacked",
+            Self::Returned => "returned",
+            Self::Timeout(_) => "timeout",
+        }
+    }
+}
+
 /// One link and its confirm-mode channels.
 struct Session {
     link: Link,
@@ -158,6 +171,11 @@ impl Publisher {
             .read()
             .expect("publisher lock poisoned")
             .clone()
+    }
+
+    /// `host:port` of the broker node the current session is connected to.
+    pub fn node(&self) -> Option<String> {
+        self.current().map(|s| s.link.node().to_owned())
     }
 
     /// True while the connection to the broker is up.

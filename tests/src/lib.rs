@@ -203,6 +203,8 @@ pub struct TestApp {
     pub channel: Channel,
     /// The running in-process worker's health/metrics base URL.
     pub worker_url: Option<String>,
+    /// The in-process ingress's publisher (which broker node it is on).
+    pub publisher: floodgate_ingress::publisher::Publisher,
     shutdown: CancellationToken,
     worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -248,6 +250,7 @@ impl TestApp {
             .await
             .expect("build ingress");
         let base = format!("http://127.0.0.1:{}", ingress.port());
+        let publisher = ingress.publisher();
         cfg.public_ingress_url = base.clone();
         tokio::spawn(ingress.run_until_stopped(shutdown.clone()));
         let notifier = if notifier {
@@ -296,6 +299,7 @@ impl TestApp {
             channel,
             shutdown,
             worker_url: None,
+            publisher,
             worker: None,
         };
         if worker {
