@@ -742,7 +742,7 @@ fn delays(v: &str) -> Result<Vec<Duration>, ConfigError> {
                 .ok_or_else(|| bad(format!("{p:?} is not a delay in ms (1..=3600000)")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if list.is_empty() || list.len() > 10 {
+    if list.is_empty() || list.len() > crate::amqp::MAX_RETRY_STEPS {
         return Err(bad("1 to 10 delays".into()));
     }
     Ok(list)

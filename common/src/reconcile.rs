@@ -2,7 +2,7 @@
 
 use crate::{
     Config,
-    amqp::{Partition, Topology},
+    amqp::{Leftovers, Topology},
     domain::OrderId,
     redis::Keys,
     stock,
@@ -236,17 +236,14 @@ pub async fn check<C: ConnectionLike>(
 }
 
 /// Messages waiting in the intake and retry queues of every partition of `topology` and
-/// of the `leftover` ones ([`Topology::leftover_partitions`]).
+/// in the `leftover` queues ([`Topology::leftovers`]).
 pub async fn queued(
     ch: &Channel,
     topology: &Topology,
-    leftover: &[Partition],
+    leftover: &Leftovers,
 ) -> anyhow::Result<u64> {
     let mut n = 0u64;
-    let leftover_queues = leftover.iter().flat_map(|p| {
-        std::iter::once(p.queue.as_str()).chain(p.retry_queues.iter().map(String::as_str))
-    });
-    for q in topology.intake_and_retry_queues().chain(leftover_queues) {
+    for q in topology.intake_and_retry_queues().chain(leftover.queues()) {
         let info = ch
             .queue_declare(
                 q.into(),
@@ -287,7 +284,7 @@ pub async fn repair<C: ConnectionLike>(
         .context("connecting to RabbitMQ")?;
     let ch = conn.channel().await?;
     topology.declare(&ch).await?;
-    let leftover = topology.leftover_partitions(&conn).await?;
+    let leftover = topology.leftovers(&conn).await?;
     let started = Instant::now();
     let mut empty_since: Option<Instant> = None;
     loop {

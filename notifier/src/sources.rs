@@ -159,7 +159,7 @@ async fn open(
         }
     }
     let ch = link.channel().await?;
-    let topology = Topology::of(&cfg);
+    let topology = Topology::of(cfg);
     topology.declare_events(&ch).await?;
     topology.declare_notifier_queue(&ch, queue).await?;
     // Deliveries in flight at once; acknowledged one by one as the hub takes them.

@@ -121,19 +121,35 @@ async fn load(app: &TestApp, skus: &[String], until: Instant) -> Seen {
     all
 }
 
-/// The lines of ingress's /metrics about publishing and reconnects.
-async fn publisher_metrics(app: &TestApp) -> Vec<String> {
+/// Ingress's publish failures by reason and the process's reconnects by service (the
+/// in-process services share one registry, so phases compare before and after).
+async fn publisher_metrics(app: &TestApp) -> BTreeMap<String, f64> {
     let m = app.get("/metrics", None).await;
     m.body
         .as_str()
         .unwrap_or_default()
         .lines()
         .filter(|l| {
-            (l.starts_with("floodgate_publish_failures_total")
-                || l.starts_with("floodgate_amqp_reconnects_total"))
-                && !l.starts_with('#')
+            l.starts_with("floodgate_publish_failures_total")
+                || l.starts_with("floodgate_amqp_reconnects_total")
         })
-        .map(str::to_owned)
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            let k = k
+                .trim_start_matches("floodgate_")
+                .replace("_total", "")
+                .replace('"', "");
+            Some((k, v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What rose between two [`publisher_metrics`].
+fn rise(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
         .collect()
 }
 
@@ -171,7 +187,13 @@ async fn spawn(cluster: &PrivateRabbitCluster) -> TestApp {
 }
 
 /// Waits until the app is idle, then checks and prints.
-async fn verdict(fault: &str, app: &TestApp, seen: &Seen, window: (Instant, Instant)) {
+async fn verdict(
+    fault: &str,
+    app: &TestApp,
+    seen: &Seen,
+    window: (Instant, Instant),
+    before: &BTreeMap<String, f64>,
+) {
     app.wait_idle().await;
     let outcomes = app.assert_invariants(&seen.accepted).await;
     let sold = app
@@ -184,7 +206,7 @@ async fn verdict(fault: &str, app: &TestApp, seen: &Seen, window: (Instant, Inst
         "FAULT | {fault} | answers {:?} | accepted {} | outcomes {outcomes:?} | longest stretch without a 202: {gap:?} (from {at:?} after the fault) | publisher: {:?} | invariants and reconcile --check hold",
         seen.statuses,
         seen.accepted.len(),
-        publisher_metrics(app).await
+        rise(before, &publisher_metrics(app).await)
     );
 }
 
@@ -212,6 +234,7 @@ async fn rabbitmq_cluster_node_killed_and_restarted_under_load() {
             "the publisher's node {publisher} leads no partition: {lead:?}"
         );
         let skus = skus();
+        let before = publisher_metrics(&app).await;
         let until = Instant::now() + Duration::from_secs(20);
         let buyers = load(&app, &skus, until);
         let fault = async {
@@ -239,13 +262,17 @@ async fn rabbitmq_cluster_node_killed_and_restarted_under_load() {
             &app,
             &seen,
             (killed_at, until),
+            &before,
         )
         .await;
         drop(app);
         let c = cluster.clone();
         let t = Instant::now();
         blocking(move || c.start_node(publisher)).await;
-        eprintln!("node {publisher} back in the cluster after {:?}", t.elapsed());
+        eprintln!(
+            "node {publisher} back in the cluster after {:?}",
+            t.elapsed()
+        );
     }
 
     // 2. A node restarted under load.
@@ -255,6 +282,7 @@ async fn rabbitmq_cluster_node_killed_and_restarted_under_load() {
         let target = lead[1].unwrap_or(1);
         eprintln!("partition leaders on nodes {lead:?}; restarting node {target}");
         let skus = skus();
+        let before = publisher_metrics(&app).await;
         let until = Instant::now() + Duration::from_secs(30);
         let buyers = load(&app, &skus, until);
         let fault = async {
@@ -275,8 +303,12 @@ async fn rabbitmq_cluster_node_killed_and_restarted_under_load() {
             &app,
             &seen,
             (stopped_at, until),
+            &before,
         )
         .await;
-        eprintln!("partition leaders afterwards: {:?}", leaders(&cluster, &app));
+        eprintln!(
+            "partition leaders afterwards: {:?}",
+            leaders(&cluster, &app)
+        );
     }
 }

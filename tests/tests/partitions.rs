@@ -262,3 +262,95 @@ async fn partitions_left_over_after_lowering_the_setting_are_drained() {
     stop.cancel();
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_versions_classic_delay_queue_is_drained_then_deleted() {
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("old", 10, None).await;
+    let r = app.order(&app.customer("o"), &[("old", 1)], None).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let id = r.body["order_id"].as_str().unwrap().to_owned();
+    // What an earlier worker did with a retry: the message into a classic
+    // `<ns>.orders.retry.1` that returns it to partition 0 when its TTL passes.
+    let legacy = format!("{}.orders.retry.1", app.cfg.namespace);
+    let m = app
+        .channel
+        .basic_get(
+            app.topology.partitions[0].queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+        .expect("the order's message");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString(app.topology.orders_exchange.as_str().into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        lapin::types::AMQPValue::LongString("intake".into()),
+    );
+    app.channel
+        .queue_declare(
+            legacy.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    app.channel
+        .basic_publish(
+            "".into(),
+            legacy.as_str().into(),
+            Default::default(),
+            &m.delivery.data,
+            m.delivery
+                .properties
+                .clone()
+                .with_expiration("1500".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    m.delivery.acker.ack(Default::default()).await.unwrap();
+    assert_eq!(queue_info(&app, &legacy).await.0, 1);
+
+    // A worker leaves the queue while it holds the retry, which comes back by itself and
+    // is committed; the next session deletes the empty queue.
+    app.start_worker().await;
+    app.wait_idle().await;
+    let outcomes = app.assert_invariants(std::slice::from_ref(&id)).await;
+    assert_eq!(outcomes.get("confirmed"), Some(&1), "{outcomes:?}");
+    app.stop_worker().await;
+    app.start_worker().await;
+    eventually(Duration::from_secs(10), || async {
+        let link = Link::open(&app.cfg.amqp_url, "floodgate-tests-partitions")
+            .await
+            .unwrap();
+        let ch = link.channel().await.unwrap();
+        let gone = ch
+            .queue_declare(
+                legacy.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_err();
+        link.close().await;
+        gone
+    })
+    .await;
+}

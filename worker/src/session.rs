@@ -13,7 +13,7 @@ use floodgate_common::{
     Config,
     amqp::{
         ATTEMPT_HEADER, CLOSE_TIMEOUT, IntakeMessage, Link, PARTITION_HEADER, Partition,
-        REASON_HEADER, Topology,
+        REASON_HEADER, Topology, is_not_found,
     },
 };
 use futures::{Stream, StreamExt, stream::BoxStream};
@@ -51,7 +51,11 @@ impl Session {
         let topology = Topology::of(cfg);
         let publish = link.confirm_channel().await?;
         topology.declare(&publish).await?;
-        let leftover = topology.leftover_partitions(&link).await?;
+        let leftovers = topology.leftovers(&link).await?;
+        for q in &leftovers.legacy_retry_queues {
+            delete_if_empty(&link, q).await?;
+        }
+        let leftover = leftovers.partitions;
         if !leftover.is_empty() {
             let names: Vec<&str> = leftover.iter().map(|p| p.queue.as_str()).collect();
             tracing::warn!(
@@ -201,6 +205,36 @@ impl Session {
     /// requeues every unacknowledged delivery.
     pub async fn close(&self) {
         self.link.close().await;
+    }
+}
+
+/// Deletes an older version's classic delay queue once it is empty (until then it
+/// returns what it holds to partition 0 by itself). Safe against an older worker still
+/// running: its retry to the deleted queue comes back unroutable, its session is
+/// rebuilt, which declares the queue again, and the delivery is retried.
+async fn delete_if_empty(link: &Link, queue: &str) -> lapin::Result<()> {
+    let ch = link.channel().await?;
+    let deleted = ch
+        .queue_delete(
+            queue.into(),
+            lapin::options::QueueDeleteOptions {
+                if_empty: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    match deleted {
+        Ok(_) => {
+            tracing::info!(queue, "deleted an empty delay queue of an earlier version");
+            let _ = ch.close(200, "done".into()).await;
+            Ok(())
+        }
+        // Not empty (PRECONDITION_FAILED) or gone already: the next session tries again.
+        Err(e) if e.is_amqp_soft_error() || is_not_found(&e) => {
+            tracing::info!(queue, error = %e, "an earlier version's delay queue still holds retries");
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -16,7 +16,7 @@
 //! feeds metrics: it is supervised as [`crate::supervise::Role::MetricsOnly`], so it can
 //! never make `/readyz` answer 503.
 
-use super::{Link, Partition, Reconnect, Topology};
+use super::{Leftovers, Link, Reconnect, Topology};
 use crate::{Config, retry::Backoff, telemetry::names};
 use lapin::{Channel, options::QueueDeclareOptions, types::FieldTable};
 use std::time::Duration;
@@ -41,12 +41,12 @@ pub struct Depths {
     pub dead: u64,
 }
 
-/// Reads every queue of `topology`, and of the `leftover` partitions, with passive
-/// declares. A missing queue is an error (and closes `ch`, as the protocol says).
+/// Reads every queue of `topology`, and the `leftover` ones, with passive declares. A
+/// missing queue is an error (and closes `ch`, as the protocol says).
 pub async fn read(
     ch: &Channel,
     topology: &Topology,
-    leftover: &[Partition],
+    leftover: &Leftovers,
 ) -> lapin::Result<Depths> {
     let passive = |q: &str| {
         ch.queue_declare(
@@ -59,13 +59,16 @@ pub async fn read(
         )
     };
     let (mut intake, mut intake_consumers, mut retry) = (0, u64::MAX, 0);
-    for p in topology.partitions.iter().chain(leftover) {
+    for p in topology.partitions.iter().chain(&leftover.partitions) {
         let q = passive(&p.queue).await?;
         intake += u64::from(q.message_count());
         intake_consumers = intake_consumers.min(q.consumer_count().into());
         for r in &p.retry_queues {
             retry += u64::from(passive(r).await?.message_count());
         }
+    }
+    for q in &leftover.legacy_retry_queues {
+        retry += u64::from(passive(q).await?.message_count());
     }
     let dead = passive(&topology.dead_queue).await?;
     Ok(Depths {
@@ -90,13 +93,13 @@ fn record(d: Depths) {
 struct Session {
     link: Link,
     channel: Channel,
-    leftover: Vec<Partition>,
+    leftover: Leftovers,
 }
 
 impl Session {
     async fn open(url: &str, name: &str, topology: &Topology) -> anyhow::Result<Self> {
         let link = Link::open(url, name).await?;
-        let leftover = topology.leftover_partitions(&link).await?;
+        let leftover = topology.leftovers(&link).await?;
         let channel = link.channel().await?;
         Ok(Self {
             link,

@@ -31,8 +31,13 @@ pub struct Topology {
 /// partition it came from.
 ///
 /// Partition 0 is `<ns>.orders.intake` (key `intake`, delay queues
-/// `<ns>.orders.retry.<step>`): the names of a deployment that never set
+/// `<ns>.orders.delay.<step>`): the intake of a deployment that never set
 /// `FLOODGATE_INTAKE_PARTITIONS`. Partition i >= 1 appends `.<i>` to each of them.
+///
+/// The delay queues are quorum queues, replicated like the intake: a classic queue
+/// lives on one node, and while that node is down every declare of it fails (no
+/// session of any service could open) and its messages are out of reach. They replace
+/// the classic `<ns>.orders.retry.<step>` of earlier versions ([`Leftovers`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
     pub index: usize,
@@ -44,6 +49,35 @@ pub struct Partition {
     /// waits out its TTL there and is dead-lettered back to this partition.
     pub retry_queues: Vec<String>,
 }
+
+/// Queues a namespace's topology no longer declares but that may still hold orders:
+/// workers drain them, the depth gauges and `reconcile` count them.
+#[derive(Debug, Clone, Default)]
+pub struct Leftovers {
+    /// Partitions beyond `FLOODGATE_INTAKE_PARTITIONS` (it was lowered), with those of
+    /// their delay queues that exist. Workers consume them until an operator deletes
+    /// them.
+    pub partitions: Vec<Partition>,
+    /// The classic delay queues of versions before the quorum ones
+    /// (`<ns>.orders.retry.<step>`): they still return what they hold to partition 0
+    /// when its TTL passes; a worker deletes each once it is empty.
+    pub legacy_retry_queues: Vec<String>,
+}
+
+impl Leftovers {
+    /// Every leftover queue that can hold messages.
+    pub fn queues(&self) -> impl Iterator<Item = &str> {
+        self.partitions
+            .iter()
+            .flat_map(|p| {
+                std::iter::once(p.queue.as_str()).chain(p.retry_queues.iter().map(String::as_str))
+            })
+            .chain(self.legacy_retry_queues.iter().map(String::as_str))
+    }
+}
+
+/// The most steps a retry schedule may have (`FLOODGATE_RETRY_DELAYS_MS`).
+pub const MAX_RETRY_STEPS: usize = 10;
 
 /// The most intake partitions a namespace may have.
 pub const MAX_PARTITIONS: usize = 64;
@@ -133,7 +167,7 @@ impl Topology {
             queue: format!("{ns}.orders.intake{suffix}"),
             key: format!("intake{suffix}"),
             retry_queues: (1..=self.retry_steps)
-                .map(|step| format!("{ns}.orders.retry.{step}{suffix}"))
+                .map(|step| format!("{ns}.orders.delay.{step}{suffix}"))
                 .collect(),
         }
     }
@@ -145,13 +179,12 @@ impl Topology {
         &self.partitions[partition_of(first, self.partitions.len())]
     }
 
-    /// Partitions that exist on the broker beyond this topology's (left over after
-    /// `FLOODGATE_INTAKE_PARTITIONS` was lowered), with only those of their delay queues
-    /// that exist: workers drain them, depth gauges and `reconcile` count them, until an
-    /// operator deletes them. Probed with passive declares, each on a channel of its own
-    /// (a missing queue closes its channel), from partition N up to the first missing.
-    pub async fn leftover_partitions(&self, link: &Link) -> lapin::Result<Vec<Partition>> {
-        let mut out = Vec::new();
+    /// What exists on the broker beyond this topology ([`Leftovers`]). Probed with
+    /// passive declares, each on a channel of its own (a missing queue closes its
+    /// channel): partitions from N up to the first missing, and the classic delay queues
+    /// of earlier versions.
+    pub async fn leftovers(&self, link: &Link) -> lapin::Result<Leftovers> {
+        let mut partitions = Vec::new();
         for i in self.partitions.len()..MAX_PARTITIONS {
             let mut p = self.partition(i);
             if !queue_exists(link, &p.queue).await? {
@@ -164,9 +197,19 @@ impl Topology {
                 }
             }
             p.retry_queues = kept;
-            out.push(p);
+            partitions.push(p);
         }
-        Ok(out)
+        let mut legacy_retry_queues = Vec::new();
+        for step in 1..=MAX_RETRY_STEPS {
+            let q = format!("{}.orders.retry.{step}", self.ns);
+            if queue_exists(link, &q).await? {
+                legacy_retry_queues.push(q);
+            }
+        }
+        Ok(Leftovers {
+            partitions,
+            legacy_retry_queues,
+        })
     }
 
     /// Declares every exchange, queue and binding. Idempotent; publishers and consumers
@@ -242,7 +285,9 @@ impl Topology {
             )
             .await?;
             for q in &p.retry_queues {
-                let mut args = FieldTable::default();
+                // Quorum queues, so a node down takes no delayed order out of reach (see
+                // [`Partition`]); nothing consumes them, they only hold messages a while.
+                let mut args = quorum();
                 // Expired messages (each carries its own jittered TTL) go back to their
                 // own partition.
                 args.insert(
@@ -253,8 +298,16 @@ impl Topology {
                     "x-dead-letter-routing-key".into(),
                     AMQPValue::LongString(p.key.as_str().into()),
                 );
-                // Classic queues: nothing consumes them, they only hold messages for a
-                // while.
+                // At-least-once: an expired message leaves only once the partition took
+                // it (at-most-once would drop it while the partition elects a leader).
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+                args.insert(
+                    "x-dead-letter-strategy".into(),
+                    AMQPValue::LongString("at-least-once".into()),
+                );
                 ch.queue_declare(q.as_str().into(), durable_queue, args)
                     .await?;
             }
@@ -431,7 +484,7 @@ mod tests {
         assert_eq!(p0.key, "intake");
         assert_eq!(
             p0.retry_queues,
-            ["shop.orders.retry.1", "shop.orders.retry.2"]
+            ["shop.orders.delay.1", "shop.orders.delay.2"]
         );
         let three = Topology::new(&ns, 3, 2);
         assert_eq!(three.partitions[0], *p0);
@@ -440,7 +493,7 @@ mod tests {
         assert_eq!(p2.key, "intake.2");
         assert_eq!(
             p2.retry_queues,
-            ["shop.orders.retry.1.2", "shop.orders.retry.2.2"]
+            ["shop.orders.delay.1.2", "shop.orders.delay.2.2"]
         );
         assert_eq!(three.partition(5).queue, "shop.orders.intake.5");
         assert_eq!(three.intake_and_retry_queues().count(), 9);
