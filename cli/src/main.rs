@@ -75,8 +75,9 @@ enum DlqCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Send dead letters back to the intake queue, attempts reset. The worker treats a
-    /// replay like any redelivery: an order already recorded stays as it is.
+    /// Send dead letters back to the intake queue (each to the partition it came from),
+    /// attempts reset. The worker treats a replay like any redelivery: an order already
+    /// recorded stays as it is.
     Replay {
         /// Replay every dead letter (up to --limit).
         #[arg(long, conflicts_with = "order")]
@@ -206,10 +207,11 @@ async fn dlq_list(cfg: &Config, limit: usize) -> anyhow::Result<()> {
     for l in &letters {
         let body: String = l.body.chars().take(200).collect();
         println!(
-            "{}\treason={}\tattempts={}\t{body}",
+            "{}\treason={}\tattempts={}\tpartition={}\t{body}",
             l.order_id.as_deref().unwrap_or("-"),
             l.reason,
-            l.attempts
+            l.attempts,
+            l.partition
         );
     }
     eprintln!("{} dead letter(s) shown", letters.len());
@@ -230,8 +232,9 @@ async fn dlq_replay(
     let (replayed, kept) = dlq::replay(cfg, select, limit).await?;
     for l in &replayed {
         println!(
-            "replayed {} (was: {})",
+            "replayed {} to partition {} (was: {})",
             l.order_id.as_deref().unwrap_or("-"),
+            l.partition,
             l.reason
         );
     }

@@ -45,7 +45,12 @@ pub const VARS: &[Var] = &[
     Var {
         name: "FLOODGATE_AMQP_URL",
         default: "amqp://guest:guest@127.0.0.1:5672/%2f",
-        about: "RabbitMQ",
+        about: "RabbitMQ: one URI, or the comma-separated URIs of one cluster's nodes (every connection rotates over them)",
+    },
+    Var {
+        name: "FLOODGATE_INTAKE_PARTITIONS",
+        default: "1",
+        about: "intake quorum queues (1..=64), an order's chosen by its first SKU; the same on every process of a namespace",
     },
     Var {
         name: "FLOODGATE_DATABASE_URL",
@@ -396,8 +401,16 @@ pub struct Config {
     pub redis_wait_replicas: u32,
     /// The longest a 202 waits for them.
     pub redis_wait_timeout: Duration,
-    /// `FLOODGATE_AMQP_URL`.
+    /// `FLOODGATE_AMQP_URL`: one AMQP URI, or the comma-separated URIs of one cluster's
+    /// nodes ([`crate::amqp::Nodes`], checked here at start-up); every connection rotates
+    /// over them on connect and reconnect.
     pub amqp_url: String,
+    /// Intake quorum queues (`FLOODGATE_INTAKE_PARTITIONS`, 1..=64): partition 0 is
+    /// `<ns>.orders.intake`, partition i `<ns>.orders.intake.<i>`; an order goes to the
+    /// one [`crate::amqp::partition_of`] its first SKU picks, and every worker consumes
+    /// them all. Every process of a namespace must agree on it (see OPERATIONS.md for
+    /// changing it).
+    pub intake_partitions: usize,
     /// `FLOODGATE_DATABASE_URL`; the schema comes from the namespace.
     pub database_url: String,
     /// `FLOODGATE_DATABASE_REPLICA_URL`: a streaming replica that order-status reads may
@@ -542,6 +555,7 @@ impl Config {
                 "FLOODGATE_AMQP_URL",
                 "amqp://guest:guest@127.0.0.1:5672/%2f",
             ),
+            intake_partitions: parsed(&get, "FLOODGATE_INTAKE_PARTITIONS", 1)?,
             database_url: string(
                 "FLOODGATE_DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/floodgate",
@@ -626,6 +640,18 @@ impl Config {
                 "FLOODGATE_IP_RATE_LIMIT_BURST",
                 "must be at least 1 while FLOODGATE_IP_RATE_LIMIT_PER_SEC is set",
             );
+        }
+        if let Err(reason) = crate::amqp::Nodes::parse(&self.amqp_url) {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_AMQP_URL",
+                reason,
+            });
+        }
+        if self.intake_partitions == 0 || self.intake_partitions > crate::amqp::MAX_PARTITIONS {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_INTAKE_PARTITIONS",
+                reason: format!("must be 1..={}", crate::amqp::MAX_PARTITIONS),
+            });
         }
         if self.publish_channels == 0 {
             return bad("FLOODGATE_PUBLISH_CHANNELS", "must be at least 1");
@@ -764,7 +790,7 @@ fn delays(v: &str) -> Result<Vec<Duration>, ConfigError> {
                 .ok_or_else(|| bad(format!("{p:?} is not a delay in ms (1..=3600000)")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if list.is_empty() || list.len() > 10 {
+    if list.is_empty() || list.len() > crate::amqp::MAX_RETRY_STEPS {
         return Err(bad("1 to 10 delays".into()));
     }
     Ok(list)
@@ -887,6 +913,52 @@ mod tests {
         )])
         .unwrap();
         assert_eq!(c.cors_origins, ["https://a.example", "https://b.example"]);
+        // The broker: one URI or a list of a cluster's nodes; a bad entry is named by its
+        // position, never printed (it may hold a password).
+        let nodes = "amqp://u:p@10.0.0.1:5672/%2f, amqp://u:p@10.0.0.2:5672/%2f";
+        assert_eq!(
+            cfg(&[("FLOODGATE_AMQP_URL", nodes)]).unwrap().amqp_url,
+            nodes
+        );
+        for (list, says) in [
+            ("amqp://u:secret@a:5672/%2f,", "entry 2 of 2 is empty"),
+            (
+                "amqp://u:secret@a:5672/%2f,http://b",
+                "entry 2 of 2 does not start",
+            ),
+            (
+                "amqp://u:secret@a:5672/%2f,amqp://u:secret@a:5672/%2f",
+                "a:5672 again",
+            ),
+            (
+                "amqp://u:secret@a:99999/%2f",
+                "entry 1 of 1 is not an AMQP URI",
+            ),
+            ("", "entry 1 of 1 is empty"),
+        ] {
+            let e = cfg(&[("FLOODGATE_AMQP_URL", list)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("FLOODGATE_AMQP_URL") && e.contains(says),
+                "{list}: {e}"
+            );
+            assert!(!e.contains("secret"), "{e}");
+        }
+        assert_eq!(cfg(&[]).unwrap().intake_partitions, 1);
+        assert_eq!(
+            cfg(&[("FLOODGATE_INTAKE_PARTITIONS", "3")])
+                .unwrap()
+                .intake_partitions,
+            3
+        );
+        for bad in ["0", "65", "x"] {
+            let e = cfg(&[("FLOODGATE_INTAKE_PARTITIONS", bad)]).unwrap_err();
+            assert!(
+                e.to_string().starts_with("FLOODGATE_INTAKE_PARTITIONS"),
+                "{e}"
+            );
+        }
         let c = cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "100, 2000")]).unwrap();
         assert_eq!(
             c.retry_delays,

@@ -1,9 +1,15 @@
 //! The dead-letter queue, for operators: read it without removing anything, and replay
 //! chosen dead letters to the intake queue.
+//!
+//! One dead-letter queue serves every intake partition; a replay returns each message to
+//! the partition it came from ([`home_partition`]).
 
 use crate::{
     Config,
-    amqp::{ATTEMPT_HEADER, Link, PUBLISHED_HEADER, REASON_HEADER, Topology},
+    amqp::{
+        ATTEMPT_HEADER, IntakeMessage, Link, PARTITION_HEADER, PUBLISHED_HEADER, REASON_HEADER,
+        Topology,
+    },
 };
 use anyhow::Context;
 use lapin::{
@@ -22,6 +28,8 @@ pub struct DeadLetter {
     pub reason: String,
     /// Scheduled retries it had (`x-floodgate-attempt`).
     pub attempts: String,
+    /// The intake partition a replay sends it to.
+    pub partition: usize,
     /// The payload, as text (lossy), for a human to read.
     pub body: String,
 }
@@ -40,19 +48,44 @@ async fn open(cfg: &Config) -> anyhow::Result<(Link, Channel, Topology)> {
         .await
         .context("connecting to RabbitMQ")?;
     let ch = conn.channel().await?;
-    let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+    let topology = Topology::of(cfg);
     topology.declare(&ch).await?;
     Ok((conn, ch, topology))
 }
 
 impl DeadLetter {
-    fn of(props: &BasicProperties, data: &[u8]) -> Self {
+    fn of(props: &BasicProperties, data: &[u8], topology: &Topology) -> Self {
         Self {
             order_id: props.message_id().as_ref().map(|s| s.to_string()),
             reason: header(props, REASON_HEADER),
             attempts: header(props, ATTEMPT_HEADER),
+            partition: home_partition(props, data, topology),
             body: String::from_utf8_lossy(data).into_owned(),
         }
+    }
+}
+
+/// Where a dead letter is replayed to: the partition its [`PARTITION_HEADER`] names
+/// (where it was dead-lettered from) if `topology` still has it; else the partition its
+/// first SKU picks now (a message dead-lettered before partitions existed, or from a
+/// partition since removed); else (an undecodable message) partition 0.
+pub fn home_partition(props: &BasicProperties, data: &[u8], topology: &Topology) -> usize {
+    let stamped = match props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(PARTITION_HEADER))
+    {
+        Some(AMQPValue::LongLongInt(n)) => usize::try_from(*n).ok(),
+        Some(AMQPValue::LongInt(n)) => usize::try_from(*n).ok(),
+        Some(AMQPValue::ShortInt(n)) => usize::try_from(*n).ok(),
+        _ => None,
+    };
+    if let Some(p) = stamped.filter(|p| *p < topology.partitions.len()) {
+        return p;
+    }
+    match IntakeMessage::from_bytes(data) {
+        Ok(IntakeMessage::OrderV1(o)) => topology.partition_for(&o.items).index,
+        Err(_) => 0,
     }
 }
 
@@ -79,7 +112,11 @@ pub async fn list(cfg: &Config, limit: usize) -> anyhow::Result<Vec<DeadLetter>>
         let Some(m) = next(&ch, &topology).await? else {
             break;
         };
-        out.push(DeadLetter::of(&m.delivery.properties, &m.delivery.data));
+        out.push(DeadLetter::of(
+            &m.delivery.properties,
+            &m.delivery.data,
+            &topology,
+        ));
     }
     close(conn, ch).await;
     Ok(out)
@@ -91,8 +128,8 @@ pub enum Select<'a> {
     Orders(&'a [String]),
 }
 
-/// Sends the selected dead letters (among the first `limit`) back to intake with their
-/// retry count reset, each confirmed by the broker before it leaves the dead-letter queue.
+/// Sends the selected dead letters (among the first `limit`) back to intake, each to its
+/// own partition ([`home_partition`]), with their retry count reset, each confirmed by the broker before it leaves the dead-letter queue.
 /// Returns (replayed, left in the queue).
 pub async fn replay(
     cfg: &Config,
@@ -107,7 +144,7 @@ pub async fn replay(
             break;
         };
         let props = m.delivery.properties.clone();
-        let letter = DeadLetter::of(&props, &m.delivery.data);
+        let letter = DeadLetter::of(&props, &m.delivery.data, &topology);
         let wanted = match select {
             Select::All => true,
             Select::Orders(ids) => letter.order_id.as_ref().is_some_and(|id| ids.contains(id)),
@@ -119,6 +156,7 @@ pub async fn replay(
         let mut headers = props.headers().clone().unwrap_or_default().inner().clone();
         headers.remove(REASON_HEADER);
         headers.remove(ATTEMPT_HEADER);
+        headers.remove(PARTITION_HEADER);
         // Due for a worker from now: its queue wait does not count its time as a dead letter.
         headers.insert(
             PUBLISHED_HEADER.into(),
@@ -127,7 +165,7 @@ pub async fn replay(
         let confirm = publish
             .basic_publish(
                 topology.orders_exchange.as_str().into(),
-                topology.intake_key.as_str().into(),
+                topology.partitions[letter.partition].key.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()

@@ -1,6 +1,12 @@
 //! Checking and repairing the invariants of DESIGN.md between Redis and PostgreSQL.
 
-use crate::{Config, amqp::Topology, domain::OrderId, redis::Keys, stock};
+use crate::{
+    Config,
+    amqp::{Leftovers, Topology},
+    domain::OrderId,
+    redis::Keys,
+    stock,
+};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use lapin::{Channel, options::QueueDeclareOptions, types::FieldTable};
@@ -333,13 +339,18 @@ pub async fn check<C: ConnectionLike>(
     Ok(seen)
 }
 
-/// Messages waiting in the intake and retry queues.
-pub async fn queued(ch: &Channel, topology: &Topology) -> anyhow::Result<u64> {
+/// Messages waiting in the intake and retry queues of every partition of `topology` and
+/// in the `leftover` queues ([`Topology::leftovers`]).
+pub async fn queued(
+    ch: &Channel,
+    topology: &Topology,
+    leftover: &Leftovers,
+) -> anyhow::Result<u64> {
     let mut n = 0u64;
-    for q in std::iter::once(&topology.intake_queue).chain(&topology.retry_queues) {
+    for q in topology.intake_and_retry_queues().chain(leftover.queues()) {
         let info = ch
             .queue_declare(
-                q.as_str().into(),
+                q.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..QueueDeclareOptions::default()
@@ -353,8 +364,8 @@ pub async fn queued(ch: &Channel, topology: &Topology) -> anyhow::Result<u64> {
     Ok(n)
 }
 
-/// Closes the gate (ingress answers 503), waits until the intake and retry queues have
-/// been empty for `quiet` (every accepted order is in PostgreSQL), reloads Redis from
+/// Closes the gate (ingress answers 503), waits until the intake and retry queues (of
+/// every partition, leftovers included) have been empty for `quiet` (every accepted order is in PostgreSQL), reloads Redis from
 /// PostgreSQL and opens the gate. `progress` hears what it is waiting for.
 pub async fn repair<C: ConnectionLike>(
     cfg: &Config,
@@ -365,7 +376,7 @@ pub async fn repair<C: ConnectionLike>(
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<usize> {
     let keys = Keys::new(&cfg.namespace);
-    let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+    let topology = Topology::of(cfg);
     let _: () = redis::cmd("DEL")
         .arg(keys.epoch())
         .query_async(con)
@@ -377,10 +388,11 @@ pub async fn repair<C: ConnectionLike>(
         .context("connecting to RabbitMQ")?;
     let ch = conn.channel().await?;
     topology.declare(&ch).await?;
+    let leftover = topology.leftovers(&conn).await?;
     let started = Instant::now();
     let mut empty_since: Option<Instant> = None;
     loop {
-        let n = queued(&ch, &topology).await?;
+        let n = queued(&ch, &topology, &leftover).await?;
         if n == 0 {
             let since = *empty_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= quiet {

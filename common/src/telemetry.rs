@@ -13,6 +13,9 @@ pub mod names {
     pub const ORDERS_REJECTED: &str = "floodgate_orders_rejected_total";
     pub const RESERVE_DURATION: &str = "floodgate_reserve_duration_seconds";
     pub const PUBLISH_DURATION: &str = "floodgate_publish_duration_seconds";
+    /// Publishes not confirmed (released, answered 503), by `reason`: `not_connected`,
+    /// `broker` (a channel or connection error), `nacked`, `returned` (no queue bound),
+    /// `timeout` (no confirm within `FLOODGATE_PUBLISH_TIMEOUT_MS`).
     pub const PUBLISH_FAILURES: &str = "floodgate_publish_failures_total";
     /// Orders refused `sold_out` from an ingress's memory, without Redis.
     pub const SOLD_OUT_CACHED: &str = "floodgate_sold_out_cache_hits_total";

@@ -53,7 +53,7 @@ pub async fn hand_over(
         .await;
     metrics::histogram!(names::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
     if let Err(e) = published {
-        metrics::counter!(names::PUBLISH_FAILURES).increment(1);
+        metrics::counter!(names::PUBLISH_FAILURES, "reason" => e.as_str()).increment(1);
         tracing::warn!(error = %e, %order_id, "publish failed; releasing the reservation");
         let mut redis = st.redis.clone();
         let released =

@@ -123,6 +123,11 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
+    /// A handle on the publisher (tests ask which broker node it is connected to).
+    pub fn publisher(&self) -> publisher::Publisher {
+        self.state.publisher.clone()
+    }
+
     /// Serves until `shutdown` is cancelled, then finishes in-flight requests (each of
     /// which either answers 202 after its confirm or releases its reservation).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -95,7 +95,7 @@ pub async fn consume_orders(
     health: SourceHealth,
     shutdown: CancellationToken,
 ) {
-    let queue = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len()).notifier_queue();
+    let queue = Topology::of(&cfg).notifier_queue();
     let mut links = Reconnect::new("notifier", Backoff::BACKGROUND);
     loop {
         // Per attempt: once one attempt failed, the queue may have been lost (or never
@@ -159,7 +159,7 @@ async fn open(
         }
     }
     let ch = link.channel().await?;
-    let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+    let topology = Topology::of(cfg);
     topology.declare_events(&ch).await?;
     topology.declare_notifier_queue(&ch, queue).await?;
     // Deliveries in flight at once; acknowledged one by one as the hub takes them.

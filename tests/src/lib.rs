@@ -167,6 +167,10 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
             ms(cfg.redis_wait_timeout),
         ),
         ("FLOODGATE_AMQP_URL", cfg.amqp_url.clone()),
+        (
+            "FLOODGATE_INTAKE_PARTITIONS",
+            cfg.intake_partitions.to_string(),
+        ),
         ("FLOODGATE_DATABASE_URL", cfg.database_url.clone()),
         ("FLOODGATE_JWT_SECRET", cfg.jwt_secret.expose().to_owned()),
         (
@@ -208,6 +212,8 @@ pub struct TestApp {
     pub channel: Channel,
     /// The running in-process worker's health/metrics base URL.
     pub worker_url: Option<String>,
+    /// The in-process ingress's publisher (which broker node it is on).
+    pub publisher: floodgate_ingress::publisher::Publisher,
     shutdown: CancellationToken,
     worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -256,6 +262,7 @@ impl TestApp {
             .await
             .expect("build ingress");
         let base = format!("http://127.0.0.1:{}", ingress.port());
+        let publisher = ingress.publisher();
         cfg.public_ingress_url = base.clone();
         tokio::spawn(ingress.run_until_stopped(shutdown.clone()));
         let notifier = if notifier {
@@ -290,7 +297,7 @@ impl TestApp {
         let channel = amqp.channel().await.expect("channel");
         let mut app = TestApp {
             keys,
-            topology: Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len()),
+            topology: Topology::of(&cfg),
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .build()
@@ -304,6 +311,7 @@ impl TestApp {
             channel,
             shutdown,
             worker_url: None,
+            publisher,
             worker: None,
         };
         if worker {
@@ -437,10 +445,14 @@ impl TestApp {
         db.query_one(sql, &[]).await.unwrap().get(0)
     }
 
-    /// Messages ready in the intake queue (a fresh connection each time, so it works across
-    /// a broker restart).
+    /// Messages ready in the intake queues, every partition together (a fresh connection
+    /// each time, so it works across a broker restart).
     pub async fn queued(&self) -> u32 {
-        self.queue_depth(&self.topology.intake_queue).await
+        let mut n = 0;
+        for p in &self.topology.partitions {
+            n += self.queue_depth(&p.queue).await;
+        }
+        n
     }
 
     /// Messages ready in the dead-letter queue.
@@ -448,7 +460,8 @@ impl TestApp {
         self.queue_depth(&self.topology.dead_queue).await
     }
 
-    async fn queue_depth(&self, queue: &str) -> u32 {
+    /// Messages ready in `queue`.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
         let conn = floodgate_common::amqp::Link::open(&self.cfg.amqp_url, "floodgate-tests-probe")
             .await
             .expect("amqp");
@@ -533,13 +546,13 @@ impl TestApp {
         }
     }
 
-    /// Publishes a raw message to the intake exchange, as ingress would.
+    /// Publishes a raw message to the intake exchange (partition 0), as ingress would.
     pub async fn publish_raw(&self, payload: &[u8]) {
         let confirm = self
             .channel
             .basic_publish(
                 self.topology.orders_exchange.as_str().into(),
-                self.topology.intake_key.as_str().into(),
+                self.topology.partitions[0].key.as_str().into(),
                 BasicPublishOptions::default(),
                 payload,
                 BasicProperties::default().with_delivery_mode(2),

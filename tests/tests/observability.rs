@@ -162,7 +162,7 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
     let taken = app
         .channel
         .basic_get(
-            app.topology.intake_queue.as_str().into(),
+            app.topology.partitions[0].queue.as_str().into(),
             Default::default(),
         )
         .await
@@ -221,7 +221,7 @@ async fn queue_gauges_and_the_queue_wait_come_from_floodgate_itself() {
     app.channel
         .basic_publish(
             app.topology.orders_exchange.as_str().into(),
-            app.topology.intake_key.as_str().into(),
+            app.topology.partitions[0].key.as_str().into(),
             Default::default(),
             b"not an order either",
             lapin::BasicProperties::default()

@@ -226,7 +226,7 @@ async fn redelivered_batches_create_nothing_twice() {
         let m = app
             .channel
             .basic_get(
-                app.topology.intake_queue.as_str().into(),
+                app.topology.partitions[0].queue.as_str().into(),
                 lapin::options::BasicGetOptions { no_ack: false },
             )
             .await
@@ -325,9 +325,9 @@ async fn a_returned_publish_releases_the_reservation_and_answers_503() {
     // No queue bound: the mandatory publish comes back unroutable.
     app.channel
         .queue_unbind(
-            t.intake_queue.as_str().into(),
+            t.partitions[0].queue.as_str().into(),
             t.orders_exchange.as_str().into(),
-            t.intake_key.as_str().into(),
+            t.partitions[0].key.as_str().into(),
             Default::default(),
         )
         .await
@@ -345,9 +345,9 @@ async fn a_returned_publish_releases_the_reservation_and_answers_503() {
     // Bound again: the same Idempotency-Key places the order (the failed one left no record).
     app.channel
         .queue_bind(
-            t.intake_queue.as_str().into(),
+            t.partitions[0].queue.as_str().into(),
             t.orders_exchange.as_str().into(),
-            t.intake_key.as_str().into(),
+            t.partitions[0].key.as_str().into(),
             Default::default(),
             Default::default(),
         )

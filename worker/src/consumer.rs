@@ -17,7 +17,7 @@
 use crate::{
     acks::AckWindow,
     repo::{self, DbError, OrderRecord},
-    session::{Session, attempt_of},
+    session::{Intake, Session, attempt_of},
 };
 use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::Pool;
@@ -33,7 +33,7 @@ use floodgate_common::{
     trace,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
-use lapin::{BasicProperties, Consumer, message::Delivery, options::BasicAckOptions};
+use lapin::{BasicProperties, message::Delivery, options::BasicAckOptions};
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
@@ -95,6 +95,8 @@ enum Recorded {
 
 /// One delivery.
 struct Item {
+    /// The intake partition it was taken from.
+    partition: usize,
     tag: u64,
     payload: Vec<u8>,
     props: BasicProperties,
@@ -178,13 +180,13 @@ impl Pipeline {
     async fn drain(
         &self,
         session: &Session,
-        consumer: &mut Consumer,
+        consumer: &mut Intake,
         shutdown: &CancellationToken,
     ) -> Halt {
         let (depth, size) = (self.cfg.worker_pipeline, self.cfg.batch_size);
         let mut acks = AckWindow::default();
         let mut in_flight = FuturesUnordered::new();
-        let mut pending: Vec<Delivery> = Vec::with_capacity(size);
+        let mut pending: Vec<(usize, Delivery)> = Vec::with_capacity(size);
         // When the batch being collected must go, full or not.
         let mut fill_until: Option<tokio::time::Instant> = None;
         loop {
@@ -238,15 +240,20 @@ impl Pipeline {
                     }
                 },
                 d = consumer.next(), if room && pending.len() < size => match d {
-                    Some(Ok(d)) => {
+                    Some((p, Some(Ok(d)))) => {
                         observe_queue_wait(&d);
                         if pending.is_empty() {
                             fill_until = Some(tokio::time::Instant::now() + self.cfg.batch_max_wait);
                         }
-                        pending.push(d);
+                        pending.push((p, d));
                     }
-                    Some(Err(e)) => return Halt::Broker(e.into()),
-                    None => return Halt::Broker(anyhow::anyhow!("the broker ended the consumer")),
+                    Some((_, Some(Err(e)))) => return Halt::Broker(e.into()),
+                    Some((p, None)) => {
+                        return Halt::Broker(anyhow::anyhow!(
+                            "the broker ended the consumer of intake partition {p}"
+                        ));
+                    }
+                    None => return Halt::Broker(anyhow::anyhow!("the broker ended the consumers")),
                 },
                 _ = sleep_until_opt(fill_until), if room && fill_until.is_some() => {}
             }
@@ -262,12 +269,12 @@ impl Pipeline {
     async fn process(
         &self,
         session: &Session,
-        batch: Vec<Delivery>,
+        batch: Vec<(usize, Delivery)>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<u64>, Halt> {
         let started = Instant::now();
         metrics::histogram!(names::BATCH_SIZE).record(batch.len() as f64);
-        let tags: Vec<u64> = batch.iter().map(|d| d.delivery_tag).collect();
+        let tags: Vec<u64> = batch.iter().map(|(_, d)| d.delivery_tag).collect();
         let items: Vec<Item> = batch.into_iter().map(decode).collect();
         let span = tracing::info_span!("batch", orders = items.len());
         trace::link(
@@ -297,7 +304,7 @@ impl Pipeline {
                     let delay = self.cfg.retry_delays[attempt - 1];
                     metrics::counter!(names::RETRIES).increment(1);
                     session
-                        .schedule_retry(&item.payload, &item.props, *attempt, delay)
+                        .schedule_retry(item.partition, &item.payload, &item.props, *attempt, delay)
                         .await
                         .map_err(Halt::Broker)?;
                 }
@@ -306,7 +313,7 @@ impl Pipeline {
                     let reason = format!("{why}: {detail}");
                     tracing::warn!(delivery_tag = item.tag, reason, "dead-lettered");
                     session
-                        .dead_letter(&item.payload, &item.props, &reason)
+                        .dead_letter(item.partition, &item.payload, &item.props, &reason)
                         .await
                         .map_err(Halt::Broker)?;
                 }
@@ -676,7 +683,7 @@ where
     .await
 }
 
-fn decode(d: Delivery) -> Item {
+fn decode((partition, d): (usize, Delivery)) -> Item {
     let trace = trace_of(&d.properties);
     let order = IntakeMessage::from_bytes(&d.data)
         .map_err(|e| e.to_string())
@@ -702,6 +709,7 @@ fn decode(d: Delivery) -> Item {
             })
         });
     Item {
+        partition,
         tag: d.delivery_tag,
         attempt: attempt_of(&d.properties),
         props: d.properties,

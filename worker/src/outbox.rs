@@ -78,7 +78,7 @@ impl Session {
         )
         .await?;
         let channel = link.confirm_channel().await?;
-        let topology = Topology::with_retry_steps(&cfg.namespace, cfg.retry_delays.len());
+        let topology = Topology::of(cfg);
         topology.declare_events(&channel).await?;
         Ok(Self {
             link,

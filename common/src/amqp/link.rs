@@ -15,13 +15,32 @@
 //! A session is whatever a service builds on a link (its channels, its declared
 //! topology); the service's `open` builds one whole, so a failure anywhere rebuilds all
 //! of it. lapin's own connection recovery stays off (see `ingress/src/publisher.rs`).
+//!
+//! # Several nodes
+//!
+//! `FLOODGATE_AMQP_URL` may list the nodes of one RabbitMQ cluster, comma-separated
+//! ([`Nodes`]). Every [`Link::open`] starts at the next node of a process-wide rotation
+//! and, if that node refuses or does not finish the handshake within its share of
+//! [`CONNECT_TIMEOUT`], goes on to the following ones: a process's links spread over the
+//! nodes, and a reconnect after a node died lands on a live node in the same call.
+//! (lapin 4's `Connection::connector` would call a closure on every connect of lapin's
+//! own recovery; that recovery stays off, so every reconnect here is a new
+//! [`Link::open`] and rotates by itself.)
 
 use crate::{
     retry::{Backoff, Waits},
     telemetry::names,
 };
-use lapin::{Channel, Connection, ConnectionProperties, options::ConfirmSelectOptions};
-use std::{future::Future, time::Duration};
+use lapin::{
+    Channel, Connection, ConnectionProperties, options::ConfirmSelectOptions, uri::AMQPUri,
+};
+use std::{
+    fmt,
+    future::Future,
+    str::FromStr,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -37,23 +56,150 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// shortest wait again.
 pub const HEALTHY_LINK: Duration = Duration::from_secs(10);
 
+/// The shortest time one node of a list gets to finish a connection: a list of many
+/// nodes shares [`CONNECT_TIMEOUT`] between them, but never below this.
+pub const NODE_CONNECT_TIMEOUT_MIN: Duration = Duration::from_secs(3);
+
+/// The nodes of `FLOODGATE_AMQP_URL`: one AMQP URI, or a comma-separated list of the
+/// URIs of one cluster's nodes (same vhost and user on each). Parse, don't validate:
+/// [`crate::Config`] builds it once at start-up, so a bad list is refused there.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Nodes(Vec<AMQPUri>);
+
+impl Nodes {
+    /// Parses a list; the error names the bad entry by position (never its text, which
+    /// may hold a password).
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+        let n = entries.len();
+        let mut nodes = Vec::with_capacity(n);
+        for (i, e) in entries.iter().enumerate() {
+            if e.is_empty() {
+                return Err(format!(
+                    "entry {} of {n} is empty (a list is `amqp://a:5672/%2f,amqp://b:5672/%2f`)",
+                    i + 1
+                ));
+            }
+            if !e.starts_with("amqp://") && !e.starts_with("amqps://") {
+                return Err(format!(
+                    "entry {} of {n} does not start with amqp:// or amqps://",
+                    i + 1
+                ));
+            }
+            let uri = AMQPUri::from_str(e).map_err(|why| {
+                format!(
+                    "entry {} of {n} is not an AMQP URI: {}",
+                    i + 1,
+                    why.replace(e, "<entry>")
+                )
+            })?;
+            nodes.push(uri);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, u) in nodes.iter().enumerate() {
+            if !seen.insert((u.authority.host.as_str(), u.authority.port)) {
+                return Err(format!(
+                    "entry {} of {n} names {}:{} again",
+                    i + 1,
+                    u.authority.host,
+                    u.authority.port
+                ));
+            }
+        }
+        Ok(Self(nodes))
+    }
+
+    /// How many nodes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true: a list holds at least one node.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `host:port` of node `i`, for logs (never the credentials).
+    pub fn addr(&self, i: usize) -> String {
+        let a = &self.0[i].authority;
+        format!("{}:{}", a.host, a.port)
+    }
+}
+
+impl fmt::Debug for Nodes {
+    /// Hosts and ports only: the URIs hold the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries((0..self.len()).map(|i| self.addr(i)))
+            .finish()
+    }
+}
+
+/// Where the next [`Link::open`] of this process starts in its node list.
+static NEXT_NODE: AtomicUsize = AtomicUsize::new(0);
+
 /// A named connection to the broker (the name shows in the management UI).
 pub struct Link {
     conn: Connection,
+    /// `host:port` of the node it is connected to.
+    node: String,
 }
 
 impl Link {
-    /// Connects; fails after [`CONNECT_TIMEOUT`].
+    /// Connects to one of the nodes `url` lists (see the module docs): the next in the
+    /// process's rotation first, then each following one. Fails when none connected,
+    /// after at most about [`CONNECT_TIMEOUT`] (each node gets an equal share of it, at
+    /// least [`NODE_CONNECT_TIMEOUT_MIN`]).
     pub async fn open(url: &str, name: &str) -> lapin::Result<Self> {
-        let props = ConnectionProperties::default().with_connection_name(name.into());
-        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
-            Ok(conn) => Ok(Self { conn: conn? }),
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no AMQP connection within {CONNECT_TIMEOUT:?}"),
+        let nodes = Nodes::parse(url).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("FLOODGATE_AMQP_URL: {e}"),
             )
-            .into()),
+        })?;
+        let n = nodes.len();
+        let per_node = (CONNECT_TIMEOUT / n as u32).max(NODE_CONNECT_TIMEOUT_MIN);
+        let first = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let props = ConnectionProperties::default().with_connection_name(name.into());
+            let attempt =
+                tokio::time::timeout(per_node, Connection::connect_uri(nodes.0[i].clone(), props))
+                    .await;
+            let e = match attempt {
+                Ok(Ok(conn)) => {
+                    return Ok(Self {
+                        conn,
+                        node: nodes.addr(i),
+                    });
+                }
+                Ok(Err(e)) => e,
+                Err(_) => std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no AMQP connection within {per_node:?}"),
+                )
+                .into(),
+            };
+            if n > 1 {
+                tracing::info!(node = nodes.addr(i), error = %e, "AMQP node unreachable; trying the next");
+            }
+            last_error = Some((i, e));
         }
+        let (i, e) = last_error.expect("a list holds at least one node");
+        if n == 1 {
+            return Err(e);
+        }
+        Err(std::io::Error::other(format!(
+            "none of the {n} AMQP nodes {nodes:?} connected; the last ({}) said: {e}",
+            nodes.addr(i)
+        ))
+        .into())
+    }
+
+    /// `host:port` of the node this link is connected to.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// A new channel.
