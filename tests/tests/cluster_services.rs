@@ -214,8 +214,9 @@ async fn topology(sku: &str, stock: i64) -> (PrivateCluster, TestApp) {
             c.amqp_url = amqp;
             c.database_url = db;
             // An ingress killed between its reservation and its answer leaves a
-            // reservation nobody confirms: expired after 5 s, so the run ends soon.
-            c.reservation_ttl = Duration::from_secs(5);
+            // reservation nobody confirms: expired after 8 s (at least the publish
+            // timeout + 2 s, the services insist), so the run ends soon.
+            c.reservation_ttl = Duration::from_secs(8);
             c.reaper_interval = Duration::from_millis(200);
         }),
         ..Options::default()
@@ -227,64 +228,40 @@ async fn topology(sku: &str, stock: i64) -> (PrivateCluster, TestApp) {
 
 /// Every 202 recorded with an outcome, nothing oversold, Redis equal to PostgreSQL;
 /// prints the `FAULT` line.
-async fn check(app: &TestApp, fault: &str, seen: &Seen, stock: i64) {
+async fn check(app: &TestApp, fault: &str, sku: &str, seen: &Seen, stock: i64) {
     assert!(seen.accepted.len() > 50, "the sale ran: {seen:?}");
     app.wait_idle().await;
     let outcomes = app.assert_invariants(&seen.accepted).await;
-    let sold = app.scalar("SELECT sold FROM inventory").await;
+    let sold = app
+        .scalar(&format!("SELECT sold FROM inventory WHERE sku = '{sku}'"))
+        .await;
     assert!(sold <= stock, "oversold: {sold} of {stock}");
-    assert_eq!(
-        outcomes.get("confirmed").copied().unwrap_or(0),
-        sold,
-        "every confirmed unit is sold once"
+    // An ingress killed after its publish but before its answer leaves orders that are
+    // committed although their buyer saw no 202: sold counts them, the 202s do not.
+    let confirmed = outcomes.get("confirmed").copied().unwrap_or(0);
+    assert!(
+        confirmed <= sold,
+        "{confirmed} confirmed 202s of {sku} but only {sold} sold"
     );
     let sent: usize = seen.statuses.values().sum();
     eprintln!(
         "FAULT | cluster: {fault} | sent {sent} | answers {:?} | accepted {} | failed over {} | \
-         longest gap {:?} | outcomes {outcomes:?} | invariants hold",
+         longest gap {:?} | outcomes {outcomes:?} | committed without a 202 {} | invariants hold",
         seen.statuses,
         seen.accepted.len(),
         seen.failovers,
-        seen.longest_gap
+        seen.longest_gap,
+        sold - confirmed
     );
 }
 
+/// One topology for both faults (a RabbitMQ cluster takes 15-40 s to start): first one
+/// of the two workers is killed, then (two workers again) one of the two ingresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_of_two_workers_killed_under_load() {
+async fn one_of_two_workers_then_one_of_two_ingresses_killed_under_load() {
     let stock = 4000;
     let (cluster, app) = topology("cw-tee", stock).await;
-    let mut ingress = Service::start(INGRESS_EXE, "ingress-1", &app, &cluster);
-    let mut workers = [
-        Service::start(WORKER_EXE, "worker-1", &app, &cluster),
-        Service::start(WORKER_EXE, "worker-2", &app, &cluster),
-    ];
-    ingress.ready().await;
-    for w in &mut workers {
-        w.ready().await;
-    }
-    let urls = [ingress.url.clone()];
-    let killer = async {
-        tokio::time::sleep(KILL_AFTER).await;
-        workers[0].kill();
-        Instant::now()
-    };
-    let (seen, killed_at) = tokio::join!(load(&app, &urls, "cw-tee"), killer);
-    // The survivor drains what the dead worker held (redelivered) and the rest.
-    eventually(Duration::from_secs(60), || async {
-        app.queued().await == 0
-    })
-    .await;
-    eprintln!(
-        "worker-1 killed; queue drained {:?} later",
-        killed_at.elapsed()
-    );
-    check(&app, "1 of 2 workers kill -9", &seen, stock).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_of_two_ingresses_killed_under_load() {
-    let stock = 4000;
-    let (cluster, app) = topology("ci-tee", stock).await;
+    app.create_sku("ci-tee", stock, None).await;
     let mut ingresses = [
         Service::start(INGRESS_EXE, "ingress-1", &app, &cluster),
         Service::start(INGRESS_EXE, "ingress-2", &app, &cluster),
@@ -297,6 +274,28 @@ async fn one_of_two_ingresses_killed_under_load() {
         s.ready().await;
     }
     let urls: Vec<String> = ingresses.iter().map(|i| i.url.clone()).collect();
+
+    // 1. One of two workers.
+    let killer = async {
+        tokio::time::sleep(KILL_AFTER).await;
+        workers[0].kill();
+        Instant::now()
+    };
+    let (seen, killed_at) = tokio::join!(load(&app, &urls, "cw-tee"), killer);
+    // The survivor drains what the dead worker held (redelivered) and the rest.
+    eventually(Duration::from_secs(60), || async {
+        app.queued().await == 0
+    })
+    .await;
+    eprintln!(
+        "worker-1 killed; queue drained {:?} after the kill",
+        killed_at.elapsed()
+    );
+    check(&app, "1 of 2 workers kill -9", "cw-tee", &seen, stock).await;
+
+    // 2. One of two ingresses, with two workers again.
+    workers[0] = Service::start(WORKER_EXE, "worker-1b", &app, &cluster);
+    workers[0].ready().await;
     let killer = async {
         tokio::time::sleep(KILL_AFTER).await;
         ingresses[0].kill();
@@ -306,5 +305,5 @@ async fn one_of_two_ingresses_killed_under_load() {
         seen.failovers > 0,
         "buyers of the killed ingress moved: {seen:?}"
     );
-    check(&app, "1 of 2 ingresses kill -9", &seen, stock).await;
+    check(&app, "1 of 2 ingresses kill -9", "ci-tee", &seen, stock).await;
 }

@@ -746,7 +746,12 @@ async fn a_lost_event_queue_closes_order_subscribers_with_resync_and_recovers() 
 
     // The notifier's queue vanishes under it (an operator, a broker that lost its data).
     let prefix = format!("{}.events.notifier.", app.cfg.namespace);
-    let listed = std::process::Command::new("rabbitmqctl")
+    // FG_TEST_RABBITMQCTL: the command that lists the test broker's queues when it is not
+    // the local node (`ops/stack test --cluster` names `ops/cluster ... rabbitmq ctl`).
+    let ctl = std::env::var("FG_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut ctl = ctl.split_whitespace();
+    let listed = std::process::Command::new(ctl.next().expect("a command"))
+        .args(ctl)
         .args(["list_queues", "-q", "--no-table-headers", "name"])
         .output()
         .expect("rabbitmqctl");
