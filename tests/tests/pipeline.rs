@@ -226,7 +226,11 @@ async fn redelivered_batches_create_nothing_twice() {
         let m = app
             .channel
             .basic_get(
-                app.topology.partitions[0].queue.as_str().into(),
+                app.topology.partitions
+                    [floodgate_common::amqp::partition_of("lamp", app.topology.partitions.len())]
+                .queue
+                .as_str()
+                .into(),
                 lapin::options::BasicGetOptions { no_ack: false },
             )
             .await
@@ -322,12 +326,14 @@ async fn a_returned_publish_releases_the_reservation_and_answers_503() {
     let app = TestApp::spawn().await;
     app.create_sku("poster", 5, None).await;
     let t = &app.topology;
+    // The partition "poster" orders go to (the one of N the test's environment gives).
+    let p = &t.partitions[floodgate_common::amqp::partition_of("poster", t.partitions.len())];
     // No queue bound: the mandatory publish comes back unroutable.
     app.channel
         .queue_unbind(
-            t.partitions[0].queue.as_str().into(),
+            p.queue.as_str().into(),
             t.orders_exchange.as_str().into(),
-            t.partitions[0].key.as_str().into(),
+            p.key.as_str().into(),
             Default::default(),
         )
         .await
@@ -345,9 +351,9 @@ async fn a_returned_publish_releases_the_reservation_and_answers_503() {
     // Bound again: the same Idempotency-Key places the order (the failed one left no record).
     app.channel
         .queue_bind(
-            t.partitions[0].queue.as_str().into(),
+            p.queue.as_str().into(),
             t.orders_exchange.as_str().into(),
-            t.partitions[0].key.as_str().into(),
+            p.key.as_str().into(),
             Default::default(),
             Default::default(),
         )
