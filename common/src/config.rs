@@ -620,6 +620,14 @@ impl Config {
                 reason: "must be at least 1 while FLOODGATE_REDIS_WAIT_REPLICAS is set (WAIT 0 waits forever)".into(),
             });
         }
+        // A WAIT past the cluster client's bound would always time out client-side and
+        // count every batch as short.
+        if self.redis_wait_timeout > Duration::from_millis(1_000) {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_REDIS_WAIT_TIMEOUT_MS",
+                reason: "must be at most 1000 (a Redis request is bounded at 2 s)".into(),
+            });
+        }
         if self.reaper_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 var: "FLOODGATE_REAPER_INTERVAL_MS",

@@ -8,8 +8,8 @@ use redis::aio::ConnectionLike;
 
 /// Loads every SKU's available units (on_hand - sold), per-user limits, the units each
 /// user holds and the applied stock-change tokens from PostgreSQL into Redis, replacing
-/// what was there, then sets the stock epoch that opens ingress. All in one MULTI, so
-/// ingress never sees half a load.
+/// what was there, in one MULTI (nobody sees half a load), then sets the stock epoch that
+/// opens ingress.
 ///
 /// Orders still queued between ingress and the worker are not in PostgreSQL yet; loading
 /// while they are in flight makes Redis count their units as available again. The caller
@@ -90,12 +90,20 @@ pub async fn load<C: ConnectionLike>(
         };
         pipe.sadd(keys.applied(), token);
     }
-    // A new value per load: a notifier that sees the epoch change re-reads every level.
-    pipe.set(keys.epoch(), uuid::Uuid::now_v7().to_string());
     let _: () = pipe
         .query_async(con)
         .await
         .context("writing stock to Redis")?;
+    // The gate opens only after the load succeeded, in a command of its own: a cluster
+    // client may re-send the MULTI after a dropped connection, and a re-sent load must
+    // not overwrite what orders reserved after a gate it had already opened. A new
+    // value per load: a notifier that sees the epoch change re-reads every level.
+    let _: () = redis::cmd("SET")
+        .arg(keys.epoch())
+        .arg(uuid::Uuid::now_v7().to_string())
+        .query_async(con)
+        .await
+        .context("opening the gate (the stock epoch)")?;
     Ok(skus.len())
 }
 

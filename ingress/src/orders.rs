@@ -231,7 +231,7 @@ async fn place_to_the_end(
             }
             Reserve::SoldOut { sku, available } => {
                 if available == 0 {
-                    st.sold_out.remember(&sku);
+                    st.sold_out.remember(&sku, started);
                 }
                 return Err(ApiError::SoldOut { sku, available });
             }

@@ -43,8 +43,10 @@ impl SoldOut {
         until.get(sku.as_str()).is_some_and(|t| Instant::now() < *t)
     }
 
-    /// The reserve script found `sku` with nothing left.
-    pub fn remember(&self, sku: &str) {
+    /// The reserve script, sent at `asked`, found `sku` with nothing left. The bound runs
+    /// from the moment of asking (the script ran after it), and a late reply never moves
+    /// an entry back to an older observation.
+    pub fn remember(&self, sku: &str, asked: Instant) {
         if self.ttl.is_zero() {
             return;
         }
@@ -55,7 +57,9 @@ impl SoldOut {
         if until.len() >= 1024 {
             until.retain(|_, t| now < *t);
         }
-        until.insert(sku.to_owned(), now + self.ttl);
+        let t = asked + self.ttl;
+        let e = until.entry(sku.to_owned()).or_insert(t);
+        *e = (*e).max(t);
     }
 }
 
@@ -68,12 +72,12 @@ mod tests {
         let s = SoldOut::new(Duration::from_millis(50));
         let sku = Sku::parse("tee").unwrap();
         assert!(!s.is_sold_out(&sku));
-        s.remember("tee");
+        s.remember("tee", Instant::now());
         assert!(s.is_sold_out(&sku));
         std::thread::sleep(Duration::from_millis(60));
         assert!(!s.is_sold_out(&sku), "forgotten after the bound");
         let off = SoldOut::new(Duration::ZERO);
-        off.remember("tee");
+        off.remember("tee", Instant::now());
         assert!(!off.is_sold_out(&sku));
     }
 }
