@@ -94,6 +94,9 @@ pub struct Settled {
     pub finished: usize,
     /// Open reservations of orders PostgreSQL holds failed: their units given back.
     pub released: usize,
+    /// Committed stock changes (receipts, a SKU's initial stock, cancels) whose Redis
+    /// half was lost: applied now, under their own token.
+    pub reapplied: usize,
 }
 
 /// Settles open reservations whose order PostgreSQL already decided.
@@ -181,15 +184,103 @@ pub async fn settle<C: ConnectionLike>(
             .context("marking committed orders done")?;
         settled.finished += done.len();
     }
+    settled.reapplied = reapply_stock_changes(&db, con, keys).await?;
     if settled != Settled::default() {
         tracing::warn!(
             finished = settled.finished,
             released = settled.released,
+            reapplied = settled.reapplied,
             "settled reservations whose order PostgreSQL had already decided (a lost Redis write)"
         );
     }
     Ok(settled)
 }
+
+/// Applies every committed receipt and cancel whose token Redis's `applied` set lacks:
+/// ingress writes PostgreSQL first and Redis after (`apply_stock.lua`), and a lost Redis
+/// write (a failover) would leave those units out of sale until a reload. The token makes
+/// it safe beside a request still on its way to apply it: whichever comes first applies
+/// the change, the other finds the token and changes nothing.
+async fn reapply_stock_changes<C: ConnectionLike>(
+    db: &deadpool_postgres::Object,
+    con: &mut C,
+    keys: &Keys,
+) -> anyhow::Result<usize> {
+    use crate::domain::{Sku, UserId};
+    use crate::redis::{StockChange, apply_stock, cancel_token, receive_token};
+    let rows = db
+        .query(
+            "SELECT m.sku, m.kind, m.reference, m.qty, s.per_user_limit, o.user_id
+               FROM stock_movements m
+               JOIN skus s ON s.sku = m.sku
+               LEFT JOIN orders o ON m.kind = 'cancel' AND o.id::text = m.reference
+              WHERE m.kind IN ('receive', 'cancel')
+              ORDER BY m.id",
+            &[],
+        )
+        .await
+        .context("reading receipts and cancels")?;
+    let mut reapplied = 0;
+    for chunk in rows.chunks(SCAN_CHUNK) {
+        let mut changes = Vec::new();
+        for r in chunk {
+            let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) else {
+                continue;
+            };
+            let reference: String = r.get("reference");
+            let qty: i64 = r.get("qty");
+            match r.get::<_, &str>("kind") {
+                "cancel" => {
+                    let (Some(order), Some(Ok(user))) = (
+                        OrderId::parse(&reference),
+                        r.get::<_, Option<String>>("user_id").map(UserId::parse),
+                    ) else {
+                        continue;
+                    };
+                    changes.push((cancel_token(&order, &sku), sku, qty, None, Some(user)));
+                }
+                _ => {
+                    // A SKU's first receipt also set its per-user limit.
+                    let limit = (reference == INITIAL_REFERENCE)
+                        .then(|| i64::from(r.get::<_, i32>("per_user_limit")));
+                    changes.push((receive_token(&sku, &reference), sku, qty, limit, None));
+                }
+            }
+        }
+        if changes.is_empty() {
+            continue;
+        }
+        let present: Vec<bool> = redis::cmd("SMISMEMBER")
+            .arg(keys.applied())
+            .arg(changes.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
+            .query_async(con)
+            .await
+            .context("reading the applied stock-change tokens")?;
+        for ((token, sku, qty, limit, user), present) in changes.iter().zip(present) {
+            if present {
+                continue;
+            }
+            apply_stock(
+                con,
+                keys,
+                &StockChange {
+                    sku,
+                    units: *qty,
+                    token,
+                    per_user_limit: *limit,
+                    user: user.as_ref().map(|u| (u, -qty)),
+                },
+            )
+            .await
+            .context("applying a committed stock change")?;
+            reapplied += 1;
+        }
+    }
+    Ok(reapplied)
+}
+
+/// The reference of a SKU's initial stock in the ledger (what `POST /v1/skus` writes).
+pub const INITIAL_REFERENCE: &str = "initial";
 
 /// One pass over every invariant.
 async fn check_once<C: ConnectionLike>(

@@ -113,7 +113,7 @@ pub struct NewSku {
 }
 
 /// The reference of the receipt that records a SKU's initial stock.
-pub const INITIAL_REFERENCE: &str = "initial";
+pub const INITIAL_REFERENCE: &str = floodgate_common::reconcile::INITIAL_REFERENCE;
 
 /// Inserts the SKU, its inventory row and the initial receipt in one transaction.
 /// Returns false if the SKU exists already (nothing written).

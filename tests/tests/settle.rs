@@ -82,7 +82,8 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
         settled,
         Settled {
             finished: 1,
-            released: 1
+            released: 1,
+            reapplied: 0
         }
     );
     assert_eq!(
@@ -100,4 +101,82 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
         .unwrap();
     assert_eq!(again, Settled::default());
     assert_eq!(app.available("mug").await, Some(8));
+
+    // A receipt committed in PostgreSQL whose Redis half was lost: its token is missing
+    // and its units are not on sale. Settling applies it, once.
+    let r = app
+        .post(
+            "/v1/skus/mug/receive",
+            Some(&app.admin()),
+            &json!({"qty": 4, "reference": "po-1"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(app.available("mug").await, Some(12));
+    let _: () = redis::pipe()
+        .srem(app.keys.applied(), "receive:mug:po-1")
+        .hincr(app.keys.stock(), "mug", -4)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        !reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let settled = reconcile::settle(&app.pg, &mut redis, &app.keys)
+        .await
+        .unwrap();
+    assert_eq!(settled.reapplied, 1, "{settled:?}");
+    assert_eq!(app.available("mug").await, Some(12));
+    let again = reconcile::settle(&app.pg, &mut redis, &app.keys)
+        .await
+        .unwrap();
+    assert_eq!(again, Settled::default());
+    assert_eq!(app.available("mug").await, Some(12));
+    let after = reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+        .await
+        .unwrap();
+    assert!(after.is_empty(), "{after:?}");
+
+    // A cancel committed in PostgreSQL whose Redis half was lost: the 2 units and alice's
+    // holding of them stay taken until settled.
+    let c = app
+        .post(
+            &format!("/v1/orders/{confirmed}/cancel"),
+            Some(&alice),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(app.available("mug").await, Some(14));
+    let token = format!("cancel:{confirmed}:mug");
+    let alice_key = app.keys.user(&user);
+    let _: () = redis::pipe()
+        .srem(app.keys.applied(), &token)
+        .hincr(app.keys.stock(), "mug", -2)
+        .hincr(&alice_key, "mug", 2)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let settled = reconcile::settle(&app.pg, &mut redis, &app.keys)
+        .await
+        .unwrap();
+    assert_eq!(settled.reapplied, 1, "{settled:?}");
+    assert_eq!(app.available("mug").await, Some(14));
+    let held: i64 = redis::cmd("HGET")
+        .arg(&alice_key)
+        .arg("mug")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        held, 0,
+        "alice holds nothing: the failed order's 3 released, the cancelled 2 given back"
+    );
+    let after = reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+        .await
+        .unwrap();
+    assert!(after.is_empty(), "{after:?}");
 }
