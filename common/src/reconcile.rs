@@ -38,20 +38,21 @@ fn v(kind: &'static str, detail: String) -> Violation {
 /// Reservation ids read per `ZSCAN` step, and reservations read per pipelined round trip.
 const SCAN_CHUNK: usize = 1_000;
 
-/// Units held by open reservations (reserved, queued or claimed: not yet committed), per SKU.
+/// Calls `each` with every open reservation (reserved, queued or claimed: not yet
+/// committed) and its order id.
 ///
 /// Walks the deadlines zset with `ZSCAN` and reads each step's reservations in one
 /// pipelined round trip: about N/[`SCAN_CHUNK`] round trips, and no command that holds
 /// Redis for the whole set (this runs on the worker's shared connection, beside its
-/// orders). A reservation present for the whole walk is counted exactly once (`ZSCAN`
-/// may return an id twice; the second is skipped); one added or removed meanwhile may or
-/// may not be, as with any read that is not one snapshot, which is why a violation must
-/// be seen in several passes.
-async fn held_by_reservations<C: ConnectionLike>(
+/// orders). A reservation present for the whole walk is seen exactly once (`ZSCAN` may
+/// return an id twice; the second is skipped); one added or removed meanwhile may or may
+/// not be, as with any read that is not one snapshot, which is why a violation must be
+/// seen in several passes.
+async fn walk_open_reservations<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
-) -> anyhow::Result<BTreeMap<String, i64>> {
-    let mut held = BTreeMap::new();
+    mut each: impl FnMut(OrderId, crate::redis::Reservation),
+) -> anyhow::Result<()> {
     let mut seen = HashSet::new();
     let mut cursor: u64 = 0;
     loop {
@@ -74,17 +75,32 @@ async fn held_by_reservations<C: ConnectionLike>(
             let found = crate::redis::reservations(con, keys, chunk)
                 .await
                 .context("reading reservations")?;
-            for r in found.into_iter().flatten().filter(|r| r.state.is_open()) {
-                for l in r.lines {
-                    *held.entry(l.sku.to_string()).or_default() += l.qty.get();
+            for (id, r) in chunk.iter().zip(found) {
+                if let Some(r) = r.filter(|r| r.state.is_open()) {
+                    each(*id, r);
                 }
             }
         }
         cursor = next;
         if cursor == 0 {
-            return Ok(held);
+            return Ok(());
         }
     }
+}
+
+/// Units held by open reservations, per SKU.
+async fn held_by_reservations<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+) -> anyhow::Result<BTreeMap<String, i64>> {
+    let mut held = BTreeMap::new();
+    walk_open_reservations(con, keys, |_, r| {
+        for l in r.lines {
+            *held.entry(l.sku.to_string()).or_default() += l.qty.get();
+        }
+    })
+    .await?;
+    Ok(held)
 }
 
 /// What [`settle`] did.
@@ -117,38 +133,7 @@ pub async fn settle<C: ConnectionLike>(
     keys: &Keys,
 ) -> anyhow::Result<Settled> {
     let mut open: Vec<(OrderId, crate::domain::UserId)> = Vec::new();
-    let mut seen = HashSet::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, members_and_scores): (u64, Vec<String>) = redis::cmd("ZSCAN")
-            .arg(keys.deadlines())
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(SCAN_CHUNK)
-            .query_async(con)
-            .await
-            .context("scanning the reservation deadlines")?;
-        let ids: Vec<OrderId> = members_and_scores
-            .iter()
-            .step_by(2)
-            .filter_map(|id| OrderId::parse(id))
-            .filter(|id| seen.insert(*id))
-            .collect();
-        for chunk in ids.chunks(SCAN_CHUNK) {
-            let found = crate::redis::reservations(con, keys, chunk)
-                .await
-                .context("reading reservations")?;
-            for (id, r) in chunk.iter().zip(found) {
-                if let Some(r) = r.filter(|r| r.state.is_open()) {
-                    open.push((*id, r.user));
-                }
-            }
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
+    walk_open_reservations(con, keys, |id, r| open.push((id, r.user))).await?;
     let mut settled = Settled::default();
     let db = pool.get().await.context("PostgreSQL connection")?;
     for chunk in open.chunks(SCAN_CHUNK) {
