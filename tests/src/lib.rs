@@ -462,6 +462,11 @@ impl TestApp {
 
     /// Messages ready in `queue`.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
+        self.queue_info(queue).await.0
+    }
+
+    /// (messages ready, consumers) of `queue`, asked on a link of its own.
+    pub async fn queue_info(&self, queue: &str) -> (u32, u32) {
         let conn = floodgate_common::amqp::Link::open(&self.cfg.amqp_url, "floodgate-tests-probe")
             .await
             .expect("amqp");
@@ -476,9 +481,9 @@ impl TestApp {
                 FieldTable::default(),
             )
             .await
-            .expect("queue exists");
+            .unwrap_or_else(|e| panic!("{queue}: {e}"));
         conn.close().await;
-        q.message_count()
+        (q.message_count(), q.consumer_count())
     }
 
     /// Reservations not yet committed or released. Retries through a Redis restart (the

@@ -45,32 +45,11 @@ fn partitioned(tweak: impl FnOnce(&mut Config) + Send + 'static, worker: bool) -
     }
 }
 
-/// (messages, consumers) of `queue`, asked on a link of its own.
-async fn queue_info(app: &TestApp, queue: &str) -> (u32, u32) {
-    let link = Link::open(&app.cfg.amqp_url, "floodgate-tests-partitions")
-        .await
-        .unwrap();
-    let ch = link.channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{queue}: {e}"));
-    link.close().await;
-    (q.message_count(), q.consumer_count())
-}
-
 /// Messages ready in each intake partition, in order.
 async fn depths(app: &TestApp) -> Vec<u32> {
     let mut out = Vec::new();
     for p in &app.topology.partitions {
-        out.push(queue_info(app, &p.queue).await.0);
+        out.push(app.queue_info(&p.queue).await.0);
     }
     out
 }
@@ -81,7 +60,7 @@ async fn retry_depths(app: &TestApp) -> Vec<u32> {
     for p in &app.topology.partitions {
         let mut n = 0;
         for q in &p.retry_queues {
-            n += queue_info(app, q).await.0;
+            n += app.queue_info(q).await.0;
         }
         out.push(n);
     }
@@ -122,7 +101,7 @@ async fn orders_land_in_their_skus_partition_and_every_partition_is_consumed() {
     app.wait_idle().await;
     for p in &app.topology.partitions {
         assert_eq!(
-            queue_info(&app, &p.queue).await,
+            app.queue_info(&p.queue).await,
             (0, 1),
             "{} drained by the worker",
             p.queue
@@ -323,7 +302,7 @@ async fn an_earlier_versions_classic_delay_queue_is_drained_then_deleted() {
         .await
         .unwrap();
     m.delivery.acker.ack(Default::default()).await.unwrap();
-    assert_eq!(queue_info(&app, &legacy).await.0, 1);
+    assert_eq!(app.queue_info(&legacy).await.0, 1);
 
     // A worker leaves the queue while it holds the retry, which comes back by itself and
     // is committed; the next session deletes the empty queue.
