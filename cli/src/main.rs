@@ -5,9 +5,7 @@ use clap::{Parser, Subcommand};
 use floodgate_common::{
     Config, auth, dlq,
     domain::{Role, UserId},
-    reconcile,
-    redis::Keys,
-    telemetry,
+    reconcile, telemetry,
 };
 use std::time::Duration;
 
@@ -168,10 +166,14 @@ async fn reconcile_cmd(
     let mut redis = floodgate_common::redis::connect(&cfg.redis_url)
         .await
         .context("connecting to Redis")?;
-    let keys = Keys::new(&cfg.namespace);
-    let loaded = floodgate_common::redis::stock_loaded(&mut redis, &keys)
+    let shards = cfg.shards();
+    // Loaded: every shard has its epoch, and Redis was loaded with this shard count.
+    let loaded = floodgate_common::redis::all_loaded(&redis, &shards)
         .await
-        .context("reading the stock epoch")?;
+        .context("reading the stock epochs")?
+        && floodgate_common::stock::check_layout(&mut redis, &shards)
+            .await
+            .is_ok();
     if if_unloaded && loaded {
         // Starting a stack must not cost time proportional to history: the invariant
         // scan is `floodgate reconcile --check`'s job.
@@ -189,7 +191,7 @@ async fn reconcile_cmd(
         )
         .await?;
     }
-    let violations = reconcile::check(&pool, &mut redis, &keys, 3).await?;
+    let violations = reconcile::check(&pool, &mut redis, &shards, 3).await?;
     if violations.is_empty() {
         println!("ok: Redis matches PostgreSQL and every invariant holds");
         Ok(0)

@@ -43,6 +43,11 @@ pub const VARS: &[Var] = &[
         about: "how long a 202 waits for those replicas; past it the order is answered 202 anyway and counted",
     },
     Var {
+        name: "FLOODGATE_REDIS_SHARDS",
+        default: "1",
+        about: "hash slots (1-64) a namespace's SKUs spread over, each its own key set; every process must agree (change it only as OPERATIONS.md says)",
+    },
+    Var {
         name: "FLOODGATE_AMQP_URL",
         default: "amqp://guest:guest@127.0.0.1:5672/%2f",
         about: "RabbitMQ: one URI, or the comma-separated URIs of one cluster's nodes (every connection rotates over them)",
@@ -401,6 +406,10 @@ pub struct Config {
     pub redis_wait_replicas: u32,
     /// The longest a 202 waits for them.
     pub redis_wait_timeout: Duration,
+    /// `FLOODGATE_REDIS_SHARDS` (1..=64): the hash slots a namespace's SKUs spread over
+    /// ([`crate::redis::Shards`]). Every process of a namespace must agree on it; Redis
+    /// records the count it was loaded with and a process with another refuses to start.
+    pub redis_shards: usize,
     /// `FLOODGATE_AMQP_URL`: one AMQP URI, or the comma-separated URIs of one cluster's
     /// nodes ([`crate::amqp::Nodes`], checked here at start-up); every connection rotates
     /// over them on connect and reconnect.
@@ -506,6 +515,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The namespace's Redis shards ([`crate::redis::Shards`]).
+    pub fn shards(&self) -> crate::redis::Shards {
+        crate::redis::Shards::new(&self.namespace, self.redis_shards)
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
@@ -551,6 +565,7 @@ impl Config {
             redis_url: string("FLOODGATE_REDIS_URL", "redis://127.0.0.1:6379"),
             redis_wait_replicas: parsed(&get, "FLOODGATE_REDIS_WAIT_REPLICAS", 0)?,
             redis_wait_timeout: ms("FLOODGATE_REDIS_WAIT_TIMEOUT_MS", 50)?,
+            redis_shards: parsed(&get, "FLOODGATE_REDIS_SHARDS", 1)?,
             amqp_url: string(
                 "FLOODGATE_AMQP_URL",
                 "amqp://guest:guest@127.0.0.1:5672/%2f",
@@ -653,6 +668,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 var: "FLOODGATE_AMQP_URL",
                 reason,
+            });
+        }
+        if self.redis_shards == 0 || self.redis_shards > crate::redis::MAX_SHARDS {
+            return Err(ConfigError::Invalid {
+                var: "FLOODGATE_REDIS_SHARDS",
+                reason: format!("must be 1..={}", crate::redis::MAX_SHARDS),
             });
         }
         if self.intake_partitions == 0 || self.intake_partitions > crate::amqp::MAX_PARTITIONS {
@@ -966,6 +987,17 @@ mod tests {
                 e.to_string().starts_with("FLOODGATE_INTAKE_PARTITIONS"),
                 "{e}"
             );
+        }
+        assert_eq!(cfg(&[]).unwrap().redis_shards, 1);
+        assert_eq!(
+            cfg(&[("FLOODGATE_REDIS_SHARDS", "8")])
+                .unwrap()
+                .redis_shards,
+            8
+        );
+        for bad in ["0", "65", "x"] {
+            let e = cfg(&[("FLOODGATE_REDIS_SHARDS", bad)]).unwrap_err();
+            assert!(e.to_string().starts_with("FLOODGATE_REDIS_SHARDS"), "{e}");
         }
         let c = cfg(&[("FLOODGATE_RETRY_DELAYS_MS", "100, 2000")]).unwrap();
         assert_eq!(

@@ -1,7 +1,7 @@
 //! Dependency probes: one real, bounded round trip each. `/readyz` of every service and the
 //! worker's outage probing use the same ones.
 
-use crate::redis::{Keys, Redis};
+use crate::redis::{Redis, Shards};
 use crate::supervise::{Role, Supervisor, TaskState};
 use deadpool_postgres::Pool;
 use serde_json::{Value, json};
@@ -10,12 +10,21 @@ use std::time::Duration;
 /// How long one probe may take before its dependency counts as down.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One bounded PING of the node that holds the namespace (on a cluster, the master of
-/// its slot: another master being down does not stop this deployment).
-pub async fn redis_ok(redis: &Redis, keys: &Keys) -> bool {
-    let mut redis = redis.clone();
-    let ping = redis.ping(keys);
-    matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(())))
+/// One bounded PING of each node that holds a shard of the namespace, at once (on a
+/// cluster, the masters of its slots: another master being down does not stop this
+/// deployment; on one server, one PING).
+pub async fn redis_ok(redis: &Redis, shards: &Shards) -> bool {
+    let probes = if redis.is_cluster() {
+        shards.count()
+    } else {
+        1
+    };
+    let pings = futures::future::join_all((0..probes).map(|g| {
+        let mut redis = redis.clone();
+        let keys = shards.get(g).clone();
+        async move { redis.ping(&keys).await }
+    }));
+    matches!(tokio::time::timeout(PROBE_TIMEOUT, pings).await, Ok(r) if r.iter().all(|p| p.is_ok()))
 }
 
 /// One bounded `SELECT 1` on a pooled connection.
@@ -35,12 +44,12 @@ pub async fn postgres_ok(pg: &Pool) -> bool {
 /// naming what is down (a task as `task:<name>`), with every task's state under `tasks`.
 pub async fn readiness(
     redis: &Redis,
-    keys: &Keys,
+    shards: &Shards,
     pg: &Pool,
     rabbitmq_up: bool,
     tasks: &Supervisor,
 ) -> (bool, Value) {
-    let (redis_ok, pg_ok) = tokio::join!(redis_ok(redis, keys), postgres_ok(pg));
+    let (redis_ok, pg_ok) = tokio::join!(redis_ok(redis, shards), postgres_ok(pg));
     let mut checks = vec![
         ("redis".to_owned(), redis_ok),
         ("rabbitmq".to_owned(), rabbitmq_up),

@@ -4,7 +4,7 @@ use crate::{
     Config,
     amqp::{Leftovers, Topology},
     domain::OrderId,
-    redis::Keys,
+    redis::{Keys, Shards},
     stock,
 };
 use anyhow::Context;
@@ -88,18 +88,21 @@ async fn walk_open_reservations<C: ConnectionLike>(
     }
 }
 
-/// Units held by open reservations, per SKU.
+/// Units held by open reservations, per SKU, over every shard (each part counts the
+/// lines it holds).
 async fn held_by_reservations<C: ConnectionLike>(
     con: &mut C,
-    keys: &Keys,
+    shards: &Shards,
 ) -> anyhow::Result<BTreeMap<String, i64>> {
     let mut held = BTreeMap::new();
-    walk_open_reservations(con, keys, |_, r| {
-        for l in r.lines {
-            *held.entry(l.sku.to_string()).or_default() += l.qty.get();
-        }
-    })
-    .await?;
+    for (_, keys) in shards.iter() {
+        walk_open_reservations(con, keys, |_, r| {
+            for l in r.held {
+                *held.entry(l.sku.to_string()).or_default() += l.qty.get();
+            }
+        })
+        .await?;
+    }
     Ok(held)
 }
 
@@ -115,7 +118,8 @@ pub struct Settled {
     pub reapplied: usize,
 }
 
-/// Settles open reservations whose order PostgreSQL already decided.
+/// Settles open reservations whose order PostgreSQL already decided, in every shard (each
+/// part of an order on its own: a part is finished or released like a whole one).
 ///
 /// The worker commits a batch and then marks its reservations done (or releases a failed
 /// order's). When that Redis step is lost (a Redis failover that dropped the last
@@ -130,12 +134,33 @@ pub struct Settled {
 pub async fn settle<C: ConnectionLike>(
     pool: &Pool,
     con: &mut C,
-    keys: &Keys,
+    shards: &Shards,
 ) -> anyhow::Result<Settled> {
-    let mut open: Vec<(OrderId, crate::domain::UserId)> = Vec::new();
-    walk_open_reservations(con, keys, |id, r| open.push((id, r.user))).await?;
     let mut settled = Settled::default();
     let db = pool.get().await.context("PostgreSQL connection")?;
+    for (_, keys) in shards.iter() {
+        settle_shard(&db, con, keys, &mut settled).await?;
+    }
+    settled.reapplied = reapply_stock_changes(&db, con, shards).await?;
+    if settled != Settled::default() {
+        tracing::warn!(
+            finished = settled.finished,
+            released = settled.released,
+            reapplied = settled.reapplied,
+            "settled reservations whose order PostgreSQL had already decided (a lost Redis write)"
+        );
+    }
+    Ok(settled)
+}
+
+async fn settle_shard<C: ConnectionLike>(
+    db: &deadpool_postgres::Object,
+    con: &mut C,
+    keys: &Keys,
+    settled: &mut Settled,
+) -> anyhow::Result<()> {
+    let mut open: Vec<(OrderId, crate::domain::UserId)> = Vec::new();
+    walk_open_reservations(con, keys, |id, r| open.push((id, r.user))).await?;
     for chunk in open.chunks(SCAN_CHUNK) {
         let uuids: Vec<uuid::Uuid> = chunk.iter().map(|(id, _)| id.as_uuid()).collect();
         let rows = db
@@ -169,16 +194,7 @@ pub async fn settle<C: ConnectionLike>(
             .context("marking committed orders done")?;
         settled.finished += done.len();
     }
-    settled.reapplied = reapply_stock_changes(&db, con, keys).await?;
-    if settled != Settled::default() {
-        tracing::warn!(
-            finished = settled.finished,
-            released = settled.released,
-            reapplied = settled.reapplied,
-            "settled reservations whose order PostgreSQL had already decided (a lost Redis write)"
-        );
-    }
-    Ok(settled)
+    Ok(())
 }
 
 /// Applies every committed receipt and cancel whose token Redis's `applied` set lacks:
@@ -189,7 +205,7 @@ pub async fn settle<C: ConnectionLike>(
 async fn reapply_stock_changes<C: ConnectionLike>(
     db: &deadpool_postgres::Object,
     con: &mut C,
-    keys: &Keys,
+    shards: &Shards,
 ) -> anyhow::Result<usize> {
     use crate::domain::{Sku, UserId};
     use crate::redis::{StockChange, apply_stock, cancel_token, receive_token};
@@ -235,19 +251,34 @@ async fn reapply_stock_changes<C: ConnectionLike>(
         if changes.is_empty() {
             continue;
         }
-        let present: Vec<bool> = redis::cmd("SMISMEMBER")
-            .arg(keys.applied())
-            .arg(changes.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
-            .query_async(con)
-            .await
-            .context("reading the applied stock-change tokens")?;
+        // Each token lives in its SKU's shard: one SMISMEMBER per shard involved.
+        let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, c) in changes.iter().enumerate() {
+            by_shard.entry(shards.of_sku(&c.1)).or_default().push(i);
+        }
+        let mut present = vec![false; changes.len()];
+        for (g, at) in &by_shard {
+            let found: Vec<bool> = redis::cmd("SMISMEMBER")
+                .arg(shards.get(*g).applied())
+                .arg(
+                    at.iter()
+                        .map(|&i| changes[i].0.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .query_async(con)
+                .await
+                .context("reading the applied stock-change tokens")?;
+            for (&i, f) in at.iter().zip(found) {
+                present[i] = f;
+            }
+        }
         for ((token, sku, qty, limit, user), present) in changes.iter().zip(present) {
             if present {
                 continue;
             }
             apply_stock(
                 con,
-                keys,
+                shards.for_sku(sku),
                 &StockChange {
                     sku,
                     units: *qty,
@@ -271,7 +302,7 @@ pub const INITIAL_REFERENCE: &str = "initial";
 async fn check_once<C: ConnectionLike>(
     pool: &Pool,
     con: &mut C,
-    keys: &Keys,
+    shards: &Shards,
 ) -> anyhow::Result<Vec<Violation>> {
     let mut out = Vec::new();
     let mut db = pool.get().await.context("PostgreSQL connection")?;
@@ -280,18 +311,39 @@ async fn check_once<C: ConnectionLike>(
     let db = db.transaction().await?;
     db.batch_execute("SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = '120s'")
         .await?;
-    let epoch = crate::redis::stock_loaded(con, keys).await?;
-    if !epoch {
-        out.push(v(
-            "stock_not_loaded",
-            "Redis has no stock epoch: ingress answers 503 until `floodgate reconcile`".into(),
-        ));
+    let mut epoch = true;
+    for (g, keys) in shards.iter() {
+        if !crate::redis::stock_loaded(con, keys).await? {
+            epoch = false;
+            out.push(v(
+                "stock_not_loaded",
+                format!(
+                    "Redis shard {g} has no stock epoch: its SKUs are answered 503 until `floodgate reconcile`"
+                ),
+            ));
+        }
     }
-    let redis_stock: BTreeMap<String, i64> = redis::cmd("HGETALL")
-        .arg(keys.stock())
-        .query_async(con)
-        .await?;
-    let held = held_by_reservations(con, keys).await?;
+    // Each SKU is read from the shard it lives in; one found in another shard is
+    // reported (a load with another shard count left it there).
+    let mut redis_stock: BTreeMap<String, i64> = BTreeMap::new();
+    for (g, keys) in shards.iter() {
+        let here: BTreeMap<String, i64> = redis::cmd("HGETALL")
+            .arg(keys.stock())
+            .query_async(con)
+            .await?;
+        for (sku, units) in here {
+            let home = crate::domain::Sku::parse(sku.as_str()).map(|s| shards.of_sku(&s));
+            if home.as_ref().is_ok_and(|h| *h == g) {
+                redis_stock.insert(sku, units);
+            } else {
+                out.push(v(
+                    "redis_misplaced",
+                    format!("{sku}: in Redis shard {g}, which is not its shard"),
+                ));
+            }
+        }
+    }
+    let held = held_by_reservations(con, shards).await?;
     let rows = db
         .query(
             // One grouped pass over each table (hash aggregates), not a correlated sum
@@ -400,16 +452,16 @@ async fn check_once<C: ConnectionLike>(
 pub async fn check<C: ConnectionLike>(
     pool: &Pool,
     con: &mut C,
-    keys: &Keys,
+    shards: &Shards,
     passes: usize,
 ) -> anyhow::Result<Vec<Violation>> {
-    let mut seen = check_once(pool, con, keys).await?;
+    let mut seen = check_once(pool, con, shards).await?;
     for _ in 1..passes.max(1) {
         if seen.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let next = check_once(pool, con, keys).await?;
+        let next = check_once(pool, con, shards).await?;
         seen.retain(|s| next.contains(s));
     }
     Ok(seen)
@@ -451,13 +503,25 @@ pub async fn repair<C: ConnectionLike>(
     timeout: Duration,
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<usize> {
-    let keys = Keys::new(&cfg.namespace);
+    let shards = cfg.shards();
     let topology = Topology::of(cfg);
-    let _: () = redis::cmd("DEL")
-        .arg(keys.epoch())
+    // Every shard's gate, and those of shards an earlier shard count had (their data is
+    // never read again once the new count is recorded).
+    let recorded: Option<usize> = redis::cmd("GET")
+        .arg(shards.first().layout())
         .query_async(con)
         .await
-        .context("closing the gate")?;
+        .context("reading the recorded shard count")?;
+    let closing = recorded
+        .unwrap_or(0)
+        .clamp(shards.count(), crate::redis::MAX_SHARDS);
+    for g in 0..closing {
+        let _: () = redis::cmd("DEL")
+            .arg(Keys::shard(&cfg.namespace, g).epoch())
+            .query_async(con)
+            .await
+            .context("closing the gate")?;
+    }
     progress("gate closed: ingress answers 503 until the reload");
     let conn = crate::amqp::Link::open(&cfg.amqp_url, "floodgate reconcile")
         .await
@@ -485,14 +549,14 @@ pub async fn repair<C: ConnectionLike>(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     conn.close().await;
-    let settled = settle(pool, con, &keys).await?;
+    let settled = settle(pool, con, &shards).await?;
     if settled != Settled::default() {
         progress(&format!(
             "settled {} reservations PostgreSQL had confirmed or cancelled, released {} it had failed",
             settled.finished, settled.released
         ));
     }
-    let skus = stock::load(pool, con, &keys).await?;
+    let skus = stock::load(pool, con, &shards).await?;
     progress(&format!("reloaded {skus} SKUs from PostgreSQL; gate open"));
     Ok(skus)
 }

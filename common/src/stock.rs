@@ -1,23 +1,62 @@
 //! Loading Redis from PostgreSQL, the system of record.
 
 use crate::domain::Sku;
-use crate::redis::{Keys, cancel_token, receive_token};
+use crate::redis::{Shards, cancel_token, receive_token};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionLike;
 
-/// Loads every SKU's available units (on_hand - sold), per-user limits, the units each
-/// user holds and the applied stock-change tokens from PostgreSQL into Redis, replacing
-/// what was there, in one MULTI (nobody sees half a load), then sets the stock epoch that
-/// opens ingress.
-///
-/// Orders still queued between ingress and the worker are not in PostgreSQL yet; loading
-/// while they are in flight makes Redis count their units as available again. The caller
-/// loads only when the intake queue is drained, or when Redis has no stock at all.
+/// Loads every shard ([`load_shards`]) and records the shard count ([`Shards::count`]) in
+/// shard 0, where [`check_layout`] reads it.
 pub async fn load<C: ConnectionLike>(
     pool: &Pool,
     con: &mut C,
-    keys: &Keys,
+    shards: &Shards,
+) -> anyhow::Result<usize> {
+    let all: Vec<usize> = (0..shards.count()).collect();
+    let n = load_shards(pool, con, shards, &all).await?;
+    let _: () = redis::cmd("SET")
+        .arg(shards.first().layout())
+        .arg(shards.count())
+        .query_async(con)
+        .await
+        .context("recording the shard count")?;
+    Ok(n)
+}
+
+/// Fails when Redis holds the namespace in another number of shards than `shards`: the
+/// SKUs would be looked up where they are not (and a load of the missing shards would
+/// count their units twice). Absent (a fresh or lost Redis): fine.
+pub async fn check_layout<C: ConnectionLike>(con: &mut C, shards: &Shards) -> anyhow::Result<()> {
+    let recorded: Option<usize> = redis::cmd("GET")
+        .arg(shards.first().layout())
+        .query_async(con)
+        .await
+        .context("reading the shard count Redis was loaded with")?;
+    match recorded {
+        Some(n) if n != shards.count() => anyhow::bail!(
+            "Redis holds this namespace in {n} shards but FLOODGATE_REDIS_SHARDS is {}: set it \
+             back, or change it as docs/OPERATIONS.md says (drain, then `floodgate reconcile`)",
+            shards.count()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Loads the shards `which` of `shards`: each SKU's available units (on_hand - sold),
+/// per-user limits, the units each user holds and the applied stock-change tokens, from
+/// PostgreSQL into the shard the SKU lives in, replacing what was there, one MULTI per
+/// shard (nobody sees half a shard's load), then sets each shard's stock epoch, which
+/// opens it to ingress. Returns the number of SKUs loaded.
+///
+/// Orders still queued between ingress and the worker are not in PostgreSQL yet; loading
+/// while they are in flight makes Redis count their units as available again. The caller
+/// loads only when the intake queue is drained, or when the shard has no stock at all.
+pub async fn load_shards<C: ConnectionLike>(
+    pool: &Pool,
+    con: &mut C,
+    shards: &Shards,
+    which: &[usize],
 ) -> anyhow::Result<usize> {
     let mut db = pool.get().await.context("PostgreSQL connection")?;
     // One snapshot for the three reads, so a receipt committing meanwhile is either in
@@ -56,25 +95,48 @@ pub async fn load<C: ConnectionLike>(
         .context("reading receipts")?;
     db.commit().await.context("ending the snapshot")?;
 
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    pipe.del(keys.stock())
-        .del(keys.limits())
-        .del(keys.applied());
+    let mut pipes: std::collections::BTreeMap<usize, redis::Pipeline> = which
+        .iter()
+        .map(|&g| {
+            let keys = shards.get(g);
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            pipe.del(keys.stock())
+                .del(keys.limits())
+                .del(keys.applied());
+            (g, pipe)
+        })
+        .collect();
+    let mut loaded = 0;
     for r in &skus {
         let sku: String = r.get("sku");
+        let Ok(parsed) = Sku::parse(sku.as_str()) else {
+            continue;
+        };
+        let g = shards.of_sku(&parsed);
+        let Some(pipe) = pipes.get_mut(&g) else {
+            continue;
+        };
+        let keys = shards.get(g);
         pipe.hset(keys.stock(), &sku, r.get::<_, i64>("available"));
         pipe.hset(keys.limits(), &sku, r.get::<_, i32>("per_user_limit"));
+        loaded += 1;
     }
     for r in &held {
         let Ok(user) = crate::domain::UserId::parse(r.get::<_, String>("user_id")) else {
             continue;
         };
-        pipe.hset(
-            keys.user(&user),
-            r.get::<_, String>("sku"),
-            r.get::<_, i64>("held"),
-        );
+        let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) else {
+            continue;
+        };
+        let g = shards.of_sku(&sku);
+        if let Some(pipe) = pipes.get_mut(&g) {
+            pipe.hset(
+                shards.get(g).user(&user),
+                sku.as_str(),
+                r.get::<_, i64>("held"),
+            );
+        }
     }
     for r in &receipts {
         let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) else {
@@ -88,38 +150,58 @@ pub async fn load<C: ConnectionLike>(
             },
             _ => receive_token(&sku, reference),
         };
-        pipe.sadd(keys.applied(), token);
+        let g = shards.of_sku(&sku);
+        if let Some(pipe) = pipes.get_mut(&g) {
+            pipe.sadd(shards.get(g).applied(), token);
+        }
     }
-    let _: () = pipe
-        .query_async(con)
-        .await
-        .context("writing stock to Redis")?;
-    // The gate opens only after the load succeeded, in a command of its own: a cluster
-    // client may re-send the MULTI after a dropped connection, and a re-sent load must
-    // not overwrite what orders reserved after a gate it had already opened. A new
-    // value per load: a notifier that sees the epoch change re-reads every level.
-    let _: () = redis::cmd("SET")
-        .arg(keys.epoch())
-        .arg(uuid::Uuid::now_v7().to_string())
-        .query_async(con)
-        .await
-        .context("opening the gate (the stock epoch)")?;
-    Ok(skus.len())
+    for (g, pipe) in pipes {
+        let _: () = pipe
+            .query_async(con)
+            .await
+            .with_context(|| format!("writing stock to Redis (shard {g})"))?;
+        // The gate opens only after the load succeeded, in a command of its own: a
+        // cluster client may re-send the MULTI after a dropped connection, and a re-sent
+        // load must not overwrite what orders reserved after a gate it had already
+        // opened. A new value per load: a notifier that sees the epoch change re-reads
+        // every level.
+        let _: () = redis::cmd("SET")
+            .arg(shards.get(g).epoch())
+            .arg(uuid::Uuid::now_v7().to_string())
+            .query_async(con)
+            .await
+            .with_context(|| format!("opening the gate (the stock epoch of shard {g})"))?;
+    }
+    Ok(loaded)
 }
 
-/// Loads stock if Redis has no epoch (a fresh namespace or a fresh Redis). Returns
-/// whether it loaded.
+/// Loads the shards that have no epoch (a fresh namespace, a fresh Redis, a master that
+/// lost its data), after checking the layout ([`check_layout`]). Returns whether it
+/// loaded any.
 pub async fn load_if_absent<C: ConnectionLike>(
     pool: &Pool,
     con: &mut C,
-    keys: &Keys,
+    shards: &Shards,
 ) -> anyhow::Result<bool> {
-    if crate::redis::stock_loaded(con, keys)
-        .await
-        .context("reading the stock epoch")?
-    {
+    check_layout(con, shards).await?;
+    let mut absent = Vec::new();
+    for (g, keys) in shards.iter() {
+        if !crate::redis::stock_loaded(con, keys)
+            .await
+            .context("reading the stock epoch")?
+        {
+            absent.push(g);
+        }
+    }
+    if absent.is_empty() {
         return Ok(false);
     }
-    load(pool, con, keys).await?;
+    load_shards(pool, con, shards, &absent).await?;
+    let _: () = redis::cmd("SET")
+        .arg(shards.first().layout())
+        .arg(shards.count())
+        .query_async(con)
+        .await
+        .context("recording the shard count")?;
     Ok(true)
 }

@@ -108,7 +108,7 @@ pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView,
     let token = receive_token(&new.sku, repo::INITIAL_REFERENCE);
     fredis::apply_stock(
         &mut redis,
-        &st.keys,
+        st.shards.for_sku(&new.sku),
         &StockChange {
             sku: &new.sku,
             units: initial_stock,
@@ -169,7 +169,7 @@ pub async fn receive(
     let token = receive_token(&sku, reference.as_str());
     let available = fredis::apply_stock(
         &mut redis,
-        &st.keys,
+        st.shards.for_sku(&sku),
         &StockChange {
             sku: &sku,
             units: first_qty,

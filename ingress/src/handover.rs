@@ -30,13 +30,16 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(1);
 /// reaper may take it from then on (and clocks of two machines differ a little).
 pub const MARK_MARGIN: Duration = Duration::from_secs(1);
 
-/// Publishes `msg` (the order `order_id` of `user`, reserved until `deadline_ms`, with
-/// its request's `trace`) and marks it queued. Ok means answer 202.
+/// Publishes `msg` (the order `order_id` of `user`, reserved in `shards` (its parts, the
+/// deciding one first) until `deadline_ms`, with its request's `trace`) and marks it
+/// queued. Ok means answer 202.
+#[allow(clippy::too_many_arguments)]
 pub async fn hand_over(
     st: &AppState,
     user: &UserId,
     key: Option<&IdempotencyKey>,
     order_id: OrderId,
+    shards: &[usize],
     msg: IntakeMessage,
     deadline_ms: i64,
     trace: Option<TraceParent>,
@@ -45,6 +48,10 @@ pub async fn hand_over(
         order_id,
         user: user.clone(),
         idempotency_key: key.cloned(),
+    };
+    let parts = Parts {
+        order,
+        shards: shards.to_vec(),
     };
     let started = Instant::now();
     let published = st
@@ -55,16 +62,15 @@ pub async fn hand_over(
     if let Err(e) = published {
         metrics::counter!(names::PUBLISH_FAILURES, "reason" => e.as_str()).increment(1);
         tracing::warn!(error = %e, %order_id, "publish failed; releasing the reservation");
-        let mut redis = st.redis.clone();
         let released =
-            fredis::release(&mut redis, &st.keys, &order_id, user, key, "publish_failed").await;
+            fredis::release_unpublished(&st.redis, &st.shards, shards, &order_id, user, key).await;
         match released {
             // A worker already took it: the message got through, its confirm was lost.
             // The order is accepted after all.
             Ok(Release::Taken) => {
                 tracing::info!(%order_id, "a worker took the order whose confirm was lost");
             }
-            Ok(Release::NotHeld) if worker_recorded_it(st, &order_id).await => {
+            Ok(Release::NotHeld) if worker_recorded_it(st, shards[0], &order_id).await => {
                 // A worker took it and already recorded it failed (its stock back):
                 // accepted, and its status says the rest.
                 tracing::info!(%order_id, "a worker settled the order whose confirm was lost");
@@ -78,15 +84,22 @@ pub async fn hand_over(
             }
         }
     }
-    mark(st, order, deadline_ms).await
+    mark(st, parts, deadline_ms).await
+}
+
+/// A confirmed order and the shards of its parts: each part is marked queued.
+#[derive(Clone)]
+struct Parts {
+    order: ConfirmedOrder,
+    shards: Vec<usize>,
 }
 
 /// True when a worker released the reservation after recording the order failed in
 /// PostgreSQL (release reason `failed`); not for this publish's failure, the reaper, or
 /// an undecodable message (never recorded).
-async fn worker_recorded_it(st: &AppState, order_id: &OrderId) -> bool {
+async fn worker_recorded_it(st: &AppState, first_shard: usize, order_id: &OrderId) -> bool {
     let mut redis = st.redis.clone();
-    let r = fredis::reservation(&mut redis, &st.keys, order_id).await;
+    let r = fredis::reservation(&mut redis, st.shards.get(first_shard), order_id).await;
     matches!(r, Ok(Some(r)) if r.state == ResvState::Released
         && r.reason.as_deref() == Some("failed"))
 }
@@ -102,7 +115,7 @@ enum Marked {
 /// Marks the order queued, retrying (jittered, up to 1 s apart) until the deadline nears.
 /// Answers as soon as the outcome is known; after [`ANSWER_WITHIN`] of failures answers
 /// 202 and leaves the rest of the retries to a background task.
-async fn mark(st: &AppState, order: ConfirmedOrder, deadline_ms: i64) -> Result<(), ApiError> {
+async fn mark(st: &AppState, order: Parts, deadline_ms: i64) -> Result<(), ApiError> {
     let now_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
     let left = Duration::from_millis((deadline_ms - now_ms).max(0) as u64);
     let give_up = Instant::now() + left.saturating_sub(MARK_MARGIN);
@@ -118,7 +131,7 @@ async fn mark(st: &AppState, order: ConfirmedOrder, deadline_ms: i64) -> Result<
         Marked::StillFailing(e) => {
             // Durably queued: accepted. Keep marking in the background.
             metrics::counter!(names::QUEUED_MARK_FAILURES, "outcome" => "late").increment(1);
-            tracing::warn!(error = format!("{e:#}"), order_id = %order.order_id, "answering 202 while the mark is still failing");
+            tracing::warn!(error = format!("{e:#}"), order_id = %order.order.order_id, "answering 202 while the mark is still failing");
             let st2 = st.clone();
             st.tasks.spawn(tracing::Instrument::in_current_span(async move {
                 let wait = waits.next().unwrap_or(Duration::from_secs(1));
@@ -127,7 +140,7 @@ async fn mark(st: &AppState, order: ConfirmedOrder, deadline_ms: i64) -> Result<
                 if let Marked::Answer(Ok(())) =
                     mark_until(&st2, &order, give_up, None, &mut waits).await
                 {
-                    tracing::info!(order_id = %order.order_id, "a confirmed order is marked queued at last");
+                    tracing::info!(order_id = %order.order.order_id, "a confirmed order is marked queued at last");
                 }
             }));
             Ok(())
@@ -139,12 +152,12 @@ async fn mark(st: &AppState, order: ConfirmedOrder, deadline_ms: i64) -> Result<
 /// `answer_by` passes while they still fail.
 async fn mark_until(
     st: &AppState,
-    order: &ConfirmedOrder,
+    order: &Parts,
     give_up: Instant,
     answer_by: Option<Instant>,
     waits: &mut ExponentialBackoff,
 ) -> Marked {
-    let order_id = order.order_id;
+    let order_id = order.order.order_id;
     loop {
         let e = match mark_once(st, order).await {
             Ok(Queued::Accepted) => return Marked::Answer(Ok(())),
@@ -178,16 +191,36 @@ async fn mark_until(
     }
 }
 
-/// One mark through the batching marker; straight to Redis if the marker has stopped.
-async fn mark_once(st: &AppState, order: &ConfirmedOrder) -> Result<Queued, MarkError> {
-    match st.queued.mark(order.clone()).await {
-        Err(MarkError::Stopped) => {
-            let mut redis = st.redis.clone();
-            let marks = fredis::mark_queued(&mut redis, &st.keys, &[order])
-                .await
-                .map_err(|e| MarkError::Redis(std::sync::Arc::new(e)))?;
-            Ok(marks.into_iter().next().unwrap_or(Queued::Accepted))
+/// One mark of every part (through the batching marker, at once; straight to Redis if
+/// the marker has stopped). Released when any part was: that part's units are back on
+/// sale, so the order cannot be accepted (the worker fails it and releases the rest).
+async fn mark_once(st: &AppState, order: &Parts) -> Result<Queued, MarkError> {
+    let marks = futures::future::join_all(
+        order
+            .shards
+            .iter()
+            .map(|&g| st.queued.mark(g, order.order.clone())),
+    )
+    .await;
+    let mut outcome = Queued::Accepted;
+    for m in marks {
+        match m {
+            Ok(Queued::Released) => outcome = Queued::Released,
+            Ok(Queued::Accepted) => {}
+            Err(MarkError::Stopped) => {
+                let parts: Vec<(usize, &ConfirmedOrder)> =
+                    order.shards.iter().map(|&g| (g, &order.order)).collect();
+                let marks = fredis::mark_parts_queued(&st.redis, &st.shards, &parts)
+                    .await
+                    .map_err(|e| MarkError::Redis(std::sync::Arc::new(e)))?;
+                return Ok(if marks.contains(&Queued::Released) {
+                    Queued::Released
+                } else {
+                    Queued::Accepted
+                });
+            }
+            Err(e) => return Err(e),
         }
-        other => other,
     }
+    Ok(outcome)
 }

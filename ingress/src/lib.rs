@@ -31,7 +31,7 @@ pub mod state;
 pub mod stock;
 
 use anyhow::Context;
-use floodgate_common::{Config, auth::Verifier, redis::Keys, supervise::Role};
+use floodgate_common::{Config, auth::Verifier, supervise::Role};
 use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -58,10 +58,11 @@ impl Application {
             .increment(0);
         }
         metrics::counter!(floodgate_common::telemetry::names::REDIS_WAIT_SHORT).increment(0);
-        let keys = Keys::new(&cfg.namespace);
-        let redis = floodgate_common::redis::connect(&cfg.redis_url)
+        let shards = Arc::new(cfg.shards());
+        let mut redis = floodgate_common::redis::connect(&cfg.redis_url)
             .await
             .context("connecting to Redis")?;
+        floodgate_common::stock::check_layout(&mut redis, &shards).await?;
         let pg = floodgate_common::db::pool(&cfg)?;
         let reads = floodgate_common::reads::Reads::with_replica(
             pg.clone(),
@@ -86,7 +87,6 @@ impl Application {
             });
         }
         let verifier = Arc::new(Verifier::from_config(&cfg));
-        let keys = Arc::new(keys);
         let supervisor = floodgate_common::supervise::Supervisor::default();
         let wait = if cfg.redis_wait_replicas > 0 {
             Some(queued::ReplicaWait {
@@ -99,11 +99,11 @@ impl Application {
         } else {
             None
         };
-        let queued = queued::QueuedMarker::spawn(redis.clone(), keys.clone(), wait, &supervisor);
+        let queued = queued::QueuedMarker::spawn(redis.clone(), shards.clone(), wait, &supervisor);
         Ok(Self {
             listener,
             state: state::AppState {
-                keys,
+                shards,
                 redis,
                 queued,
                 tasks: tokio_util::task::TaskTracker::new(),

@@ -78,7 +78,8 @@ pub enum Placed {
 }
 
 /// The same lines in any order hash the same.
-fn body_hash(lines: &OrderLines) -> String {
+/// (Public for tests that act as an ingress that died mid-order.)
+pub fn body_hash(lines: &OrderLines) -> String {
     let mut sorted = lines.as_slice().to_vec();
     sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
     let canonical = serde_json::to_vec(&sorted).expect("lines serialize");
@@ -104,15 +105,19 @@ pub async fn place(
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     use tracing::Instrument;
-    if key.is_none() {
-        let first = &lines.as_slice()[0].sku;
-        if st.sold_out.is_sold_out(first) {
-            metrics::counter!(names::SOLD_OUT_CACHED).increment(1);
-            return Err(ApiError::SoldOut {
-                sku: first.to_string(),
-                available: 0,
-            });
-        }
+    if key.is_none()
+        && let Some(line) = lines
+            .as_slice()
+            .iter()
+            .find(|l| st.sold_out.is_sold_out(&l.sku))
+    {
+        // Any line: an order over several shards would otherwise reserve its other
+        // parts only to give them back.
+        metrics::counter!(names::SOLD_OUT_CACHED).increment(1);
+        return Err(ApiError::SoldOut {
+            sku: line.sku.to_string(),
+            available: 0,
+        });
     }
     let (st, caller) = (st.clone(), caller.clone());
     let tasks = st.tasks.clone();
@@ -138,6 +143,7 @@ async fn place_to_the_end(
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     let hash = key.as_ref().map(|_| body_hash(&lines));
+    let parts = st.shards.parts(&lines, &caller.user, key.as_ref());
     // A duplicate whose first request is still publishing waits for it; if that publish
     // fails the record vanishes and this request becomes the first.
     let wait_until = Instant::now() + st.cfg.publish_timeout + Duration::from_secs(1);
@@ -155,14 +161,14 @@ async fn place_to_the_end(
             order_id,
             user: &caller.user,
             lines: &lines,
+            held: None,
             idempotency: key.as_ref().zip(hash.as_deref()),
             accepted_at: &accepted_at,
             deadline_ms,
             idempotency_ttl_secs: st.cfg.idempotency_ttl.as_secs().max(1),
         };
         let started = Instant::now();
-        let mut redis = st.redis.clone();
-        let decision = fredis::reserve(&mut redis, &st.keys, &req)
+        let decision = fredis::reserve_parts(&st.redis, &st.shards, &parts, &req)
             .await
             .map_err(|e| unavailable("Redis", e))?;
         metrics::histogram!(names::RESERVE_DURATION).record(started.elapsed().as_secs_f64());
@@ -172,6 +178,7 @@ async fn place_to_the_end(
                     st,
                     caller,
                     &lines,
+                    &parts,
                     key.as_ref(),
                     order_id,
                     &accepted_at,
@@ -251,6 +258,7 @@ async fn publish(
     st: &AppState,
     caller: &Caller,
     lines: &OrderLines,
+    parts: &[fredis::Part],
     key: Option<&IdempotencyKey>,
     order_id: OrderId,
     accepted_at: &str,
@@ -265,7 +273,18 @@ async fn publish(
         deadline_ms,
         idempotency_key: key.cloned(),
     });
-    crate::handover::hand_over(st, &caller.user, key, order_id, msg, deadline_ms, trace).await
+    let shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
+    crate::handover::hand_over(
+        st,
+        &caller.user,
+        key,
+        order_id,
+        &shards,
+        msg,
+        deadline_ms,
+        trace,
+    )
+    .await
 }
 
 /// The first order of a repeated Idempotency-Key, with its current status.
@@ -300,8 +319,7 @@ pub async fn view(
             reason: o.reason,
         }));
     }
-    let mut redis = st.redis.clone();
-    let resv = fredis::reservation(&mut redis, &st.keys, &order_id)
+    let resv = fredis::find_reservation(&st.redis, &st.shards, &order_id)
         .await
         .map_err(|e| unavailable("Redis", e))?;
     Ok(resv
@@ -365,7 +383,7 @@ pub async fn cancel(
         let token = fredis::cancel_token(&order_id, &sku);
         fredis::apply_stock(
             &mut redis,
-            &st.keys,
+            st.shards.for_sku(&sku),
             &fredis::StockChange {
                 sku: &sku,
                 units: *qty,

@@ -18,7 +18,7 @@
 //! answered anyway (each is durably queued in RabbitMQ) and counted.
 
 use floodgate_common::{
-    redis::{self as fredis, ConfirmedOrder, Keys, Queued, Redis},
+    redis::{self as fredis, ConfirmedOrder, Queued, Redis, Shards},
     supervise::Supervisor,
     telemetry::names,
 };
@@ -36,8 +36,8 @@ const QUEUE: usize = 4_096;
 
 type Reply = oneshot::Sender<Result<Queued, Arc<redis::RedisError>>>;
 
-/// Marked orders whose answers wait for the replicas.
-type Marked = Vec<(Reply, Queued)>;
+/// Marked orders whose answers wait for the replicas, and the shards they were marked in.
+type Marked = (Vec<(Reply, Queued)>, Vec<usize>);
 
 /// Replicas every 202 waits for (`FLOODGATE_REDIS_WAIT_REPLICAS`).
 pub struct ReplicaWait {
@@ -50,7 +50,7 @@ pub struct ReplicaWait {
 /// Cheap to clone; the marking task ends when the last clone is dropped.
 #[derive(Clone)]
 pub struct QueuedMarker {
-    tx: mpsc::Sender<(ConfirmedOrder, Reply)>,
+    tx: mpsc::Sender<(usize, ConfirmedOrder, Reply)>,
 }
 
 /// Why an order could not be marked.
@@ -67,27 +67,28 @@ impl QueuedMarker {
     /// clone of it), and the replica wait when `wait` is given.
     pub fn spawn(
         redis: Redis,
-        keys: Arc<Keys>,
+        shards: Arc<Shards>,
         wait: Option<ReplicaWait>,
         tasks: &Supervisor,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let waiter = wait.map(|w| {
             let (wtx, wrx) = mpsc::channel(QUEUE);
-            tasks.spawn_once("replica_wait", wait_then_answer(wrx, w, keys.clone()));
+            tasks.spawn_once("replica_wait", wait_then_answer(wrx, w, shards.clone()));
             wtx
         });
         // It ends when every sender is gone (the process is stopping); before that, a
         // panic makes ingress unready.
-        tasks.spawn_once("queued_marker", run(rx, redis, keys, waiter));
+        tasks.spawn_once("queued_marker", run(rx, redis, shards, waiter));
         Self { tx }
     }
 
-    /// Marks one confirmed order queued, together with whatever other marks are waiting.
-    pub async fn mark(&self, order: ConfirmedOrder) -> Result<Queued, MarkError> {
+    /// Marks one confirmed order's part in `shard` queued, together with whatever other
+    /// marks are waiting.
+    pub async fn mark(&self, shard: usize, order: ConfirmedOrder) -> Result<Queued, MarkError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((order, reply))
+            .send((shard, order, reply))
             .await
             .map_err(|_| MarkError::Stopped)?;
         answer
@@ -98,22 +99,28 @@ impl QueuedMarker {
 }
 
 async fn run(
-    mut rx: mpsc::Receiver<(ConfirmedOrder, Reply)>,
-    mut redis: Redis,
-    keys: Arc<Keys>,
+    mut rx: mpsc::Receiver<(usize, ConfirmedOrder, Reply)>,
+    redis: Redis,
+    shards: Arc<Shards>,
     waiter: Option<mpsc::Sender<Marked>>,
 ) {
     let mut waiting = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut waiting, MAX_BATCH).await > 0 {
-        let orders: Vec<&ConfirmedOrder> = waiting.iter().map(|(o, _)| o).collect();
+        let parts: Vec<(usize, &ConfirmedOrder)> =
+            waiting.iter().map(|(g, o, _)| (*g, o)).collect();
         metrics::histogram!(floodgate_common::telemetry::names::QUEUED_MARK_BATCH)
-            .record(orders.len() as f64);
-        match fredis::mark_queued(&mut redis, &keys, &orders).await {
+            .record(parts.len() as f64);
+        // One script call per shard involved, at once (one call with one shard).
+        match fredis::mark_parts_queued(&redis, &shards, &parts).await {
             Ok(marks) => {
-                let marked = waiting.drain(..).map(|(_, reply)| reply).zip(marks);
+                let mut touched: Vec<usize> = waiting.iter().map(|(g, _, _)| *g).collect();
+                touched.sort_unstable();
+                touched.dedup();
+                let marked = waiting.drain(..).map(|(_, _, reply)| reply).zip(marks);
                 match &waiter {
                     Some(w) => {
-                        if let Err(mpsc::error::SendError(marked)) = w.send(marked.collect()).await
+                        if let Err(mpsc::error::SendError((marked, _))) =
+                            w.send((marked.collect(), touched)).await
                         {
                             // The wait has stopped (the process is stopping): answer now.
                             for (reply, mark) in marked {
@@ -130,7 +137,7 @@ async fn run(
             }
             Err(e) => {
                 let e = Arc::new(e);
-                for (_, reply) in waiting.drain(..) {
+                for (_, _, reply) in waiting.drain(..) {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
@@ -144,14 +151,33 @@ const MAX_WAIT_BATCHES: usize = 64;
 /// How often a replica wait that falls short is logged at most (the counter has each).
 const SHORT_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// One `WAIT` for whatever marked batches are waiting, then their answers.
-async fn wait_then_answer(mut rx: mpsc::Receiver<Marked>, mut w: ReplicaWait, keys: Arc<Keys>) {
+/// One `WAIT` per shard involved (on its master, at once) for whatever marked batches are
+/// waiting, then their answers. The fewest replicas any of them reached counts.
+async fn wait_then_answer(mut rx: mpsc::Receiver<Marked>, w: ReplicaWait, shards: Arc<Shards>) {
     let mut batches: Vec<Marked> = Vec::with_capacity(MAX_WAIT_BATCHES);
     let mut logged: Option<Instant> = None;
     while rx.recv_many(&mut batches, MAX_WAIT_BATCHES).await > 0 {
-        let acked = w.redis.wait_replicas(&keys, w.replicas, w.timeout).await;
+        let mut touched: Vec<usize> = batches
+            .iter()
+            .flat_map(|(_, g)| g.iter().copied())
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        if !w.redis.is_cluster() {
+            // One server holds every shard: one WAIT covers them all.
+            touched.truncate(1);
+        }
+        let waits = futures::future::join_all(touched.iter().map(|&g| {
+            let mut redis = w.redis.clone();
+            let keys = shards.get(g).clone();
+            async move { redis.wait_replicas(&keys, w.replicas, w.timeout).await }
+        }))
+        .await;
+        let acked = waits
+            .into_iter()
+            .try_fold(u32::MAX, |least, n| n.map(|n| least.min(n)));
         if !matches!(acked, Ok(n) if n >= w.replicas) {
-            let orders: usize = batches.iter().map(Vec::len).sum();
+            let orders: usize = batches.iter().map(|(b, _)| b.len()).sum();
             metrics::counter!(names::REDIS_WAIT_SHORT).increment(orders as u64);
             if logged.is_none_or(|t| t.elapsed() >= SHORT_LOG_EVERY) {
                 logged = Some(Instant::now());
@@ -164,7 +190,7 @@ async fn wait_then_answer(mut rx: mpsc::Receiver<Marked>, mut w: ReplicaWait, ke
                 );
             }
         }
-        for (reply, mark) in batches.drain(..).flatten() {
+        for (reply, mark) in batches.drain(..).flat_map(|(b, _)| b) {
             let _ = reply.send(Ok(mark));
         }
     }

@@ -378,7 +378,7 @@ async fn movements(
 async fn readyz(State(st): State<AppState>) -> Response {
     let (ready, body) = floodgate_common::health::readiness(
         &st.redis,
-        &st.keys,
+        &st.shards,
         &st.pg,
         st.publisher.is_connected(),
         &st.supervisor,

@@ -2,7 +2,7 @@
 //! without a Redis round trip per request.
 //!
 //! When the reserve script answers `sold_out` with 0 units left, the SKU is remembered
-//! for `FLOODGATE_SOLD_OUT_CACHE_MS`. Until then an order whose first line is that SKU and
+//! for `FLOODGATE_SOLD_OUT_CACHE_MS`. Until then an order with a line of that SKU and
 //! that carries no Idempotency-Key is answered 409 `sold_out` (available 0) from here.
 //! The bound is the staleness: units that come back (a cancel, a release, a receive) are
 //! sold again by this ingress at most that long after they returned. Orders with an

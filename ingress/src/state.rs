@@ -3,7 +3,7 @@
 use crate::{publisher::Publisher, queued::QueuedMarker};
 use deadpool_postgres::Pool;
 use floodgate_common::redis::Redis;
-use floodgate_common::{Config, auth::Verifier, redis::Keys};
+use floodgate_common::{Config, auth::Verifier, redis::Shards};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::{num::NonZeroU32, sync::Arc};
 
@@ -13,7 +13,8 @@ pub type Limiter = DefaultKeyedRateLimiter<String>;
 #[derive(Clone)]
 pub struct AppState {
     pub cfg: Arc<Config>,
-    pub keys: Arc<Keys>,
+    /// The namespace's Redis shards (`FLOODGATE_REDIS_SHARDS`).
+    pub shards: Arc<Shards>,
     /// Multiplexed: one connection serves every request, commands are pipelined.
     pub redis: Redis,
     /// PostgreSQL, for admin writes and order status reads; never on the reserve path.

@@ -14,17 +14,13 @@ fn unavailable(e: redis::RedisError) -> ApiError {
 /// The available units of each known SKU among `skus`; unknown ones are left out.
 /// 503 while stock is not loaded.
 pub async fn levels(st: &AppState, skus: &[Sku]) -> Result<Vec<(Sku, i64)>, ApiError> {
-    let mut redis = st.redis.clone();
-    if !fredis::stock_loaded(&mut redis, &st.keys)
+    let refs: Vec<&Sku> = skus.iter().collect();
+    let Some(levels) = fredis::levels(&st.redis, &st.shards, &refs)
         .await
         .map_err(unavailable)?
-    {
+    else {
         return Err(ApiError::Unavailable("stock levels are not loaded".into()));
-    }
-    let refs: Vec<&Sku> = skus.iter().collect();
-    let levels = fredis::available(&mut redis, &st.keys, &refs)
-        .await
-        .map_err(unavailable)?;
+    };
     Ok(skus
         .iter()
         .zip(levels)
@@ -35,7 +31,7 @@ pub async fn levels(st: &AppState, skus: &[Sku]) -> Result<Vec<(Sku, i64)>, ApiE
 /// One SKU's available units (0 if Redis does not know it), for admin views.
 pub async fn available(st: &AppState, sku: &Sku) -> Result<i64, ApiError> {
     let mut redis = st.redis.clone();
-    let levels = fredis::available(&mut redis, &st.keys, &[sku])
+    let levels = fredis::available(&mut redis, st.shards.for_sku(sku), &[sku])
         .await
         .map_err(unavailable)?;
     Ok(levels.into_iter().next().flatten().unwrap_or(0))

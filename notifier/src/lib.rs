@@ -26,7 +26,7 @@ pub mod sources;
 pub mod topics;
 
 use anyhow::Context;
-use floodgate_common::{Config, auth::Verifier, redis::Keys};
+use floodgate_common::{Config, auth::Verifier};
 use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +58,7 @@ impl Notifier {
         let state = routes::AppState {
             hub: hub::Hub::new(cfg.subscriber_buffer, cfg.max_subscribers),
             verifier: Arc::new(Verifier::from_config(&cfg)),
-            keys: Arc::new(Keys::new(&cfg.namespace)),
+            shards: Arc::new(cfg.shards()),
             redis,
             pg,
             reads,
@@ -81,10 +81,10 @@ impl Notifier {
         let st = self.state;
         let cfg = st.cfg.clone();
         let tasks = tokio_util::task::TaskTracker::new();
-        let (hub, redis, keys, stop) = (
+        let (hub, redis, shards, stop) = (
             st.hub.clone(),
             st.redis.clone(),
-            (*st.keys).clone(),
+            (*st.shards).clone(),
             st.shutdown.clone(),
         );
         let interval = cfg.stock_interval;
@@ -93,7 +93,7 @@ impl Notifier {
                 sources::sample_stock(
                     hub.clone(),
                     redis.clone(),
-                    keys.clone(),
+                    shards.clone(),
                     interval,
                     stop.clone(),
                 )

@@ -6,7 +6,7 @@ use floodgate_common::{
     amqp::OrderEvent,
     domain::{OrderId, OrderStatus, UserId},
     reads::Reads,
-    redis::{Keys, ResvState, reservation},
+    redis::{ResvState, Shards, find_reservation},
 };
 use std::time::Instant;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
@@ -24,7 +24,7 @@ pub struct Current {
 pub async fn current(
     reads: &Reads,
     redis: &Redis,
-    keys: &Keys,
+    shards: &Shards,
     id: &OrderId,
 ) -> anyhow::Result<Option<Current>> {
     let (db, _) = reads.connection(Instant::now()).await?;
@@ -49,8 +49,7 @@ pub async fn current(
             owner,
         }));
     }
-    let mut redis = redis.clone();
-    let Some(resv) = reservation(&mut redis, keys, id).await? else {
+    let Some(resv) = find_reservation(redis, shards, id).await? else {
         return Ok(None);
     };
     let event = (resv.state != ResvState::Released).then(|| OrderEvent {

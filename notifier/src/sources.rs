@@ -19,7 +19,7 @@ use floodgate_common::{
         CLOSE_TIMEOUT, Link, ORDER_EVENT_BATCH, OrderEvent, OrderEventBatch, Reconnect, Topology,
         trace_of,
     },
-    redis::{Keys, StockCursor, stock_changes},
+    redis::{Shards, StockCursor, stock_changes},
     retry::Backoff,
     telemetry::names,
     trace::{self, TraceParent},
@@ -46,15 +46,16 @@ pub struct SourceHealth {
     pub consumed_before: Arc<AtomicBool>,
 }
 
-/// Samples changed stock levels until `shutdown`.
+/// Samples changed stock levels until `shutdown`: each tick, every shard's changes (one
+/// call per shard; each SKU lives in one shard).
 pub async fn sample_stock(
     hub: Hub,
     mut redis: Redis,
-    keys: Keys,
+    shards: Shards,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut cursor = StockCursor::default();
+    let mut cursors = vec![StockCursor::default(); shards.count()];
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -63,26 +64,35 @@ pub async fn sample_stock(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match stock_changes(&mut redis, &keys, &cursor).await {
-            Ok(Some((next, levels))) => {
-                if failing {
-                    tracing::info!("stock sampling works again");
-                    failing = false;
+        let mut changed = Vec::new();
+        let mut failed = None;
+        for ((_, keys), cursor) in shards.iter().zip(cursors.iter_mut()) {
+            match stock_changes(&mut redis, keys, cursor).await {
+                Ok(Some((next, levels))) => {
+                    *cursor = next;
+                    changed.extend(levels);
                 }
-                cursor = next;
-                if !levels.is_empty() {
-                    hub.publish_stock(levels, OffsetDateTime::now_utc());
-                }
-            }
-            // Not loaded (a fresh or restarted Redis): the next load has a new epoch and
-            // the first read after it returns every level.
-            Ok(None) => cursor = StockCursor::default(),
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "stock sampling failed; retrying every tick");
-                    failing = true;
+                // Not loaded (a fresh or restarted Redis): the next load has a new epoch
+                // and the first read after it returns every level.
+                Ok(None) => *cursor = StockCursor::default(),
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
             }
+        }
+        if !changed.is_empty() {
+            hub.publish_stock(changed, OffsetDateTime::now_utc());
+        }
+        match failed {
+            None if failing => {
+                tracing::info!("stock sampling works again");
+                failing = false;
+            }
+            Some(e) if !failing => {
+                tracing::warn!(error = %e, "stock sampling failed; retrying every tick");
+                failing = true;
+            }
+            _ => {}
         }
     }
 }

@@ -10,7 +10,7 @@ use floodgate_common::{
     amqp::Topology,
     auth,
     domain::{Role, UserId},
-    redis::Keys,
+    redis::{Keys, Shards},
 };
 use lapin::{
     BasicProperties, Channel,
@@ -206,7 +206,10 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub redis: Redis,
     pub pg: Pool,
+    /// Shard 0's keys: every key of a deployment with one shard (the default).
     pub keys: Keys,
+    /// Every shard (`FLOODGATE_REDIS_SHARDS` of the test's environment).
+    pub shards: Shards,
     pub topology: Topology,
     pub amqp: floodgate_common::amqp::Link,
     pub channel: Channel,
@@ -287,8 +290,9 @@ impl TestApp {
             .expect("redis");
         let pg = floodgate_common::db::pool(&cfg).expect("pool");
         // What `floodgate reconcile --if-unloaded` does: open the gate of a new namespace.
-        let keys = Keys::new(&cfg.namespace);
-        floodgate_common::stock::load_if_absent(&pg, &mut redis, &keys)
+        let shards = cfg.shards();
+        let keys = shards.first().clone();
+        floodgate_common::stock::load_if_absent(&pg, &mut redis, &shards)
             .await
             .expect("load stock");
         let amqp = floodgate_common::amqp::Link::open(&cfg.amqp_url, "floodgate-tests")
@@ -297,6 +301,7 @@ impl TestApp {
         let channel = amqp.channel().await.expect("channel");
         let mut app = TestApp {
             keys,
+            shards,
             topology: Topology::of(&cfg),
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
@@ -428,11 +433,17 @@ impl TestApp {
         assert_eq!(r.status, 201, "create SKU: {r:?}");
     }
 
-    /// Units available in Redis.
+    /// The keys of the shard `sku` lives in.
+    pub fn keys_of(&self, sku: &str) -> &Keys {
+        self.shards
+            .get(floodgate_common::redis::shard_of(sku, self.shards.count()))
+    }
+
+    /// Units available in Redis (in the SKU's shard).
     pub async fn available(&self, sku: &str) -> Option<i64> {
         let mut r = self.redis.clone();
         redis::cmd("HGET")
-            .arg(self.keys.stock())
+            .arg(self.keys_of(sku).stock())
             .arg(sku)
             .query_async(&mut r)
             .await
@@ -486,21 +497,30 @@ impl TestApp {
         (q.message_count(), q.consumer_count())
     }
 
-    /// Reservations not yet committed or released. Retries through a Redis restart (the
-    /// first command on a broken connection fails before the manager reconnects).
+    /// Reservations (parts of orders: one per shard an order touches) not yet committed
+    /// or released, over every shard. Retries through a Redis restart (the first command
+    /// on a broken connection fails before the manager reconnects).
     pub async fn open_reservations(&self) -> i64 {
         let mut r = self.redis.clone();
-        for _ in 0..50 {
-            match redis::cmd("ZCARD")
-                .arg(self.keys.deadlines())
-                .query_async(&mut r)
-                .await
-            {
-                Ok(n) => return n,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+        let mut total = 0;
+        for (_, keys) in self.shards.iter() {
+            let mut tries = 0;
+            total += loop {
+                match redis::cmd("ZCARD")
+                    .arg(keys.deadlines())
+                    .query_async::<i64>(&mut r)
+                    .await
+                {
+                    Ok(n) => break n,
+                    Err(_) if tries < 50 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    Err(_) => panic!("Redis did not answer for 5 s"),
+                }
+            };
         }
-        panic!("Redis did not answer for 5 s");
+        total
     }
 
     /// Waits until every accepted order is committed or released and the queue is empty.
@@ -521,12 +541,17 @@ impl TestApp {
 
     pub async fn snapshot(&self) -> Snapshot {
         let mut r = self.redis.clone();
-        let redis_stock: BTreeMap<String, i64> = redis::cmd("HGETALL")
-            .arg(self.keys.stock())
-            .query_async(&mut r)
-            .await
-            .unwrap();
-        let keys = r.namespace_keys(&self.keys).await.unwrap();
+        let mut redis_stock: BTreeMap<String, i64> = BTreeMap::new();
+        let mut keys = Vec::new();
+        for (_, k) in self.shards.iter() {
+            let here: BTreeMap<String, i64> = redis::cmd("HGETALL")
+                .arg(k.stock())
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            redis_stock.extend(here);
+            keys.extend(r.namespace_keys(k).await.unwrap());
+        }
         let mut tables = BTreeMap::new();
         for t in [
             "skus",
@@ -683,7 +708,7 @@ impl TestApp {
             );
         }
         let mut redis = self.redis.clone();
-        let violations = floodgate_common::reconcile::check(&self.pg, &mut redis, &self.keys, 6)
+        let violations = floodgate_common::reconcile::check(&self.pg, &mut redis, &self.shards, 6)
             .await
             .unwrap();
         assert!(violations.is_empty(), "invariants broken: {violations:#?}");
@@ -695,7 +720,7 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
         let cfg = self.cfg.clone();
-        let keys = self.keys.clone();
+        let shards = self.shards.clone();
         let topology = self.topology.clone();
         // The test's runtime is going away: clean up on a runtime of our own.
         let cleanup = std::thread::spawn(move || {
@@ -707,7 +732,9 @@ impl Drop for TestApp {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = floodgate_common::db::drop_schema(&cfg).await;
                 if let Ok(mut r) = floodgate_common::redis::connect(&cfg.redis_url).await {
-                    let _ = r.delete_namespace(&keys).await;
+                    for (_, keys) in shards.iter() {
+                        let _ = r.delete_namespace(keys).await;
+                    }
                 }
                 if let Ok(c) =
                     floodgate_common::amqp::Link::open(&cfg.amqp_url, "floodgate-tests-cleanup")

@@ -328,11 +328,14 @@ async fn stock_not_loaded_is_503_and_reserves_nothing() {
     let app = TestApp::spawn().await;
     app.create_sku("tee", 5, None).await;
     let mut r = app.redis.clone();
-    let _: () = redis::cmd("DEL")
-        .arg(app.keys.epoch())
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    // Every shard's gate (the SKU's is one of them).
+    for (_, keys) in app.shards.iter() {
+        let _: () = redis::cmd("DEL")
+            .arg(keys.epoch())
+            .query_async(&mut r)
+            .await
+            .unwrap();
+    }
     let before = app.snapshot().await;
     let resp = app.order(&app.customer("zoe"), &[("tee", 1)], None).await;
     assert_eq!(resp.status, 503, "{resp:?}");

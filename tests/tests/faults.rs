@@ -333,11 +333,12 @@ async fn reserve_directly(
     let mut r = app.redis.clone();
     let decision = fredis::reserve(
         &mut r,
-        &app.keys,
+        app.keys_of(sku),
         &ReserveRequest {
             order_id: id,
             user: &user,
             lines: &lines,
+            held: None,
             idempotency: None,
             accepted_at: &accepted_at,
             deadline_ms,
@@ -413,7 +414,7 @@ async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_exp
     // consumers are still down).
     tokio::time::sleep(ttl + Duration::from_millis(500)).await;
     let mut r = app.redis.clone();
-    let reaped = floodgate_worker::reaper::once(&app.keys, &mut r, &app.pg)
+    let reaped = floodgate_worker::reaper::once(&app.shards, &mut r, &app.pg)
         .await
         .unwrap();
     assert_eq!(
@@ -423,7 +424,7 @@ async fn accepted_orders_wait_for_workers_however_long_only_unconfirmed_ones_exp
     assert_eq!(app.available("slow").await, Some(10));
     tokio::time::sleep(ttl).await;
     assert_eq!(
-        floodgate_worker::reaper::once(&app.keys, &mut r, &app.pg)
+        floodgate_worker::reaper::once(&app.shards, &mut r, &app.pg)
             .await
             .unwrap(),
         0
@@ -613,13 +614,13 @@ async fn reconcile_check_finds_drift_and_repair_fixes_it() {
 
     let mut con = app.redis.clone();
     let _: () = redis::cmd("HSET")
-        .arg(app.keys.stock())
+        .arg(app.keys_of("drift").stock())
         .arg("drift")
         .arg(50)
         .query_async(&mut con)
         .await
         .unwrap();
-    let found = reconcile::check(&app.pg, &mut con, &app.keys, 1)
+    let found = reconcile::check(&app.pg, &mut con, &app.shards, 1)
         .await
         .unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
@@ -636,7 +637,7 @@ async fn reconcile_check_finds_drift_and_repair_fixes_it() {
     .await
     .unwrap();
     assert!(
-        reconcile::check(&app.pg, &mut con, &app.keys, 1)
+        reconcile::check(&app.pg, &mut con, &app.shards, 1)
             .await
             .unwrap()
             .is_empty()
@@ -649,7 +650,7 @@ async fn reconcile_check_finds_drift_and_repair_fixes_it() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let found = reconcile::check(&app.pg, &mut con, &app.keys, 1)
+    let found = reconcile::check(&app.pg, &mut con, &app.shards, 1)
         .await
         .unwrap();
     assert!(

@@ -5,7 +5,6 @@
 //! services whose gauges are read run as real processes of their own (the in-process
 //! services of parallel tests would overwrite each other's values).
 
-use floodgate_common::redis::Keys;
 use floodgate_tests::{Options, TestApp, WorkerProcess, env_of};
 use std::time::{Duration, Instant};
 
@@ -345,7 +344,7 @@ async fn the_consistency_gauges_see_redis_drift_and_its_repair() {
 
     // Redis changed behind floodgate's back: 3 units fewer than PostgreSQL says.
     let set_stock = |n: i64| {
-        let (mut redis, keys) = (app.redis.clone(), app.keys.clone());
+        let (mut redis, keys) = (app.redis.clone(), app.keys_of("drift").clone());
         async move {
             let _: () = redis::cmd("HSET")
                 .arg(keys.stock())
@@ -406,7 +405,7 @@ async fn one_worker_of_a_namespace_checks_at_a_time() {
     })
     .await;
     app.create_sku("locked", 4, None).await;
-    let keys = Keys::new(&app.cfg.namespace);
+    let keys = app.shards.clone();
     let mut redis = app.redis.clone();
     // Another worker holds the namespace's check lock: this one skips its turn.
     let mut other = app.pg.get().await.unwrap();
@@ -502,11 +501,11 @@ async fn the_check_counts_every_open_reservation_of_a_large_namespace_once() {
         let qty = 1 + i % 3;
         let items = format!(r#"[{{"sku":"many","qty":{qty}}}]"#);
         pipe.cmd("HSET")
-            .arg(app.keys.resv(&id))
+            .arg(app.keys_of("many").resv(&id))
             .arg(&[("state", state), ("user", "many-user"), ("items", &items)])
             .ignore();
         pipe.cmd("ZADD")
-            .arg(app.keys.deadlines())
+            .arg(app.keys_of("many").deadlines())
             .arg(4_102_444_800_000 + i) // 2100: the reaper leaves them be
             .arg(id.to_string())
             .ignore();
@@ -515,24 +514,24 @@ async fn the_check_counts_every_open_reservation_of_a_large_namespace_once() {
         }
     }
     pipe.cmd("HINCRBY")
-        .arg(app.keys.stock())
+        .arg(app.keys_of("many").stock())
         .arg("many")
         .arg(-held)
         .ignore();
     let _: () = pipe.query_async(&mut redis).await.unwrap();
-    let found = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+    let found = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 1)
         .await
         .unwrap();
     assert_eq!(found, vec![], "{held} units held");
     // One unit off is seen, with the exact count.
     let _: () = redis::cmd("HINCRBY")
-        .arg(app.keys.stock())
+        .arg(app.keys_of("many").stock())
         .arg("many")
         .arg(-1)
         .query_async(&mut redis)
         .await
         .unwrap();
-    let found = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+    let found = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 1)
         .await
         .unwrap();
     assert_eq!(found.len(), 1, "{found:?}");

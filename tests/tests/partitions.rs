@@ -204,7 +204,7 @@ async fn a_dead_letter_replays_to_its_own_partition() {
     // The SKU went from PostgreSQL behind floodgate's back: Redis forgets it too, as
     // `floodgate reconcile` would make it.
     let _: i64 = redis::cmd("HDEL")
-        .arg(app.keys.stock())
+        .arg(app.keys_of(&sku).stock())
         .arg(&sku)
         .query_async(&mut app.redis.clone())
         .await

@@ -488,7 +488,7 @@ async fn cancel_returns_the_stock_once_and_refuses_failed_orders() {
     let mut r2 = app.redis.clone();
     // Bob's reservation went back when his order failed; Redis and PostgreSQL agree
     // except for the units the direct database edit removed, which reconcile would fix.
-    let found = floodgate_common::reconcile::check(&app.pg, &mut r2, &app.keys, 1)
+    let found = floodgate_common::reconcile::check(&app.pg, &mut r2, &app.shards, 1)
         .await
         .unwrap();
     assert!(

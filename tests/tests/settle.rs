@@ -25,9 +25,9 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
     let mut redis = app.redis.clone();
     let id = OrderId::parse(&confirmed).unwrap();
     let _: () = redis::pipe()
-        .hset(app.keys.resv(&id), "state", "claimed")
-        .persist(app.keys.resv(&id))
-        .zadd(app.keys.deadlines(), &confirmed, "+inf")
+        .hset(app.keys_of("mug").resv(&id), "state", "claimed")
+        .persist(app.keys_of("mug").resv(&id))
+        .zadd(app.keys_of("mug").deadlines(), &confirmed, "+inf")
         .query_async(&mut redis)
         .await
         .unwrap();
@@ -45,6 +45,7 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
             order_id: failed_id,
             user: &user,
             lines: &lines,
+            held: None,
             idempotency: None,
             accepted_at: "2026-12-03T00:00:00Z",
             deadline_ms: i64::MAX / 2,
@@ -67,7 +68,7 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
         .unwrap();
     assert_eq!(app.available("mug").await, Some(5), "2 sold, 3 held");
 
-    let before = reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+    let before = reconcile::check(&app.pg, &mut redis, &app.shards, 1)
         .await
         .unwrap();
     assert!(
@@ -75,7 +76,7 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
         "the lost writes show: {before:?}"
     );
 
-    let settled = reconcile::settle(&app.pg, &mut redis, &app.keys)
+    let settled = reconcile::settle(&app.pg, &mut redis, &app.shards)
         .await
         .unwrap();
     assert_eq!(
@@ -91,12 +92,12 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
         Some(8),
         "the failed order's 3 are back"
     );
-    let after = reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+    let after = reconcile::check(&app.pg, &mut redis, &app.shards, 1)
         .await
         .unwrap();
     assert!(after.is_empty(), "{after:?}");
     // Settling again changes nothing.
-    let again = reconcile::settle(&app.pg, &mut redis, &app.keys)
+    let again = reconcile::settle(&app.pg, &mut redis, &app.shards)
         .await
         .unwrap();
     assert_eq!(again, Settled::default());
@@ -114,28 +115,28 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(app.available("mug").await, Some(12));
     let _: () = redis::pipe()
-        .srem(app.keys.applied(), "receive:mug:po-1")
-        .hincr(app.keys.stock(), "mug", -4)
+        .srem(app.keys_of("mug").applied(), "receive:mug:po-1")
+        .hincr(app.keys_of("mug").stock(), "mug", -4)
         .query_async(&mut redis)
         .await
         .unwrap();
     assert!(
-        !reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+        !reconcile::check(&app.pg, &mut redis, &app.shards, 1)
             .await
             .unwrap()
             .is_empty()
     );
-    let settled = reconcile::settle(&app.pg, &mut redis, &app.keys)
+    let settled = reconcile::settle(&app.pg, &mut redis, &app.shards)
         .await
         .unwrap();
     assert_eq!(settled.reapplied, 1, "{settled:?}");
     assert_eq!(app.available("mug").await, Some(12));
-    let again = reconcile::settle(&app.pg, &mut redis, &app.keys)
+    let again = reconcile::settle(&app.pg, &mut redis, &app.shards)
         .await
         .unwrap();
     assert_eq!(again, Settled::default());
     assert_eq!(app.available("mug").await, Some(12));
-    let after = reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+    let after = reconcile::check(&app.pg, &mut redis, &app.shards, 1)
         .await
         .unwrap();
     assert!(after.is_empty(), "{after:?}");
@@ -152,15 +153,15 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
     assert_eq!(c.status, 200, "{c:?}");
     assert_eq!(app.available("mug").await, Some(14));
     let token = format!("cancel:{confirmed}:mug");
-    let alice_key = app.keys.user(&user);
+    let alice_key = app.keys_of("mug").user(&user);
     let _: () = redis::pipe()
-        .srem(app.keys.applied(), &token)
-        .hincr(app.keys.stock(), "mug", -2)
+        .srem(app.keys_of("mug").applied(), &token)
+        .hincr(app.keys_of("mug").stock(), "mug", -2)
         .hincr(&alice_key, "mug", 2)
         .query_async(&mut redis)
         .await
         .unwrap();
-    let settled = reconcile::settle(&app.pg, &mut redis, &app.keys)
+    let settled = reconcile::settle(&app.pg, &mut redis, &app.shards)
         .await
         .unwrap();
     assert_eq!(settled.reapplied, 1, "{settled:?}");
@@ -175,7 +176,7 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
         held, 0,
         "alice holds nothing: the failed order's 3 released, the cancelled 2 given back"
     );
-    let after = reconcile::check(&app.pg, &mut redis, &app.keys, 1)
+    let after = reconcile::check(&app.pg, &mut redis, &app.shards, 1)
         .await
         .unwrap();
     assert!(after.is_empty(), "{after:?}");

@@ -15,7 +15,7 @@ use deadpool_postgres::Pool;
 use floodgate_common::redis::Redis;
 use floodgate_common::{
     Namespace, reconcile,
-    redis::Keys,
+    redis::Shards,
     telemetry::{self, names},
 };
 use std::{
@@ -49,13 +49,13 @@ pub enum Turn {
 /// [`names::CONSISTENCY_VIOLATIONS`]); the timestamp keeps the last completed check's.
 pub async fn run(
     ns: Namespace,
+    shards: Shards,
     mut redis: Redis,
     pg: Pool,
     every: Duration,
     paused: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
-    let keys = Keys::new(&ns);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -69,7 +69,7 @@ pub async fn run(
         }
         let turn = tokio::select! {
             _ = shutdown.cancelled() => return,
-            t = tokio::time::timeout(CHECK_TIMEOUT, once(&ns, &keys, &mut redis, &pg)) => t,
+            t = tokio::time::timeout(CHECK_TIMEOUT, once(&ns, &shards, &mut redis, &pg)) => t,
         };
         match turn {
             Ok(Ok(Turn::Checked(violations))) => {
@@ -108,7 +108,7 @@ pub async fn run(
 /// fails.
 pub async fn once(
     ns: &Namespace,
-    keys: &Keys,
+    shards: &Shards,
     redis: &mut Redis,
     pg: &Pool,
 ) -> anyhow::Result<Turn> {
@@ -117,8 +117,8 @@ pub async fn once(
     };
     // First close what a lost Redis write left open (see `reconcile::settle`), so the
     // check reports what is still wrong, not what the worker would have done.
-    let checked = match reconcile::settle(pg, redis, keys).await {
-        Ok(_) => reconcile::check(pg, redis, keys, PASSES).await,
+    let checked = match reconcile::settle(pg, redis, shards).await {
+        Ok(_) => reconcile::check(pg, redis, shards, PASSES).await,
         Err(e) => Err(e),
     };
     lock.release().await;

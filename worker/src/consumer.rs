@@ -25,9 +25,9 @@ use floodgate_common::redis::Redis;
 use floodgate_common::{
     Config,
     amqp::{self, IntakeMessage, trace_of},
-    domain::{FailReason, IdempotencyKey, OrderId, OrderStatus, UserId},
+    domain::{FailReason, IdempotencyKey, OrderId, OrderLines, OrderStatus, UserId},
     health,
-    redis::{self as fredis, Claim, Keys},
+    redis::{self as fredis, Claim, OrderParts, Shards},
     retry::{Backoff, Waits},
     telemetry::names,
     trace,
@@ -45,7 +45,7 @@ use tracing::Instrument;
 /// Everything a batch needs besides the AMQP session.
 pub struct Pipeline {
     pub cfg: Config,
-    pub keys: Keys,
+    pub shards: Shards,
     pub redis: Redis,
     pub pg: Pool,
     /// Set while consumption is paused for an outage; the reaper waits too, so orders
@@ -108,6 +108,7 @@ struct Decoded {
     record: OrderRecord,
     user: UserId,
     key: Option<IdempotencyKey>,
+    lines: OrderLines,
 }
 
 impl Pipeline {
@@ -165,7 +166,7 @@ impl Pipeline {
             }
             let (pg, redis) = tokio::join!(
                 health::postgres_ok(&self.pg),
-                health::redis_ok(&self.redis, &self.keys)
+                health::redis_ok(&self.redis, &self.shards)
             );
             if pg && redis {
                 return true;
@@ -350,8 +351,9 @@ impl Pipeline {
             return Ok(settle);
         }
         let decoded = |i: usize| items[i].order.as_ref().expect("decoded");
-        let claims_in: Vec<OrderId> = firsts.iter().map(|&i| decoded(i).record.id).collect();
-        let claims = fredis::claim(&mut self.redis.clone(), &self.keys, &claims_in)
+        let claims_in: Vec<OrderParts> =
+            firsts.iter().map(|&i| self.parts_of(decoded(i))).collect();
+        let claims = fredis::claim_orders(&self.redis, &self.shards, &claims_in)
             .await
             .map_err(|e| Halt::Outage("redis", e.into()))?;
 
@@ -524,24 +526,26 @@ impl Pipeline {
         status: &HashMap<OrderId, OrderStatus>,
     ) -> Result<(), Halt> {
         let outage = |e: redis::RedisError| Halt::Outage("redis", e.into());
-        let confirmed: Vec<OrderId> = orders
+        let confirmed: Vec<OrderParts> = orders
             .iter()
-            .map(|d| d.record.id)
-            .filter(|id| {
+            .filter(|d| {
                 matches!(
-                    status.get(id),
+                    status.get(&d.record.id),
                     Some(OrderStatus::Confirmed | OrderStatus::Cancelled)
                 )
             })
+            .map(|d| self.parts_of(d))
             .collect();
-        fredis::finish(&mut self.redis.clone(), &self.keys, &confirmed)
+        fredis::finish_orders(&self.redis, &self.shards, &confirmed)
             .await
             .map_err(outage)?;
         for d in orders {
             if status.get(&d.record.id) == Some(&OrderStatus::Failed) {
-                fredis::release(
-                    &mut self.redis.clone(),
-                    &self.keys,
+                let parts = self.parts_of(d);
+                fredis::release_parts(
+                    &self.redis,
+                    &self.shards,
+                    &parts.shards,
                     &d.record.id,
                     &d.user,
                     d.key.as_ref(),
@@ -554,7 +558,18 @@ impl Pipeline {
         Ok(())
     }
 
-    /// An undecodable message may still name its order and user: release what it held.
+    /// The order's parts: the same shards ingress reserved it in ([`Shards::parts`]).
+    fn parts_of<'a>(&self, d: &'a Decoded) -> OrderParts<'a> {
+        OrderParts {
+            order_id: d.record.id,
+            user: &d.user,
+            key: d.key.as_ref(),
+            shards: self.shards.shards_of(&d.lines, &d.user, d.key.as_ref()),
+        }
+    }
+
+    /// An undecodable message may still name its order and user: release what it held
+    /// (in every shard: its lines, and so its parts, are unknown).
     async fn release_poison(&self, payload: &[u8]) -> Result<(), Halt> {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
             return Ok(());
@@ -562,9 +577,11 @@ impl Pipeline {
         let order = v["order_id"].as_str().and_then(OrderId::parse);
         let user = v["user_id"].as_str().and_then(|u| UserId::parse(u).ok());
         if let (Some(order), Some(user)) = (order, user) {
-            fredis::release(
-                &mut self.redis.clone(),
-                &self.keys,
+            let every: Vec<usize> = (0..self.shards.count()).collect();
+            fredis::release_parts(
+                &self.redis,
+                &self.shards,
+                &every,
                 &order,
                 &user,
                 None,
@@ -706,6 +723,7 @@ fn decode((partition, d): (usize, Delivery)) -> Item {
                 },
                 user: o.user_id,
                 key: o.idempotency_key,
+                lines: o.items,
             })
         });
     Item {

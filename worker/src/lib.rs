@@ -30,7 +30,7 @@ pub mod session;
 use anyhow::Context;
 use axum::{Router, extract::State, routing::get};
 use floodgate_common::{
-    Config, amqp::Reconnect, redis::Keys, retry::Backoff, supervise::Role, telemetry,
+    Config, amqp::Reconnect, redis::Shards, retry::Backoff, supervise::Role, telemetry,
 };
 use std::sync::{
     Arc,
@@ -50,7 +50,7 @@ pub struct Worker {
 struct Health {
     amqp_up: Arc<AtomicBool>,
     redis: floodgate_common::redis::Redis,
-    keys: floodgate_common::redis::Keys,
+    shards: Shards,
     pg: deadpool_postgres::Pool,
     tasks: floodgate_common::supervise::Supervisor,
 }
@@ -59,9 +59,10 @@ impl Worker {
     /// Connects to Redis, PostgreSQL and RabbitMQ (declaring the topology) and binds the
     /// health endpoint. Fails fast if a dependency is unreachable at start.
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
-        let redis = floodgate_common::redis::connect(&cfg.redis_url)
+        let mut redis = floodgate_common::redis::connect(&cfg.redis_url)
             .await
             .context("connecting to Redis")?;
+        floodgate_common::stock::check_layout(&mut redis, &cfg.shards()).await?;
         let pg = floodgate_common::db::pool(&cfg)?;
         floodgate_common::db::require_migrated(&pg, &cfg.namespace).await?;
         let session = session::Session::open(&cfg)
@@ -74,7 +75,7 @@ impl Worker {
             listener,
             session,
             pipeline: consumer::Pipeline {
-                keys: Keys::new(&cfg.namespace),
+                shards: cfg.shards(),
                 cfg,
                 redis,
                 pg,
@@ -102,7 +103,7 @@ impl Worker {
         let health = Health {
             amqp_up: amqp_up.clone(),
             redis: pipeline.redis.clone(),
-            keys: pipeline.keys.clone(),
+            shards: pipeline.shards.clone(),
             pg: pipeline.pg.clone(),
             tasks: Default::default(),
         };
@@ -126,8 +127,8 @@ impl Worker {
         }
         metrics::counter!(telemetry::names::REAPED).increment(0);
         let background = tokio_util::task::TaskTracker::new();
-        let (keys, redis, pg, interval, paused, stop) = (
-            pipeline.keys.clone(),
+        let (shards, redis, pg, interval, paused, stop) = (
+            pipeline.shards.clone(),
             pipeline.redis.clone(),
             pipeline.pg.clone(),
             pipeline.cfg.reaper_interval,
@@ -138,7 +139,7 @@ impl Worker {
             .tasks
             .spawn(&background, "reaper", shutdown.clone(), move || {
                 reaper::run(
-                    keys.clone(),
+                    shards.clone(),
                     redis.clone(),
                     pg.clone(),
                     interval,
@@ -166,8 +167,9 @@ impl Worker {
             move || floodgate_common::amqp::depth::watch(cfg.clone(), "worker", stop.clone()),
         );
         if let Some(every) = pipeline.cfg.consistency_check {
-            let (ns, redis, pg, paused, stop) = (
+            let (ns, shards, redis, pg, paused, stop) = (
                 pipeline.cfg.namespace.clone(),
+                pipeline.shards.clone(),
                 pipeline.redis.clone(),
                 pipeline.pg.clone(),
                 pipeline.paused.clone(),
@@ -180,6 +182,7 @@ impl Worker {
                 move || {
                     consistency::run(
                         ns.clone(),
+                        shards.clone(),
                         redis.clone(),
                         pg.clone(),
                         every,
@@ -229,7 +232,7 @@ fn health_router(h: Health) -> Router {
 async fn readyz(State(h): State<Health>) -> axum::response::Response {
     let (ready, body) = floodgate_common::health::readiness(
         &h.redis,
-        &h.keys,
+        &h.shards,
         &h.pg,
         h.amqp_up.load(Ordering::Relaxed),
         &h.tasks,

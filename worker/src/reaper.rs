@@ -5,13 +5,18 @@
 //! Redis decides first (`reap.lua`, atomic against the worker's claim), PostgreSQL records
 //! second; the `reaped` set bridges the two, so a reaper that dies in between is finished
 //! by the next tick of any worker's reaper.
+//!
+//! Each tick walks every shard. A part of a multi-part order is reaped on its own, like a
+//! whole order: every part has the order's deadline, so a crash between the parts (or
+//! before the publish) returns all of them; the order is recorded failed once (the
+//! record is idempotent), with all its lines (each part names the whole order).
 
 use crate::repo::{self, OrderRecord};
 use deadpool_postgres::Pool;
 use floodgate_common::redis::Redis;
 use floodgate_common::{
     domain::{FailReason, OrderId},
-    redis::{self as fredis, Keys},
+    redis::{self as fredis, Keys, Shards},
     telemetry::names,
 };
 use std::time::Duration;
@@ -24,7 +29,7 @@ const PER_TICK: usize = 500;
 /// Reaps every `interval` until shutdown; skips ticks while the worker is paused for an
 /// outage (orders durably queued meanwhile are waiting, not lost).
 pub async fn run(
-    keys: Keys,
+    shards: Shards,
     mut redis: Redis,
     pg: Pool,
     interval: Duration,
@@ -41,7 +46,7 @@ pub async fn run(
         if paused.load(std::sync::atomic::Ordering::Relaxed) {
             continue;
         }
-        if let Err(e) = once(&keys, &mut redis, &pg).await {
+        if let Err(e) = once(&shards, &mut redis, &pg).await {
             tracing::warn!(
                 error = format!("{e:#}"),
                 "reaper tick failed; trying again next tick"
@@ -50,8 +55,17 @@ pub async fn run(
     }
 }
 
-/// One pass: finish recording earlier reaps, then reap what is due.
-pub async fn once(keys: &Keys, redis: &mut Redis, pg: &Pool) -> anyhow::Result<usize> {
+/// One pass over every shard ([`once_in`]); the number of parts reaped.
+pub async fn once(shards: &Shards, redis: &mut Redis, pg: &Pool) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for (_, keys) in shards.iter() {
+        n += once_in(keys, redis, pg).await?;
+    }
+    Ok(n)
+}
+
+/// One pass over one shard: finish recording earlier reaps, then reap what is due.
+pub async fn once_in(keys: &Keys, redis: &mut Redis, pg: &Pool) -> anyhow::Result<usize> {
     for id in fredis::reaped(redis, keys, PER_TICK).await? {
         record(keys, redis, pg, &id).await?;
     }

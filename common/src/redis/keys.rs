@@ -10,10 +10,27 @@ pub struct Keys {
 }
 
 impl Keys {
+    /// Shard 0's keys: the only shard of a deployment with one (the default).
     pub fn new(ns: &Namespace) -> Self {
-        Self {
-            prefix: format!("{{{ns}}}:"),
-        }
+        Self::shard(ns, 0)
+    }
+
+    /// The keys of shard `g` of the namespace ([`super::Shards`]): hash tag `{ns}` for
+    /// shard 0 (so one shard is the layout of a deployment without shards) and `{ns.g}`
+    /// for the others (a namespace has no `.`, so no two namespaces' shards meet).
+    pub fn shard(ns: &Namespace, g: usize) -> Self {
+        let prefix = if g == 0 {
+            format!("{{{ns}}}:")
+        } else {
+            format!("{{{ns}.{g}}}:")
+        };
+        Self { prefix }
+    }
+
+    /// How many shards the namespace was loaded with (shard 0 holds it; see
+    /// [`super::Shards::check_layout`]).
+    pub fn layout(&self) -> String {
+        format!("{}shards", self.prefix)
     }
 
     /// Pattern matching every key of the namespace (for tests and tooling).

@@ -17,12 +17,21 @@ static APPLY_STOCK: LazyLock<Script> =
 /// How long released and done reservation records stay readable (redelivery, status).
 pub const RECORD_TTL_SECS: u64 = 86_400;
 
+/// How long the released parts of an order another part refused stay: only a re-sent
+/// reserve (a cluster client's retry, seconds) may still meet them, and a sell-out can
+/// refuse many such orders a second.
+pub const REFUSED_TTL_SECS: u64 = 60;
+
 /// Everything the reserve script needs about one order.
 #[derive(Debug)]
 pub struct ReserveRequest<'a> {
     pub order_id: OrderId,
     pub user: &'a UserId,
+    /// The whole order.
     pub lines: &'a OrderLines,
+    /// The lines this shard holds when the order is reserved in parts ([`super::Part`]);
+    /// None when it holds all of them.
+    pub held: Option<&'a [OrderLine]>,
     /// The key and the hash of the body it was sent with.
     pub idempotency: Option<(&'a IdempotencyKey, &'a str)>,
     pub accepted_at: &'a str,
@@ -98,8 +107,9 @@ pub async fn reserve<C: ConnectionLike>(
         .arg(req.accepted_at)
         .arg(req.deadline_ms)
         .arg(req.idempotency_ttl_secs)
-        .arg(items_json(req.lines.as_slice()));
-    for l in req.lines.as_slice() {
+        .arg(items_json(req.lines.as_slice()))
+        .arg(req.held.map(items_json).unwrap_or_default());
+    for l in req.held.unwrap_or(req.lines.as_slice()) {
         inv.arg(l.sku.as_str()).arg(l.qty.get());
     }
     let reply: Vec<String> = inv.invoke_async(con).await?;
@@ -222,7 +232,9 @@ pub async fn mark_queued<C: ConnectionLike>(
         .iter()
         .map(|w| match w.split_once(':') {
             // Expired unconfirmed (or released by ingress itself): never accepted.
-            Some(("released", "reservation_expired" | "publish_failed")) => Ok(Queued::Released),
+            Some(("released", "reservation_expired" | "publish_failed" | "publish_abandoned")) => {
+                Ok(Queued::Released)
+            }
             // A worker was faster than the mark and recorded the order failed: it was
             // accepted, and its status tells the rest.
             Some(("released", _)) => Ok(Queued::Accepted),
@@ -269,7 +281,11 @@ pub async fn release<C: ConnectionLike>(
         .key(keys.stock_seq())
         .arg(order_id.to_string())
         .arg(reason)
-        .arg(RECORD_TTL_SECS)
+        .arg(if reason == "refused" {
+            REFUSED_TTL_SECS
+        } else {
+            RECORD_TTL_SECS
+        })
         .invoke_async(con)
         .await?;
     Ok(match outcome.as_str() {
@@ -404,14 +420,18 @@ pub async fn apply_stock<C: ConnectionLike>(
 pub struct Reservation {
     pub state: ResvState,
     pub user: UserId,
+    /// The whole order.
     pub lines: Vec<OrderLine>,
+    /// The lines whose units this record holds: [`Reservation::lines`], or this shard's
+    /// part of an order reserved in parts.
+    pub held: Vec<OrderLine>,
     pub accepted_at: String,
     /// Why a released reservation was released (`publish_failed`, ...).
     pub reason: Option<String>,
 }
 
 /// The fields of a reservation hash that [`Reservation`] is read from, in order.
-const RESERVATION_FIELDS: [&str; 5] = ["state", "user", "items", "accepted_at", "reason"];
+const RESERVATION_FIELDS: [&str; 6] = ["state", "user", "items", "accepted_at", "reason", "part"];
 
 /// Reads one reservation record, if Redis has it.
 pub async fn reservation<C: ConnectionLike>(
@@ -419,7 +439,7 @@ pub async fn reservation<C: ConnectionLike>(
     keys: &Keys,
     order_id: &OrderId,
 ) -> RedisResult<Option<Reservation>> {
-    let fields: [Option<String>; 5] = redis::cmd("HMGET")
+    let fields: [Option<String>; 6] = redis::cmd("HMGET")
         .arg(keys.resv(order_id))
         .arg(&RESERVATION_FIELDS)
         .query_async(con)
@@ -445,23 +465,30 @@ pub async fn reservations<C: ConnectionLike>(
             .arg(keys.resv(id))
             .arg(&RESERVATION_FIELDS);
     }
-    let replies: Vec<[Option<String>; 5]> = pipe.query_async(con).await?;
+    let replies: Vec<[Option<String>; 6]> = pipe.query_async(con).await?;
     replies.into_iter().map(parse_reservation).collect()
 }
 
-fn parse_reservation(fields: [Option<String>; 5]) -> RedisResult<Option<Reservation>> {
-    let [state, user, items, accepted_at, reason] = fields;
+fn parse_reservation(fields: [Option<String>; 6]) -> RedisResult<Option<Reservation>> {
+    let [state, user, items, accepted_at, reason, part] = fields;
     let (Some(state), Some(user), Some(items)) = (state, user, items) else {
         return Ok(None);
     };
     let state = ResvState::parse(&state).ok_or_else(|| protocol_error("reservation", &[state]))?;
     let user = UserId::parse(user).map_err(|e| protocol_error("reservation", &[e.0]))?;
-    let lines = serde_json::from_str(&items)
-        .map_err(|e| protocol_error("reservation", &[e.to_string()]))?;
+    let parse = |json: &str| -> RedisResult<Vec<OrderLine>> {
+        serde_json::from_str(json).map_err(|e| protocol_error("reservation", &[e.to_string()]))
+    };
+    let lines = parse(&items)?;
+    let held = match part {
+        Some(p) => parse(&p)?,
+        None => lines.clone(),
+    };
     Ok(Some(Reservation {
         state,
         user,
         lines,
+        held,
         accepted_at: accepted_at.unwrap_or_default(),
         reason,
     }))

@@ -20,7 +20,7 @@ use floodgate_common::redis::Redis;
 use floodgate_common::{
     Config,
     auth::{Caller, Verifier},
-    redis::Keys,
+    redis::Shards,
     telemetry::{self, names},
 };
 use serde_json::json;
@@ -34,7 +34,7 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     pub hub: Hub,
     pub verifier: Arc<Verifier>,
-    pub keys: Arc<Keys>,
+    pub shards: Arc<Shards>,
     pub redis: Redis,
     /// For the order-topic lookup only.
     pub pg: Pool,
@@ -106,7 +106,7 @@ async fn readyz(State(st): State<AppState>) -> axum::response::Response {
         .amqp_up
         .load(std::sync::atomic::Ordering::Relaxed);
     let (ready, mut body) =
-        floodgate_common::health::readiness(&st.redis, &st.keys, &st.pg, amqp, &st.supervisor)
+        floodgate_common::health::readiness(&st.redis, &st.shards, &st.pg, amqp, &st.supervisor)
             .await;
     body["subscribers"] = json!(st.hub.subscribers());
     floodgate_common::health::response(ready, body)
@@ -150,8 +150,9 @@ async fn subscribe(
         })
         .collect();
     if !unseen.is_empty() {
-        let mut redis = st.redis.clone();
-        if let Ok(levels) = floodgate_common::redis::available(&mut redis, &st.keys, &unseen).await
+        // Some only while every shard these SKUs live in is loaded.
+        if let Ok(Some(levels)) =
+            floodgate_common::redis::levels(&st.redis, &st.shards, &unseen).await
         {
             let found: Vec<(String, i64)> = unseen
                 .iter()
@@ -162,12 +163,7 @@ async fn subscribe(
             if !found.is_empty() {
                 st.hub.learn_skus(found, time::OffsetDateTime::now_utc());
             }
-            if missing
-                && floodgate_common::redis::stock_loaded(&mut redis, &st.keys)
-                    .await
-                    .unwrap_or(false)
-                && let Some(sku) = unseen.iter().find(|s| !st.hub.knows_sku(s.as_str()))
-            {
+            if missing && let Some(sku) = unseen.iter().find(|s| !st.hub.knows_sku(s.as_str())) {
                 sub.close(CloseReason::Rejected);
                 return Err(SubscribeError::UnknownSku(sku.to_string()).into());
             }
@@ -184,7 +180,7 @@ async fn subscribe(
         .collect();
     for t in topics {
         let Topic::Order(id) = t else { continue };
-        let found = repo::current(&st.reads, &st.redis, &st.keys, id).await;
+        let found = repo::current(&st.reads, &st.redis, &st.shards, id).await;
         let visible = match &found {
             Ok(Some(cur)) => sub
                 .caller()

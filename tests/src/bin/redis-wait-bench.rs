@@ -60,7 +60,7 @@ struct Round {
     p99_ms: f64,
 }
 
-async fn round(url: &str, keys: &Arc<Keys>, a: &Args, wait: bool) -> Round {
+async fn round(url: &str, ns: &Namespace, keys: &Arc<Keys>, a: &Args, wait: bool) -> Round {
     let redis = fredis::connect(url).await.expect("Redis");
     let replica_wait = if wait {
         Some(ReplicaWait {
@@ -73,7 +73,7 @@ async fn round(url: &str, keys: &Arc<Keys>, a: &Args, wait: bool) -> Round {
     };
     let marker = QueuedMarker::spawn(
         redis.clone(),
-        keys.clone(),
+        Arc::new(fredis::Shards::new(ns, 1)),
         replica_wait,
         &Supervisor::default(),
     );
@@ -97,6 +97,7 @@ async fn round(url: &str, keys: &Arc<Keys>, a: &Args, wait: bool) -> Round {
                         order_id,
                         user: &user,
                         lines: &lines,
+                        held: None,
                         idempotency: None,
                         accepted_at: "2026-11-21T00:00:00Z",
                         deadline_ms: i64::MAX / 2,
@@ -105,11 +106,14 @@ async fn round(url: &str, keys: &Arc<Keys>, a: &Args, wait: bool) -> Round {
                     let r = fredis::reserve(&mut redis, &keys, &req).await.unwrap();
                     assert_eq!(r, fredis::Reserve::Reserved);
                     marker
-                        .mark(ConfirmedOrder {
-                            order_id,
-                            user: user.clone(),
-                            idempotency_key: None,
-                        })
+                        .mark(
+                            0,
+                            ConfirmedOrder {
+                                order_id,
+                                user: user.clone(),
+                                idempotency_key: None,
+                            },
+                        )
                         .await
                         .unwrap();
                     took.push(t.elapsed());
@@ -158,7 +162,7 @@ async fn main() {
     let mut on = Vec::new();
     for r in 1..=a.rounds {
         for wait in [false, true] {
-            let x = round(&url, &keys, &a, wait).await;
+            let x = round(&url, &ns, &keys, &a, wait).await;
             println!(
                 "round {r} WAIT {}: {:>8.0} orders/s  p50 {:.2} ms  p99 {:.2} ms",
                 if wait { "on " } else { "off" },

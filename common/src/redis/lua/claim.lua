@@ -10,7 +10,8 @@
 -- KEYS[1 + i]  resv hash of order i
 -- Returns one word per order: 'claimed', 'done' (already committed), 'expired'
 -- (the reaper released it), 'unpublished' (ingress gave up on its publish and answered
--- 503: the order was never accepted), 'released' (released for another reason, already
+-- 503: the order was never accepted; 'publish_abandoned' is how the other parts of such a
+-- multi-part order are released), 'released' (released for another reason, already
 -- decided), 'missing' (Redis does not know it).
 local out = {}
 for i = 1, #KEYS do
@@ -24,7 +25,7 @@ for i = 1, #KEYS do
   elseif state == 'released' then
     if rec[2] == 'reservation_expired' then
       out[i] = 'expired'
-    elseif rec[2] == 'publish_failed' then
+    elseif rec[2] == 'publish_failed' or rec[2] == 'publish_abandoned' or rec[2] == 'refused' then
       out[i] = 'unpublished'
     else
       out[i] = 'released'

@@ -31,7 +31,7 @@ if tonumber(rec[2]) >= tonumber(ARGV[2]) then
   return 0
 end
 local seq = redis.call('INCR', KEYS[7])
-for _, line in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'items'))) do
+for _, line in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'part') or redis.call('HGET', KEYS[1], 'items'))) do
   redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
   redis.call('HINCRBY', KEYS[3], line.sku, -line.qty)
   redis.call('ZADD', KEYS[6], seq, line.sku)

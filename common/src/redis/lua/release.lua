@@ -10,9 +10,13 @@
 -- KEYS[6] changes    zset sku -> change sequence;  KEYS[7] seq  its counter
 -- ARGV[1] order id, ARGV[2] reason, ARGV[3] seconds to keep the released record
 --
+-- The units given back are the reservation's 'part' (the lines this shard holds of an
+-- order reserved in parts, see shards.rs), or all its 'items'.
+--
 -- Only a 'publish_failed' release forgets the Idempotency-Key: that order was never
 -- accepted, so the key is free again. Any other release is of an accepted order, which
--- a repeat of the key must keep answering.
+-- a repeat of the key must keep answering. 'refused' (the parts of an order another
+-- part refused, see shards.rs) is the same, and is never published at all.
 --
 -- Returns 'released_now' if this call gave the stock back, else the state that kept it
 -- ('queued', 'claimed', 'done', 'released' or 'missing').
@@ -25,10 +29,11 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   return 'missing'
 end
-if state ~= 'reserved' and (ARGV[2] == 'publish_failed' or (state ~= 'queued' and state ~= 'claimed')) then
+local unaccepted = ARGV[2] == 'publish_failed' or ARGV[2] == 'refused'
+if state ~= 'reserved' and (unaccepted or (state ~= 'queued' and state ~= 'claimed')) then
   return state
 end
-local items = cjson.decode(redis.call('HGET', KEYS[1], 'items'))
+local items = cjson.decode(redis.call('HGET', KEYS[1], 'part') or redis.call('HGET', KEYS[1], 'items'))
 local seq = redis.call('INCR', KEYS[7])
 for _, line in ipairs(items) do
   redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
@@ -38,7 +43,7 @@ end
 redis.call('HSET', KEYS[1], 'state', 'released', 'reason', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
-if ARGV[2] == 'publish_failed' and redis.call('HGET', KEYS[5], 'order_id') == ARGV[1] then
+if unaccepted and redis.call('HGET', KEYS[5], 'order_id') == ARGV[1] then
   redis.call('DEL', KEYS[5])
 end
 return 'released_now'

@@ -12,7 +12,10 @@
 -- KEYS[9] seq        the change sequence counter
 -- ARGV[1] order id, ARGV[2] user id, ARGV[3] body hash ('' = no Idempotency-Key),
 -- ARGV[4] accepted_at (RFC 3339), ARGV[5] deadline (ms since epoch),
--- ARGV[6] idempotency TTL (s), ARGV[7] items as JSON, ARGV[8..] sku, qty pairs
+-- ARGV[6] idempotency TTL (s), ARGV[7] the order's items as JSON, ARGV[8] the items this
+-- shard holds as JSON when the order is reserved in parts ('' = all of them: see
+-- shards.rs), ARGV[9..] sku, qty pairs of the lines held here (none for the
+-- Idempotency-Key's part of an order whose SKUs all live elsewhere)
 --
 -- Returns one of
 --   {'ok'}
@@ -49,44 +52,49 @@ if has_idem then
 end
 
 local skus, qtys = {}, {}
-local n = (#ARGV - 7) / 2
+local n = (#ARGV - 8) / 2
 for i = 1, n do
-  skus[i] = ARGV[6 + 2 * i]
-  qtys[i] = tonumber(ARGV[7 + 2 * i])
+  skus[i] = ARGV[7 + 2 * i]
+  qtys[i] = tonumber(ARGV[8 + 2 * i])
 end
 
-local avail = redis.call('HMGET', KEYS[2], unpack(skus))
-for i = 1, n do
-  if not avail[i] then
-    return {'unknown_sku', skus[i]}
+if n > 0 then
+  local avail = redis.call('HMGET', KEYS[2], unpack(skus))
+  for i = 1, n do
+    if not avail[i] then
+      return {'unknown_sku', skus[i]}
+    end
   end
-end
 
-local limits = redis.call('HMGET', KEYS[3], unpack(skus))
-local held = redis.call('HMGET', KEYS[4], unpack(skus))
-for i = 1, n do
-  local limit = tonumber(limits[i] or '0')
-  local already = tonumber(held[i] or '0')
-  if limit > 0 and already + qtys[i] > limit then
-    return {'limit', skus[i], tostring(limit), tostring(already)}
+  local limits = redis.call('HMGET', KEYS[3], unpack(skus))
+  local held = redis.call('HMGET', KEYS[4], unpack(skus))
+  for i = 1, n do
+    local limit = tonumber(limits[i] or '0')
+    local already = tonumber(held[i] or '0')
+    if limit > 0 and already + qtys[i] > limit then
+      return {'limit', skus[i], tostring(limit), tostring(already)}
+    end
   end
-end
 
-for i = 1, n do
-  local a = tonumber(avail[i])
-  if a < qtys[i] then
-    return {'sold_out', skus[i], tostring(math.max(a, 0))}
+  for i = 1, n do
+    local a = tonumber(avail[i])
+    if a < qtys[i] then
+      return {'sold_out', skus[i], tostring(math.max(a, 0))}
+    end
   end
-end
 
-local seq = redis.call('INCR', KEYS[9])
-for i = 1, n do
-  redis.call('HINCRBY', KEYS[2], skus[i], -qtys[i])
-  redis.call('HINCRBY', KEYS[4], skus[i], qtys[i])
-  redis.call('ZADD', KEYS[8], seq, skus[i])
+  local seq = redis.call('INCR', KEYS[9])
+  for i = 1, n do
+    redis.call('HINCRBY', KEYS[2], skus[i], -qtys[i])
+    redis.call('HINCRBY', KEYS[4], skus[i], qtys[i])
+    redis.call('ZADD', KEYS[8], seq, skus[i])
+  end
 end
 redis.call('HSET', KEYS[6], 'state', 'reserved', 'user', ARGV[2], 'items', ARGV[7],
   'accepted_at', ARGV[4], 'deadline', ARGV[5])
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[6], 'part', ARGV[8])
+end
 redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
 if has_idem then
   redis.call('HSET', KEYS[5], 'order_id', ARGV[1], 'body_hash', ARGV[3],
