@@ -15,13 +15,17 @@ pub async fn load<C: ConnectionLike>(
 ) -> anyhow::Result<usize> {
     let all: Vec<usize> = (0..shards.count()).collect();
     let n = load_shards(pool, con, shards, &all).await?;
-    let _: () = redis::cmd("SET")
+    record_layout(con, shards).await?;
+    Ok(n)
+}
+
+async fn record_layout<C: ConnectionLike>(con: &mut C, shards: &Shards) -> anyhow::Result<()> {
+    redis::cmd("SET")
         .arg(shards.first().layout())
         .arg(shards.count())
         .query_async(con)
         .await
-        .context("recording the shard count")?;
-    Ok(n)
+        .context("recording the shard count")
 }
 
 /// Fails when Redis holds the namespace in another number of shards than `shards`: the
@@ -197,11 +201,6 @@ pub async fn load_if_absent<C: ConnectionLike>(
         return Ok(false);
     }
     load_shards(pool, con, shards, &absent).await?;
-    let _: () = redis::cmd("SET")
-        .arg(shards.first().layout())
-        .arg(shards.count())
-        .query_async(con)
-        .await
-        .context("recording the shard count")?;
+    record_layout(con, shards).await?;
     Ok(true)
 }

@@ -60,8 +60,12 @@ pub async fn current(
         at: OffsetDateTime::parse(&resv.accepted_at, &Rfc3339)
             .unwrap_or_else(|_| OffsetDateTime::now_utc()),
     });
-    // A reservation whose publish failed was answered 503: that order never existed.
-    if resv.reason.as_deref() == Some("publish_failed") {
+    // A reservation whose publish failed was answered 503, and the parts of an order
+    // another part refused were answered 409: that order never existed.
+    if matches!(
+        resv.reason.as_deref(),
+        Some("publish_failed" | "publish_abandoned" | "refused")
+    ) {
         return Ok(None);
     }
     Ok(Some(Current {

@@ -87,12 +87,8 @@ pub const MAX_PARTITIONS: usize = 64;
 /// offset basis 0xcbf29ce484222325 and prime 0x100000001b3. Fixed forever (a test pins
 /// it): every ingress of every version puts a SKU's orders in the same partition.
 pub fn partition_of(sku: &str, partitions: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in sku.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % partitions.max(1) as u64) as usize
+    // The same function as a SKU's Redis shard.
+    crate::redis::shard_of(sku, partitions)
 }
 
 /// Header carrying how many scheduled retries a message has had.
