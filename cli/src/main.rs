@@ -167,14 +167,18 @@ async fn reconcile_cmd(
         .await
         .context("connecting to Redis")?;
     let shards = cfg.shards();
-    // Loaded: every shard has its epoch, and Redis was loaded with this shard count.
     let loaded = floodgate_common::redis::all_loaded(&redis, &shards)
         .await
-        .context("reading the stock epochs")?
-        && floodgate_common::stock::check_layout(&mut redis, &shards)
+        .context("reading the stock epochs")?;
+    if if_unloaded {
+        // Never a change of the shard count: that reloads a live namespace, which only an
+        // operator who drained it may do (docs/OPERATIONS.md).
+        floodgate_common::stock::check_layout(&mut redis, &shards)
             .await
-            .is_ok();
+            .context("--if-unloaded does not change the shard count; drain, then run `floodgate reconcile`")?;
+    }
     if if_unloaded && loaded {
+        floodgate_common::stock::adopt_layout(&mut redis, &shards).await?;
         // Starting a stack must not cost time proportional to history: the invariant
         // scan is `floodgate reconcile --check`'s job.
         println!("stock is loaded; nothing to do");

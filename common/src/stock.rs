@@ -14,9 +14,10 @@ pub async fn load<C: ConnectionLike>(
     shards: &Shards,
 ) -> anyhow::Result<usize> {
     let all: Vec<usize> = (0..shards.count()).collect();
-    let n = load_shards(pool, con, shards, &all).await?;
+    // Recorded before any gate opens: a process with another count that starts meanwhile
+    // is refused.
     record_layout(con, shards).await?;
-    Ok(n)
+    load_shards(pool, con, shards, &all).await
 }
 
 async fn record_layout<C: ConnectionLike>(con: &mut C, shards: &Shards) -> anyhow::Result<()> {
@@ -26,6 +27,19 @@ async fn record_layout<C: ConnectionLike>(con: &mut C, shards: &Shards) -> anyho
         .query_async(con)
         .await
         .context("recording the shard count")
+}
+
+/// Records the shard count when none is (a namespace loaded by a version before shards:
+/// one shard), so that a process with another count is refused from now on.
+pub async fn adopt_layout<C: ConnectionLike>(con: &mut C, shards: &Shards) -> anyhow::Result<()> {
+    let _: Option<String> = redis::cmd("SET")
+        .arg(shards.first().layout())
+        .arg(shards.count())
+        .arg("NX")
+        .query_async(con)
+        .await
+        .context("recording the shard count")?;
+    Ok(())
 }
 
 /// Fails when Redis holds the namespace in another number of shards than `shards`: the
@@ -198,9 +212,10 @@ pub async fn load_if_absent<C: ConnectionLike>(
         }
     }
     if absent.is_empty() {
+        adopt_layout(con, shards).await?;
         return Ok(false);
     }
-    load_shards(pool, con, shards, &absent).await?;
     record_layout(con, shards).await?;
+    load_shards(pool, con, shards, &absent).await?;
     Ok(true)
 }

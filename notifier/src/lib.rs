@@ -44,9 +44,10 @@ impl Notifier {
     /// Connects to Redis and PostgreSQL and binds `cfg.notifier_addr` (port 0 picks a
     /// free port). The broker is connected by the running consumer, with backoff.
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
-        let redis = floodgate_common::redis::connect(&cfg.redis_url)
+        let mut redis = floodgate_common::redis::connect(&cfg.redis_url)
             .await
             .context("connecting to Redis")?;
+        floodgate_common::stock::check_layout(&mut redis, &cfg.shards()).await?;
         let pg = floodgate_common::db::pool(&cfg)?;
         let reads = floodgate_common::reads::Reads::with_replica(
             pg.clone(),

@@ -186,7 +186,7 @@ async fn a_crash_between_the_parts_returns_every_unit_and_answers_the_key() {
         order_id: id,
         user: &user,
         lines: &order,
-        held: Some(&parts[0].lines),
+        held: Some((&parts[0].lines, parts[0].shard)),
         idempotency: Some((&key, &hash)),
         accepted_at: &accepted_at,
         deadline_ms,
@@ -373,9 +373,100 @@ async fn a_process_with_another_shard_count_refuses_to_start() {
         format!("{e:#}").contains("FLOODGATE_REDIS_SHARDS is 2"),
         "{e:#}"
     );
-    let e = floodgate_worker::Worker::build(other)
+    let e = floodgate_worker::Worker::build(other.clone())
         .await
         .err()
         .expect("worker refuses");
     assert!(format!("{e:#}").contains("4 shards"), "{e:#}");
+    let e = floodgate_notifier::Notifier::build(other)
+        .await
+        .err()
+        .expect("notifier refuses");
+    assert!(format!("{e:#}").contains("4 shards"), "{e:#}");
+}
+
+/// A part left behind by an order another part refused (its release was lost): the
+/// reaper returns its units, but records nothing, since that order was answered 409 and
+/// its key is free for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothing() {
+    let ttl = Duration::from_secs(1);
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        ..sharded(move |c| c.reservation_ttl = ttl)
+    })
+    .await;
+    let (a, b) = (sku_in("a", 1), sku_in("b", 2));
+    app.create_sku(&a, 10, None).await;
+    app.create_sku(&b, 10, None).await;
+    let user = UserId::parse("left").unwrap();
+    let key_text = key_in("left", 3);
+    let key = IdempotencyKey::parse(&key_text).unwrap();
+    let order = lines(&[(&a, 2), (&b, 3)]);
+    let parts = app.shards.parts(&order, &user, Some(&key));
+    assert_eq!(parts.iter().map(|p| p.shard).collect::<Vec<_>>(), [3, 1, 2]);
+    let id = OrderId::new();
+    let now = time::OffsetDateTime::now_utc();
+    let accepted_at = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let hash = floodgate_ingress::orders::body_hash(&order);
+    let req = ReserveRequest {
+        order_id: id,
+        user: &user,
+        lines: &order,
+        held: None,
+        idempotency: Some((&key, &hash)),
+        accepted_at: &accepted_at,
+        deadline_ms: ((now + ttl).unix_timestamp_nanos() / 1_000_000) as i64,
+        idempotency_ttl_secs: 60,
+    };
+    let d = fredis::reserve_parts(&app.redis, &app.shards, &parts, &req)
+        .await
+        .unwrap();
+    assert_eq!(d, Reserve::Reserved);
+    // The refusal released the deciding part and the first other one; the release of
+    // the last was lost.
+    for g in [3, 1] {
+        let r = fredis::release(
+            &mut app.redis.clone(),
+            app.shards.get(g),
+            &id,
+            &user,
+            Some(&key),
+            "refused",
+        )
+        .await
+        .unwrap();
+        assert_eq!(r, fredis::Release::Released);
+    }
+    assert_eq!(
+        app.available(&b).await,
+        Some(7),
+        "held by the leftover part"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let mut r = app.redis.clone();
+    let reaped = floodgate_worker::reaper::once(&app.shards, &mut r, &app.pg)
+        .await
+        .unwrap();
+    assert_eq!(reaped, 1);
+    assert_eq!(app.available(&b).await, Some(10));
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM orders").await,
+        0,
+        "no phantom order"
+    );
+    app.start_worker().await;
+    let again = app
+        .order(&app.customer("left"), &[(&a, 2), (&b, 3)], Some(&key_text))
+        .await;
+    assert_eq!(again.status, 202, "the key is free: {again:?}");
+    assert_ne!(
+        again.body["order_id"].as_str(),
+        Some(id.to_string().as_str())
+    );
+    app.wait_idle().await;
+    app.assert_invariants(&[again.body["order_id"].as_str().unwrap().to_owned()])
+        .await;
 }

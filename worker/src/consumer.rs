@@ -384,7 +384,17 @@ impl Pipeline {
                         failed_line(decoded(i), reason);
                     }
                 }
-                let batch: Vec<&Decoded> = confirm.iter().map(|&i| decoded(i)).collect();
+                // The orders to confirm, and the failed ones of several parts: a part
+                // expired or released elsewhere left the others held (see claim_orders).
+                let batch: Vec<&Decoded> = confirm
+                    .iter()
+                    .map(|&i| decoded(i))
+                    .chain(
+                        fail.iter()
+                            .map(|&(i, _)| decoded(i))
+                            .filter(|d| self.multi_part(d)),
+                    )
+                    .collect();
                 self.settle_redis(&batch, &c.status).await?;
             }
             Err(DbError::Transient(e)) => {
@@ -406,7 +416,15 @@ impl Pipeline {
                 tracing::info!(error = %e, orders = confirm.len(), "batch refused; committing order by order");
                 if !fail_recs.is_empty() {
                     match retry_quick(|| repo::commit_batch(&self.pg, &[], &fail_recs)).await {
-                        Ok(c) => count_committed(0, c.failed),
+                        Ok(c) => {
+                            count_committed(0, c.failed);
+                            let multi: Vec<&Decoded> = fail
+                                .iter()
+                                .map(|&(i, _)| decoded(i))
+                                .filter(|d| self.multi_part(d))
+                                .collect();
+                            self.settle_redis(&multi, &c.status).await?;
+                        }
                         Err(DbError::Transient(e)) => return Err(Halt::Outage("postgres", e)),
                         // Never an outage: a record that can never be written is a dead letter.
                         Err(e) => {
@@ -556,6 +574,11 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// Whether the order was reserved in more than one part.
+    fn multi_part(&self, d: &Decoded) -> bool {
+        self.shards.count() > 1 && self.parts_of(d).shards.len() > 1
     }
 
     /// The order's parts: the same shards ingress reserved it in ([`Shards::parts`]).

@@ -16,7 +16,7 @@ use deadpool_postgres::Pool;
 use floodgate_common::redis::Redis;
 use floodgate_common::{
     domain::{FailReason, OrderId},
-    redis::{self as fredis, Keys, Shards},
+    redis::{self as fredis, Shards},
     telemetry::names,
 };
 use std::time::Duration;
@@ -55,19 +55,32 @@ pub async fn run(
     }
 }
 
-/// One pass over every shard ([`once_in`]); the number of parts reaped.
+/// One pass over every shard ([`once_in`]); the number of parts reaped. A shard that
+/// fails does not stop the others: the first error is returned after all were tried.
 pub async fn once(shards: &Shards, redis: &mut Redis, pg: &Pool) -> anyhow::Result<usize> {
     let mut n = 0;
-    for (_, keys) in shards.iter() {
-        n += once_in(keys, redis, pg).await?;
+    let mut failed = None;
+    for (g, _) in shards.iter() {
+        match once_in(shards, g, redis, pg).await {
+            Ok(k) => n += k,
+            Err(e) => {
+                failed.get_or_insert(e.context(format!("shard {g}")));
+            }
+        }
     }
-    Ok(n)
+    failed.map_or(Ok(n), Err)
 }
 
-/// One pass over one shard: finish recording earlier reaps, then reap what is due.
-pub async fn once_in(keys: &Keys, redis: &mut Redis, pg: &Pool) -> anyhow::Result<usize> {
+/// One pass over shard `g`: finish recording earlier reaps, then reap what is due.
+pub async fn once_in(
+    shards: &Shards,
+    g: usize,
+    redis: &mut Redis,
+    pg: &Pool,
+) -> anyhow::Result<usize> {
+    let keys = shards.get(g);
     for id in fredis::reaped(redis, keys, PER_TICK).await? {
-        record(keys, redis, pg, &id).await?;
+        record(shards, g, redis, pg, &id).await?;
     }
     let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
     let mut n = 0;
@@ -82,15 +95,40 @@ pub async fn once_in(keys: &Keys, redis: &mut Redis, pg: &Pool) -> anyhow::Resul
             n += 1;
             metrics::counter!(names::REAPED).increment(1);
             tracing::info!(order_id = %id, "reservation expired unclaimed; released");
-            record(keys, redis, pg, &id).await?;
+            record(shards, g, redis, pg, &id).await?;
         }
     }
     Ok(n)
 }
 
 /// Records a reaped order failed (with a `release` ledger row) and forgets it.
-async fn record(keys: &Keys, redis: &mut Redis, pg: &Pool, id: &OrderId) -> anyhow::Result<()> {
-    if let Some(r) = fredis::reservation(redis, keys, id).await? {
+///
+/// A part of a multi-part order is recorded only if the order's deciding part still
+/// exists and was not released as never accepted (its publish failed, or another part
+/// refused the order): a leftover part of such an order (its release was lost, or a
+/// re-sent reserve ran late) expires here, but that order was answered 503 or 409 and its
+/// Idempotency-Key freed, so it must not appear in PostgreSQL. An accepted order whose
+/// part expired is recorded by the worker that gets its message.
+async fn record(
+    shards: &Shards,
+    g: usize,
+    redis: &mut Redis,
+    pg: &Pool,
+    id: &OrderId,
+) -> anyhow::Result<()> {
+    let keys = shards.get(g);
+    let mut found = fredis::reservation(redis, keys, id).await?;
+    if let Some(first) = found.as_ref().and_then(|r| r.first).filter(|f| *f != g) {
+        let deciding = fredis::reservation(redis, shards.get(first), id).await?;
+        let never_accepted = deciding.is_none_or(|d| {
+            d.state == fredis::ResvState::Released
+                && matches!(d.reason.as_deref(), Some("publish_failed" | "refused"))
+        });
+        if never_accepted {
+            found = None;
+        }
+    }
+    if let Some(r) = found {
         let rec = OrderRecord {
             id: *id,
             user_id: r.user.to_string(),

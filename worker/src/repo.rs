@@ -89,8 +89,9 @@ pub struct Committed {
     pub confirmed: Vec<OrderId>,
     /// Orders recorded failed by this commit.
     pub failed: usize,
-    /// The status PostgreSQL holds for every order the batch tried to confirm, whoever
-    /// wrote it: Redis is settled from this, never from what the batch intended.
+    /// The status PostgreSQL holds for every order the batch tried to confirm or to
+    /// record failed, whoever wrote it: Redis is settled from this, never from what the
+    /// batch intended.
     pub status: HashMap<OrderId, OrderStatus>,
 }
 
@@ -276,7 +277,14 @@ pub async fn commit_batch(
         .filter(|o| new.contains(&o.id.as_uuid()))
         .collect();
     insert_lines(&tx, &fresh, Some("sale")).await?;
-    committed.status = statuses(&tx, confirm.iter().map(|o| o.id)).await?;
+    committed.status = statuses(
+        &tx,
+        confirm
+            .iter()
+            .map(|o| o.id)
+            .chain(fail.iter().map(|(o, _)| o.id)),
+    )
+    .await?;
     // The hot rows last, just before COMMIT: concurrent batches serialise only here.
     add_sold(&tx, &fresh).await?;
     tx.commit().await?;

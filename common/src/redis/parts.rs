@@ -25,14 +25,16 @@ pub async fn reserve_parts(
     parts: &[Part],
     req: &ReserveRequest<'_>,
 ) -> RedisResult<Reserve> {
-    let first = reserve_part(redis, shards, &parts[0], req, true).await?;
+    // One part: the order's own reservation, as without shards.
+    let deciding = (parts.len() > 1).then_some(parts[0].shard);
+    let first = reserve_part(redis, shards, &parts[0], req, deciding, true).await?;
     if first != Reserve::Reserved || parts.len() == 1 {
         return Ok(first);
     }
     let rest = join_all(
         parts[1..]
             .iter()
-            .map(|p| reserve_part(redis, shards, p, req, false)),
+            .map(|p| reserve_part(redis, shards, p, req, deciding, false)),
     )
     .await;
     if rest.iter().all(|r| matches!(r, Ok(Reserve::Reserved))) {
@@ -40,16 +42,8 @@ pub async fn reserve_parts(
     }
     let key = req.idempotency.map(|(k, _)| k);
     let all: Vec<usize> = parts.iter().map(|p| p.shard).collect();
-    if let Err(e) = release_parts(
-        redis,
-        shards,
-        &all,
-        &req.order_id,
-        req.user,
-        key,
-        "publish_failed",
-    )
-    .await
+    if let Err(e) =
+        release_parts(redis, shards, &all, &req.order_id, req.user, key, "refused").await
     {
         tracing::warn!(error = %e, order_id = %req.order_id, "releasing the reserved parts of a refused order failed; the reaper returns them");
     }
@@ -66,18 +60,18 @@ pub async fn reserve_parts(
     Err(first_error.expect("a part that was not reserved"))
 }
 
-/// Reserves one part: its lines (None when it holds the whole order), and the
-/// Idempotency-Key when `with_key`.
+/// Reserves one part: its lines and the deciding part's shard (`deciding`, None for an
+/// order of one part, which holds every line), and the Idempotency-Key when `with_key`.
 async fn reserve_part(
     redis: &Redis,
     shards: &Shards,
     part: &Part,
     req: &ReserveRequest<'_>,
+    deciding: Option<usize>,
     with_key: bool,
 ) -> RedisResult<Reserve> {
-    let whole = part.lines.len() == req.lines.as_slice().len();
     let req = ReserveRequest {
-        held: (!whole).then_some(part.lines.as_slice()),
+        held: deciding.map(|g| (part.lines.as_slice(), g)),
         idempotency: req.idempotency.filter(|_| with_key),
         ..*req
     };
@@ -131,7 +125,16 @@ pub async fn release_unpublished(
         "publish_failed",
     )
     .await?;
-    if first == Release::Released && part_shards.len() > 1 {
+    // NotHeld may be this very release, re-sent by a cluster client after a dropped
+    // reply: the record says whether the deciding part was released as unpublished.
+    let ours = first == Release::Released
+        || (first == Release::NotHeld
+            && super::reservation(&mut redis.clone(), shards.get(part_shards[0]), order_id)
+                .await?
+                .is_some_and(|r| {
+                    r.state == ResvState::Released && r.reason.as_deref() == Some("publish_failed")
+                }));
+    if ours && part_shards.len() > 1 {
         release_parts(
             redis,
             shards,
@@ -158,9 +161,10 @@ pub struct OrderParts<'a> {
 /// Runs `claim.lua` for a batch, one call per shard involved, at once; one [`Claim`] per
 /// order, in order, combining its parts': the first part unpublished wins (ingress gave
 /// up on it), then any part expired, released or missing, then claimed, and done only
-/// when every part is done. A multi-part order that will not be committed (unpublished,
-/// expired, released) has every part released here, so none of its units stays held by
-/// a part this call claimed.
+/// when every part is done. A multi-part order whose deciding part was unpublished (never
+/// accepted, never committed) has every part released here. One expired or released is
+/// left to the caller: it records the order failed in PostgreSQL and settles the parts
+/// by what PostgreSQL then holds (a lost Redis write may have left it confirmed there).
 pub async fn claim_orders(
     redis: &Redis,
     shards: &Shards,
@@ -173,16 +177,17 @@ pub async fn claim_orders(
     let mut out = Vec::with_capacity(orders.len());
     for (o, claims) in orders.iter().zip(per_part) {
         let combined = combine(&claims);
-        if o.shards.len() > 1 {
-            let reason = match combined {
-                Claim::Unpublished => Some("publish_abandoned"),
-                Claim::Expired => Some("reservation_expired"),
-                Claim::Released => Some("failed"),
-                _ => None,
-            };
-            if let Some(reason) = reason {
-                release_parts(redis, shards, &o.shards, &o.order_id, o.user, None, reason).await?;
-            }
+        if o.shards.len() > 1 && combined == Claim::Unpublished {
+            release_parts(
+                redis,
+                shards,
+                &o.shards,
+                &o.order_id,
+                o.user,
+                None,
+                "publish_abandoned",
+            )
+            .await?;
         }
         out.push(combined);
     }

@@ -29,9 +29,9 @@ pub struct ReserveRequest<'a> {
     pub user: &'a UserId,
     /// The whole order.
     pub lines: &'a OrderLines,
-    /// The lines this shard holds when the order is reserved in parts ([`super::Part`]);
-    /// None when it holds all of them.
-    pub held: Option<&'a [OrderLine]>,
+    /// The lines this shard holds when the order is reserved in parts ([`super::Part`]),
+    /// and the shard of the order's deciding part; None when it holds all of them.
+    pub held: Option<(&'a [OrderLine], usize)>,
     /// The key and the hash of the body it was sent with.
     pub idempotency: Option<(&'a IdempotencyKey, &'a str)>,
     pub accepted_at: &'a str,
@@ -108,8 +108,9 @@ pub async fn reserve<C: ConnectionLike>(
         .arg(req.deadline_ms)
         .arg(req.idempotency_ttl_secs)
         .arg(items_json(req.lines.as_slice()))
-        .arg(req.held.map(items_json).unwrap_or_default());
-    for l in req.held.unwrap_or(req.lines.as_slice()) {
+        .arg(req.held.map(|(l, _)| items_json(l)).unwrap_or_default())
+        .arg(req.held.map(|(_, g)| g.to_string()).unwrap_or_default());
+    for l in req.held.map_or(req.lines.as_slice(), |(l, _)| l) {
         inv.arg(l.sku.as_str()).arg(l.qty.get());
     }
     let reply: Vec<String> = inv.invoke_async(con).await?;
@@ -232,9 +233,10 @@ pub async fn mark_queued<C: ConnectionLike>(
         .iter()
         .map(|w| match w.split_once(':') {
             // Expired unconfirmed (or released by ingress itself): never accepted.
-            Some(("released", "reservation_expired" | "publish_failed" | "publish_abandoned")) => {
-                Ok(Queued::Released)
-            }
+            Some((
+                "released",
+                "reservation_expired" | "publish_failed" | "publish_abandoned" | "refused",
+            )) => Ok(Queued::Released),
             // A worker was faster than the mark and recorded the order failed: it was
             // accepted, and its status tells the rest.
             Some(("released", _)) => Ok(Queued::Accepted),
@@ -425,13 +427,23 @@ pub struct Reservation {
     /// The lines whose units this record holds: [`Reservation::lines`], or this shard's
     /// part of an order reserved in parts.
     pub held: Vec<OrderLine>,
+    /// The shard of the order's deciding part, for a part of an order reserved in parts.
+    pub first: Option<usize>,
     pub accepted_at: String,
     /// Why a released reservation was released (`publish_failed`, ...).
     pub reason: Option<String>,
 }
 
 /// The fields of a reservation hash that [`Reservation`] is read from, in order.
-const RESERVATION_FIELDS: [&str; 6] = ["state", "user", "items", "accepted_at", "reason", "part"];
+const RESERVATION_FIELDS: [&str; 7] = [
+    "state",
+    "user",
+    "items",
+    "accepted_at",
+    "reason",
+    "part",
+    "first",
+];
 
 /// Reads one reservation record, if Redis has it.
 pub async fn reservation<C: ConnectionLike>(
@@ -439,7 +451,7 @@ pub async fn reservation<C: ConnectionLike>(
     keys: &Keys,
     order_id: &OrderId,
 ) -> RedisResult<Option<Reservation>> {
-    let fields: [Option<String>; 6] = redis::cmd("HMGET")
+    let fields: [Option<String>; 7] = redis::cmd("HMGET")
         .arg(keys.resv(order_id))
         .arg(&RESERVATION_FIELDS)
         .query_async(con)
@@ -465,12 +477,12 @@ pub async fn reservations<C: ConnectionLike>(
             .arg(keys.resv(id))
             .arg(&RESERVATION_FIELDS);
     }
-    let replies: Vec<[Option<String>; 6]> = pipe.query_async(con).await?;
+    let replies: Vec<[Option<String>; 7]> = pipe.query_async(con).await?;
     replies.into_iter().map(parse_reservation).collect()
 }
 
-fn parse_reservation(fields: [Option<String>; 6]) -> RedisResult<Option<Reservation>> {
-    let [state, user, items, accepted_at, reason, part] = fields;
+fn parse_reservation(fields: [Option<String>; 7]) -> RedisResult<Option<Reservation>> {
+    let [state, user, items, accepted_at, reason, part, first] = fields;
     let (Some(state), Some(user), Some(items)) = (state, user, items) else {
         return Ok(None);
     };
@@ -489,6 +501,7 @@ fn parse_reservation(fields: [Option<String>; 6]) -> RedisResult<Option<Reservat
         user,
         lines,
         held,
+        first: first.and_then(|g| g.parse().ok()),
         accepted_at: accepted_at.unwrap_or_default(),
         reason,
     }))

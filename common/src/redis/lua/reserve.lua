@@ -14,8 +14,9 @@
 -- ARGV[4] accepted_at (RFC 3339), ARGV[5] deadline (ms since epoch),
 -- ARGV[6] idempotency TTL (s), ARGV[7] the order's items as JSON, ARGV[8] the items this
 -- shard holds as JSON when the order is reserved in parts ('' = all of them: see
--- shards.rs), ARGV[9..] sku, qty pairs of the lines held here (none for the
--- Idempotency-Key's part of an order whose SKUs all live elsewhere)
+-- shards.rs), ARGV[9] the shard of the order's deciding part then ('' = none),
+-- ARGV[10..] sku, qty pairs of the lines held here (none for the Idempotency-Key's part
+-- of an order whose SKUs all live elsewhere)
 --
 -- Returns one of
 --   {'ok'}
@@ -52,10 +53,10 @@ if has_idem then
 end
 
 local skus, qtys = {}, {}
-local n = (#ARGV - 8) / 2
+local n = (#ARGV - 9) / 2
 for i = 1, n do
-  skus[i] = ARGV[7 + 2 * i]
-  qtys[i] = tonumber(ARGV[8 + 2 * i])
+  skus[i] = ARGV[8 + 2 * i]
+  qtys[i] = tonumber(ARGV[9 + 2 * i])
 end
 
 if n > 0 then
@@ -93,7 +94,7 @@ end
 redis.call('HSET', KEYS[6], 'state', 'reserved', 'user', ARGV[2], 'items', ARGV[7],
   'accepted_at', ARGV[4], 'deadline', ARGV[5])
 if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[6], 'part', ARGV[8])
+  redis.call('HSET', KEYS[6], 'part', ARGV[8], 'first', ARGV[9])
 end
 redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
 if has_idem then
