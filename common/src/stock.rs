@@ -51,6 +51,16 @@ pub async fn check_layout<C: ConnectionLike>(con: &mut C, shards: &Shards) -> an
         .query_async(con)
         .await
         .context("reading the shard count Redis was loaded with")?;
+    // Nothing recorded but shard 0 loaded: a version before shards loaded it, in one.
+    let recorded = match recorded {
+        None if crate::redis::stock_loaded(con, shards.first())
+            .await
+            .context("reading the stock epoch")? =>
+        {
+            Some(1)
+        }
+        r => r,
+    };
     match recorded {
         Some(n) if n != shards.count() => anyhow::bail!(
             "Redis holds this namespace in {n} shards but FLOODGATE_REDIS_SHARDS is {}: set it \

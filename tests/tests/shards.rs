@@ -92,6 +92,24 @@ async fn an_order_over_shards_is_all_or_nothing() {
     };
     assert_eq!(unchanged(app.snapshot().await), before, "nothing reserved");
     assert_eq!(app.open_reservations().await, 0);
+    // The part that was reserved (a's) is released as refused, kept a minute only.
+    let mut con = app.redis.clone();
+    let kept: Vec<String> = con
+        .namespace_keys(app.keys_of(&a))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.contains(":resv:"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let (reason, ttl): (String, i64) = redis::pipe()
+        .hget(&kept[0], "reason")
+        .ttl(&kept[0])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(reason, "refused");
+    assert!((1..=60).contains(&ttl), "{ttl}");
     let r = app.order(&zoe, &[(&a, 1), (&d, 2)], None).await;
     assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{r:?}");
     assert_eq!(unchanged(app.snapshot().await), before, "nothing reserved");
@@ -378,6 +396,11 @@ async fn a_process_with_another_shard_count_refuses_to_start() {
         .err()
         .expect("worker refuses");
     assert!(format!("{e:#}").contains("4 shards"), "{e:#}");
+    let e =
+        floodgate_common::stock::load_if_absent(&app.pg, &mut app.redis.clone(), &other.shards())
+            .await
+            .expect_err("no load with another count");
+    assert!(format!("{e:#}").contains("4 shards"), "{e:#}");
     let e = floodgate_notifier::Notifier::build(other)
         .await
         .err()
@@ -390,10 +413,12 @@ async fn a_process_with_another_shard_count_refuses_to_start() {
 /// its key is free for the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothing() {
+    // The hand-built reservation's own deadline; the app keeps its usual TTL (the real
+    // order at the end must not expire under a loaded machine).
     let ttl = Duration::from_secs(1);
     let mut app = TestApp::spawn_with(Options {
         worker: false,
-        ..sharded(move |c| c.reservation_ttl = ttl)
+        ..sharded(|_| {})
     })
     .await;
     let (a, b) = (sku_in("a", 1), sku_in("b", 2));
@@ -469,4 +494,32 @@ async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothin
     app.wait_idle().await;
     app.assert_invariants(&[again.body["order_id"].as_str().unwrap().to_owned()])
         .await;
+}
+
+/// A namespace a version before shards loaded has no recorded count: it counts as one
+/// shard, so a process with more refuses instead of looking for SKUs where they are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_from_before_shards_counts_as_one() {
+    let ns = floodgate_common::Namespace::parse(&floodgate_tests::namespace()).unwrap();
+    let one = floodgate_common::redis::Shards::new(&ns, 1);
+    let mut con = fredis::connect(&floodgate_tests::redis_url())
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(one.first().epoch())
+        .arg("before-shards")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    floodgate_common::stock::check_layout(&mut con, &one)
+        .await
+        .unwrap();
+    let e = floodgate_common::stock::check_layout(
+        &mut con,
+        &floodgate_common::redis::Shards::new(&ns, SHARDS),
+    )
+    .await
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("1 shards"), "{e:#}");
+    con.delete_namespace(one.first()).await.unwrap();
 }

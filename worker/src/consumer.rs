@@ -427,10 +427,17 @@ impl Pipeline {
                         }
                         Err(DbError::Transient(e)) => return Err(Halt::Outage("postgres", e)),
                         // Never an outage: a record that can never be written is a dead letter.
+                        // One order at a time then, so one bad record does not take
+                        // the others with it (and each recorded one is settled).
                         Err(e) => {
-                            for &(i, _) in &fail {
-                                settle[i] =
-                                    Settle::DeadLetter(FailReason::Unrecordable, format!("{e:#}"));
+                            for &(i, reason) in &fail {
+                                settle[i] = match self.fail_order(decoded(i), reason).await? {
+                                    Recorded::Yes => Settle::Ack,
+                                    Recorded::No(why) => Settle::DeadLetter(
+                                        FailReason::Unrecordable,
+                                        format!("{e:#}; alone: {why}"),
+                                    ),
+                                };
                             }
                         }
                     }

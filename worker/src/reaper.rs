@@ -79,8 +79,10 @@ pub async fn once_in(
     pg: &Pool,
 ) -> anyhow::Result<usize> {
     let keys = shards.get(g);
+    // A record that cannot be written now (another shard or PostgreSQL down) stays in
+    // `reaped` for the next tick; it must not stop this shard's reaping.
     for id in fredis::reaped(redis, keys, PER_TICK).await? {
-        record(shards, g, redis, pg, &id).await?;
+        record_or_log(shards, g, redis, pg, &id).await;
     }
     let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
     let mut n = 0;
@@ -95,10 +97,20 @@ pub async fn once_in(
             n += 1;
             metrics::counter!(names::REAPED).increment(1);
             tracing::info!(order_id = %id, "reservation expired unclaimed; released");
-            record(shards, g, redis, pg, &id).await?;
+            record_or_log(shards, g, redis, pg, &id).await;
         }
     }
     Ok(n)
+}
+
+async fn record_or_log(shards: &Shards, g: usize, redis: &mut Redis, pg: &Pool, id: &OrderId) {
+    if let Err(e) = record(shards, g, redis, pg, id).await {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            order_id = %id,
+            "recording a reaped order failed; trying again next tick"
+        );
+    }
 }
 
 /// Records a reaped order failed (with a `release` ledger row) and forgets it.
@@ -108,7 +120,9 @@ pub async fn once_in(
 /// refused the order): a leftover part of such an order (its release was lost, or a
 /// re-sent reserve ran late) expires here, but that order was answered 503 or 409 and its
 /// Idempotency-Key freed, so it must not appear in PostgreSQL. An accepted order whose
-/// part expired is recorded by the worker that gets its message.
+/// part expired is recorded by the worker that gets its message. While the deciding
+/// part is still `reserved` (its publish may yet fail) nothing is decided: the id stays
+/// in `reaped` until it is (it has the same deadline, so that is a tick or two).
 async fn record(
     shards: &Shards,
     g: usize,
@@ -119,7 +133,17 @@ async fn record(
     let keys = shards.get(g);
     let mut found = fredis::reservation(redis, keys, id).await?;
     if let Some(first) = found.as_ref().and_then(|r| r.first).filter(|f| *f != g) {
-        let deciding = fredis::reservation(redis, shards.get(first), id).await?;
+        // A shard beyond the count (it was lowered, or the field is corrupt) is unknown.
+        let deciding = match first < shards.count() {
+            true => fredis::reservation(redis, shards.get(first), id).await?,
+            false => None,
+        };
+        if deciding
+            .as_ref()
+            .is_some_and(|d| d.state == fredis::ResvState::Reserved)
+        {
+            return Ok(());
+        }
         let never_accepted = deciding.is_none_or(|d| {
             d.state == fredis::ResvState::Released
                 && matches!(d.reason.as_deref(), Some("publish_failed" | "refused"))

@@ -129,6 +129,7 @@ pub async fn release_unpublished(
     // reply: the record says whether the deciding part was released as unpublished.
     let ours = first == Release::Released
         || (first == Release::NotHeld
+            && part_shards.len() > 1
             && super::reservation(&mut redis.clone(), shards.get(part_shards[0]), order_id)
                 .await?
                 .is_some_and(|r| {
