@@ -512,8 +512,14 @@ pub async fn repair<C: ConnectionLike>(
         .query_async(con)
         .await
         .context("reading the recorded shard count")?;
+    // Nothing recorded: a pre-shards load (shard 0, kept as one shard until the reload so
+    // that processes with another count stay refused through the drain), or shard 0 lost
+    // its data while other shards kept theirs: every possible gate is closed.
+    if recorded.is_none() && crate::redis::stock_loaded(con, shards.first()).await? {
+        crate::stock::adopt_layout(con, &Shards::new(&cfg.namespace, 1)).await?;
+    }
     let closing = recorded
-        .unwrap_or(0)
+        .unwrap_or(crate::redis::MAX_SHARDS)
         .clamp(shards.count(), crate::redis::MAX_SHARDS);
     for g in 0..closing {
         let _: () = redis::cmd("DEL")

@@ -46,21 +46,16 @@ pub async fn adopt_layout<C: ConnectionLike>(con: &mut C, shards: &Shards) -> an
 /// SKUs would be looked up where they are not (and a load of the missing shards would
 /// count their units twice). Absent (a fresh or lost Redis): fine.
 pub async fn check_layout<C: ConnectionLike>(con: &mut C, shards: &Shards) -> anyhow::Result<()> {
-    let recorded: Option<usize> = redis::cmd("GET")
+    // One read of both (one slot): a load between two reads could look like a namespace
+    // loaded before shards.
+    let (recorded, epoch): (Option<usize>, Option<String>) = redis::cmd("MGET")
         .arg(shards.first().layout())
+        .arg(shards.first().epoch())
         .query_async(con)
         .await
         .context("reading the shard count Redis was loaded with")?;
     // Nothing recorded but shard 0 loaded: a version before shards loaded it, in one.
-    let recorded = match recorded {
-        None if crate::redis::stock_loaded(con, shards.first())
-            .await
-            .context("reading the stock epoch")? =>
-        {
-            Some(1)
-        }
-        r => r,
-    };
+    let recorded = recorded.or(epoch.map(|_| 1));
     match recorded {
         Some(n) if n != shards.count() => anyhow::bail!(
             "Redis holds this namespace in {n} shards but FLOODGATE_REDIS_SHARDS is {}: set it \

@@ -523,3 +523,96 @@ async fn a_namespace_from_before_shards_counts_as_one() {
     assert!(format!("{e:#}").contains("1 shards"), "{e:#}");
     con.delete_namespace(one.first()).await.unwrap();
 }
+
+/// A part reaped while its deciding part is still `reserved` (that order's publish is
+/// undecided) is recorded only once the deciding part says the order may have been
+/// accepted: never when its publish then fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaped_part_waits_for_its_deciding_part() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..sharded(|_| {})
+    })
+    .await;
+    let (a, b) = (sku_in("a", 1), sku_in("b", 2));
+    app.create_sku(&a, 10, None).await;
+    app.create_sku(&b, 10, None).await;
+    let user = UserId::parse("wait").unwrap();
+    let order = lines(&[(&a, 1), (&b, 1)]);
+    let parts = app.shards.parts(&order, &user, None);
+    assert_eq!(parts.iter().map(|p| p.shard).collect::<Vec<_>>(), [1, 2]);
+    let now = time::OffsetDateTime::now_utc();
+    let accepted_at = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let ms = |d: time::OffsetDateTime| (d.unix_timestamp_nanos() / 1_000_000) as i64;
+    let mut r = app.redis.clone();
+    // Two orders, each with its deciding part far from due and the other part due.
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let id = OrderId::new();
+        for (p, deadline) in [
+            (&parts[0], now + Duration::from_secs(600)),
+            (&parts[1], now),
+        ] {
+            let req = ReserveRequest {
+                order_id: id,
+                user: &user,
+                lines: &order,
+                held: Some((&p.lines, parts[0].shard)),
+                idempotency: None,
+                accepted_at: &accepted_at,
+                deadline_ms: ms(deadline),
+                idempotency_ttl_secs: 60,
+            };
+            let d = fredis::reserve(&mut r, app.shards.get(p.shard), &req)
+                .await
+                .unwrap();
+            assert_eq!(d, Reserve::Reserved);
+        }
+        ids.push(id);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reaped = floodgate_worker::reaper::once(&app.shards, &mut r, &app.pg)
+        .await
+        .unwrap();
+    assert_eq!(reaped, 2);
+    assert_eq!(app.available(&b).await, Some(10));
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM orders").await,
+        0,
+        "undecided"
+    );
+    // The first order's publish fails; the second's is confirmed.
+    let rel = fredis::release_unpublished(&app.redis, &app.shards, &[1, 2], &ids[0], &user, None)
+        .await
+        .unwrap();
+    assert_eq!(rel, fredis::Release::Released);
+    let confirmed = ConfirmedOrder {
+        order_id: ids[1],
+        user: user.clone(),
+        idempotency_key: None,
+    };
+    fredis::mark_parts_queued(&app.redis, &app.shards, &[(1, &confirmed)])
+        .await
+        .unwrap();
+    floodgate_worker::reaper::once(&app.shards, &mut r, &app.pg)
+        .await
+        .unwrap();
+    let recorded: Vec<String> = app
+        .pg
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT id::text FROM orders", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        recorded,
+        [ids[1].to_string()],
+        "only the one that may have been accepted"
+    );
+}

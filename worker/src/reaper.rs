@@ -79,11 +79,6 @@ pub async fn once_in(
     pg: &Pool,
 ) -> anyhow::Result<usize> {
     let keys = shards.get(g);
-    // A record that cannot be written now (another shard or PostgreSQL down) stays in
-    // `reaped` for the next tick; it must not stop this shard's reaping.
-    for id in fredis::reaped(redis, keys, PER_TICK).await? {
-        record_or_log(shards, g, redis, pg, &id).await;
-    }
     let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
     let mut n = 0;
     for id in fredis::due(redis, keys, now, PER_TICK).await? {
@@ -100,20 +95,48 @@ pub async fn once_in(
             record_or_log(shards, g, redis, pg, &id).await;
         }
     }
+    // Earlier reaps still waiting for their record, after what is due: a record that
+    // cannot be written now (another shard or PostgreSQL down) goes to the back of the
+    // line for a later tick and ends this tick's backlog, so it costs one timeout a tick
+    // and never holds up the reaping above or the ids behind it for good.
+    for id in fredis::reaped(redis, keys, PER_TICK).await? {
+        if !record_or_log(shards, g, redis, pg, &id).await {
+            let _: () = redis::cmd("ZADD")
+                .arg(keys.reaped())
+                .arg("XX")
+                .arg(now)
+                .arg(id.to_string())
+                .query_async(redis)
+                .await?;
+            break;
+        }
+    }
     Ok(n)
 }
 
-async fn record_or_log(shards: &Shards, g: usize, redis: &mut Redis, pg: &Pool, id: &OrderId) {
-    if let Err(e) = record(shards, g, redis, pg, id).await {
-        tracing::warn!(
-            error = format!("{e:#}"),
-            order_id = %id,
-            "recording a reaped order failed; trying again next tick"
-        );
+/// [`record`]; false (logged) when it failed or must wait.
+async fn record_or_log(
+    shards: &Shards,
+    g: usize,
+    redis: &mut Redis,
+    pg: &Pool,
+    id: &OrderId,
+) -> bool {
+    match record(shards, g, redis, pg, id).await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                order_id = %id,
+                "recording a reaped order failed; trying again next tick"
+            );
+            false
+        }
     }
 }
 
-/// Records a reaped order failed (with a `release` ledger row) and forgets it.
+/// Records a reaped order failed (with a `release` ledger row) and forgets it; false when
+/// it must wait (below).
 ///
 /// A part of a multi-part order is recorded only if the order's deciding part still
 /// exists and was not released as never accepted (its publish failed, or another part
@@ -129,7 +152,7 @@ async fn record(
     redis: &mut Redis,
     pg: &Pool,
     id: &OrderId,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let keys = shards.get(g);
     let mut found = fredis::reservation(redis, keys, id).await?;
     if let Some(first) = found.as_ref().and_then(|r| r.first).filter(|f| *f != g) {
@@ -142,7 +165,7 @@ async fn record(
             .as_ref()
             .is_some_and(|d| d.state == fredis::ResvState::Reserved)
         {
-            return Ok(());
+            return Ok(false);
         }
         let never_accepted = deciding.is_none_or(|d| {
             d.state == fredis::ResvState::Released
@@ -171,5 +194,5 @@ async fn record(
             .map_err(anyhow::Error::new)?;
     }
     fredis::forget_reaped(redis, keys, id).await?;
-    Ok(())
+    Ok(true)
 }
