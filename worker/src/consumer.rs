@@ -25,7 +25,7 @@ use floodgate_common::redis::Redis;
 use floodgate_common::{
     Config,
     amqp::{self, IntakeMessage, trace_of},
-    domain::{FailReason, IdempotencyKey, OrderId, OrderLines, OrderStatus, UserId},
+    domain::{FailReason, IdempotencyKey, OrderId, OrderStatus, UserId},
     health,
     redis::{self as fredis, Claim, OrderParts, Shards},
     retry::{Backoff, Waits},
@@ -108,7 +108,8 @@ struct Decoded {
     record: OrderRecord,
     user: UserId,
     key: Option<IdempotencyKey>,
-    lines: OrderLines,
+    /// The shards of its parts ([`Shards::parts`]), the deciding one first.
+    shards: Vec<usize>,
 }
 
 impl Pipeline {
@@ -276,7 +277,7 @@ impl Pipeline {
         let started = Instant::now();
         metrics::histogram!(names::BATCH_SIZE).record(batch.len() as f64);
         let tags: Vec<u64> = batch.iter().map(|(_, d)| d.delivery_tag).collect();
-        let items: Vec<Item> = batch.into_iter().map(decode).collect();
+        let items: Vec<Item> = batch.into_iter().map(|b| decode(b, &self.shards)).collect();
         let span = tracing::info_span!("batch", orders = items.len());
         trace::link(
             &span,
@@ -585,7 +586,7 @@ impl Pipeline {
 
     /// Whether the order was reserved in more than one part.
     fn multi_part(&self, d: &Decoded) -> bool {
-        self.shards.count() > 1 && self.parts_of(d).shards.len() > 1
+        d.shards.len() > 1
     }
 
     /// The order's parts: the same shards ingress reserved it in ([`Shards::parts`]).
@@ -594,7 +595,7 @@ impl Pipeline {
             order_id: d.record.id,
             user: &d.user,
             key: d.key.as_ref(),
-            shards: self.shards.shards_of(&d.lines, &d.user, d.key.as_ref()),
+            shards: d.shards.clone(),
         }
     }
 
@@ -730,14 +731,17 @@ where
     .await
 }
 
-fn decode((partition, d): (usize, Delivery)) -> Item {
+fn decode((partition, d): (usize, Delivery), shards: &Shards) -> Item {
     let trace = trace_of(&d.properties);
     let order = IntakeMessage::from_bytes(&d.data)
         .map_err(|e| e.to_string())
         .and_then(|IntakeMessage::OrderV1(o)| {
             let accepted_at = OffsetDateTime::parse(&o.accepted_at, &Rfc3339)
                 .map_err(|e| format!("accepted_at: {e}"))?;
+            // Once per delivery: claim, finish and release all need them.
+            let part_shards = shards.shards_of(&o.items, &o.user_id, o.idempotency_key.as_ref());
             Ok(Decoded {
+                shards: part_shards,
                 record: OrderRecord {
                     id: o.order_id,
                     user_id: o.user_id.to_string(),
@@ -753,7 +757,6 @@ fn decode((partition, d): (usize, Delivery)) -> Item {
                 },
                 user: o.user_id,
                 key: o.idempotency_key,
-                lines: o.items,
             })
         });
     Item {
