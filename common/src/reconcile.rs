@@ -211,7 +211,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
     use crate::redis::{StockChange, apply_stock, cancel_token, receive_token};
     let rows = db
         .query(
-            "SELECT m.sku, m.kind, m.reference, m.qty, s.per_user_limit, o.user_id
+            "SELECT m.sku, m.kind, m.reference, m.qty, s.per_user_limit, s.buckets, o.user_id
                FROM stock_movements m
                JOIN skus s ON s.sku = m.sku
                LEFT JOIN orders o ON m.kind = 'cancel' AND o.id::text = m.reference
@@ -238,13 +238,17 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                     ) else {
                         continue;
                     };
-                    changes.push((cancel_token(&order, &sku), sku, qty, None, Some(user)));
+                    // The buyer's bucket, for a SKU with buckets.
+                    let k = r.get::<_, i16>("buckets").max(1) as usize;
+                    let g = shards.holding_shard(&sku, k, &user);
+                    changes.push((cancel_token(&order, &sku), sku, qty, None, Some(user), g));
                 }
                 _ => {
                     // A SKU's first receipt also set its per-user limit.
                     let limit = (reference == INITIAL_REFERENCE)
                         .then(|| i64::from(r.get::<_, i32>("per_user_limit")));
-                    changes.push((receive_token(&sku, &reference), sku, qty, limit, None));
+                    let g = shards.of_sku(&sku);
+                    changes.push((receive_token(&sku, &reference), sku, qty, limit, None, g));
                 }
             }
         }
@@ -254,7 +258,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
         // Each token lives in its SKU's shard: one SMISMEMBER per shard involved.
         let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, c) in changes.iter().enumerate() {
-            by_shard.entry(shards.of_sku(&c.1)).or_default().push(i);
+            by_shard.entry(c.5).or_default().push(i);
         }
         let mut present = vec![false; changes.len()];
         for (g, at) in &by_shard {
@@ -272,13 +276,13 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                 present[i] = f;
             }
         }
-        for ((token, sku, qty, limit, user), present) in changes.iter().zip(present) {
+        for ((token, sku, qty, limit, user, g), present) in changes.iter().zip(present) {
             if present {
                 continue;
             }
             apply_stock(
                 con,
-                shards.for_sku(sku),
+                shards.get(*g),
                 &StockChange {
                     sku,
                     units: *qty,
@@ -323,25 +327,16 @@ async fn check_once<C: ConnectionLike>(
             ));
         }
     }
-    // Each SKU is read from the shard it lives in; one found in another shard is
-    // reported (a load with another shard count left it there).
-    let mut redis_stock: BTreeMap<String, i64> = BTreeMap::new();
+    // Every shard's levels; summed per SKU below over the SKU's buckets (one for most),
+    // and one found in a shard that holds none of its buckets is reported (a load with
+    // another shard count left it there).
+    let mut found: Vec<(usize, String, i64)> = Vec::new();
     for (g, keys) in shards.iter() {
         let here: BTreeMap<String, i64> = redis::cmd("HGETALL")
             .arg(keys.stock())
             .query_async(con)
             .await?;
-        for (sku, units) in here {
-            let home = crate::domain::Sku::parse(sku.as_str()).map(|s| shards.of_sku(&s));
-            if home.as_ref().is_ok_and(|h| *h == g) {
-                redis_stock.insert(sku, units);
-            } else {
-                out.push(v(
-                    "redis_misplaced",
-                    format!("{sku}: in Redis shard {g}, which is not its shard"),
-                ));
-            }
-        }
+        found.extend(here.into_iter().map(|(sku, units)| (g, sku, units)));
     }
     let held = held_by_reservations(con, shards).await?;
     let rows = db
@@ -359,11 +354,12 @@ async fn check_once<C: ConnectionLike>(
                         sum(CASE m.kind WHEN 'receive' THEN m.qty WHEN 'adjust' THEN m.qty ELSE 0 END) AS received
                    FROM stock_movements m
                   GROUP BY m.sku)
-             SELECT i.sku, i.on_hand, i.sold,
+             SELECT i.sku, i.on_hand, i.sold, s.buckets,
                     coalesce(c.units, 0)::bigint AS confirmed,
                     coalesce(l.sold, 0)::bigint AS ledger_sold,
                     coalesce(l.received, 0)::bigint AS ledger_received
                FROM inventory i
+               JOIN skus s ON s.sku = i.sku
                LEFT JOIN confirmed c ON c.sku = i.sku
                LEFT JOIN ledger l ON l.sku = i.sku
               ORDER BY i.sku",
@@ -371,6 +367,30 @@ async fn check_once<C: ConnectionLike>(
         )
         .await
         .context("reading inventory")?;
+    let counts: BTreeMap<&str, usize> = rows
+        .iter()
+        .map(|r| (r.get("sku"), r.get::<_, i16>("buckets").max(1) as usize))
+        .collect();
+    // Units on their way between two buckets count as the SKU's.
+    let mut redis_stock: BTreeMap<String, i64> = crate::redis::buckets::in_transit(con, shards)
+        .await
+        .context("reading moves between buckets")?;
+    let mut levels_seen: BTreeMap<String, ()> = BTreeMap::new();
+    for (g, sku, units) in found {
+        let k = counts.get(sku.as_str()).copied().unwrap_or(1);
+        let home = crate::domain::Sku::parse(sku.as_str())
+            .map(|s| shards.bucket_shards(&s, k).contains(&g));
+        if home.unwrap_or(false) {
+            *redis_stock.entry(sku.clone()).or_default() += units;
+            levels_seen.insert(sku, ());
+        } else {
+            out.push(v(
+                "redis_misplaced",
+                format!("{sku}: in Redis shard {g}, which holds none of its buckets"),
+            ));
+        }
+    }
+    redis_stock.retain(|sku, _| levels_seen.contains_key(sku));
     for r in &rows {
         let sku: String = r.get("sku");
         let (on_hand, sold): (i64, i64) = (r.get("on_hand"), r.get("sold"));

@@ -34,6 +34,8 @@ pub mod names {
     pub const RETRIES: &str = "floodgate_worker_retries_scheduled_total";
     pub const WORKER_PAUSED: &str = "floodgate_worker_paused";
     pub const REAPED: &str = "floodgate_reservations_reaped_total";
+    /// Units the rebalancer moved between the buckets of hot SKUs (`buckets` > 1).
+    pub const BUCKET_UNITS_MOVED: &str = "floodgate_bucket_units_moved_total";
     pub const RECONNECTS: &str = "floodgate_amqp_reconnects_total";
     /// By `outcome` (replica: served there; lagging: it had not replayed every commit
     /// made before the read, so the primary served it; error: it failed, the primary

@@ -93,7 +93,18 @@ pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView,
         price_cents: f.int("price_cents", 0, i64::from(i32::MAX) * 100)?,
         initial_stock: f.int("initial_stock", 0, MAX_INITIAL_STOCK)?,
         per_user_limit: f.opt_int("per_user_limit", 1, 1_000_000)?.unwrap_or(0) as i32,
+        buckets: f
+            .opt_int("buckets", 1, fredis::MAX_SHARDS as i64)?
+            .unwrap_or(1) as i16,
     };
+    // More buckets than shards would put two in one shard, where they would be one.
+    if new.buckets as usize > st.shards.count() {
+        return Err(ApiError::InvalidRequest(format!(
+            "buckets: at most the number of Redis shards (FLOODGATE_REDIS_SHARDS = {}), got {}",
+            st.shards.count(),
+            new.buckets
+        )));
+    }
     let created = repo::create_sku(&st.pg, &new).await?;
     // Also after a 409: a repeat heals a crash between the commit and this call, and is
     // a no-op otherwise.
@@ -104,6 +115,16 @@ pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView,
     let initial_stock = repo::receipt_qty(&st.pg, &new.sku, &initial)
         .await?
         .unwrap_or(new.initial_stock);
+    // The row's count, not the request's: a repeat with another count heals the first.
+    fredis::buckets::open_buckets(
+        &st.redis,
+        &st.shards,
+        &new.sku,
+        row.buckets as usize,
+        i64::from(row.per_user_limit),
+    )
+    .await
+    .map_err(|e| anyhow::Error::new(e).context("opening a new SKU's buckets in Redis"))?;
     let mut redis = st.redis.clone();
     let token = receive_token(&new.sku, repo::INITIAL_REFERENCE);
     fredis::apply_stock(

@@ -17,6 +17,7 @@
 //! - [`state`] - [`state::AppState`], shared by every handler.
 #![forbid(unsafe_code)]
 
+pub mod buckets;
 pub mod catalog;
 pub mod error;
 pub mod extract;
@@ -110,6 +111,7 @@ impl Application {
                 pg,
                 reads,
                 sold_out: Arc::new(sold_out::SoldOut::new(cfg.sold_out_cache)),
+                buckets: Arc::default(),
                 publisher,
                 verifier,
                 supervisor,

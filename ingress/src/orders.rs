@@ -143,11 +143,17 @@ async fn place_to_the_end(
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     let hash = key.as_ref().map(|_| body_hash(&lines));
-    let parts = st.shards.parts(&lines, &caller.user, key.as_ref());
+    let known = |s: &Sku| st.buckets.get(s);
     // A duplicate whose first request is still publishing waits for it; if that publish
     // fails the record vanishes and this request becomes the first.
     let wait_until = Instant::now() + st.cfg.publish_timeout + Duration::from_secs(1);
+    // Redirects to a hot SKU's bucket count, and pulls of units into the buyer's bucket:
+    // each at most once per line (a count is fixed once learned; a pull that lost its
+    // units to other buyers meanwhile answers sold out, as without buckets).
+    let (mut moved, mut pulled) = (0, 0);
     loop {
+        // Again on each turn: a `moved` reply changes where a line goes.
+        let parts = st.shards.parts(&lines, &caller.user, key.as_ref(), known);
         let order_id = OrderId::new();
         // Microseconds: what PostgreSQL keeps, so every answer shows the same instant.
         let now = OffsetDateTime::now_utc();
@@ -166,6 +172,7 @@ async fn place_to_the_end(
             accepted_at: &accepted_at,
             deadline_ms,
             idempotency_ttl_secs: st.cfg.idempotency_ttl.as_secs().max(1),
+            buckets: &known,
         };
         let started = Instant::now();
         let decision = fredis::reserve_parts(&st.redis, &st.shards, &parts, &req)
@@ -236,11 +243,47 @@ async fn place_to_the_end(
                     already,
                 });
             }
-            Reserve::SoldOut { sku, available } => {
-                if available == 0 {
-                    st.sold_out.remember(&sku, started);
+            Reserve::Moved { sku, buckets } => {
+                st.buckets.learn(&sku, buckets);
+                moved += 1;
+                if moved > lines.as_slice().len() {
+                    return Err(unavailable(
+                        "Redis",
+                        format!("{sku}: the bucket count keeps changing ({buckets})"),
+                    ));
                 }
-                return Err(ApiError::SoldOut { sku, available });
+            }
+            Reserve::SoldOut { sku, available } => {
+                let line = lines.as_slice().iter().find(|l| l.sku.as_str() == sku);
+                let k = line.map_or(1, |l| st.buckets.get(&l.sku));
+                let Some(line) = line.filter(|_| k > 1) else {
+                    if available == 0 {
+                        st.sold_out.remember(&sku, started);
+                    }
+                    return Err(ApiError::SoldOut { sku, available });
+                };
+                // The buyer's bucket is short: the SKU's other buckets may not be.
+                let to = st.shards.holding_shard(&line.sku, k, &caller.user);
+                let total =
+                    fredis::buckets::pull(&st.redis, &st.shards, &line.sku, k, to, line.qty.get())
+                        .await
+                        .map_err(|e| unavailable("Redis", e))?;
+                pulled += 1;
+                if total < line.qty.get() || pulled > lines.as_slice().len() {
+                    if total == 0 {
+                        st.sold_out.remember(&sku, started);
+                    }
+                    return Err(ApiError::SoldOut {
+                        sku,
+                        // The SKU's units over every bucket, unless others keep taking
+                        // what is pulled in: then what the buyer's bucket had.
+                        available: if total < line.qty.get() {
+                            total
+                        } else {
+                            available
+                        },
+                    });
+                }
             }
             Reserve::StockNotLoaded => {
                 return Err(ApiError::Unavailable(
@@ -272,6 +315,12 @@ async fn publish(
         accepted_at: accepted_at.to_owned(),
         deadline_ms,
         idempotency_key: key.cloned(),
+        buckets: lines
+            .as_slice()
+            .iter()
+            .map(|l| (l.sku.to_string(), st.buckets.get(&l.sku)))
+            .filter(|(_, k)| *k > 1)
+            .collect(),
     });
     let shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
     crate::handover::hand_over(
@@ -350,9 +399,13 @@ pub async fn cancel(
 ) -> Result<Option<OrderView>, ApiError> {
     let may = |owner: &str| caller.is_admin() || owner == caller.user.as_str();
     let until = Instant::now() + CANCEL_WAIT;
-    let (user_id, lines) = loop {
+    let (user_id, lines, buckets) = loop {
         match repo::cancel(&st.pg, &order_id, may, trace.as_ref()).await? {
-            repo::Cancel::Cancelled { user_id, lines } => break (user_id, lines),
+            repo::Cancel::Cancelled {
+                user_id,
+                lines,
+                buckets,
+            } => break (user_id, lines, buckets),
             repo::Cancel::Failed { .. } => {
                 return Err(ApiError::NotCancellable(
                     "a failed order has nothing to cancel".into(),
@@ -376,14 +429,15 @@ pub async fn cancel(
     let user = floodgate_common::domain::UserId::parse(user_id)
         .map_err(|e| anyhow::anyhow!("an order's user id breaks the rules: {e}"))?;
     let mut redis = st.redis.clone();
-    for (sku, qty) in &lines {
+    for ((sku, qty), k) in lines.iter().zip(buckets) {
         let Ok(sku) = Sku::parse(sku.as_str()) else {
             continue;
         };
         let token = fredis::cancel_token(&order_id, &sku);
+        // To the buyer's bucket, where the buyer's holding (the per-user limit) is.
         fredis::apply_stock(
             &mut redis,
-            st.shards.for_sku(&sku),
+            st.shards.get(st.shards.holding_shard(&sku, k, &user)),
             &fredis::StockChange {
                 sku: &sku,
                 units: *qty,

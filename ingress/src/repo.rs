@@ -81,13 +81,16 @@ pub struct SkuRow {
     pub per_user_limit: i32,
     pub on_hand: i64,
     pub sold: i64,
+    /// Redis shards the SKU's stock is split over (fixed at creation; see
+    /// `docs/design/redis-shards.md`). Effective: at most `FLOODGATE_REDIS_SHARDS`.
+    pub buckets: i16,
 }
 
 pub async fn sku(pool: &Pool, sku: &Sku) -> anyhow::Result<Option<SkuRow>> {
     let db = pool.get().await.context("PostgreSQL connection")?;
     let row = db
         .query_opt(
-            "SELECT s.sku, s.name, s.price_cents, s.per_user_limit, i.on_hand, i.sold
+            "SELECT s.sku, s.name, s.price_cents, s.per_user_limit, s.buckets, i.on_hand, i.sold
                FROM skus s JOIN inventory i USING (sku) WHERE s.sku = $1",
             &[&sku.as_str()],
         )
@@ -100,6 +103,7 @@ pub async fn sku(pool: &Pool, sku: &Sku) -> anyhow::Result<Option<SkuRow>> {
         per_user_limit: r.get("per_user_limit"),
         on_hand: r.get("on_hand"),
         sold: r.get("sold"),
+        buckets: r.get("buckets"),
     }))
 }
 
@@ -110,6 +114,7 @@ pub struct NewSku {
     pub price_cents: i64,
     pub initial_stock: i64,
     pub per_user_limit: i32,
+    pub buckets: i16,
 }
 
 /// The reference of the receipt that records a SKU's initial stock.
@@ -122,13 +127,15 @@ pub async fn create_sku(pool: &Pool, new: &NewSku) -> anyhow::Result<bool> {
     let tx = db.transaction().await?;
     let inserted = tx
         .execute(
-            "INSERT INTO skus (sku, name, price_cents, per_user_limit) VALUES ($1, $2, $3, $4)
+            "INSERT INTO skus (sku, name, price_cents, per_user_limit, buckets)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (sku) DO NOTHING",
             &[
                 &new.sku.as_str(),
                 &new.name,
                 &new.price_cents,
                 &new.per_user_limit,
+                &new.buckets,
             ],
         )
         .await
@@ -266,6 +273,8 @@ pub enum Cancel {
     Cancelled {
         user_id: String,
         lines: Vec<(String, i64)>,
+        /// Each line's SKU's bucket count (`skus.buckets`), in the order of `lines`.
+        buckets: Vec<usize>,
     },
 }
 
@@ -300,14 +309,21 @@ pub async fn cancel(
     if status == "failed" {
         return Ok(Cancel::Failed { user_id });
     }
-    let lines: Vec<(String, i64)> = tx
+    let rows = tx
         .query(
-            "SELECT sku, qty FROM order_items WHERE order_id = $1 ORDER BY sku",
+            "SELECT it.sku, it.qty, s.buckets
+               FROM order_items it JOIN skus s USING (sku)
+              WHERE it.order_id = $1 ORDER BY it.sku",
             &[&id.as_uuid()],
         )
-        .await?
+        .await?;
+    let lines: Vec<(String, i64)> = rows
         .iter()
         .map(|r| (r.get("sku"), i64::from(r.get::<_, i32>("qty"))))
+        .collect();
+    let buckets: Vec<usize> = rows
+        .iter()
+        .map(|r| r.get::<_, i16>("buckets").max(1) as usize)
         .collect();
     if status == "confirmed" {
         let skus: Vec<&str> = lines.iter().map(|(s, _)| s.as_str()).collect();
@@ -347,5 +363,9 @@ pub async fn cancel(
         .context("queueing the cancellation event")?;
     }
     tx.commit().await.context("committing a cancellation")?;
-    Ok(Cancel::Cancelled { user_id, lines })
+    Ok(Cancel::Cancelled {
+        user_id,
+        lines,
+        buckets,
+    })
 }

@@ -32,6 +32,8 @@ pub struct AppState {
     pub supervisor: floodgate_common::supervise::Supervisor,
     /// SKUs this ingress saw sold out, refused without Redis for a bounded time.
     pub sold_out: Arc<crate::sold_out::SoldOut>,
+    /// Bucket counts of hot SKUs, learned from the reserve script's `moved` replies.
+    pub buckets: Arc<crate::buckets::KnownBuckets>,
     /// None when `FLOODGATE_RATE_LIMIT_PER_SEC=0`.
     pub limiter: Option<Arc<Limiter>>,
 }

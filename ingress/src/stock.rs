@@ -28,11 +28,13 @@ pub async fn levels(st: &AppState, skus: &[Sku]) -> Result<Vec<(Sku, i64)>, ApiE
         .collect())
 }
 
-/// One SKU's available units (0 if Redis does not know it), for admin views.
+/// One SKU's available units over all its buckets (0 if Redis does not know it, or has
+/// no stock loaded), for admin views.
 pub async fn available(st: &AppState, sku: &Sku) -> Result<i64, ApiError> {
-    let mut redis = st.redis.clone();
-    let levels = fredis::available(&mut redis, st.shards.for_sku(sku), &[sku])
+    let levels = fredis::levels(&st.redis, &st.shards, &[sku])
         .await
         .map_err(unavailable)?;
-    Ok(levels.into_iter().next().flatten().unwrap_or(0))
+    Ok(levels
+        .and_then(|l| l.into_iter().next().flatten())
+        .unwrap_or(0))
 }

@@ -28,6 +28,7 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::{Channel, types::FieldTable};
 use std::{
+    collections::{BTreeMap, HashMap},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -47,7 +48,8 @@ pub struct SourceHealth {
 }
 
 /// Samples changed stock levels until `shutdown`: each tick, every shard's changes (one
-/// call per shard; each SKU lives in one shard).
+/// call per shard). A SKU lives in one shard, or in several when it has buckets: the
+/// level published is the sum of the last level read from each shard that holds it.
 pub async fn sample_stock(
     hub: Hub,
     mut redis: Redis,
@@ -56,6 +58,8 @@ pub async fn sample_stock(
     shutdown: CancellationToken,
 ) {
     let mut cursors = vec![StockCursor::default(); shards.count()];
+    // sku -> shard -> level, for the sums of SKUs with buckets; stays empty with one shard.
+    let mut per_shard: HashMap<String, BTreeMap<usize, i64>> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -66,11 +70,19 @@ pub async fn sample_stock(
         }
         let mut changed = Vec::new();
         let mut failed = None;
-        for ((_, keys), cursor) in shards.iter().zip(cursors.iter_mut()) {
+        for ((g, keys), cursor) in shards.iter().zip(cursors.iter_mut()) {
             match stock_changes(&mut redis, keys, cursor).await {
-                Ok(Some((next, levels))) => {
+                Ok(Some((next, levels))) if shards.count() == 1 => {
                     *cursor = next;
                     changed.extend(levels);
+                }
+                Ok(Some((next, levels))) => {
+                    *cursor = next;
+                    for (sku, level) in levels {
+                        let by_shard = per_shard.entry(sku.clone()).or_default();
+                        by_shard.insert(g, level);
+                        changed.push((sku, by_shard.values().sum()));
+                    }
                 }
                 // Not loaded (a fresh or restarted Redis): the next load has a new epoch
                 // and the first read after it returns every level.
@@ -81,6 +93,14 @@ pub async fn sample_stock(
             }
         }
         if !changed.is_empty() {
+            // A SKU changed in several shards this tick: its last sum counts.
+            if shards.count() > 1 {
+                let mut last: HashMap<String, i64> = HashMap::new();
+                for (sku, level) in changed.drain(..) {
+                    last.insert(sku, level);
+                }
+                changed.extend(last);
+            }
             hub.publish_stock(changed, OffsetDateTime::now_utc());
         }
         match failed {

@@ -439,15 +439,33 @@ impl TestApp {
             .get(floodgate_common::redis::shard_of(sku, self.shards.count()))
     }
 
-    /// Units available in Redis (in the SKU's shard).
+    /// Units available in Redis (in the SKU's shard; over all its buckets for a SKU with
+    /// buckets), None when Redis does not know it or has no stock loaded.
     pub async fn available(&self, sku: &str) -> Option<i64> {
         let mut r = self.redis.clone();
-        redis::cmd("HGET")
-            .arg(self.keys_of(sku).stock())
-            .arg(sku)
+        let (level, k): (Option<i64>, Option<usize>) = redis::pipe()
+            .hget(self.keys_of(sku).stock(), sku)
+            .hget(self.keys_of(sku).buckets(), sku)
             .query_async(&mut r)
             .await
-            .unwrap()
+            .unwrap();
+        let parsed = floodgate_common::domain::Sku::parse(sku).unwrap();
+        let mut total = level?;
+        for g in self
+            .shards
+            .bucket_shards(&parsed, k.unwrap_or(1))
+            .into_iter()
+            .skip(1)
+        {
+            let more: Option<i64> = redis::cmd("HGET")
+                .arg(self.shards.get(g).stock())
+                .arg(sku)
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            total += more.unwrap_or(0);
+        }
+        Some(total)
     }
 
     /// One number from PostgreSQL (the namespace's schema).
@@ -549,7 +567,10 @@ impl TestApp {
                 .query_async(&mut r)
                 .await
                 .unwrap();
-            redis_stock.extend(here);
+            // A SKU with buckets has a level in several shards: its units are the sum.
+            for (sku, units) in here {
+                *redis_stock.entry(sku).or_default() += units;
+            }
             keys.extend(r.namespace_keys(k).await.unwrap());
         }
         let mut tables = BTreeMap::new();

@@ -339,6 +339,7 @@ async fn reserve_directly(
             user: &user,
             lines: &lines,
             held: None,
+            buckets: &floodgate_common::redis::one_bucket,
             idempotency: None,
             accepted_at: &accepted_at,
             deadline_ms,
@@ -355,6 +356,7 @@ async fn reserve_directly(
         accepted_at,
         deadline_ms,
         idempotency_key: None,
+        buckets: Default::default(),
     });
     (id, msg.to_bytes())
 }

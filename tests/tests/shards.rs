@@ -191,7 +191,7 @@ async fn a_crash_between_the_parts_returns_every_unit_and_answers_the_key() {
     let key_text = key_in("crash", 1);
     let key = IdempotencyKey::parse(&key_text).unwrap();
     let order = lines(&[(&a, 3), (&b, 4)]);
-    let parts = app.shards.parts(&order, &user, Some(&key));
+    let parts = app.shards.parts(&order, &user, Some(&key), |_| 1);
     assert_eq!(parts.len(), 2, "{parts:?}");
     let id = OrderId::new();
     let now = time::OffsetDateTime::now_utc();
@@ -205,6 +205,7 @@ async fn a_crash_between_the_parts_returns_every_unit_and_answers_the_key() {
         user: &user,
         lines: &order,
         held: Some((&parts[0].lines, parts[0].shard)),
+        buckets: &floodgate_common::redis::one_bucket,
         idempotency: Some((&key, &hash)),
         accepted_at: &accepted_at,
         deadline_ms,
@@ -274,7 +275,7 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
     app.create_sku(&b, 10, None).await;
     let user = UserId::parse("half").unwrap();
     let order = lines(&[(&a, 1), (&b, 2)]);
-    let parts = app.shards.parts(&order, &user, None);
+    let parts = app.shards.parts(&order, &user, None, |_| 1);
     assert_eq!(parts.len(), 2);
     let id = OrderId::new();
     let now = time::OffsetDateTime::now_utc();
@@ -287,6 +288,7 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
         user: &user,
         lines: &order,
         held: None,
+        buckets: &floodgate_common::redis::one_bucket,
         idempotency: None,
         accepted_at: &accepted_at,
         deadline_ms,
@@ -309,6 +311,7 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
             accepted_at: accepted_at.clone(),
             deadline_ms,
             idempotency_key: None,
+            buckets: Default::default(),
         })
         .to_bytes(),
     )
@@ -428,7 +431,7 @@ async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothin
     let key_text = key_in("left", 3);
     let key = IdempotencyKey::parse(&key_text).unwrap();
     let order = lines(&[(&a, 2), (&b, 3)]);
-    let parts = app.shards.parts(&order, &user, Some(&key));
+    let parts = app.shards.parts(&order, &user, Some(&key), |_| 1);
     assert_eq!(parts.iter().map(|p| p.shard).collect::<Vec<_>>(), [3, 1, 2]);
     let id = OrderId::new();
     let now = time::OffsetDateTime::now_utc();
@@ -441,6 +444,7 @@ async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothin
         user: &user,
         lines: &order,
         held: None,
+        buckets: &floodgate_common::redis::one_bucket,
         idempotency: Some((&key, &hash)),
         accepted_at: &accepted_at,
         deadline_ms: ((now + ttl).unix_timestamp_nanos() / 1_000_000) as i64,
@@ -539,7 +543,7 @@ async fn a_reaped_part_waits_for_its_deciding_part() {
     app.create_sku(&b, 10, None).await;
     let user = UserId::parse("wait").unwrap();
     let order = lines(&[(&a, 1), (&b, 1)]);
-    let parts = app.shards.parts(&order, &user, None);
+    let parts = app.shards.parts(&order, &user, None, |_| 1);
     assert_eq!(parts.iter().map(|p| p.shard).collect::<Vec<_>>(), [1, 2]);
     let now = time::OffsetDateTime::now_utc();
     let accepted_at = now
@@ -560,6 +564,7 @@ async fn a_reaped_part_waits_for_its_deciding_part() {
                 user: &user,
                 lines: &order,
                 held: Some((&p.lines, parts[0].shard)),
+                buckets: &floodgate_common::redis::one_bucket,
                 idempotency: None,
                 accepted_at: &accepted_at,
                 deadline_ms: ms(deadline),

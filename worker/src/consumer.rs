@@ -739,7 +739,10 @@ fn decode((partition, d): (usize, Delivery), shards: &Shards) -> Item {
             let accepted_at = OffsetDateTime::parse(&o.accepted_at, &Rfc3339)
                 .map_err(|e| format!("accepted_at: {e}"))?;
             // Once per delivery: claim, finish and release all need them.
-            let part_shards = shards.shards_of(&o.items, &o.user_id, o.idempotency_key.as_ref());
+            let part_shards =
+                shards.shards_of(&o.items, &o.user_id, o.idempotency_key.as_ref(), |s| {
+                    o.buckets_of(s)
+                });
             Ok(Decoded {
                 shards: part_shards,
                 record: OrderRecord {

@@ -52,6 +52,19 @@ pub async fn run(
                 "reaper tick failed; trying again next tick"
             );
         }
+        // Hot SKUs' buckets: the units the reaper just returned, receipts (they go to
+        // bucket 0) and uneven buying are spread again, and a move whose mover died
+        // between its halves is finished.
+        match fredis::buckets::rebalance(&redis, &shards).await {
+            Ok(0) => {}
+            Ok(units) => {
+                metrics::counter!(names::BUCKET_UNITS_MOVED).increment(units as u64);
+                tracing::debug!(units, "rebalanced the buckets of hot SKUs");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rebalancing buckets failed; trying again next tick")
+            }
+        }
     }
 }
 

@@ -53,6 +53,17 @@ pub struct OrderPlaced {
     pub deadline_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<IdempotencyKey>,
+    /// The bucket counts of the order's SKUs that have buckets (absent: none has), which
+    /// the worker needs to find the order's parts (`Shards::parts`) and cannot learn.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub buckets: std::collections::BTreeMap<String, usize>,
+}
+
+impl OrderPlaced {
+    /// The bucket count of `sku` in this order (1: no buckets).
+    pub fn buckets_of(&self, sku: &crate::domain::Sku) -> usize {
+        self.buckets.get(sku.as_str()).copied().unwrap_or(1)
+    }
 }
 
 impl IntakeMessage {

@@ -60,6 +60,18 @@ impl Keys {
     pub fn limits(&self) -> String {
         format!("{}limits", self.prefix)
     }
+    /// Hash sku -> bucket count, for the SKUs with more than one bucket that have one in
+    /// this shard (every bucket's shard holds the field): `reserve.lua` answers `moved`
+    /// to a caller that assumed another count.
+    pub fn buckets(&self) -> String {
+        format!("{}buckets", self.prefix)
+    }
+    /// Hash move token -> `sku|destination shard|units|destination epoch`: units taken
+    /// out of a bucket here and not yet added to the destination bucket (`move_out.lua`,
+    /// `move_in.lua`).
+    pub fn moves(&self) -> String {
+        format!("{}moves", self.prefix)
+    }
     /// Set of stock-change tokens already applied (see `apply_stock.lua`).
     pub fn applied(&self) -> String {
         format!("{}applied", self.prefix)

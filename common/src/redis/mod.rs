@@ -14,9 +14,12 @@
 //! - `keys` - [`Keys`], every key name of one shard of a namespace.
 //! - [`shards`] - [`Shards`]: which shard a SKU, an Idempotency-Key and an order's parts
 //!   live in.
+//! - [`buckets`] - a hot SKU over several shards: moves between its buckets, the
+//!   rebalancer.
 //! - `parts` - calls over every part of an order, or many orders grouped per shard.
 //! - `scripts` - typed wrappers of the Lua scripts in `lua/`.
 
+pub mod buckets;
 pub mod conn;
 mod keys;
 mod parts;

@@ -327,7 +327,10 @@ pub async fn find_reservation(
 }
 
 /// Units available of each SKU, in order (None for a SKU Redis does not know), read from
-/// each SKU's shard; None while a shard they live in has no stock loaded.
+/// each SKU's shard, with the SKU's other buckets added for a SKU that has buckets
+/// ([`super::buckets`]); None while a shard they live in has no stock loaded. Units
+/// moving between two buckets at the moment of the read are in neither (a move takes
+/// milliseconds).
 pub async fn levels(
     redis: &Redis,
     shards: &Shards,
@@ -337,24 +340,68 @@ pub async fn levels(
     for (i, s) in skus.iter().enumerate() {
         by_shard.entry(shards.of_sku(s)).or_default().push(i);
     }
+    let many = shards.count() > 1;
     let calls = by_shard.iter().map(|(&g, at)| {
         let (mut redis, keys) = (redis.clone(), shards.get(g));
-        let these: Vec<&Sku> = at.iter().map(|&i| skus[i]).collect();
+        let these: Vec<&str> = at.iter().map(|&i| skus[i].as_str()).collect();
         async move {
             if !super::stock_loaded(&mut redis, keys).await? {
                 return Ok(None);
             }
-            super::available(&mut redis, keys, &these).await.map(Some)
+            if !many {
+                let levels: Vec<Option<i64>> = redis::cmd("HMGET")
+                    .arg(keys.stock())
+                    .arg(&these)
+                    .query_async(&mut redis)
+                    .await?;
+                return Ok(Some((levels, vec![None; these.len()])));
+            }
+            let mut pipe = redis::pipe();
+            pipe.cmd("HMGET").arg(keys.stock()).arg(&these);
+            pipe.cmd("HMGET").arg(keys.buckets()).arg(&these);
+            let (levels, counts): (Vec<Option<i64>>, Vec<Option<usize>>) =
+                pipe.query_async(&mut redis).await?;
+            Ok(Some((levels, counts)))
         }
     });
-    let answers = join_all(calls).await;
+    let answers: Vec<RedisResult<_>> = join_all(calls).await;
     let mut out = vec![None; skus.len()];
+    let mut bucketed: Vec<(usize, usize)> = Vec::new();
     for ((_, at), answer) in by_shard.iter().zip(answers) {
-        let Some(levels) = answer? else {
+        let Some((levels, counts)) = answer? else {
             return Ok(None);
         };
-        for (&i, l) in at.iter().zip(levels) {
+        for ((&i, l), k) in at.iter().zip(levels).zip(counts) {
             out[i] = l;
+            if let Some(k) = k.filter(|k| *k > 1)
+                && l.is_some()
+            {
+                bucketed.push((i, k));
+            }
+        }
+    }
+    // The other buckets of SKUs with buckets: one read per bucket, all at once.
+    let reads = bucketed.iter().flat_map(|&(i, k)| {
+        shards
+            .bucket_shards(skus[i], k)
+            .into_iter()
+            .skip(1)
+            .map(move |g| {
+                let (mut redis, keys) = (redis.clone(), shards.get(g));
+                async move {
+                    let l: Option<i64> = redis::cmd("HGET")
+                        .arg(keys.stock())
+                        .arg(skus[i].as_str())
+                        .query_async(&mut redis)
+                        .await?;
+                    RedisResult::Ok((i, l.unwrap_or(0)))
+                }
+            })
+    });
+    for r in join_all(reads).await {
+        let (i, l) = r?;
+        if let Some(total) = out[i].as_mut() {
+            *total += l;
         }
     }
     Ok(Some(out))

@@ -23,7 +23,6 @@ pub const RECORD_TTL_SECS: u64 = 86_400;
 pub const REFUSED_TTL_SECS: u64 = 60;
 
 /// Everything the reserve script needs about one order.
-#[derive(Debug)]
 pub struct ReserveRequest<'a> {
     pub order_id: OrderId,
     pub user: &'a UserId,
@@ -32,11 +31,32 @@ pub struct ReserveRequest<'a> {
     /// The lines this shard holds when the order is reserved in parts ([`super::Part`]),
     /// and the shard of the order's deciding part; None when it holds all of them.
     pub held: Option<(&'a [OrderLine], usize)>,
+    /// The bucket count the caller assumed for each SKU it placed in this shard (see
+    /// [`super::Shards::parts`]); the script answers [`Reserve::Moved`] when it is not
+    /// the SKU's.
+    pub buckets: &'a (dyn Fn(&Sku) -> usize + Sync),
     /// The key and the hash of the body it was sent with.
     pub idempotency: Option<(&'a IdempotencyKey, &'a str)>,
     pub accepted_at: &'a str,
     pub deadline_ms: i64,
     pub idempotency_ttl_secs: u64,
+}
+
+impl std::fmt::Debug for ReserveRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReserveRequest")
+            .field("order_id", &self.order_id)
+            .field("user", &self.user)
+            .field("lines", &self.lines)
+            .field("held", &self.held)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The bucket count of a caller that knows of no SKU with buckets (see
+/// [`ReserveRequest::buckets`]); `reserve.lua` corrects it with [`Reserve::Moved`].
+pub fn one_bucket(_: &Sku) -> usize {
+    1
 }
 
 /// The reserve script's decision.
@@ -60,6 +80,12 @@ pub enum Reserve {
         available: i64,
     },
     StockNotLoaded,
+    /// The SKU has `buckets` buckets, not the count the caller assumed: nothing was
+    /// written; place the order's parts again with it.
+    Moved {
+        sku: String,
+        buckets: usize,
+    },
 }
 
 fn protocol_error(what: &str, reply: &[String]) -> redis::RedisError {
@@ -101,6 +127,7 @@ pub async fn reserve<C: ConnectionLike>(
         .key(keys.deadlines())
         .key(keys.stock_changes())
         .key(keys.stock_seq())
+        .key(keys.buckets())
         .arg(req.order_id.to_string())
         .arg(req.user.as_str())
         .arg(body_hash)
@@ -111,7 +138,9 @@ pub async fn reserve<C: ConnectionLike>(
         .arg(req.held.map(|(l, _)| items_json(l)).unwrap_or_default())
         .arg(req.held.map(|(_, g)| g.to_string()).unwrap_or_default());
     for l in req.held.map_or(req.lines.as_slice(), |(l, _)| l) {
-        inv.arg(l.sku.as_str()).arg(l.qty.get());
+        inv.arg(l.sku.as_str())
+            .arg(l.qty.get())
+            .arg((req.buckets)(&l.sku).max(1));
     }
     let reply: Vec<String> = inv.invoke_async(con).await?;
     let w = "reserve";
@@ -136,6 +165,10 @@ pub async fn reserve<C: ConnectionLike>(
             available: int(w, &reply, 2)?,
         },
         Some("unavailable") => Reserve::StockNotLoaded,
+        Some("moved") => Reserve::Moved {
+            sku: reply.get(1).cloned().unwrap_or_default(),
+            buckets: int(w, &reply, 2)?.max(1) as usize,
+        },
         _ => return Err(protocol_error(w, &reply)),
     })
 }

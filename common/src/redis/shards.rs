@@ -97,6 +97,36 @@ impl Shards {
         self.get(self.of_sku(sku))
     }
 
+    /// How many buckets a SKU created with `buckets` has here: at most one per shard.
+    pub fn effective_buckets(&self, buckets: usize) -> usize {
+        buckets.clamp(1, self.count())
+    }
+
+    /// The shard of bucket `b` of a SKU with `k` buckets (bucket 0 is the SKU's own
+    /// shard, [`Shards::of_sku`]; the others follow it round the ring).
+    pub fn bucket_shard(&self, sku: &Sku, b: usize) -> usize {
+        (self.of_sku(sku) + b) % self.count()
+    }
+
+    /// The bucket a user buys a SKU with `k` buckets from (and holds it in): the same one
+    /// for every order, so the per-user limit is checked against everything the user holds.
+    pub fn user_bucket(&self, user: &UserId, k: usize) -> usize {
+        shard_of(user.as_str(), self.effective_buckets(k))
+    }
+
+    /// The shard where `user`'s units of `sku` (with `k` buckets) are reserved and held:
+    /// the SKU's shard unless the SKU has buckets.
+    pub fn holding_shard(&self, sku: &Sku, k: usize, user: &UserId) -> usize {
+        self.bucket_shard(sku, self.user_bucket(user, k))
+    }
+
+    /// The shards of every bucket of a SKU with `k` buckets, bucket 0 first.
+    pub fn bucket_shards(&self, sku: &Sku, k: usize) -> Vec<usize> {
+        (0..self.effective_buckets(k))
+            .map(|b| self.bucket_shard(sku, b))
+            .collect()
+    }
+
     /// The shard that holds a (user, Idempotency-Key) record, whatever the body.
     pub fn of_idempotency_key(&self, user: &UserId, key: &IdempotencyKey) -> usize {
         let name = format!("{}:{user}:{key}", user.as_str().len());
@@ -105,12 +135,15 @@ impl Shards {
 
     /// An order's parts, the deciding one first (see the module's documentation): the
     /// Idempotency-Key's shard when there is a key, then the shards of its lines in
-    /// ascending order, each with its lines in the order's order.
+    /// ascending order, each with its lines in the order's order. A line of a SKU with
+    /// buckets (`buckets` gives each SKU's count, 1 for most) is in the user's bucket's
+    /// shard ([`Shards::holding_shard`]).
     pub fn parts(
         &self,
         lines: &OrderLines,
         user: &UserId,
         key: Option<&IdempotencyKey>,
+        buckets: impl Fn(&Sku) -> usize,
     ) -> Vec<Part> {
         let mut parts: Vec<Part> = Vec::with_capacity(1);
         if let Some(k) = key {
@@ -121,7 +154,7 @@ impl Shards {
         }
         let mut rest: Vec<Part> = Vec::new();
         for l in lines.as_slice() {
-            let g = self.of_sku(&l.sku);
+            let g = self.holding_shard(&l.sku, buckets(&l.sku), user);
             match parts
                 .iter_mut()
                 .chain(rest.iter_mut())
@@ -145,8 +178,9 @@ impl Shards {
         lines: &OrderLines,
         user: &UserId,
         key: Option<&IdempotencyKey>,
+        buckets: impl Fn(&Sku) -> usize,
     ) -> Vec<usize> {
-        self.parts(lines, user, key)
+        self.parts(lines, user, key, buckets)
             .into_iter()
             .map(|p| p.shard)
             .collect()
@@ -177,7 +211,7 @@ mod tests {
         assert_eq!(s.first().stock(), Keys::new(&ns).stock());
         let u = UserId::parse("u").unwrap();
         let k = IdempotencyKey::parse("k").unwrap();
-        let p = s.parts(&lines(&["a", "b", "c"]), &u, Some(&k));
+        let p = s.parts(&lines(&["a", "b", "c"]), &u, Some(&k), |_| 1);
         assert_eq!(p.len(), 1);
         assert_eq!((p[0].shard, p[0].lines.len()), (0, 3));
     }
@@ -200,7 +234,7 @@ mod tests {
         let l = lines(&refs);
         for key in ["a", "b", "c", "d"] {
             let k = IdempotencyKey::parse(key).unwrap();
-            let p = s.parts(&l, &u, Some(&k));
+            let p = s.parts(&l, &u, Some(&k), |_| 1);
             assert_eq!(p[0].shard, s.of_idempotency_key(&u, &k));
             let mut seen: Vec<&OrderLine> = p.iter().flat_map(|p| &p.lines).collect();
             assert_eq!(seen.len(), 40);
@@ -214,8 +248,35 @@ mod tests {
             assert_eq!(shards.len(), p.len(), "one part per shard");
         }
         // 40 SKUs over 8 shards: they spread.
-        let unkeyed = s.parts(&l, &u, None);
+        let unkeyed = s.parts(&l, &u, None, |_| 1);
         assert!(unkeyed.len() >= 6, "{unkeyed:?}");
         assert!(unkeyed.windows(2).all(|w| w[0].shard < w[1].shard));
+    }
+
+    #[test]
+    fn a_user_keeps_one_bucket_and_buckets_spread() {
+        let ns = Namespace::parse("shop").unwrap();
+        let s = Shards::new(&ns, 4);
+        let sku = Sku::parse("hot").unwrap();
+        assert_eq!(s.bucket_shards(&sku, 3).len(), 3);
+        assert_eq!(
+            s.bucket_shards(&sku, 9).len(),
+            4,
+            "one bucket per shard at most"
+        );
+        assert_eq!(s.bucket_shards(&sku, 3)[0], s.of_sku(&sku));
+        let mut used = std::collections::BTreeSet::new();
+        for i in 0..64 {
+            let u = UserId::parse(format!("u{i}")).unwrap();
+            let g = s.holding_shard(&sku, 4, &u);
+            assert_eq!(g, s.holding_shard(&sku, 4, &u));
+            let p = s.parts(&lines(&["hot"]), &u, None, |_| 4);
+            assert_eq!(p[0].shard, g);
+            used.insert(g);
+        }
+        assert_eq!(used.len(), 4, "users spread over every bucket");
+        // One shard: every bucket is the SKU's shard.
+        let one = Shards::new(&ns, 1);
+        assert_eq!(one.bucket_shards(&sku, 4), vec![0]);
     }
 }

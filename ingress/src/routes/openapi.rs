@@ -290,6 +290,11 @@ pub(super) struct NewSku {
     /// Units one buyer may hold; absent or null: no limit.
     #[schema(minimum = 1, maximum = 1_000_000, format = Int64)]
     per_user_limit: Option<i64>,
+    /// Redis shards to split the SKU's stock over, for a SKU expected to outsell one
+    /// Redis core; fixed at creation. At most `FLOODGATE_REDIS_SHARDS` (422 above it).
+    /// Absent or null: 1.
+    #[schema(minimum = 1, maximum = 64, format = Int64)]
+    buckets: Option<i64>,
 }
 
 /// Goods received, idempotent per (sku, reference).

@@ -107,7 +107,7 @@ async fn round(
                         .collect::<Vec<_>>(),
                 )
                 .unwrap();
-                let parts = shards.parts(&lines, &user, None);
+                let parts = shards.parts(&lines, &user, None, |_| 1);
                 let part_shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
                 let mut took = Vec::new();
                 while Instant::now() < until {
@@ -118,6 +118,7 @@ async fn round(
                         user: &user,
                         lines: &lines,
                         held: None,
+                        buckets: &floodgate_common::redis::one_bucket,
                         idempotency: None,
                         accepted_at: "2026-12-03T00:00:00Z",
                         deadline_ms: i64::MAX / 2,

@@ -10,13 +10,15 @@
 -- KEYS[7] deadlines  zset order id -> deadline (ms), read by the reaper
 -- KEYS[8] changes    zset sku -> change sequence (the notifier samples changed SKUs)
 -- KEYS[9] seq        the change sequence counter
+-- KEYS[10] buckets   hash sku -> bucket count, for SKUs with more than one
 -- ARGV[1] order id, ARGV[2] user id, ARGV[3] body hash ('' = no Idempotency-Key),
 -- ARGV[4] accepted_at (RFC 3339), ARGV[5] deadline (ms since epoch),
 -- ARGV[6] idempotency TTL (s), ARGV[7] the order's items as JSON, ARGV[8] the items this
 -- shard holds as JSON when the order is reserved in parts ('' = all of them: see
 -- shards.rs), ARGV[9] the shard of the order's deciding part then ('' = none),
--- ARGV[10..] sku, qty pairs of the lines held here (none for the Idempotency-Key's part
--- of an order whose SKUs all live elsewhere)
+-- ARGV[10..] sku, qty, buckets triples of the lines held here (none for the
+-- Idempotency-Key's part of an order whose SKUs all live elsewhere); buckets is the
+-- SKU's bucket count the caller assumed when it chose this shard for the line
 --
 -- Returns one of
 --   {'ok'}
@@ -26,6 +28,8 @@
 --   {'limit', sku, limit, already}
 --   {'sold_out', sku, available}
 --   {'unavailable'}                         stock not loaded
+--   {'moved', sku, buckets}                 the caller assumed another bucket count for
+--                                           sku: nothing was written; ask again with it
 --
 -- The same order id again is this very call, re-sent (a cluster client re-sends a
 -- command whose connection dropped before the reply; ingress makes a new order id for
@@ -53,13 +57,23 @@ if has_idem then
 end
 
 local skus, qtys = {}, {}
-local n = (#ARGV - 9) / 2
+local n = (#ARGV - 9) / 3
 for i = 1, n do
-  skus[i] = ARGV[8 + 2 * i]
-  qtys[i] = tonumber(ARGV[9 + 2 * i])
+  skus[i] = ARGV[7 + 3 * i]
+  qtys[i] = tonumber(ARGV[8 + 3 * i])
 end
 
 if n > 0 then
+  -- A line must be in the shard of the user's bucket: a caller that did not know the
+  -- SKU's bucket count learns it here, before anything is written.
+  local counts = redis.call('HMGET', KEYS[10], unpack(skus))
+  for i = 1, n do
+    local k = counts[i] or '1'
+    if k ~= ARGV[9 + 3 * i] then
+      return {'moved', skus[i], k}
+    end
+  end
+
   local avail = redis.call('HMGET', KEYS[2], unpack(skus))
   for i = 1, n do
     if not avail[i] then

@@ -1,0 +1,394 @@
+//! Hot SKUs over several shards: **buckets** (`docs/design/redis-shards.md`).
+//!
+//! A SKU created with `buckets` = K (at most one per shard: [`Shards::effective_buckets`])
+//! has K stock levels, bucket b in shard [`Shards::bucket_shard`]. A user always buys
+//! from, and holds in, the same bucket ([`Shards::user_bucket`]), so the per-user limit
+//! is one `HGET` beside the level, exact as with one bucket. Every bucket's shard holds
+//! the SKU's field in its `buckets` hash: `reserve.lua` answers `moved` to a caller that
+//! assumed another count, which then places the order again.
+//!
+//! Units move between buckets in two halves ([`move_units`]): out of the source
+//! (`move_out.lua`, recorded in its `moves` hash), then into the destination
+//! (`move_in.lua`, once per token). A unit is never in two buckets; between the halves
+//! it is on sale nowhere, and any worker's rebalancer finishes the move
+//! ([`finish_moves`]). Receipts and a SKU's initial stock go to bucket 0; the rebalancer
+//! ([`rebalance`], each reaper tick) evens the buckets out, and an order that finds its
+//! bucket short while the others have enough pulls units in first ([`pull`]).
+
+use super::{Redis, Shards};
+use crate::domain::Sku;
+use futures::future::join_all;
+use redis::{RedisResult, Script};
+use std::{collections::BTreeMap, sync::LazyLock};
+
+static MOVE_OUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/move_out.lua")));
+static MOVE_IN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/move_in.lua")));
+
+/// The bucket count of each of `skus`, in order, read from each SKU's own shard (1 for a
+/// SKU without buckets, or one Redis does not know).
+pub async fn bucket_counts(
+    redis: &Redis,
+    shards: &Shards,
+    skus: &[&Sku],
+) -> RedisResult<Vec<usize>> {
+    if shards.count() == 1 || skus.is_empty() {
+        return Ok(vec![1; skus.len()]);
+    }
+    let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, s) in skus.iter().enumerate() {
+        by_shard.entry(shards.of_sku(s)).or_default().push(i);
+    }
+    let calls = by_shard.iter().map(|(&g, at)| {
+        let mut redis = redis.clone();
+        let cmd = redis::cmd("HMGET")
+            .arg(shards.get(g).buckets())
+            .arg(at.iter().map(|&i| skus[i].as_str()).collect::<Vec<_>>())
+            .clone();
+        async move { cmd.query_async::<Vec<Option<usize>>>(&mut redis).await }
+    });
+    let mut out = vec![1; skus.len()];
+    for ((_, at), answer) in by_shard.iter().zip(join_all(calls).await) {
+        for (&i, k) in at.iter().zip(answer?) {
+            out[i] = k.unwrap_or(1).max(1);
+        }
+    }
+    Ok(out)
+}
+
+/// Opens the buckets of a new SKU with `k` buckets: in every bucket's shard, in one
+/// transaction each, its `buckets` field, its per-user limit, and a level of 0 where it
+/// has none (bucket 0's initial stock is the creation's receipt, applied after this).
+/// The field goes in with the level, so no order is ever decided in a bucket that does
+/// not know it is one. Idempotent; nothing to do for one bucket.
+pub async fn open_buckets(
+    redis: &Redis,
+    shards: &Shards,
+    sku: &Sku,
+    k: usize,
+    per_user_limit: i64,
+) -> RedisResult<()> {
+    let at = shards.bucket_shards(sku, k);
+    if at.len() < 2 {
+        return Ok(());
+    }
+    for g in &at {
+        let keys = shards.get(*g);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(keys.buckets(), sku.as_str(), at.len())
+            .hset_nx(keys.stock(), sku.as_str(), 0)
+            .hset(keys.limits(), sku.as_str(), per_user_limit);
+        let _: () = pipe.query_async(&mut redis.clone()).await?;
+    }
+    Ok(())
+}
+
+/// Moves up to `units` of `sku` from its bucket in shard `from` to its bucket in shard
+/// `to`; returns the units moved (fewer when the source has fewer; 0 when either shard
+/// has no stock loaded).
+pub async fn move_units(
+    redis: &Redis,
+    shards: &Shards,
+    sku: &Sku,
+    from: usize,
+    to: usize,
+    units: i64,
+) -> RedisResult<i64> {
+    if from == to || units <= 0 {
+        return Ok(0);
+    }
+    let mut con = redis.clone();
+    let dest_epoch: Option<String> = redis::cmd("GET")
+        .arg(shards.get(to).epoch())
+        .query_async(&mut con)
+        .await?;
+    let Some(dest_epoch) = dest_epoch else {
+        return Ok(0);
+    };
+    let token = uuid::Uuid::now_v7().to_string();
+    let src = shards.get(from);
+    let taken: i64 = MOVE_OUT
+        .key(src.epoch())
+        .key(src.stock())
+        .key(src.moves())
+        .key(src.stock_changes())
+        .key(src.stock_seq())
+        .arg(sku.as_str())
+        .arg(units)
+        .arg(&token)
+        .arg(to)
+        .arg(&dest_epoch)
+        .invoke_async(&mut con)
+        .await?;
+    if taken > 0 {
+        finish_move(
+            &mut con,
+            shards,
+            from,
+            &token,
+            &Move {
+                sku: sku.as_str(),
+                to,
+                units: taken,
+                epoch: &dest_epoch,
+            },
+        )
+        .await?;
+    }
+    Ok(taken)
+}
+
+/// A `moves` record: units on their way to the bucket in shard `to`.
+struct Move<'a> {
+    sku: &'a str,
+    to: usize,
+    units: i64,
+    epoch: &'a str,
+}
+
+impl<'a> Move<'a> {
+    fn parse(record: &'a str) -> Option<Self> {
+        let mut f = record.splitn(4, '|');
+        Some(Self {
+            sku: f.next()?,
+            to: f.next()?.parse().ok()?,
+            units: f.next()?.parse().ok()?,
+            epoch: f.next()?,
+        })
+    }
+}
+
+/// The second half of a move, then its record goes. Returns false when the destination
+/// was reloaded meanwhile (the load counted the units; they are not added twice).
+async fn finish_move(
+    con: &mut Redis,
+    shards: &Shards,
+    from: usize,
+    token: &str,
+    m: &Move<'_>,
+) -> RedisResult<bool> {
+    if m.to >= shards.count() {
+        // A record from a load with more shards: that layout's data is never read again.
+        let _: () = redis::cmd("HDEL")
+            .arg(shards.get(from).moves())
+            .arg(token)
+            .query_async(con)
+            .await?;
+        return Ok(false);
+    }
+    let dest = shards.get(m.to);
+    let outcome: String = MOVE_IN
+        .key(dest.epoch())
+        .key(dest.stock())
+        .key(dest.applied())
+        .key(dest.stock_changes())
+        .key(dest.stock_seq())
+        .arg(m.sku)
+        .arg(m.units)
+        .arg(token)
+        .arg(m.epoch)
+        .invoke_async(con)
+        .await?;
+    if outcome == "stale" {
+        tracing::warn!(
+            sku = m.sku,
+            units = m.units,
+            "a move between buckets found its destination reloaded; the load counted its units"
+        );
+    }
+    let _: () = redis::cmd("HDEL")
+        .arg(shards.get(from).moves())
+        .arg(token)
+        .query_async(con)
+        .await?;
+    Ok(outcome != "stale")
+}
+
+/// Finishes every move whose second half has not run (its mover died between the
+/// halves), in every shard; returns how many it finished. Safe beside movers still at
+/// work: the second half runs once per token.
+pub async fn finish_moves(redis: &Redis, shards: &Shards) -> RedisResult<usize> {
+    if shards.count() == 1 {
+        return Ok(0);
+    }
+    let mut con = redis.clone();
+    let mut n = 0;
+    for (g, keys) in shards.iter() {
+        let open: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys.moves())
+            .query_async(&mut con)
+            .await?;
+        for (token, record) in &open {
+            match Move::parse(record) {
+                Some(m) => {
+                    finish_move(&mut con, shards, g, token, &m).await?;
+                    n += 1;
+                }
+                None => tracing::warn!(token, record, "an unreadable move record; left alone"),
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The level of each bucket of `sku` (K buckets), bucket 0 first; None for a bucket
+/// whose shard does not know the SKU.
+async fn bucket_levels(
+    redis: &Redis,
+    shards: &Shards,
+    sku: &Sku,
+    k: usize,
+) -> RedisResult<Vec<(usize, Option<i64>)>> {
+    let at = shards.bucket_shards(sku, k);
+    let reads = at.iter().map(|&g| {
+        let mut redis = redis.clone();
+        let keys = shards.get(g);
+        async move {
+            redis::cmd("HGET")
+                .arg(keys.stock())
+                .arg(sku.as_str())
+                .query_async::<Option<i64>>(&mut redis)
+                .await
+        }
+    });
+    let levels = join_all(reads).await;
+    at.into_iter()
+        .zip(levels)
+        .map(|(g, l)| l.map(|l| (g, l)))
+        .collect()
+}
+
+/// An order found its user's bucket of `sku` (in shard `to`) short of `wanted` units:
+/// moves units from the fullest other buckets into it until it has them. Returns the
+/// SKU's units over every bucket as read before the moves: when that is `wanted` or
+/// more the order may be decided again (others may have taken the units meanwhile).
+pub async fn pull(
+    redis: &Redis,
+    shards: &Shards,
+    sku: &Sku,
+    k: usize,
+    to: usize,
+    wanted: i64,
+) -> RedisResult<i64> {
+    let mut levels: Vec<(usize, i64)> = bucket_levels(redis, shards, sku, k)
+        .await?
+        .into_iter()
+        .map(|(g, l)| (g, l.unwrap_or(0).max(0)))
+        .collect();
+    let total: i64 = levels.iter().map(|(_, l)| l).sum();
+    let mut need = wanted - levels.iter().find(|(g, _)| *g == to).map_or(0, |l| l.1);
+    if total < wanted || need <= 0 {
+        return Ok(total);
+    }
+    levels.sort_by_key(|(_, l)| -l);
+    for (g, l) in levels {
+        if need <= 0 || l == 0 {
+            break;
+        }
+        if g != to {
+            need -= move_units(redis, shards, sku, g, to, l.min(need)).await?;
+        }
+    }
+    Ok(total)
+}
+
+/// The SKUs with buckets, and their counts: every shard's `buckets` hash, each SKU once
+/// (from its own shard).
+async fn bucketed(redis: &Redis, shards: &Shards) -> RedisResult<Vec<(Sku, usize)>> {
+    let mut con = redis.clone();
+    let mut out = Vec::new();
+    for (g, keys) in shards.iter() {
+        let here: BTreeMap<String, usize> = redis::cmd("HGETALL")
+            .arg(keys.buckets())
+            .query_async(&mut con)
+            .await?;
+        for (sku, k) in here {
+            if let Ok(sku) = Sku::parse(sku)
+                && shards.of_sku(&sku) == g
+            {
+                out.push((sku, k));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One pass of the rebalancer: finishes interrupted moves, then evens out the buckets of
+/// every SKU with buckets (the fullest gives half its surplus to the emptiest, until no
+/// two differ by more than one unit). Returns the units moved. Concurrent passes (every
+/// worker runs one) are safe: a move takes only what its source has.
+pub async fn rebalance(redis: &Redis, shards: &Shards) -> RedisResult<i64> {
+    if shards.count() == 1 {
+        return Ok(0);
+    }
+    finish_moves(redis, shards).await?;
+    let mut moved = 0;
+    for (sku, k) in bucketed(redis, shards).await? {
+        let read = bucket_levels(redis, shards, &sku, k).await?;
+        // A bucket missing its level (its shard not loaded, or lost): leave the SKU alone.
+        let Some(mut levels) = read
+            .into_iter()
+            .map(|(g, l)| l.map(|l| (g, l.max(0))))
+            .collect::<Option<Vec<_>>>()
+        else {
+            continue;
+        };
+        for _ in 0..2 * levels.len() {
+            let (hi, lo) = (
+                (0..levels.len()).max_by_key(|&i| levels[i].1).unwrap_or(0),
+                (0..levels.len()).min_by_key(|&i| levels[i].1).unwrap_or(0),
+            );
+            let gap = levels[hi].1 - levels[lo].1;
+            if gap < 2 {
+                break;
+            }
+            let m = move_units(redis, shards, &sku, levels[hi].0, levels[lo].0, gap / 2).await?;
+            if m == 0 {
+                break;
+            }
+            levels[hi].1 -= m;
+            levels[lo].1 += m;
+            moved += m;
+        }
+    }
+    Ok(moved)
+}
+
+/// Units of `sku` in `moves` records: taken out of one bucket, not yet in another
+/// (reconcile counts them as the SKU's).
+pub async fn in_transit<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    shards: &Shards,
+) -> RedisResult<BTreeMap<String, i64>> {
+    let mut out = BTreeMap::new();
+    if shards.count() == 1 {
+        return Ok(out);
+    }
+    for (_, keys) in shards.iter() {
+        let open: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys.moves())
+            .query_async(con)
+            .await?;
+        for record in open.values() {
+            if let Some(m) = Move::parse(record) {
+                *out.entry(m.sku.to_owned()).or_default() += m.units;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn move_records_read_back() {
+        let m = Move::parse("hot-1.x|3|25|0193aa-bb").unwrap();
+        assert_eq!(
+            (m.sku, m.to, m.units, m.epoch),
+            ("hot-1.x", 3, 25, "0193aa-bb")
+        );
+        assert!(Move::parse("hot|x|1|e").is_none());
+    }
+}

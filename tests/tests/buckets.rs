@@ -1,0 +1,380 @@
+//! Hot SKUs over several shards (`buckets`, docs/design/redis-shards.md): a SKU created
+//! with `buckets` = K sells its stock exactly once from K shards, the per-user limit stays
+//! exact (a buyer always buys from, and holds in, one bucket), no unit is stranded (a
+//! buyer whose bucket is empty pulls units from the others; a move cut between its
+//! halves is finished), and `GET /v1/stock`, the stock topic and `reconcile --check` see
+//! one number. Runs on the default Redis (the shards are slots of one server) and in the
+//! cluster suite on a Redis Cluster.
+
+use floodgate_common::{
+    domain::{Sku, UserId},
+    redis::{self as fredis},
+};
+use floodgate_tests::{Options, Resp, TestApp, eventually, streams::Sse};
+use futures::future::join_all;
+use std::{collections::BTreeMap, time::Duration};
+
+const SHARDS: usize = 4;
+
+fn sharded(tweak: impl Fn(&mut floodgate_common::Config) + Send + 'static) -> Options {
+    Options {
+        tweak: Box::new(move |c| {
+            c.redis_shards = SHARDS;
+            tweak(c)
+        }),
+        ..Options::default()
+    }
+}
+
+/// A rebalancer that never runs on its own (a reaper tick an hour away): the test moves.
+fn still(c: &mut floodgate_common::Config) {
+    c.reaper_interval = Duration::from_secs(3600);
+}
+
+async fn create(app: &TestApp, sku: &str, stock: i64, limit: Option<i64>, buckets: i64) -> Resp {
+    let mut body = serde_json::json!({
+        "sku": sku, "name": format!("Hot {sku}"), "price_cents": 500,
+        "initial_stock": stock, "buckets": buckets
+    });
+    if let Some(l) = limit {
+        body["per_user_limit"] = l.into();
+    }
+    app.post("/v1/skus", Some(&app.admin()), &body).await
+}
+
+/// Each bucket's level (bucket 0 first).
+async fn bucket_levels(app: &TestApp, sku: &str, k: usize) -> Vec<i64> {
+    let mut con = app.redis.clone();
+    let mut out = Vec::new();
+    for g in app.shards.bucket_shards(&Sku::parse(sku).unwrap(), k) {
+        let l: Option<i64> = redis::cmd("HGET")
+            .arg(app.shards.get(g).stock())
+            .arg(sku)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        out.push(l.expect("every bucket has a level"));
+    }
+    out
+}
+
+/// A buyer name whose bucket of a SKU with `k` buckets is `b`.
+fn buyer_in(app: &TestApp, prefix: &str, k: usize, b: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| {
+            app.shards
+                .user_bucket(&UserId::parse(u.as_str()).unwrap(), k)
+                == b
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_sku_over_buckets_sells_its_stock_once_with_exact_limits() {
+    let app = TestApp::spawn_with(Options {
+        notifier: true,
+        ..sharded(|c| c.reaper_interval = Duration::from_millis(200))
+    })
+    .await;
+    let r = create(&app, "hot", 60, Some(2), 4).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(
+        (r.body["buckets"].as_i64(), r.body["available"].as_i64()),
+        (Some(4), Some(60))
+    );
+    let sku = Sku::parse("hot").unwrap();
+    let at = app.shards.bucket_shards(&sku, 4);
+    assert_eq!(at.len(), 4, "one bucket per shard");
+    let mut con = app.redis.clone();
+    for &g in &at {
+        let (k, limit): (Option<usize>, Option<i64>) = redis::pipe()
+            .hget(app.shards.get(g).buckets(), "hot")
+            .hget(app.shards.get(g).limits(), "hot")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!((k, limit), (Some(4), Some(2)), "shard {g}");
+    }
+    // The initial stock goes to bucket 0; the rebalancer spreads it.
+    eventually(Duration::from_secs(20), || async {
+        bucket_levels(&app, "hot", 4).await == vec![15, 15, 15, 15]
+    })
+    .await;
+    let s = app.get("/v1/stock/hot", None).await;
+    assert_eq!(s.body["available"], 60, "one number: {s:?}");
+    let mut sse = Sse::connect(
+        &app.client,
+        &format!(
+            "{}/v1/stream?topics=stock:hot",
+            app.notifier.as_ref().unwrap()
+        ),
+    )
+    .await
+    .expect("stock stream");
+
+    // 40 buyers (over every bucket) each try for 3 units, one at a time; the limit is 2,
+    // so 80 would be bought: the stock (60) runs out first, and nobody holds 3.
+    let runs = (0..40).map(|u| {
+        let token = app.customer(&format!("fan-{u}"));
+        let app = &app;
+        async move {
+            let mut got = Vec::new();
+            let mut answers = Vec::new();
+            for _ in 0..3 {
+                let r = app.order(&token, &[("hot", 1)], None).await;
+                answers.push((r.status, r.code().to_owned()));
+                if r.status == 202 {
+                    got.push(r.body["order_id"].as_str().unwrap().to_owned());
+                }
+            }
+            (got, answers)
+        }
+    });
+    let results = join_all(runs).await;
+    let mut answers: BTreeMap<(u16, String), usize> = BTreeMap::new();
+    let mut accepted = Vec::new();
+    for (got, a) in results {
+        assert!(
+            got.len() <= 2,
+            "a buyer got {} units past a limit of 2",
+            got.len()
+        );
+        accepted.extend(got);
+        for x in a {
+            *answers.entry(x).or_default() += 1;
+        }
+    }
+    println!("40 buyers x 3 tries of a 60-unit SKU over 4 buckets: {answers:?}");
+    assert_eq!(accepted.len(), 60, "exactly the stock: {answers:?}");
+    for (status, code) in answers.keys() {
+        assert!(
+            matches!(
+                (*status, code.as_str()),
+                (202, _) | (409, "sold_out") | (422, "limit_exceeded")
+            ),
+            "{answers:?}"
+        );
+    }
+    app.wait_idle().await;
+    assert_eq!(app.available("hot").await, Some(0));
+    let per_user: i64 = app
+        .scalar(
+            "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM orders
+              WHERE status = 'confirmed' GROUP BY user_id) c",
+        )
+        .await;
+    assert!(per_user <= 2, "a buyer holds {per_user}");
+    let outcomes = app.assert_invariants(&accepted).await;
+    assert_eq!(outcomes.get("confirmed"), Some(&60));
+    // The stream shows the SKU as one number, never above its stock, down to 0.
+    let mut seen = Vec::new();
+    while seen.last() != Some(&0) {
+        let ev = sse
+            .next(Duration::from_secs(20))
+            .await
+            .expect("stock event");
+        seen.push(ev.data["available"].as_i64().unwrap());
+    }
+    assert!(seen[0] <= 60 && seen.iter().all(|l| *l <= 60), "{seen:?}");
+
+    // A cancel returns its unit to the buyer's bucket, and the buyer's limit with it.
+    let id = &accepted[0];
+    let owner: String = {
+        let db = app.pg.get().await.unwrap();
+        db.query_one(
+            "SELECT user_id FROM orders WHERE id = $1::text::uuid",
+            &[id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    let token = app.customer(&owner);
+    let c = app
+        .post(
+            &format!("/v1/orders/{id}/cancel"),
+            Some(&token),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(c.status, 200, "{c:?}");
+    let b = app
+        .shards
+        .user_bucket(&UserId::parse(owner.as_str()).unwrap(), 4);
+    let levels = bucket_levels(&app, "hot", 4).await;
+    assert_eq!(levels.iter().sum::<i64>(), 1, "{levels:?}");
+    assert!(
+        levels[b] == 1 || app.available("hot").await == Some(1),
+        "{levels:?}"
+    );
+    let again = app.order(&token, &[("hot", 1)], None).await;
+    assert_eq!(
+        again.status, 202,
+        "the cancelled unit and limit came back: {again:?}"
+    );
+    app.wait_idle().await;
+    let mut all = accepted.clone();
+    all.push(again.body["order_id"].as_str().unwrap().to_owned());
+    app.assert_invariants(&all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_whose_bucket_is_empty_pulls_units_from_the_others() {
+    let app = TestApp::spawn_with(sharded(still)).await;
+    let r = create(&app, "last", 3, None, 4).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    // No rebalancer: all 3 units sit in bucket 0.
+    assert_eq!(bucket_levels(&app, "last", 4).await, vec![3, 0, 0, 0]);
+    let mut accepted = Vec::new();
+    for b in [1, 2, 3] {
+        let u = buyer_in(&app, "late", 4, b);
+        let r = app.order(&app.customer(&u), &[("last", 1)], None).await;
+        assert_eq!(
+            r.status, 202,
+            "bucket {b}'s buyer gets a unit from bucket 0: {r:?}"
+        );
+        accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
+    }
+    let u = buyer_in(&app, "later", 4, 1);
+    let r = app.order(&app.customer(&u), &[("last", 1)], None).await;
+    assert_eq!((r.status, r.code()), (409, "sold_out"), "{r:?}");
+    assert_eq!(r.body["available"], 0, "{r:?}");
+    // Wanting more than all buckets hold together: sold out with the true total, and
+    // nothing moved for it.
+    let r = create(&app, "pair", 2, None, 4).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let u = buyer_in(&app, "greedy", 4, 2);
+    let r = app.order(&app.customer(&u), &[("pair", 3)], None).await;
+    assert_eq!((r.status, r.code()), (409, "sold_out"), "{r:?}");
+    assert_eq!(r.body["available"], 2, "{r:?}");
+    assert_eq!(bucket_levels(&app, "pair", 4).await, vec![2, 0, 0, 0]);
+    app.wait_idle().await;
+    let outcomes = app.assert_invariants(&accepted).await;
+    assert_eq!(outcomes.get("confirmed"), Some(&3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_cut_between_its_halves_is_counted_and_finished() {
+    let app = TestApp::spawn_with(sharded(still)).await;
+    assert_eq!(create(&app, "warm", 40, None, 3).await.status, 201);
+    let sku = Sku::parse("warm").unwrap();
+    let at = app.shards.bucket_shards(&sku, 3);
+    // The first half of a move alone, as a mover killed between the halves leaves it.
+    let (src, dst) = (app.shards.get(at[0]), app.shards.get(at[2]));
+    let mut con = app.redis.clone();
+    let epoch: String = redis::cmd("GET")
+        .arg(dst.epoch())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let taken: i64 = redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
+        .key(src.epoch())
+        .key(src.stock())
+        .key(src.moves())
+        .key(src.stock_changes())
+        .key(src.stock_seq())
+        .arg("warm")
+        .arg(25)
+        .arg("cut-move")
+        .arg(at[2])
+        .arg(&epoch)
+        .invoke_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(taken, 25);
+    assert_eq!(bucket_levels(&app, "warm", 3).await, vec![15, 0, 0]);
+    // In transit: on sale nowhere, and counted by the check (nothing lost, nothing extra).
+    app.assert_invariants(&[]).await;
+    // Any rebalancer pass finishes it (and then evens the buckets out), once.
+    let moved = fredis::buckets::rebalance(&app.redis, &app.shards)
+        .await
+        .unwrap();
+    assert!(moved > 0);
+    let levels = bucket_levels(&app, "warm", 3).await;
+    assert_eq!(levels.iter().sum::<i64>(), 40, "{levels:?}");
+    assert!(
+        levels.iter().max().unwrap() - levels.iter().min().unwrap() <= 1,
+        "{levels:?}"
+    );
+    assert_eq!(
+        fredis::buckets::finish_moves(&app.redis, &app.shards)
+            .await
+            .unwrap(),
+        0
+    );
+    let record: Option<String> = redis::cmd("HGET")
+        .arg(src.moves())
+        .arg("cut-move")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(record, None);
+    app.assert_invariants(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_splits_a_hot_sku_evenly_and_keeps_each_buyer_in_one_bucket() {
+    let app = TestApp::spawn_with(sharded(still)).await;
+    assert_eq!(create(&app, "bulk", 50, Some(1), 4).await.status, 201);
+    let mut accepted = Vec::new();
+    let buyers: Vec<String> = (0..4).map(|b| buyer_in(&app, "early", 4, b)).collect();
+    for u in &buyers {
+        let r = app.order(&app.customer(u), &[("bulk", 1)], None).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        accepted.push(r.body["order_id"].as_str().unwrap().to_owned());
+    }
+    app.wait_idle().await;
+    let mut con = app.redis.clone();
+    floodgate_common::stock::load(&app.pg, &mut con, &app.shards)
+        .await
+        .unwrap();
+    assert_eq!(bucket_levels(&app, "bulk", 4).await, vec![12, 12, 11, 11]);
+    // Each buyer's holding is back in the buyer's own bucket: the limit of 1 holds.
+    for u in &buyers {
+        let r = app.order(&app.customer(u), &[("bulk", 1)], None).await;
+        assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{u}: {r:?}");
+    }
+    app.assert_invariants(&accepted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_count_the_deployment_cannot_hold_is_refused_and_changes_nothing() {
+    let app = TestApp::spawn_with(sharded(still)).await;
+    let before = app.snapshot().await;
+    for (buckets, why) in [
+        (serde_json::json!(5), "more buckets than shards"),
+        (serde_json::json!(0), "none"),
+        (serde_json::json!(65), "past the most shards"),
+        (serde_json::json!("2"), "a string"),
+        (serde_json::json!(1.5), "a fraction"),
+    ] {
+        let body = serde_json::json!({
+            "sku": "nope", "name": "Nope", "price_cents": 1, "initial_stock": 5,
+            "buckets": buckets
+        });
+        let r = app.post("/v1/skus", Some(&app.admin()), &body).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (422, "invalid_request"),
+            "{why}: {r:?}"
+        );
+        assert!(
+            r.body["detail"].as_str().unwrap().starts_with("buckets:"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(app.snapshot().await, before, "nothing created");
+    // The count is fixed once created, in the database itself.
+    assert_eq!(create(&app, "fixed", 5, None, 2).await.status, 201);
+    let db = app.pg.get().await.unwrap();
+    let e = db
+        .execute("UPDATE skus SET buckets = 3 WHERE sku = 'fixed'", &[])
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("fixed at creation")
+            || format!("{e:?}").contains("fixed at creation"),
+        "{e:?}"
+    );
+}
