@@ -221,6 +221,32 @@ async fn reapply_stock_changes<C: ConnectionLike>(
         )
         .await
         .context("reading receipts and cancels")?;
+    // Every SKU with buckets has them open in Redis (`open_buckets` is idempotent): a
+    // crash between a SKU's creation and that call, or a failover that lost it, would
+    // leave a bucket that does not know it is one.
+    if shards.count() > 1 {
+        let hot = db
+            .query(
+                "SELECT sku, per_user_limit, buckets FROM skus WHERE buckets > 1",
+                &[],
+            )
+            .await
+            .context("reading the SKUs with buckets")?;
+        for r in &hot {
+            let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) else {
+                continue;
+            };
+            crate::redis::buckets::open_buckets(
+                con,
+                shards,
+                &sku,
+                r.get::<_, i16>("buckets") as usize,
+                i64::from(r.get::<_, i32>("per_user_limit")),
+            )
+            .await
+            .context("opening the buckets of a SKU")?;
+        }
+    }
     let mut reapplied = 0;
     for chunk in rows.chunks(SCAN_CHUNK) {
         let mut changes = Vec::new();

@@ -23,13 +23,14 @@ impl KnownBuckets {
         counts.get(sku.as_str()).copied().unwrap_or(1)
     }
 
-    /// The reserve script said `sku` has `k` buckets.
+    /// The reserve script said `sku` has `k` buckets. A count once learned is never
+    /// taken back to 1: a bucket that answers 1 for a SKU another bucket says has more
+    /// lost its `buckets` field (the worker's settle restores it), and the order is
+    /// answered 503 after its bounded redirects rather than reserved in the wrong bucket.
     pub fn learn(&self, sku: &str, k: usize) {
-        let mut counts = self.counts.write().expect("bucket counts lock");
         if k > 1 {
+            let mut counts = self.counts.write().expect("bucket counts lock");
             counts.insert(sku.to_owned(), k);
-        } else {
-            counts.remove(sku);
         }
     }
 }
@@ -46,9 +47,11 @@ mod tests {
         k.learn("hot", 4);
         assert_eq!(k.get(&sku), 4);
         k.learn("hot", 1);
-        assert_eq!(k.get(&sku), 1);
-        assert!(
-            k.counts.read().unwrap().is_empty(),
+        assert_eq!(k.get(&sku), 4, "never back to 1");
+        k.learn("cold", 1);
+        assert_eq!(
+            k.counts.read().unwrap().len(),
+            1,
             "one bucket is not stored"
         );
     }

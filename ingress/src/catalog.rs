@@ -117,7 +117,7 @@ pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView,
         .unwrap_or(new.initial_stock);
     // The row's count, not the request's: a repeat with another count heals the first.
     fredis::buckets::open_buckets(
-        &st.redis,
+        &mut st.redis.clone(),
         &st.shards,
         &new.sku,
         row.buckets as usize,
@@ -201,6 +201,12 @@ pub async fn receive(
     )
     .await
     .map_err(|e| anyhow::Error::new(e).context("applying a receipt to Redis"))?;
+    // Over every bucket, for a SKU with buckets (the receipt went to bucket 0).
+    let available = if st.shards.count() > 1 {
+        stock::available(st, &sku).await?
+    } else {
+        available
+    };
     Ok(Received {
         sku: sku.to_string(),
         on_hand,

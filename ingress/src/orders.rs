@@ -12,7 +12,10 @@ use floodgate_common::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 use time::OffsetDateTime;
 
 /// The request body as sent; any shape error is 400 before this exists.
@@ -143,7 +146,6 @@ async fn place_to_the_end(
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     let hash = key.as_ref().map(|_| body_hash(&lines));
-    let known = |s: &Sku| st.buckets.get(s);
     // A duplicate whose first request is still publishing waits for it; if that publish
     // fails the record vanishes and this request becomes the first.
     let wait_until = Instant::now() + st.cfg.publish_timeout + Duration::from_secs(1);
@@ -152,7 +154,15 @@ async fn place_to_the_end(
     // units to other buyers meanwhile answers sold out, as without buckets).
     let (mut moved, mut pulled) = (0, 0);
     loop {
-        // Again on each turn: a `moved` reply changes where a line goes.
+        // Again on each turn: a `moved` reply changes where a line goes. One snapshot of
+        // the counts for the parts, the script and the message, so all three agree.
+        let counts: BTreeMap<String, usize> = lines
+            .as_slice()
+            .iter()
+            .map(|l| (l.sku.to_string(), st.buckets.get(&l.sku)))
+            .filter(|(_, k)| *k > 1)
+            .collect();
+        let known = |s: &Sku| counts.get(s.as_str()).copied().unwrap_or(1);
         let parts = st.shards.parts(&lines, &caller.user, key.as_ref(), known);
         let order_id = OrderId::new();
         // Microseconds: what PostgreSQL keeps, so every answer shows the same instant.
@@ -185,6 +195,7 @@ async fn place_to_the_end(
                     st,
                     caller,
                     &lines,
+                    counts,
                     &parts,
                     key.as_ref(),
                     order_id,
@@ -255,13 +266,17 @@ async fn place_to_the_end(
             }
             Reserve::SoldOut { sku, available } => {
                 let line = lines.as_slice().iter().find(|l| l.sku.as_str() == sku);
-                let k = line.map_or(1, |l| st.buckets.get(&l.sku));
+                let k = line.map_or(1, |l| known(&l.sku));
                 let Some(line) = line.filter(|_| k > 1) else {
                     if available == 0 {
                         st.sold_out.remember(&sku, started);
                     }
                     return Err(ApiError::SoldOut { sku, available });
                 };
+                if pulled >= lines.as_slice().len() {
+                    // Others keep taking what is pulled in: what the buyer's bucket had.
+                    return Err(ApiError::SoldOut { sku, available });
+                }
                 // The buyer's bucket is short: the SKU's other buckets may not be.
                 let to = st.shards.holding_shard(&line.sku, k, &caller.user);
                 let total =
@@ -301,6 +316,7 @@ async fn publish(
     st: &AppState,
     caller: &Caller,
     lines: &OrderLines,
+    buckets: BTreeMap<String, usize>,
     parts: &[fredis::Part],
     key: Option<&IdempotencyKey>,
     order_id: OrderId,
@@ -315,12 +331,7 @@ async fn publish(
         accepted_at: accepted_at.to_owned(),
         deadline_ms,
         idempotency_key: key.cloned(),
-        buckets: lines
-            .as_slice()
-            .iter()
-            .map(|l| (l.sku.to_string(), st.buckets.get(&l.sku)))
-            .filter(|(_, k)| *k > 1)
-            .collect(),
+        buckets,
     });
     let shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
     crate::handover::hand_over(

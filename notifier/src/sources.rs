@@ -86,7 +86,13 @@ pub async fn sample_stock(
                 }
                 // Not loaded (a fresh or restarted Redis): the next load has a new epoch
                 // and the first read after it returns every level.
-                Ok(None) => *cursor = StockCursor::default(),
+                Ok(None) => {
+                    *cursor = StockCursor::default();
+                    // Its levels are gone with its load: they leave the sums.
+                    for by_shard in per_shard.values_mut() {
+                        by_shard.remove(&g);
+                    }
+                }
                 Err(e) => {
                     failed.get_or_insert(e);
                 }

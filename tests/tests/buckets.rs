@@ -176,7 +176,9 @@ async fn a_hot_sku_over_buckets_sells_its_stock_once_with_exact_limits() {
             .expect("stock event");
         seen.push(ev.data["available"].as_i64().unwrap());
     }
-    assert!(seen[0] <= 60 && seen.iter().all(|l| *l <= 60), "{seen:?}");
+    // (Not one snapshot of the buckets: a level read mid-move may be off by the units
+    // moving for one sample; the first, before any sale or move, is the stock.)
+    assert_eq!(seen[0], 60, "{seen:?}");
 
     // A cancel returns its unit to the buyer's bucket, and the buyer's limit with it.
     let id = &accepted[0];
@@ -274,11 +276,13 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
         .key(src.moves())
         .key(src.stock_changes())
         .key(src.stock_seq())
+        .key(src.applied())
         .arg("warm")
         .arg(25)
         .arg("cut-move")
         .arg(at[2])
         .arg(&epoch)
+        .arg(0)
         .invoke_async(&mut con)
         .await
         .unwrap();

@@ -24,44 +24,13 @@ use std::{collections::BTreeMap, sync::LazyLock};
 static MOVE_OUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/move_out.lua")));
 static MOVE_IN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/move_in.lua")));
 
-/// The bucket count of each of `skus`, in order, read from each SKU's own shard (1 for a
-/// SKU without buckets, or one Redis does not know).
-pub async fn bucket_counts(
-    redis: &Redis,
-    shards: &Shards,
-    skus: &[&Sku],
-) -> RedisResult<Vec<usize>> {
-    if shards.count() == 1 || skus.is_empty() {
-        return Ok(vec![1; skus.len()]);
-    }
-    let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, s) in skus.iter().enumerate() {
-        by_shard.entry(shards.of_sku(s)).or_default().push(i);
-    }
-    let calls = by_shard.iter().map(|(&g, at)| {
-        let mut redis = redis.clone();
-        let cmd = redis::cmd("HMGET")
-            .arg(shards.get(g).buckets())
-            .arg(at.iter().map(|&i| skus[i].as_str()).collect::<Vec<_>>())
-            .clone();
-        async move { cmd.query_async::<Vec<Option<usize>>>(&mut redis).await }
-    });
-    let mut out = vec![1; skus.len()];
-    for ((_, at), answer) in by_shard.iter().zip(join_all(calls).await) {
-        for (&i, k) in at.iter().zip(answer?) {
-            out[i] = k.unwrap_or(1).max(1);
-        }
-    }
-    Ok(out)
-}
-
 /// Opens the buckets of a new SKU with `k` buckets: in every bucket's shard, in one
 /// transaction each, its `buckets` field, its per-user limit, and a level of 0 where it
 /// has none (bucket 0's initial stock is the creation's receipt, applied after this).
 /// The field goes in with the level, so no order is ever decided in a bucket that does
 /// not know it is one. Idempotent; nothing to do for one bucket.
-pub async fn open_buckets(
-    redis: &Redis,
+pub async fn open_buckets<C: redis::aio::ConnectionLike>(
+    con: &mut C,
     shards: &Shards,
     sku: &Sku,
     k: usize,
@@ -78,21 +47,21 @@ pub async fn open_buckets(
             .hset(keys.buckets(), sku.as_str(), at.len())
             .hset_nx(keys.stock(), sku.as_str(), 0)
             .hset(keys.limits(), sku.as_str(), per_user_limit);
-        let _: () = pipe.query_async(&mut redis.clone()).await?;
+        let _: () = pipe.query_async(con).await?;
     }
     Ok(())
 }
 
 /// Moves up to `units` of `sku` from its bucket in shard `from` to its bucket in shard
-/// `to`; returns the units moved (fewer when the source has fewer; 0 when either shard
-/// has no stock loaded).
+/// `to`, leaving at least `floor` in the source; returns the units moved (fewer when the
+/// source has fewer above `floor`; 0 when either shard has no stock loaded).
 pub async fn move_units(
     redis: &Redis,
     shards: &Shards,
     sku: &Sku,
-    from: usize,
-    to: usize,
+    (from, to): (usize, usize),
     units: i64,
+    floor: i64,
 ) -> RedisResult<i64> {
     if from == to || units <= 0 {
         return Ok(0);
@@ -113,11 +82,13 @@ pub async fn move_units(
         .key(src.moves())
         .key(src.stock_changes())
         .key(src.stock_seq())
+        .key(src.applied())
         .arg(sku.as_str())
         .arg(units)
         .arg(&token)
         .arg(to)
         .arg(&dest_epoch)
+        .arg(floor.max(0))
         .invoke_async(&mut con)
         .await?;
     if taken > 0 {
@@ -193,7 +164,7 @@ async fn finish_move(
         tracing::warn!(
             sku = m.sku,
             units = m.units,
-            "a move between buckets found its destination reloaded; the load counted its units"
+            "a move between buckets found its destination reloaded: its units are the load's (a full reconcile counts them; after a partial one they stay out of sale until a full one)"
         );
     }
     let _: () = redis::cmd("HDEL")
@@ -224,7 +195,14 @@ pub async fn finish_moves(redis: &Redis, shards: &Shards) -> RedisResult<usize> 
                     finish_move(&mut con, shards, g, token, &m).await?;
                     n += 1;
                 }
-                None => tracing::warn!(token, record, "an unreadable move record; left alone"),
+                None => {
+                    tracing::warn!(token, record, "an unreadable move record; dropped");
+                    let _: () = redis::cmd("HDEL")
+                        .arg(keys.moves())
+                        .arg(token)
+                        .query_async(&mut con)
+                        .await?;
+                }
             }
         }
     }
@@ -286,7 +264,7 @@ pub async fn pull(
             break;
         }
         if g != to {
-            need -= move_units(redis, shards, sku, g, to, l.min(need)).await?;
+            need -= move_units(redis, shards, sku, (g, to), l.min(need), 0).await?;
         }
     }
     Ok(total)
@@ -333,6 +311,10 @@ pub async fn rebalance(redis: &Redis, shards: &Shards) -> RedisResult<i64> {
         else {
             continue;
         };
+        // Each source keeps the target level: another worker's pass that read the same
+        // levels finds nothing above it left to take, so passes never overshoot.
+        let total: i64 = levels.iter().map(|(_, l)| l).sum();
+        let target = total.div_euclid(levels.len() as i64);
         for _ in 0..2 * levels.len() {
             let (hi, lo) = (
                 (0..levels.len()).max_by_key(|&i| levels[i].1).unwrap_or(0),
@@ -342,7 +324,15 @@ pub async fn rebalance(redis: &Redis, shards: &Shards) -> RedisResult<i64> {
             if gap < 2 {
                 break;
             }
-            let m = move_units(redis, shards, &sku, levels[hi].0, levels[lo].0, gap / 2).await?;
+            let m = move_units(
+                redis,
+                shards,
+                &sku,
+                (levels[hi].0, levels[lo].0),
+                gap / 2,
+                target,
+            )
+            .await?;
             if m == 0 {
                 break;
             }

@@ -7,8 +7,9 @@
 -- when the units left the source
 --
 -- Returns 'moved' (added now), 'done' (added before: a repeat) or 'stale': this shard
--- was reloaded from PostgreSQL since (or is not loaded), and the load counted the units
--- already, so adding them would count them twice.
+-- was reloaded from PostgreSQL since (or is not loaded). A full load counted the units
+-- already, so adding them would count them twice; after a load of only some shards they
+-- stay out of sale (never sold twice) until a full `floodgate reconcile`.
 if redis.call('GET', KEYS[1]) ~= ARGV[4] then
   return 'stale'
 end
