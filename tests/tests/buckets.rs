@@ -270,22 +270,23 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let taken: i64 = redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
-        .key(src.epoch())
-        .key(src.stock())
-        .key(src.moves())
-        .key(src.stock_changes())
-        .key(src.stock_seq())
-        .key(src.applied())
-        .arg("warm")
-        .arg(25)
-        .arg("cut-move")
-        .arg(at[2])
-        .arg(&epoch)
-        .arg(0)
-        .invoke_async(&mut con)
-        .await
-        .unwrap();
+    let (taken, _): (i64, String) =
+        redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
+            .key(src.epoch())
+            .key(src.stock())
+            .key(src.moves())
+            .key(src.stock_changes())
+            .key(src.stock_seq())
+            .key(src.applied())
+            .arg("warm")
+            .arg(25)
+            .arg("cut-move")
+            .arg(at[2])
+            .arg(&epoch)
+            .arg(0)
+            .invoke_async(&mut con)
+            .await
+            .unwrap();
     assert_eq!(taken, 25);
     assert_eq!(bucket_levels(&app, "warm", 3).await, vec![15, 0, 0]);
     // In transit: on sale nowhere, and counted by the check (nothing lost, nothing extra).
@@ -381,4 +382,180 @@ async fn a_bucket_count_the_deployment_cannot_hold_is_refused_and_changes_nothin
             || format!("{e:?}").contains("fixed at creation"),
         "{e:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orders_of_every_shape_on_a_hot_sku_while_rebalancers_race() {
+    let app = TestApp::spawn_with(sharded(|c| {
+        c.reaper_interval = Duration::from_millis(100);
+        // Every request asks Redis: the pulls at the end of the sale are exercised.
+        c.sold_out_cache = Duration::ZERO;
+    }))
+    .await;
+    assert_eq!(create(&app, "rush", 200, Some(3), 4).await.status, 201);
+    app.create_sku("side", 100_000, None).await;
+    // Two more rebalancers (as two more workers would run) racing the worker's own.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let (redis, shards, stop) = (app.redis.clone(), app.shards.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut moved = 0;
+                while !stop.is_cancelled() {
+                    moved += fredis::buckets::rebalance(&redis, &shards).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                moved
+            })
+        })
+        .collect();
+    // 100 buyers (a limit of 3 each: 300 wanted, 200 there) start at once, before this
+    // ingress knows the count: single-line, two-line (over two shards) and keyed orders,
+    // each keyed one sent twice.
+    let runs = (0..100).map(|u| {
+        let app = &app;
+        async move {
+            let token = app.customer(&format!("rusher-{u}"));
+            let mut got = Vec::new();
+            for i in 0..6 {
+                let r = match (u + i) % 3 {
+                    0 => app.order(&token, &[("rush", 1)], None).await,
+                    1 => app.order(&token, &[("rush", 1), ("side", 2)], None).await,
+                    _ => {
+                        let key = format!("k-{u}-{i}");
+                        let first = app.order(&token, &[("rush", 1)], Some(&key)).await;
+                        let again = app.order(&token, &[("rush", 1)], Some(&key)).await;
+                        if first.status == 202 {
+                            assert_eq!(
+                                again.body["order_id"], first.body["order_id"],
+                                "a repeated key gives its order back: {again:?}"
+                            );
+                        }
+                        first
+                    }
+                };
+                match (r.status, r.code()) {
+                    (202, _) => got.push(r.body["order_id"].as_str().unwrap().to_owned()),
+                    (409, "sold_out") | (422, "limit_exceeded") => {}
+                    _ => panic!("unexpected answer: {r:?}"),
+                }
+            }
+            got
+        }
+    });
+    let accepted: Vec<String> = join_all(runs).await.into_iter().flatten().collect();
+    // A few cancels while the rebalancers still run: units back to the buyers' buckets.
+    for id in accepted.iter().take(5) {
+        let owner: String = {
+            let db = app.pg.get().await.unwrap();
+            let mut tries = 0;
+            loop {
+                if let Some(r) = db
+                    .query_opt(
+                        "SELECT user_id FROM orders WHERE id = $1::text::uuid",
+                        &[id],
+                    )
+                    .await
+                    .unwrap()
+                {
+                    break r.get(0);
+                }
+                tries += 1;
+                assert!(tries < 200, "order {id} never committed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let c = app
+            .post(
+                &format!("/v1/orders/{id}/cancel"),
+                Some(&app.customer(&owner)),
+                &serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(c.status, 200, "{c:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let moved: i64 = join_all(racers).await.into_iter().map(|m| m.unwrap()).sum();
+    app.wait_idle().await;
+    let sold = app
+        .scalar(
+            "SELECT coalesce(sum(it.qty), 0)::bigint FROM order_items it
+               JOIN orders o ON o.id = it.order_id
+              WHERE o.status = 'confirmed' AND it.sku = 'rush'",
+        )
+        .await;
+    let most = app
+        .scalar(
+            "SELECT coalesce(max(n), 0)::bigint FROM (SELECT sum(it.qty) AS n FROM order_items it
+               JOIN orders o ON o.id = it.order_id
+              WHERE o.status IN ('confirmed', 'cancelled') AND it.sku = 'rush'
+              GROUP BY o.user_id) u",
+        )
+        .await;
+    println!(
+        "rush: {} accepted, {sold} units sold, 5 cancelled, {moved} units moved by the racing rebalancers, most any buyer bought {most}",
+        accepted.len()
+    );
+    assert_eq!(sold, 195, "the whole stock, less the 5 cancelled");
+    assert_eq!(app.available("rush").await, Some(5));
+    assert!(most <= 3, "a buyer got {most} past a limit of 3");
+    let outcomes = app.assert_invariants(&accepted).await;
+    assert_eq!(outcomes.get("cancelled"), Some(&5), "{outcomes:?}");
+    // Every bucket's record of the count, limit and level is intact.
+    let levels = bucket_levels(&app, "rush", 4).await;
+    assert_eq!(levels.iter().sum::<i64>(), 5, "{levels:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_destination_was_reloaded_gives_its_units_back() {
+    let app = TestApp::spawn_with(sharded(still)).await;
+    assert_eq!(create(&app, "cool", 30, None, 2).await.status, 201);
+    let at = app.shards.bucket_shards(&Sku::parse("cool").unwrap(), 2);
+    let (src, dst) = (app.shards.get(at[0]), app.shards.get(at[1]));
+    let mut con = app.redis.clone();
+    let epoch: String = redis::cmd("GET")
+        .arg(dst.epoch())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let (taken, _): (i64, String) =
+        redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
+            .key(src.epoch())
+            .key(src.stock())
+            .key(src.moves())
+            .key(src.stock_changes())
+            .key(src.stock_seq())
+            .key(src.applied())
+            .arg("cool")
+            .arg(10)
+            .arg("cut-move")
+            .arg(at[1])
+            .arg(&epoch)
+            .arg(0)
+            .invoke_async(&mut con)
+            .await
+            .unwrap();
+    assert_eq!(taken, 10);
+    // The destination's shard alone is reloaded (it lost its data): its bucket starts
+    // empty, and the units on their way there were counted by nobody.
+    floodgate_common::stock::load_shards(&app.pg, &mut con, &app.shards, &[at[1]])
+        .await
+        .unwrap();
+    assert_eq!(bucket_levels(&app, "cool", 2).await, vec![20, 0]);
+    // Finishing the move finds the destination reloaded: the units go back, once.
+    assert_eq!(
+        fredis::buckets::finish_moves(&app.redis, &app.shards)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(bucket_levels(&app, "cool", 2).await, vec![30, 0]);
+    assert_eq!(
+        fredis::buckets::finish_moves(&app.redis, &app.shards)
+            .await
+            .unwrap(),
+        0
+    );
+    app.assert_invariants(&[]).await;
 }

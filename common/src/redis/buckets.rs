@@ -76,7 +76,7 @@ pub async fn move_units(
     };
     let token = uuid::Uuid::now_v7().to_string();
     let src = shards.get(from);
-    let taken: i64 = MOVE_OUT
+    let (taken, source_epoch): (i64, String) = MOVE_OUT
         .key(src.epoch())
         .key(src.stock())
         .key(src.moves())
@@ -102,6 +102,7 @@ pub async fn move_units(
                 to,
                 units: taken,
                 epoch: &dest_epoch,
+                source_epoch: Some(&source_epoch),
             },
         )
         .await?;
@@ -114,17 +115,21 @@ struct Move<'a> {
     sku: &'a str,
     to: usize,
     units: i64,
+    /// The destination's epoch when the units left.
     epoch: &'a str,
+    /// The source's epoch then (absent in a record of an older version).
+    source_epoch: Option<&'a str>,
 }
 
 impl<'a> Move<'a> {
     fn parse(record: &'a str) -> Option<Self> {
-        let mut f = record.splitn(4, '|');
+        let mut f = record.split('|');
         Some(Self {
             sku: f.next()?,
             to: f.next()?.parse().ok()?,
             units: f.next()?.parse().ok()?,
             epoch: f.next()?,
+            source_epoch: f.next(),
         })
     }
 }
@@ -161,10 +166,33 @@ async fn finish_move(
         .invoke_async(con)
         .await?;
     if outcome == "stale" {
+        // The destination was reloaded (or lost its data) since the units left. If the
+        // source was not, the units go back to it, once: a load of the destination alone
+        // did not count them. If it was, its load counted them and dropped this record
+        // (so this is only a mover that read the record before): nothing to give back.
+        let src = shards.get(from);
+        let back: String = match m.source_epoch {
+            Some(e) => {
+                MOVE_IN
+                    .key(src.epoch())
+                    .key(src.stock())
+                    .key(src.applied())
+                    .key(src.stock_changes())
+                    .key(src.stock_seq())
+                    .arg(m.sku)
+                    .arg(m.units)
+                    .arg(format!("{token}:back"))
+                    .arg(e)
+                    .invoke_async(con)
+                    .await?
+            }
+            None => "stale".to_owned(),
+        };
         tracing::warn!(
             sku = m.sku,
             units = m.units,
-            "a move between buckets found its destination reloaded: its units are the load's (a full reconcile counts them; after a partial one they stay out of sale until a full one)"
+            returned = back != "stale",
+            "a move between buckets found its destination reloaded: its units went back to the source, or were counted by a reload of it"
         );
     }
     let _: () = redis::cmd("HDEL")
