@@ -101,6 +101,13 @@ impl Application {
             None
         };
         let queued = queued::QueuedMarker::spawn(redis.clone(), shards.clone(), wait, &supervisor);
+        let mover = floodgate_common::redis::buckets::Mover::new(
+            redis.clone(),
+            (*shards).clone(),
+            floodgate_common::redis::ReplicaWait::from_config(&cfg)
+                .await
+                .context("connecting to Redis for WAIT")?,
+        );
         Ok(Self {
             listener,
             state: state::AppState {
@@ -112,6 +119,7 @@ impl Application {
                 reads,
                 sold_out: Arc::new(sold_out::SoldOut::new(cfg.sold_out_cache)),
                 buckets: Arc::default(),
+                mover,
                 publisher,
                 verifier,
                 supervisor,

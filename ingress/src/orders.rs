@@ -279,10 +279,11 @@ async fn place_to_the_end(
                 }
                 // The buyer's bucket is short: the SKU's other buckets may not be.
                 let to = st.shards.holding_shard(&line.sku, k, &caller.user);
-                let total =
-                    fredis::buckets::pull(&st.redis, &st.shards, &line.sku, k, to, line.qty.get())
-                        .await
-                        .map_err(|e| unavailable("Redis", e))?;
+                let total = st
+                    .mover
+                    .pull(&line.sku, k, to, line.qty.get())
+                    .await
+                    .map_err(|e| unavailable("Redis", e))?;
                 pulled += 1;
                 if total < line.qty.get() || pulled > lines.as_slice().len() {
                     if total == 0 {

@@ -39,13 +39,7 @@ type Reply = oneshot::Sender<Result<Queued, Arc<redis::RedisError>>>;
 /// Marked orders whose answers wait for the replicas, and the shards they were marked in.
 type Marked = (Vec<(Reply, Queued)>, Vec<usize>);
 
-/// Replicas every 202 waits for (`FLOODGATE_REDIS_WAIT_REPLICAS`).
-pub struct ReplicaWait {
-    /// A connection of its own: `WAIT` blocks the connection it runs on.
-    pub redis: Redis,
-    pub replicas: u32,
-    pub timeout: Duration,
-}
+pub use floodgate_common::redis::ReplicaWait;
 
 /// Cheap to clone; the marking task ends when the last clone is dropped.
 #[derive(Clone)]

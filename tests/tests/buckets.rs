@@ -58,6 +58,11 @@ async fn bucket_levels(app: &TestApp, sku: &str, k: usize) -> Vec<i64> {
     out
 }
 
+/// A mover without replicas to wait for (the test's Redis has none).
+fn mover(app: &TestApp) -> fredis::buckets::Mover {
+    fredis::buckets::Mover::new(app.redis.clone(), app.shards.clone(), None)
+}
+
 /// A buyer name whose bucket of a SKU with `k` buckets is `b`.
 fn buyer_in(app: &TestApp, prefix: &str, k: usize, b: usize) -> String {
     (0..)
@@ -277,7 +282,7 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
             .key(src.moves())
             .key(src.stock_changes())
             .key(src.stock_seq())
-            .key(src.applied())
+            .key(src.move_mark("out", "cut-move"))
             .arg("warm")
             .arg(25)
             .arg("cut-move")
@@ -292,9 +297,7 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
     // In transit: on sale nowhere, and counted by the check (nothing lost, nothing extra).
     app.assert_invariants(&[]).await;
     // Any rebalancer pass finishes it (and then evens the buckets out), once.
-    let moved = fredis::buckets::rebalance(&app.redis, &app.shards)
-        .await
-        .unwrap();
+    let moved = mover(&app).rebalance().await.unwrap();
     assert!(moved > 0);
     let levels = bucket_levels(&app, "warm", 3).await;
     assert_eq!(levels.iter().sum::<i64>(), 40, "{levels:?}");
@@ -302,12 +305,7 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
         levels.iter().max().unwrap() - levels.iter().min().unwrap() <= 1,
         "{levels:?}"
     );
-    assert_eq!(
-        fredis::buckets::finish_moves(&app.redis, &app.shards)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(mover(&app).finish_moves().await.unwrap(), 0);
     let record: Option<String> = redis::cmd("HGET")
         .arg(src.moves())
         .arg("cut-move")
@@ -315,6 +313,27 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
         .await
         .unwrap();
     assert_eq!(record, None);
+    // The first half re-sent now (a cluster client's retry arriving late) takes nothing.
+    let before = bucket_levels(&app, "warm", 3).await;
+    let (again, _): (i64, String) =
+        redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
+            .key(src.epoch())
+            .key(src.stock())
+            .key(src.moves())
+            .key(src.stock_changes())
+            .key(src.stock_seq())
+            .key(src.move_mark("out", "cut-move"))
+            .arg("warm")
+            .arg(25)
+            .arg("cut-move")
+            .arg(at[2])
+            .arg(&epoch)
+            .arg(0)
+            .invoke_async(&mut con)
+            .await
+            .unwrap();
+    assert_eq!(again, 0);
+    assert_eq!(bucket_levels(&app, "warm", 3).await, before);
     app.assert_invariants(&[]).await;
 }
 
@@ -402,7 +421,10 @@ async fn orders_of_every_shape_on_a_hot_sku_while_rebalancers_race() {
             tokio::spawn(async move {
                 let mut moved = 0;
                 while !stop.is_cancelled() {
-                    moved += fredis::buckets::rebalance(&redis, &shards).await.unwrap();
+                    moved += fredis::buckets::Mover::new(redis.clone(), shards.clone(), None)
+                        .rebalance()
+                        .await
+                        .unwrap();
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 moved
@@ -519,14 +541,14 @@ async fn a_move_whose_destination_was_reloaded_gives_its_units_back() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let (taken, _): (i64, String) =
+    let (taken, source_epoch): (i64, String) =
         redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
             .key(src.epoch())
             .key(src.stock())
             .key(src.moves())
             .key(src.stock_changes())
             .key(src.stock_seq())
-            .key(src.applied())
+            .key(src.move_mark("out", "cut-move"))
             .arg("cool")
             .arg(10)
             .arg("cut-move")
@@ -544,18 +566,65 @@ async fn a_move_whose_destination_was_reloaded_gives_its_units_back() {
         .unwrap();
     assert_eq!(bucket_levels(&app, "cool", 2).await, vec![20, 0]);
     // Finishing the move finds the destination reloaded: the units go back, once.
-    assert_eq!(
-        fredis::buckets::finish_moves(&app.redis, &app.shards)
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(mover(&app).finish_moves().await.unwrap(), 1);
     assert_eq!(bucket_levels(&app, "cool", 2).await, vec![30, 0]);
+    // A finisher that read the record before it went finishes it again: nothing more.
+    let record = format!("cool|{}|10|{epoch}|{source_epoch}", at[1]);
+    let _: () = redis::cmd("HSET")
+        .arg(src.moves())
+        .arg("cut-move")
+        .arg(&record)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(mover(&app).finish_moves().await.unwrap(), 1);
     assert_eq!(
-        fredis::buckets::finish_moves(&app.redis, &app.shards)
-            .await
-            .unwrap(),
-        0
+        bucket_levels(&app, "cool", 2).await,
+        vec![30, 0],
+        "given back once"
     );
+    assert_eq!(mover(&app).finish_moves().await.unwrap(), 0);
     app.assert_invariants(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_rebalancers_take_turns_and_settle_reopens_lost_buckets() {
+    let app = TestApp::spawn_with(sharded(still)).await;
+    assert_eq!(create(&app, "even", 40, Some(4), 4).await.status, 201);
+    assert_eq!(bucket_levels(&app, "even", 4).await, vec![40, 0, 0, 0]);
+    // Two passes at once (two workers' ticks): one evens the SKU out, the other finds
+    // it leased and leaves it; no bucket ends up with more than its share.
+    let (one, two) = (mover(&app), mover(&app));
+    let (a, b) = tokio::join!(one.rebalance(), two.rebalance());
+    assert_eq!(a.unwrap() + b.unwrap(), 40, "20 + 10 + 10 from bucket 0");
+    assert_eq!(bucket_levels(&app, "even", 4).await, vec![10, 10, 10, 10]);
+    // A bucket's shard lost the SKU's field, limit and level (a crash before the bucket
+    // was opened, or a failover that lost it): the worker's settle opens it again.
+    let sku = Sku::parse("even").unwrap();
+    let g = app.shards.bucket_shards(&sku, 4)[2];
+    let keys = app.shards.get(g);
+    let mut con = app.redis.clone();
+    let _: () = redis::pipe()
+        .hdel(keys.buckets(), "even")
+        .hdel(keys.limits(), "even")
+        .hdel(keys.stock(), "even")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    floodgate_common::reconcile::settle(&app.pg, &mut con, &app.shards)
+        .await
+        .unwrap();
+    let (k, limit, level): (Option<usize>, Option<i64>, Option<i64>) = redis::pipe()
+        .hget(keys.buckets(), "even")
+        .hget(keys.limits(), "even")
+        .hget(keys.stock(), "even")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!((k, limit, level), (Some(4), Some(4), Some(0)));
+    // Its buyers are served again (from the other buckets, through a pull).
+    let u = buyer_in(&app, "after", 4, 2);
+    let r = app.order(&app.customer(&u), &[("even", 2)], None).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    app.wait_idle().await;
 }

@@ -135,6 +135,14 @@ impl Worker {
             pipeline.paused.clone(),
             shutdown.clone(),
         );
+        // Its own connection for WAIT (it blocks the connection it runs on).
+        let mover = floodgate_common::redis::buckets::Mover::new(
+            redis.clone(),
+            shards.clone(),
+            floodgate_common::redis::ReplicaWait::from_config(&pipeline.cfg)
+                .await
+                .context("connecting to Redis for WAIT")?,
+        );
         health
             .tasks
             .spawn(&background, "reaper", shutdown.clone(), move || {
@@ -144,6 +152,7 @@ impl Worker {
                     pg.clone(),
                     interval,
                     paused.clone(),
+                    mover.clone(),
                     stop.clone(),
                 )
             });

@@ -34,6 +34,7 @@ pub async fn run(
     pg: Pool,
     interval: Duration,
     paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mover: fredis::buckets::Mover,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
@@ -55,7 +56,7 @@ pub async fn run(
         // Hot SKUs' buckets: the units the reaper just returned, receipts (they go to
         // bucket 0) and uneven buying are spread again, and a move whose mover died
         // between its halves is finished.
-        match fredis::buckets::rebalance(&redis, &shards).await {
+        match mover.rebalance().await {
             Ok(0) => {}
             Ok(units) => {
                 metrics::counter!(names::BUCKET_UNITS_MOVED).increment(units as u64);

@@ -11,11 +11,14 @@
 //! (`move_out.lua`, recorded in its `moves` hash), then into the destination
 //! (`move_in.lua`, once per token). A unit is never in two buckets; between the halves
 //! it is on sale nowhere, and any worker's rebalancer finishes the move
-//! ([`finish_moves`]). Receipts and a SKU's initial stock go to bucket 0; the rebalancer
-//! ([`rebalance`], each reaper tick) evens the buckets out, and an order that finds its
-//! bucket short while the others have enough pulls units in first ([`pull`]).
+//! ([`Mover::finish_moves`]). Receipts and a SKU's initial stock go to bucket 0; the
+//! rebalancer ([`Mover::rebalance`], each reaper tick) evens the buckets out, and an order
+//! that finds its bucket short while the others have enough pulls units in first
+//! ([`Mover::pull`]). With `FLOODGATE_REDIS_WAIT_REPLICAS`, each half waits for the
+//! replicas before the next one runs, so a failover cannot lose a half whose successor
+//! already ran (which would count the units twice, or not at all).
 
-use super::{Redis, Shards};
+use super::{Redis, ReplicaWait, Shards};
 use crate::domain::Sku;
 use futures::future::join_all;
 use redis::{RedisResult, Script};
@@ -25,10 +28,11 @@ static MOVE_OUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("l
 static MOVE_IN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/move_in.lua")));
 
 /// Opens the buckets of a new SKU with `k` buckets: in every bucket's shard, in one
-/// transaction each, its `buckets` field, its per-user limit, and a level of 0 where it
-/// has none (bucket 0's initial stock is the creation's receipt, applied after this).
-/// The field goes in with the level, so no order is ever decided in a bucket that does
-/// not know it is one. Idempotent; nothing to do for one bucket.
+/// transaction each, its `buckets` field and its per-user limit, and in buckets 1.. a
+/// level of 0 where there is none. Bucket 0 goes last and gets no level here (the
+/// creation's receipt, applied after this, makes it): until then the SKU is unknown
+/// everywhere an order would look first, and a field never comes without its limit.
+/// Idempotent; nothing to do for one bucket.
 pub async fn open_buckets<C: redis::aio::ConnectionLike>(
     con: &mut C,
     shards: &Shards,
@@ -40,74 +44,303 @@ pub async fn open_buckets<C: redis::aio::ConnectionLike>(
     if at.len() < 2 {
         return Ok(());
     }
-    for g in &at {
+    for (b, g) in at.iter().enumerate().rev() {
         let keys = shards.get(*g);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .hset(keys.buckets(), sku.as_str(), at.len())
-            .hset_nx(keys.stock(), sku.as_str(), 0)
             .hset(keys.limits(), sku.as_str(), per_user_limit);
+        if b > 0 {
+            pipe.hset_nx(keys.stock(), sku.as_str(), 0);
+        }
         let _: () = pipe.query_async(con).await?;
     }
     Ok(())
 }
 
-/// Moves up to `units` of `sku` from its bucket in shard `from` to its bucket in shard
-/// `to`, leaving at least `floor` in the source; returns the units moved (fewer when the
-/// source has fewer above `floor`; 0 when either shard has no stock loaded).
-pub async fn move_units(
-    redis: &Redis,
-    shards: &Shards,
-    sku: &Sku,
-    (from, to): (usize, usize),
-    units: i64,
-    floor: i64,
-) -> RedisResult<i64> {
-    if from == to || units <= 0 {
-        return Ok(0);
-    }
-    let mut con = redis.clone();
-    let dest_epoch: Option<String> = redis::cmd("GET")
-        .arg(shards.get(to).epoch())
-        .query_async(&mut con)
-        .await?;
-    let Some(dest_epoch) = dest_epoch else {
-        return Ok(0);
-    };
-    let token = uuid::Uuid::now_v7().to_string();
-    let src = shards.get(from);
-    let (taken, source_epoch): (i64, String) = MOVE_OUT
-        .key(src.epoch())
-        .key(src.stock())
-        .key(src.moves())
-        .key(src.stock_changes())
-        .key(src.stock_seq())
-        .key(src.applied())
-        .arg(sku.as_str())
-        .arg(units)
-        .arg(&token)
-        .arg(to)
-        .arg(&dest_epoch)
-        .arg(floor.max(0))
-        .invoke_async(&mut con)
-        .await?;
-    if taken > 0 {
-        finish_move(
-            &mut con,
+/// Moves units between the buckets of SKUs: cheap to clone.
+#[derive(Clone)]
+pub struct Mover {
+    redis: Redis,
+    shards: Shards,
+    wait: Option<ReplicaWait>,
+}
+
+impl Mover {
+    /// `wait`: the replicas each half of a move waits for (None: none).
+    pub fn new(redis: Redis, shards: Shards, wait: Option<ReplicaWait>) -> Self {
+        Self {
+            redis,
             shards,
-            from,
-            &token,
-            &Move {
-                sku: sku.as_str(),
-                to,
-                units: taken,
-                epoch: &dest_epoch,
-                source_epoch: Some(&source_epoch),
-            },
-        )
-        .await?;
+            wait,
+        }
     }
-    Ok(taken)
+
+    /// True unless replicas are asked for and shard `g`'s do not have its writes yet.
+    async fn replicated(&self, g: usize) -> bool {
+        match &self.wait {
+            None => true,
+            Some(w) => w.holds(self.shards.get(g)).await,
+        }
+    }
+
+    /// Moves up to `units` of `sku` from its bucket in shard `from` to its bucket in
+    /// shard `to`, leaving at least `floor` in the source; returns the units taken out
+    /// (fewer when the source has fewer above `floor`; 0 when either shard has no stock
+    /// loaded). Units whose second half must wait (replicas behind) are finished by the
+    /// next [`Mover::finish_moves`].
+    pub async fn move_units(
+        &self,
+        sku: &Sku,
+        (from, to): (usize, usize),
+        units: i64,
+        floor: i64,
+    ) -> RedisResult<i64> {
+        if from == to || units <= 0 {
+            return Ok(0);
+        }
+        let mut con = self.redis.clone();
+        let dest_epoch: Option<String> = redis::cmd("GET")
+            .arg(self.shards.get(to).epoch())
+            .query_async(&mut con)
+            .await?;
+        let Some(dest_epoch) = dest_epoch else {
+            return Ok(0);
+        };
+        let token = uuid::Uuid::now_v7().to_string();
+        let src = self.shards.get(from);
+        let (taken, source_epoch): (i64, String) = MOVE_OUT
+            .key(src.epoch())
+            .key(src.stock())
+            .key(src.moves())
+            .key(src.stock_changes())
+            .key(src.stock_seq())
+            .key(src.move_mark("out", &token))
+            .arg(sku.as_str())
+            .arg(units)
+            .arg(&token)
+            .arg(to)
+            .arg(&dest_epoch)
+            .arg(floor.max(0))
+            .invoke_async(&mut con)
+            .await?;
+        if taken > 0 {
+            self.finish_move(
+                from,
+                &token,
+                &Move {
+                    sku: sku.as_str(),
+                    to,
+                    units: taken,
+                    epoch: &dest_epoch,
+                    source_epoch: Some(&source_epoch),
+                },
+            )
+            .await?;
+        }
+        Ok(taken)
+    }
+
+    /// The second half of a move, then its record goes. Returns false when it must wait
+    /// (a replica behind: the record stays for the next pass) or the destination was
+    /// reloaded meanwhile (the units went back to the source, or a reload of the source
+    /// counted them).
+    async fn finish_move(&self, from: usize, token: &str, m: &Move<'_>) -> RedisResult<bool> {
+        let mut con = self.redis.clone();
+        let shards = &self.shards;
+        let drop_record = |mut con: Redis| async move {
+            let _: () = redis::cmd("HDEL")
+                .arg(shards.get(from).moves())
+                .arg(token)
+                .query_async(&mut con)
+                .await?;
+            RedisResult::Ok(())
+        };
+        if m.to >= shards.count() {
+            // A record from a load with more shards: that layout's data is never read
+            // again.
+            drop_record(con).await?;
+            return Ok(false);
+        }
+        // The source's half must be on its replicas before the destination's runs: a
+        // failover that lost it after the destination added the units would count them
+        // twice.
+        if !self.replicated(from).await {
+            return Ok(false);
+        }
+        let dest = shards.get(m.to);
+        let outcome: String = MOVE_IN
+            .key(dest.epoch())
+            .key(dest.stock())
+            .key(dest.move_mark("in", token))
+            .key(dest.stock_changes())
+            .key(dest.stock_seq())
+            .arg(m.sku)
+            .arg(m.units)
+            .arg(token)
+            .arg(m.epoch)
+            .invoke_async(&mut con)
+            .await?;
+        let mut settled_in = m.to;
+        if outcome == "stale" {
+            // The destination was reloaded (or lost its data) since the units left. If
+            // the source was not, the units go back to it, once: a load of the
+            // destination alone did not count them. If it was, its load counted them and
+            // dropped this record (this is a mover that read it before): nothing to give.
+            let src = shards.get(from);
+            let back: String = match m.source_epoch {
+                Some(e) => {
+                    MOVE_IN
+                        .key(src.epoch())
+                        .key(src.stock())
+                        .key(src.move_mark("back", token))
+                        .key(src.stock_changes())
+                        .key(src.stock_seq())
+                        .arg(m.sku)
+                        .arg(m.units)
+                        .arg(token)
+                        .arg(e)
+                        .invoke_async(&mut con)
+                        .await?
+                }
+                None => "stale".to_owned(),
+            };
+            settled_in = from;
+            tracing::warn!(
+                sku = m.sku,
+                units = m.units,
+                returned = back != "stale",
+                "a move between buckets found its destination reloaded: its units went back to the source, or were counted by a reload of it"
+            );
+        }
+        // The record goes only once the second half is on the replicas too: one lost in
+        // a failover is run again from the record (its mark went with it).
+        if !self.replicated(settled_in).await {
+            return Ok(false);
+        }
+        drop_record(con).await?;
+        Ok(outcome != "stale")
+    }
+
+    /// Finishes every move whose second half has not run (its mover died between the
+    /// halves, or waited for replicas), in every shard; returns how many it finished.
+    /// Safe beside movers still at work: each half runs once per token.
+    pub async fn finish_moves(&self) -> RedisResult<usize> {
+        if self.shards.count() == 1 {
+            return Ok(0);
+        }
+        let mut con = self.redis.clone();
+        let mut n = 0;
+        for (g, keys) in self.shards.iter() {
+            let open: BTreeMap<String, String> = redis::cmd("HGETALL")
+                .arg(keys.moves())
+                .query_async(&mut con)
+                .await?;
+            for (token, record) in &open {
+                match Move::parse(record) {
+                    Some(m) => {
+                        self.finish_move(g, token, &m).await?;
+                        n += 1;
+                    }
+                    None => {
+                        tracing::warn!(token, record, "an unreadable move record; dropped");
+                        let _: () = redis::cmd("HDEL")
+                            .arg(keys.moves())
+                            .arg(token)
+                            .query_async(&mut con)
+                            .await?;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// An order found its user's bucket of `sku` (in shard `to`) short of `wanted`
+    /// units: moves units from the fullest other buckets into it until it has them.
+    /// Returns the SKU's units over every bucket as read before the moves: when that is
+    /// `wanted` or more the order may be decided again (others may have taken the units
+    /// meanwhile).
+    pub async fn pull(&self, sku: &Sku, k: usize, to: usize, wanted: i64) -> RedisResult<i64> {
+        let mut levels: Vec<(usize, i64)> = bucket_levels(&self.redis, &self.shards, sku, k)
+            .await?
+            .into_iter()
+            .map(|(g, l)| (g, l.unwrap_or(0).max(0)))
+            .collect();
+        let total: i64 = levels.iter().map(|(_, l)| l).sum();
+        let mut need = wanted - levels.iter().find(|(g, _)| *g == to).map_or(0, |l| l.1);
+        if total < wanted || need <= 0 {
+            return Ok(total);
+        }
+        levels.sort_by_key(|(_, l)| -l);
+        for (g, l) in levels {
+            if need <= 0 || l == 0 {
+                break;
+            }
+            if g != to {
+                need -= self.move_units(sku, (g, to), l.min(need), 0).await?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// One pass of the rebalancer: finishes interrupted moves, then evens out the buckets
+    /// of every SKU with buckets (the fullest gives half its surplus to the emptiest,
+    /// until no two differ by more than one unit). Returns the units moved. Every worker
+    /// runs one; they take turns per SKU (a one-second lease in the SKU's shard), and each
+    /// move leaves its source at least the target level.
+    pub async fn rebalance(&self) -> RedisResult<i64> {
+        if self.shards.count() == 1 {
+            return Ok(0);
+        }
+        self.finish_moves().await?;
+        let mut moved = 0;
+        let mut con = self.redis.clone();
+        for (sku, k) in bucketed(&self.redis, &self.shards).await? {
+            let lease: Option<String> = redis::cmd("SET")
+                .arg(self.shards.for_sku(&sku).rebalancing(sku.as_str()))
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(1_000)
+                .query_async(&mut con)
+                .await?;
+            if lease.is_none() {
+                continue;
+            }
+            let read = bucket_levels(&self.redis, &self.shards, &sku, k).await?;
+            // A bucket missing its level (its shard not loaded, or lost): leave it alone.
+            let Some(mut levels) = read
+                .into_iter()
+                .map(|(g, l)| l.map(|l| (g, l.max(0))))
+                .collect::<Option<Vec<_>>>()
+            else {
+                continue;
+            };
+            let total: i64 = levels.iter().map(|(_, l)| l).sum();
+            let target = total.div_euclid(levels.len() as i64);
+            for _ in 0..2 * levels.len() {
+                let (hi, lo) = (
+                    (0..levels.len()).max_by_key(|&i| levels[i].1).unwrap_or(0),
+                    (0..levels.len()).min_by_key(|&i| levels[i].1).unwrap_or(0),
+                );
+                let gap = levels[hi].1 - levels[lo].1;
+                if gap < 2 {
+                    break;
+                }
+                let m = self
+                    .move_units(&sku, (levels[hi].0, levels[lo].0), gap / 2, target)
+                    .await?;
+                if m == 0 {
+                    break;
+                }
+                levels[hi].1 -= m;
+                levels[lo].1 += m;
+                moved += m;
+            }
+        }
+        Ok(moved)
+    }
 }
 
 /// A `moves` record: units on their way to the bucket in shard `to`.
@@ -132,109 +365,6 @@ impl<'a> Move<'a> {
             source_epoch: f.next(),
         })
     }
-}
-
-/// The second half of a move, then its record goes. Returns false when the destination
-/// was reloaded meanwhile (the load counted the units; they are not added twice).
-async fn finish_move(
-    con: &mut Redis,
-    shards: &Shards,
-    from: usize,
-    token: &str,
-    m: &Move<'_>,
-) -> RedisResult<bool> {
-    if m.to >= shards.count() {
-        // A record from a load with more shards: that layout's data is never read again.
-        let _: () = redis::cmd("HDEL")
-            .arg(shards.get(from).moves())
-            .arg(token)
-            .query_async(con)
-            .await?;
-        return Ok(false);
-    }
-    let dest = shards.get(m.to);
-    let outcome: String = MOVE_IN
-        .key(dest.epoch())
-        .key(dest.stock())
-        .key(dest.applied())
-        .key(dest.stock_changes())
-        .key(dest.stock_seq())
-        .arg(m.sku)
-        .arg(m.units)
-        .arg(token)
-        .arg(m.epoch)
-        .invoke_async(con)
-        .await?;
-    if outcome == "stale" {
-        // The destination was reloaded (or lost its data) since the units left. If the
-        // source was not, the units go back to it, once: a load of the destination alone
-        // did not count them. If it was, its load counted them and dropped this record
-        // (so this is only a mover that read the record before): nothing to give back.
-        let src = shards.get(from);
-        let back: String = match m.source_epoch {
-            Some(e) => {
-                MOVE_IN
-                    .key(src.epoch())
-                    .key(src.stock())
-                    .key(src.applied())
-                    .key(src.stock_changes())
-                    .key(src.stock_seq())
-                    .arg(m.sku)
-                    .arg(m.units)
-                    .arg(format!("{token}:back"))
-                    .arg(e)
-                    .invoke_async(con)
-                    .await?
-            }
-            None => "stale".to_owned(),
-        };
-        tracing::warn!(
-            sku = m.sku,
-            units = m.units,
-            returned = back != "stale",
-            "a move between buckets found its destination reloaded: its units went back to the source, or were counted by a reload of it"
-        );
-    }
-    let _: () = redis::cmd("HDEL")
-        .arg(shards.get(from).moves())
-        .arg(token)
-        .query_async(con)
-        .await?;
-    Ok(outcome != "stale")
-}
-
-/// Finishes every move whose second half has not run (its mover died between the
-/// halves), in every shard; returns how many it finished. Safe beside movers still at
-/// work: the second half runs once per token.
-pub async fn finish_moves(redis: &Redis, shards: &Shards) -> RedisResult<usize> {
-    if shards.count() == 1 {
-        return Ok(0);
-    }
-    let mut con = redis.clone();
-    let mut n = 0;
-    for (g, keys) in shards.iter() {
-        let open: BTreeMap<String, String> = redis::cmd("HGETALL")
-            .arg(keys.moves())
-            .query_async(&mut con)
-            .await?;
-        for (token, record) in &open {
-            match Move::parse(record) {
-                Some(m) => {
-                    finish_move(&mut con, shards, g, token, &m).await?;
-                    n += 1;
-                }
-                None => {
-                    tracing::warn!(token, record, "an unreadable move record; dropped");
-                    let _: () = redis::cmd("HDEL")
-                        .arg(keys.moves())
-                        .arg(token)
-                        .query_async(&mut con)
-                        .await?;
-                }
-            }
-        }
-    }
-    Ok(n)
 }
 
 /// The level of each bucket of `sku` (K buckets), bucket 0 first; None for a bucket
@@ -264,40 +394,6 @@ async fn bucket_levels(
         .collect()
 }
 
-/// An order found its user's bucket of `sku` (in shard `to`) short of `wanted` units:
-/// moves units from the fullest other buckets into it until it has them. Returns the
-/// SKU's units over every bucket as read before the moves: when that is `wanted` or
-/// more the order may be decided again (others may have taken the units meanwhile).
-pub async fn pull(
-    redis: &Redis,
-    shards: &Shards,
-    sku: &Sku,
-    k: usize,
-    to: usize,
-    wanted: i64,
-) -> RedisResult<i64> {
-    let mut levels: Vec<(usize, i64)> = bucket_levels(redis, shards, sku, k)
-        .await?
-        .into_iter()
-        .map(|(g, l)| (g, l.unwrap_or(0).max(0)))
-        .collect();
-    let total: i64 = levels.iter().map(|(_, l)| l).sum();
-    let mut need = wanted - levels.iter().find(|(g, _)| *g == to).map_or(0, |l| l.1);
-    if total < wanted || need <= 0 {
-        return Ok(total);
-    }
-    levels.sort_by_key(|(_, l)| -l);
-    for (g, l) in levels {
-        if need <= 0 || l == 0 {
-            break;
-        }
-        if g != to {
-            need -= move_units(redis, shards, sku, (g, to), l.min(need), 0).await?;
-        }
-    }
-    Ok(total)
-}
-
 /// The SKUs with buckets, and their counts: every shard's `buckets` hash, each SKU once
 /// (from its own shard).
 async fn bucketed(redis: &Redis, shards: &Shards) -> RedisResult<Vec<(Sku, usize)>> {
@@ -317,59 +413,6 @@ async fn bucketed(redis: &Redis, shards: &Shards) -> RedisResult<Vec<(Sku, usize
         }
     }
     Ok(out)
-}
-
-/// One pass of the rebalancer: finishes interrupted moves, then evens out the buckets of
-/// every SKU with buckets (the fullest gives half its surplus to the emptiest, until no
-/// two differ by more than one unit). Returns the units moved. Concurrent passes (every
-/// worker runs one) are safe: a move takes only what its source has.
-pub async fn rebalance(redis: &Redis, shards: &Shards) -> RedisResult<i64> {
-    if shards.count() == 1 {
-        return Ok(0);
-    }
-    finish_moves(redis, shards).await?;
-    let mut moved = 0;
-    for (sku, k) in bucketed(redis, shards).await? {
-        let read = bucket_levels(redis, shards, &sku, k).await?;
-        // A bucket missing its level (its shard not loaded, or lost): leave the SKU alone.
-        let Some(mut levels) = read
-            .into_iter()
-            .map(|(g, l)| l.map(|l| (g, l.max(0))))
-            .collect::<Option<Vec<_>>>()
-        else {
-            continue;
-        };
-        // Each source keeps the target level: another worker's pass that read the same
-        // levels finds nothing above it left to take, so passes never overshoot.
-        let total: i64 = levels.iter().map(|(_, l)| l).sum();
-        let target = total.div_euclid(levels.len() as i64);
-        for _ in 0..2 * levels.len() {
-            let (hi, lo) = (
-                (0..levels.len()).max_by_key(|&i| levels[i].1).unwrap_or(0),
-                (0..levels.len()).min_by_key(|&i| levels[i].1).unwrap_or(0),
-            );
-            let gap = levels[hi].1 - levels[lo].1;
-            if gap < 2 {
-                break;
-            }
-            let m = move_units(
-                redis,
-                shards,
-                &sku,
-                (levels[hi].0, levels[lo].0),
-                gap / 2,
-                target,
-            )
-            .await?;
-            if m == 0 {
-                break;
-            }
-            levels[hi].1 -= m;
-            levels[lo].1 += m;
-            moved += m;
-        }
-    }
-    Ok(moved)
 }
 
 /// Units of `sku` in `moves` records: taken out of one bucket, not yet in another
@@ -402,11 +445,12 @@ mod tests {
 
     #[test]
     fn move_records_read_back() {
-        let m = Move::parse("hot-1.x|3|25|0193aa-bb").unwrap();
+        let m = Move::parse("hot-1.x|3|25|0193aa-bb|0193cc-dd").unwrap();
         assert_eq!(
-            (m.sku, m.to, m.units, m.epoch),
-            ("hot-1.x", 3, 25, "0193aa-bb")
+            (m.sku, m.to, m.units, m.epoch, m.source_epoch),
+            ("hot-1.x", 3, 25, "0193aa-bb", Some("0193cc-dd"))
         );
+        assert_eq!(Move::parse("hot|3|25|e").unwrap().source_epoch, None);
         assert!(Move::parse("hot|x|1|e").is_none());
     }
 }

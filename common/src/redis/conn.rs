@@ -252,6 +252,40 @@ impl Redis {
     }
 }
 
+/// `FLOODGATE_REDIS_WAIT_REPLICAS`: how many replicas must have a write before it counts
+/// (a reservation before its 202, a move between buckets before its next half).
+#[derive(Clone)]
+pub struct ReplicaWait {
+    /// A connection of its own: `WAIT` blocks the connection it runs on.
+    pub redis: Redis,
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
+impl ReplicaWait {
+    /// None when the configuration asks for no replica.
+    pub async fn from_config(cfg: &crate::Config) -> RedisResult<Option<Self>> {
+        if cfg.redis_wait_replicas == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            redis: connect(&cfg.redis_url).await?,
+            replicas: cfg.redis_wait_replicas,
+            timeout: cfg.redis_wait_timeout,
+        }))
+    }
+
+    /// True when enough replicas of `keys`' node have every write it made before this
+    /// call; false when they do not within the timeout, or the `WAIT` failed.
+    pub async fn holds(&self, keys: &Keys) -> bool {
+        let mut redis = self.redis.clone();
+        matches!(
+            redis.wait_replicas(keys, self.replicas, self.timeout).await,
+            Ok(n) if n >= self.replicas
+        )
+    }
+}
+
 impl ConnectionLike for Redis {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

@@ -66,11 +66,21 @@ impl Keys {
     pub fn buckets(&self) -> String {
         format!("{}buckets", self.prefix)
     }
-    /// Hash move token -> `sku|destination shard|units|destination epoch`: units taken
-    /// out of a bucket here and not yet added to the destination bucket (`move_out.lua`,
-    /// `move_in.lua`).
+    /// Hash move token -> `sku|destination shard|units|destination epoch|epoch here`:
+    /// units taken out of a bucket here and not yet added to the destination bucket
+    /// (`move_out.lua`, `move_in.lua`).
     pub fn moves(&self) -> String {
         format!("{}moves", self.prefix)
+    }
+    /// Marks one half of a move (`out` here, `in` or `back` here) as run, for a day (the
+    /// scripts set it with an expiry): a re-sent half finds it and changes nothing.
+    pub fn move_mark(&self, half: &str, token: &str) -> String {
+        format!("{}mv:{half}:{token}", self.prefix)
+    }
+    /// Held (a second) by the rebalancer pass evening out one SKU's buckets, so that
+    /// workers' passes take turns per SKU instead of racing to the same buckets.
+    pub fn rebalancing(&self, sku: &str) -> String {
+        format!("{}rebalancing:{sku}", self.prefix)
     }
     /// Set of stock-change tokens already applied (see `apply_stock.lua`).
     pub fn applied(&self) -> String {

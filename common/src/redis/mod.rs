@@ -26,7 +26,7 @@ mod parts;
 mod scripts;
 pub mod shards;
 
-pub use conn::{Redis, Target, connect};
+pub use conn::{Redis, ReplicaWait, Target, connect};
 pub use keys::Keys;
 pub use parts::*;
 pub use scripts::*;

@@ -1,10 +1,10 @@
 -- move_in.lua: the second half of a move (`move_out.lua`): add the units to the bucket
 -- in this shard, once per move token.
 --
--- KEYS[1] epoch    KEYS[2] stock    KEYS[3] applied (set of tokens already applied)
+-- KEYS[1] epoch    KEYS[2] stock    KEYS[3] this half's mark (kept a day)
 -- KEYS[4] changes  zset sku -> change sequence;  KEYS[5] seq  its counter
--- ARGV[1] sku, ARGV[2] units, ARGV[3] move token, ARGV[4] the epoch this shard had
--- when the units left the source
+-- ARGV[1] sku, ARGV[2] units, ARGV[3] move token (unused: the mark names it),
+-- ARGV[4] the epoch this shard had when the units left the source
 --
 -- Returns 'moved' (added now), 'done' (added before: a repeat) or 'stale': this shard
 -- was reloaded from PostgreSQL since (or is not loaded). A full load counted the units
@@ -13,7 +13,7 @@
 if redis.call('GET', KEYS[1]) ~= ARGV[4] then
   return 'stale'
 end
-if redis.call('SADD', KEYS[3], 'move:' .. ARGV[3]) == 0 then
+if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'EX', 86400) then
   return 'done'
 end
 redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[2])

@@ -8,7 +8,7 @@
 -- KEYS[2] stock    hash sku -> units available
 -- KEYS[3] moves    hash token -> 'sku|destination shard|units|destination epoch|epoch here'
 -- KEYS[4] changes  zset sku -> change sequence;  KEYS[5] seq  its counter
--- KEYS[6] applied  set of tokens already applied here ('out:<token>' marks a move out)
+-- KEYS[6] mark     this move's 'out' mark: present once the units were taken (a day)
 -- ARGV[1] sku, ARGV[2] units wanted, ARGV[3] move token (new for every move),
 -- ARGV[4] destination shard, ARGV[5] the destination's epoch, read before this call,
 -- ARGV[6] units to leave here at least (0: take what there is; the rebalancer passes its
@@ -25,7 +25,7 @@ end
 if not epoch then
   return {0, ''}
 end
-if redis.call('SADD', KEYS[6], 'out:' .. ARGV[3]) == 0 then
+if redis.call('EXISTS', KEYS[6]) == 1 then
   return {0, epoch}
 end
 local available = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
@@ -33,6 +33,7 @@ local units = math.min(tonumber(ARGV[2]), available - tonumber(ARGV[6]))
 if units <= 0 then
   return {0, epoch}
 end
+redis.call('SET', KEYS[6], units, 'EX', 86400)
 redis.call('HINCRBY', KEYS[2], ARGV[1], -units)
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[1] .. '|' .. ARGV[4] .. '|' .. units .. '|' ..
   ARGV[5] .. '|' .. epoch)
