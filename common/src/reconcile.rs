@@ -401,14 +401,14 @@ async fn check_once<C: ConnectionLike>(
     let mut redis_stock: BTreeMap<String, i64> = crate::redis::buckets::in_transit(con, shards)
         .await
         .context("reading moves between buckets")?;
-    let mut levels_seen: BTreeMap<String, ()> = BTreeMap::new();
+    let mut levels_seen: std::collections::BTreeSet<String> = Default::default();
     for (g, sku, units) in found {
         let k = counts.get(sku.as_str()).copied().unwrap_or(1);
         let home = crate::domain::Sku::parse(sku.as_str())
             .map(|s| shards.bucket_shards(&s, k).contains(&g));
         if home.unwrap_or(false) {
             *redis_stock.entry(sku.clone()).or_default() += units;
-            levels_seen.insert(sku, ());
+            levels_seen.insert(sku);
         } else {
             out.push(v(
                 "redis_misplaced",
@@ -416,7 +416,7 @@ async fn check_once<C: ConnectionLike>(
             ));
         }
     }
-    redis_stock.retain(|sku, _| levels_seen.contains_key(sku));
+    redis_stock.retain(|sku, _| levels_seen.contains(sku));
     for r in &rows {
         let sku: String = r.get("sku");
         let (on_hand, sold): (i64, i64) = (r.get("on_hand"), r.get("sold"));

@@ -63,6 +63,34 @@ fn mover(app: &TestApp) -> fredis::buckets::Mover {
     fredis::buckets::Mover::new(app.redis.clone(), app.shards.clone(), None)
 }
 
+/// The first half of a move alone (token `cut-move`, no floor), as a mover killed
+/// between the halves leaves it: (units taken, the source's epoch).
+async fn move_out_alone(
+    app: &TestApp,
+    src: &floodgate_common::redis::Keys,
+    (sku, units): (&str, i64),
+    to: usize,
+    dest_epoch: &str,
+) -> (i64, String) {
+    let mut con = app.redis.clone();
+    redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
+        .key(src.epoch())
+        .key(src.stock())
+        .key(src.moves())
+        .key(src.stock_changes())
+        .key(src.stock_seq())
+        .key(src.move_mark("out", "cut-move"))
+        .arg(sku)
+        .arg(units)
+        .arg("cut-move")
+        .arg(to)
+        .arg(dest_epoch)
+        .arg(0)
+        .invoke_async(&mut con)
+        .await
+        .unwrap()
+}
+
 /// A buyer name whose bucket of a SKU with `k` buckets is `b`.
 fn buyer_in(app: &TestApp, prefix: &str, k: usize, b: usize) -> String {
     (0..)
@@ -275,23 +303,7 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let (taken, _): (i64, String) =
-        redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
-            .key(src.epoch())
-            .key(src.stock())
-            .key(src.moves())
-            .key(src.stock_changes())
-            .key(src.stock_seq())
-            .key(src.move_mark("out", "cut-move"))
-            .arg("warm")
-            .arg(25)
-            .arg("cut-move")
-            .arg(at[2])
-            .arg(&epoch)
-            .arg(0)
-            .invoke_async(&mut con)
-            .await
-            .unwrap();
+    let (taken, _): (i64, String) = move_out_alone(&app, src, ("warm", 25), at[2], &epoch).await;
     assert_eq!(taken, 25);
     assert_eq!(bucket_levels(&app, "warm", 3).await, vec![15, 0, 0]);
     // In transit: on sale nowhere, and counted by the check (nothing lost, nothing extra).
@@ -315,23 +327,7 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
     assert_eq!(record, None);
     // The first half re-sent now (a cluster client's retry arriving late) takes nothing.
     let before = bucket_levels(&app, "warm", 3).await;
-    let (again, _): (i64, String) =
-        redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
-            .key(src.epoch())
-            .key(src.stock())
-            .key(src.moves())
-            .key(src.stock_changes())
-            .key(src.stock_seq())
-            .key(src.move_mark("out", "cut-move"))
-            .arg("warm")
-            .arg(25)
-            .arg("cut-move")
-            .arg(at[2])
-            .arg(&epoch)
-            .arg(0)
-            .invoke_async(&mut con)
-            .await
-            .unwrap();
+    let (again, _): (i64, String) = move_out_alone(&app, src, ("warm", 25), at[2], &epoch).await;
     assert_eq!(again, 0);
     assert_eq!(bucket_levels(&app, "warm", 3).await, before);
     app.assert_invariants(&[]).await;
@@ -542,22 +538,7 @@ async fn a_move_whose_destination_was_reloaded_gives_its_units_back() {
         .await
         .unwrap();
     let (taken, source_epoch): (i64, String) =
-        redis::Script::new(include_str!("../../common/src/redis/lua/move_out.lua"))
-            .key(src.epoch())
-            .key(src.stock())
-            .key(src.moves())
-            .key(src.stock_changes())
-            .key(src.stock_seq())
-            .key(src.move_mark("out", "cut-move"))
-            .arg("cool")
-            .arg(10)
-            .arg("cut-move")
-            .arg(at[1])
-            .arg(&epoch)
-            .arg(0)
-            .invoke_async(&mut con)
-            .await
-            .unwrap();
+        move_out_alone(&app, src, ("cool", 10), at[1], &epoch).await;
     assert_eq!(taken, 10);
     // The destination's shard alone is reloaded (it lost its data): its bucket starts
     // empty, and the units on their way there were counted by nobody.

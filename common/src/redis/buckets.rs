@@ -232,11 +232,7 @@ impl Mover {
         let mut con = self.redis.clone();
         let mut n = 0;
         for (g, keys) in self.shards.iter() {
-            let open: BTreeMap<String, String> = redis::cmd("HGETALL")
-                .arg(keys.moves())
-                .query_async(&mut con)
-                .await?;
-            for (token, record) in &open {
+            for (token, record) in &open_moves(&mut con, keys).await? {
                 match Move::parse(record) {
                     Some(m) => {
                         self.finish_move(g, token, &m).await?;
@@ -415,6 +411,17 @@ async fn bucketed(redis: &Redis, shards: &Shards) -> RedisResult<Vec<(Sku, usize
     Ok(out)
 }
 
+/// A shard's moves between their halves: token -> record.
+async fn open_moves<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    keys: &super::Keys,
+) -> RedisResult<BTreeMap<String, String>> {
+    redis::cmd("HGETALL")
+        .arg(keys.moves())
+        .query_async(con)
+        .await
+}
+
 /// Units of `sku` in `moves` records: taken out of one bucket, not yet in another
 /// (reconcile counts them as the SKU's).
 pub async fn in_transit<C: redis::aio::ConnectionLike>(
@@ -426,11 +433,7 @@ pub async fn in_transit<C: redis::aio::ConnectionLike>(
         return Ok(out);
     }
     for (_, keys) in shards.iter() {
-        let open: BTreeMap<String, String> = redis::cmd("HGETALL")
-            .arg(keys.moves())
-            .query_async(con)
-            .await?;
-        for record in open.values() {
+        for record in open_moves(con, keys).await?.values() {
             if let Some(m) = Move::parse(record) {
                 *out.entry(m.sku.to_owned()).or_default() += m.units;
             }
