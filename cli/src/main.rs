@@ -14,8 +14,27 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "floodgate", version, about)]
 struct Cli {
+    /// Who is running the command, for the audit log (recorded as `cli:<name>`).
+    /// Default: $USER (or $LOGNAME).
+    #[arg(long, global = true)]
+    actor: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The operator named by `--actor`, else by the environment, as the audit log records it.
+fn operator(actor: Option<&str>) -> anyhow::Result<floodgate_common::audit::Actor> {
+    let name = match actor {
+        Some(a) => a.to_owned(),
+        None => std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "unknown".into()),
+    };
+    anyhow::ensure!(
+        (1..=64).contains(&name.len()) && name.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+        "--actor: 1-64 visible ASCII characters, got {name:?}"
+    );
+    Ok(floodgate_common::audit::Actor::operator(&name))
 }
 
 #[derive(Subcommand)]
@@ -29,8 +48,8 @@ enum Command {
         /// The user id (the `sub` claim), 1-64 characters.
         #[arg(long)]
         sub: String,
-        /// customer or admin.
-        #[arg(long, default_value = "customer", value_parser = ["customer", "admin"])]
+        /// customer, manager or admin.
+        #[arg(long, default_value = "customer", value_parser = ["customer", "manager", "admin"])]
         role: String,
         /// How long the token is valid, in seconds.
         #[arg(long, default_value_t = 86_400)]
@@ -110,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let cfg = Config::from_env().context("reading configuration")?;
     telemetry::init_logging_with_default("warn");
+    let actor = operator(cli.actor.as_deref())?;
     match cli.command {
         Command::Migrate => {
             floodgate_common::db::ensure_database(&cfg).await?;
@@ -122,10 +142,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ttl_secs,
         } => {
             let user = UserId::parse(sub).map_err(|e| anyhow::anyhow!("--sub: {e}"))?;
-            let role = if role == "admin" {
-                Role::Admin
-            } else {
-                Role::Customer
+            let role = match role.as_str() {
+                "admin" => Role::Admin,
+                "manager" => Role::Manager,
+                _ => Role::Customer,
             };
             println!(
                 "{}",
@@ -138,7 +158,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             quiet_secs,
             timeout_secs,
         } => {
-            let code = reconcile_cmd(&cfg, check, if_unloaded, quiet_secs, timeout_secs).await?;
+            let code =
+                reconcile_cmd(&cfg, &actor, check, if_unloaded, quiet_secs, timeout_secs).await?;
             std::process::exit(code);
         }
         Command::Dlq { command } => match command {
@@ -148,7 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     all || !order.is_empty(),
                     "say which dead letters to replay: --all, or --order <id> (see floodgate dlq list)"
                 );
-                dlq_replay(&cfg, all, &order, limit).await?;
+                dlq_replay(&cfg, &actor, all, &order, limit).await?;
             }
         },
     }
@@ -157,6 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn reconcile_cmd(
     cfg: &Config,
+    actor: &floodgate_common::audit::Actor,
     check_only: bool,
     if_unloaded: bool,
     quiet_secs: u64,
@@ -184,18 +206,41 @@ async fn reconcile_cmd(
         println!("stock is loaded; nothing to do");
         return Ok(0);
     }
-    if !check_only {
-        reconcile::repair(
-            cfg,
-            &pool,
-            &mut redis,
-            Duration::from_secs(quiet_secs),
-            Duration::from_secs(timeout_secs),
-            |msg| eprintln!("{msg}"),
+    let repaired = if check_only {
+        None
+    } else {
+        Some(
+            reconcile::repair(
+                cfg,
+                &pool,
+                &mut redis,
+                Duration::from_secs(quiet_secs),
+                Duration::from_secs(timeout_secs),
+                |msg| eprintln!("{msg}"),
+            )
+            .await?,
+        )
+    };
+    let violations = reconcile::check(&pool, &mut redis, &shards, 3).await?;
+    if let Some(skus) = repaired {
+        // A reload rewrote Redis: an operator's write. (`--check` changes nothing.)
+        let db = pool.get().await.context("PostgreSQL connection")?;
+        floodgate_common::audit::append(
+            &db,
+            actor,
+            floodgate_common::audit::Entry {
+                action: "reconcile",
+                target: "stock".into(),
+                before: None,
+                after: Some(serde_json::json!({
+                    "skus_loaded": skus,
+                    "violations": violations.len(),
+                    "if_unloaded": if_unloaded,
+                })),
+            },
         )
         .await?;
     }
-    let violations = reconcile::check(&pool, &mut redis, &shards, 3).await?;
     if violations.is_empty() {
         println!("ok: Redis matches PostgreSQL and every invariant holds");
         Ok(0)
@@ -226,6 +271,7 @@ async fn dlq_list(cfg: &Config, limit: usize) -> anyhow::Result<()> {
 
 async fn dlq_replay(
     cfg: &Config,
+    actor: &floodgate_common::audit::Actor,
     all: bool,
     orders: &[String],
     limit: usize,
@@ -235,8 +281,25 @@ async fn dlq_replay(
     } else {
         dlq::Select::Orders(orders)
     };
+    let pool = floodgate_common::db::pool(cfg)?;
+    // Reachable before anything moves: a replay nobody could audit is not started.
+    let db = pool.get().await.context("PostgreSQL connection")?;
     let (replayed, kept) = dlq::replay(cfg, select, limit).await?;
     for l in &replayed {
+        floodgate_common::audit::append(
+            &db,
+            actor,
+            floodgate_common::audit::Entry {
+                action: "dlq.replay",
+                target: l
+                    .order_id
+                    .as_deref()
+                    .map_or_else(|| "dlq".to_owned(), |id| format!("order:{id}")),
+                before: Some(serde_json::json!({ "reason": l.reason, "attempts": l.attempts })),
+                after: Some(serde_json::json!({ "partition": l.partition })),
+            },
+        )
+        .await?;
         println!(
             "replayed {} to partition {} (was: {})",
             l.order_id.as_deref().unwrap_or("-"),

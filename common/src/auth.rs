@@ -52,6 +52,16 @@ impl Caller {
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
+
+    /// A manager or an admin: catalog and stock work.
+    pub fn can_manage(&self) -> bool {
+        matches!(self.role, Role::Manager | Role::Admin)
+    }
+
+    /// A customer or an admin: placing orders (a manager's token is for stock work).
+    pub fn can_order(&self) -> bool {
+        matches!(self.role, Role::Customer | Role::Admin)
+    }
 }
 
 /// Verifies tokens with every configured secret; cheap to clone.

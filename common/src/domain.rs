@@ -220,12 +220,25 @@ impl From<OrderLines> for Vec<OrderLine> {
     }
 }
 
-/// Who the caller is, from the JWT `role` claim.
+/// Who the caller is, from the JWT `role` claim. Any other value is refused (401).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Customer,
+    /// Catalog and stock work (API.md "Roles"): SKUs, receipts, adjustments, movements.
+    Manager,
+    /// Everything a manager can do, plus orders, the audit log and the operator tools.
     Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Customer => "customer",
+            Self::Manager => "manager",
+            Self::Admin => "admin",
+        }
+    }
 }
 
 /// The life of an order as the API shows it.

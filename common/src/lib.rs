@@ -7,6 +7,7 @@
 //! - [`domain`] - newtypes ([`domain::Sku`], [`domain::Quantity`], [`domain::UserId`], ...)
 //!   that cannot hold an invalid value.
 //! - [`auth`] - JWT claims, minting and verification (HS256).
+//! - [`audit`] - the append-only audit log of manager and admin writes.
 //! - [`redis`] - key names ([`redis::Keys`]) and the typed wrappers around the Lua scripts.
 //! - [`amqp`] - the topology, declared in one function, and the versioned intake message.
 //! - [`db`] - the PostgreSQL pool (one schema per namespace) and migrations under an
@@ -28,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod db;

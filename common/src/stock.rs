@@ -1,7 +1,7 @@
 //! Loading Redis from PostgreSQL, the system of record.
 
 use crate::domain::Sku;
-use crate::redis::{Shards, cancel_token, receive_token};
+use crate::redis::{Shards, adjust_token, cancel_token, receive_token};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionLike;
@@ -115,7 +115,7 @@ pub async fn load_shards<C: ConnectionLike>(
             "SELECT m.sku, m.kind, m.reference, s.buckets, o.user_id
                FROM stock_movements m JOIN skus s ON s.sku = m.sku
                LEFT JOIN orders o ON m.kind = 'cancel' AND o.id::text = m.reference
-              WHERE m.kind IN ('receive', 'cancel')",
+              WHERE m.kind IN ('receive', 'cancel') OR (m.kind = 'adjust' AND m.qty > 0)",
             &[],
         )
         .await
@@ -212,6 +212,9 @@ pub async fn load_shards<C: ConnectionLike>(
                 ),
                 _ => continue,
             },
+            // Units added by an adjustment, like a receipt (a write-off's mark is only
+            // needed until PostgreSQL records it, and this load starts from that record).
+            "adjust" => (adjust_token(&sku, reference), shards.of_sku(&sku)),
             _ => (receive_token(&sku, reference), shards.of_sku(&sku)),
         };
         if let Some(pipe) = pipes.get_mut(&g) {

@@ -3,18 +3,20 @@
 
 use crate::{
     error::ApiError,
-    repo::{self, NewSku, SkuRow},
+    repo::{self, NewSku, SkuCursor, SkuPatch, SkuRow},
     state::AppState,
     stock,
 };
 use floodgate_common::{
+    audit::Actor,
     domain::{Reference, Sku},
-    redis::{self as fredis, StockChange, receive_token},
+    redis::{self as fredis, StockChange, Take, adjust_token, receive_token},
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-/// Units one receipt may add, and the most a SKU may start with.
+/// Units one receipt may add (and one adjustment add or write off), and the most a SKU
+/// may start with.
 pub const MAX_RECEIVE: i64 = 1_000_000;
 pub const MAX_INITIAL_STOCK: i64 = 1_000_000_000;
 
@@ -47,6 +49,23 @@ impl Fields<'_> {
         }
     }
 
+    /// 1-200 characters once trimmed, no control character (PostgreSQL text cannot hold
+    /// NUL, and none belongs in a name or a reason).
+    fn text(&self, name: &str) -> Result<String, ApiError> {
+        let v = self.str(name)?.trim().to_owned();
+        if v.is_empty() || v.chars().count() > 200 {
+            return Err(ApiError::InvalidRequest(format!(
+                "{name}: must be 1-200 characters"
+            )));
+        }
+        if v.chars().any(char::is_control) {
+            return Err(ApiError::InvalidRequest(format!(
+                "{name}: must not contain control characters"
+            )));
+        }
+        Ok(v)
+    }
+
     fn opt_int(&self, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
@@ -71,22 +90,15 @@ fn parse_sku(s: &str) -> Result<Sku, ApiError> {
     Sku::parse(s).map_err(|_| ApiError::SkuNotFound { sku: s.to_owned() })
 }
 
-pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView, ApiError> {
+pub async fn create(
+    st: &AppState,
+    actor: &Actor,
+    body: &Map<String, Value>,
+) -> Result<SkuView, ApiError> {
     let f = Fields(body);
     let sku =
         Sku::parse(f.str("sku")?).map_err(|e| ApiError::InvalidRequest(format!("sku: {e}")))?;
-    let name = f.str("name")?.trim().to_owned();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::InvalidRequest(
-            "name: must be 1-200 characters".into(),
-        ));
-    }
-    // PostgreSQL text cannot hold NUL, and no control character belongs in a name.
-    if name.chars().any(char::is_control) {
-        return Err(ApiError::InvalidRequest(
-            "name: must not contain control characters".into(),
-        ));
-    }
+    let name = f.text("name")?;
     let new = NewSku {
         sku,
         name,
@@ -105,7 +117,7 @@ pub async fn create(st: &AppState, body: &Map<String, Value>) -> Result<SkuView,
             new.buckets
         )));
     }
-    let created = repo::create_sku(&st.pg, &new).await?;
+    let created = repo::create_sku(&st.pg, &new, actor).await?;
     // Also after a 409: a repeat heals a crash between the commit and this call, and is
     // a no-op otherwise.
     let row = repo::sku(&st.pg, &new.sku)
@@ -169,6 +181,7 @@ pub struct Received {
 
 pub async fn receive(
     st: &AppState,
+    actor: &Actor,
     sku: &str,
     body: &Map<String, Value>,
 ) -> Result<Received, ApiError> {
@@ -177,7 +190,7 @@ pub async fn receive(
     let qty = f.int("qty", 1, MAX_RECEIVE)?;
     let reference = Reference::parse(f.str("reference")?)
         .map_err(|e| ApiError::InvalidRequest(format!("reference: {e}")))?;
-    let on_hand = repo::receive(&st.pg, &sku, qty, &reference)
+    let on_hand = repo::receive(&st.pg, &sku, qty, &reference, actor)
         .await?
         .ok_or_else(|| ApiError::SkuNotFound {
             sku: sku.to_string(),
@@ -227,20 +240,8 @@ pub async fn movements(
     cursor: Option<&str>,
 ) -> Result<MovementsPage, ApiError> {
     let sku = parse_sku(sku)?;
-    let limit = match limit {
-        None => 50,
-        Some(s) => s
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=500).contains(l))
-            .ok_or_else(|| ApiError::InvalidRequest("limit: must be an integer 1..=500".into()))?,
-    };
-    let before = match cursor {
-        None | Some("") => None,
-        Some(c) => Some(c.parse::<i64>().ok().filter(|c| *c > 0).ok_or_else(|| {
-            ApiError::InvalidRequest("cursor: not a cursor this API returned".into())
-        })?),
-    };
+    let limit = page_limit(limit)?;
+    let before = id_cursor(cursor)?;
     if repo::sku(&st.pg, &sku).await?.is_none() {
         return Err(ApiError::SkuNotFound {
             sku: sku.to_string(),
@@ -256,5 +257,343 @@ pub async fn movements(
     Ok(MovementsPage {
         movements,
         next_cursor,
+    })
+}
+
+/// `limit` of a paged list: 1..=500, 50 when absent.
+pub fn page_limit(limit: Option<&str>) -> Result<i64, ApiError> {
+    match limit {
+        None => Ok(50),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=500).contains(l))
+            .ok_or_else(|| ApiError::InvalidRequest("limit: must be an integer 1..=500".into())),
+    }
+}
+
+/// A `cursor` that is a row id (the ledger's, the audit log's); none when absent or empty.
+pub fn id_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
+    match cursor {
+        None | Some("") => Ok(None),
+        Some(c) => Ok(Some(c.parse::<i64>().ok().filter(|c| *c > 0).ok_or_else(
+            || ApiError::InvalidRequest("cursor: not a cursor this API returned".into()),
+        )?)),
+    }
+}
+
+fn bad_cursor() -> ApiError {
+    ApiError::InvalidRequest("cursor: not a cursor this API returned".into())
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SkuPage {
+    pub skus: Vec<SkuView>,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/skus`: newest first.
+pub async fn list(
+    st: &AppState,
+    limit: Option<&str>,
+    cursor: Option<&str>,
+) -> Result<SkuPage, ApiError> {
+    let limit = page_limit(limit)?;
+    let after = match cursor {
+        None | Some("") => None,
+        Some(c) => Some(SkuCursor::parse(c).ok_or_else(bad_cursor)?),
+    };
+    let mut rows = repo::skus(&st.pg, limit + 1, after.as_ref()).await?;
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|(_, c)| c.encode())
+    } else {
+        None
+    };
+    let skus: Vec<Sku> = rows
+        .iter()
+        .filter_map(|(r, _)| Sku::parse(r.sku.as_str()).ok())
+        .collect();
+    let levels: std::collections::HashMap<Sku, i64> =
+        stock::levels(st, &skus).await?.into_iter().collect();
+    let skus = rows
+        .into_iter()
+        .map(|(row, _)| {
+            let available = Sku::parse(row.sku.as_str())
+                .ok()
+                .and_then(|s| levels.get(&s).copied())
+                .unwrap_or(0);
+            SkuView { row, available }
+        })
+        .collect();
+    Ok(SkuPage { skus, next_cursor })
+}
+
+/// The fields `PATCH /v1/skus/{sku}` may change.
+const PATCHABLE: [&str; 5] = [
+    "name",
+    "price_cents",
+    "per_user_limit",
+    "sale_starts_at",
+    "sale_ends_at",
+];
+
+/// `PATCH /v1/skus/{sku}`. A changed per-user limit reaches Redis (every bucket's
+/// shard) before PostgreSQL commits, under the SKU's row lock: two concurrent changes
+/// cannot leave Redis with the older one, and a Redis failure changes nothing.
+pub async fn patch(
+    st: &AppState,
+    actor: &Actor,
+    sku: &str,
+    body: &Map<String, Value>,
+) -> Result<SkuView, ApiError> {
+    let sku = parse_sku(sku)?;
+    if let Some(k) = body.keys().find(|k| !PATCHABLE.contains(&k.as_str())) {
+        return Err(ApiError::InvalidRequest(format!(
+            "{k}: not a field that can be changed (only {})",
+            PATCHABLE.join(", ")
+        )));
+    }
+    if body.is_empty() {
+        return Err(ApiError::InvalidRequest(format!(
+            "the body changes nothing: give any of {}",
+            PATCHABLE.join(", ")
+        )));
+    }
+    let f = Fields(body);
+    let patch = SkuPatch {
+        name: body
+            .contains_key("name")
+            .then(|| f.text("name"))
+            .transpose()?,
+        price_cents: body
+            .contains_key("price_cents")
+            .then(|| f.int("price_cents", 0, i64::from(i32::MAX) * 100))
+            .transpose()?,
+        // null clears the limit (0 = none), as it does for the sale window.
+        per_user_limit: match body.get("per_user_limit") {
+            None => None,
+            Some(Value::Null) => Some(0),
+            Some(_) => Some(f.int("per_user_limit", 1, 1_000_000)? as i32),
+        },
+    };
+    for window in ["sale_starts_at", "sale_ends_at"] {
+        if body.contains_key(window) {
+            return Err(ApiError::InvalidRequest(format!(
+                "{window}: sale windows are not enforced by this version yet, so they cannot be set"
+            )));
+        }
+    }
+    let mut db = st
+        .pg
+        .get()
+        .await
+        .map_err(|e| anyhow::Error::new(e).context("PostgreSQL connection"))?;
+    let tx = db
+        .transaction()
+        .await
+        .map_err(|e| anyhow::Error::new(e).context("starting a transaction"))?;
+    let (before, after) = repo::update_sku(&tx, &sku, &patch, actor)
+        .await?
+        .ok_or_else(|| ApiError::SkuNotFound {
+            sku: sku.to_string(),
+        })?;
+    if before.per_user_limit != after.per_user_limit {
+        let mut pipe = redis::pipe();
+        for g in st.shards.bucket_shards(&sku, after.buckets.max(1) as usize) {
+            pipe.hset(
+                st.shards.get(g).limits(),
+                sku.as_str(),
+                after.per_user_limit,
+            )
+            .ignore();
+        }
+        let _: () = pipe
+            .query_async(&mut st.redis.clone())
+            .await
+            .map_err(|e| crate::orders::unavailable("Redis", e))?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| anyhow::Error::new(e).context("committing a SKU change"))?;
+    let available = stock::available(st, &sku).await?;
+    Ok(SkuView {
+        row: after,
+        available,
+    })
+}
+
+/// `POST /v1/skus/{sku}/adjust`: a correction of the units on hand, idempotent per
+/// (sku, reference).
+///
+/// Units added go like a receipt: PostgreSQL first, then Redis once (`apply_stock.lua`).
+/// Units written off go the other way, because they must not be sold meanwhile: taken
+/// out of sale in Redis first (`take_stock.lua`, atomic with every reserve decision; 409
+/// `insufficient_stock` when fewer are free), then recorded in PostgreSQL, whose CHECK
+/// (`sold <= on_hand`) is the final word. A record that fails before its commit gives
+/// the units back; a commit whose outcome is unknown leaves them out of sale (never sold
+/// twice) until the request is repeated with its reference, or `floodgate reconcile`.
+pub async fn adjust(
+    st: &AppState,
+    actor: &Actor,
+    sku: &str,
+    body: &Map<String, Value>,
+) -> Result<Received, ApiError> {
+    let sku = parse_sku(sku)?;
+    let f = Fields(body);
+    let delta = f.int("delta", -MAX_RECEIVE, MAX_RECEIVE)?;
+    if delta == 0 {
+        return Err(ApiError::InvalidRequest(
+            "delta: must not be 0 (negative writes units off, positive adds them)".into(),
+        ));
+    }
+    let reason = f.text("reason")?;
+    let reference = Reference::parse(f.str("reference")?)
+        .map_err(|e| ApiError::InvalidRequest(format!("reference: {e}")))?;
+    let pg = |e: tokio_postgres::Error| anyhow::Error::new(e).context("PostgreSQL");
+    let mut db = st
+        .pg
+        .get()
+        .await
+        .map_err(|e| anyhow::Error::new(e).context("PostgreSQL connection"))?;
+    let tx = db.transaction().await.map_err(pg)?;
+    let (on_hand, buckets) =
+        repo::lock_adjustments(&tx, &sku)
+            .await?
+            .ok_or_else(|| ApiError::SkuNotFound {
+                sku: sku.to_string(),
+            })?;
+    let token = adjust_token(&sku, reference.as_str());
+    let mut redis = st.redis.clone();
+    let home = st.shards.of_sku(&sku);
+    if let Some(recorded) = repo::adjustment(&tx, &sku, &reference).await? {
+        // A repeat: the first one's units, applied to Redis once (it may have crashed
+        // between its commit and Redis).
+        tx.commit().await.map_err(pg)?;
+        if recorded > 0 {
+            apply_added(st, &sku, recorded, &token).await?;
+        }
+        return answer(st, &sku, on_hand).await;
+    }
+    if delta > 0 {
+        let after = record(&tx, &sku, delta, &reason, &reference, actor, on_hand).await?;
+        tx.commit().await.map_err(pg)?;
+        apply_added(st, &sku, delta, &token).await?;
+        return answer(st, &sku, after).await;
+    }
+    // A write-off: out of sale first. A SKU with buckets takes from bucket 0, after
+    // pulling units into it from the others when it is short.
+    let keys = st.shards.get(home);
+    let buckets = st.shards.effective_buckets(buckets.max(1) as usize);
+    let mut pulled = false;
+    let units = loop {
+        match fredis::take_stock(&mut redis, keys, &sku, -delta, &token)
+            .await
+            .map_err(|e| crate::orders::unavailable("Redis", e))?
+        {
+            Take::Taken { units, .. } => break units,
+            Take::NotLoaded => {
+                return Err(ApiError::Unavailable(
+                    "stock is not loaded in Redis; nothing was changed".into(),
+                ));
+            }
+            Take::Short { level } if buckets > 1 && !pulled => {
+                pulled = true;
+                let total = st
+                    .mover
+                    .pull(&sku, buckets, home, -delta)
+                    .await
+                    .map_err(|e| crate::orders::unavailable("Redis", e))?;
+                if total < -delta {
+                    return Err(ApiError::InsufficientStock {
+                        sku: sku.to_string(),
+                        available: total.max(level),
+                    });
+                }
+            }
+            Take::Short { .. } => {
+                return Err(ApiError::InsufficientStock {
+                    sku: sku.to_string(),
+                    available: stock::available(st, &sku).await?,
+                });
+            }
+        }
+    };
+    // A failover must not bring the units back on sale once PostgreSQL counts them gone.
+    if !st.mover.replicated(home).await {
+        give_back(st, &sku, &token).await;
+        return Err(ApiError::Unavailable(
+            "Redis replicas did not confirm the write-off in time; nothing was changed".into(),
+        ));
+    }
+    let recorded = match record(&tx, &sku, -units, &reason, &reference, actor, on_hand).await {
+        Ok(after) => after,
+        Err(e) => {
+            give_back(st, &sku, &token).await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = tx.commit().await {
+        // The outcome is unknown: the units stay out of sale (never sold twice); the
+        // same request again settles it.
+        return Err(ApiError::Unavailable(format!(
+            "PostgreSQL did not confirm the write-off ({e}); repeat the request with the same reference"
+        )));
+    }
+    answer(st, &sku, recorded).await
+}
+
+async fn record(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sku: &Sku,
+    delta: i64,
+    reason: &str,
+    reference: &Reference,
+    actor: &Actor,
+    on_hand: i64,
+) -> Result<i64, ApiError> {
+    match repo::record_adjustment(tx, sku, delta, reason, reference, actor, on_hand).await {
+        Ok(after) => Ok(after),
+        Err(repo::AdjustError::BelowSold) => Err(ApiError::InsufficientStock {
+            sku: sku.to_string(),
+            available: 0,
+        }),
+        Err(repo::AdjustError::Other(e)) => Err(e.into()),
+    }
+}
+
+/// Applies units an adjustment added to Redis, once per token, in bucket 0.
+async fn apply_added(st: &AppState, sku: &Sku, units: i64, token: &str) -> Result<(), ApiError> {
+    fredis::apply_stock(
+        &mut st.redis.clone(),
+        st.shards.for_sku(sku),
+        &StockChange {
+            sku,
+            units,
+            token,
+            per_user_limit: None,
+            user: None,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::Error::new(e).context("applying an adjustment to Redis"))?;
+    Ok(())
+}
+
+/// Puts back units a write-off took when its record failed before the commit. If this
+/// fails too, they stay out of sale until the request is repeated or a reconcile.
+async fn give_back(st: &AppState, sku: &Sku, token: &str) {
+    if let Err(e) =
+        fredis::untake_stock(&mut st.redis.clone(), st.shards.for_sku(sku), sku, token).await
+    {
+        tracing::warn!(error = %e, %sku, "could not give back the units of a failed write-off; they stay out of sale until it is repeated or reconciled");
+    }
+}
+
+async fn answer(st: &AppState, sku: &Sku, on_hand: i64) -> Result<Received, ApiError> {
+    Ok(Received {
+        sku: sku.to_string(),
+        on_hand,
+        available: stock::available(st, sku).await?,
     })
 }

@@ -11,8 +11,9 @@ use serde_json::{Map, Value, json};
 pub enum ApiError {
     #[error("a valid bearer token is required")]
     Unauthorized,
-    #[error("this needs the admin role")]
-    Forbidden,
+    /// The caller's role may not do this; the text names the roles that may.
+    #[error("this needs the {0} role")]
+    Forbidden(&'static str),
     #[error("no such order")]
     OrderNotFound,
     #[error("no such endpoint")]
@@ -49,6 +50,9 @@ pub enum ApiError {
     SkuExists { sku: String },
     #[error("{0}")]
     NotCancellable(String),
+    /// An adjustment would leave fewer units than are sold or reserved.
+    #[error("SKU {sku} has {available} units free to write off")]
+    InsufficientStock { sku: String, available: i64 },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -60,9 +64,11 @@ impl ApiError {
         use ApiError::*;
         match self {
             Unauthorized => StatusCode::UNAUTHORIZED,
-            Forbidden => StatusCode::FORBIDDEN,
+            Forbidden(_) => StatusCode::FORBIDDEN,
             OrderNotFound | NoSuchEndpoint | SkuNotFound { .. } => StatusCode::NOT_FOUND,
-            SoldOut { .. } | SkuExists { .. } | NotCancellable(_) => StatusCode::CONFLICT,
+            SoldOut { .. } | SkuExists { .. } | NotCancellable(_) | InsufficientStock { .. } => {
+                StatusCode::CONFLICT
+            }
             LimitExceeded { .. }
             | UnknownSku { .. }
             | InvalidOrder(_)
@@ -83,7 +89,7 @@ impl ApiError {
         use ApiError::*;
         match self {
             Unauthorized => "unauthorized",
-            Forbidden => "forbidden",
+            Forbidden(_) => "forbidden",
             OrderNotFound | NoSuchEndpoint => "not_found",
             SkuNotFound { .. } | UnknownSku { .. } => "unknown_sku",
             SoldOut { .. } => "sold_out",
@@ -98,6 +104,7 @@ impl ApiError {
             IdempotencyKeyReused => "idempotency_key_reused",
             SkuExists { .. } => "sku_exists",
             NotCancellable(_) => "not_cancellable",
+            InsufficientStock { .. } => "insufficient_stock",
             Unavailable(_) => "unavailable",
             Internal(_) => "internal",
         }
@@ -106,7 +113,9 @@ impl ApiError {
     fn extensions(&self) -> Map<String, Value> {
         use ApiError::*;
         let v = match self {
-            SoldOut { sku, available } => json!({"sku": sku, "available": available}),
+            SoldOut { sku, available } | InsufficientStock { sku, available } => {
+                json!({"sku": sku, "available": available})
+            }
             LimitExceeded {
                 sku,
                 limit,

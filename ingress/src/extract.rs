@@ -37,7 +37,23 @@ impl FromRequestParts<AppState> for Admin {
         if caller.is_admin() {
             Ok(Admin(caller))
         } else {
-            Err(ApiError::Forbidden)
+            Err(ApiError::Forbidden("admin"))
+        }
+    }
+}
+
+/// A caller who may do catalog and stock work: a manager or an admin (API.md "Roles").
+pub struct Manager(pub Caller);
+
+impl FromRequestParts<AppState> for Manager {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if caller.can_manage() {
+            Ok(Manager(caller))
+        } else {
+            Err(ApiError::Forbidden("manager or admin"))
         }
     }
 }

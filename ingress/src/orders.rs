@@ -412,7 +412,8 @@ pub async fn cancel(
     let may = |owner: &str| caller.is_admin() || owner == caller.user.as_str();
     let until = Instant::now() + CANCEL_WAIT;
     let (user_id, lines, buckets) = loop {
-        match repo::cancel(&st.pg, &order_id, may, trace.as_ref()).await? {
+        let actor = floodgate_common::audit::Actor::of(caller);
+        match repo::cancel(&st.pg, &order_id, may, trace.as_ref(), &actor).await? {
             repo::Cancel::Cancelled {
                 user_id,
                 lines,

@@ -3,11 +3,13 @@
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use floodgate_common::{
+    audit::{self, Actor, Entry},
     domain::{OrderId, OrderLine, Quantity, Reference, Sku},
     reads::Reads,
     trace::TraceParent,
 };
 use serde::Serialize;
+use serde_json::json;
 use std::time::Instant;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -86,25 +88,107 @@ pub struct SkuRow {
     pub buckets: i16,
 }
 
+const SKU_COLUMNS: &str = "s.sku, s.name, s.price_cents, s.per_user_limit, s.buckets, \
+                           i.on_hand, i.sold, s.created_at";
+
+impl SkuRow {
+    fn from_row(r: &tokio_postgres::Row) -> Self {
+        SkuRow {
+            sku: r.get("sku"),
+            name: r.get("name"),
+            price_cents: r.get("price_cents"),
+            per_user_limit: r.get("per_user_limit"),
+            on_hand: r.get("on_hand"),
+            sold: r.get("sold"),
+            buckets: r.get("buckets"),
+        }
+    }
+
+    /// What the audit log records of a SKU's settings.
+    pub fn settings(&self) -> serde_json::Value {
+        json!({
+            "name": self.name,
+            "price_cents": self.price_cents,
+            "per_user_limit": self.per_user_limit,
+        })
+    }
+}
+
 pub async fn sku(pool: &Pool, sku: &Sku) -> anyhow::Result<Option<SkuRow>> {
     let db = pool.get().await.context("PostgreSQL connection")?;
     let row = db
         .query_opt(
-            "SELECT s.sku, s.name, s.price_cents, s.per_user_limit, s.buckets, i.on_hand, i.sold
-               FROM skus s JOIN inventory i USING (sku) WHERE s.sku = $1",
+            &format!(
+                "SELECT {SKU_COLUMNS} FROM skus s JOIN inventory i USING (sku) WHERE s.sku = $1"
+            ),
             &[&sku.as_str()],
         )
         .await
         .context("reading a SKU")?;
-    Ok(row.map(|r| SkuRow {
-        sku: r.get("sku"),
-        name: r.get("name"),
-        price_cents: r.get("price_cents"),
-        per_user_limit: r.get("per_user_limit"),
-        on_hand: r.get("on_hand"),
-        sold: r.get("sold"),
-        buckets: r.get("buckets"),
-    }))
+    Ok(row.as_ref().map(SkuRow::from_row))
+}
+
+/// Where a page of the SKU list starts: after the SKU created at `micros` (since the
+/// Unix epoch) with id `sku`, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkuCursor {
+    pub micros: i64,
+    pub sku: String,
+}
+
+impl SkuCursor {
+    /// `<micros>.<sku>`: opaque to clients, checked strictly when it comes back.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.micros, self.sku)
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let (micros, sku) = s.split_once('.')?;
+        let micros = micros.parse::<i64>().ok().filter(|m| *m >= 0)?;
+        let sku = Sku::parse(sku).ok()?;
+        Some(Self {
+            micros,
+            sku: sku.to_string(),
+        })
+    }
+}
+
+/// One page of the SKUs, newest first, after `after`; with each the cursor that
+/// follows it.
+pub async fn skus(
+    pool: &Pool,
+    limit: i64,
+    after: Option<&SkuCursor>,
+) -> anyhow::Result<Vec<(SkuRow, SkuCursor)>> {
+    let db = pool.get().await.context("PostgreSQL connection")?;
+    let (micros, sku) = match after {
+        Some(c) => (Some(c.micros), Some(c.sku.as_str())),
+        None => (None, None),
+    };
+    let rows = db
+        .query(
+            &format!(
+                "SELECT * FROM (
+                   SELECT {SKU_COLUMNS},
+                          (extract(epoch FROM s.created_at) * 1000000)::bigint AS micros
+                     FROM skus s JOIN inventory i USING (sku)) page
+                  WHERE $1::bigint IS NULL OR (micros, sku) < ($1, $2::text)
+                  ORDER BY micros DESC, sku DESC LIMIT $3"
+            ),
+            &[&micros, &sku, &limit],
+        )
+        .await
+        .context("listing SKUs")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let cursor = SkuCursor {
+                micros: r.get("micros"),
+                sku: r.get("sku"),
+            };
+            (SkuRow::from_row(r), cursor)
+        })
+        .collect())
 }
 
 /// A validated new SKU.
@@ -122,7 +206,7 @@ pub const INITIAL_REFERENCE: &str = floodgate_common::reconcile::INITIAL_REFEREN
 
 /// Inserts the SKU, its inventory row and the initial receipt in one transaction.
 /// Returns false if the SKU exists already (nothing written).
-pub async fn create_sku(pool: &Pool, new: &NewSku) -> anyhow::Result<bool> {
+pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Result<bool> {
     let mut db = pool.get().await.context("PostgreSQL connection")?;
     let tx = db.transaction().await?;
     let inserted = tx
@@ -150,11 +234,34 @@ pub async fn create_sku(pool: &Pool, new: &NewSku) -> anyhow::Result<bool> {
     .await
     .context("inserting inventory")?;
     tx.execute(
-        "INSERT INTO stock_movements (sku, kind, qty, reference) VALUES ($1, 'receive', $2, $3)",
-        &[&new.sku.as_str(), &new.initial_stock, &INITIAL_REFERENCE],
+        "INSERT INTO stock_movements (sku, kind, qty, reference, actor)
+         VALUES ($1, 'receive', $2, $3, $4)",
+        &[
+            &new.sku.as_str(),
+            &new.initial_stock,
+            &INITIAL_REFERENCE,
+            &actor.name,
+        ],
     )
     .await
     .context("recording the initial receipt")?;
+    audit::append(
+        &tx,
+        actor,
+        Entry {
+            action: "sku.create",
+            target: format!("sku:{}", new.sku),
+            before: None,
+            after: Some(json!({
+                "name": new.name,
+                "price_cents": new.price_cents,
+                "per_user_limit": new.per_user_limit,
+                "initial_stock": new.initial_stock,
+                "buckets": new.buckets,
+            })),
+        },
+    )
+    .await?;
     tx.commit().await.context("committing a new SKU")?;
     Ok(true)
 }
@@ -166,6 +273,7 @@ pub async fn receive(
     sku: &Sku,
     qty: i64,
     reference: &Reference,
+    actor: &Actor,
 ) -> anyhow::Result<Option<i64>> {
     let mut db = pool.get().await.context("PostgreSQL connection")?;
     let tx = db.transaction().await?;
@@ -181,23 +289,42 @@ pub async fn receive(
     };
     let inserted = tx
         .execute(
-            "INSERT INTO stock_movements (sku, kind, qty, reference) VALUES ($1, 'receive', $2, $3)
+            "INSERT INTO stock_movements (sku, kind, qty, reference, actor)
+             VALUES ($1, 'receive', $2, $3, $4)
              ON CONFLICT ON CONSTRAINT stock_movements_once DO NOTHING",
-            &[&sku.as_str(), &qty, &reference.as_str()],
+            &[&sku.as_str(), &qty, &reference.as_str(), &actor.name],
         )
         .await
         .context("recording a receipt")?;
+    let before: i64 = row.get(0);
     let on_hand = if inserted == 1 {
-        tx.query_one(
-            "UPDATE inventory SET on_hand = on_hand + $2, updated_at = now()
-              WHERE sku = $1 RETURNING on_hand",
-            &[&sku.as_str(), &qty],
+        let after: i64 = tx
+            .query_one(
+                "UPDATE inventory SET on_hand = on_hand + $2, updated_at = now()
+                  WHERE sku = $1 RETURNING on_hand",
+                &[&sku.as_str(), &qty],
+            )
+            .await
+            .context("adding received units")?
+            .get(0);
+        audit::append(
+            &tx,
+            actor,
+            Entry {
+                action: "stock.receive",
+                target: format!("sku:{sku}"),
+                before: Some(json!({ "on_hand": before })),
+                after: Some(json!({
+                    "on_hand": after,
+                    "qty": qty,
+                    "reference": reference.as_str(),
+                })),
+            },
         )
-        .await
-        .context("adding received units")?
-        .get(0)
+        .await?;
+        after
     } else {
-        row.get(0)
+        before
     };
     tx.commit().await.context("committing a receipt")?;
     Ok(Some(on_hand))
@@ -211,10 +338,17 @@ pub struct Movement {
         example = "receive"
     )]
     pub kind: String,
+    /// Units; signed for an `adjust` (negative: written off).
     pub qty: i64,
     pub reference: String,
     #[schema(format = DateTime)]
     pub at: String,
+    /// Who made a `receive`, `adjust` or `cancel` (absent on rows the pipeline writes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Why, for an `adjust`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One page of a SKU's ledger, newest first, strictly older than `before` (an id).
@@ -227,7 +361,7 @@ pub async fn movements(
     let db = pool.get().await.context("PostgreSQL connection")?;
     let rows = db
         .query(
-            "SELECT id, kind, qty, reference, at FROM stock_movements
+            "SELECT id, kind, qty, reference, at, actor, reason FROM stock_movements
               WHERE sku = $1 AND ($2::bigint IS NULL OR id < $2)
               ORDER BY id DESC LIMIT $3",
             &[&sku.as_str(), &before, &limit],
@@ -242,6 +376,8 @@ pub async fn movements(
             qty: r.get("qty"),
             reference: r.get("reference"),
             at: rfc3339(r.get("at")),
+            actor: r.get("actor"),
+            reason: r.get("reason"),
         })
         .collect())
 }
@@ -288,6 +424,7 @@ pub async fn cancel(
     id: &OrderId,
     may: impl Fn(&str) -> bool,
     trace: Option<&TraceParent>,
+    actor: &Actor,
 ) -> anyhow::Result<Cancel> {
     let mut db = pool.get().await.context("PostgreSQL connection")?;
     let tx = db.transaction().await?;
@@ -343,13 +480,28 @@ pub async fn cancel(
         .await
         .context("returning cancelled units")?;
         tx.execute(
-            "INSERT INTO stock_movements (sku, kind, qty, reference)
-             SELECT d.sku, 'cancel', d.qty, $3 FROM unnest($1::text[], $2::bigint[]) AS d(sku, qty)
+            "INSERT INTO stock_movements (sku, kind, qty, reference, actor)
+             SELECT d.sku, 'cancel', d.qty, $3, $4
+               FROM unnest($1::text[], $2::bigint[]) AS d(sku, qty)
              ON CONFLICT ON CONSTRAINT stock_movements_once DO NOTHING",
-            &[&skus, &qtys, &reference],
+            &[&skus, &qtys, &reference, &actor.name],
         )
         .await
         .context("recording the cancellation")?;
+        // A customer's own cancel is not an audited write; an admin's is.
+        if actor.role == "admin" {
+            audit::append(
+                &tx,
+                actor,
+                Entry {
+                    action: "order.cancel",
+                    target: format!("order:{id}"),
+                    before: Some(json!({ "status": "confirmed", "user_id": user_id })),
+                    after: Some(json!({ "status": "cancelled" })),
+                },
+            )
+            .await?;
+        }
         let trace = trace.map(|t| t.to_string());
         tx.execute(
             "INSERT INTO outbox (routing_key, payload, traceparent)
@@ -368,4 +520,183 @@ pub async fn cancel(
         lines,
         buckets,
     })
+}
+
+/// Serializes the adjustments of one SKU (a transaction-scoped advisory lock), so that
+/// two requests with one reference cannot both find it unrecorded. Returns the SKU's
+/// on-hand units and bucket count, or None for an unknown SKU. (Everything the caller
+/// reads while it holds the lock goes through `tx`: a second pool connection could wait
+/// for one that a request queued behind this lock holds.) Receipts and the worker's commits are not
+/// blocked: they lock the inventory row, which this leaves alone until the update.
+pub async fn lock_adjustments(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sku: &Sku,
+) -> anyhow::Result<Option<(i64, i16)>> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('floodgate.adjust'), hashtext($1))",
+        &[&sku.as_str()],
+    )
+    .await
+    .context("locking a SKU's adjustments")?;
+    Ok(tx
+        .query_opt(
+            "SELECT i.on_hand, s.buckets FROM inventory i JOIN skus s USING (sku) WHERE sku = $1",
+            &[&sku.as_str()],
+        )
+        .await
+        .context("reading inventory")?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// The units recorded by the adjustment (sku, reference), if there is one (signed).
+pub async fn adjustment(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sku: &Sku,
+    reference: &Reference,
+) -> anyhow::Result<Option<i64>> {
+    Ok(tx
+        .query_opt(
+            "SELECT qty FROM stock_movements WHERE kind = 'adjust' AND sku = $1 AND reference = $2",
+            &[&sku.as_str(), &reference.as_str()],
+        )
+        .await
+        .context("reading an adjustment")?
+        .map(|r| r.get(0)))
+}
+
+/// Why recording an adjustment failed.
+pub enum AdjustError {
+    /// The update would leave fewer units on hand than are sold (the CHECK refused it).
+    BelowSold,
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for AdjustError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Other(e)
+    }
+}
+
+/// Records an adjustment of `delta` units (its ledger row, the inventory, the audit
+/// record) in `tx`, not committed. Returns the on-hand units after.
+pub async fn record_adjustment(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sku: &Sku,
+    delta: i64,
+    reason: &str,
+    reference: &Reference,
+    actor: &Actor,
+    on_hand_before: i64,
+) -> Result<i64, AdjustError> {
+    tx.execute(
+        "INSERT INTO stock_movements (sku, kind, qty, reference, actor, reason)
+         VALUES ($1, 'adjust', $2, $3, $4, $5)",
+        &[
+            &sku.as_str(),
+            &delta,
+            &reference.as_str(),
+            &actor.name,
+            &reason,
+        ],
+    )
+    .await
+    .context("recording an adjustment")?;
+    let after: i64 = match tx
+        .query_one(
+            "UPDATE inventory SET on_hand = on_hand + $2, updated_at = now()
+              WHERE sku = $1 RETURNING on_hand",
+            &[&sku.as_str(), &delta],
+        )
+        .await
+    {
+        Ok(r) => r.get(0),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
+            return Err(AdjustError::BelowSold);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("adjusting inventory").into()),
+    };
+    audit::append(
+        tx,
+        actor,
+        Entry {
+            action: "stock.adjust",
+            target: format!("sku:{sku}"),
+            before: Some(json!({ "on_hand": on_hand_before })),
+            after: Some(json!({
+                "on_hand": after,
+                "delta": delta,
+                "reason": reason,
+                "reference": reference.as_str(),
+            })),
+        },
+    )
+    .await?;
+    Ok(after)
+}
+
+/// A validated change of a SKU's settings (None: leave as is).
+#[derive(Debug, Default)]
+pub struct SkuPatch {
+    pub name: Option<String>,
+    pub price_cents: Option<i64>,
+    /// 0: no limit.
+    pub per_user_limit: Option<i32>,
+}
+
+/// Locks the SKU's row and changes it in `tx` (not committed), with its audit record
+/// when anything changed. Returns the rows before and after, or None for an unknown SKU.
+pub async fn update_sku(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sku: &Sku,
+    patch: &SkuPatch,
+    actor: &Actor,
+) -> anyhow::Result<Option<(SkuRow, SkuRow)>> {
+    let Some(before) = tx
+        .query_opt(
+            &format!(
+                "SELECT {SKU_COLUMNS} FROM skus s JOIN inventory i USING (sku)
+                  WHERE s.sku = $1 FOR UPDATE OF s"
+            ),
+            &[&sku.as_str()],
+        )
+        .await
+        .context("reading a SKU")?
+    else {
+        return Ok(None);
+    };
+    let before = SkuRow::from_row(&before);
+    let after = tx
+        .query_one(
+            &format!(
+                "WITH s AS (
+                   UPDATE skus SET name = coalesce($2, name),
+                                   price_cents = coalesce($3, price_cents),
+                                   per_user_limit = coalesce($4, per_user_limit)
+                    WHERE sku = $1 RETURNING *)
+                 SELECT {SKU_COLUMNS} FROM s JOIN inventory i USING (sku)"
+            ),
+            &[
+                &sku.as_str(),
+                &patch.name,
+                &patch.price_cents,
+                &patch.per_user_limit,
+            ],
+        )
+        .await
+        .context("updating a SKU")?;
+    let after = SkuRow::from_row(&after);
+    if before.settings() != after.settings() {
+        audit::append(
+            tx,
+            actor,
+            Entry {
+                action: "sku.update",
+                target: format!("sku:{sku}"),
+                before: Some(before.settings()),
+                after: Some(after.settings()),
+            },
+        )
+        .await?;
+    }
+    Ok(Some((before, after)))
 }

@@ -6,7 +6,7 @@ pub mod openapi;
 use crate::{
     catalog,
     error::ApiError,
-    extract::{Admin, JsonBody, MAX_BODY_BYTES, Object},
+    extract::{Admin, JsonBody, MAX_BODY_BYTES, Manager, Object},
     orders::{self, OrderRequest, Placed},
     state::AppState,
     stock,
@@ -20,6 +20,7 @@ use axum::{
     routing::{get, post},
 };
 use floodgate_common::{
+    audit::Actor,
     auth::Caller,
     domain::{IdempotencyKey, OrderId, Sku},
     http::{InFlight, PerIp},
@@ -46,10 +47,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders", post(place_order))
         .route("/v1/orders/{id}", get(get_order))
         .route("/v1/orders/{id}/cancel", post(cancel_order))
-        .route("/v1/skus", post(create_sku))
-        .route("/v1/skus/{sku}", get(get_sku))
+        .route("/v1/skus", post(create_sku).get(list_skus))
+        .route("/v1/skus/{sku}", get(get_sku).patch(patch_sku))
         .route("/v1/skus/{sku}/receive", post(receive))
+        .route("/v1/skus/{sku}/adjust", post(adjust))
         .route("/v1/skus/{sku}/movements", get(movements))
+        .route("/v1/audit", get(audit))
         .merge(public)
         .route_layer(middleware::from_fn_with_state(in_flight, InFlight::layer));
     let router = Router::new()
@@ -79,7 +82,7 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::PATCH])
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
@@ -152,6 +155,9 @@ async fn place_order(
     trace: Option<axum::Extension<floodgate_common::trace::TraceParent>>,
     body: Result<JsonBody<OrderRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
+    if !caller.can_order() {
+        return Err(rejected(ApiError::Forbidden("customer or admin")));
+    }
     if let Some(limiter) = &st.limiter
         && let Err(not_until) = limiter.check_key(&caller.user.to_string())
     {
@@ -288,7 +294,7 @@ async fn stock_many(
 
 #[utoipa::path(
     post, path = "/v1/skus", tag = "skus", security(("bearer" = [])),
-    summary = "Create a SKU with its initial stock (admin)",
+    summary = "Create a SKU with its initial stock (manager or admin)",
     request_body = openapi::NewSku,
     responses(
         (status = 201, body = catalog::SkuView,
@@ -298,10 +304,10 @@ async fn stock_many(
 )]
 async fn create_sku(
     State(st): State<AppState>,
-    _admin: Admin,
+    Manager(caller): Manager,
     JsonBody(Object(body)): JsonBody<Object>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let view = catalog::create(&st, &body).await?;
+    let view = catalog::create(&st, &Actor::of(&caller), &body).await?;
     let location = format!("/v1/skus/{}", view.row.sku);
     Ok((
         StatusCode::CREATED,
@@ -312,13 +318,13 @@ async fn create_sku(
 
 #[utoipa::path(
     get, path = "/v1/skus/{sku}", tag = "skus", security(("bearer" = [])),
-    summary = "A SKU with its stock (admin)",
+    summary = "A SKU with its stock (manager or admin)",
     params(("sku" = Sku, Path)),
     responses((status = 200, body = catalog::SkuView), openapi::GetSkuErrors),
 )]
 async fn get_sku(
     State(st): State<AppState>,
-    _admin: Admin,
+    _manager: Manager,
     Path(sku): Path<String>,
 ) -> Result<Json<catalog::SkuView>, ApiError> {
     catalog::get(&st, &sku).await.map(Json)
@@ -326,23 +332,135 @@ async fn get_sku(
 
 #[utoipa::path(
     post, path = "/v1/skus/{sku}/receive", tag = "skus", security(("bearer" = [])),
-    summary = "Goods received: add units (admin; idempotent per reference)",
+    summary = "Goods received: add units (manager or admin; idempotent per reference)",
     params(("sku" = Sku, Path)),
     request_body = openapi::Receipt,
     responses((status = 200, body = catalog::Received), openapi::ReceiveErrors),
 )]
 async fn receive(
     State(st): State<AppState>,
-    _admin: Admin,
+    Manager(caller): Manager,
     Path(sku): Path<String>,
     JsonBody(Object(body)): JsonBody<Object>,
 ) -> Result<Json<catalog::Received>, ApiError> {
-    catalog::receive(&st, &sku, &body).await.map(Json)
+    catalog::receive(&st, &Actor::of(&caller), &sku, &body)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(
+    get, path = "/v1/skus", tag = "skus", security(("bearer" = [])),
+    summary = "The SKUs, newest first (manager or admin)",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "default 50"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses((status = 200, body = catalog::SkuPage), openapi::ListSkusErrors),
+)]
+async fn list_skus(
+    State(st): State<AppState>,
+    _manager: Manager,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<catalog::SkuPage>, ApiError> {
+    catalog::list(
+        &st,
+        q.get("limit").map(String::as_str),
+        q.get("cursor").map(String::as_str),
+    )
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(
+    patch, path = "/v1/skus/{sku}", tag = "skus", security(("bearer" = [])),
+    summary = "Change a SKU's name, price or per-user limit (manager or admin)",
+    params(("sku" = Sku, Path)),
+    request_body = openapi::SkuChange,
+    responses((status = 200, body = catalog::SkuView), openapi::PatchSkuErrors),
+)]
+async fn patch_sku(
+    State(st): State<AppState>,
+    Manager(caller): Manager,
+    Path(sku): Path<String>,
+    JsonBody(Object(body)): JsonBody<Object>,
+) -> Result<Json<catalog::SkuView>, ApiError> {
+    catalog::patch(&st, &Actor::of(&caller), &sku, &body)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(
+    post, path = "/v1/skus/{sku}/adjust", tag = "skus", security(("bearer" = [])),
+    summary = "Correct the units on hand: write off (negative) or add (manager or admin; idempotent per reference)",
+    params(("sku" = Sku, Path)),
+    request_body = openapi::Adjustment,
+    responses((status = 200, body = catalog::Received), openapi::AdjustErrors),
+)]
+async fn adjust(
+    State(st): State<AppState>,
+    Manager(caller): Manager,
+    Path(sku): Path<String>,
+    JsonBody(Object(body)): JsonBody<Object>,
+) -> Result<Json<catalog::Received>, ApiError> {
+    catalog::adjust(&st, &Actor::of(&caller), &sku, &body)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(
+    get, path = "/v1/audit", tag = "audit", security(("bearer" = [])),
+    summary = "Every manager and admin write, newest first (admin)",
+    params(
+        ("actor" = Option<String>, Query, description = "only this actor's records"),
+        ("target" = Option<String>, Query, description = "only records of this target, e.g. `sku:tee-red-m`"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "default 50"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses((status = 200, body = AuditPage), openapi::AuditErrors),
+)]
+async fn audit(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let limit = catalog::page_limit(q.get("limit").map(String::as_str))?;
+    let before = catalog::id_cursor(q.get("cursor").map(String::as_str))?;
+    let filter = |name: &str| match q.get(name).map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(v) if v.len() <= 200 => Ok(Some(v)),
+        Some(_) => Err(ApiError::InvalidRequest(format!(
+            "{name}: at most 200 characters"
+        ))),
+    };
+    let (actor, target) = (filter("actor")?, filter("target")?);
+    let db = st
+        .pg
+        .get()
+        .await
+        .map_err(|e| anyhow::Error::new(e).context("PostgreSQL connection"))?;
+    let mut entries = floodgate_common::audit::page(&db, actor, target, limit + 1, before).await?;
+    let next_cursor = if entries.len() as i64 > limit {
+        entries.truncate(limit as usize);
+        entries.last().map(|e| e.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(AuditPage {
+        entries,
+        next_cursor,
+    }))
+}
+
+/// A page of the audit log.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct AuditPage {
+    pub entries: Vec<floodgate_common::audit::Record>,
+    pub next_cursor: Option<String>,
 }
 
 #[utoipa::path(
     get, path = "/v1/skus/{sku}/movements", tag = "skus", security(("bearer" = [])),
-    summary = "A SKU's ledger, newest first (admin)",
+    summary = "A SKU's ledger, newest first (manager or admin)",
     params(
         ("sku" = Sku, Path),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "default 50"),
@@ -352,7 +470,7 @@ async fn receive(
 )]
 async fn movements(
     State(st): State<AppState>,
-    _admin: Admin,
+    _manager: Manager,
     Path(sku): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<catalog::MovementsPage>, ApiError> {

@@ -43,6 +43,10 @@ impl Resp {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Snapshot {
     pub redis_stock: BTreeMap<String, i64>,
+    /// Every shard's per-user limits: (shard, sku) -> limit.
+    pub redis_limits: BTreeMap<(usize, String), i64>,
+    /// Every SKU's settings (name, price, limit), as one digest.
+    pub catalog: String,
     pub redis_keys: usize,
     pub tables: BTreeMap<&'static str, i64>,
     pub sold: i64,
@@ -364,6 +368,14 @@ impl TestApp {
     pub fn admin(&self) -> String {
         self.token("admin", Role::Admin)
     }
+    pub fn manager(&self, user: &str) -> String {
+        self.token(user, Role::Manager)
+    }
+
+    pub async fn patch(&self, path: &str, token: Option<&str>, body: &Value) -> Resp {
+        self.request(reqwest::Method::PATCH, path, token, Some(body), &[])
+            .await
+    }
 
     /// Sends a request; `body` is sent as JSON when given.
     pub async fn request(
@@ -561,7 +573,14 @@ impl TestApp {
         let mut r = self.redis.clone();
         let mut redis_stock: BTreeMap<String, i64> = BTreeMap::new();
         let mut keys = Vec::new();
-        for (_, k) in self.shards.iter() {
+        let mut redis_limits = BTreeMap::new();
+        for (g, k) in self.shards.iter() {
+            let limits: BTreeMap<String, i64> = redis::cmd("HGETALL")
+                .arg(k.limits())
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            redis_limits.extend(limits.into_iter().map(|(sku, l)| ((g, sku), l)));
             let here: BTreeMap<String, i64> = redis::cmd("HGETALL")
                 .arg(k.stock())
                 .query_async(&mut r)
@@ -580,11 +599,27 @@ impl TestApp {
             "orders",
             "order_items",
             "stock_movements",
+            "audit_log",
         ] {
             tables.insert(t, self.scalar(&format!("SELECT count(*) FROM {t}")).await);
         }
+        let catalog: String = self
+            .pg
+            .get()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT coalesce(md5(string_agg(format('%s|%s|%s|%s', sku, name, price_cents, per_user_limit), ',' ORDER BY sku)), '')
+                   FROM skus",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
         Snapshot {
             redis_stock,
+            redis_limits,
+            catalog,
             redis_keys: keys.len(),
             tables,
             sold: self

@@ -117,6 +117,14 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
         Duration::from_secs(600),
     );
     let carol_t = app.customer("carol");
+    let manager = app.manager("mia");
+    // A role API.md does not name: 401, like any other invalid token.
+    let superuser = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "carol", "role": "superuser", "exp": auth::now_secs() + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
     let good = order(json!([{"sku": "tee", "qty": 1}]));
     let big = format!(
         "{{\"items\":[{{\"sku\":\"tee\",\"qty\":1}}],\"pad\":\"{}\"}}",
@@ -128,6 +136,7 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
     let o = "/v1/orders";
     let p = Method::POST;
     let g = Method::GET;
+    let pa = Method::PATCH;
 
     let cases = vec![
         // POST /v1/orders: auth
@@ -135,6 +144,8 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
         case("garbage token", p.clone(), o, 401, "unauthorized").token("nope").json(good.clone()),
         case("expired token", p.clone(), o, 401, "unauthorized").token(&expired).json(good.clone()),
         case("forged token", p.clone(), o, 401, "unauthorized").token(&forged).json(good.clone()),
+        case("unknown role", p.clone(), o, 401, "unauthorized").token(&superuser).json(good.clone()),
+        case("order as manager", p.clone(), o, 403, "forbidden").token(&manager).json(good.clone()),
         // POST /v1/orders: body
         case("not json content type", p.clone(), o, 415, "unsupported_media_type")
             .token(&carol_t)
@@ -268,6 +279,105 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
             .token(&admin),
         case("movements unknown sku", g.clone(), "/v1/skus/ghost/movements", 404, "unknown_sku").token(&admin),
         case("movements as customer", g.clone(), "/v1/skus/tee/movements", 403, "forbidden").token(&carol_t),
+        // GET /v1/skus
+        case("list skus as customer", g.clone(), "/v1/skus", 403, "forbidden").token(&carol_t),
+        case("list skus without token", g.clone(), "/v1/skus", 401, "unauthorized"),
+        case("list skus limit zero", g.clone(), "/v1/skus?limit=0", 422, "invalid_request").token(&manager),
+        case("list skus limit 501", g.clone(), "/v1/skus?limit=501", 422, "invalid_request").token(&manager),
+        case("list skus bad cursor", g.clone(), "/v1/skus?cursor=abc", 422, "invalid_request").token(&manager),
+        case("list skus cursor with a bad sku", g.clone(), "/v1/skus?cursor=123.no%20way", 422, "invalid_request")
+            .token(&manager),
+        case("list skus negative cursor", g.clone(), "/v1/skus?cursor=-5.tee", 422, "invalid_request").token(&manager),
+        // PATCH /v1/skus/{sku}
+        case("patch sku as customer", pa.clone(), "/v1/skus/tee", 403, "forbidden")
+            .token(&carol_t)
+            .json(json!({"name": "x"})),
+        case("patch sku without token", pa.clone(), "/v1/skus/tee", 401, "unauthorized").json(json!({"name": "x"})),
+        case("patch unknown sku", pa.clone(), "/v1/skus/ghost", 404, "unknown_sku")
+            .token(&manager)
+            .json(json!({"name": "x"})),
+        case("patch nothing", pa.clone(), "/v1/skus/tee", 422, "invalid_request").token(&manager).json(json!({})),
+        case("patch the id", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "other"})),
+        case("patch the buckets", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"buckets": 2})),
+        case("patch stock", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"name": "fine", "on_hand": 99})),
+        case("patch empty name", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"name": "  "})),
+        case("patch null name", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"name": null})),
+        case("patch negative price", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"price_cents": -1})),
+        case("patch zero limit", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"per_user_limit": 0})),
+        case("patch limit as string", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"per_user_limit": "5"})),
+        case("patch a good field and a bad one", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"name": "Renamed", "price_cents": 1.5})),
+        case("patch sale window (not yet enforced)", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sale_starts_at": "2030-01-01T00:00:00Z"})),
+        case("patch not json", pa.clone(), "/v1/skus/tee", 400, "malformed")
+            .token(&manager)
+            .raw("application/json", "{name".into()),
+        case("patch not an object", pa.clone(), "/v1/skus/tee", 400, "malformed")
+            .token(&manager)
+            .json(json!(["name"])),
+        // POST /v1/skus/{sku}/adjust
+        case("adjust as customer", p.clone(), "/v1/skus/tee/adjust", 403, "forbidden")
+            .token(&carol_t)
+            .json(json!({"delta": -1, "reason": "damaged", "reference": "adj-1"})),
+        case("adjust unknown sku", p.clone(), "/v1/skus/ghost/adjust", 404, "unknown_sku")
+            .token(&manager)
+            .json(json!({"delta": -1, "reason": "damaged", "reference": "adj-1"})),
+        case("adjust zero", p.clone(), "/v1/skus/tee/adjust", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"delta": 0, "reason": "damaged", "reference": "adj-1"})),
+        case("adjust fractional", p.clone(), "/v1/skus/tee/adjust", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"delta": -1.5, "reason": "damaged", "reference": "adj-1"})),
+        case("adjust too far down", p.clone(), "/v1/skus/tee/adjust", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"delta": -1_000_001, "reason": "damaged", "reference": "adj-1"})),
+        case("adjust without reason", p.clone(), "/v1/skus/tee/adjust", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"delta": -1, "reference": "adj-1"})),
+        case("adjust with a control character in the reason", p.clone(), "/v1/skus/tee/adjust", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"delta": -1, "reason": "a\u{7}b", "reference": "adj-1"})),
+        case("adjust without reference", p.clone(), "/v1/skus/tee/adjust", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"delta": -1, "reason": "damaged"})),
+        case("adjust bad reference", p.clone(), "/v1/skus/tee/adjust", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"delta": -1, "reason": "damaged", "reference": ""})),
+        case("write off more than is free", p.clone(), "/v1/skus/tee/adjust", 409, "insufficient_stock")
+            .token(&manager)
+            .json(json!({"delta": -4, "reason": "flood", "reference": "adj-2"})),
+        case("write off from a sold-out sku", p.clone(), "/v1/skus/last-one/adjust", 409, "insufficient_stock")
+            .token(&manager)
+            .json(json!({"delta": -1, "reason": "lost", "reference": "adj-3"})),
+        case("adjust with a repeated key", p.clone(), "/v1/skus/tee/adjust", 400, "malformed")
+            .token(&manager)
+            .raw("application/json", r#"{"delta":1,"delta":-1,"reason":"r","reference":"adj-9"}"#.into()),
+        // GET /v1/audit
+        case("audit as customer", g.clone(), "/v1/audit", 403, "forbidden").token(&carol_t),
+        case("audit as manager", g.clone(), "/v1/audit", 403, "forbidden").token(&manager),
+        case("audit without token", g.clone(), "/v1/audit", 401, "unauthorized"),
+        case("audit limit zero", g.clone(), "/v1/audit?limit=0", 422, "invalid_request").token(&admin),
+        case("audit bad cursor", g.clone(), "/v1/audit?cursor=x", 422, "invalid_request").token(&admin),
+        case("audit actor too long", g.clone(), &format!("/v1/audit?actor={}", "a".repeat(201)), 422, "invalid_request")
+            .token(&admin),
         // Admin bodies: a NUL in a name was a 500; a repeated key let the last one win.
         case("create sku with NUL in name", p.clone(), "/v1/skus", 422, "invalid_request")
             .token(&admin)
@@ -321,6 +431,19 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
     )
     .await;
     assert_eq!(r.body["sku"], "ghost");
+    let r = send(
+        &app,
+        cases
+            .iter()
+            .find(|c| c.name == "write off more than is free")
+            .unwrap(),
+    )
+    .await;
+    // tee: 5, alice holds 2.
+    assert_eq!(
+        (r.body["sku"].as_str(), r.body["available"].as_i64()),
+        (Some("tee"), Some(3))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,8 +76,9 @@ impl Mover {
         }
     }
 
-    /// True unless replicas are asked for and shard `g`'s do not have its writes yet.
-    async fn replicated(&self, g: usize) -> bool {
+    /// True unless replicas are asked for and shard `g`'s do not have its writes yet
+    /// (`FLOODGATE_REDIS_WAIT_REPLICAS`); a write-off waits for it too.
+    pub async fn replicated(&self, g: usize) -> bool {
         match &self.wait {
             None => true,
             Some(w) => w.holds(self.shards.get(g)).await,

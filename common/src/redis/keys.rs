@@ -82,6 +82,11 @@ impl Keys {
     pub fn rebalancing(&self, sku: &str) -> String {
         format!("{}rebalancing:{sku}", self.prefix)
     }
+    /// The units a write-off took out of sale before PostgreSQL recorded it (see
+    /// `take_stock.lua`), for a day: a re-sent adjustment finds it and takes no more.
+    pub fn take_mark(&self, token: &str) -> String {
+        format!("{}take:{token}", self.prefix)
+    }
     /// Set of stock-change tokens already applied (see `apply_stock.lua`).
     pub fn applied(&self) -> String {
         format!("{}applied", self.prefix)

@@ -13,6 +13,8 @@ static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua
 static QUEUED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/queued.lua")));
 static APPLY_STOCK: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/apply_stock.lua")));
+static TAKE_STOCK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/take_stock.lua")));
 
 /// How long released and done reservation records stay readable (redelivery, status).
 pub const RECORD_TTL_SECS: u64 = 86_400;
@@ -404,6 +406,76 @@ pub fn receive_token(sku: &Sku, reference: &str) -> String {
 /// The token under which an order's cancellation returns one SKU's units, once.
 pub fn cancel_token(order: &OrderId, sku: &Sku) -> String {
     format!("cancel:{order}:{sku}")
+}
+
+/// The token under which a stock adjustment changes Redis once: `apply_stock.lua` for
+/// units added, `take_stock.lua`'s mark for units written off.
+pub fn adjust_token(sku: &Sku, reference: &str) -> String {
+    format!("adjust:{sku}:{reference}")
+}
+
+/// What `take_stock.lua` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// `units` are out of sale now (`again`: an earlier call with this token took them),
+    /// `level` is left.
+    Taken { units: i64, level: i64, again: bool },
+    /// Fewer units than asked are on sale here; nothing taken.
+    Short { level: i64 },
+    /// The shard's stock is not loaded; nothing taken.
+    NotLoaded,
+}
+
+/// Takes `units` of `sku` out of sale in the shard of `keys`, once per `token`.
+pub async fn take_stock<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    sku: &Sku,
+    units: i64,
+    token: &str,
+) -> RedisResult<Take> {
+    let (status, units, level): (i64, i64, i64) = TAKE_STOCK
+        .key(keys.epoch())
+        .key(keys.stock())
+        .key(keys.take_mark(token))
+        .key(keys.stock_changes())
+        .key(keys.stock_seq())
+        .arg(sku.as_str())
+        .arg(units)
+        .arg("take")
+        .invoke_async(con)
+        .await?;
+    Ok(match status {
+        1 | 0 => Take::Taken {
+            units,
+            level,
+            again: status == 0,
+        },
+        -1 => Take::Short { level },
+        _ => Take::NotLoaded,
+    })
+}
+
+/// Gives back what [`take_stock`] took under `token`, when PostgreSQL's record of it
+/// failed before its commit. Returns the units given back (0: none were held).
+pub async fn untake_stock<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    sku: &Sku,
+    token: &str,
+) -> RedisResult<i64> {
+    let (_, units, _): (i64, i64, i64) = TAKE_STOCK
+        .key(keys.epoch())
+        .key(keys.stock())
+        .key(keys.take_mark(token))
+        .key(keys.stock_changes())
+        .key(keys.stock_seq())
+        .arg(sku.as_str())
+        .arg(0)
+        .arg("undo")
+        .invoke_async(con)
+        .await?;
+    Ok(units)
 }
 
 /// A committed stock change to apply to Redis once (`apply_stock.lua`).

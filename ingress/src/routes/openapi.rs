@@ -37,7 +37,11 @@ use utoipa_swagger_ui::SwaggerUi;
         create_sku,
         get_sku,
         receive,
+        list_skus,
+        patch_sku,
+        adjust,
         movements,
+        audit,
         healthz,
         readyz,
         metrics,
@@ -53,7 +57,8 @@ use utoipa_swagger_ui::SwaggerUi;
     tags(
         (name = "orders", description = "placing, reading and cancelling orders"),
         (name = "stock", description = "public stock levels"),
-        (name = "skus", description = "admin: the catalog and goods received"),
+        (name = "skus", description = "managers and admins: the catalog, goods received, adjustments"),
+        (name = "audit", description = "admins: who changed what"),
         (name = "operations", description = "health, readiness, metrics, this document"),
     ),
 )]
@@ -92,6 +97,8 @@ impl utoipa::Modify for Links {
                 &[
                     ("get_sku", "sku", "sku"),
                     ("receive", "sku", "sku"),
+                    ("patch_sku", "sku", "sku"),
+                    ("adjust", "sku", "sku"),
                     ("movements", "sku", "sku"),
                     ("stock_one", "sku", "sku"),
                 ],
@@ -177,6 +184,7 @@ errors!(
     PlaceOrderErrors:
     Malformed(s()),
     Unauthorized,
+    Forbidden(""),
     SoldOut { sku: s(), available: 0 },
     TooLarge,
     UnsupportedMediaType,
@@ -207,7 +215,7 @@ errors!(
     CreateSkuErrors:
     Malformed(s()),
     Unauthorized,
-    Forbidden,
+    Forbidden(""),
     SkuExists { sku: s() },
     TooLarge,
     UnsupportedMediaType,
@@ -215,13 +223,13 @@ errors!(
     InvalidRequest(s()); shed(),
 );
 
-errors!(GetSkuErrors: Unauthorized, Forbidden, SkuNotFound { sku: s() }; shed());
+errors!(GetSkuErrors: Unauthorized, Forbidden(""), SkuNotFound { sku: s() }; shed());
 
 errors!(
     ReceiveErrors:
     Malformed(s()),
     Unauthorized,
-    Forbidden,
+    Forbidden(""),
     SkuNotFound { sku: s() },
     TooLarge,
     UnsupportedMediaType,
@@ -232,10 +240,41 @@ errors!(
 errors!(
     MovementsErrors:
     Unauthorized,
-    Forbidden,
+    Forbidden(""),
     SkuNotFound { sku: s() },
     InvalidRequest(s()); shed(),
 );
+
+errors!(ListSkusErrors: Unauthorized, Forbidden(""), InvalidRequest(s()), Unavailable(s()); shed());
+
+errors!(
+    PatchSkuErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden(""),
+    SkuNotFound { sku: s() },
+    TooLarge,
+    UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
+    InvalidRequest(s()),
+    Unavailable(s()); shed(),
+);
+
+errors!(
+    AdjustErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden(""),
+    SkuNotFound { sku: s() },
+    InsufficientStock { sku: s(), available: 0 },
+    TooLarge,
+    UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
+    InvalidRequest(s()),
+    Unavailable(s()); shed(),
+);
+
+errors!(AuditErrors: Unauthorized, Forbidden(""), InvalidRequest(s()); shed());
 
 /// One SKU's live level.
 #[derive(ToSchema)]
@@ -303,6 +342,40 @@ pub(super) struct NewSku {
 pub(super) struct Receipt {
     #[schema(schema_with = receipt_qty)]
     qty: i64,
+    #[schema(value_type = floodgate_common::domain::Reference)]
+    reference: String,
+}
+
+fn adjust_delta() -> utoipa::openapi::Object {
+    int_in(-MAX_RECEIVE, MAX_RECEIVE)
+}
+
+/// A change of a SKU's settings: any of the fields, at least one. Any other field
+/// (`sku`, `buckets`, stock) is a 422 naming it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct SkuChange {
+    /// 1-200 characters once trimmed.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    name: Option<String>,
+    #[schema(minimum = 0, maximum = 214_748_364_700_i64)]
+    price_cents: Option<i64>,
+    /// Units one buyer may hold; null: no limit. Buyers who hold more keep what they
+    /// have and may buy no more.
+    #[schema(minimum = 1, maximum = 1_000_000, format = Int64)]
+    per_user_limit: Option<i64>,
+}
+
+/// A correction of the units on hand, idempotent per (sku, reference).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct Adjustment {
+    /// Non-zero: negative writes units off (damage, loss), positive adds them.
+    #[schema(schema_with = adjust_delta)]
+    delta: i64,
+    /// Why, 1-200 characters once trimmed; kept on the ledger row.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    reason: String,
     #[schema(value_type = floodgate_common::domain::Reference)]
     reference: String,
 }

@@ -1,0 +1,500 @@
+//! Catalog and stock work as API.md's "v1 additions" define it: the roles of every route,
+//! the SKU list, PATCH, adjustments (write-offs racing orders), and the audit log that
+//! records every manager and admin write and refuses to be changed.
+
+use floodgate_tests::{Resp, TestApp};
+use futures::future::join_all;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// Who may call what (API.md "Roles"): each route with the roles that get past the role
+/// check. A caller who may not gets 403 `forbidden`; one who may gets anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_checks_the_role_api_md_gives_it() {
+    let app = TestApp::spawn().await;
+    app.create_sku("tee", 100, None).await;
+    let customer = app.customer("cora");
+    let placed = app.order(&customer, &[("tee", 1)], None).await;
+    assert_eq!(placed.status, 202);
+    let order = placed.body["order_id"].as_str().unwrap().to_owned();
+    app.wait_idle().await;
+    let tokens = [
+        ("customer", customer),
+        ("manager", app.manager("mia")),
+        ("admin", app.admin()),
+    ];
+    let (c, m, a) = ("customer", "manager", "admin");
+    let mut n = 0;
+    let mut fresh = || {
+        n += 1;
+        n
+    };
+    // (method, path, body, roles allowed). Bodies differ per call where a repeat would
+    // be a no-op, so each allowed call really does its work.
+    let mut routes: Vec<(Method, String, Option<Value>, Vec<&str>)> = Vec::new();
+    for role in [c, m, a] {
+        let i = fresh();
+        routes.extend([
+            (Method::POST, "/v1/orders".into(), Some(json!({"items": [{"sku": "tee", "qty": 1}]})), vec![c, a]),
+            (Method::POST, "/v1/skus".into(),
+                Some(json!({"sku": format!("new-{role}"), "name": "n", "price_cents": 1, "initial_stock": 1})),
+                vec![m, a]),
+            (Method::GET, "/v1/skus".into(), None, vec![m, a]),
+            (Method::GET, "/v1/skus/tee".into(), None, vec![m, a]),
+            (Method::PATCH, "/v1/skus/tee".into(), Some(json!({"name": format!("Tee {i}")})), vec![m, a]),
+            (Method::POST, "/v1/skus/tee/receive".into(), Some(json!({"qty": 1, "reference": format!("po-{i}")})), vec![m, a]),
+            (Method::POST, "/v1/skus/tee/adjust".into(),
+                Some(json!({"delta": -1, "reason": "damaged", "reference": format!("adj-{i}")})), vec![m, a]),
+            (Method::GET, "/v1/skus/tee/movements".into(), None, vec![m, a]),
+            (Method::GET, "/v1/audit".into(), None, vec![a]),
+            // Anyone with a token gets past the role check; visibility answers 404.
+            (Method::GET, format!("/v1/orders/{order}"), None, vec![c, m, a]),
+            (Method::GET, "/v1/stock/tee".into(), None, vec![c, m, a]),
+        ]);
+    }
+    let mut failures = Vec::new();
+    for (i, (method, path, body, allowed)) in routes.iter().enumerate() {
+        // Each block of routes above is sent by one role.
+        let (role, token) = &tokens[i / (routes.len() / 3)];
+        let r = app
+            .request(method.clone(), path, Some(token), body.as_ref(), &[])
+            .await;
+        let may = allowed.contains(role);
+        let refused = r.status == 403 && r.code() == "forbidden";
+        if may == refused || r.status == 401 || r.status >= 500 {
+            failures.push(format!(
+                "{role} {method} {path}: got {} {:?}",
+                r.status, r.body
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // A manager's order was refused before anything was reserved.
+    app.wait_idle().await;
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM orders WHERE user_id = 'mia'")
+            .await,
+        0
+    );
+    assert_eq!(app.scalar("SELECT count(*) FROM orders").await, 3);
+    let mut redis = app.redis.clone();
+    let violations = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 6)
+        .await
+        .unwrap();
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+fn entries(r: &Resp) -> Vec<Value> {
+    r.body["entries"].as_array().cloned().unwrap_or_default()
+}
+
+/// Every manager and admin write appends one record with actor, role, request id and
+/// before/after, in the change's own transaction; repeats that change nothing append
+/// nothing; ledger rows name who made them; and the table itself refuses UPDATE, DELETE
+/// and TRUNCATE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_records_every_write_and_cannot_be_changed() {
+    let app = TestApp::spawn().await;
+    let mia = app.manager("mia");
+    let admin = app.admin();
+    let with_id = |id: &'static str| [("X-Request-Id", id)];
+    let r = app
+        .request(
+            Method::POST,
+            "/v1/skus",
+            Some(&mia),
+            Some(&json!({"sku": "mug", "name": "Mug", "price_cents": 900, "initial_stock": 10, "per_user_limit": 3})),
+            &with_id("req-create"),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    for _ in 0..2 {
+        let r = app
+            .request(
+                Method::POST,
+                "/v1/skus/mug/receive",
+                Some(&mia),
+                Some(&json!({"qty": 5, "reference": "po-1"})),
+                &with_id("req-receive"),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body["on_hand"].as_i64()),
+            (200, Some(15)),
+            "{r:?}"
+        );
+    }
+    for _ in 0..2 {
+        let r = app
+            .post(
+                "/v1/skus/mug/adjust",
+                Some(&mia),
+                &json!({"delta": -2, "reason": "dropped in the warehouse", "reference": "wo-1"}),
+            )
+            .await;
+        assert_eq!(
+            (
+                r.status,
+                r.body["on_hand"].as_i64(),
+                r.body["available"].as_i64()
+            ),
+            (200, Some(13), Some(13)),
+            "{r:?}"
+        );
+    }
+    let r = app
+        .post(
+            "/v1/skus/mug/adjust",
+            Some(&admin),
+            &json!({"delta": 4, "reason": "found in a back room", "reference": "found-1"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["on_hand"].as_i64()),
+        (200, Some(17)),
+        "{r:?}"
+    );
+    let r = app
+        .patch(
+            "/v1/skus/mug",
+            Some(&mia),
+            &json!({"price_cents": 1100, "name": "Big mug"}),
+        )
+        .await;
+    assert_eq!(
+        (
+            r.status,
+            r.body["price_cents"].as_i64(),
+            r.body["name"].as_str()
+        ),
+        (200, Some(1100), Some("Big mug")),
+        "{r:?}"
+    );
+    // The same values again: nothing changed, nothing recorded.
+    let r = app
+        .patch("/v1/skus/mug", Some(&mia), &json!({"price_cents": 1100}))
+        .await;
+    assert_eq!(r.status, 200);
+    // A customer's cancel is no audited write; an admin's cancel of her order is.
+    let cora = app.customer("cora");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let placed = app.order(&cora, &[("mug", 1)], None).await;
+        assert_eq!(placed.status, 202, "{placed:?}");
+        ids.push(placed.body["order_id"].as_str().unwrap().to_owned());
+    }
+    app.wait_idle().await;
+    let r = app
+        .post(
+            &format!("/v1/orders/{}/cancel", ids[0]),
+            Some(&cora),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "cancelled", "{r:?}");
+    let r = app
+        .post(
+            &format!("/v1/orders/{}/cancel", ids[1]),
+            Some(&admin),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "cancelled", "{r:?}");
+
+    let log = app.get("/v1/audit", Some(&admin)).await;
+    assert_eq!(log.status, 200, "{log:?}");
+    let got: Vec<(String, String, String, String)> = entries(&log)
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+            (s("actor"), s("role"), s("action"), s("target"))
+        })
+        .collect();
+    let want = |a: &str, r: &str, act: &str, t: &str| (a.into(), r.into(), act.into(), t.into());
+    assert_eq!(
+        got,
+        vec![
+            want(
+                "admin",
+                "admin",
+                "order.cancel",
+                &format!("order:{}", ids[1])
+            ),
+            want("mia", "manager", "sku.update", "sku:mug"),
+            want("admin", "admin", "stock.adjust", "sku:mug"),
+            want("mia", "manager", "stock.adjust", "sku:mug"),
+            want("mia", "manager", "stock.receive", "sku:mug"),
+            want("mia", "manager", "sku.create", "sku:mug"),
+        ],
+        "newest first, one per change: {log:?}"
+    );
+    let e = entries(&log);
+    assert_eq!(e[5]["request_id"], "req-create");
+    assert_eq!(e[4]["request_id"], "req-receive");
+    assert!(
+        e[0]["request_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "a made-up id when none was sent"
+    );
+    assert_eq!(e[5]["after"]["per_user_limit"], 3);
+    assert!(e[5].get("before").is_none());
+    assert_eq!(
+        (
+            e[4]["before"]["on_hand"].as_i64(),
+            e[4]["after"]["on_hand"].as_i64()
+        ),
+        (Some(10), Some(15))
+    );
+    assert_eq!(
+        (
+            e[3]["before"]["on_hand"].as_i64(),
+            e[3]["after"]["on_hand"].as_i64(),
+            e[3]["after"]["delta"].as_i64()
+        ),
+        (Some(15), Some(13), Some(-2))
+    );
+    assert_eq!(e[3]["after"]["reason"], "dropped in the warehouse");
+    assert_eq!(
+        (
+            e[1]["before"]["price_cents"].as_i64(),
+            e[1]["after"]["price_cents"].as_i64()
+        ),
+        (Some(900), Some(1100))
+    );
+    assert_eq!(
+        (
+            e[1]["before"]["name"].as_str(),
+            e[1]["after"]["name"].as_str()
+        ),
+        (Some("Mug"), Some("Big mug"))
+    );
+    assert!(
+        e.iter()
+            .all(|e| e["at"].as_str().is_some_and(|t| t.ends_with('Z')))
+    );
+
+    // Filters and paging.
+    let mine = app.get("/v1/audit?actor=mia&limit=2", Some(&admin)).await;
+    assert_eq!(entries(&mine).len(), 2);
+    assert!(entries(&mine).iter().all(|e| e["actor"] == "mia"));
+    let cursor = mine.body["next_cursor"]
+        .as_str()
+        .expect("a second page")
+        .to_owned();
+    let rest = app
+        .get(
+            &format!("/v1/audit?actor=mia&limit=2&cursor={cursor}"),
+            Some(&admin),
+        )
+        .await;
+    let actions: Vec<String> = entries(&rest)
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(actions, ["stock.receive", "sku.create"]);
+    assert!(rest.body["next_cursor"].is_null());
+    let order_log = app
+        .get(&format!("/v1/audit?target=order:{}", ids[1]), Some(&admin))
+        .await;
+    assert_eq!(entries(&order_log).len(), 1);
+
+    // Ledger rows carry their actor; an adjustment its reason and signed units.
+    let m = app.get("/v1/skus/mug/movements", Some(&mia)).await;
+    let rows: Vec<(String, i64, Option<String>, Option<String>)> = m.body["movements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap().to_owned(),
+                r["qty"].as_i64().unwrap(),
+                r["actor"].as_str().map(str::to_owned),
+                r["reason"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    let row = |k: &str, q: i64, a: Option<&str>, r: Option<&str>| {
+        (k.to_owned(), q, a.map(str::to_owned), r.map(str::to_owned))
+    };
+    assert_eq!(
+        rows,
+        vec![
+            row("cancel", 1, Some("admin"), None),
+            row("cancel", 1, Some("cora"), None),
+            row("sale", 1, None, None),
+            row("sale", 1, None, None),
+            row("adjust", 4, Some("admin"), Some("found in a back room")),
+            row("adjust", -2, Some("mia"), Some("dropped in the warehouse")),
+            row("receive", 5, Some("mia"), None),
+            row("receive", 10, Some("mia"), None),
+        ]
+    );
+
+    // Append-only, whoever asks: the database refuses, not just the code.
+    let db = app.pg.get().await.unwrap();
+    for sql in [
+        "UPDATE audit_log SET actor = 'someone-else'",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
+        let e = db.execute(sql, &[]).await.expect_err(sql);
+        assert!(format!("{e:?}").contains("append-only"), "{sql}: {e:?}");
+    }
+    assert_eq!(app.scalar("SELECT count(*) FROM audit_log").await, 6);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM audit_log WHERE actor = 'someone-else'")
+            .await,
+        0
+    );
+    let mut redis = app.redis.clone();
+    let violations = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 6)
+        .await
+        .unwrap();
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// Write-offs race a sell-out: each one is decided in Redis atomically with the orders,
+/// so no unit is both sold and written off, and PostgreSQL agrees with Redis afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_offs_racing_a_sell_out_never_oversell() {
+    let app = TestApp::spawn().await;
+    app.create_sku("drop", 100, None).await;
+    let mia = app.manager("mia");
+    let buyers: Vec<String> = (0..150).map(|i| app.customer(&format!("b{i}"))).collect();
+    let orders = join_all(buyers.iter().map(|t| app.order(t, &[("drop", 1)], None)));
+    let (app_ref, mia_ref) = (&app, &mia);
+    let write_offs = join_all((0..12).map(|i| async move {
+        let body = json!({"delta": -5, "reason": "crushed", "reference": format!("wo-{i}")});
+        app_ref
+            .post("/v1/skus/drop/adjust", Some(mia_ref), &body)
+            .await
+    }));
+    let (orders, write_offs) = tokio::join!(orders, write_offs);
+    let accepted: Vec<String> = orders
+        .iter()
+        .filter(|r| r.status == 202)
+        .map(|r| r.body["order_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        orders
+            .iter()
+            .all(|r| r.status == 202 || r.code() == "sold_out"),
+        "{orders:?}"
+    );
+    let written: i64 = write_offs
+        .iter()
+        .map(|r| match (r.status, r.code()) {
+            (200, _) => 5,
+            (409, "insufficient_stock") => 0,
+            _ => panic!("{r:?}"),
+        })
+        .sum();
+    app.wait_idle().await;
+    let outcomes = app.assert_invariants(&accepted).await;
+    assert_eq!(
+        outcomes.get("confirmed").copied().unwrap_or(0) as usize,
+        accepted.len()
+    );
+    let sku = app.get("/v1/skus/drop", Some(&mia)).await;
+    let (on_hand, sold, available) = (
+        sku.body["on_hand"].as_i64().unwrap(),
+        sku.body["sold"].as_i64().unwrap(),
+        sku.body["available"].as_i64().unwrap(),
+    );
+    assert_eq!(on_hand, 100 - written, "{sku:?}");
+    assert_eq!(sold, accepted.len() as i64);
+    assert_eq!(
+        sold + available,
+        on_hand,
+        "every unit sold, on sale or written off, once"
+    );
+    assert!(
+        available < 5 || written == 60,
+        "a refused write-off saw fewer than 5 free units"
+    );
+    // A repeat of a write-off that went through changes nothing.
+    if let Some(i) = write_offs.iter().position(|r| r.status == 200) {
+        let again = app
+            .post(
+                "/v1/skus/drop/adjust",
+                Some(&mia),
+                &json!({"delta": -5, "reason": "crushed", "reference": format!("wo-{i}")}),
+            )
+            .await;
+        assert_eq!(
+            (again.status, again.body["on_hand"].as_i64()),
+            (200, Some(on_hand))
+        );
+    }
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM audit_log WHERE action = 'stock.adjust'")
+            .await,
+        written / 5
+    );
+}
+
+/// PATCH reaches what the reserve decision reads: a new per-user limit holds for the
+/// next order, `null` clears it; the SKU list pages newest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patched_limit_holds_at_once_and_the_list_pages_newest_first() {
+    let app = TestApp::spawn().await;
+    let mia = app.manager("mia");
+    for sku in ["a-1", "a-2", "a-3"] {
+        app.create_sku(sku, 50, None).await;
+    }
+    let cora = app.customer("cora");
+    assert_eq!(app.order(&cora, &[("a-2", 2)], None).await.status, 202);
+    let r = app
+        .patch("/v1/skus/a-2", Some(&mia), &json!({"per_user_limit": 3}))
+        .await;
+    assert_eq!(
+        (r.status, r.body["per_user_limit"].as_i64()),
+        (200, Some(3)),
+        "{r:?}"
+    );
+    let refused = app.order(&cora, &[("a-2", 2)], None).await;
+    assert_eq!(
+        (
+            refused.status,
+            refused.code(),
+            refused.body["limit"].as_i64(),
+            refused.body["already"].as_i64()
+        ),
+        (422, "limit_exceeded", Some(3), Some(2)),
+        "{refused:?}"
+    );
+    assert_eq!(app.order(&cora, &[("a-2", 1)], None).await.status, 202);
+    let r = app
+        .patch("/v1/skus/a-2", Some(&mia), &json!({"per_user_limit": null}))
+        .await;
+    assert_eq!(
+        (r.status, r.body["per_user_limit"].as_i64()),
+        (200, Some(0)),
+        "{r:?}"
+    );
+    assert_eq!(app.order(&cora, &[("a-2", 10)], None).await.status, 202);
+
+    let first = app.get("/v1/skus?limit=2", Some(&mia)).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    let ids = |r: &Resp| -> Vec<String> {
+        r.body["skus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["sku"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&first), ["a-3", "a-2"]);
+    assert_eq!(first.body["skus"][1]["available"], 50 - 2 - 1 - 10);
+    let cursor = first.body["next_cursor"].as_str().expect("more").to_owned();
+    let second = app
+        .get(&format!("/v1/skus?limit=2&cursor={cursor}"), Some(&mia))
+        .await;
+    assert_eq!(ids(&second), ["a-1"]);
+    assert!(second.body["next_cursor"].is_null());
+    app.wait_idle().await;
+    let mut redis = app.redis.clone();
+    let violations = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 6)
+        .await
+        .unwrap();
+    assert!(violations.is_empty(), "{violations:#?}");
+}
