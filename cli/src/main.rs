@@ -129,7 +129,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let cfg = Config::from_env().context("reading configuration")?;
     telemetry::init_logging_with_default("warn");
-    let actor = operator(cli.actor.as_deref())?;
+    // Checked only by the commands that write (an odd $USER must not stop a `token`).
+    let actor = || operator(cli.actor.as_deref());
     match cli.command {
         Command::Migrate => {
             floodgate_common::db::ensure_database(&cfg).await?;
@@ -158,8 +159,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             quiet_secs,
             timeout_secs,
         } => {
-            let code =
-                reconcile_cmd(&cfg, &actor, check, if_unloaded, quiet_secs, timeout_secs).await?;
+            let actor = if check { None } else { Some(actor()?) };
+            let code = reconcile_cmd(
+                &cfg,
+                actor.as_ref(),
+                check,
+                if_unloaded,
+                quiet_secs,
+                timeout_secs,
+            )
+            .await?;
             std::process::exit(code);
         }
         Command::Dlq { command } => match command {
@@ -169,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     all || !order.is_empty(),
                     "say which dead letters to replay: --all, or --order <id> (see floodgate dlq list)"
                 );
-                dlq_replay(&cfg, &actor, all, &order, limit).await?;
+                dlq_replay(&cfg, &actor()?, all, &order, limit).await?;
             }
         },
     }
@@ -178,7 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn reconcile_cmd(
     cfg: &Config,
-    actor: &floodgate_common::audit::Actor,
+    actor: Option<&floodgate_common::audit::Actor>,
     check_only: bool,
     if_unloaded: bool,
     quiet_secs: u64,
@@ -206,41 +215,36 @@ async fn reconcile_cmd(
         println!("stock is loaded; nothing to do");
         return Ok(0);
     }
-    let repaired = if check_only {
-        None
-    } else {
-        Some(
-            reconcile::repair(
-                cfg,
-                &pool,
-                &mut redis,
-                Duration::from_secs(quiet_secs),
-                Duration::from_secs(timeout_secs),
-                |msg| eprintln!("{msg}"),
-            )
-            .await?,
-        )
-    };
-    let violations = reconcile::check(&pool, &mut redis, &shards, 3).await?;
-    if let Some(skus) = repaired {
-        // A reload rewrote Redis: an operator's write. (`--check` changes nothing.)
-        let db = pool.get().await.context("PostgreSQL connection")?;
-        floodgate_common::audit::append(
-            &db,
-            actor,
-            floodgate_common::audit::Entry {
-                action: "reconcile",
-                target: "stock".into(),
-                before: None,
-                after: Some(serde_json::json!({
-                    "skus_loaded": skus,
-                    "violations": violations.len(),
-                    "if_unloaded": if_unloaded,
-                })),
-            },
+    if !check_only {
+        let skus = reconcile::repair(
+            cfg,
+            &pool,
+            &mut redis,
+            Duration::from_secs(quiet_secs),
+            Duration::from_secs(timeout_secs),
+            |msg| eprintln!("{msg}"),
         )
         .await?;
+        // Recorded as soon as Redis was rewritten, whatever the check finds next.
+        if let Some(actor) = actor {
+            let db = pool.get().await.context("PostgreSQL connection")?;
+            floodgate_common::audit::append(
+                &db,
+                actor,
+                floodgate_common::audit::Entry {
+                    action: "reconcile",
+                    target: "stock".into(),
+                    before: None,
+                    after: Some(serde_json::json!({
+                        "skus_loaded": skus,
+                        "if_unloaded": if_unloaded,
+                    })),
+                },
+            )
+            .await?;
+        }
     }
+    let violations = reconcile::check(&pool, &mut redis, &shards, 3).await?;
     if violations.is_empty() {
         println!("ok: Redis matches PostgreSQL and every invariant holds");
         Ok(0)

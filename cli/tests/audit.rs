@@ -76,18 +76,21 @@ async fn operator_commands_are_audited_under_the_operators_name() {
         ]
     );
     let after: serde_json::Value = rows[0].get(5);
-    assert_eq!(
-        (after["skus_loaded"].as_i64(), after["violations"].as_i64()),
-        (Some(1), Some(0)),
-        "{after}"
-    );
+    assert_eq!(after["skus_loaded"].as_i64(), Some(1), "{after}");
     let id: Option<String> = rows[1].get(4);
     assert!(
         id.is_some_and(|i| uuid::Uuid::parse_str(&i).is_ok()),
         "a run id"
     );
 
-    // A name that cannot be recorded is refused before anything runs.
+    // A name that cannot be recorded is refused before anything runs; commands that
+    // write nothing do not mind it.
+    let token = Command::new(FLOODGATE)
+        .envs(env_of(&app.cfg))
+        .args(["--actor", "two words", "token", "--sub", "x"])
+        .output()
+        .unwrap();
+    assert!(token.status.success(), "{token:?}");
     let bad = Command::new(FLOODGATE)
         .envs(env_of(&app.cfg))
         .args(["--actor", "two words", "reconcile"])

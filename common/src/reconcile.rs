@@ -113,9 +113,12 @@ pub struct Settled {
     pub finished: usize,
     /// Open reservations of orders PostgreSQL holds failed: their units given back.
     pub released: usize,
-    /// Committed stock changes (receipts, a SKU's initial stock, cancels) whose Redis
-    /// half was lost: applied now, under their own token.
+    /// Committed stock changes (receipts, a SKU's initial stock, cancels, units added
+    /// by an adjustment) whose Redis half was lost: applied now, under their own token.
     pub reapplied: usize,
+    /// Write-offs whose units were taken in Redis but whose record never committed (a
+    /// crash, a lost commit): their units given back.
+    pub given_back: usize,
 }
 
 /// Settles open reservations whose order PostgreSQL already decided, in every shard (each
@@ -142,15 +145,68 @@ pub async fn settle<C: ConnectionLike>(
         settle_shard(&db, con, keys, &mut settled).await?;
     }
     settled.reapplied = reapply_stock_changes(&db, con, shards).await?;
+    let mut db = db;
+    settled.given_back = settle_takes(&mut db, con, shards).await?;
     if settled != Settled::default() {
         tracing::warn!(
             finished = settled.finished,
             released = settled.released,
             reapplied = settled.reapplied,
+            given_back = settled.given_back,
             "settled reservations whose order PostgreSQL had already decided (a lost Redis write)"
         );
     }
     Ok(settled)
+}
+
+/// Ends the write-offs left in Redis's `takes`: one PostgreSQL recorded loses its entry
+/// (its units stay gone); one it did not, and that no request is still working on (its
+/// SKU's adjustment lock is free), gets its units back. Returns the units given back.
+async fn settle_takes<C: ConnectionLike>(
+    db: &mut deadpool_postgres::Object,
+    con: &mut C,
+    shards: &Shards,
+) -> anyhow::Result<usize> {
+    use crate::redis::{open_takes, parse_adjust_token, take_done, untake_stock};
+    let mut given_back = 0;
+    for (_, keys) in shards.iter() {
+        for (token, _) in open_takes(con, keys)
+            .await
+            .context("reading the open write-offs")?
+        {
+            let Some((sku, reference)) = parse_adjust_token(&token) else {
+                continue;
+            };
+            let tx = db.transaction().await.context("starting a transaction")?;
+            let free: bool = tx
+                .query_one(crate::stock::ADJUST_TRY_LOCK, &[&sku.as_str()])
+                .await
+                .context("trying a SKU's adjustment lock")?
+                .get(0);
+            if !free {
+                // A request holds it: that write-off is in flight; its own end clears it.
+                continue;
+            }
+            let recorded = tx
+                .query_opt(
+                    "SELECT 1 FROM stock_movements WHERE kind = 'adjust' AND sku = $1 AND reference = $2",
+                    &[&sku.as_str(), &reference],
+                )
+                .await
+                .context("reading a write-off")?
+                .is_some();
+            if recorded {
+                take_done(con, keys, &sku, &token).await?;
+            } else if untake_stock(con, keys, &sku, &token).await? > 0 {
+                tracing::warn!(%sku, reference, "gave back the units of a write-off that never committed");
+                given_back += 1;
+            }
+            tx.commit()
+                .await
+                .context("releasing a SKU's adjustment lock")?;
+        }
+    }
+    Ok(given_back)
 }
 
 async fn settle_shard<C: ConnectionLike>(
@@ -202,20 +258,34 @@ async fn settle_shard<C: ConnectionLike>(
 /// write (a failover) would leave those units out of sale until a reload. The token makes
 /// it safe beside a request still on its way to apply it: whichever comes first applies
 /// the change, the other finds the token and changes nothing.
+/// A committed stock change to apply once (see [`reapply_stock_changes`]).
+struct Change {
+    token: String,
+    sku: crate::domain::Sku,
+    qty: i64,
+    limit: Option<i64>,
+    /// The SKU's sale window and bucket count, written before its initial stock.
+    window: Option<(String, usize)>,
+    user: Option<crate::domain::UserId>,
+    shard: usize,
+}
+
 async fn reapply_stock_changes<C: ConnectionLike>(
     db: &deadpool_postgres::Object,
     con: &mut C,
     shards: &Shards,
 ) -> anyhow::Result<usize> {
     use crate::domain::{Sku, UserId};
-    use crate::redis::{StockChange, apply_stock, cancel_token, receive_token};
+    use crate::redis::{StockChange, adjust_token, apply_stock, cancel_token, receive_token};
     let rows = db
         .query(
-            "SELECT m.sku, m.kind, m.reference, m.qty, s.per_user_limit, s.buckets, o.user_id
+            "SELECT m.sku, m.kind, m.reference, m.qty, s.per_user_limit, s.buckets, o.user_id,
+                    (extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
+                    (extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms
                FROM stock_movements m
                JOIN skus s ON s.sku = m.sku
                LEFT JOIN orders o ON m.kind = 'cancel' AND o.id::text = m.reference
-              WHERE m.kind IN ('receive', 'cancel')
+              WHERE m.kind IN ('receive', 'cancel') OR (m.kind = 'adjust' AND m.qty > 0)
               ORDER BY m.id",
             &[],
         )
@@ -267,14 +337,40 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                     // The buyer's bucket, for a SKU with buckets.
                     let k = r.get::<_, i16>("buckets").max(1) as usize;
                     let g = shards.holding_shard(&sku, k, &user);
-                    changes.push((cancel_token(&order, &sku), sku, qty, None, Some(user), g));
+                    changes.push(Change {
+                        token: cancel_token(&order, &sku),
+                        sku,
+                        qty,
+                        limit: None,
+                        window: None,
+                        user: Some(user),
+                        shard: g,
+                    });
                 }
-                _ => {
-                    // A SKU's first receipt also set its per-user limit.
-                    let limit = (reference == INITIAL_REFERENCE)
-                        .then(|| i64::from(r.get::<_, i32>("per_user_limit")));
+                kind => {
+                    // A SKU's first receipt also set its per-user limit, and its sale
+                    // window went to Redis before it (never stock without its window).
+                    let initial = kind == "receive" && reference == INITIAL_REFERENCE;
+                    let limit = initial.then(|| i64::from(r.get::<_, i32>("per_user_limit")));
+                    let window = initial
+                        .then(|| crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms")))
+                        .flatten()
+                        .map(|w| (w, r.get::<_, i16>("buckets").max(1) as usize));
+                    let token = if kind == "adjust" {
+                        adjust_token(&sku, &reference)
+                    } else {
+                        receive_token(&sku, &reference)
+                    };
                     let g = shards.of_sku(&sku);
-                    changes.push((receive_token(&sku, &reference), sku, qty, limit, None, g));
+                    changes.push(Change {
+                        token,
+                        sku,
+                        qty,
+                        limit,
+                        window,
+                        user: None,
+                        shard: g,
+                    });
                 }
             }
         }
@@ -284,7 +380,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
         // Each token lives in its SKU's shard: one SMISMEMBER per shard involved.
         let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, c) in changes.iter().enumerate() {
-            by_shard.entry(c.5).or_default().push(i);
+            by_shard.entry(c.shard).or_default().push(i);
         }
         let mut present = vec![false; changes.len()];
         for (g, at) in &by_shard {
@@ -292,7 +388,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                 .arg(shards.get(*g).applied())
                 .arg(
                     at.iter()
-                        .map(|&i| changes[i].0.as_str())
+                        .map(|&i| changes[i].token.as_str())
                         .collect::<Vec<_>>(),
                 )
                 .query_async(con)
@@ -302,19 +398,29 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                 present[i] = f;
             }
         }
-        for ((token, sku, qty, limit, user, g), present) in changes.iter().zip(present) {
+        for (c, present) in changes.iter().zip(present) {
             if present {
                 continue;
             }
+            if let Some((w, k)) = &c.window {
+                let mut pipe = redis::pipe();
+                for g in shards.bucket_shards(&c.sku, *k) {
+                    crate::redis::set_window(&mut pipe, shards.get(g), &c.sku, Some(w));
+                }
+                let _: () = pipe
+                    .query_async(con)
+                    .await
+                    .context("writing a SKU's sale window")?;
+            }
             apply_stock(
                 con,
-                shards.get(*g),
+                shards.get(c.shard),
                 &StockChange {
-                    sku,
-                    units: *qty,
-                    token,
-                    per_user_limit: *limit,
-                    user: user.as_ref().map(|u| (u, -qty)),
+                    sku: &c.sku,
+                    units: c.qty,
+                    token: &c.token,
+                    per_user_limit: c.limit,
+                    user: c.user.as_ref().map(|u| (u, -c.qty)),
                 },
             )
             .await

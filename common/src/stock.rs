@@ -66,8 +66,26 @@ pub async fn check_layout<C: ConnectionLike>(con: &mut C, shards: &Shards) -> an
     }
 }
 
+/// Held exclusively by a load ([`load_shards`]) from its snapshot of PostgreSQL until
+/// its last Redis write, and shared by every request that changes Redis before its
+/// PostgreSQL commit (a write-off, a PATCH): such a change commits either before the
+/// snapshot (the load sees it) or after the load (it applies to the loaded levels),
+/// never in between, where the load would overwrite it with what it replaced.
+pub const LOAD_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtext('floodgate.stock-load'), hashtext(current_schema()))";
+/// The shared side of [`LOAD_LOCK`], for the transaction of such a change.
+pub const LOAD_LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(hashtext('floodgate.stock-load'), hashtext(current_schema()))";
+/// One SKU's adjustments, one at a time ($1: the SKU): held from before a write-off
+/// takes its units in Redis until its record commits. The worker's settle pass takes
+/// it with `pg_try_advisory_xact_lock` before giving back the units of a write-off that
+/// never committed, so it never races one in flight.
+pub const ADJUST_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtext('floodgate.adjust'), hashtext($1))";
+pub const ADJUST_TRY_LOCK: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtext('floodgate.adjust'), hashtext($1))";
+
 /// Loads the shards `which` of `shards`: each SKU's available units (on_hand - sold),
-/// per-user limits, the units each user holds and the applied stock-change tokens, from
+/// per-user limits, sale windows, the units each user holds and the applied stock-change tokens, from
 /// PostgreSQL into the shard the SKU lives in, replacing what was there, one MULTI per
 /// shard (nobody sees half a shard's load), then sets each shard's stock epoch, which
 /// opens it to ingress. Returns the number of SKUs loaded.
@@ -81,6 +99,14 @@ pub async fn load_shards<C: ConnectionLike>(
     shards: &Shards,
     which: &[usize],
 ) -> anyhow::Result<usize> {
+    let mut lock_db = pool.get().await.context("PostgreSQL connection")?;
+    let lock = lock_db
+        .transaction()
+        .await
+        .context("starting the load's lock")?;
+    lock.execute(LOAD_LOCK, &[])
+        .await
+        .context("waiting for in-flight write-offs and SKU changes (the load lock)")?;
     let mut db = pool.get().await.context("PostgreSQL connection")?;
     // One snapshot for the three reads, so a receipt committing meanwhile is either in
     // all of them or in none.
@@ -93,7 +119,9 @@ pub async fn load_shards<C: ConnectionLike>(
         .context("starting a snapshot")?;
     let skus = db
         .query(
-            "SELECT s.sku, s.per_user_limit, s.buckets, i.on_hand - i.sold AS available
+            "SELECT s.sku, s.per_user_limit, s.buckets, i.on_hand - i.sold AS available,
+                    (extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
+                    (extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms
                FROM skus s JOIN inventory i USING (sku)",
             &[],
         )
@@ -134,6 +162,8 @@ pub async fn load_shards<C: ConnectionLike>(
                 .del(keys.limits())
                 .del(keys.applied())
                 .del(keys.buckets())
+                .del(keys.windows())
+                .del(keys.takes())
                 .del(keys.moves());
             (g, pipe)
         })
@@ -175,6 +205,9 @@ pub async fn load_shards<C: ConnectionLike>(
             }
             pipe.hset(keys.stock(), &sku, share);
             pipe.hset(keys.limits(), &sku, r.get::<_, i32>("per_user_limit"));
+            if let Some(w) = crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms")) {
+                pipe.hset(keys.windows(), &sku, w);
+            }
         }
         loaded += 1;
     }
@@ -212,8 +245,8 @@ pub async fn load_shards<C: ConnectionLike>(
                 ),
                 _ => continue,
             },
-            // Units added by an adjustment, like a receipt (a write-off's mark is only
-            // needed until PostgreSQL records it, and this load starts from that record).
+            // Units added by an adjustment, like a receipt (a write-off's `takes` entry is
+            // only needed until PostgreSQL records it, and this load starts from that).
             "adjust" => (adjust_token(&sku, reference), shards.of_sku(&sku)),
             _ => (receive_token(&sku, reference), shards.of_sku(&sku)),
         };
@@ -238,6 +271,7 @@ pub async fn load_shards<C: ConnectionLike>(
             .await
             .with_context(|| format!("opening the gate (the stock epoch of shard {g})"))?;
     }
+    lock.commit().await.context("releasing the load lock")?;
     Ok(loaded)
 }
 

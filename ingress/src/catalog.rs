@@ -3,7 +3,7 @@
 
 use crate::{
     error::ApiError,
-    repo::{self, NewSku, SkuCursor, SkuPatch, SkuRow},
+    repo::{self, NewSku, Patched, SkuCursor, SkuPatch, SkuRow, Window},
     state::AppState,
     stock,
 };
@@ -14,6 +14,7 @@ use floodgate_common::{
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// Units one receipt may add (and one adjustment add or write off), and the most a SKU
 /// may start with.
@@ -66,6 +67,24 @@ impl Fields<'_> {
         Ok(v)
     }
 
+    /// An RFC 3339 instant (years 1970-9999), absent or null: None.
+    fn opt_time(&self, name: &str) -> Result<Option<OffsetDateTime>, ApiError> {
+        let bad = || {
+            ApiError::InvalidRequest(format!(
+                "{name}: must be an RFC 3339 date-time (e.g. 2030-01-01T09:00:00Z) or null"
+            ))
+        };
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => OffsetDateTime::parse(s, &Rfc3339)
+                .ok()
+                .filter(|t| (1970..=9999).contains(&t.year()))
+                .map(|t| Some(t.to_offset(time::UtcOffset::UTC)))
+                .ok_or_else(bad),
+            Some(_) => Err(bad()),
+        }
+    }
+
     fn opt_int(&self, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
@@ -108,7 +127,16 @@ pub async fn create(
         buckets: f
             .opt_int("buckets", 1, fredis::MAX_SHARDS as i64)?
             .unwrap_or(1) as i16,
+        window: Window {
+            starts: f.opt_time("sale_starts_at")?,
+            ends: f.opt_time("sale_ends_at")?,
+        },
     };
+    if !new.window.is_valid() {
+        return Err(ApiError::InvalidRequest(
+            "sale_ends_at: must be after sale_starts_at".into(),
+        ));
+    }
     // More buckets than shards would put two in one shard, where they would be one.
     if new.buckets as usize > st.shards.count() {
         return Err(ApiError::InvalidRequest(format!(
@@ -127,6 +155,9 @@ pub async fn create(
     let initial_stock = repo::receipt_qty(&st.pg, &new.sku, &initial)
         .await?
         .unwrap_or(new.initial_stock);
+    // The window before any unit: a SKU whose sale has not started must never be seen
+    // with stock and no window.
+    write_windows(st, &new.sku, &row).await?;
     // The row's count, not the request's: a repeat with another count heals the first.
     fredis::buckets::open_buckets(
         &mut st.redis.clone(),
@@ -297,7 +328,14 @@ pub async fn list(
     st: &AppState,
     limit: Option<&str>,
     cursor: Option<&str>,
+    product_id: Option<&str>,
 ) -> Result<SkuPage, ApiError> {
+    if product_id.is_some() {
+        // Better refused than ignored: a filter that returned every SKU would mislead.
+        return Err(ApiError::InvalidRequest(
+            "product_id: products are not built yet in this version".into(),
+        ));
+    }
     let limit = page_limit(limit)?;
     let after = match cursor {
         None | Some("") => None,
@@ -376,14 +414,15 @@ pub async fn patch(
             Some(Value::Null) => Some(0),
             Some(_) => Some(f.int("per_user_limit", 1, 1_000_000)? as i32),
         },
+        sale_starts_at: body
+            .contains_key("sale_starts_at")
+            .then(|| f.opt_time("sale_starts_at"))
+            .transpose()?,
+        sale_ends_at: body
+            .contains_key("sale_ends_at")
+            .then(|| f.opt_time("sale_ends_at"))
+            .transpose()?,
     };
-    for window in ["sale_starts_at", "sale_ends_at"] {
-        if body.contains_key(window) {
-            return Err(ApiError::InvalidRequest(format!(
-                "{window}: sale windows are not enforced by this version yet, so they cannot be set"
-            )));
-        }
-    }
     let mut db = st
         .pg
         .get()
@@ -393,14 +432,58 @@ pub async fn patch(
         .transaction()
         .await
         .map_err(|e| anyhow::Error::new(e).context("starting a transaction"))?;
-    let (before, after) = repo::update_sku(&tx, &sku, &patch, actor)
-        .await?
-        .ok_or_else(|| ApiError::SkuNotFound {
-            sku: sku.to_string(),
-        })?;
+    tx.execute(floodgate_common::stock::LOAD_LOCK_SHARED, &[])
+        .await
+        .map_err(|e| lock_wait(anyhow::Error::new(e).context("waiting for a load of stock")))?;
+    let (before, after) = match repo::update_sku(&tx, &sku, &patch, actor)
+        .await
+        .map_err(lock_wait)?
+    {
+        Patched::Done(rows) => *rows,
+        Patched::UnknownSku => {
+            return Err(ApiError::SkuNotFound {
+                sku: sku.to_string(),
+            });
+        }
+        Patched::BadWindow => {
+            return Err(ApiError::InvalidRequest(
+                "sale_ends_at: must be after sale_starts_at (as the SKU's window would be)".into(),
+            ));
+        }
+    };
+    // Redis first, under the row lock and the shared load lock: what orders are decided
+    // by never lags what PostgreSQL says, and a failure anywhere puts back what was.
+    if let Err(e) = write_settings(st, &sku, &before, &after).await {
+        restore_settings(st, &sku, &before, &after).await;
+        return Err(e);
+    }
+    if let Err(e) = tx.commit().await {
+        restore_settings(st, &sku, &before, &after).await;
+        return Err(anyhow::Error::new(e)
+            .context("committing a SKU change")
+            .into());
+    }
+    let available = stock::available(st, &sku).await?;
+    Ok(SkuView {
+        row: after,
+        available,
+    })
+}
+
+/// Writes what of `after` differs from `before` and `reserve.lua` reads (the per-user
+/// limit, the sale window) to every shard holding a bucket of `sku`.
+async fn write_settings(
+    st: &AppState,
+    sku: &Sku,
+    before: &SkuRow,
+    after: &SkuRow,
+) -> Result<(), ApiError> {
+    if before.window != after.window {
+        write_windows(st, sku, after).await?;
+    }
     if before.per_user_limit != after.per_user_limit {
         let mut pipe = redis::pipe();
-        for g in st.shards.bucket_shards(&sku, after.buckets.max(1) as usize) {
+        for g in st.shards.bucket_shards(sku, after.buckets.max(1) as usize) {
             pipe.hset(
                 st.shards.get(g).limits(),
                 sku.as_str(),
@@ -413,14 +496,30 @@ pub async fn patch(
             .await
             .map_err(|e| crate::orders::unavailable("Redis", e))?;
     }
-    tx.commit()
+    Ok(())
+}
+
+/// Puts `before`'s settings back in Redis after a PATCH that did not commit. If this
+/// fails too, Redis keeps the new ones until a reload (logged).
+async fn restore_settings(st: &AppState, sku: &Sku, before: &SkuRow, after: &SkuRow) {
+    if let Err(e) = write_settings(st, sku, after, before).await {
+        tracing::error!(error = %e, %sku, "a PATCH failed and its Redis settings could not be put back: run floodgate reconcile");
+    }
+}
+
+/// Writes `row`'s sale window to every shard holding a bucket of `sku` (removes it when
+/// the SKU has none), where `reserve.lua` reads it.
+async fn write_windows(st: &AppState, sku: &Sku, row: &SkuRow) -> Result<(), ApiError> {
+    let field = row.window.field();
+    let mut pipe = redis::pipe();
+    for g in st.shards.bucket_shards(sku, row.buckets.max(1) as usize) {
+        fredis::set_window(&mut pipe, st.shards.get(g), sku, field.as_deref());
+    }
+    let _: () = pipe
+        .query_async(&mut st.redis.clone())
         .await
-        .map_err(|e| anyhow::Error::new(e).context("committing a SKU change"))?;
-    let available = stock::available(st, &sku).await?;
-    Ok(SkuView {
-        row: after,
-        available,
-    })
+        .map_err(|e| crate::orders::unavailable("Redis", e))?;
+    Ok(())
 }
 
 /// `POST /v1/skus/{sku}/adjust`: a correction of the units on hand, idempotent per
@@ -457,12 +556,12 @@ pub async fn adjust(
         .await
         .map_err(|e| anyhow::Error::new(e).context("PostgreSQL connection"))?;
     let tx = db.transaction().await.map_err(pg)?;
-    let (on_hand, buckets) =
-        repo::lock_adjustments(&tx, &sku)
-            .await?
-            .ok_or_else(|| ApiError::SkuNotFound {
-                sku: sku.to_string(),
-            })?;
+    let (on_hand, buckets) = repo::lock_adjustments(&tx, &sku)
+        .await
+        .map_err(lock_wait)?
+        .ok_or_else(|| ApiError::SkuNotFound {
+            sku: sku.to_string(),
+        })?;
     let token = adjust_token(&sku, reference.as_str());
     let mut redis = st.redis.clone();
     let home = st.shards.of_sku(&sku);
@@ -476,7 +575,7 @@ pub async fn adjust(
         return answer(st, &sku, on_hand).await;
     }
     if delta > 0 {
-        let after = record(&tx, &sku, delta, &reason, &reference, actor, on_hand).await?;
+        let after = record(st, &tx, &sku, delta, &reason, &reference, actor).await?;
         tx.commit().await.map_err(pg)?;
         apply_added(st, &sku, delta, &token).await?;
         return answer(st, &sku, after).await;
@@ -526,7 +625,7 @@ pub async fn adjust(
             "Redis replicas did not confirm the write-off in time; nothing was changed".into(),
         ));
     }
-    let recorded = match record(&tx, &sku, -units, &reason, &reference, actor, on_hand).await {
+    let recorded = match record(st, &tx, &sku, -units, &reason, &reference, actor).await {
         Ok(after) => after,
         Err(e) => {
             give_back(st, &sku, &token).await;
@@ -534,29 +633,51 @@ pub async fn adjust(
         }
     };
     if let Err(e) = tx.commit().await {
-        // The outcome is unknown: the units stay out of sale (never sold twice); the
-        // same request again settles it.
+        // The outcome is unknown: the units stay out of sale (never sold twice). The
+        // same request again settles it, and so does the worker's settle pass (it gives
+        // them back if the record is not there).
         return Err(ApiError::Unavailable(format!(
             "PostgreSQL did not confirm the write-off ({e}); repeat the request with the same reference"
         )));
     }
+    if let Err(e) = fredis::take_done(&mut redis, keys, &sku, &token).await {
+        // Harmless: the settle pass finds the record and forgets the entry.
+        tracing::warn!(error = %e, %sku, "could not clear a recorded write-off's entry");
+    }
     answer(st, &sku, recorded).await
 }
 
+/// A lock wait that timed out (`lock_timeout`: a load of stock, or another adjustment of
+/// the SKU, held it) is a 503 to retry, not a 500.
+fn lock_wait(e: anyhow::Error) -> ApiError {
+    let timed_out = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .any(|pg| pg.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE));
+    if timed_out {
+        ApiError::Unavailable(
+            "a reload of stock or another adjustment of this SKU is in progress; nothing was changed"
+                .into(),
+        )
+    } else {
+        e.into()
+    }
+}
+
 async fn record(
+    st: &AppState,
     tx: &deadpool_postgres::Transaction<'_>,
     sku: &Sku,
     delta: i64,
     reason: &str,
     reference: &Reference,
     actor: &Actor,
-    on_hand: i64,
 ) -> Result<i64, ApiError> {
-    match repo::record_adjustment(tx, sku, delta, reason, reference, actor, on_hand).await {
+    match repo::record_adjustment(tx, sku, delta, reason, reference, actor).await {
         Ok(after) => Ok(after),
         Err(repo::AdjustError::BelowSold) => Err(ApiError::InsufficientStock {
             sku: sku.to_string(),
-            available: 0,
+            available: stock::available(st, sku).await?,
         }),
         Err(repo::AdjustError::Other(e)) => Err(e.into()),
     }

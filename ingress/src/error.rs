@@ -50,6 +50,10 @@ pub enum ApiError {
     SkuExists { sku: String },
     #[error("{0}")]
     NotCancellable(String),
+    #[error("the sale of SKU {sku} starts at {starts_at}")]
+    SaleNotStarted { sku: String, starts_at: String },
+    #[error("the sale of SKU {sku} ended at {ended_at}")]
+    SaleEnded { sku: String, ended_at: String },
     /// An adjustment would leave fewer units than are sold or reserved.
     #[error("SKU {sku} has {available} units free to write off")]
     InsufficientStock { sku: String, available: i64 },
@@ -66,9 +70,12 @@ impl ApiError {
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden(_) => StatusCode::FORBIDDEN,
             OrderNotFound | NoSuchEndpoint | SkuNotFound { .. } => StatusCode::NOT_FOUND,
-            SoldOut { .. } | SkuExists { .. } | NotCancellable(_) | InsufficientStock { .. } => {
-                StatusCode::CONFLICT
-            }
+            SoldOut { .. }
+            | SkuExists { .. }
+            | NotCancellable(_)
+            | InsufficientStock { .. }
+            | SaleNotStarted { .. }
+            | SaleEnded { .. } => StatusCode::CONFLICT,
             LimitExceeded { .. }
             | UnknownSku { .. }
             | InvalidOrder(_)
@@ -105,6 +112,8 @@ impl ApiError {
             SkuExists { .. } => "sku_exists",
             NotCancellable(_) => "not_cancellable",
             InsufficientStock { .. } => "insufficient_stock",
+            SaleNotStarted { .. } => "sale_not_started",
+            SaleEnded { .. } => "sale_ended",
             Unavailable(_) => "unavailable",
             Internal(_) => "internal",
         }
@@ -122,6 +131,8 @@ impl ApiError {
                 already,
             } => json!({"sku": sku, "limit": limit, "already": already}),
             UnknownSku { sku } | SkuNotFound { sku } | SkuExists { sku } => json!({"sku": sku}),
+            SaleNotStarted { sku, starts_at } => json!({"sku": sku, "starts_at": starts_at}),
+            SaleEnded { sku, ended_at } => json!({"sku": sku, "ended_at": ended_at}),
             _ => json!({}),
         };
         match v {

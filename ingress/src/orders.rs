@@ -301,6 +301,18 @@ async fn place_to_the_end(
                     });
                 }
             }
+            Reserve::NotStarted { sku, starts_ms } => {
+                return Err(ApiError::SaleNotStarted {
+                    sku,
+                    starts_at: ms_rfc3339(starts_ms),
+                });
+            }
+            Reserve::Ended { sku, ends_ms } => {
+                return Err(ApiError::SaleEnded {
+                    sku,
+                    ended_at: ms_rfc3339(ends_ms),
+                });
+            }
             Reserve::StockNotLoaded => {
                 return Err(ApiError::Unavailable(
                     "stock levels are not loaded; an operator must run floodgate reconcile".into(),
@@ -308,6 +320,13 @@ async fn place_to_the_end(
             }
         }
     }
+}
+
+/// Milliseconds since the Unix epoch (a sale window in Redis) as RFC 3339 UTC.
+fn ms_rfc3339(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map(repo::rfc3339)
+        .unwrap_or_default()
 }
 
 /// Publishes the reserved order and marks it queued ([`crate::handover`]). `trace` (the

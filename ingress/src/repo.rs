@@ -86,14 +86,53 @@ pub struct SkuRow {
     /// Redis shards the SKU's stock is split over (fixed at creation; see
     /// `docs/design/redis-shards.md`). Effective: at most `FLOODGATE_REDIS_SHARDS`.
     pub buckets: i16,
+    /// Orders are refused before this instant (null: on sale since its creation).
+    #[schema(format = DateTime)]
+    pub sale_starts_at: Option<String>,
+    /// Orders are refused from this instant on (null: no end).
+    #[schema(format = DateTime)]
+    pub sale_ends_at: Option<String>,
+    #[serde(skip)]
+    pub window: Window,
+}
+
+/// A sale window (either side open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Window {
+    pub starts: Option<OffsetDateTime>,
+    pub ends: Option<OffsetDateTime>,
+}
+
+impl Window {
+    /// Whether it is a window at all: an end after the start.
+    pub fn is_valid(&self) -> bool {
+        match (self.starts, self.ends) {
+            (Some(s), Some(e)) => e > s,
+            _ => true,
+        }
+    }
+
+    /// The field `reserve.lua` reads (`windows`), None when open on both sides.
+    pub fn field(&self) -> Option<String> {
+        let ms =
+            |t: Option<OffsetDateTime>| t.map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+        floodgate_common::redis::window_field(ms(self.starts), ms(self.ends))
+    }
 }
 
 const SKU_COLUMNS: &str = "s.sku, s.name, s.price_cents, s.per_user_limit, s.buckets, \
-                           i.on_hand, i.sold, s.created_at";
+                           i.on_hand, i.sold, s.created_at, s.sale_starts_at, s.sale_ends_at";
 
 impl SkuRow {
     fn from_row(r: &tokio_postgres::Row) -> Self {
+        let window = Window {
+            starts: r.get("sale_starts_at"),
+            ends: r.get("sale_ends_at"),
+        };
         SkuRow {
+            sale_starts_at: window.starts.map(rfc3339),
+            sale_ends_at: window.ends.map(rfc3339),
+            window,
             sku: r.get("sku"),
             name: r.get("name"),
             price_cents: r.get("price_cents"),
@@ -110,6 +149,8 @@ impl SkuRow {
             "name": self.name,
             "price_cents": self.price_cents,
             "per_user_limit": self.per_user_limit,
+            "sale_starts_at": self.sale_starts_at,
+            "sale_ends_at": self.sale_ends_at,
         })
     }
 }
@@ -199,6 +240,7 @@ pub struct NewSku {
     pub initial_stock: i64,
     pub per_user_limit: i32,
     pub buckets: i16,
+    pub window: Window,
 }
 
 /// The reference of the receipt that records a SKU's initial stock.
@@ -211,8 +253,9 @@ pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Res
     let tx = db.transaction().await?;
     let inserted = tx
         .execute(
-            "INSERT INTO skus (sku, name, price_cents, per_user_limit, buckets)
-             VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO skus (sku, name, price_cents, per_user_limit, buckets,
+                               sale_starts_at, sale_ends_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (sku) DO NOTHING",
             &[
                 &new.sku.as_str(),
@@ -220,6 +263,8 @@ pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Res
                 &new.price_cents,
                 &new.per_user_limit,
                 &new.buckets,
+                &new.window.starts,
+                &new.window.ends,
             ],
         )
         .await
@@ -258,6 +303,8 @@ pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Res
                 "per_user_limit": new.per_user_limit,
                 "initial_stock": new.initial_stock,
                 "buckets": new.buckets,
+                "sale_starts_at": new.window.starts.map(rfc3339),
+                "sale_ends_at": new.window.ends.map(rfc3339),
             })),
         },
     )
@@ -488,8 +535,8 @@ pub async fn cancel(
         )
         .await
         .context("recording the cancellation")?;
-        // A customer's own cancel is not an audited write; an admin's is.
-        if actor.role == "admin" {
+        // A customer's own cancel is not an audited write; anyone else's is.
+        if actor.role != "customer" {
             audit::append(
                 &tx,
                 actor,
@@ -532,12 +579,12 @@ pub async fn lock_adjustments(
     tx: &deadpool_postgres::Transaction<'_>,
     sku: &Sku,
 ) -> anyhow::Result<Option<(i64, i16)>> {
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('floodgate.adjust'), hashtext($1))",
-        &[&sku.as_str()],
-    )
-    .await
-    .context("locking a SKU's adjustments")?;
+    tx.execute(floodgate_common::stock::LOAD_LOCK_SHARED, &[])
+        .await
+        .context("waiting for a load of stock to finish")?;
+    tx.execute(floodgate_common::stock::ADJUST_LOCK, &[&sku.as_str()])
+        .await
+        .context("locking a SKU's adjustments")?;
     Ok(tx
         .query_opt(
             "SELECT i.on_hand, s.buckets FROM inventory i JOIN skus s USING (sku) WHERE sku = $1",
@@ -586,7 +633,6 @@ pub async fn record_adjustment(
     reason: &str,
     reference: &Reference,
     actor: &Actor,
-    on_hand_before: i64,
 ) -> Result<i64, AdjustError> {
     tx.execute(
         "INSERT INTO stock_movements (sku, kind, qty, reference, actor, reason)
@@ -621,7 +667,8 @@ pub async fn record_adjustment(
         Entry {
             action: "stock.adjust",
             target: format!("sku:{sku}"),
-            before: Some(json!({ "on_hand": on_hand_before })),
+            // From the row the update locked, not an earlier read a receipt may have passed.
+            before: Some(json!({ "on_hand": after - delta })),
             after: Some(json!({
                 "on_hand": after,
                 "delta": delta,
@@ -641,16 +688,28 @@ pub struct SkuPatch {
     pub price_cents: Option<i64>,
     /// 0: no limit.
     pub per_user_limit: Option<i32>,
+    /// Some(None) clears a side.
+    pub sale_starts_at: Option<Option<OffsetDateTime>>,
+    pub sale_ends_at: Option<Option<OffsetDateTime>>,
+}
+
+/// What [`update_sku`] did.
+pub enum Patched {
+    UnknownSku,
+    /// The window the change would leave ends before it starts: nothing written.
+    BadWindow,
+    /// The rows before and after (equal when nothing changed).
+    Done(Box<(SkuRow, SkuRow)>),
 }
 
 /// Locks the SKU's row and changes it in `tx` (not committed), with its audit record
-/// when anything changed. Returns the rows before and after, or None for an unknown SKU.
+/// when anything changed.
 pub async fn update_sku(
     tx: &deadpool_postgres::Transaction<'_>,
     sku: &Sku,
     patch: &SkuPatch,
     actor: &Actor,
-) -> anyhow::Result<Option<(SkuRow, SkuRow)>> {
+) -> anyhow::Result<Patched> {
     let Some(before) = tx
         .query_opt(
             &format!(
@@ -662,16 +721,24 @@ pub async fn update_sku(
         .await
         .context("reading a SKU")?
     else {
-        return Ok(None);
+        return Ok(Patched::UnknownSku);
     };
     let before = SkuRow::from_row(&before);
+    let window = Window {
+        starts: patch.sale_starts_at.unwrap_or(before.window.starts),
+        ends: patch.sale_ends_at.unwrap_or(before.window.ends),
+    };
+    if !window.is_valid() {
+        return Ok(Patched::BadWindow);
+    }
     let after = tx
         .query_one(
             &format!(
                 "WITH s AS (
                    UPDATE skus SET name = coalesce($2, name),
                                    price_cents = coalesce($3, price_cents),
-                                   per_user_limit = coalesce($4, per_user_limit)
+                                   per_user_limit = coalesce($4, per_user_limit),
+                                   sale_starts_at = $5, sale_ends_at = $6
                     WHERE sku = $1 RETURNING *)
                  SELECT {SKU_COLUMNS} FROM s JOIN inventory i USING (sku)"
             ),
@@ -680,6 +747,8 @@ pub async fn update_sku(
                 &patch.name,
                 &patch.price_cents,
                 &patch.per_user_limit,
+                &window.starts,
+                &window.ends,
             ],
         )
         .await
@@ -698,5 +767,5 @@ pub async fn update_sku(
         )
         .await?;
     }
-    Ok(Some((before, after)))
+    Ok(Patched::Done(Box::new((before, after))))
 }

@@ -366,6 +366,7 @@ async fn list_skus(
         &st,
         q.get("limit").map(String::as_str),
         q.get("cursor").map(String::as_str),
+        q.get("product_id").map(String::as_str),
     )
     .await
     .map(Json)
@@ -427,9 +428,9 @@ async fn audit(
     let before = catalog::id_cursor(q.get("cursor").map(String::as_str))?;
     let filter = |name: &str| match q.get(name).map(String::as_str) {
         None | Some("") => Ok(None),
-        Some(v) if v.len() <= 200 => Ok(Some(v)),
+        Some(v) if v.len() <= 200 && !v.chars().any(char::is_control) => Ok(Some(v)),
         Some(_) => Err(ApiError::InvalidRequest(format!(
-            "{name}: at most 200 characters"
+            "{name}: at most 200 characters, no control characters"
         ))),
     };
     let (actor, target) = (filter("actor")?, filter("target")?);

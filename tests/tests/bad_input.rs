@@ -94,8 +94,24 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
     app.create_sku("tee", 5, Some(2)).await;
     app.create_sku("last-one", 1, None).await;
     app.create_sku("few", 3, None).await;
-    let alice = app.customer("alice");
     let admin = app.admin();
+    for (sku, window) in [
+        (
+            "windowed",
+            json!({"sale_starts_at": "2050-01-01T00:00:00Z"}),
+        ),
+        (
+            "gone",
+            json!({"sale_starts_at": "2001-01-01T00:00:00Z", "sale_ends_at": "2002-01-01T00:00:00Z"}),
+        ),
+    ] {
+        let mut body = json!({"sku": sku, "name": sku, "price_cents": 1, "initial_stock": 5});
+        body.as_object_mut()
+            .unwrap()
+            .extend(window.as_object().unwrap().clone());
+        assert_eq!(app.post("/v1/skus", Some(&admin), &body).await.status, 201);
+    }
+    let alice = app.customer("alice");
     // State the error cases build on: alice holds 2 tees (her limit), bob's order exists,
     // one Idempotency-Key is taken, last-one is sold out.
     for _ in 0..2 {
@@ -324,9 +340,32 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
         case("patch a good field and a bad one", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
             .token(&manager)
             .json(json!({"name": "Renamed", "price_cents": 1.5})),
-        case("patch sale window (not yet enforced)", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+        case("patch a window ending before it starts", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
             .token(&manager)
-            .json(json!({"sale_starts_at": "2030-01-01T00:00:00Z"})),
+            .json(json!({"sale_starts_at": "2030-01-02T00:00:00Z", "sale_ends_at": "2030-01-01T00:00:00Z"})),
+        case("patch an end before the start it has", pa.clone(), "/v1/skus/windowed", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sale_ends_at": "2040-01-01T00:00:00Z"})),
+        case("patch a start that is no date", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sale_starts_at": "tomorrow"})),
+        case("patch a start as a number", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sale_starts_at": 1_900_000_000})),
+        case("create sku with an empty window", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "new", "name": "n", "price_cents": 1, "initial_stock": 1,
+                "sale_starts_at": "2030-01-01T00:00:00Z", "sale_ends_at": "2030-01-01T00:00:00Z"})),
+        case("create sku with a start before 1970", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "new", "name": "n", "price_cents": 1, "initial_stock": 1,
+                "sale_starts_at": "1969-12-31T23:59:59Z"})),
+        case("order before the sale starts", p.clone(), o, 409, "sale_not_started")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee", "qty": 1}, {"sku": "windowed", "qty": 1}]))),
+        case("order after the sale ended", p.clone(), o, 409, "sale_ended")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "tee", "qty": 1}, {"sku": "gone", "qty": 1}]))),
         case("patch not json", pa.clone(), "/v1/skus/tee", 400, "malformed")
             .token(&manager)
             .raw("application/json", "{name".into()),
@@ -431,6 +470,30 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
     )
     .await;
     assert_eq!(r.body["sku"], "ghost");
+    let r = send(
+        &app,
+        cases
+            .iter()
+            .find(|c| c.name == "order before the sale starts")
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.body["sku"].as_str(), r.body["starts_at"].as_str()),
+        (Some("windowed"), Some("2050-01-01T00:00:00Z"))
+    );
+    let r = send(
+        &app,
+        cases
+            .iter()
+            .find(|c| c.name == "order after the sale ended")
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.body["sku"].as_str(), r.body["ended_at"].as_str()),
+        (Some("gone"), Some("2002-01-01T00:00:00Z"))
+    );
     let r = send(
         &app,
         cases

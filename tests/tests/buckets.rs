@@ -609,3 +609,79 @@ async fn racing_rebalancers_take_turns_and_settle_reopens_lost_buckets() {
     assert_eq!(r.status, 202, "{r:?}");
     app.wait_idle().await;
 }
+
+/// A write-off of a hot SKU takes from every bucket (pulled into bucket 0 first), never
+/// more than is on sale; a PATCHed limit and sale window reach every bucket's shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_offs_and_patches_of_a_hot_sku_reach_every_bucket() {
+    let app = TestApp::spawn_with(sharded(still)).await;
+    assert_eq!(create(&app, "hot", 10, None, 2).await.status, 201);
+    assert_eq!(bucket_levels(&app, "hot", 2).await.iter().sum::<i64>(), 10);
+    let mia = app.manager("mia");
+    let too_many = app
+        .post(
+            "/v1/skus/hot/adjust",
+            Some(&mia),
+            &serde_json::json!({"delta": -11, "reason": "flood", "reference": "wo-1"}),
+        )
+        .await;
+    assert_eq!(
+        (
+            too_many.status,
+            too_many.code(),
+            too_many.body["available"].as_i64()
+        ),
+        (409, "insufficient_stock", Some(10)),
+        "{too_many:?}"
+    );
+    let r = app
+        .post(
+            "/v1/skus/hot/adjust",
+            Some(&mia),
+            &serde_json::json!({"delta": -8, "reason": "flood", "reference": "wo-2"}),
+        )
+        .await;
+    assert_eq!(
+        (
+            r.status,
+            r.body["on_hand"].as_i64(),
+            r.body["available"].as_i64()
+        ),
+        (200, Some(2), Some(2)),
+        "more than bucket 0 held: {r:?}"
+    );
+    assert_eq!(bucket_levels(&app, "hot", 2).await.iter().sum::<i64>(), 2);
+
+    let r = app
+        .patch(
+            "/v1/skus/hot",
+            Some(&mia),
+            &serde_json::json!({"per_user_limit": 1, "sale_ends_at": "2001-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let sku = Sku::parse("hot").unwrap();
+    let mut con = app.redis.clone();
+    for g in app.shards.bucket_shards(&sku, 2) {
+        let (limit, window): (Option<i64>, Option<String>) = redis::pipe()
+            .hget(app.shards.get(g).limits(), "hot")
+            .hget(app.shards.get(g).windows(), "hot")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(limit, Some(1), "shard {g}");
+        assert_eq!(window.as_deref(), Some(",978307200000"), "shard {g}");
+    }
+    // Every buyer, whichever bucket they buy from, meets the window.
+    for u in 0..6 {
+        let r = app
+            .order(&app.customer(&format!("u{u}")), &[("hot", 1)], None)
+            .await;
+        assert_eq!((r.status, r.code()), (409, "sale_ended"), "{r:?}");
+    }
+    app.wait_idle().await;
+    let violations = floodgate_common::reconcile::check(&app.pg, &mut con, &app.shards, 6)
+        .await
+        .unwrap();
+    assert!(violations.is_empty(), "{violations:#?}");
+}

@@ -49,6 +49,7 @@ async fn every_route_checks_the_role_api_md_gives_it() {
             (Method::GET, "/v1/audit".into(), None, vec![a]),
             // Anyone with a token gets past the role check; visibility answers 404.
             (Method::GET, format!("/v1/orders/{order}"), None, vec![c, m, a]),
+            (Method::POST, format!("/v1/orders/{order}/cancel"), Some(json!({})), vec![c, m, a]),
             (Method::GET, "/v1/stock/tee".into(), None, vec![c, m, a]),
         ]);
     }
@@ -61,7 +62,9 @@ async fn every_route_checks_the_role_api_md_gives_it() {
             .await;
         let may = allowed.contains(role);
         let refused = r.status == 403 && r.code() == "forbidden";
-        if may == refused || r.status == 401 || r.status >= 500 {
+        // Allowed: it did its work, or (an order not theirs) could not see it.
+        let done = r.status < 300 || (r.status == 404 && path.starts_with("/v1/orders/"));
+        if (may && !done) || (!may && !refused) {
             failures.push(format!(
                 "{role} {method} {path}: got {} {:?}",
                 r.status, r.body
@@ -407,10 +410,6 @@ async fn write_offs_racing_a_sell_out_never_oversell() {
         on_hand,
         "every unit sold, on sale or written off, once"
     );
-    assert!(
-        available < 5 || written == 60,
-        "a refused write-off saw fewer than 5 free units"
-    );
     // A repeat of a write-off that went through changes nothing.
     if let Some(i) = write_offs.iter().position(|r| r.status == 200) {
         let again = app
@@ -491,6 +490,235 @@ async fn a_patched_limit_holds_at_once_and_the_list_pages_newest_first() {
         .await;
     assert_eq!(ids(&second), ["a-1"]);
     assert!(second.body["next_cursor"].is_null());
+    app.wait_idle().await;
+    let mut redis = app.redis.clone();
+    let violations = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 6)
+        .await
+        .unwrap();
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// A write-off whose request died between taking its units in Redis and recording them
+/// in PostgreSQL: the worker's settle pass gives the units back (none recorded), or
+/// forgets the entry (recorded); a reload in between starts from PostgreSQL, and the
+/// request repeated afterwards takes its units again from the reloaded level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_off_cut_before_its_commit_is_given_back_or_settled() {
+    let app = TestApp::spawn().await;
+    app.create_sku("box", 20, None).await;
+    let sku = floodgate_common::domain::Sku::parse("box").unwrap();
+    let keys = app.keys_of("box").clone();
+    let mut con = app.redis.clone();
+    let token = |r: &str| floodgate_common::redis::adjust_token(&sku, r);
+    let settle = || async {
+        floodgate_common::reconcile::settle(&app.pg, &mut app.redis.clone(), &app.shards)
+            .await
+            .unwrap()
+    };
+    // Taken, never recorded: given back by the settle pass.
+    let taken = floodgate_common::redis::take_stock(&mut con, &keys, &sku, 3, &token("lost-1"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            taken,
+            floodgate_common::redis::Take::Taken {
+                units: 3,
+                level: 17,
+                again: false
+            }
+        ),
+        "{taken:?}"
+    );
+    assert_eq!(app.available("box").await, Some(17));
+    assert_eq!(settle().await.given_back, 1);
+    assert_eq!(app.available("box").await, Some(20));
+    assert_eq!(settle().await.given_back, 0, "once");
+
+    // Recorded, its entry left behind (the request died after the commit): forgotten,
+    // the units stay gone.
+    let mia = app.manager("mia");
+    let r = app
+        .post(
+            "/v1/skus/box/adjust",
+            Some(&mia),
+            &json!({"delta": -2, "reason": "torn", "reference": "wo-1"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["available"].as_i64()),
+        (200, Some(18)),
+        "{r:?}"
+    );
+    let _: () = redis::cmd("HSET")
+        .arg(keys.takes())
+        .arg(token("wo-1"))
+        .arg(2)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(settle().await.given_back, 0);
+    assert_eq!(app.available("box").await, Some(18));
+    let left: i64 = redis::cmd("HLEN")
+        .arg(keys.takes())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+
+    // Taken, then a reload (`floodgate reconcile`) before the request is repeated: the
+    // reload restores the level from PostgreSQL and forgets the take; the repeat takes
+    // its units from the reloaded level, once.
+    floodgate_common::redis::take_stock(&mut con, &keys, &sku, 4, &token("wo-2"))
+        .await
+        .unwrap();
+    assert_eq!(app.available("box").await, Some(14));
+    floodgate_common::stock::load(&app.pg, &mut con, &app.shards)
+        .await
+        .unwrap();
+    assert_eq!(app.available("box").await, Some(18));
+    for _ in 0..2 {
+        let r = app
+            .post(
+                "/v1/skus/box/adjust",
+                Some(&mia),
+                &json!({"delta": -4, "reason": "wet", "reference": "wo-2"}),
+            )
+            .await;
+        assert_eq!(
+            (
+                r.status,
+                r.body["on_hand"].as_i64(),
+                r.body["available"].as_i64()
+            ),
+            (200, Some(14), Some(14)),
+            "{r:?}"
+        );
+    }
+    app.wait_idle().await;
+    let violations = floodgate_common::reconcile::check(&app.pg, &mut con, &app.shards, 6)
+        .await
+        .unwrap();
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// Redis's clock, in milliseconds since the Unix epoch.
+async fn redis_ms(app: &TestApp) -> i64 {
+    let (s, us): (i64, i64) = redis::cmd("TIME")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    s * 1000 + us / 1000
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// The sale window is decided in the reserve script by Redis's clock: every order
+/// answered before the opening (by that clock) is refused `sale_not_started`, every
+/// order sent after it is accepted, and every one sent after the end is `sale_ended`;
+/// a PATCH moves the window at once, null clears it, and a reload keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sale_window_opens_and_closes_by_redis_clock() {
+    let app = TestApp::spawn().await;
+    let mia = app.manager("mia");
+    let opens = redis_ms(&app).await + 1_500;
+    let created = app
+        .post(
+            "/v1/skus",
+            Some(&mia),
+            &json!({"sku": "launch", "name": "Launch", "price_cents": 100, "initial_stock": 1000,
+                    "sale_starts_at": rfc3339_ms(opens)}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_eq!(created.body["sale_starts_at"], rfc3339_ms(opens));
+    assert!(created.body["sale_ends_at"].is_null());
+    let (mut early, mut open) = (0, 0);
+    let mut failures = Vec::new();
+    let mut i = 0;
+    while redis_ms(&app).await < opens + 500 {
+        i += 1;
+        let before = redis_ms(&app).await;
+        let r = app
+            .order(&app.customer(&format!("b{i}")), &[("launch", 1)], None)
+            .await;
+        let after = redis_ms(&app).await;
+        match (r.status, r.code()) {
+            (409, "sale_not_started") if before < opens => {
+                assert_eq!(r.body["starts_at"], rfc3339_ms(opens));
+                early += 1;
+            }
+            (202, _) if after >= opens => open += 1,
+            _ => failures.push(format!(
+                "sent at {before}, answered at {after}, opens {opens}: {} {:?}",
+                r.status, r.body
+            )),
+        }
+        if after < opens {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        early > 5 && open > 5,
+        "both sides seen: {early} early, {open} open"
+    );
+
+    // Closed by a PATCH; a reload keeps the window; null reopens.
+    let r = app
+        .patch(
+            "/v1/skus/launch",
+            Some(&mia),
+            &json!({"sale_ends_at": rfc3339_ms(redis_ms(&app).await)}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let late = app
+        .order(&app.customer("late"), &[("launch", 1)], None)
+        .await;
+    assert_eq!((late.status, late.code()), (409, "sale_ended"), "{late:?}");
+    // A reload with every accepted order committed (as `floodgate reconcile` waits for).
+    app.wait_idle().await;
+    floodgate_common::stock::load(&app.pg, &mut app.redis.clone(), &app.shards)
+        .await
+        .unwrap();
+    let late = app
+        .order(&app.customer("late"), &[("launch", 1)], None)
+        .await;
+    assert_eq!(
+        (late.status, late.code()),
+        (409, "sale_ended"),
+        "after a reload: {late:?}"
+    );
+    let r = app
+        .patch(
+            "/v1/skus/launch",
+            Some(&mia),
+            &json!({"sale_starts_at": null, "sale_ends_at": null}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["sale_starts_at"].is_null()),
+        (200, true),
+        "{r:?}"
+    );
+    assert_eq!(
+        app.order(&app.customer("late"), &[("launch", 1)], None)
+            .await
+            .status,
+        202
+    );
+    let changes = app
+        .scalar(
+            "SELECT count(*) FROM audit_log WHERE action = 'sku.update' AND target = 'sku:launch'",
+        )
+        .await;
+    assert_eq!(changes, 2);
     app.wait_idle().await;
     let mut redis = app.redis.clone();
     let violations = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 6)

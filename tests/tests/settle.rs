@@ -85,7 +85,8 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
         Settled {
             finished: 1,
             released: 1,
-            reapplied: 0
+            reapplied: 0,
+            given_back: 0,
         }
     );
     assert_eq!(

@@ -60,6 +60,12 @@ impl Keys {
     pub fn limits(&self) -> String {
         format!("{}limits", self.prefix)
     }
+    /// Hash sku -> `<starts ms>,<ends ms>` (either side empty: open), for the SKUs with a
+    /// sale window; `reserve.lua` compares it with Redis's own clock (`TIME`). Every
+    /// bucket's shard holds the field.
+    pub fn windows(&self) -> String {
+        format!("{}windows", self.prefix)
+    }
     /// Hash sku -> bucket count, for the SKUs with more than one bucket that have one in
     /// this shard (every bucket's shard holds the field): `reserve.lua` answers `moved`
     /// to a caller that assumed another count.
@@ -82,10 +88,12 @@ impl Keys {
     pub fn rebalancing(&self, sku: &str) -> String {
         format!("{}rebalancing:{sku}", self.prefix)
     }
-    /// The units a write-off took out of sale before PostgreSQL recorded it (see
-    /// `take_stock.lua`), for a day: a re-sent adjustment finds it and takes no more.
-    pub fn take_mark(&self, token: &str) -> String {
-        format!("{}take:{token}", self.prefix)
+    /// Hash adjustment token -> units a write-off took out of sale that PostgreSQL has
+    /// not recorded yet (see `take_stock.lua`): a re-sent adjustment finds its entry and
+    /// takes no more; the worker's settle pass gives back the units of one that never
+    /// committed. Normally empty. A load deletes it.
+    pub fn takes(&self) -> String {
+        format!("{}takes", self.prefix)
     }
     /// Set of stock-change tokens already applied (see `apply_stock.lua`).
     pub fn applied(&self) -> String {

@@ -82,6 +82,16 @@ pub enum Reserve {
         available: i64,
     },
     StockNotLoaded,
+    /// Before the SKU's sale window opens (ms since the Unix epoch, Redis's clock).
+    NotStarted {
+        sku: String,
+        starts_ms: i64,
+    },
+    /// After the SKU's sale window closed.
+    Ended {
+        sku: String,
+        ends_ms: i64,
+    },
     /// The SKU has `buckets` buckets, not the count the caller assumed: nothing was
     /// written; place the order's parts again with it.
     Moved {
@@ -130,6 +140,7 @@ pub async fn reserve<C: ConnectionLike>(
         .key(keys.stock_changes())
         .key(keys.stock_seq())
         .key(keys.buckets())
+        .key(keys.windows())
         .arg(req.order_id.to_string())
         .arg(req.user.as_str())
         .arg(body_hash)
@@ -167,6 +178,14 @@ pub async fn reserve<C: ConnectionLike>(
             available: int(w, &reply, 2)?,
         },
         Some("unavailable") => Reserve::StockNotLoaded,
+        Some("not_started") => Reserve::NotStarted {
+            sku: reply.get(1).cloned().unwrap_or_default(),
+            starts_ms: int(w, &reply, 2)?,
+        },
+        Some("ended") => Reserve::Ended {
+            sku: reply.get(1).cloned().unwrap_or_default(),
+            ends_ms: int(w, &reply, 2)?,
+        },
         Some("moved") => Reserve::Moved {
             sku: reply.get(1).cloned().unwrap_or_default(),
             buckets: int(w, &reply, 2)?.max(1) as usize,
@@ -414,6 +433,12 @@ pub fn adjust_token(sku: &Sku, reference: &str) -> String {
     format!("adjust:{sku}:{reference}")
 }
 
+/// The SKU and reference of an [`adjust_token`] (a SKU id has no `:`).
+pub fn parse_adjust_token(token: &str) -> Option<(Sku, &str)> {
+    let (sku, reference) = token.strip_prefix("adjust:")?.split_once(':')?;
+    Some((Sku::parse(sku).ok()?, reference))
+}
+
 /// What `take_stock.lua` answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Take {
@@ -426,7 +451,8 @@ pub enum Take {
     NotLoaded,
 }
 
-/// Takes `units` of `sku` out of sale in the shard of `keys`, once per `token`.
+/// Takes `units` of `sku` out of sale in the shard of `keys`, once per `token` until
+/// [`take_done`] or [`untake_stock`].
 pub async fn take_stock<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
@@ -434,17 +460,7 @@ pub async fn take_stock<C: ConnectionLike>(
     units: i64,
     token: &str,
 ) -> RedisResult<Take> {
-    let (status, units, level): (i64, i64, i64) = TAKE_STOCK
-        .key(keys.epoch())
-        .key(keys.stock())
-        .key(keys.take_mark(token))
-        .key(keys.stock_changes())
-        .key(keys.stock_seq())
-        .arg(sku.as_str())
-        .arg(units)
-        .arg("take")
-        .invoke_async(con)
-        .await?;
+    let (status, units, level) = take_script(con, keys, sku, units, token, "take").await?;
     Ok(match status {
         1 | 0 => Take::Taken {
             units,
@@ -457,25 +473,60 @@ pub async fn take_stock<C: ConnectionLike>(
 }
 
 /// Gives back what [`take_stock`] took under `token`, when PostgreSQL's record of it
-/// failed before its commit. Returns the units given back (0: none were held).
+/// did not commit. Returns the units given back (0: none were held).
 pub async fn untake_stock<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
     sku: &Sku,
     token: &str,
 ) -> RedisResult<i64> {
-    let (_, units, _): (i64, i64, i64) = TAKE_STOCK
+    Ok(take_script(con, keys, sku, 0, token, "undo").await?.1)
+}
+
+/// PostgreSQL recorded the write-off taken under `token`: forget its entry (the units
+/// stay out of sale).
+pub async fn take_done<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    sku: &Sku,
+    token: &str,
+) -> RedisResult<()> {
+    take_script(con, keys, sku, 0, token, "done").await?;
+    Ok(())
+}
+
+/// The write-offs taken in the shard of `keys` that PostgreSQL has not recorded (or
+/// whose entry was not forgotten yet): token -> units.
+pub async fn open_takes<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+) -> RedisResult<Vec<(String, i64)>> {
+    redis::cmd("HGETALL")
+        .arg(keys.takes())
+        .query_async(con)
+        .await
+}
+
+async fn take_script<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    sku: &Sku,
+    units: i64,
+    token: &str,
+    mode: &str,
+) -> RedisResult<(i64, i64, i64)> {
+    TAKE_STOCK
         .key(keys.epoch())
         .key(keys.stock())
-        .key(keys.take_mark(token))
+        .key(keys.takes())
         .key(keys.stock_changes())
         .key(keys.stock_seq())
         .arg(sku.as_str())
-        .arg(0)
-        .arg("undo")
+        .arg(units)
+        .arg(token)
+        .arg(mode)
         .invoke_async(con)
-        .await?;
-    Ok(units)
+        .await
 }
 
 /// A committed stock change to apply to Redis once (`apply_stock.lua`).
@@ -766,4 +817,21 @@ pub async fn stock_changes<C: ConnectionLike>(
         })
         .collect::<RedisResult<_>>()?;
     Ok(Some((StockCursor { epoch, seq }, levels)))
+}
+
+/// A sale window as `reserve.lua` reads it from `windows`: `<starts ms>,<ends ms>`, a
+/// side empty when open; None when both are (no field at all: nothing to compare).
+pub fn window_field(starts_ms: Option<i64>, ends_ms: Option<i64>) -> Option<String> {
+    let side = |t: Option<i64>| t.map(|t| t.max(0).to_string()).unwrap_or_default();
+    (starts_ms.is_some() || ends_ms.is_some())
+        .then(|| format!("{},{}", side(starts_ms), side(ends_ms)))
+}
+
+/// Adds to `pipe` the commands that set `sku`'s sale window in the shard of `keys`
+/// (`field` from [`window_field`]; None removes it).
+pub fn set_window(pipe: &mut redis::Pipeline, keys: &Keys, sku: &Sku, field: Option<&str>) {
+    match field {
+        Some(f) => pipe.hset(keys.windows(), sku.as_str(), f).ignore(),
+        None => pipe.hdel(keys.windows(), sku.as_str()).ignore(),
+    };
 }

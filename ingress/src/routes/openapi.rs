@@ -192,6 +192,8 @@ errors!(
     InvalidOrder(s()),
     UnknownSku { sku: s() },
     LimitExceeded { sku: s(), limit: 0, already: 0 },
+    SaleNotStarted { sku: s(), starts_at: s() },
+    SaleEnded { sku: s(), ended_at: s() },
     IdempotencyKeyReused,
     RateLimited { retry_after_secs: 1 },
     Unavailable(s()); shed(),
@@ -334,6 +336,14 @@ pub(super) struct NewSku {
     /// Absent or null: 1.
     #[schema(minimum = 1, maximum = 64, format = Int64)]
     buckets: Option<i64>,
+    /// Orders are refused (409 `sale_not_started`) before this instant, by Redis's
+    /// clock. Absent or null: on sale at once.
+    #[schema(format = DateTime)]
+    sale_starts_at: Option<String>,
+    /// Orders are refused (409 `sale_ended`) from this instant on; after
+    /// `sale_starts_at`. Absent or null: no end.
+    #[schema(format = DateTime)]
+    sale_ends_at: Option<String>,
 }
 
 /// Goods received, idempotent per (sku, reference).
@@ -364,6 +374,12 @@ pub(super) struct SkuChange {
     /// have and may buy no more.
     #[schema(minimum = 1, maximum = 1_000_000, format = Int64)]
     per_user_limit: Option<i64>,
+    /// null: on sale now (no start).
+    #[schema(format = DateTime)]
+    sale_starts_at: Option<String>,
+    /// null: no end. The window it leaves must end after it starts.
+    #[schema(format = DateTime)]
+    sale_ends_at: Option<String>,
 }
 
 /// A correction of the units on hand, idempotent per (sku, reference).

@@ -11,6 +11,8 @@
 -- KEYS[8] changes    zset sku -> change sequence (the notifier samples changed SKUs)
 -- KEYS[9] seq        the change sequence counter
 -- KEYS[10] buckets   hash sku -> bucket count, for SKUs with more than one
+-- KEYS[11] windows   hash sku -> '<starts ms>,<ends ms>' (a side empty: open), for SKUs
+--                    with a sale window, compared with this server's clock (TIME)
 -- ARGV[1] order id, ARGV[2] user id, ARGV[3] body hash ('' = no Idempotency-Key),
 -- ARGV[4] accepted_at (RFC 3339), ARGV[5] deadline (ms since epoch),
 -- ARGV[6] idempotency TTL (s), ARGV[7] the order's items as JSON, ARGV[8] the items this
@@ -27,6 +29,8 @@
 --   {'unknown_sku', sku}
 --   {'limit', sku, limit, already}
 --   {'sold_out', sku, available}
+--   {'not_started', sku, starts_ms}         before the SKU's sale window
+--   {'ended', sku, ends_ms}                 after it
 --   {'unavailable'}                         stock not loaded
 --   {'moved', sku, buckets}                 the caller assumed another bucket count for
 --                                           sku: nothing was written; ask again with it
@@ -78,6 +82,26 @@ if n > 0 then
   for i = 1, n do
     if not avail[i] then
       return {'unknown_sku', skus[i]}
+    end
+  end
+
+  -- One clock for every ingress: this server's, read only when a line has a window.
+  local windows = redis.call('HMGET', KEYS[11], unpack(skus))
+  local now
+  for i = 1, n do
+    local w = windows[i]
+    if w then
+      if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      local starts, ends = string.match(w, '^(%d*),(%d*)$')
+      if starts and starts ~= '' and now < tonumber(starts) then
+        return {'not_started', skus[i], starts}
+      end
+      if ends and ends ~= '' and now >= tonumber(ends) then
+        return {'ended', skus[i], ends}
+      end
     end
   end
 
