@@ -7,6 +7,7 @@ use crate::{
     state::AppState,
     stock,
 };
+use anyhow::Context;
 use floodgate_common::{
     audit::Actor,
     domain::{Reference, Sku},
@@ -22,10 +23,10 @@ pub const MAX_RECEIVE: i64 = 1_000_000;
 pub const MAX_INITIAL_STOCK: i64 = 1_000_000_000;
 
 /// A field of an admin body, with 422 `invalid_request` naming it when it is wrong.
-struct Fields<'a>(&'a Map<String, Value>);
+pub(crate) struct Fields<'a>(pub(crate) &'a Map<String, Value>);
 
 impl Fields<'_> {
-    fn str(&self, name: &str) -> Result<&str, ApiError> {
+    pub(crate) fn str(&self, name: &str) -> Result<&str, ApiError> {
         match self.0.get(name) {
             Some(Value::String(s)) => Ok(s),
             None | Some(Value::Null) => Err(missing(name)),
@@ -35,7 +36,7 @@ impl Fields<'_> {
         }
     }
 
-    fn int(&self, name: &str, min: i64, max: i64) -> Result<i64, ApiError> {
+    pub(crate) fn int(&self, name: &str, min: i64, max: i64) -> Result<i64, ApiError> {
         match self.0.get(name) {
             None | Some(Value::Null) => Err(missing(name)),
             Some(Value::Number(n)) => match crate::extract::integral(n) {
@@ -52,7 +53,7 @@ impl Fields<'_> {
 
     /// 1-200 characters once trimmed, no control character (PostgreSQL text cannot hold
     /// NUL, and none belongs in a name or a reason).
-    fn text(&self, name: &str) -> Result<String, ApiError> {
+    pub(crate) fn text(&self, name: &str) -> Result<String, ApiError> {
         let v = self.str(name)?.trim().to_owned();
         if v.is_empty() || v.chars().count() > 200 {
             return Err(ApiError::InvalidRequest(format!(
@@ -68,7 +69,7 @@ impl Fields<'_> {
     }
 
     /// An RFC 3339 instant (years 1970-9999), absent or null: None.
-    fn opt_time(&self, name: &str) -> Result<Option<OffsetDateTime>, ApiError> {
+    pub(crate) fn opt_time(&self, name: &str) -> Result<Option<OffsetDateTime>, ApiError> {
         let bad = || {
             ApiError::InvalidRequest(format!(
                 "{name}: must be an RFC 3339 date-time (e.g. 2030-01-01T09:00:00Z) or null"
@@ -85,7 +86,7 @@ impl Fields<'_> {
         }
     }
 
-    fn opt_int(&self, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+    pub(crate) fn opt_int(&self, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(_) => self.int(name, min, max).map(Some),
@@ -131,6 +132,7 @@ pub async fn create(
             starts: f.opt_time("sale_starts_at")?,
             ends: f.opt_time("sale_ends_at")?,
         },
+        variant: None,
     };
     if !new.window.is_valid() {
         return Err(ApiError::InvalidRequest(
@@ -145,7 +147,26 @@ pub async fn create(
             new.buckets
         )));
     }
+    let product_id = match body.get("product_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) => Some(p.as_str()),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "product_id: must be a string".into(),
+            ));
+        }
+    };
+    let new = NewSku {
+        variant: {
+            let db = st.pg.get().await.context("PostgreSQL connection")?;
+            crate::products::variant(&db, product_id, body.get("options")).await?
+        },
+        ..new
+    };
     let created = repo::create_sku(&st.pg, &new, actor).await?;
+    if let repo::Created::VariantOf(sku) = created {
+        return Err(ApiError::VariantExists { sku });
+    }
     // Also after a 409: a repeat heals a crash between the commit and this call, and is
     // a no-op otherwise.
     let row = repo::sku(&st.pg, &new.sku)
@@ -183,7 +204,7 @@ pub async fn create(
     )
     .await
     .map_err(|e| anyhow::Error::new(e).context("loading a new SKU into Redis"))?;
-    if !created {
+    if matches!(created, repo::Created::Exists) {
         return Err(ApiError::SkuExists {
             sku: new.sku.to_string(),
         });
@@ -330,18 +351,28 @@ pub async fn list(
     cursor: Option<&str>,
     product_id: Option<&str>,
 ) -> Result<SkuPage, ApiError> {
-    if product_id.is_some() {
-        // Better refused than ignored: a filter that returned every SKU would mislead.
-        return Err(ApiError::InvalidRequest(
-            "product_id: products are not built yet in this version".into(),
-        ));
-    }
     let limit = page_limit(limit)?;
+    let product_id = match product_id {
+        None | Some("") => None,
+        Some(p) => {
+            let db = st.pg.get().await.context("PostgreSQL connection")?;
+            let known = Sku::parse(p).is_ok()
+                && db
+                    .query_opt("SELECT 1 FROM products WHERE id = $1", &[&p])
+                    .await
+                    .context("reading a product")?
+                    .is_some();
+            if !known {
+                return Err(ApiError::UnknownProduct { id: p.to_owned() });
+            }
+            Some(p)
+        }
+    };
     let after = match cursor {
         None | Some("") => None,
         Some(c) => Some(SkuCursor::parse(c).ok_or_else(bad_cursor)?),
     };
-    let mut rows = repo::skus(&st.pg, limit + 1, after.as_ref()).await?;
+    let mut rows = repo::skus(&st.pg, limit + 1, after.as_ref(), product_id).await?;
     let next_cursor = if rows.len() as i64 > limit {
         rows.truncate(limit as usize);
         rows.last().map(|(_, c)| c.encode())

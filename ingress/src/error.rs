@@ -50,6 +50,20 @@ pub enum ApiError {
     SkuExists { sku: String },
     #[error("{0}")]
     NotCancellable(String),
+    #[error("category {id} exists already")]
+    CategoryExists { id: String },
+    #[error("no category {id}")]
+    UnknownCategory { id: String },
+    #[error("product {id} exists already")]
+    ProductExists { id: String },
+    /// A product named in a body that does not exist (422).
+    #[error("no product {id}")]
+    UnknownProduct { id: String },
+    /// A product in the path that does not exist (404).
+    #[error("no product {id}")]
+    ProductNotFound { id: String },
+    #[error("SKU {sku} of this product has these options already")]
+    VariantExists { sku: String },
     #[error("the sale of SKU {sku} starts at {starts_at}")]
     SaleNotStarted { sku: String, starts_at: String },
     #[error("the sale of SKU {sku} ended at {ended_at}")]
@@ -69,7 +83,12 @@ impl ApiError {
         match self {
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden(_) => StatusCode::FORBIDDEN,
-            OrderNotFound | NoSuchEndpoint | SkuNotFound { .. } => StatusCode::NOT_FOUND,
+            OrderNotFound | NoSuchEndpoint | SkuNotFound { .. } | ProductNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            CategoryExists { .. } | ProductExists { .. } | VariantExists { .. } => {
+                StatusCode::CONFLICT
+            }
             SoldOut { .. }
             | SkuExists { .. }
             | NotCancellable(_)
@@ -78,6 +97,8 @@ impl ApiError {
             | SaleEnded { .. } => StatusCode::CONFLICT,
             LimitExceeded { .. }
             | UnknownSku { .. }
+            | UnknownCategory { .. }
+            | UnknownProduct { .. }
             | InvalidOrder(_)
             | InvalidRequest(_)
             | IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -113,6 +134,11 @@ impl ApiError {
             NotCancellable(_) => "not_cancellable",
             InsufficientStock { .. } => "insufficient_stock",
             SaleNotStarted { .. } => "sale_not_started",
+            CategoryExists { .. } => "category_exists",
+            UnknownCategory { .. } => "unknown_category",
+            ProductExists { .. } => "product_exists",
+            UnknownProduct { .. } | ProductNotFound { .. } => "unknown_product",
+            VariantExists { .. } => "variant_exists",
             SaleEnded { .. } => "sale_ended",
             Unavailable(_) => "unavailable",
             Internal(_) => "internal",
@@ -132,6 +158,11 @@ impl ApiError {
             } => json!({"sku": sku, "limit": limit, "already": already}),
             UnknownSku { sku } | SkuNotFound { sku } | SkuExists { sku } => json!({"sku": sku}),
             SaleNotStarted { sku, starts_at } => json!({"sku": sku, "starts_at": starts_at}),
+            CategoryExists { id } | UnknownCategory { id } => json!({"category_id": id}),
+            ProductExists { id } | UnknownProduct { id } | ProductNotFound { id } => {
+                json!({"product_id": id})
+            }
+            VariantExists { sku } => json!({"sku": sku}),
             SaleEnded { sku, ended_at } => json!({"sku": sku, "ended_at": ended_at}),
             _ => json!({}),
         };

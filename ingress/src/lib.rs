@@ -23,6 +23,7 @@ pub mod error;
 pub mod extract;
 pub mod handover;
 pub mod orders;
+pub mod products;
 pub mod publisher;
 pub mod queued;
 pub mod repo;

@@ -94,6 +94,13 @@ pub struct SkuRow {
     pub sale_ends_at: Option<String>,
     #[serde(skip)]
     pub window: Window,
+    /// The product this SKU is a variant of, and its value of each of the product's
+    /// options (absent for a SKU of no product).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub options: Option<serde_json::Value>,
 }
 
 /// A sale window (either side open).
@@ -121,7 +128,8 @@ impl Window {
 }
 
 const SKU_COLUMNS: &str = "s.sku, s.name, s.price_cents, s.per_user_limit, s.buckets, \
-                           i.on_hand, i.sold, s.created_at, s.sale_starts_at, s.sale_ends_at";
+                           i.on_hand, i.sold, s.created_at, s.sale_starts_at, s.sale_ends_at, \
+                           s.product_id, s.options";
 
 impl SkuRow {
     fn from_row(r: &tokio_postgres::Row) -> Self {
@@ -130,6 +138,8 @@ impl SkuRow {
             ends: r.get("sale_ends_at"),
         };
         SkuRow {
+            product_id: r.get("product_id"),
+            options: r.get("options"),
             sale_starts_at: window.starts.map(rfc3339),
             sale_ends_at: window.ends.map(rfc3339),
             window,
@@ -200,6 +210,7 @@ pub async fn skus(
     pool: &Pool,
     limit: i64,
     after: Option<&SkuCursor>,
+    product_id: Option<&str>,
 ) -> anyhow::Result<Vec<(SkuRow, SkuCursor)>> {
     let db = pool.get().await.context("PostgreSQL connection")?;
     let (micros, sku) = match after {
@@ -212,11 +223,12 @@ pub async fn skus(
                 "SELECT * FROM (
                    SELECT {SKU_COLUMNS},
                           (extract(epoch FROM s.created_at) * 1000000)::bigint AS micros
-                     FROM skus s JOIN inventory i USING (sku)) page
+                     FROM skus s JOIN inventory i USING (sku)
+                    WHERE $4::text IS NULL OR s.product_id = $4) page
                   WHERE $1::bigint IS NULL OR (micros, sku) < ($1, $2::text)
                   ORDER BY micros DESC, sku DESC LIMIT $3"
             ),
-            &[&micros, &sku, &limit],
+            &[&micros, &sku, &limit, &product_id],
         )
         .await
         .context("listing SKUs")?;
@@ -241,6 +253,17 @@ pub struct NewSku {
     pub per_user_limit: i32,
     pub buckets: i16,
     pub window: Window,
+    /// (product id, options) for a SKU of a product.
+    pub variant: Option<(String, serde_json::Value)>,
+}
+
+/// What inserting a SKU found.
+pub enum Created {
+    New,
+    /// A SKU with this id exists (nothing written).
+    Exists,
+    /// Another SKU of the product has these options (nothing written).
+    VariantOf(String),
 }
 
 /// The reference of the receipt that records a SKU's initial stock.
@@ -248,14 +271,18 @@ pub const INITIAL_REFERENCE: &str = floodgate_common::reconcile::INITIAL_REFEREN
 
 /// Inserts the SKU, its inventory row and the initial receipt in one transaction.
 /// Returns false if the SKU exists already (nothing written).
-pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Result<bool> {
+pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Result<Created> {
     let mut db = pool.get().await.context("PostgreSQL connection")?;
     let tx = db.transaction().await?;
+    let (product_id, options) = match &new.variant {
+        Some((p, o)) => (Some(p.as_str()), Some(o)),
+        None => (None, None),
+    };
     let inserted = tx
         .execute(
             "INSERT INTO skus (sku, name, price_cents, per_user_limit, buckets,
-                               sale_starts_at, sale_ends_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                               sale_starts_at, sale_ends_at, product_id, options)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (sku) DO NOTHING",
             &[
                 &new.sku.as_str(),
@@ -265,12 +292,32 @@ pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Res
                 &new.buckets,
                 &new.window.starts,
                 &new.window.ends,
+                &product_id,
+                &options,
             ],
         )
-        .await
-        .context("inserting a SKU")?;
+        .await;
+    let inserted = match inserted {
+        Ok(n) => n,
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+                && e.as_db_error().and_then(|d| d.constraint()) == Some("skus_product_variant") =>
+        {
+            drop(tx);
+            let other: String = db
+                .query_one(
+                    "SELECT sku FROM skus WHERE product_id = $1 AND options = $2",
+                    &[&product_id, &options],
+                )
+                .await
+                .context("reading the SKU with these options")?
+                .get(0);
+            return Ok(Created::VariantOf(other));
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("inserting a SKU")),
+    };
     if inserted == 0 {
-        return Ok(false);
+        return Ok(Created::Exists);
     }
     tx.execute(
         "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2)",
@@ -305,12 +352,14 @@ pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Res
                 "buckets": new.buckets,
                 "sale_starts_at": new.window.starts.map(rfc3339),
                 "sale_ends_at": new.window.ends.map(rfc3339),
+                "product_id": product_id,
+                "options": options,
             })),
         },
     )
     .await?;
     tx.commit().await.context("committing a new SKU")?;
-    Ok(true)
+    Ok(Created::New)
 }
 
 /// Records goods received, once per (sku, reference). Returns the on-hand units after,

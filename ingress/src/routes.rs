@@ -8,6 +8,7 @@ use crate::{
     error::ApiError,
     extract::{Admin, JsonBody, MAX_BODY_BYTES, Manager, Object},
     orders::{self, OrderRequest, Placed},
+    products,
     state::AppState,
     stock,
 };
@@ -40,6 +41,9 @@ pub fn router(state: AppState) -> Router {
     let public = Router::new()
         .route("/v1/stock/{sku}", get(stock_one))
         .route("/v1/stock", get(stock_many))
+        .route("/v1/products/{id}", get(get_product))
+        .route("/v1/products", get(list_products))
+        .route("/v1/categories", get(categories))
         .route_layer(middleware::from_fn_with_state(per_ip, PerIp::layer));
     // Every API request counts against the in-flight bound; health and metrics do not,
     // so an overloaded ingress can still be watched.
@@ -53,6 +57,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/skus/{sku}/adjust", post(adjust))
         .route("/v1/skus/{sku}/movements", get(movements))
         .route("/v1/audit", get(audit))
+        .route("/v1/categories", post(create_category))
+        .route("/v1/products", post(create_product))
         .merge(public)
         .route_layer(middleware::from_fn_with_state(in_flight, InFlight::layer));
     let router = Router::new()
@@ -450,6 +456,87 @@ async fn audit(
         entries,
         next_cursor,
     }))
+}
+
+#[utoipa::path(
+    post, path = "/v1/categories", tag = "catalog", security(("bearer" = [])),
+    summary = "Create a category, under a parent or at the root (manager or admin)",
+    request_body = openapi::NewCategory,
+    responses((status = 201, body = products::Category), openapi::CreateCategoryErrors),
+)]
+async fn create_category(
+    State(st): State<AppState>,
+    Manager(caller): Manager,
+    JsonBody(Object(body)): JsonBody<Object>,
+) -> Result<impl IntoResponse, ApiError> {
+    let c = products::create_category(&st, &Actor::of(&caller), &body).await?;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+#[utoipa::path(
+    get, path = "/v1/categories", tag = "catalog", security(()),
+    summary = "Every category, as a tree",
+    responses((status = 200, body = products::CategoryTree), openapi::CategoriesErrors),
+)]
+async fn categories(State(st): State<AppState>) -> Result<Json<products::CategoryTree>, ApiError> {
+    products::categories(&st).await.map(Json)
+}
+
+#[utoipa::path(
+    post, path = "/v1/products", tag = "catalog", security(("bearer" = [])),
+    summary = "Create a product with its options (manager or admin)",
+    request_body = openapi::NewProduct,
+    responses(
+        (status = 201, body = products::ProductView,
+            headers(("Location" = String, description = "`/v1/products/{id}`"))),
+        openapi::CreateProductErrors,
+    ),
+)]
+async fn create_product(
+    State(st): State<AppState>,
+    Manager(caller): Manager,
+    JsonBody(Object(body)): JsonBody<Object>,
+) -> Result<impl IntoResponse, ApiError> {
+    let p = products::create_product(&st, &Actor::of(&caller), &body).await?;
+    let location = format!("/v1/products/{}", p.product_id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(p)))
+}
+
+#[utoipa::path(
+    get, path = "/v1/products", tag = "catalog", security(()),
+    summary = "Products with their SKUs and live availability, newest first",
+    params(
+        ("category_id" = Option<String>, Query, description = "only this category and its subcategories"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "default 50; at most 100 are answered"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses((status = 200, body = products::ProductPage), openapi::ListProductsErrors),
+)]
+async fn list_products(
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<products::ProductPage>, ApiError> {
+    products::list(
+        &st,
+        q.get("category_id").map(String::as_str),
+        q.get("limit").map(String::as_str),
+        q.get("cursor").map(String::as_str),
+    )
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(
+    get, path = "/v1/products/{id}", tag = "catalog", security(()),
+    summary = "One product with its SKUs and live availability",
+    params(("id" = String, Path)),
+    responses((status = 200, body = products::ProductView), openapi::GetProductErrors),
+)]
+async fn get_product(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<products::ProductView>, ApiError> {
+    products::product(&st, &id).await.map(Json)
 }
 
 /// A page of the audit log.

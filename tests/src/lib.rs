@@ -600,6 +600,8 @@ impl TestApp {
             "order_items",
             "stock_movements",
             "audit_log",
+            "categories",
+            "products",
         ] {
             tables.insert(t, self.scalar(&format!("SELECT count(*) FROM {t}")).await);
         }

@@ -111,6 +111,37 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
             .extend(window.as_object().unwrap().clone());
         assert_eq!(app.post("/v1/skus", Some(&admin), &body).await.status, 201);
     }
+    assert_eq!(
+        app.post(
+            "/v1/categories",
+            Some(&admin),
+            &json!({"id": "shirts", "name": "Shirts"})
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        app.post(
+            "/v1/products",
+            Some(&admin),
+            &json!({"product_id": "shirt", "name": "Shirt", "options": [{"name": "size", "values": ["S", "M"]}]})
+        )
+        .await
+        .status,
+        201
+    );
+    let shirt = |sku: &str, options: Value| json!({"sku": sku, "name": "n", "price_cents": 1, "initial_stock": 1, "product_id": "shirt", "options": options});
+    assert_eq!(
+        app.post(
+            "/v1/skus",
+            Some(&admin),
+            &shirt("shirt-s", json!({"size": "S"}))
+        )
+        .await
+        .status,
+        201
+    );
     let alice = app.customer("alice");
     // State the error cases build on: alice holds 2 tees (her limit), bob's order exists,
     // one Idempotency-Key is taken, last-one is sold out.
@@ -409,6 +440,88 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
         case("adjust with a repeated key", p.clone(), "/v1/skus/tee/adjust", 400, "malformed")
             .token(&manager)
             .raw("application/json", r#"{"delta":1,"delta":-1,"reason":"r","reference":"adj-9"}"#.into()),
+        // POST /v1/categories
+        case("category as customer", p.clone(), "/v1/categories", 403, "forbidden")
+            .token(&carol_t)
+            .json(json!({"id": "new", "name": "n"})),
+        case("category without token", p.clone(), "/v1/categories", 401, "unauthorized").json(json!({"id": "new", "name": "n"})),
+        case("category without name", p.clone(), "/v1/categories", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"id": "new"})),
+        case("category with a bad id", p.clone(), "/v1/categories", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"id": "a b", "name": "n"})),
+        case("category under a missing parent", p.clone(), "/v1/categories", 422, "unknown_category")
+            .token(&manager)
+            .json(json!({"id": "new", "name": "n", "parent_id": "ghost"})),
+        case("category that exists", p.clone(), "/v1/categories", 409, "category_exists")
+            .token(&manager)
+            .json(json!({"id": "shirts", "name": "again"})),
+        case("category its own parent", p.clone(), "/v1/categories", 422, "unknown_category")
+            .token(&manager)
+            .json(json!({"id": "loop", "name": "n", "parent_id": "loop"})),
+        case("category with a repeated key", p.clone(), "/v1/categories", 400, "malformed")
+            .token(&manager)
+            .raw("application/json", r#"{"id":"a","id":"b","name":"n"}"#.into()),
+        // POST /v1/products
+        case("product as customer", p.clone(), "/v1/products", 403, "forbidden")
+            .token(&carol_t)
+            .json(json!({"product_id": "new", "name": "n"})),
+        case("product without name", p.clone(), "/v1/products", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"product_id": "new"})),
+        case("product that exists", p.clone(), "/v1/products", 409, "product_exists")
+            .token(&manager)
+            .json(json!({"product_id": "shirt", "name": "again"})),
+        case("product in a missing category", p.clone(), "/v1/products", 422, "unknown_category")
+            .token(&manager)
+            .json(json!({"product_id": "new", "name": "n", "category_id": "ghost"})),
+        case("product options not a list", p.clone(), "/v1/products", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"product_id": "new", "name": "n", "options": {"size": ["S"]}})),
+        case("product option twice", p.clone(), "/v1/products", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"product_id": "new", "name": "n",
+                "options": [{"name": "size", "values": ["S"]}, {"name": "size", "values": ["M"]}]})),
+        case("product option without values", p.clone(), "/v1/products", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"product_id": "new", "name": "n", "options": [{"name": "size", "values": []}]})),
+        case("product option value twice", p.clone(), "/v1/products", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"product_id": "new", "name": "n", "options": [{"name": "size", "values": ["S", "S"]}]})),
+        case("product with six options", p.clone(), "/v1/products", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"product_id": "new", "name": "n",
+                "options": (0..6).map(|i| json!({"name": format!("o{i}"), "values": ["a"]})).collect::<Vec<_>>()})),
+        case("product option with a stray member", p.clone(), "/v1/products", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"product_id": "new", "name": "n", "options": [{"name": "size", "values": ["S"], "x": 1}]})),
+        case("product description too long", p.clone(), "/v1/products", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"product_id": "new", "name": "n", "description": "d".repeat(2001)})),
+        // Product reads
+        case("products limit zero", g.clone(), "/v1/products?limit=0", 422, "invalid_request"),
+        case("products bad cursor", g.clone(), "/v1/products?cursor=zzz", 422, "invalid_request"),
+        case("products of a missing category", g.clone(), "/v1/products?category_id=ghost", 422, "unknown_category"),
+        case("a missing product", g.clone(), "/v1/products/ghost", 404, "unknown_product"),
+        case("an impossible product id", g.clone(), "/v1/products/a%20b", 404, "unknown_product"),
+        // SKUs of products
+        case("sku of a missing product", p.clone(), "/v1/skus", 422, "unknown_product")
+            .token(&manager)
+            .json(json!({"sku": "new", "name": "n", "price_cents": 1, "initial_stock": 1, "product_id": "ghost"})),
+        case("sku with an option value not offered", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&manager)
+            .json(shirt("new", json!({"size": "XXL"}))),
+        case("sku missing an option", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&manager)
+            .json(shirt("new", json!({}))),
+        case("sku with options but no product", p.clone(), "/v1/skus", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "new", "name": "n", "price_cents": 1, "initial_stock": 1, "options": {"size": "S"}})),
+        case("sku whose options another has", p.clone(), "/v1/skus", 409, "variant_exists")
+            .token(&manager)
+            .json(shirt("new", json!({"size": "S"}))),
+        case("skus of a missing product", g.clone(), "/v1/skus?product_id=ghost", 422, "unknown_product").token(&manager),
         // GET /v1/audit
         case("audit as customer", g.clone(), "/v1/audit", 403, "forbidden").token(&carol_t),
         case("audit as manager", g.clone(), "/v1/audit", 403, "forbidden").token(&manager),

@@ -47,6 +47,10 @@ async fn every_route_checks_the_role_api_md_gives_it() {
                 Some(json!({"delta": -1, "reason": "damaged", "reference": format!("adj-{i}")})), vec![m, a]),
             (Method::GET, "/v1/skus/tee/movements".into(), None, vec![m, a]),
             (Method::GET, "/v1/audit".into(), None, vec![a]),
+            (Method::POST, "/v1/categories".into(), Some(json!({"id": format!("cat-{role}"), "name": "c"})), vec![m, a]),
+            (Method::POST, "/v1/products".into(), Some(json!({"product_id": format!("p-{role}"), "name": "p"})), vec![m, a]),
+            (Method::GET, "/v1/categories".into(), None, vec![c, m, a]),
+            (Method::GET, "/v1/products".into(), None, vec![c, m, a]),
             // Anyone with a token gets past the role check; visibility answers 404.
             (Method::GET, format!("/v1/orders/{order}"), None, vec![c, m, a]),
             (Method::POST, format!("/v1/orders/{order}/cancel"), Some(json!({})), vec![c, m, a]),
@@ -725,4 +729,194 @@ async fn the_sale_window_opens_and_closes_by_redis_clock() {
         .await
         .unwrap();
     assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// Categories form a tree; products carry options; a SKU of a product takes one value of
+/// each option (else 422), one SKU per combination (else 409); the public reads show
+/// each product with its SKUs and their live stock, a category's list takes in its
+/// subcategories, and every write is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn products_with_options_and_their_skus_in_a_category_tree() {
+    let app = TestApp::spawn().await;
+    let mia = app.manager("mia");
+    for (id, parent) in [
+        ("clothing", None),
+        ("shirts", Some("clothing")),
+        ("mugs", None),
+    ] {
+        let mut body = json!({"id": id, "name": id.to_uppercase()});
+        if let Some(p) = parent {
+            body["parent_id"] = p.into();
+        }
+        let r = app.post("/v1/categories", Some(&mia), &body).await;
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+    let again = app
+        .post(
+            "/v1/categories",
+            Some(&mia),
+            &json!({"id": "mugs", "name": "x"}),
+        )
+        .await;
+    assert_eq!((again.status, again.code()), (409, "category_exists"));
+    let orphan = app
+        .post(
+            "/v1/categories",
+            Some(&mia),
+            &json!({"id": "socks", "name": "x", "parent_id": "nope"}),
+        )
+        .await;
+    assert_eq!((orphan.status, orphan.code()), (422, "unknown_category"));
+    let tree = app.get("/v1/categories", None).await;
+    assert_eq!(
+        tree.body,
+        json!({"categories": [
+            {"id": "clothing", "name": "CLOTHING", "children": [{"id": "shirts", "name": "SHIRTS", "children": []}]},
+            {"id": "mugs", "name": "MUGS", "children": []},
+        ]})
+    );
+
+    let tee = json!({"product_id": "tee", "name": "Tee", "description": "Cotton.", "category_id": "shirts",
+        "options": [{"name": "size", "values": ["S", "M"]}, {"name": "colour", "values": ["red", "blue"]}]});
+    let r = app.post("/v1/products", Some(&mia), &tee).await;
+    assert_eq!(
+        (r.status, r.header("location")),
+        (201, Some("/v1/products/tee")),
+        "{r:?}"
+    );
+    assert_eq!(
+        app.post("/v1/products", Some(&mia), &tee).await.code(),
+        "product_exists"
+    );
+    let r = app
+        .post(
+            "/v1/products",
+            Some(&mia),
+            &json!({"product_id": "cup", "name": "Cup", "category_id": "mugs"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+
+    let sku = |id: &str, options: Value| {
+        json!({"sku": id, "name": id, "price_cents": 1500, "initial_stock": 10,
+               "product_id": "tee", "options": options})
+    };
+    let r = app
+        .post(
+            "/v1/skus",
+            Some(&mia),
+            &sku("tee-s-red", json!({"size": "S", "colour": "red"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["product_id"].as_str()),
+        (201, Some("tee")),
+        "{r:?}"
+    );
+    assert_eq!(r.body["options"], json!({"size": "S", "colour": "red"}));
+    let r = app
+        .post(
+            "/v1/skus",
+            Some(&mia),
+            &sku("tee-m-blue", json!({"colour": "blue", "size": "M"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    for (options, code) in [
+        (json!({"size": "XL", "colour": "red"}), "invalid_request"),
+        (json!({"size": "S"}), "invalid_request"),
+        (
+            json!({"size": "S", "colour": "red", "fit": "slim"}),
+            "invalid_request",
+        ),
+        (json!("S"), "invalid_request"),
+        (json!({"size": "S", "colour": "red"}), "variant_exists"),
+    ] {
+        let before = app.snapshot().await;
+        let r = app
+            .post("/v1/skus", Some(&mia), &sku("tee-x", options.clone()))
+            .await;
+        assert_eq!(r.code(), code, "{options}: {r:?}");
+        assert_eq!(app.snapshot().await, before, "{options}: nothing changed");
+    }
+    let r = app
+        .post("/v1/skus", Some(&mia), &json!({"sku": "x", "name": "x", "price_cents": 1, "initial_stock": 1, "product_id": "ghost"}))
+        .await;
+    assert_eq!((r.status, r.code()), (422, "unknown_product"), "{r:?}");
+    assert_eq!(
+        app.order(&app.customer("cora"), &[("tee-m-blue", 3)], None)
+            .await
+            .status,
+        202
+    );
+
+    let p = app.get("/v1/products/tee", None).await;
+    assert_eq!(p.status, 200, "{p:?}");
+    assert_eq!(p.body["category_id"], "shirts");
+    assert_eq!(
+        p.body["options"][1],
+        json!({"name": "colour", "values": ["red", "blue"]})
+    );
+    assert_eq!(
+        p.body["skus"],
+        json!([
+            {"sku": "tee-m-blue", "options": {"colour": "blue", "size": "M"}, "price_cents": 1500, "available": 7},
+            {"sku": "tee-s-red", "options": {"colour": "red", "size": "S"}, "price_cents": 1500, "available": 10},
+        ])
+    );
+    assert_eq!(
+        app.get("/v1/products/ghost", None).await.code(),
+        "unknown_product"
+    );
+    let ids = |r: &Resp| -> Vec<String> {
+        r.body["products"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["product_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        ids(&app.get("/v1/products?category_id=clothing", None).await),
+        ["tee"],
+        "a parent takes in its children"
+    );
+    assert_eq!(
+        ids(&app.get("/v1/products?category_id=mugs", None).await),
+        ["cup"]
+    );
+    let first = app.get("/v1/products?limit=1", None).await;
+    assert_eq!(ids(&first), ["cup"]);
+    let cursor = first.body["next_cursor"].as_str().unwrap().to_owned();
+    assert_eq!(
+        ids(&app
+            .get(&format!("/v1/products?limit=1&cursor={cursor}"), None)
+            .await),
+        ["tee"]
+    );
+    assert_eq!(
+        app.get("/v1/products?category_id=ghost", None).await.code(),
+        "unknown_category"
+    );
+    let of_tee = app.get("/v1/skus?product_id=tee", Some(&mia)).await;
+    let skus: Vec<&str> = of_tee.body["skus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sku"].as_str().unwrap())
+        .collect();
+    assert_eq!(skus, ["tee-m-blue", "tee-s-red"]);
+    assert_eq!(
+        app.get("/v1/skus?product_id=ghost", Some(&mia))
+            .await
+            .code(),
+        "unknown_product"
+    );
+
+    let actions = app
+        .scalar(
+            "SELECT count(*) FROM audit_log WHERE action IN ('category.create', 'product.create')",
+        )
+        .await;
+    assert_eq!(actions, 5);
 }

@@ -42,6 +42,11 @@ use utoipa_swagger_ui::SwaggerUi;
         adjust,
         movements,
         audit,
+        create_category,
+        categories,
+        create_product,
+        list_products,
+        get_product,
         healthz,
         readyz,
         metrics,
@@ -59,6 +64,7 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "stock", description = "public stock levels"),
         (name = "skus", description = "managers and admins: the catalog, goods received, adjustments"),
         (name = "audit", description = "admins: who changed what"),
+        (name = "catalog", description = "categories and products: managers and admins write, anyone reads"),
         (name = "operations", description = "health, readiness, metrics, this document"),
     ),
 )]
@@ -219,6 +225,8 @@ errors!(
     Unauthorized,
     Forbidden(""),
     SkuExists { sku: s() },
+    VariantExists { sku: s() },
+    UnknownProduct { id: s() },
     TooLarge,
     UnsupportedMediaType,
     RequestTimeout(BODY_DEADLINE),
@@ -247,7 +255,14 @@ errors!(
     InvalidRequest(s()); shed(),
 );
 
-errors!(ListSkusErrors: Unauthorized, Forbidden(""), InvalidRequest(s()), Unavailable(s()); shed());
+errors!(
+    ListSkusErrors:
+    Unauthorized,
+    Forbidden(""),
+    InvalidRequest(s()),
+    UnknownProduct { id: s() },
+    Unavailable(s()); shed(),
+);
 
 errors!(
     PatchSkuErrors:
@@ -275,6 +290,38 @@ errors!(
     InvalidRequest(s()),
     Unavailable(s()); shed(),
 );
+
+errors!(
+    CreateCategoryErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden(""),
+    CategoryExists { id: s() },
+    UnknownCategory { id: s() },
+    TooLarge,
+    UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
+    InvalidRequest(s()); shed(),
+);
+
+errors!(CategoriesErrors: Unavailable(s()); shed());
+
+errors!(
+    CreateProductErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden(""),
+    ProductExists { id: s() },
+    UnknownCategory { id: s() },
+    TooLarge,
+    UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
+    InvalidRequest(s()); shed(),
+);
+
+errors!(ListProductsErrors: InvalidRequest(s()), UnknownCategory { id: s() }, Unavailable(s()); shed());
+
+errors!(GetProductErrors: ProductNotFound { id: s() }, Unavailable(s()); shed(), per_ip_limited());
 
 errors!(AuditErrors: Unauthorized, Forbidden(""), InvalidRequest(s()); shed());
 
@@ -336,6 +383,14 @@ pub(super) struct NewSku {
     /// Absent or null: 1.
     #[schema(minimum = 1, maximum = 64, format = Int64)]
     buckets: Option<i64>,
+    /// The product this SKU is a variant of (422 `unknown_product` if none such).
+    #[schema(value_type = Option<floodgate_common::domain::Sku>)]
+    product_id: Option<String>,
+    /// With `product_id`: one value of each of the product's options, e.g.
+    /// `{"size": "M"}` (anything else: 422 `invalid_request`; another SKU of the product
+    /// with the same values: 409 `variant_exists`).
+    #[schema(value_type = Option<Object>)]
+    options: Option<serde_json::Value>,
     /// Orders are refused (409 `sale_not_started`) before this instant, by Redis's
     /// clock. Absent or null: on sale at once.
     #[schema(format = DateTime)]
@@ -354,6 +409,39 @@ pub(super) struct Receipt {
     qty: i64,
     #[schema(value_type = floodgate_common::domain::Reference)]
     reference: String,
+}
+
+/// A new category.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct NewCategory {
+    /// 1-64 of `[A-Za-z0-9._-]`.
+    #[schema(value_type = floodgate_common::domain::Sku)]
+    id: String,
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    name: String,
+    /// An existing category (422 `unknown_category` otherwise); absent or null: a root.
+    #[schema(value_type = Option<floodgate_common::domain::Sku>)]
+    parent_id: Option<String>,
+}
+
+/// A new product.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct NewProduct {
+    /// 1-64 of `[A-Za-z0-9._-]`.
+    #[schema(value_type = floodgate_common::domain::Sku)]
+    product_id: String,
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    name: String,
+    /// At most 2000 characters.
+    #[schema(max_length = 2000)]
+    description: Option<String>,
+    #[schema(value_type = Option<floodgate_common::domain::Sku>)]
+    category_id: Option<String>,
+    /// At most 5 options, names unique; each 1-50 distinct values of 1-50 characters.
+    #[schema(max_items = 5)]
+    options: Option<Vec<crate::products::ProductOption>>,
 }
 
 fn adjust_delta() -> utoipa::openapi::Object {
