@@ -264,8 +264,8 @@ struct Change {
     sku: crate::domain::Sku,
     qty: i64,
     limit: Option<i64>,
-    /// The SKU's sale window and bucket count, written before its initial stock.
-    window: Option<(String, usize)>,
+    /// The SKU's sale window, written with its initial stock.
+    window: Option<String>,
     user: Option<crate::domain::UserId>,
     shard: usize,
 }
@@ -280,8 +280,8 @@ async fn reapply_stock_changes<C: ConnectionLike>(
     let rows = db
         .query(
             "SELECT m.sku, m.kind, m.reference, m.qty, s.per_user_limit, s.buckets, o.user_id,
-                    (extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
-                    (extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms
+                    floor(extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
+                    floor(extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms
                FROM stock_movements m
                JOIN skus s ON s.sku = m.sku
                LEFT JOIN orders o ON m.kind = 'cancel' AND o.id::text = m.reference
@@ -297,7 +297,10 @@ async fn reapply_stock_changes<C: ConnectionLike>(
     if shards.count() > 1 {
         let hot = db
             .query(
-                "SELECT sku, per_user_limit, buckets FROM skus WHERE buckets > 1",
+                "SELECT sku, per_user_limit, buckets,
+                        floor(extract(epoch FROM sale_starts_at) * 1000)::bigint AS starts_ms,
+                        floor(extract(epoch FROM sale_ends_at) * 1000)::bigint AS ends_ms
+                   FROM skus WHERE buckets > 1",
                 &[],
             )
             .await
@@ -312,6 +315,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                 &sku,
                 r.get::<_, i16>("buckets") as usize,
                 i64::from(r.get::<_, i32>("per_user_limit")),
+                crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms")).as_deref(),
             )
             .await
             .context("opening the buckets of a SKU")?;
@@ -354,8 +358,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                     let limit = initial.then(|| i64::from(r.get::<_, i32>("per_user_limit")));
                     let window = initial
                         .then(|| crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms")))
-                        .flatten()
-                        .map(|w| (w, r.get::<_, i16>("buckets").max(1) as usize));
+                        .flatten();
                     let token = if kind == "adjust" {
                         adjust_token(&sku, &reference)
                     } else {
@@ -402,16 +405,6 @@ async fn reapply_stock_changes<C: ConnectionLike>(
             if present {
                 continue;
             }
-            if let Some((w, k)) = &c.window {
-                let mut pipe = redis::pipe();
-                for g in shards.bucket_shards(&c.sku, *k) {
-                    crate::redis::set_window(&mut pipe, shards.get(g), &c.sku, Some(w));
-                }
-                let _: () = pipe
-                    .query_async(con)
-                    .await
-                    .context("writing a SKU's sale window")?;
-            }
             apply_stock(
                 con,
                 shards.get(c.shard),
@@ -421,6 +414,12 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                     token: &c.token,
                     per_user_limit: c.limit,
                     user: c.user.as_ref().map(|u| (u, -c.qty)),
+                    window: c.window.as_deref(),
+                    // A receipt or an addition waits for its SKU's initial stock (applied
+                    // first here when it was lost too: the rows come in ledger order).
+                    after: (c.user.is_none() && c.limit.is_none())
+                        .then(|| crate::redis::initial_token(&c.sku))
+                        .as_deref(),
                 },
             )
             .await

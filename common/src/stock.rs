@@ -120,8 +120,8 @@ pub async fn load_shards<C: ConnectionLike>(
     let skus = db
         .query(
             "SELECT s.sku, s.per_user_limit, s.buckets, i.on_hand - i.sold AS available,
-                    (extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
-                    (extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms
+                    floor(extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
+                    floor(extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms
                FROM skus s JOIN inventory i USING (sku)",
             &[],
         )

@@ -68,21 +68,31 @@ impl Fields<'_> {
         Ok(v)
     }
 
-    /// An RFC 3339 instant (years 1970-9999), absent or null: None.
+    /// An RFC 3339 instant, absent or null: None. In UTC, years 1970-9999, whole
+    /// milliseconds at most (Redis compares milliseconds: a finer instant would open or
+    /// close a sale up to a millisecond away from the one written).
     pub(crate) fn opt_time(&self, name: &str) -> Result<Option<OffsetDateTime>, ApiError> {
-        let bad = || {
+        let bad = |why: &str| {
             ApiError::InvalidRequest(format!(
-                "{name}: must be an RFC 3339 date-time (e.g. 2030-01-01T09:00:00Z) or null"
+                "{name}: must be an RFC 3339 date-time (e.g. 2030-01-01T09:00:00Z) or null{why}"
             ))
         };
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => OffsetDateTime::parse(s, &Rfc3339)
-                .ok()
-                .filter(|t| (1970..=9999).contains(&t.year()))
-                .map(|t| Some(t.to_offset(time::UtcOffset::UTC)))
-                .ok_or_else(bad),
-            Some(_) => Err(bad()),
+            Some(Value::String(s)) => {
+                let t = OffsetDateTime::parse(s, &Rfc3339)
+                    .ok()
+                    .and_then(|t| t.checked_to_offset(time::UtcOffset::UTC))
+                    .ok_or_else(|| bad(""))?;
+                if !(1970..=9999).contains(&t.year()) {
+                    return Err(bad(", in the years 1970-9999 (UTC)"));
+                }
+                if t.nanosecond() % 1_000_000 != 0 {
+                    return Err(bad(", to the millisecond at most"));
+                }
+                Ok(Some(t))
+            }
+            Some(_) => Err(bad("")),
         }
     }
 
@@ -176,9 +186,6 @@ pub async fn create(
     let initial_stock = repo::receipt_qty(&st.pg, &new.sku, &initial)
         .await?
         .unwrap_or(new.initial_stock);
-    // The window before any unit: a SKU whose sale has not started must never be seen
-    // with stock and no window.
-    write_windows(st, &new.sku, &row).await?;
     // The row's count, not the request's: a repeat with another count heals the first.
     fredis::buckets::open_buckets(
         &mut st.redis.clone(),
@@ -186,6 +193,7 @@ pub async fn create(
         &new.sku,
         row.buckets as usize,
         i64::from(row.per_user_limit),
+        row.window.field().as_deref(),
     )
     .await
     .map_err(|e| anyhow::Error::new(e).context("opening a new SKU's buckets in Redis"))?;
@@ -200,6 +208,10 @@ pub async fn create(
             token: &token,
             per_user_limit: Some(i64::from(row.per_user_limit)),
             user: None,
+            // With its first units, in the same script: never stock without its window.
+            // Only when this token is new, so a repeated POST never undoes a PATCH.
+            window: row.window.field().as_deref(),
+            after: None,
         },
     )
     .await
@@ -262,6 +274,8 @@ pub async fn receive(
             token: &token,
             per_user_limit: None,
             user: None,
+            window: None,
+            after: Some(&fredis::initial_token(&sku)),
         },
     )
     .await
@@ -483,13 +497,15 @@ pub async fn patch(
         }
     };
     // Redis first, under the row lock and the shared load lock: what orders are decided
-    // by never lags what PostgreSQL says, and a failure anywhere puts back what was.
-    if let Err(e) = write_settings(st, &sku, &before, &after).await {
-        restore_settings(st, &sku, &before, &after).await;
+    // by never lags what PostgreSQL says. After a failure, Redis gets what PostgreSQL
+    // holds then (a commit that failed to answer may still have committed).
+    if let Err(e) = write_settings(st, &sku, Some(&before), &after).await {
+        drop(tx);
+        resync_settings(st, &sku).await;
         return Err(e);
     }
     if let Err(e) = tx.commit().await {
-        restore_settings(st, &sku, &before, &after).await;
+        resync_settings(st, &sku).await;
         return Err(anyhow::Error::new(e)
             .context("committing a SKU change")
             .into());
@@ -501,18 +517,18 @@ pub async fn patch(
     })
 }
 
-/// Writes what of `after` differs from `before` and `reserve.lua` reads (the per-user
-/// limit, the sale window) to every shard holding a bucket of `sku`.
+/// Writes what `reserve.lua` reads of `after` (the per-user limit, the sale window) to
+/// every shard holding a bucket of `sku`: what differs from `before`, or all of it.
 async fn write_settings(
     st: &AppState,
     sku: &Sku,
-    before: &SkuRow,
+    before: Option<&SkuRow>,
     after: &SkuRow,
 ) -> Result<(), ApiError> {
-    if before.window != after.window {
+    if before.is_none_or(|b| b.window != after.window) {
         write_windows(st, sku, after).await?;
     }
-    if before.per_user_limit != after.per_user_limit {
+    if before.is_none_or(|b| b.per_user_limit != after.per_user_limit) {
         let mut pipe = redis::pipe();
         for g in st.shards.bucket_shards(sku, after.buckets.max(1) as usize) {
             pipe.hset(
@@ -530,11 +546,26 @@ async fn write_settings(
     Ok(())
 }
 
-/// Puts `before`'s settings back in Redis after a PATCH that did not commit. If this
-/// fails too, Redis keeps the new ones until a reload (logged).
-async fn restore_settings(st: &AppState, sku: &Sku, before: &SkuRow, after: &SkuRow) {
-    if let Err(e) = write_settings(st, sku, after, before).await {
-        tracing::error!(error = %e, %sku, "a PATCH failed and its Redis settings could not be put back: run floodgate reconcile");
+/// Writes what PostgreSQL holds of `sku`'s limit and window to Redis, after a PATCH
+/// that failed: under the shared load lock and the row's share lock, so no other PATCH
+/// or load runs in between. If this fails too, Redis may keep the failed PATCH's values
+/// until a reload (logged).
+async fn resync_settings(st: &AppState, sku: &Sku) {
+    let done: Result<(), ApiError> = async {
+        let mut db = st.pg.get().await.context("PostgreSQL connection")?;
+        let tx = db.transaction().await.context("starting a transaction")?;
+        tx.execute(floodgate_common::stock::LOAD_LOCK_SHARED, &[])
+            .await
+            .context("waiting for a load of stock")?;
+        if let Some(row) = repo::sku_shared(&tx, sku).await? {
+            write_settings(st, sku, None, &row).await?;
+        }
+        tx.commit().await.context("ending the resync")?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = done {
+        tracing::error!(error = %e, %sku, "a PATCH failed and Redis could not be brought back to PostgreSQL's settings: run floodgate reconcile");
     }
 }
 
@@ -725,6 +756,8 @@ async fn apply_added(st: &AppState, sku: &Sku, units: i64, token: &str) -> Resul
             token,
             per_user_limit: None,
             user: None,
+            window: None,
+            after: Some(&fredis::initial_token(sku)),
         },
     )
     .await

@@ -476,6 +476,8 @@ pub async fn cancel(
                 token: &token,
                 per_user_limit: None,
                 user: Some((&user, -qty)),
+                window: None,
+                after: None,
             },
         )
         .await

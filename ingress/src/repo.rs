@@ -179,6 +179,24 @@ pub async fn sku(pool: &Pool, sku: &Sku) -> anyhow::Result<Option<SkuRow>> {
     Ok(row.as_ref().map(SkuRow::from_row))
 }
 
+/// The SKU row, share-locked in `tx` (a PATCH waits until `tx` ends).
+pub async fn sku_shared(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sku: &Sku,
+) -> anyhow::Result<Option<SkuRow>> {
+    let row = tx
+        .query_opt(
+            &format!(
+                "SELECT {SKU_COLUMNS} FROM skus s JOIN inventory i USING (sku)
+                  WHERE s.sku = $1 FOR SHARE OF s"
+            ),
+            &[&sku.as_str()],
+        )
+        .await
+        .context("reading a SKU")?;
+    Ok(row.as_ref().map(SkuRow::from_row))
+}
+
 /// Where a page of the SKU list starts: after the SKU created at `micros` (since the
 /// Unix epoch) with id `sku`, newest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,6 +292,11 @@ pub const INITIAL_REFERENCE: &str = floodgate_common::reconcile::INITIAL_REFEREN
 pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Result<Created> {
     let mut db = pool.get().await.context("PostgreSQL connection")?;
     let tx = db.transaction().await?;
+    // A load's snapshot is taken either after this commit (it loads the SKU whole) or
+    // before this transaction waits here (the SKU goes to Redis after that load).
+    tx.execute(floodgate_common::stock::LOAD_LOCK_SHARED, &[])
+        .await
+        .context("waiting for a load of stock to finish")?;
     let (product_id, options) = match &new.variant {
         Some((p, o)) => (Some(p.as_str()), Some(o)),
         None => (None, None),

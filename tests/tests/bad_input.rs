@@ -380,6 +380,15 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
         case("patch a start that is no date", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
             .token(&manager)
             .json(json!({"sale_starts_at": "tomorrow"})),
+        case("patch a start finer than a millisecond", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sale_starts_at": "2030-01-01T00:00:00.0000001Z"})),
+        case("patch a start past 9999 in UTC", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sale_starts_at": "9999-12-31T23:00:00-05:00"})),
+        case("patch a start before 1970 in UTC", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sale_starts_at": "1970-01-01T00:30:00+01:00"})),
         case("patch a start as a number", pa.clone(), "/v1/skus/tee", 422, "invalid_request")
             .token(&manager)
             .json(json!({"sale_starts_at": 1_900_000_000})),

@@ -496,6 +496,8 @@ impl Real {
                     token: &token,
                     per_user_limit: Some(limit),
                     user: None,
+                    window: None,
+                    after: None,
                 },
             )
             .await
@@ -700,6 +702,8 @@ async fn run_step(
                             token: &token,
                             per_user_limit: None,
                             user: Some((&users[order.user], -qty)),
+                            window: None,
+                            after: None,
                         },
                     )
                     .await
@@ -725,6 +729,8 @@ async fn run_step(
                     token: &token,
                     per_user_limit: None,
                     user: None,
+                    window: None,
+                    after: None,
                 },
             )
             .await

@@ -611,6 +611,8 @@ async fn a_stock_change_resent_applies_once() {
         token: &token,
         per_user_limit: Some(2),
         user: Some((&user, -1)),
+        window: None,
+        after: None,
     };
     let (first, second) = twice!(
         ns,

@@ -26,19 +26,24 @@ use std::{collections::BTreeMap, sync::LazyLock};
 
 static MOVE_OUT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/move_out.lua")));
 static MOVE_IN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/move_in.lua")));
+static OPEN_BUCKET: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/open_bucket.lua")));
 
-/// Opens the buckets of a new SKU with `k` buckets: in every bucket's shard, in one
-/// transaction each, its `buckets` field and its per-user limit, and in buckets 1.. a
-/// level of 0 where there is none. Bucket 0 goes last and gets no level here (the
-/// creation's receipt, applied after this, makes it): until then the SKU is unknown
-/// everywhere an order would look first, and a field never comes without its limit.
-/// Idempotent; nothing to do for one bucket.
+/// Opens the buckets of a new SKU with `k` buckets (`open_bucket.lua`, once per bucket):
+/// in every bucket's shard its `buckets` field, per-user limit and sale window (`window`,
+/// a [`super::window_field`]), and in buckets 1.. a level of 0 where there is none.
+/// Bucket 0 goes last and gets no level here (the creation's receipt, applied after
+/// this, makes it): until then the SKU is unknown everywhere an order would look first,
+/// and a field never comes without its limit and window. A bucket already open is left
+/// as it is (a PATCH may have changed its limit or window since). Nothing to do for one
+/// bucket.
 pub async fn open_buckets<C: redis::aio::ConnectionLike>(
     con: &mut C,
     shards: &Shards,
     sku: &Sku,
     k: usize,
     per_user_limit: i64,
+    window: Option<&str>,
 ) -> RedisResult<()> {
     let at = shards.bucket_shards(sku, k);
     if at.len() < 2 {
@@ -46,14 +51,18 @@ pub async fn open_buckets<C: redis::aio::ConnectionLike>(
     }
     for (b, g) in at.iter().enumerate().rev() {
         let keys = shards.get(*g);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset(keys.buckets(), sku.as_str(), at.len())
-            .hset(keys.limits(), sku.as_str(), per_user_limit);
-        if b > 0 {
-            pipe.hset_nx(keys.stock(), sku.as_str(), 0);
-        }
-        let _: () = pipe.query_async(con).await?;
+        let _: i64 = OPEN_BUCKET
+            .key(keys.buckets())
+            .key(keys.limits())
+            .key(keys.windows())
+            .key(keys.stock())
+            .arg(sku.as_str())
+            .arg(at.len())
+            .arg(per_user_limit)
+            .arg(window.unwrap_or_default())
+            .arg(if b > 0 { "1" } else { "0" })
+            .invoke_async(con)
+            .await?;
     }
     Ok(())
 }

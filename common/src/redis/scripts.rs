@@ -539,6 +539,16 @@ pub struct StockChange<'a> {
     pub per_user_limit: Option<i64>,
     /// Change a user's holding too (a cancellation gives the limit back).
     pub user: Option<(&'a UserId, i64)>,
+    /// The SKU's sale window ([`window_field`]), written with its initial stock.
+    pub window: Option<&'a str>,
+    /// A token that must be applied before this change is (a receipt waits for its
+    /// SKU's initial stock, [`initial_token`]); until then the call applies nothing.
+    pub after: Option<&'a str>,
+}
+
+/// The token of a SKU's initial stock (its first receipt, reference `initial`).
+pub fn initial_token(sku: &Sku) -> String {
+    receive_token(sku, crate::reconcile::INITIAL_REFERENCE)
 }
 
 /// Runs `apply_stock.lua`. Returns the available units after the call.
@@ -558,6 +568,7 @@ pub async fn apply_stock<C: ConnectionLike>(
         .key(user_key)
         .key(keys.stock_changes())
         .key(keys.stock_seq())
+        .key(keys.windows())
         .arg(change.sku.as_str())
         .arg(change.units)
         .arg(change.token)
@@ -568,6 +579,8 @@ pub async fn apply_stock<C: ConnectionLike>(
                 .unwrap_or_default(),
         )
         .arg(user_delta)
+        .arg(change.window.unwrap_or_default())
+        .arg(change.after.unwrap_or_default())
         .invoke_async(con)
         .await?;
     Ok(available)

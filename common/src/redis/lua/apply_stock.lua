@@ -8,19 +8,33 @@
 -- KEYS[3] applied  set of change tokens already applied
 -- KEYS[4] user     hash sku -> units a user holds (any unused key when ARGV[5] is 0)
 -- KEYS[5] changes  zset sku -> change sequence;  KEYS[6] seq  its counter
+-- KEYS[7] windows  hash sku -> sale window
 -- ARGV[1] sku, ARGV[2] units to add, ARGV[3] token, ARGV[4] per-user limit or '' to keep,
--- ARGV[5] change of the user's holding (a cancellation gives the limit back)
+-- ARGV[5] change of the user's holding (a cancellation gives the limit back),
+-- ARGV[6] the SKU's sale window field, written with its initial stock ('' = none),
+-- ARGV[7] a token that must be applied first ('' = none): a receipt waits for the SKU's
+--         initial stock, which brings its limit and window (a SKU never has units here
+--         without them)
 --
--- Returns {applied (1 = now, 0 = before), available}.
+-- Returns {applied (1 = now, 0 = before, -1 = not yet: ARGV[7] is not applied), available}.
+local function level()
+  return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+end
+if ARGV[7] ~= '' and redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 0 then
+  return {-1, level()}
+end
 local applied = redis.call('SADD', KEYS[3], ARGV[3])
 if applied == 1 then
-  redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[1])
+  if ARGV[6] ~= '' then
+    redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
+  end
   if ARGV[4] ~= '' then
     redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
   end
+  redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[1])
   if tonumber(ARGV[5]) ~= 0 then
     redis.call('HINCRBY', KEYS[4], ARGV[1], ARGV[5])
   end
 end
-return {applied, tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')}
+return {applied, level()}

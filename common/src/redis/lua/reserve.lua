@@ -96,10 +96,14 @@ if n > 0 then
         now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
       local starts, ends = string.match(w, '^(%d*),(%d*)$')
-      if starts and starts ~= '' and now < tonumber(starts) then
+      if not starts then
+        -- Not a window this code wrote: refuse rather than sell outside it.
+        return {'unavailable'}
+      end
+      if starts ~= '' and now < tonumber(starts) then
         return {'not_started', skus[i], starts}
       end
-      if ends and ends ~= '' and now >= tonumber(ends) then
+      if ends ~= '' and now >= tonumber(ends) then
         return {'ended', skus[i], ends}
       end
     end
