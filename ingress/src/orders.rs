@@ -324,9 +324,7 @@ async fn place_to_the_end(
 
 /// Milliseconds since the Unix epoch (a sale window in Redis) as RFC 3339 UTC.
 fn ms_rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map(repo::rfc3339)
-        .unwrap_or_default()
+    crate::stock::ms_rfc3339(ms).unwrap_or_default()
 }
 
 /// Publishes the reserved order and marks it queued ([`crate::handover`]). `trace` (the

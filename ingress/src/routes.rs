@@ -253,11 +253,11 @@ async fn stock_one(
 ) -> Result<Json<Value>, ApiError> {
     let not_found = || ApiError::SkuNotFound { sku: sku.clone() };
     let parsed = Sku::parse(sku.as_str()).map_err(|_| not_found())?;
-    let (sku, available) = stock::levels(&st, &[parsed])
+    stock::public_levels(&st, &[parsed])
         .await?
         .pop()
-        .ok_or_else(not_found)?;
-    Ok(Json(json!({"sku": sku, "available": available})))
+        .map(Json)
+        .ok_or_else(not_found)
 }
 
 #[utoipa::path(
@@ -290,11 +290,7 @@ async fn stock_many(
         .into_iter()
         .filter_map(|s| Sku::parse(s).ok())
         .collect();
-    let stock: Vec<Value> = stock::levels(&st, &skus)
-        .await?
-        .into_iter()
-        .map(|(s, a)| json!({"sku": s, "available": a}))
-        .collect();
+    let stock = stock::public_levels(&st, &skus).await?;
     Ok(Json(json!({ "stock": stock })))
 }
 

@@ -38,3 +38,42 @@ pub async fn available(st: &AppState, sku: &Sku) -> Result<i64, ApiError> {
         .and_then(|l| l.into_iter().next().flatten())
         .unwrap_or(0))
 }
+
+/// The available units and sale window of each known SKU among `skus`, as the public
+/// stock reads show them: `{"sku","available"}`, plus `sale_starts_at` / `sale_ends_at`
+/// for a SKU with a window (a storefront's countdown). 503 while stock is not loaded.
+pub async fn public_levels(
+    st: &AppState,
+    skus: &[Sku],
+) -> Result<Vec<serde_json::Value>, ApiError> {
+    let refs: Vec<&Sku> = skus.iter().collect();
+    let Some((levels, windows)) = fredis::levels_and_windows(&st.redis, &st.shards, &refs)
+        .await
+        .map_err(unavailable)?
+    else {
+        return Err(ApiError::Unavailable("stock levels are not loaded".into()));
+    };
+    Ok(skus
+        .iter()
+        .zip(levels)
+        .zip(windows)
+        .filter_map(|((s, l), w)| {
+            let mut v = serde_json::json!({"sku": s, "available": l?});
+            if let Some((starts, ends)) = w.as_deref().and_then(|w| w.split_once(',')) {
+                for (name, ms) in [("sale_starts_at", starts), ("sale_ends_at", ends)] {
+                    if let Some(t) = ms.parse::<i64>().ok().and_then(ms_rfc3339) {
+                        v[name] = t.into();
+                    }
+                }
+            }
+            Some(v)
+        })
+        .collect())
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC (None out of range).
+pub fn ms_rfc3339(ms: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .map(crate::repo::rfc3339)
+}

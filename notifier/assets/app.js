@@ -51,6 +51,20 @@
     orderQty: $('order-qty'),
     placeOrder: $('place-order'),
     orderResult: $('order-result'),
+    office: $('office'),
+    createForm: $('create-form'),
+    newSku: $('new-sku'),
+    newName: $('new-name'),
+    newPrice: $('new-price'),
+    newStock: $('new-stock'),
+    newLimit: $('new-limit'),
+    newStarts: $('new-starts'),
+    stockForm: $('stock-form'),
+    stockSku: $('stock-sku'),
+    stockQty: $('stock-qty'),
+    stockReason: $('stock-reason'),
+    writeOff: $('write-off'),
+    officeResult: $('office-result'),
   };
 
   const SVGNS = 'http://www.w3.org/2000/svg';
@@ -155,7 +169,7 @@
     if (error) return { state: 'invalid', error };
     const role = typeof claims.role === 'string' ? claims.role : 'customer';
     const exp = typeof claims.exp === 'number' ? claims.exp * 1000 : null;
-    const base = { sub: claims.sub, role, admin: role === 'admin', exp };
+    const base = { sub: claims.sub, role, admin: role === 'admin', manages: role === 'manager' || role === 'admin', exp };
     if (exp !== null && exp <= Date.now()) return { ...base, state: 'expired' };
     return { ...base, state: 'ok' };
   }
@@ -176,6 +190,7 @@
     }
     ui.whoami.textContent = text;
     ui.forgetToken.disabled = !token;
+    ui.office.hidden = !(w.state === 'ok' && w.manages);
   }
 
   function identityKey(w) {
@@ -291,6 +306,7 @@
     s = { card, num, fill, tag, peakEl, rateEl, sparkArea, sparkLine, available: null, peak: 0, samples: [], hist: [] };
     stock.set(sku, s);
     addSkuOption(sku);
+    wantWindow(sku);
     return s;
   }
 
@@ -339,6 +355,99 @@
     updateSkuOption(sku, v);
     sparkDirty.add(s);
     scheduleSummary();
+    renderWindow(sku, s);
+  }
+
+  // ---------------------------------------------------------------- sale windows
+
+  // The server's clock, as the stock events' `at` tell it (a countdown must open with
+  // the sale, whatever this browser's clock says): the largest (at - now) seen lately,
+  // since an event arrives after its `at`.
+  const offsets = [];
+  let serverOffset = 0;
+  function noteServerTime(at) {
+    const t = Date.parse(at);
+    if (Number.isNaN(t)) return;
+    offsets.push(t - Date.now());
+    if (offsets.length > 20) offsets.shift();
+    serverOffset = Math.max(...offsets);
+  }
+  const serverNow = () => Date.now() + serverOffset;
+
+  const windows = new Map(); // sku -> { starts, ends } in ms (null: open)
+  const windowQueue = new Set();
+  let windowTimer = null;
+  function wantWindow(sku) {
+    windowQueue.add(sku);
+    clearTimeout(windowTimer);
+    windowTimer = setTimeout(() => {
+      const skus = [...windowQueue];
+      windowQueue.clear();
+      fetchWindows(skus);
+    }, 200);
+  }
+
+  // The public stock read carries each SKU's sale window (ingress, `GET /v1/stock`).
+  async function fetchWindows(skus) {
+    let base;
+    try { base = await ingressUrl(); } catch (_) { return; }
+    for (let i = 0; i < skus.length; i += 100) {
+      const chunk = skus.slice(i, i + 100);
+      try {
+        const res = await fetch(`${base}/v1/stock?skus=${chunk.map(encodeURIComponent).join(',')}`, { mode: 'cors', cache: 'no-store' });
+        if (!res.ok) continue;
+        const body = await res.json();
+        const seen = new Set();
+        for (const e of (body && body.stock) || []) {
+          seen.add(e.sku);
+          const starts = e.sale_starts_at ? Date.parse(e.sale_starts_at) : null;
+          const ends = e.sale_ends_at ? Date.parse(e.sale_ends_at) : null;
+          if (starts !== null || ends !== null) windows.set(e.sku, { starts, ends });
+          else windows.delete(e.sku);
+        }
+        for (const sku of chunk) {
+          if (!seen.has(sku)) windows.delete(sku);
+          const s = stock.get(sku);
+          if (s) renderWindow(sku, s);
+        }
+      } catch (_) { /* ingress unreachable: the cards keep showing levels */ }
+    }
+  }
+
+  function countdown(ms) {
+    const t = Math.max(0, Math.ceil(ms / 1000));
+    const d = Math.floor(t / 86400);
+    const h = Math.floor((t % 86400) / 3600);
+    const m = Math.floor((t % 3600) / 60);
+    const sec = t % 60;
+    if (d > 0) return `${d}d ${h}h ${pad2(m)}m`;
+    if (h > 0) return `${h}:${pad2(m)}:${pad2(sec)}`;
+    return `${m}:${pad2(sec)}`;
+  }
+
+  // A SKU before its sale: a countdown in place of its level, until the opening, then
+  // the live level; after its end, the level with "sale ended".
+  function renderWindow(sku, s) {
+    const w = windows.get(sku);
+    const now = serverNow();
+    let state = '';
+    if (w && w.starts !== null && now < w.starts) state = 'upcoming';
+    else if (w && w.ends !== null && now >= w.ends) state = 'ended';
+    if (state === 'upcoming') {
+      s.num.textContent = `opens in ${countdown(w.starts - now)}`;
+      s.tag.textContent = `at ${hms(new Date(w.starts))}`;
+    } else if (s.card.dataset.window === 'upcoming' || state === 'ended') {
+      const v = s.available === null ? 0 : s.available;
+      const { level, fraction } = levelOf(v, s.peak);
+      s.num.textContent = String(v);
+      if (state === 'ended') s.tag.textContent = 'sale ended';
+      else s.tag.textContent = level === 'soldout' ? 'sold out' : `${Math.round(fraction * 100)}%`;
+    }
+    if ((s.card.dataset.window || '') !== state) s.card.dataset.window = state;
+  }
+
+  function renderWindows() {
+    for (const [sku, s] of stock) if (windows.has(sku) || s.card.dataset.window) renderWindow(sku, s);
   }
 
   // A step line of the level over the last SPARK_MS (or since the SKU's first event, if that
@@ -383,18 +492,19 @@
   // ---------------------------------------------------------------- SKU select
 
   function addSkuOption(sku) {
-    const sel = ui.orderSku;
-    const placeholder = sel.querySelector('option[value=""]');
-    const opt = el('option', '', sku);
-    opt.value = sku;
-    let next = null;
-    for (const o of sel.options) {
-      if (o.value && collator.compare(o.value, sku) > 0) { next = o; break; }
-    }
-    sel.insertBefore(opt, next);
-    if (placeholder) {
-      placeholder.remove();
-      sel.value = sku;
+    for (const sel of [ui.orderSku, ui.stockSku]) {
+      const placeholder = sel.querySelector('option[value=""]');
+      const opt = el('option', '', sku);
+      opt.value = sku;
+      let next = null;
+      for (const o of sel.options) {
+        if (o.value && collator.compare(o.value, sku) > 0) { next = o; break; }
+      }
+      sel.insertBefore(opt, next);
+      if (placeholder) {
+        placeholder.remove();
+        sel.value = sku;
+      }
     }
   }
 
@@ -547,6 +657,7 @@
 
   function handle(kind, data) {
     if (!data) return;
+    if (data.at) noteServerTime(data.at);
     if (!lastEventAt) ui.lastEvent.textContent = 'last event 0 s ago';
     lastEventAt = Date.now();
     try {
@@ -745,6 +856,91 @@
     }
   });
 
+  // ---------------------------------------------------------------- back office
+
+  function officeResult(state, text) {
+    ui.officeResult.dataset.state = state;
+    ui.officeResult.textContent = text;
+  }
+
+  // One manager/admin call to ingress; the answer's problem+json shown as it came.
+  let officeBusy = false;
+  async function officeCall(label, path, body, done) {
+    if (officeBusy) return;
+    if (who.state !== 'ok' || !who.manages) { officeResult('error', 'needs a manager or admin token'); return; }
+    officeBusy = true;
+    officeResult('pending', `${label}…`);
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), ORDER_TIMEOUT_MS);
+    try {
+      const base = await ingressUrl();
+      const res = await fetch(`${base}${path}`, {
+        method: 'POST',
+        mode: 'cors',
+        cache: 'no-store',
+        signal: ctl.signal,
+        headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+      let answer = null;
+      try { answer = await res.json(); } catch (_) { /* not JSON */ }
+      if (res.ok && answer) {
+        officeResult('ok', done(answer));
+      } else {
+        const code = (answer && answer.code) || `http_${res.status}`;
+        let detail = (answer && (answer.detail || answer.title)) || res.statusText || '';
+        if (answer && answer.available !== undefined) detail += ` (available ${answer.available})`;
+        officeResult('error', `${res.status} ${code}: ${detail}`.trim());
+      }
+    } catch (err) {
+      officeResult('error', err && err.name === 'AbortError' ? 'timeout: no answer from ingress' : `network_error: ${err && err.message ? err.message : err}`);
+    } finally {
+      clearTimeout(timer);
+      officeBusy = false;
+    }
+  }
+
+  const wholeNumber = (v) => (v === '' ? null : Number(v));
+
+  ui.createForm.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const sku = ui.newSku.value.trim();
+    const body = {
+      sku,
+      name: ui.newName.value.trim(),
+      price_cents: wholeNumber(ui.newPrice.value),
+      initial_stock: wholeNumber(ui.newStock.value),
+    };
+    const limit = wholeNumber(ui.newLimit.value);
+    if (limit !== null) body.per_user_limit = limit;
+    if (ui.newStarts.value) {
+      const starts = new Date(ui.newStarts.value);
+      if (Number.isNaN(starts.getTime())) { officeResult('error', 'sale starts: not a date and time'); return; }
+      body.sale_starts_at = starts.toISOString();
+    }
+    officeCall(`creating ${sku}`, '/v1/skus', body, (a) => {
+      if (a.sku) { windows.delete(a.sku); wantWindow(a.sku); }
+      const opens = a.sale_starts_at ? `, on sale from ${a.sale_starts_at}` : '';
+      return `created ${a.sku}: ${a.available} available${opens}`;
+    });
+  });
+
+  function stockChange(ev, writeOff) {
+    if (ev) ev.preventDefault();
+    const sku = ui.stockSku.value;
+    const units = wholeNumber(ui.stockQty.value);
+    if (!sku) { officeResult('error', 'no SKU yet'); return; }
+    if (!Number.isInteger(units) || units < 1) { officeResult('error', 'units: a whole number from 1'); return; }
+    const path = `/v1/skus/${encodeURIComponent(sku)}/${writeOff ? 'adjust' : 'receive'}`;
+    const body = writeOff
+      ? { delta: -units, reason: ui.stockReason.value.trim(), reference: `page-${uuid()}` }
+      : { qty: units, reference: `page-${uuid()}` };
+    officeCall(`${writeOff ? 'writing off' : 'receiving'} ${units} × ${sku}`, path, body,
+      (a) => `${writeOff ? 'wrote off' : 'received'} ${units} × ${a.sku}: ${a.on_hand} on hand, ${a.available} available`);
+  }
+  ui.stockForm.addEventListener('submit', (ev) => stockChange(ev, false));
+  ui.writeOff.addEventListener('click', () => stockChange(null, true));
+
   // ---------------------------------------------------------------- clock and timers
 
   function tick() {
@@ -783,6 +979,9 @@
   renderFeedChrome();
   tick();
   setInterval(tick, 1000);
+  setInterval(renderWindows, 250);
+  // A window changed by a PATCH reaches the page within half a minute.
+  setInterval(() => { if (stock.size) fetchWindows([...stock.keys()]); }, 30000);
   openStream();
   ingressUrl().catch(() => { /* reported when an order is placed */ });
 })();

@@ -662,6 +662,12 @@ async fn the_sale_window_opens_and_closes_by_redis_clock() {
     assert_eq!(created.status, 201, "{created:?}");
     assert_eq!(created.body["sale_starts_at"], rfc3339_ms(opens));
     assert!(created.body["sale_ends_at"].is_null());
+    // The public read carries the window, for a storefront's countdown.
+    let public = app.get("/v1/stock/launch", None).await;
+    assert_eq!(
+        public.body,
+        json!({"sku": "launch", "available": 1000, "sale_starts_at": rfc3339_ms(opens)})
+    );
     let (mut early, mut open) = (0, 0);
     let mut failures = Vec::new();
     let mut i = 0;

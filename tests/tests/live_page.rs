@@ -83,3 +83,74 @@ async fn the_live_page_shows_stock_draining_and_orders_confirming_in_chromium() 
         .display()
     );
 }
+
+/// The back office on the live page, in Chromium: a manager creates a SKU whose sale
+/// opens seconds later, its card counts down and flips to the live level at the opening
+/// (by the server's clock), and goods received and written off through the page's forms
+/// reach PostgreSQL, Redis and the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_runs_a_drop_from_the_live_page_in_chromium() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("tests/browser/back-office.mjs");
+    assert!(
+        root.join("tests/browser/node_modules/playwright-core")
+            .exists(),
+        "playwright-core is not installed: run `ops/stack test` (or `npm ci --prefix tests/browser`)"
+    );
+    let app = TestApp::spawn_with(Options {
+        notifier: true,
+        ..Options::default()
+    })
+    .await;
+    // Something on sale already, so the stream has levels from the start.
+    app.create_sku("cap-navy", 12, None).await;
+    let screenshot =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../artifacts/back-office.png");
+    let page = format!("{}/", app.notifier.as_ref().unwrap());
+    let token = app.manager("mia");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .current_dir(root)
+            .env("PAGE_URL", page)
+            .env("TOKEN", token)
+            .env("SKU", "drop-1")
+            .env("STOCK", "20")
+            .env("OPENS_IN_SECS", "6")
+            .env("SCREENSHOT", &screenshot)
+            .output()
+            .expect("run node")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let result: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no result line; stdout: {stdout}\nstderr: {stderr}"));
+    assert!(
+        out.status.success() && result["ok"] == true,
+        "{result}\nstderr: {stderr}"
+    );
+    // The flip follows the opening within a page tick or two, never before it.
+    let flipped = result["flipped_after_ms"].as_i64().unwrap();
+    assert!((-300..3_000).contains(&flipped), "{result}");
+    let sku = app.get("/v1/skus/drop-1", Some(&app.admin())).await;
+    assert_eq!(
+        (sku.body["on_hand"].as_i64(), sku.body["available"].as_i64()),
+        (Some(22), Some(22)),
+        "{sku:?}"
+    );
+    assert!(sku.body["sale_starts_at"].as_str().is_some(), "{sku:?}");
+    let audit = app.get("/v1/audit?actor=mia", Some(&app.admin())).await;
+    let actions: Vec<&str> = audit.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["stock.adjust", "stock.receive", "sku.create"]);
+    app.assert_invariants(&[]).await;
+}

@@ -336,6 +336,27 @@ pub async fn levels(
     shards: &Shards,
     skus: &[&Sku],
 ) -> RedisResult<Option<Vec<Option<i64>>>> {
+    Ok(levels_read(redis, shards, skus, false)
+        .await?
+        .map(|(l, _)| l))
+}
+
+/// [`levels`] and each SKU's sale window field (`windows`, None when it has none), read
+/// in the same round trip per shard.
+pub async fn levels_and_windows(
+    redis: &Redis,
+    shards: &Shards,
+    skus: &[&Sku],
+) -> RedisResult<Option<(Vec<Option<i64>>, Vec<Option<String>>)>> {
+    levels_read(redis, shards, skus, true).await
+}
+
+async fn levels_read(
+    redis: &Redis,
+    shards: &Shards,
+    skus: &[&Sku],
+    with_windows: bool,
+) -> RedisResult<Option<(Vec<Option<i64>>, Vec<Option<String>>)>> {
     let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, s) in skus.iter().enumerate() {
         by_shard.entry(shards.of_sku(s)).or_default().push(i);
@@ -348,31 +369,50 @@ pub async fn levels(
             if !super::stock_loaded(&mut redis, keys).await? {
                 return Ok(None);
             }
-            if !many {
-                let levels: Vec<Option<i64>> = redis::cmd("HMGET")
-                    .arg(keys.stock())
-                    .arg(&these)
-                    .query_async(&mut redis)
-                    .await?;
-                return Ok(Some((levels, vec![None; these.len()])));
-            }
             let mut pipe = redis::pipe();
             pipe.cmd("HMGET").arg(keys.stock()).arg(&these);
-            pipe.cmd("HMGET").arg(keys.buckets()).arg(&these);
-            let (levels, counts): (Vec<Option<i64>>, Vec<Option<usize>>) =
-                pipe.query_async(&mut redis).await?;
-            Ok(Some((levels, counts)))
+            if many {
+                pipe.cmd("HMGET").arg(keys.buckets()).arg(&these);
+            }
+            if with_windows {
+                pipe.cmd("HMGET").arg(keys.windows()).arg(&these);
+            }
+            let mut replies: std::collections::VecDeque<redis::Value> = pipe
+                .query_async::<Vec<redis::Value>>(&mut redis)
+                .await?
+                .into();
+            fn next<T: redis::FromRedisValue>(
+                replies: &mut std::collections::VecDeque<redis::Value>,
+            ) -> RedisResult<T> {
+                Ok(redis::from_redis_value(
+                    replies.pop_front().unwrap_or(redis::Value::Nil),
+                )?)
+            }
+            let levels: Vec<Option<i64>> = next(&mut replies)?;
+            let counts: Vec<Option<usize>> = if many {
+                next(&mut replies)?
+            } else {
+                vec![None; these.len()]
+            };
+            let windows: Vec<Option<String>> = if with_windows {
+                next(&mut replies)?
+            } else {
+                vec![None; these.len()]
+            };
+            Ok(Some((levels, counts, windows)))
         }
     });
     let answers: Vec<RedisResult<_>> = join_all(calls).await;
     let mut out = vec![None; skus.len()];
+    let mut out_windows = vec![None; skus.len()];
     let mut bucketed: Vec<(usize, usize)> = Vec::new();
     for ((_, at), answer) in by_shard.iter().zip(answers) {
-        let Some((levels, counts)) = answer? else {
+        let Some((levels, counts, windows)) = answer? else {
             return Ok(None);
         };
-        for ((&i, l), k) in at.iter().zip(levels).zip(counts) {
+        for (((&i, l), k), w) in at.iter().zip(levels).zip(counts).zip(windows) {
             out[i] = l;
+            out_windows[i] = w;
             if let Some(k) = k.filter(|k| *k > 1)
                 && l.is_some()
             {
@@ -404,7 +444,7 @@ pub async fn levels(
             *total += l;
         }
     }
-    Ok(Some(out))
+    Ok(Some((out, out_windows)))
 }
 
 /// True while every shard has its stock loaded.

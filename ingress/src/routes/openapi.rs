@@ -334,6 +334,12 @@ pub(super) struct StockLevel {
     /// Units that can still be ordered.
     #[schema(minimum = 0)]
     available: i64,
+    /// Only for a SKU whose sale window has a start: orders are refused before it.
+    #[schema(format = DateTime)]
+    sale_starts_at: Option<String>,
+    /// Only for a SKU whose sale window has an end.
+    #[schema(format = DateTime)]
+    sale_ends_at: Option<String>,
 }
 
 /// The known SKUs among those asked for.
