@@ -119,6 +119,10 @@ pub struct Settled {
     /// Write-offs whose units were taken in Redis but whose record never committed (a
     /// crash, a lost commit): their units given back.
     pub given_back: usize,
+    /// SKUs whose per-user limit or sale window in Redis differed from PostgreSQL's (a
+    /// PATCH lost in a failover, or one that failed between its Redis write and its
+    /// commit): rewritten from PostgreSQL.
+    pub resynced: usize,
 }
 
 /// Settles open reservations whose order PostgreSQL already decided, in every shard (each
@@ -140,12 +144,12 @@ pub async fn settle<C: ConnectionLike>(
     shards: &Shards,
 ) -> anyhow::Result<Settled> {
     let mut settled = Settled::default();
-    let db = pool.get().await.context("PostgreSQL connection")?;
+    let mut db = pool.get().await.context("PostgreSQL connection")?;
     for (_, keys) in shards.iter() {
         settle_shard(&db, con, keys, &mut settled).await?;
     }
-    settled.reapplied = reapply_stock_changes(&db, con, shards).await?;
-    let mut db = db;
+    settled.reapplied = reapply_stock_changes(&mut db, con, shards).await?;
+    settled.resynced = sync_rules(&mut db, con, shards).await?;
     settled.given_back = settle_takes(&mut db, con, shards).await?;
     if settled != Settled::default() {
         tracing::warn!(
@@ -153,6 +157,7 @@ pub async fn settle<C: ConnectionLike>(
             released = settled.released,
             reapplied = settled.reapplied,
             given_back = settled.given_back,
+            resynced = settled.resynced,
             "settled reservations whose order PostgreSQL had already decided (a lost Redis write)"
         );
     }
@@ -264,19 +269,136 @@ struct Change {
     sku: crate::domain::Sku,
     qty: i64,
     limit: Option<i64>,
-    /// The SKU's sale window, written with its initial stock.
-    window: Option<String>,
     user: Option<crate::domain::UserId>,
     shard: usize,
 }
 
+/// A SKU's per-user limit, sale window field and bucket count as PostgreSQL holds them,
+/// read in `tx` under the row's share lock and the load lock (shared), both tried, not
+/// waited for: None while a PATCH (or a load) holds them. Whatever the caller writes to
+/// Redis before `tx` ends is therefore never older than the row: a PATCH waits for it.
+async fn locked_rules(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sku: &str,
+) -> anyhow::Result<Option<(i64, Option<String>, usize)>> {
+    let free: bool = tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock_shared(hashtext('floodgate.stock-load'), hashtext(current_schema()))",
+            &[],
+        )
+        .await
+        .context("trying the load lock")?
+        .get(0);
+    if !free {
+        return Ok(None);
+    }
+    Ok(tx
+        .query_opt(
+            "SELECT per_user_limit, buckets,
+                    floor(extract(epoch FROM sale_starts_at) * 1000)::bigint AS starts_ms,
+                    floor(extract(epoch FROM sale_ends_at) * 1000)::bigint AS ends_ms
+               FROM skus WHERE sku = $1 FOR SHARE SKIP LOCKED",
+            &[&sku],
+        )
+        .await
+        .context("reading a SKU's rules")?
+        .map(|r| {
+            (
+                i64::from(r.get::<_, i32>("per_user_limit")),
+                crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms")),
+                r.get::<_, i16>("buckets").max(1) as usize,
+            )
+        }))
+}
+
+/// Rewrites, from PostgreSQL, the per-user limit and sale window of every SKU whose Redis
+/// copy differs in one of its buckets' shards (under [`locked_rules`]; a SKU a PATCH is
+/// changing right now is left to the next pass). Returns the SKUs rewritten.
+async fn sync_rules<C: ConnectionLike>(
+    db: &mut deadpool_postgres::Object,
+    con: &mut C,
+    shards: &Shards,
+) -> anyhow::Result<usize> {
+    use crate::domain::Sku;
+    let mut redis_rules: BTreeMap<(usize, String), (Option<i64>, Option<String>)> = BTreeMap::new();
+    let mut known: std::collections::BTreeSet<String> = Default::default();
+    for (g, keys) in shards.iter() {
+        let (limits, windows, levels): (
+            BTreeMap<String, i64>,
+            BTreeMap<String, String>,
+            BTreeMap<String, i64>,
+        ) = redis::pipe()
+            .hgetall(keys.limits())
+            .hgetall(keys.windows())
+            .hgetall(keys.stock())
+            .query_async(con)
+            .await
+            .context("reading limits and windows")?;
+        for (sku, l) in limits {
+            redis_rules.entry((g, sku)).or_default().0 = Some(l);
+        }
+        for (sku, w) in windows {
+            redis_rules.entry((g, sku)).or_default().1 = Some(w);
+        }
+        known.extend(levels.into_keys());
+    }
+    let rows = db
+        .query(
+            "SELECT sku, per_user_limit, buckets,
+                    floor(extract(epoch FROM sale_starts_at) * 1000)::bigint AS starts_ms,
+                    floor(extract(epoch FROM sale_ends_at) * 1000)::bigint AS ends_ms
+               FROM skus",
+            &[],
+        )
+        .await
+        .context("reading every SKU's rules")?;
+    let mut differ = Vec::new();
+    for r in &rows {
+        let sku: String = r.get("sku");
+        // A SKU not in Redis yet gets its rules with its first units.
+        let Ok(parsed) = Sku::parse(sku.as_str()) else {
+            continue;
+        };
+        if !known.contains(&sku) {
+            continue;
+        }
+        let limit = i64::from(r.get::<_, i32>("per_user_limit"));
+        let window = crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms"));
+        let k = r.get::<_, i16>("buckets").max(1) as usize;
+        let off = shards.bucket_shards(&parsed, k).into_iter().any(|g| {
+            let (l, w) = redis_rules
+                .get(&(g, sku.clone()))
+                .cloned()
+                .unwrap_or_default();
+            l.unwrap_or(0) != limit || w != window
+        });
+        if off {
+            differ.push(parsed);
+        }
+    }
+    let mut resynced = 0;
+    for sku in differ {
+        let tx = db.transaction().await.context("starting a transaction")?;
+        let Some((limit, window, k)) = locked_rules(&tx, sku.as_str()).await? else {
+            continue;
+        };
+        crate::redis::set_rules(con, shards, &sku, k, Some(limit), Some(window.as_deref()))
+            .await
+            .context("rewriting a SKU's limit and window")?;
+        tx.commit().await.context("ending a SKU's resync")?;
+        tracing::warn!(%sku, "a SKU's limit or sale window in Redis differed from PostgreSQL's: rewritten");
+        resynced += 1;
+    }
+    Ok(resynced)
+}
+
 async fn reapply_stock_changes<C: ConnectionLike>(
-    db: &deadpool_postgres::Object,
+    db: &mut deadpool_postgres::Object,
     con: &mut C,
     shards: &Shards,
 ) -> anyhow::Result<usize> {
     use crate::domain::{Sku, UserId};
-    use crate::redis::{StockChange, adjust_token, apply_stock, cancel_token, receive_token};
+    use crate::redis::{adjust_token, cancel_token, receive_token};
     let rows = db
         .query(
             "SELECT m.sku, m.kind, m.reference, m.qty, s.per_user_limit, s.buckets, o.user_id,
@@ -291,34 +413,42 @@ async fn reapply_stock_changes<C: ConnectionLike>(
         )
         .await
         .context("reading receipts and cancels")?;
-    // Every SKU with buckets has them open in Redis (`open_buckets` is idempotent): a
-    // crash between a SKU's creation and that call, or a failover that lost it, would
-    // leave a bucket that does not know it is one.
+    // Every SKU with buckets has them open in Redis: a crash between a SKU's creation and
+    // that call, or a failover that lost it, would leave a bucket that does not know it
+    // is one. Opened with the rules PostgreSQL holds under `locked_rules`.
     if shards.count() > 1 {
-        let hot = db
-            .query(
-                "SELECT sku, per_user_limit, buckets,
-                        floor(extract(epoch FROM sale_starts_at) * 1000)::bigint AS starts_ms,
-                        floor(extract(epoch FROM sale_ends_at) * 1000)::bigint AS ends_ms
-                   FROM skus WHERE buckets > 1",
-                &[],
-            )
+        let hot: Vec<(String, usize)> = db
+            .query("SELECT sku, buckets FROM skus WHERE buckets > 1", &[])
             .await
-            .context("reading the SKUs with buckets")?;
-        for r in &hot {
-            let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) else {
+            .context("reading the SKUs with buckets")?
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i16>(1).max(1) as usize))
+            .collect();
+        for (sku, k) in hot {
+            let Ok(sku) = Sku::parse(sku) else {
                 continue;
             };
-            crate::redis::buckets::open_buckets(
-                con,
-                shards,
-                &sku,
-                r.get::<_, i16>("buckets") as usize,
-                i64::from(r.get::<_, i32>("per_user_limit")),
-                crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms")).as_deref(),
-            )
-            .await
-            .context("opening the buckets of a SKU")?;
+            let mut open = true;
+            for g in shards.bucket_shards(&sku, k) {
+                let here: bool = redis::cmd("HEXISTS")
+                    .arg(shards.get(g).buckets())
+                    .arg(sku.as_str())
+                    .query_async(con)
+                    .await
+                    .context("reading a SKU's buckets")?;
+                open &= here;
+            }
+            if open {
+                continue;
+            }
+            let tx = db.transaction().await.context("starting a transaction")?;
+            let Some((limit, window, k)) = locked_rules(&tx, sku.as_str()).await? else {
+                continue;
+            };
+            crate::redis::buckets::open_buckets(con, shards, &sku, k, limit, window.as_deref())
+                .await
+                .context("opening the buckets of a SKU")?;
+            tx.commit().await.context("ending a SKU's opening")?;
         }
     }
     let mut reapplied = 0;
@@ -346,7 +476,6 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                         sku,
                         qty,
                         limit: None,
-                        window: None,
                         user: Some(user),
                         shard: g,
                     });
@@ -356,9 +485,6 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                     // window went to Redis before it (never stock without its window).
                     let initial = kind == "receive" && reference == INITIAL_REFERENCE;
                     let limit = initial.then(|| i64::from(r.get::<_, i32>("per_user_limit")));
-                    let window = initial
-                        .then(|| crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms")))
-                        .flatten();
                     let token = if kind == "adjust" {
                         adjust_token(&sku, &reference)
                     } else {
@@ -370,7 +496,6 @@ async fn reapply_stock_changes<C: ConnectionLike>(
                         sku,
                         qty,
                         limit,
-                        window,
                         user: None,
                         shard: g,
                     });
@@ -405,29 +530,55 @@ async fn reapply_stock_changes<C: ConnectionLike>(
             if present {
                 continue;
             }
-            apply_stock(
-                con,
-                shards.get(c.shard),
-                &StockChange {
-                    sku: &c.sku,
-                    units: c.qty,
-                    token: &c.token,
-                    per_user_limit: c.limit,
-                    user: c.user.as_ref().map(|u| (u, -c.qty)),
-                    window: c.window.as_deref(),
-                    // A receipt or an addition waits for its SKU's initial stock (applied
-                    // first here when it was lost too: the rows come in ledger order).
-                    after: (c.user.is_none() && c.limit.is_none())
-                        .then(|| crate::redis::initial_token(&c.sku))
-                        .as_deref(),
-                },
-            )
-            .await
-            .context("applying a committed stock change")?;
-            reapplied += 1;
+            // A SKU's initial stock brings its limit and window: the ones PostgreSQL holds
+            // now, under `locked_rules` until written (never an older window over a
+            // PATCH); skipped this pass while a PATCH holds the row.
+            let initial = c.limit.is_some();
+            let (applied, _) = if initial {
+                let tx = db.transaction().await.context("starting a transaction")?;
+                let Some((limit, window, _)) = locked_rules(&tx, c.sku.as_str()).await? else {
+                    continue;
+                };
+                let done = reapply_one(con, shards, c, Some(limit), window.as_deref()).await?;
+                tx.commit().await.context("ending a re-apply")?;
+                done
+            } else {
+                reapply_one(con, shards, c, None, None).await?
+            };
+            if applied == crate::redis::Applied::Now {
+                reapplied += 1;
+            }
         }
     }
     Ok(reapplied)
+}
+
+/// Applies one committed change; a receipt or an addition waits for its SKU's initial
+/// stock (applied first when it was lost too: the changes come in ledger order).
+async fn reapply_one<C: ConnectionLike>(
+    con: &mut C,
+    shards: &Shards,
+    c: &Change,
+    limit: Option<i64>,
+    window: Option<&str>,
+) -> anyhow::Result<(crate::redis::Applied, i64)> {
+    let after =
+        (c.user.is_none() && c.limit.is_none()).then(|| crate::redis::initial_token(&c.sku));
+    crate::redis::apply_stock_status(
+        con,
+        shards.get(c.shard),
+        &crate::redis::StockChange {
+            sku: &c.sku,
+            units: c.qty,
+            token: &c.token,
+            per_user_limit: limit,
+            user: c.user.as_ref().map(|u| (u, -c.qty)),
+            window,
+            after: after.as_deref(),
+        },
+    )
+    .await
+    .context("applying a committed stock change")
 }
 
 /// The reference of a SKU's initial stock in the ledger (what `POST /v1/skus` writes).
@@ -470,6 +621,21 @@ async fn check_once<C: ConnectionLike>(
         found.extend(here.into_iter().map(|(sku, units)| (g, sku, units)));
     }
     let held = held_by_reservations(con, shards).await?;
+    // What reserve.lua decides by besides the levels: each shard's limits and windows.
+    let mut rules: BTreeMap<(usize, String), (Option<i64>, Option<String>)> = BTreeMap::new();
+    for (g, keys) in shards.iter() {
+        let (limits, windows): (BTreeMap<String, i64>, BTreeMap<String, String>) = redis::pipe()
+            .hgetall(keys.limits())
+            .hgetall(keys.windows())
+            .query_async(con)
+            .await?;
+        for (sku, l) in limits {
+            rules.entry((g, sku)).or_default().0 = Some(l);
+        }
+        for (sku, w) in windows {
+            rules.entry((g, sku)).or_default().1 = Some(w);
+        }
+    }
     let rows = db
         .query(
             // One grouped pass over each table (hash aggregates), not a correlated sum
@@ -485,7 +651,9 @@ async fn check_once<C: ConnectionLike>(
                         sum(CASE m.kind WHEN 'receive' THEN m.qty WHEN 'adjust' THEN m.qty ELSE 0 END) AS received
                    FROM stock_movements m
                   GROUP BY m.sku)
-             SELECT i.sku, i.on_hand, i.sold, s.buckets,
+             SELECT i.sku, i.on_hand, i.sold, s.buckets, s.per_user_limit,
+                    floor(extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
+                    floor(extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms,
                     coalesce(c.units, 0)::bigint AS confirmed,
                     coalesce(l.sold, 0)::bigint AS ledger_sold,
                     coalesce(l.received, 0)::bigint AS ledger_received
@@ -553,6 +721,24 @@ async fn check_once<C: ConnectionLike>(
                 "ledger_differs",
                 format!("{sku}: ledger receipts {ledger_received}, inventory on_hand {on_hand}"),
             ));
+        }
+        if epoch && let Ok(parsed) = crate::domain::Sku::parse(sku.as_str()) {
+            // Every bucket's shard decides by the SKU's limit and window as PostgreSQL
+            // has them (a PATCH lost in a failover would show here).
+            let limit = i64::from(r.get::<_, i32>("per_user_limit"));
+            let window = crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms"));
+            let k = r.get::<_, i16>("buckets").max(1) as usize;
+            for g in shards.bucket_shards(&parsed, k) {
+                let (l, w) = rules.get(&(g, sku.clone())).cloned().unwrap_or_default();
+                if redis_stock.contains_key(&sku) && (l.unwrap_or(0) != limit || w != window) {
+                    out.push(v(
+                        "redis_rules_differ",
+                        format!(
+                            "{sku}: Redis shard {g} has limit {l:?} and window {w:?}, PostgreSQL limit {limit} and window {window:?}"
+                        ),
+                    ));
+                }
+            }
         }
         if epoch {
             let expected = on_hand - sold - held.get(&sku).copied().unwrap_or(0);

@@ -104,6 +104,12 @@ pub async fn load_shards<C: ConnectionLike>(
         .transaction()
         .await
         .context("starting the load's lock")?;
+    // A write-off in flight may hold the shared side for a few seconds (its own lock
+    // waits): longer than the pool's lock_timeout, which would fail the load with the
+    // gate already closed.
+    lock.batch_execute("SET LOCAL lock_timeout = '60s'")
+        .await
+        .context("setting the load lock's wait")?;
     lock.execute(LOAD_LOCK, &[])
         .await
         .context("waiting for in-flight write-offs and SKU changes (the load lock)")?;

@@ -173,49 +173,15 @@ pub async fn create(
         },
         ..new
     };
-    let created = repo::create_sku(&st.pg, &new, actor).await?;
+    let created = repo::create_sku(&st.pg, &new, actor)
+        .await
+        .map_err(lock_wait)?;
     if let repo::Created::VariantOf(sku) = created {
         return Err(ApiError::VariantExists { sku });
     }
     // Also after a 409: a repeat heals a crash between the commit and this call, and is
     // a no-op otherwise.
-    let row = repo::sku(&st.pg, &new.sku)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("SKU {} vanished after it was written", new.sku))?;
-    let initial = Reference::parse(repo::INITIAL_REFERENCE).expect("a valid reference");
-    let initial_stock = repo::receipt_qty(&st.pg, &new.sku, &initial)
-        .await?
-        .unwrap_or(new.initial_stock);
-    // The row's count, not the request's: a repeat with another count heals the first.
-    fredis::buckets::open_buckets(
-        &mut st.redis.clone(),
-        &st.shards,
-        &new.sku,
-        row.buckets as usize,
-        i64::from(row.per_user_limit),
-        row.window.field().as_deref(),
-    )
-    .await
-    .map_err(|e| anyhow::Error::new(e).context("opening a new SKU's buckets in Redis"))?;
-    let mut redis = st.redis.clone();
-    let token = receive_token(&new.sku, repo::INITIAL_REFERENCE);
-    fredis::apply_stock(
-        &mut redis,
-        st.shards.for_sku(&new.sku),
-        &StockChange {
-            sku: &new.sku,
-            units: initial_stock,
-            token: &token,
-            per_user_limit: Some(i64::from(row.per_user_limit)),
-            user: None,
-            // With its first units, in the same script: never stock without its window.
-            // Only when this token is new, so a repeated POST never undoes a PATCH.
-            window: row.window.field().as_deref(),
-            after: None,
-        },
-    )
-    .await
-    .map_err(|e| anyhow::Error::new(e).context("loading a new SKU into Redis"))?;
+    let row = bring_to_redis(st, &new.sku).await?;
     if matches!(created, repo::Created::Exists) {
         return Err(ApiError::SkuExists {
             sku: new.sku.to_string(),
@@ -223,6 +189,65 @@ pub async fn create(
     }
     let available = stock::available(st, &new.sku).await?;
     Ok(SkuView { row, available })
+}
+
+/// Puts a SKU PostgreSQL has into Redis with its first units: its buckets opened
+/// (`open_bucket.lua`) and its initial receipt applied once, each with the limit and
+/// window PostgreSQL holds *now*, read under the row's share lock and the load lock
+/// (shared) while they are written: a PATCH waits until they are, so it can never be
+/// undone by an older window, and no load runs in between. Idempotent (a SKU already in
+/// Redis is left as it is). Returns the row.
+pub async fn bring_to_redis(st: &AppState, sku: &Sku) -> Result<SkuRow, ApiError> {
+    let mut db = st.pg.get().await.context("PostgreSQL connection")?;
+    let tx = db.transaction().await.context("starting a transaction")?;
+    tx.execute(floodgate_common::stock::LOAD_LOCK_SHARED, &[])
+        .await
+        .map_err(|e| lock_wait(anyhow::Error::new(e).context("waiting for a load of stock")))?;
+    let row = repo::sku_shared(&tx, sku)
+        .await
+        .map_err(lock_wait)?
+        .ok_or_else(|| anyhow::anyhow!("SKU {sku} vanished after it was written"))?;
+    let initial = Reference::parse(repo::INITIAL_REFERENCE).expect("a valid reference");
+    let initial_stock: i64 = tx
+        .query_opt(
+            "SELECT qty FROM stock_movements WHERE kind = 'receive' AND sku = $1 AND reference = $2",
+            &[&sku.as_str(), &initial.as_str()],
+        )
+        .await
+        .context("reading a SKU's initial receipt")?
+        .map_or(0, |r| r.get(0));
+    let window = row.window.field();
+    // The row's count, not a request's: a repeat with another count heals the first.
+    fredis::buckets::open_buckets(
+        &mut st.redis.clone(),
+        &st.shards,
+        sku,
+        row.buckets as usize,
+        i64::from(row.per_user_limit),
+        window.as_deref(),
+    )
+    .await
+    .map_err(|e| crate::orders::unavailable("Redis", e))?;
+    fredis::apply_stock(
+        &mut st.redis.clone(),
+        st.shards.for_sku(sku),
+        &StockChange {
+            sku,
+            units: initial_stock,
+            token: &fredis::initial_token(sku),
+            per_user_limit: Some(i64::from(row.per_user_limit)),
+            user: None,
+            // With its first units, in the same script: never stock without its window.
+            window: window.as_deref(),
+            after: None,
+        },
+    )
+    .await
+    .map_err(|e| crate::orders::unavailable("Redis", e))?;
+    tx.commit()
+        .await
+        .context("ending the SKU's first write to Redis")?;
+    Ok(row)
 }
 
 pub async fn get(st: &AppState, sku: &str) -> Result<SkuView, ApiError> {
@@ -263,23 +288,8 @@ pub async fn receive(
     let first_qty = repo::receipt_qty(&st.pg, &sku, &reference)
         .await?
         .unwrap_or(qty);
-    let mut redis = st.redis.clone();
     let token = receive_token(&sku, reference.as_str());
-    let available = fredis::apply_stock(
-        &mut redis,
-        st.shards.for_sku(&sku),
-        &StockChange {
-            sku: &sku,
-            units: first_qty,
-            token: &token,
-            per_user_limit: None,
-            user: None,
-            window: None,
-            after: Some(&fredis::initial_token(&sku)),
-        },
-    )
-    .await
-    .map_err(|e| anyhow::Error::new(e).context("applying a receipt to Redis"))?;
+    let available = apply_after_initial(st, &sku, first_qty, &token).await?;
     // Over every bucket, for a SKU with buckets (the receipt went to bucket 0).
     let available = if st.shards.count() > 1 {
         stock::available(st, &sku).await?
@@ -525,25 +535,19 @@ async fn write_settings(
     before: Option<&SkuRow>,
     after: &SkuRow,
 ) -> Result<(), ApiError> {
-    if before.is_none_or(|b| b.window != after.window) {
-        write_windows(st, sku, after).await?;
-    }
-    if before.is_none_or(|b| b.per_user_limit != after.per_user_limit) {
-        let mut pipe = redis::pipe();
-        for g in st.shards.bucket_shards(sku, after.buckets.max(1) as usize) {
-            pipe.hset(
-                st.shards.get(g).limits(),
-                sku.as_str(),
-                after.per_user_limit,
-            )
-            .ignore();
-        }
-        let _: () = pipe
-            .query_async(&mut st.redis.clone())
-            .await
-            .map_err(|e| crate::orders::unavailable("Redis", e))?;
-    }
-    Ok(())
+    let window = after.window.field();
+    let window_changed = before.is_none_or(|b| b.window != after.window);
+    let limit_changed = before.is_none_or(|b| b.per_user_limit != after.per_user_limit);
+    fredis::set_rules(
+        &mut st.redis.clone(),
+        &st.shards,
+        sku,
+        after.buckets.max(1) as usize,
+        limit_changed.then_some(i64::from(after.per_user_limit)),
+        window_changed.then_some(window.as_deref()),
+    )
+    .await
+    .map_err(|e| crate::orders::unavailable("Redis", e))
 }
 
 /// Writes what PostgreSQL holds of `sku`'s limit and window to Redis, after a PATCH
@@ -567,21 +571,6 @@ async fn resync_settings(st: &AppState, sku: &Sku) {
     if let Err(e) = done {
         tracing::error!(error = %e, %sku, "a PATCH failed and Redis could not be brought back to PostgreSQL's settings: run floodgate reconcile");
     }
-}
-
-/// Writes `row`'s sale window to every shard holding a bucket of `sku` (removes it when
-/// the SKU has none), where `reserve.lua` reads it.
-async fn write_windows(st: &AppState, sku: &Sku, row: &SkuRow) -> Result<(), ApiError> {
-    let field = row.window.field();
-    let mut pipe = redis::pipe();
-    for g in st.shards.bucket_shards(sku, row.buckets.max(1) as usize) {
-        fredis::set_window(&mut pipe, st.shards.get(g), sku, field.as_deref());
-    }
-    let _: () = pipe
-        .query_async(&mut st.redis.clone())
-        .await
-        .map_err(|e| crate::orders::unavailable("Redis", e))?;
-    Ok(())
 }
 
 /// `POST /v1/skus/{sku}/adjust`: a correction of the units on hand, idempotent per
@@ -747,22 +736,46 @@ async fn record(
 
 /// Applies units an adjustment added to Redis, once per token, in bucket 0.
 async fn apply_added(st: &AppState, sku: &Sku, units: i64, token: &str) -> Result<(), ApiError> {
-    fredis::apply_stock(
-        &mut st.redis.clone(),
-        st.shards.for_sku(sku),
-        &StockChange {
-            sku,
-            units,
-            token,
-            per_user_limit: None,
-            user: None,
-            window: None,
-            after: Some(&fredis::initial_token(sku)),
-        },
-    )
-    .await
-    .map_err(|e| anyhow::Error::new(e).context("applying an adjustment to Redis"))?;
-    Ok(())
+    apply_after_initial(st, sku, units, token).await.map(|_| ())
+}
+
+/// Applies units PostgreSQL has committed (a receipt, an addition) to bucket 0 once per
+/// token. They wait for the SKU's initial stock, which brings its limit and window: if
+/// that never reached Redis (a crash right after the SKU's creation), it is brought now
+/// and the units applied after it. Returns the level after.
+async fn apply_after_initial(
+    st: &AppState,
+    sku: &Sku,
+    units: i64,
+    token: &str,
+) -> Result<i64, ApiError> {
+    let initial = fredis::initial_token(sku);
+    let change = StockChange {
+        sku,
+        units,
+        token,
+        per_user_limit: None,
+        user: None,
+        window: None,
+        after: Some(&initial),
+    };
+    let apply = || async {
+        fredis::apply_stock_status(&mut st.redis.clone(), st.shards.for_sku(sku), &change)
+            .await
+            .map_err(|e| crate::orders::unavailable("Redis", e))
+    };
+    let (applied, level) = apply().await?;
+    if applied != fredis::Applied::Waiting {
+        return Ok(level);
+    }
+    bring_to_redis(st, sku).await?;
+    let (applied, level) = apply().await?;
+    if applied == fredis::Applied::Waiting {
+        return Err(ApiError::Unavailable(format!(
+            "{sku}'s initial stock is not in Redis yet; the units are recorded and follow it"
+        )));
+    }
+    Ok(level)
 }
 
 /// Puts back units a write-off took when its record failed before the commit. If this

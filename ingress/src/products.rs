@@ -20,6 +20,11 @@ pub const MAX_VALUES: usize = 50;
 pub const MAX_OPTION_CHARS: usize = 50;
 /// The most characters in a product's description.
 pub const MAX_DESCRIPTION: usize = 2000;
+/// The most categories, how deep they nest, and SKUs per product: bounds on what one
+/// anonymous `GET /v1/categories` or `GET /v1/products` page costs.
+pub const MAX_CATEGORIES: i64 = 1000;
+pub const MAX_DEPTH: i64 = 8;
+pub const MAX_SKUS_PER_PRODUCT: i64 = 100;
 
 /// A category or product id: the rules of a SKU id (1-64 of `[A-Za-z0-9._-]`).
 fn id(f: &Fields<'_>, name: &str) -> Result<String, ApiError> {
@@ -61,19 +66,51 @@ pub async fn create_category(
         name: f.text("name")?,
         parent_id: opt_id(&f, "parent_id")?,
     };
+    if c.parent_id.as_deref() == Some(c.id.as_str()) {
+        return Err(ApiError::UnknownCategory { id: c.id });
+    }
     let mut db = st.pg.get().await.context("PostgreSQL connection")?;
     let tx = db.transaction().await.map_err(pg)?;
+    // One at a time: the caps below count what exists.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('floodgate.categories'), hashtext(current_schema()))",
+        &[],
+    )
+    .await
+    .map_err(pg)?;
+    let count: i64 = tx
+        .query_one("SELECT count(*) FROM categories", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    if count >= MAX_CATEGORIES {
+        return Err(ApiError::InvalidRequest(format!(
+            "id: at most {MAX_CATEGORIES} categories"
+        )));
+    }
     if let Some(parent) = &c.parent_id {
-        // Locked, so it cannot vanish before the insert (nothing deletes one today).
-        let found = tx
-            .query_opt(
-                "SELECT 1 FROM categories WHERE id = $1 FOR SHARE",
+        // The parent's depth (1 for a root); nothing deletes or moves a category.
+        let depth: Option<i64> = tx
+            .query_one(
+                "WITH RECURSIVE up AS (
+                   SELECT id, parent_id, 1 AS depth FROM categories WHERE id = $1
+                   UNION ALL
+                   SELECT c.id, c.parent_id, up.depth + 1 FROM categories c
+                     JOIN up ON c.id = up.parent_id WHERE up.depth < 64)
+                 SELECT max(depth)::bigint FROM up",
                 &[parent],
             )
             .await
-            .map_err(pg)?;
-        if found.is_none() {
-            return Err(ApiError::UnknownCategory { id: parent.clone() });
+            .map_err(pg)?
+            .get(0);
+        match depth {
+            None => return Err(ApiError::UnknownCategory { id: parent.clone() }),
+            Some(d) if d >= MAX_DEPTH => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "parent_id: categories nest at most {MAX_DEPTH} deep"
+                )));
+            }
+            Some(_) => {}
         }
     }
     let inserted = tx
@@ -359,15 +396,29 @@ pub async fn variant(
         }
         return Ok(None);
     };
+    if Sku::parse(product_id).is_err() {
+        return Err(ApiError::UnknownProduct {
+            id: product_id.to_owned(),
+        });
+    }
     let row = db
-        .query_opt("SELECT options FROM products WHERE id = $1", &[&product_id])
+        .query_opt(
+            "SELECT options, (SELECT count(*) FROM skus WHERE product_id = $1) AS skus
+               FROM products WHERE id = $1",
+            &[&product_id],
+        )
         .await
         .map_err(pg)?
         .ok_or_else(|| ApiError::UnknownProduct {
             id: product_id.to_owned(),
         })?;
+    if row.get::<_, i64>("skus") >= MAX_SKUS_PER_PRODUCT {
+        return Err(ApiError::InvalidRequest(format!(
+            "product_id: product {product_id} has {MAX_SKUS_PER_PRODUCT} SKUs, the most one may have"
+        )));
+    }
     let declared: Vec<ProductOption> =
-        serde_json::from_value(row.get(0)).context("a product's options in PostgreSQL")?;
+        serde_json::from_value(row.get("options")).context("a product's options in PostgreSQL")?;
     let given = match options {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m.clone(),
@@ -506,14 +557,14 @@ async fn products(
                SELECT id FROM categories WHERE id = $2
                UNION SELECT c.id FROM categories c JOIN tree t ON c.parent_id = t.id
              )
-             SELECT * FROM (
-               SELECT p.id, p.name, p.description, p.category_id, p.options, p.created_at,
-                      (extract(epoch FROM p.created_at) * 1000000)::bigint AS micros
-                 FROM products p
-                WHERE ($1::text IS NULL OR p.id = $1)
-                  AND ($2::text IS NULL OR p.category_id IN (SELECT id FROM tree))) page
-              WHERE $3::bigint IS NULL OR (micros, id) < ($3, $4::text)
-              ORDER BY micros DESC, id DESC LIMIT $5",
+             SELECT p.id, p.name, p.description, p.category_id, p.options, p.created_at,
+                    (extract(epoch FROM p.created_at) * 1000000)::bigint AS micros
+               FROM products p
+              WHERE ($1::text IS NULL OR p.id = $1)
+                AND ($2::text IS NULL OR p.category_id IN (SELECT id FROM tree))
+                AND ($3::bigint IS NULL
+                     OR (p.created_at, p.id) < (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::text))
+              ORDER BY p.created_at DESC, p.id DESC LIMIT $5",
             &[&one, &category, &after_micros, &after_id, &limit],
         )
         .await

@@ -238,13 +238,13 @@ pub async fn skus(
     let rows = db
         .query(
             &format!(
-                "SELECT * FROM (
-                   SELECT {SKU_COLUMNS},
-                          (extract(epoch FROM s.created_at) * 1000000)::bigint AS micros
-                     FROM skus s JOIN inventory i USING (sku)
-                    WHERE $4::text IS NULL OR s.product_id = $4) page
-                  WHERE $1::bigint IS NULL OR (micros, sku) < ($1, $2::text)
-                  ORDER BY micros DESC, sku DESC LIMIT $3"
+                "SELECT {SKU_COLUMNS},
+                        (extract(epoch FROM s.created_at) * 1000000)::bigint AS micros
+                   FROM skus s JOIN inventory i USING (sku)
+                  WHERE ($4::text IS NULL OR s.product_id = $4)
+                    AND ($1::bigint IS NULL
+                         OR (s.created_at, s.sku) < (timestamptz 'epoch' + $1 * interval '1 microsecond', $2::text))
+                  ORDER BY s.created_at DESC, s.sku DESC LIMIT $3"
             ),
             &[&micros, &sku, &limit, &product_id],
         )

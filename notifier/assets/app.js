@@ -865,6 +865,7 @@
 
   // One manager/admin call to ingress; the answer's problem+json shown as it came.
   let officeBusy = false;
+  let pendingRef = null; // { key, ref } of a stock change whose answer never came
   async function officeCall(label, path, body, done) {
     if (officeBusy) return;
     if (who.state !== 'ok' || !who.manages) { officeResult('error', 'needs a manager or admin token'); return; }
@@ -884,6 +885,7 @@
       });
       let answer = null;
       try { answer = await res.json(); } catch (_) { /* not JSON */ }
+      if (body.reference) pendingRef = null; // a definite answer to a stock change
       if (res.ok && answer) {
         officeResult('ok', done(answer));
       } else {
@@ -932,9 +934,14 @@
     if (!sku) { officeResult('error', 'no SKU yet'); return; }
     if (!Number.isInteger(units) || units < 1) { officeResult('error', 'units: a whole number from 1'); return; }
     const path = `/v1/skus/${encodeURIComponent(sku)}/${writeOff ? 'adjust' : 'receive'}`;
-    const body = writeOff
-      ? { delta: -units, reason: ui.stockReason.value.trim(), reference: `page-${uuid()}` }
-      : { qty: units, reference: `page-${uuid()}` };
+    const reason = ui.stockReason.value.trim();
+    // The same reference again after an answer that never came (a timeout, a dropped
+    // connection): the request may have gone through, and its reference makes the
+    // repeat change nothing. A definite answer starts a new one.
+    const key = JSON.stringify([path, units, writeOff ? reason : '']);
+    if (!pendingRef || pendingRef.key !== key) pendingRef = { key, ref: `page-${uuid()}` };
+    const reference = pendingRef.ref;
+    const body = writeOff ? { delta: -units, reason, reference } : { qty: units, reference };
     officeCall(`${writeOff ? 'writing off' : 'receiving'} ${units} × ${sku}`, path, body,
       (a) => `${writeOff ? 'wrote off' : 'received'} ${units} × ${a.sku}: ${a.on_hand} on hand, ${a.available} available`);
   }

@@ -402,10 +402,10 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
                 "sale_starts_at": "1969-12-31T23:59:59Z"})),
         case("order before the sale starts", p.clone(), o, 409, "sale_not_started")
             .token(&carol_t)
-            .json(order(json!([{"sku": "tee", "qty": 1}, {"sku": "windowed", "qty": 1}]))),
+            .json(order(json!([{"sku": "windowed", "qty": 1}]))),
         case("order after the sale ended", p.clone(), o, 409, "sale_ended")
             .token(&carol_t)
-            .json(order(json!([{"sku": "tee", "qty": 1}, {"sku": "gone", "qty": 1}]))),
+            .json(order(json!([{"sku": "gone", "qty": 1}]))),
         case("patch not json", pa.clone(), "/v1/skus/tee", 400, "malformed")
             .token(&manager)
             .raw("application/json", "{name".into()),
@@ -469,6 +469,12 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
         case("category its own parent", p.clone(), "/v1/categories", 422, "unknown_category")
             .token(&manager)
             .json(json!({"id": "loop", "name": "n", "parent_id": "loop"})),
+        case("an existing category its own parent", p.clone(), "/v1/categories", 422, "unknown_category")
+            .token(&manager)
+            .json(json!({"id": "shirts", "name": "n", "parent_id": "shirts"})),
+        case("sku of a product id with a NUL", p.clone(), "/v1/skus", 422, "unknown_product")
+            .token(&manager)
+            .json(json!({"sku": "new", "name": "n", "price_cents": 1, "initial_stock": 1, "product_id": "a\u{0}b"})),
         case("category with a repeated key", p.clone(), "/v1/categories", 400, "malformed")
             .token(&manager)
             .raw("application/json", r#"{"id":"a","id":"b","name":"n"}"#.into()),

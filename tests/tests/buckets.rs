@@ -672,6 +672,23 @@ async fn write_offs_and_patches_of_a_hot_sku_reach_every_bucket() {
         assert_eq!(limit, Some(1), "shard {g}");
         assert_eq!(window.as_deref(), Some(",978307200000"), "shard {g}");
     }
+    // A late or repeated opening (settle's, a retried POST) leaves the PATCHed values.
+    fredis::buckets::open_buckets(&mut con, &app.shards, &sku, 2, 0, None)
+        .await
+        .unwrap();
+    for g in app.shards.bucket_shards(&sku, 2) {
+        let (limit, window): (Option<i64>, Option<String>) = redis::pipe()
+            .hget(app.shards.get(g).limits(), "hot")
+            .hget(app.shards.get(g).windows(), "hot")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(
+            (limit, window.as_deref()),
+            (Some(1), Some(",978307200000")),
+            "shard {g}"
+        );
+    }
     // Every buyer, whichever bucket they buy from, meets the window.
     for u in 0..6 {
         let r = app

@@ -501,6 +501,41 @@ async fn a_patched_limit_holds_at_once_and_the_list_pages_newest_first() {
         .await
         .unwrap();
     assert!(violations.is_empty(), "{violations:#?}");
+    // A limit Redis lost (a PATCH dropped in a failover, say) is reported, and a reload
+    // restores it.
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys_of("a-1").limits())
+        .arg("a-1")
+        .arg(7)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let violations = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 1)
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = violations.iter().map(|v| v.kind).collect();
+    assert_eq!(kinds, ["redis_rules_differ"], "{violations:#?}");
+    // The worker's settle pass rewrites it from PostgreSQL, unless a PATCH holds the row.
+    {
+        let mut db = app.pg.get().await.unwrap();
+        let tx = db.transaction().await.unwrap();
+        tx.execute("SELECT 1 FROM skus WHERE sku = 'a-1' FOR UPDATE", &[])
+            .await
+            .unwrap();
+        let settled = floodgate_common::reconcile::settle(&app.pg, &mut redis, &app.shards)
+            .await
+            .unwrap();
+        assert_eq!(settled.resynced, 0, "a PATCH in flight is left alone");
+        tx.rollback().await.unwrap();
+    }
+    let settled = floodgate_common::reconcile::settle(&app.pg, &mut redis, &app.shards)
+        .await
+        .unwrap();
+    assert_eq!(settled.resynced, 1);
+    let violations = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 1)
+        .await
+        .unwrap();
+    assert!(violations.is_empty(), "{violations:#?}");
 }
 
 /// A write-off whose request died between taking its units in Redis and recording them
@@ -699,6 +734,23 @@ async fn the_sale_window_opens_and_closes_by_redis_clock() {
         "both sides seen: {early} early, {open} open"
     );
 
+    // A window field this code did not write refuses orders rather than sell outside it.
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys_of("launch").windows())
+        .arg("launch")
+        .arg("tomorrow")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let broken = app
+        .order(&app.customer("odd"), &[("launch", 1)], None)
+        .await;
+    assert_eq!(
+        (broken.status, broken.code()),
+        (503, "unavailable"),
+        "{broken:?}"
+    );
+
     // Closed by a PATCH; a reload keeps the window; null reopens.
     let r = app
         .patch(
@@ -793,11 +845,36 @@ async fn products_with_options_and_their_skus_in_a_category_tree() {
         )
         .await;
     assert_eq!((orphan.status, orphan.code()), (422, "unknown_category"));
+    // Nested at most 8 deep: clothing > shirts > l3 > ... > l8, and no l9.
+    let mut parent = "shirts".to_owned();
+    for depth in 3..=9 {
+        let id = format!("l{depth}");
+        let r = app
+            .post(
+                "/v1/categories",
+                Some(&mia),
+                &json!({"id": id, "name": id, "parent_id": parent}),
+            )
+            .await;
+        if depth <= 8 {
+            assert_eq!(r.status, 201, "depth {depth}: {r:?}");
+        } else {
+            assert_eq!(
+                (r.status, r.code()),
+                (422, "invalid_request"),
+                "depth {depth}: {r:?}"
+            );
+        }
+        parent = id;
+    }
     let tree = app.get("/v1/categories", None).await;
     assert_eq!(
         tree.body,
         json!({"categories": [
-            {"id": "clothing", "name": "CLOTHING", "children": [{"id": "shirts", "name": "SHIRTS", "children": []}]},
+            {"id": "clothing", "name": "CLOTHING", "children": [{"id": "shirts", "name": "SHIRTS", "children": [
+                {"id": "l3", "name": "l3", "children": [{"id": "l4", "name": "l4", "children": [
+                    {"id": "l5", "name": "l5", "children": [{"id": "l6", "name": "l6", "children": [
+                        {"id": "l7", "name": "l7", "children": [{"id": "l8", "name": "l8", "children": []}]}]}]}]}]}]}]},
             {"id": "mugs", "name": "MUGS", "children": []},
         ]})
     );
@@ -944,7 +1021,7 @@ async fn products_with_options_and_their_skus_in_a_category_tree() {
             "SELECT count(*) FROM audit_log WHERE action IN ('category.create', 'product.create')",
         )
         .await;
-    assert_eq!(actions, 5);
+    assert_eq!(actions, 11);
 }
 
 /// A SKU whose creation committed in PostgreSQL but never reached Redis (ingress died
@@ -975,31 +1052,11 @@ async fn a_receipt_never_puts_a_sku_on_sale_before_its_window_reaches_redis() {
         .query_async(&mut app.redis.clone())
         .await
         .unwrap();
-    let r = app
-        .post(
-            "/v1/skus/later/receive",
-            Some(&mia),
-            &json!({"qty": 5, "reference": "po-1"}),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.body["on_hand"].as_i64()),
-        (200, Some(15)),
-        "{r:?}"
-    );
-    let early = app
-        .order(&app.customer("cora"), &[("later", 1)], None)
-        .await;
-    assert_eq!(
-        (early.status, early.code()),
-        (422, "unknown_sku"),
-        "not on sale without its window: {early:?}"
-    );
+    // The settle pass brings it back whole: window and limit with its first units.
     let settled = floodgate_common::reconcile::settle(&app.pg, &mut app.redis.clone(), &app.shards)
         .await
         .unwrap();
-    assert_eq!(settled.reapplied, 2, "the initial stock, then the receipt");
-    assert_eq!(app.available("later").await, Some(15));
+    assert_eq!(settled.reapplied, 1, "the initial stock");
     let early = app
         .order(&app.customer("cora"), &[("later", 1)], None)
         .await;
@@ -1008,6 +1065,44 @@ async fn a_receipt_never_puts_a_sku_on_sale_before_its_window_reaches_redis() {
         (409, "sale_not_started"),
         "{early:?}"
     );
+    // The same loss again, then a receipt before any settle pass: the receipt brings the
+    // initial stock (with its window) first, then applies.
+    let _: () = redis::pipe()
+        .hdel(keys.stock(), "later")
+        .hdel(keys.windows(), "later")
+        .hdel(keys.limits(), "later")
+        .srem(keys.applied(), floodgate_common::redis::initial_token(&sku))
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let r = app
+        .post(
+            "/v1/skus/later/receive",
+            Some(&mia),
+            &json!({"qty": 5, "reference": "po-1"}),
+        )
+        .await;
+    assert_eq!(
+        (
+            r.status,
+            r.body["on_hand"].as_i64(),
+            r.body["available"].as_i64()
+        ),
+        (200, Some(15), Some(15)),
+        "{r:?}"
+    );
+    let early = app
+        .order(&app.customer("cora"), &[("later", 1)], None)
+        .await;
+    assert_eq!(
+        (early.status, early.code()),
+        (409, "sale_not_started"),
+        "{early:?}"
+    );
+    let settled = floodgate_common::reconcile::settle(&app.pg, &mut app.redis.clone(), &app.shards)
+        .await
+        .unwrap();
+    assert_eq!(settled.reapplied, 0, "nothing left to re-apply");
     let mut redis = app.redis.clone();
     let violations = floodgate_common::reconcile::check(&app.pg, &mut redis, &app.shards, 6)
         .await

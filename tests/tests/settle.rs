@@ -87,6 +87,7 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
             released: 1,
             reapplied: 0,
             given_back: 0,
+            resynced: 0,
         }
     );
     assert_eq!(

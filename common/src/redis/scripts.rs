@@ -557,11 +557,29 @@ pub async fn apply_stock<C: ConnectionLike>(
     keys: &Keys,
     change: &StockChange<'_>,
 ) -> RedisResult<i64> {
+    Ok(apply_stock_status(con, keys, change).await?.1)
+}
+
+/// What `apply_stock.lua` did with a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Now,
+    Before,
+    /// Nothing: the change waits for its `after` token (a SKU's initial stock).
+    Waiting,
+}
+
+/// [`apply_stock`], with what it did.
+pub async fn apply_stock_status<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    change: &StockChange<'_>,
+) -> RedisResult<(Applied, i64)> {
     let (user_key, user_delta) = match change.user {
         Some((u, d)) => (keys.user(u), d),
         None => (keys.no_idem(), 0),
     };
-    let (_applied, available): (i64, i64) = APPLY_STOCK
+    let (applied, available): (i64, i64) = APPLY_STOCK
         .key(keys.stock())
         .key(keys.limits())
         .key(keys.applied())
@@ -583,7 +601,12 @@ pub async fn apply_stock<C: ConnectionLike>(
         .arg(change.after.unwrap_or_default())
         .invoke_async(con)
         .await?;
-    Ok(available)
+    let applied = match applied {
+        1 => Applied::Now,
+        0 => Applied::Before,
+        _ => Applied::Waiting,
+    };
+    Ok((applied, available))
 }
 
 /// A reservation as ingress shows it before the worker commits it.
@@ -847,4 +870,31 @@ pub fn set_window(pipe: &mut redis::Pipeline, keys: &Keys, sku: &Sku, field: Opt
         Some(f) => pipe.hset(keys.windows(), sku.as_str(), f).ignore(),
         None => pipe.hdel(keys.windows(), sku.as_str()).ignore(),
     };
+}
+
+/// Writes what `reserve.lua` decides `sku` by besides its level (its per-user `limit`,
+/// its sale `window` field: None leaves either as it is, `Some(None)` removes the window)
+/// in the shard of each of its `k` buckets: one atomic pipeline per shard, since a Redis
+/// Cluster refuses a pipeline over several slots.
+pub async fn set_rules<C: ConnectionLike>(
+    con: &mut C,
+    shards: &super::Shards,
+    sku: &Sku,
+    k: usize,
+    limit: Option<i64>,
+    window: Option<Option<&str>>,
+) -> RedisResult<()> {
+    for g in shards.bucket_shards(sku, k) {
+        let keys = shards.get(g);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if let Some(l) = limit {
+            pipe.hset(keys.limits(), sku.as_str(), l).ignore();
+        }
+        if let Some(w) = window {
+            set_window(&mut pipe, keys, sku, w);
+        }
+        let _: () = pipe.query_async(con).await?;
+    }
+    Ok(())
 }

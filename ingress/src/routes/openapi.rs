@@ -304,7 +304,7 @@ errors!(
     InvalidRequest(s()); shed(),
 );
 
-errors!(CategoriesErrors: Unavailable(s()); shed());
+errors!(CategoriesErrors: Unavailable(s()); shed(), per_ip_limited());
 
 errors!(
     CreateProductErrors:
@@ -319,7 +319,7 @@ errors!(
     InvalidRequest(s()); shed(),
 );
 
-errors!(ListProductsErrors: InvalidRequest(s()), UnknownCategory { id: s() }, Unavailable(s()); shed());
+errors!(ListProductsErrors: InvalidRequest(s()), UnknownCategory { id: s() }, Unavailable(s()); shed(), per_ip_limited());
 
 errors!(GetProductErrors: ProductNotFound { id: s() }, Unavailable(s()); shed(), per_ip_limited());
 
