@@ -21,9 +21,7 @@ CREATE TABLE products (
     options     jsonb NOT NULL DEFAULT '[]',
     created_at  timestamptz NOT NULL DEFAULT now()
 );
--- The public list pages newest first, by category or not.
-CREATE INDEX products_newest ON products (created_at DESC, id DESC);
-CREATE INDEX products_category ON products (category_id, created_at DESC, id DESC);
+CREATE INDEX products_category ON products (category_id, created_at DESC);
 
 -- A SKU of a product: {"size": "M", "colour": "red"}, one value of each option. One SKU
 -- per combination.
@@ -32,5 +30,3 @@ ALTER TABLE skus
     ADD COLUMN options jsonb,
     ADD CONSTRAINT skus_options_need_product CHECK (options IS NULL OR product_id IS NOT NULL);
 CREATE UNIQUE INDEX skus_product_variant ON skus (product_id, options) WHERE product_id IS NOT NULL;
--- GET /v1/skus pages newest first.
-CREATE INDEX skus_newest ON skus (created_at DESC, sku DESC);

@@ -401,9 +401,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
     use crate::redis::{adjust_token, cancel_token, receive_token};
     let rows = db
         .query(
-            "SELECT m.sku, m.kind, m.reference, m.qty, s.per_user_limit, s.buckets, o.user_id,
-                    floor(extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
-                    floor(extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms
+            "SELECT m.sku, m.kind, m.reference, m.qty, s.per_user_limit, s.buckets, o.user_id
                FROM stock_movements m
                JOIN skus s ON s.sku = m.sku
                LEFT JOIN orders o ON m.kind = 'cancel' AND o.id::text = m.reference
@@ -416,6 +414,10 @@ async fn reapply_stock_changes<C: ConnectionLike>(
     // Every SKU with buckets has them open in Redis: a crash between a SKU's creation and
     // that call, or a failover that lost it, would leave a bucket that does not know it
     // is one. Opened with the rules PostgreSQL holds under `locked_rules`.
+    // SKUs this pass could not bring whole (a PATCH or a load held their row): none of
+    // their changes run this pass, so no unit reaches Redis ahead of its limit, window
+    // or buckets (a cancel's units do not wait for the initial stock by themselves).
+    let mut skipped: std::collections::HashSet<Sku> = Default::default();
     if shards.count() > 1 {
         let hot: Vec<(String, usize)> = db
             .query("SELECT sku, buckets FROM skus WHERE buckets > 1", &[])
@@ -443,6 +445,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
             }
             let tx = db.transaction().await.context("starting a transaction")?;
             let Some((limit, window, k)) = locked_rules(&tx, sku.as_str()).await? else {
+                skipped.insert(sku);
                 continue;
             };
             crate::redis::buckets::open_buckets(con, shards, &sku, k, limit, window.as_deref())
@@ -527,7 +530,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
             }
         }
         for (c, present) in changes.iter().zip(present) {
-            if present {
+            if present || skipped.contains(&c.sku) {
                 continue;
             }
             // A SKU's initial stock brings its limit and window: the ones PostgreSQL holds
@@ -537,6 +540,7 @@ async fn reapply_stock_changes<C: ConnectionLike>(
             let (applied, _) = if initial {
                 let tx = db.transaction().await.context("starting a transaction")?;
                 let Some((limit, window, _)) = locked_rules(&tx, c.sku.as_str()).await? else {
+                    skipped.insert(c.sku.clone());
                     continue;
                 };
                 let done = reapply_one(con, shards, c, Some(limit), window.as_deref()).await?;

@@ -176,8 +176,15 @@ pub async fn create(
     let created = repo::create_sku(&st.pg, &new, actor)
         .await
         .map_err(lock_wait)?;
-    if let repo::Created::VariantOf(sku) = created {
-        return Err(ApiError::VariantExists { sku });
+    match created {
+        repo::Created::VariantOf(sku) => return Err(ApiError::VariantExists { sku }),
+        repo::Created::ProductFull => {
+            return Err(ApiError::InvalidRequest(format!(
+                "product_id: the product has {} SKUs, the most one may have",
+                crate::products::MAX_SKUS_PER_PRODUCT
+            )));
+        }
+        _ => {}
     }
     // Also after a 409: a repeat heals a crash between the commit and this call, and is
     // a no-op otherwise.
@@ -511,10 +518,12 @@ pub async fn patch(
     // holds then (a commit that failed to answer may still have committed).
     if let Err(e) = write_settings(st, &sku, Some(&before), &after).await {
         drop(tx);
+        drop(db);
         resync_settings(st, &sku).await;
         return Err(e);
     }
     if let Err(e) = tx.commit().await {
+        drop(db);
         resync_settings(st, &sku).await;
         return Err(anyhow::Error::new(e)
             .context("committing a SKU change")
@@ -620,6 +629,8 @@ pub async fn adjust(
         // A repeat: the first one's units, applied to Redis once (it may have crashed
         // between its commit and Redis).
         tx.commit().await.map_err(pg)?;
+        // Back to the pool first: bringing a missing initial stock takes a connection.
+        drop(db);
         if recorded > 0 {
             apply_added(st, &sku, recorded, &token).await?;
         }
@@ -628,6 +639,7 @@ pub async fn adjust(
     if delta > 0 {
         let after = record(st, &tx, &sku, delta, &reason, &reference, actor).await?;
         tx.commit().await.map_err(pg)?;
+        drop(db);
         apply_added(st, &sku, delta, &token).await?;
         return answer(st, &sku, after).await;
     }

@@ -402,21 +402,13 @@ pub async fn variant(
         });
     }
     let row = db
-        .query_opt(
-            "SELECT options, (SELECT count(*) FROM skus WHERE product_id = $1) AS skus
-               FROM products WHERE id = $1",
-            &[&product_id],
-        )
+        .query_opt("SELECT options FROM products WHERE id = $1", &[&product_id])
         .await
         .map_err(pg)?
         .ok_or_else(|| ApiError::UnknownProduct {
             id: product_id.to_owned(),
         })?;
-    if row.get::<_, i64>("skus") >= MAX_SKUS_PER_PRODUCT {
-        return Err(ApiError::InvalidRequest(format!(
-            "product_id: product {product_id} has {MAX_SKUS_PER_PRODUCT} SKUs, the most one may have"
-        )));
-    }
+
     let declared: Vec<ProductOption> =
         serde_json::from_value(row.get("options")).context("a product's options in PostgreSQL")?;
     let given = match options {
@@ -475,7 +467,10 @@ pub async fn product(st: &AppState, product_id: &str) -> Result<ProductView, Api
 /// Where a page of products starts: after the product created at `micros` with `id`.
 fn product_cursor(c: &str) -> Option<(i64, String)> {
     let (micros, id) = c.split_once('.')?;
-    let micros = micros.parse::<i64>().ok().filter(|m| *m >= 0)?;
+    let micros = micros
+        .parse::<i64>()
+        .ok()
+        .filter(|m| (0..=crate::repo::MAX_CURSOR_MICROS).contains(m))?;
     Sku::parse(id).ok()?;
     Some((micros, id.to_owned()))
 }
@@ -551,21 +546,36 @@ async fn products(
         Some((m, id)) => (Some(*m), Some(id.as_str())),
         None => (None, None),
     };
+    // The category's subtree first (at most MAX_CATEGORIES ids), so the page query is an
+    // index range per category rather than a filter over every product.
+    let tree: Option<Vec<String>> = match category {
+        None => None,
+        Some(c) => Some(
+            db.query(
+                "WITH RECURSIVE tree AS (
+                   SELECT id FROM categories WHERE id = $1
+                   UNION SELECT c.id FROM categories c JOIN tree t ON c.parent_id = t.id)
+                 SELECT id FROM tree",
+                &[&c],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+        ),
+    };
     let rows = db
         .query(
-            "WITH RECURSIVE tree AS (
-               SELECT id FROM categories WHERE id = $2
-               UNION SELECT c.id FROM categories c JOIN tree t ON c.parent_id = t.id
-             )
-             SELECT p.id, p.name, p.description, p.category_id, p.options, p.created_at,
+            "SELECT p.id, p.name, p.description, p.category_id, p.options, p.created_at,
                     (extract(epoch FROM p.created_at) * 1000000)::bigint AS micros
                FROM products p
               WHERE ($1::text IS NULL OR p.id = $1)
-                AND ($2::text IS NULL OR p.category_id IN (SELECT id FROM tree))
+                AND ($2::text[] IS NULL OR p.category_id = ANY($2))
                 AND ($3::bigint IS NULL
                      OR (p.created_at, p.id) < (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::text))
               ORDER BY p.created_at DESC, p.id DESC LIMIT $5",
-            &[&one, &category, &after_micros, &after_id, &limit],
+            &[&one, &tree, &after_micros, &after_id, &limit],
         )
         .await
         .map_err(pg)?;

@@ -197,6 +197,10 @@ pub async fn sku_shared(
     Ok(row.as_ref().map(SkuRow::from_row))
 }
 
+/// The last microsecond of the year 9999: a cursor past it is none this API returned
+/// (and would overflow PostgreSQL's interval arithmetic).
+pub const MAX_CURSOR_MICROS: i64 = 253_402_300_799_999_999;
+
 /// Where a page of the SKU list starts: after the SKU created at `micros` (since the
 /// Unix epoch) with id `sku`, newest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,7 +217,10 @@ impl SkuCursor {
 
     pub fn parse(s: &str) -> Option<Self> {
         let (micros, sku) = s.split_once('.')?;
-        let micros = micros.parse::<i64>().ok().filter(|m| *m >= 0)?;
+        let micros = micros
+            .parse::<i64>()
+            .ok()
+            .filter(|m| (0..=MAX_CURSOR_MICROS).contains(m))?;
         let sku = Sku::parse(sku).ok()?;
         Some(Self {
             micros,
@@ -282,6 +289,8 @@ pub enum Created {
     Exists,
     /// Another SKU of the product has these options (nothing written).
     VariantOf(String),
+    /// The product has the most SKUs one may have (nothing written).
+    ProductFull,
 }
 
 /// The reference of the receipt that records a SKU's initial stock.
@@ -301,6 +310,25 @@ pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Res
         Some((p, o)) => (Some(p.as_str()), Some(o)),
         None => (None, None),
     };
+    if let Some(p) = product_id {
+        // The product's row locked: its SKUs are counted one creation at a time.
+        tx.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", &[&p])
+            .await
+            .context("locking a product")?;
+        let row = tx
+            .query_one(
+                "SELECT count(*) AS skus, bool_or(sku = $2) AS this_one FROM skus WHERE product_id = $1",
+                &[&p, &new.sku.as_str()],
+            )
+            .await
+            .context("counting a product's SKUs")?;
+        let exists: Option<bool> = row.get("this_one");
+        if row.get::<_, i64>("skus") >= crate::products::MAX_SKUS_PER_PRODUCT
+            && exists != Some(true)
+        {
+            return Ok(Created::ProductFull);
+        }
+    }
     let inserted = tx
         .execute(
             "INSERT INTO skus (sku, name, price_cents, per_user_limit, buckets,

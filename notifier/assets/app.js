@@ -885,7 +885,9 @@
       });
       let answer = null;
       try { answer = await res.json(); } catch (_) { /* not JSON */ }
-      if (body.reference) pendingRef = null; // a definite answer to a stock change
+      // A definite answer to a stock change (2xx or 4xx) ends its reference; a 5xx may
+      // mean it went through (a commit not confirmed), so a retry keeps it.
+      if (body.reference && res.status < 500) pendingRef = null;
       if (res.ok && answer) {
         officeResult('ok', done(answer));
       } else {
@@ -938,6 +940,7 @@
     // The same reference again after an answer that never came (a timeout, a dropped
     // connection): the request may have gone through, and its reference makes the
     // repeat change nothing. A definite answer starts a new one.
+    if (officeBusy) return; // the request in flight keeps its reference
     const key = JSON.stringify([path, units, writeOff ? reason : '']);
     if (!pendingRef || pendingRef.key !== key) pendingRef = { key, ref: `page-${uuid()}` };
     const reference = pendingRef.ref;

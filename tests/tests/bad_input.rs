@@ -517,6 +517,9 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
         // Product reads
         case("products limit zero", g.clone(), "/v1/products?limit=0", 422, "invalid_request"),
         case("products bad cursor", g.clone(), "/v1/products?cursor=zzz", 422, "invalid_request"),
+        case("products cursor past 9999", g.clone(), "/v1/products?cursor=9223372036854775807.x", 422, "invalid_request"),
+        case("skus cursor past 9999", g.clone(), "/v1/skus?cursor=9223372036854775807.tee", 422, "invalid_request")
+            .token(&manager),
         case("products of a missing category", g.clone(), "/v1/products?category_id=ghost", 422, "unknown_category"),
         case("a missing product", g.clone(), "/v1/products/ghost", 404, "unknown_product"),
         case("an impossible product id", g.clone(), "/v1/products/a%20b", 404, "unknown_product"),
