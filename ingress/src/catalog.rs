@@ -96,6 +96,12 @@ impl Fields<'_> {
         }
     }
 
+    /// A receipt's or adjustment's `reference`.
+    pub(crate) fn reference(&self) -> Result<Reference, ApiError> {
+        Reference::parse(self.str("reference")?)
+            .map_err(|e| ApiError::InvalidRequest(format!("reference: {e}")))
+    }
+
     pub(crate) fn opt_int(&self, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
@@ -284,8 +290,7 @@ pub async fn receive(
     let sku = parse_sku(sku)?;
     let f = Fields(body);
     let qty = f.int("qty", 1, MAX_RECEIVE)?;
-    let reference = Reference::parse(f.str("reference")?)
-        .map_err(|e| ApiError::InvalidRequest(format!("reference: {e}")))?;
+    let reference = f.reference()?;
     let on_hand = repo::receive(&st.pg, &sku, qty, &reference, actor)
         .await?
         .ok_or_else(|| ApiError::SkuNotFound {
@@ -607,8 +612,7 @@ pub async fn adjust(
         ));
     }
     let reason = f.text("reason")?;
-    let reference = Reference::parse(f.str("reference")?)
-        .map_err(|e| ApiError::InvalidRequest(format!("reference: {e}")))?;
+    let reference = f.reference()?;
     let pg = |e: tokio_postgres::Error| anyhow::Error::new(e).context("PostgreSQL");
     let mut db = st
         .pg

@@ -304,13 +304,13 @@ async fn place_to_the_end(
             Reserve::NotStarted { sku, starts_ms } => {
                 return Err(ApiError::SaleNotStarted {
                     sku,
-                    starts_at: ms_rfc3339(starts_ms),
+                    starts_at: crate::stock::ms_rfc3339(starts_ms).unwrap_or_default(),
                 });
             }
             Reserve::Ended { sku, ends_ms } => {
                 return Err(ApiError::SaleEnded {
                     sku,
-                    ended_at: ms_rfc3339(ends_ms),
+                    ended_at: crate::stock::ms_rfc3339(ends_ms).unwrap_or_default(),
                 });
             }
             Reserve::StockNotLoaded => {
@@ -320,11 +320,6 @@ async fn place_to_the_end(
             }
         }
     }
-}
-
-/// Milliseconds since the Unix epoch (a sale window in Redis) as RFC 3339 UTC.
-fn ms_rfc3339(ms: i64) -> String {
-    crate::stock::ms_rfc3339(ms).unwrap_or_default()
 }
 
 /// Publishes the reserved order and marks it queued ([`crate::handover`]). `trace` (the

@@ -464,17 +464,6 @@ pub async fn product(st: &AppState, product_id: &str) -> Result<ProductView, Api
     page.pop().map(|l| l.view).ok_or_else(not_found)
 }
 
-/// Where a page of products starts: after the product created at `micros` with `id`.
-fn product_cursor(c: &str) -> Option<(i64, String)> {
-    let (micros, id) = c.split_once('.')?;
-    let micros = micros
-        .parse::<i64>()
-        .ok()
-        .filter(|m| (0..=crate::repo::MAX_CURSOR_MICROS).contains(m))?;
-    Sku::parse(id).ok()?;
-    Some((micros, id.to_owned()))
-}
-
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ProductPage {
     pub products: Vec<ProductView>,
@@ -492,9 +481,14 @@ pub async fn list(
     let limit = crate::catalog::page_limit(limit)?.min(100);
     let after = match cursor {
         None | Some("") => None,
-        Some(c) => Some(product_cursor(c).ok_or_else(|| {
-            ApiError::InvalidRequest("cursor: not a cursor this API returned".into())
-        })?),
+        // The SKU list's cursor: `<micros>.<id>`, a product id following a SKU id's rules.
+        Some(c) => Some(
+            crate::repo::SkuCursor::parse(c)
+                .map(|c| (c.micros, c.sku))
+                .ok_or_else(|| {
+                    ApiError::InvalidRequest("cursor: not a cursor this API returned".into())
+                })?,
+        ),
     };
     let category_id = match category_id {
         None | Some("") => None,

@@ -201,8 +201,9 @@ pub async fn sku_shared(
 /// (and would overflow PostgreSQL's interval arithmetic).
 pub const MAX_CURSOR_MICROS: i64 = 253_402_300_799_999_999;
 
-/// Where a page of the SKU list starts: after the SKU created at `micros` (since the
-/// Unix epoch) with id `sku`, newest first.
+/// Where a page of the SKU list (or the product list: the same form, a product's id in
+/// `sku`) starts: after the row created at `micros` (since the Unix epoch) with that id,
+/// newest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkuCursor {
     pub micros: i64,
