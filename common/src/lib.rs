@@ -7,6 +7,7 @@
 //! - [`domain`] - newtypes ([`domain::Sku`], [`domain::Quantity`], [`domain::UserId`], ...)
 //!   that cannot hold an invalid value.
 //! - [`auth`] - JWT claims, minting and verification (HS256).
+//! - [`bundle`] - bundle definitions and an order's held lines (bundles expanded).
 //! - [`audit`] - the append-only audit log of manager and admin writes.
 //! - [`redis`] - key names ([`redis::Keys`]) and the typed wrappers around the Lua scripts.
 //! - [`amqp`] - the topology, declared in one function, and the versioned intake message.
@@ -31,6 +32,7 @@
 pub mod amqp;
 pub mod audit;
 pub mod auth;
+pub mod bundle;
 pub mod config;
 pub mod db;
 pub mod dlq;

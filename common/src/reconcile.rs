@@ -89,7 +89,7 @@ async fn walk_open_reservations<C: ConnectionLike>(
 }
 
 /// Units held by open reservations, per SKU, over every shard (each part counts the
-/// lines it holds).
+/// lines it holds; a bundle's limit line holds none).
 async fn held_by_reservations<C: ConnectionLike>(
     con: &mut C,
     shards: &Shards,
@@ -97,8 +97,8 @@ async fn held_by_reservations<C: ConnectionLike>(
     let mut held = BTreeMap::new();
     for (_, keys) in shards.iter() {
         walk_open_reservations(con, keys, |_, r| {
-            for l in r.held {
-                *held.entry(l.sku.to_string()).or_default() += l.qty.get();
+            for l in r.held.iter().filter(|l| !l.bundle) {
+                *held.entry(l.sku.to_string()).or_default() += l.qty;
             }
         })
         .await?;
@@ -150,6 +150,7 @@ pub async fn settle<C: ConnectionLike>(
     }
     settled.reapplied = reapply_stock_changes(&mut db, con, shards).await?;
     settled.resynced = sync_rules(&mut db, con, shards).await?;
+    settled.resynced += sync_bundles(&mut db, con, shards).await?;
     settled.given_back = settle_takes(&mut db, con, shards).await?;
     if settled != Settled::default() {
         tracing::warn!(
@@ -323,17 +324,18 @@ async fn sync_rules<C: ConnectionLike>(
     let mut redis_rules: BTreeMap<(usize, String), (Option<i64>, Option<String>)> = BTreeMap::new();
     let mut known: std::collections::BTreeSet<String> = Default::default();
     for (g, keys) in shards.iter() {
-        let (limits, windows, levels): (
-            BTreeMap<String, i64>,
-            BTreeMap<String, String>,
-            BTreeMap<String, i64>,
-        ) = redis::pipe()
-            .hgetall(keys.limits())
-            .hgetall(keys.windows())
-            .hgetall(keys.stock())
-            .query_async(con)
-            .await
-            .context("reading limits and windows")?;
+        type Numbers = BTreeMap<String, i64>;
+        type Strings = BTreeMap<String, String>;
+        let (limits, windows, levels, bundles): (Numbers, Strings, Numbers, Strings) =
+            redis::pipe()
+                .hgetall(keys.limits())
+                .hgetall(keys.windows())
+                .hgetall(keys.stock())
+                .hgetall(keys.bundles())
+                .query_async(con)
+                .await
+                .context("reading limits and windows")?;
+        known.extend(bundles.into_keys());
         for (sku, l) in limits {
             redis_rules.entry((g, sku)).or_default().0 = Some(l);
         }
@@ -390,6 +392,41 @@ async fn sync_rules<C: ConnectionLike>(
         resynced += 1;
     }
     Ok(resynced)
+}
+
+/// Puts every bundle PostgreSQL has and a loaded shard lacks into Redis (a creation that
+/// crashed between its commit and its Redis write, or a failover that lost that write),
+/// with its rules under [`locked_rules`]. Returns the bundles put.
+async fn sync_bundles<C: ConnectionLike>(
+    db: &mut deadpool_postgres::Object,
+    con: &mut C,
+    shards: &Shards,
+) -> anyhow::Result<usize> {
+    let defs = crate::stock::bundle_defs(&***db).await?;
+    let mut put = 0;
+    for (bundle, def) in defs {
+        let keys = shards.for_sku(&bundle);
+        let there: bool = redis::cmd("HEXISTS")
+            .arg(keys.bundles())
+            .arg(bundle.as_str())
+            .query_async(con)
+            .await
+            .context("reading a bundle's definition")?;
+        if there || !crate::redis::stock_loaded(con, keys).await? {
+            continue;
+        }
+        let tx = db.transaction().await.context("starting a transaction")?;
+        let Some((limit, window, _)) = locked_rules(&tx, bundle.as_str()).await? else {
+            continue;
+        };
+        crate::redis::put_bundle(con, shards, &bundle, &def, limit, window.as_deref())
+            .await
+            .context("putting a bundle into Redis")?;
+        tx.commit().await.context("ending a bundle's put")?;
+        tracing::warn!(%bundle, "a bundle PostgreSQL has was missing from Redis: put");
+        put += 1;
+    }
+    Ok(put)
 }
 
 async fn reapply_stock_changes<C: ConnectionLike>(
@@ -645,17 +682,17 @@ async fn check_once<C: ConnectionLike>(
             // One grouped pass over each table (hash aggregates), not a correlated sum
             // per SKU: linear in history, seconds at millions of orders.
             "WITH confirmed AS (
-                 SELECT it.sku, sum(it.qty) AS units
-                   FROM order_items it JOIN orders o ON o.id = it.order_id
+                 SELECT u.sku, sum(u.qty) AS units
+                   FROM order_units u JOIN orders o ON o.id = u.order_id
                   WHERE o.status = 'confirmed'
-                  GROUP BY it.sku),
+                  GROUP BY u.sku),
              ledger AS (
                  SELECT m.sku,
                         sum(CASE m.kind WHEN 'sale' THEN m.qty WHEN 'cancel' THEN -m.qty ELSE 0 END) AS sold,
                         sum(CASE m.kind WHEN 'receive' THEN m.qty WHEN 'adjust' THEN m.qty ELSE 0 END) AS received
                    FROM stock_movements m
                   GROUP BY m.sku)
-             SELECT i.sku, i.on_hand, i.sold, s.buckets, s.per_user_limit,
+             SELECT i.sku, i.on_hand, i.sold, s.buckets, s.per_user_limit, s.is_bundle,
                     floor(extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
                     floor(extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms,
                     coalesce(c.units, 0)::bigint AS confirmed,
@@ -694,12 +731,70 @@ async fn check_once<C: ConnectionLike>(
         }
     }
     redis_stock.retain(|sku, _| levels_seen.contains(sku));
+    let bundles = crate::stock::bundle_defs(&*db).await?;
+    let mut redis_bundles: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for (g, keys) in shards.iter() {
+        let here: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys.bundles())
+            .query_async(con)
+            .await?;
+        redis_bundles.extend(here.into_iter().map(|(b, f)| (b, (g, f))));
+    }
     for r in &rows {
         let sku: String = r.get("sku");
         let (on_hand, sold): (i64, i64) = (r.get("on_hand"), r.get("sold"));
         let confirmed: i64 = r.get("confirmed");
         let ledger_sold: i64 = r.get("ledger_sold");
         let ledger_received: i64 = r.get("ledger_received");
+        if r.get::<_, bool>("is_bundle") {
+            // No stock of its own: its order lines count as its components' units.
+            if (on_hand, sold, confirmed, ledger_sold, ledger_received) != (0, 0, 0, 0, 0) {
+                out.push(v(
+                    "bundle_has_stock",
+                    format!(
+                        "{sku}: a bundle with on_hand {on_hand}, sold {sold}, ledger sales {ledger_sold}, ledger receipts {ledger_received}"
+                    ),
+                ));
+            }
+            if let Some(level) = redis_stock.get(&sku) {
+                out.push(v(
+                    "bundle_has_stock",
+                    format!("{sku}: a bundle with a stock level in Redis ({level})"),
+                ));
+            }
+            let Ok(parsed) = crate::domain::Sku::parse(sku.as_str()) else {
+                continue;
+            };
+            let want = bundles.get(&parsed).map(|d| d.field());
+            let found = redis_bundles.remove(&sku);
+            if want.is_none() {
+                out.push(v(
+                    "bundle_undefined",
+                    format!("{sku}: a bundle without components in PostgreSQL"),
+                ));
+            }
+            if epoch {
+                let g = shards.of_sku(&parsed);
+                if found.as_ref().map(|(fg, f)| (*fg, f)) != want.as_ref().map(|w| (g, w)) {
+                    out.push(v(
+                        "redis_bundle_differs",
+                        format!("{sku}: Redis has {found:?}, PostgreSQL {want:?} in shard {g}"),
+                    ));
+                }
+                let limit = i64::from(r.get::<_, i32>("per_user_limit"));
+                let window = crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms"));
+                let (l, w) = rules.get(&(g, sku.clone())).cloned().unwrap_or_default();
+                if l.unwrap_or(0) != limit || w != window {
+                    out.push(v(
+                        "redis_rules_differ",
+                        format!(
+                            "{sku}: Redis shard {g} has limit {l:?} and window {w:?}, PostgreSQL limit {limit} and window {window:?}"
+                        ),
+                    ));
+                }
+            }
+            continue;
+        }
         if sold > on_hand {
             out.push(v(
                 "oversold",
@@ -756,6 +851,12 @@ async fn check_once<C: ConnectionLike>(
             }
         }
     }
+    for (bundle, (g, _)) in &redis_bundles {
+        out.push(v(
+            "redis_unknown_sku",
+            format!("{bundle}: a bundle in Redis shard {g}, which PostgreSQL does not hold as one"),
+        ));
+    }
     for sku in redis_stock.keys() {
         if !rows.iter().any(|r| r.get::<_, &str>("sku") == sku) {
             out.push(v(
@@ -767,9 +868,9 @@ async fn check_once<C: ConnectionLike>(
     let unrecorded = db
         .query(
             "SELECT o.id::text FROM orders o WHERE o.status = 'confirmed' AND EXISTS (
-                 SELECT 1 FROM order_items it WHERE it.order_id = o.id AND NOT EXISTS (
+                 SELECT 1 FROM order_units u WHERE u.order_id = o.id AND NOT EXISTS (
                      SELECT 1 FROM stock_movements m
-                      WHERE m.kind = 'sale' AND m.reference = o.id::text AND m.sku = it.sku))
+                      WHERE m.kind = 'sale' AND m.reference = o.id::text AND m.sku = u.sku))
              LIMIT 20",
             &[],
         )

@@ -127,19 +127,23 @@ pub async fn load_shards<C: ConnectionLike>(
         .query(
             "SELECT s.sku, s.per_user_limit, s.buckets, i.on_hand - i.sold AS available,
                     floor(extract(epoch FROM s.sale_starts_at) * 1000)::bigint AS starts_ms,
-                    floor(extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms
+                    floor(extract(epoch FROM s.sale_ends_at) * 1000)::bigint AS ends_ms,
+                    s.is_bundle
                FROM skus s JOIN inventory i USING (sku)",
             &[],
         )
         .await
         .context("reading inventory")?;
+    let bundles = bundle_defs(&*db).await?;
+    // Bundles expanded into their components' units, plus each bundle line itself (its
+    // own per-user limit): what reserve.lua added to the users' holdings.
     let held = db
         .query(
-            "SELECT o.user_id, it.sku, s.buckets, sum(it.qty)::bigint AS held
-               FROM orders o JOIN order_items it ON it.order_id = o.id
-               JOIN skus s ON s.sku = it.sku
+            "SELECT o.user_id, h.sku, s.buckets, sum(h.qty)::bigint AS held
+               FROM orders o JOIN order_holdings h ON h.order_id = o.id
+               JOIN skus s ON s.sku = h.sku
               WHERE o.status = 'confirmed'
-              GROUP BY o.user_id, it.sku, s.buckets",
+              GROUP BY o.user_id, h.sku, s.buckets",
             &[],
         )
         .await
@@ -154,6 +158,17 @@ pub async fn load_shards<C: ConnectionLike>(
         )
         .await
         .context("reading receipts")?;
+    // The bundle lines of cancelled orders: their holdings went back under their own
+    // tokens (no ledger row: a bundle has no stock), which a repeated cancel must find.
+    let cancelled_bundles = db
+        .query(
+            "SELECT o.id, it.sku FROM orders o JOIN order_items it ON it.order_id = o.id
+               JOIN skus s ON s.sku = it.sku AND s.is_bundle
+              WHERE o.status = 'cancelled'",
+            &[],
+        )
+        .await
+        .context("reading cancelled bundle lines")?;
     db.commit().await.context("ending the snapshot")?;
 
     let mut pipes: std::collections::BTreeMap<usize, redis::Pipeline> = which
@@ -165,6 +180,7 @@ pub async fn load_shards<C: ConnectionLike>(
             // Moves between buckets in flight are dropped with the levels they came from:
             // the load counts their units (see `move_in.lua`).
             pipe.del(keys.stock())
+                .del(keys.bundles())
                 .del(keys.limits())
                 .del(keys.applied())
                 .del(keys.buckets())
@@ -180,6 +196,21 @@ pub async fn load_shards<C: ConnectionLike>(
         let Ok(parsed) = Sku::parse(sku.as_str()) else {
             continue;
         };
+        if r.get::<_, bool>("is_bundle") {
+            // No stock field: its rules and its definition, in its own shard.
+            let g = shards.of_sku(&parsed);
+            let (Some(pipe), Some(def)) = (pipes.get_mut(&g), bundles.get(&parsed)) else {
+                continue;
+            };
+            let keys = shards.get(g);
+            pipe.hset(keys.limits(), &sku, r.get::<_, i32>("per_user_limit"));
+            if let Some(w) = crate::redis::window_field(r.get("starts_ms"), r.get("ends_ms")) {
+                pipe.hset(keys.windows(), &sku, w);
+            }
+            pipe.hset(keys.bundles(), &sku, def.field());
+            loaded += 1;
+            continue;
+        }
         let at = shards.bucket_shards(&parsed, bucket_count(r));
         let available: i64 = r.get("available");
         // A SKU with buckets: its units evenly over them (the first ones get the
@@ -260,6 +291,16 @@ pub async fn load_shards<C: ConnectionLike>(
             pipe.sadd(shards.get(g).applied(), token);
         }
     }
+    for r in &cancelled_bundles {
+        let order = crate::domain::OrderId::from(r.get::<_, uuid::Uuid>("id"));
+        let Ok(bundle) = Sku::parse(r.get::<_, String>("sku")) else {
+            continue;
+        };
+        let g = shards.of_sku(&bundle);
+        if let Some(pipe) = pipes.get_mut(&g) {
+            pipe.sadd(shards.get(g).applied(), cancel_token(&order, &bundle));
+        }
+    }
     for (g, pipe) in pipes {
         let _: () = pipe
             .query_async(con)
@@ -279,6 +320,47 @@ pub async fn load_shards<C: ConnectionLike>(
     }
     lock.commit().await.context("releasing the load lock")?;
     Ok(loaded)
+}
+
+/// Every bundle's definition, from `bundle_components` (a bundle whose rows break the
+/// rules, which the table's checks prevent, is left out and logged).
+pub async fn bundle_defs(
+    db: &impl tokio_postgres::GenericClient,
+) -> anyhow::Result<crate::bundle::Bundles> {
+    let rows = db
+        .query(
+            "SELECT bundle, sku, qty FROM bundle_components ORDER BY bundle, sku",
+            &[],
+        )
+        .await
+        .context("reading the bundles")?;
+    let mut parts: std::collections::BTreeMap<String, Vec<(Sku, i64)>> = Default::default();
+    for r in &rows {
+        if let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) {
+            parts
+                .entry(r.get("bundle"))
+                .or_default()
+                .push((sku, i64::from(r.get::<_, i32>("qty"))));
+        }
+    }
+    let mut out = crate::bundle::Bundles::new();
+    for (bundle, components) in parts {
+        match (
+            Sku::parse(bundle.as_str()),
+            crate::bundle::BundleDef::new(components),
+        ) {
+            (Ok(b), Ok(def)) => {
+                out.insert(b, def);
+            }
+            (_, Err(e)) => {
+                tracing::error!(bundle, error = %e, "a bundle breaks the rules; left out")
+            }
+            (Err(e), _) => {
+                tracing::error!(bundle, error = %e, "a bundle's id breaks the rules; left out")
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A row's `skus.buckets` (1 for any value out of range).

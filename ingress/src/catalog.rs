@@ -10,6 +10,7 @@ use crate::{
 use anyhow::Context;
 use floodgate_common::{
     audit::Actor,
+    bundle::BundleDef,
     domain::{Reference, Sku},
     redis::{self as fredis, StockChange, Take, adjust_token, receive_token},
 };
@@ -220,6 +221,23 @@ pub async fn bring_to_redis(st: &AppState, sku: &Sku) -> Result<SkuRow, ApiError
         .await
         .map_err(lock_wait)?
         .ok_or_else(|| anyhow::anyhow!("SKU {sku} vanished after it was written"))?;
+    if let Some(def) = bundle_def(&row)? {
+        // A bundle: its rules and definition, no stock.
+        fredis::put_bundle(
+            &mut st.redis.clone(),
+            &st.shards,
+            sku,
+            &def,
+            i64::from(row.per_user_limit),
+            row.window.field().as_deref(),
+        )
+        .await
+        .map_err(|e| crate::orders::unavailable("Redis", e))?;
+        tx.commit()
+            .await
+            .context("ending the bundle's first write to Redis")?;
+        return Ok(row);
+    }
     let initial = Reference::parse(repo::INITIAL_REFERENCE).expect("a valid reference");
     let initial_stock: i64 = tx
         .query_opt(
@@ -263,6 +281,123 @@ pub async fn bring_to_redis(st: &AppState, sku: &Sku) -> Result<SkuRow, ApiError
     Ok(row)
 }
 
+/// A bundle row's definition (None for a SKU that is not a bundle).
+fn bundle_def(row: &SkuRow) -> Result<Option<BundleDef>, ApiError> {
+    let Some(components) = &row.components else {
+        return Ok(None);
+    };
+    let parsed: Vec<(Sku, i64)> = components
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            Some((
+                Sku::parse(c.get("sku")?.as_str()?).ok()?,
+                c.get("qty")?.as_i64()?,
+            ))
+        })
+        .collect();
+    BundleDef::new(parsed)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("bundle {}: {e}", row.sku).into())
+}
+
+/// `POST /v1/bundles`: a SKU sold as 2-20 other SKUs (API.md, Catalog). PostgreSQL
+/// first, then Redis (its limit, window and definition in one atomic write: see
+/// [`fredis::put_bundle`]); a repeat (409) heals a crash between the two.
+pub async fn create_bundle(
+    st: &AppState,
+    actor: &Actor,
+    body: &Map<String, Value>,
+) -> Result<SkuView, ApiError> {
+    let f = Fields(body);
+    let sku =
+        Sku::parse(f.str("sku")?).map_err(|e| ApiError::InvalidRequest(format!("sku: {e}")))?;
+    let name = f.text("name")?;
+    let price_cents = f.int("price_cents", 0, i64::from(i32::MAX) * 100)?;
+    let per_user_limit = f.opt_int("per_user_limit", 1, 1_000_000)?.unwrap_or(0) as i32;
+    let window = Window {
+        starts: f.opt_time("sale_starts_at")?,
+        ends: f.opt_time("sale_ends_at")?,
+    };
+    if !window.is_valid() {
+        return Err(ApiError::InvalidRequest(
+            "sale_ends_at: must be after sale_starts_at".into(),
+        ));
+    }
+    let Some(Value::Array(list)) = body.get("components") else {
+        return Err(ApiError::InvalidRequest(format!(
+            "components: required, a list of {}-{} {{\"sku\", \"qty\"}}",
+            floodgate_common::bundle::MIN_COMPONENTS,
+            floodgate_common::bundle::MAX_COMPONENTS
+        )));
+    };
+    let mut components = Vec::with_capacity(list.len());
+    for (i, c) in list.iter().enumerate() {
+        let Value::Object(c) = c else {
+            return Err(ApiError::InvalidRequest(format!(
+                "components[{i}]: must be an object {{\"sku\", \"qty\"}}"
+            )));
+        };
+        let c = Fields(c);
+        let at = |e: ApiError| match e {
+            ApiError::InvalidRequest(m) => ApiError::InvalidRequest(format!("components[{i}].{m}")),
+            e => e,
+        };
+        let component = Sku::parse(c.str("sku").map_err(at)?)
+            .map_err(|e| ApiError::InvalidRequest(format!("components[{i}].sku: {e}")))?;
+        if component == sku {
+            return Err(ApiError::InvalidRequest(format!(
+                "components[{i}].sku: a bundle cannot contain itself"
+            )));
+        }
+        let qty = c
+            .int("qty", 1, floodgate_common::bundle::MAX_COMPONENT_QTY)
+            .map_err(at)?;
+        components.push((component, qty));
+    }
+    let def = BundleDef::new(components).map_err(|e| ApiError::InvalidRequest(e.0))?;
+    let new = repo::NewBundle {
+        sku,
+        name,
+        price_cents,
+        per_user_limit,
+        window,
+        def,
+    };
+    let created = repo::create_bundle(&st.pg, &new, actor)
+        .await
+        .map_err(lock_wait)?;
+    match created {
+        repo::BundleCreated::UnknownComponent(sku) => return Err(ApiError::UnknownSku { sku }),
+        repo::BundleCreated::NestedBundle(c) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "components: {c} is a bundle; a bundle's components are SKUs of their own"
+            )));
+        }
+        repo::BundleCreated::New | repo::BundleCreated::Exists => {}
+    }
+    // Also after a 409 (see `create`); a SKU that is not a bundle is left as it is.
+    let row = bring_to_redis(st, &new.sku).await?;
+    if matches!(created, repo::BundleCreated::Exists) {
+        return Err(ApiError::SkuExists {
+            sku: new.sku.to_string(),
+        });
+    }
+    let available = stock::available(st, &new.sku).await?;
+    Ok(SkuView { row, available })
+}
+
+/// 409 `bundle_has_no_stock` for a bundle: receipts and adjustments go to its components.
+async fn refuse_bundle(st: &AppState, sku: &Sku) -> Result<(), ApiError> {
+    if repo::is_bundle(&st.pg, sku).await? == Some(true) {
+        return Err(ApiError::BundleHasNoStock {
+            sku: sku.to_string(),
+        });
+    }
+    Ok(())
+}
+
 pub async fn get(st: &AppState, sku: &str) -> Result<SkuView, ApiError> {
     let sku = parse_sku(sku)?;
     let row = repo::sku(&st.pg, &sku)
@@ -291,6 +426,7 @@ pub async fn receive(
     let f = Fields(body);
     let qty = f.int("qty", 1, MAX_RECEIVE)?;
     let reference = f.reference()?;
+    refuse_bundle(st, &sku).await?;
     let on_hand = repo::receive(&st.pg, &sku, qty, &reference, actor)
         .await?
         .ok_or_else(|| ApiError::SkuNotFound {
@@ -613,6 +749,7 @@ pub async fn adjust(
     }
     let reason = f.text("reason")?;
     let reference = f.reference()?;
+    refuse_bundle(st, &sku).await?;
     let pg = |e: tokio_postgres::Error| anyhow::Error::new(e).context("PostgreSQL");
     let mut db = st
         .pg

@@ -68,6 +68,9 @@ pub enum ApiError {
     SaleNotStarted { sku: String, starts_at: String },
     #[error("the sale of SKU {sku} ended at {ended_at}")]
     SaleEnded { sku: String, ended_at: String },
+    /// A receipt or an adjustment of a bundle, which has no stock of its own.
+    #[error("{sku} is a bundle: it has no stock of its own; receive or adjust its components")]
+    BundleHasNoStock { sku: String },
     /// An adjustment would leave fewer units than are sold or reserved.
     #[error("SKU {sku} has {available} units free to write off")]
     InsufficientStock { sku: String, available: i64 },
@@ -93,6 +96,7 @@ impl ApiError {
             | SkuExists { .. }
             | NotCancellable(_)
             | InsufficientStock { .. }
+            | BundleHasNoStock { .. }
             | SaleNotStarted { .. }
             | SaleEnded { .. } => StatusCode::CONFLICT,
             LimitExceeded { .. }
@@ -133,6 +137,7 @@ impl ApiError {
             SkuExists { .. } => "sku_exists",
             NotCancellable(_) => "not_cancellable",
             InsufficientStock { .. } => "insufficient_stock",
+            BundleHasNoStock { .. } => "bundle_has_no_stock",
             SaleNotStarted { .. } => "sale_not_started",
             CategoryExists { .. } => "category_exists",
             UnknownCategory { .. } => "unknown_category",
@@ -156,7 +161,12 @@ impl ApiError {
                 limit,
                 already,
             } => json!({"sku": sku, "limit": limit, "already": already}),
-            UnknownSku { sku } | SkuNotFound { sku } | SkuExists { sku } => json!({"sku": sku}),
+            UnknownSku { sku }
+            | SkuNotFound { sku }
+            | SkuExists { sku }
+            | BundleHasNoStock { sku } => {
+                json!({"sku": sku})
+            }
             SaleNotStarted { sku, starts_at } => json!({"sku": sku, "starts_at": starts_at}),
             CategoryExists { id } | UnknownCategory { id } => json!({"category_id": id}),
             ProductExists { id } | UnknownProduct { id } | ProductNotFound { id } => {

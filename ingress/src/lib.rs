@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod buckets;
+pub mod bundles;
 pub mod catalog;
 pub mod error;
 pub mod extract;
@@ -120,6 +121,7 @@ impl Application {
                 reads,
                 sold_out: Arc::new(sold_out::SoldOut::new(cfg.sold_out_cache)),
                 buckets: Arc::default(),
+                bundles: Arc::default(),
                 mover,
                 publisher,
                 verifier,

@@ -5,6 +5,7 @@ use crate::{error::ApiError, repo, state::AppState};
 use floodgate_common::{
     amqp::{IntakeMessage, OrderPlaced},
     auth::Caller,
+    bundle::{Bundles, held_lines},
     domain::{IdempotencyKey, Invalid, OrderId, OrderLine, OrderLines, OrderStatus, Quantity, Sku},
     redis::{self as fredis, Reserve, ReserveRequest, ResvState},
     telemetry::names,
@@ -152,18 +153,21 @@ async fn place_to_the_end(
     // Redirects to a hot SKU's bucket count, and pulls of units into the buyer's bucket:
     // each at most once per line (a count is fixed once learned; a pull that lost its
     // units to other buyers meanwhile answers sold out, as without buckets).
-    let (mut moved, mut pulled) = (0, 0);
+    // Bundles learned from the script's `bundle` replies: at most once per line.
+    let (mut moved, mut pulled, mut learned) = (0, 0, 0);
     loop {
-        // Again on each turn: a `moved` reply changes where a line goes. One snapshot of
-        // the counts for the parts, the script and the message, so all three agree.
-        let counts: BTreeMap<String, usize> = lines
-            .as_slice()
+        // Again on each turn: a `moved` or `bundle` reply changes the held lines or
+        // where one goes. One snapshot of the bundles and the counts for the parts, the
+        // script and the message, so all three agree.
+        let bundles = st.bundles.of(lines.as_slice());
+        let held = held_lines(lines.as_slice(), &bundles);
+        let counts: BTreeMap<String, usize> = held
             .iter()
             .map(|l| (l.sku.to_string(), st.buckets.get(&l.sku)))
             .filter(|(_, k)| *k > 1)
             .collect();
         let known = |s: &Sku| counts.get(s.as_str()).copied().unwrap_or(1);
-        let parts = st.shards.parts(&lines, &caller.user, key.as_ref(), known);
+        let parts = st.shards.parts(&held, &caller.user, key.as_ref(), known);
         let order_id = OrderId::new();
         // Microseconds: what PostgreSQL keeps, so every answer shows the same instant.
         let now = OffsetDateTime::now_utc();
@@ -178,6 +182,7 @@ async fn place_to_the_end(
             user: &caller.user,
             lines: &lines,
             held: None,
+            first: None,
             idempotency: key.as_ref().zip(hash.as_deref()),
             accepted_at: &accepted_at,
             deadline_ms,
@@ -196,6 +201,7 @@ async fn place_to_the_end(
                     caller,
                     &lines,
                     counts,
+                    bundles,
                     &parts,
                     key.as_ref(),
                     order_id,
@@ -254,10 +260,20 @@ async fn place_to_the_end(
                     already,
                 });
             }
+            Reserve::Bundle { sku, def } => {
+                st.bundles.learn(&sku, def);
+                learned += 1;
+                if learned > lines.as_slice().len() {
+                    return Err(unavailable(
+                        "Redis",
+                        format!("{sku}: answered as a bundle again after it was learned"),
+                    ));
+                }
+            }
             Reserve::Moved { sku, buckets } => {
                 st.buckets.learn(&sku, buckets);
                 moved += 1;
-                if moved > lines.as_slice().len() {
+                if moved > held.len() {
                     return Err(unavailable(
                         "Redis",
                         format!("{sku}: the bucket count keeps changing ({buckets})"),
@@ -265,40 +281,36 @@ async fn place_to_the_end(
                 }
             }
             Reserve::SoldOut { sku, available } => {
-                let line = lines.as_slice().iter().find(|l| l.sku.as_str() == sku);
+                // The held line short of units: the order's own line, or a bundle's
+                // components summed with it.
+                let line = held.iter().find(|l| !l.bundle && l.sku.as_str() == sku);
                 let k = line.map_or(1, |l| known(&l.sku));
                 let Some(line) = line.filter(|_| k > 1) else {
                     if available == 0 {
                         st.sold_out.remember(&sku, started);
                     }
-                    return Err(ApiError::SoldOut { sku, available });
+                    return Err(sold_out(lines.as_slice(), &bundles, sku, available));
                 };
-                if pulled >= lines.as_slice().len() {
+                if pulled >= held.len() {
                     // Others keep taking what is pulled in: what the buyer's bucket had.
-                    return Err(ApiError::SoldOut { sku, available });
+                    return Err(sold_out(lines.as_slice(), &bundles, sku, available));
                 }
                 // The buyer's bucket is short: the SKU's other buckets may not be.
                 let to = st.shards.holding_shard(&line.sku, k, &caller.user);
                 let total = st
                     .mover
-                    .pull(&line.sku, k, to, line.qty.get())
+                    .pull(&line.sku, k, to, line.qty)
                     .await
                     .map_err(|e| unavailable("Redis", e))?;
                 pulled += 1;
-                if total < line.qty.get() || pulled > lines.as_slice().len() {
+                if total < line.qty || pulled > held.len() {
                     if total == 0 {
                         st.sold_out.remember(&sku, started);
                     }
-                    return Err(ApiError::SoldOut {
-                        sku,
-                        // The SKU's units over every bucket, unless others keep taking
-                        // what is pulled in: then what the buyer's bucket had.
-                        available: if total < line.qty.get() {
-                            total
-                        } else {
-                            available
-                        },
-                    });
+                    // The SKU's units over every bucket, unless others keep taking what
+                    // is pulled in: then what the buyer's bucket had.
+                    let available = if total < line.qty { total } else { available };
+                    return Err(sold_out(lines.as_slice(), &bundles, sku, available));
                 }
             }
             Reserve::NotStarted { sku, starts_ms } => {
@@ -322,6 +334,29 @@ async fn place_to_the_end(
     }
 }
 
+/// 409 `sold_out` for the SKU `sku` the reserve found short: the order's line of it, or,
+/// when only a bundle line of the order holds it, that bundle, with the bundles this
+/// component's `available` units would make.
+fn sold_out(lines: &[OrderLine], bundles: &Bundles, sku: String, available: i64) -> ApiError {
+    let direct = lines.iter().any(|l| l.sku.as_str() == sku);
+    let holders: Vec<(&Sku, i64)> = bundles
+        .iter()
+        .filter_map(|(b, d)| {
+            d.components()
+                .iter()
+                .find(|(c, _)| c.as_str() == sku)
+                .map(|(_, q)| (b, *q))
+        })
+        .collect();
+    match holders.as_slice() {
+        [(bundle, per)] if !direct => ApiError::SoldOut {
+            sku: bundle.to_string(),
+            available: available.max(0) / per,
+        },
+        _ => ApiError::SoldOut { sku, available },
+    }
+}
+
 /// Publishes the reserved order and marks it queued ([`crate::handover`]). `trace` (the
 /// request's) travels in the message's `traceparent` header.
 #[allow(clippy::too_many_arguments)]
@@ -330,6 +365,7 @@ async fn publish(
     caller: &Caller,
     lines: &OrderLines,
     buckets: BTreeMap<String, usize>,
+    bundles: Bundles,
     parts: &[fredis::Part],
     key: Option<&IdempotencyKey>,
     order_id: OrderId,
@@ -345,6 +381,7 @@ async fn publish(
         deadline_ms,
         idempotency_key: key.cloned(),
         buckets,
+        bundles,
     });
     let shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
     crate::handover::hand_over(
@@ -423,14 +460,15 @@ pub async fn cancel(
 ) -> Result<Option<OrderView>, ApiError> {
     let may = |owner: &str| caller.is_admin() || owner == caller.user.as_str();
     let until = Instant::now() + CANCEL_WAIT;
-    let (user_id, lines, buckets) = loop {
+    let (user_id, lines, buckets, bundle_lines) = loop {
         let actor = floodgate_common::audit::Actor::of(caller);
         match repo::cancel(&st.pg, &order_id, may, trace.as_ref(), &actor).await? {
             repo::Cancel::Cancelled {
                 user_id,
                 lines,
                 buckets,
-            } => break (user_id, lines, buckets),
+                bundle_lines,
+            } => break (user_id, lines, buckets, bundle_lines),
             repo::Cancel::Failed { .. } => {
                 return Err(ApiError::NotCancellable(
                     "a failed order has nothing to cancel".into(),
@@ -472,6 +510,24 @@ pub async fn cancel(
                 window: None,
                 after: None,
             },
+        )
+        .await
+        .map_err(|e| unavailable("Redis", e))?;
+    }
+    // A bundle's own holding (its per-user limit), in its shard, once per token. Not in
+    // the ledger (a bundle has no stock): a repeat of this cancel heals a crash before
+    // it, and so does a load.
+    for (bundle, qty) in &bundle_lines {
+        let Ok(bundle) = Sku::parse(bundle.as_str()) else {
+            continue;
+        };
+        fredis::give_back_holding(
+            &mut redis,
+            st.shards.for_sku(&bundle),
+            &user,
+            &bundle,
+            *qty,
+            &fredis::cancel_token(&order_id, &bundle),
         )
         .await
         .map_err(|e| unavailable("Redis", e))?;

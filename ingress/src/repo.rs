@@ -101,6 +101,12 @@ pub struct SkuRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub options: Option<serde_json::Value>,
+    /// A bundle's components, `[{"sku","qty"}]` in SKU order (absent for a SKU that is
+    /// not a bundle). A bundle has no stock of its own: `on_hand` and `sold` stay 0 and
+    /// `available` is its components' `min(floor(available / qty))`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub components: Option<serde_json::Value>,
 }
 
 /// A sale window (either side open).
@@ -129,7 +135,10 @@ impl Window {
 
 const SKU_COLUMNS: &str = "s.sku, s.name, s.price_cents, s.per_user_limit, s.buckets, \
                            i.on_hand, i.sold, s.created_at, s.sale_starts_at, s.sale_ends_at, \
-                           s.product_id, s.options";
+                           s.product_id, s.options, \
+                           (SELECT jsonb_agg(jsonb_build_object('sku', bc.sku, 'qty', bc.qty) \
+                                             ORDER BY bc.sku) \
+                              FROM bundle_components bc WHERE bc.bundle = s.sku) AS components";
 
 impl SkuRow {
     fn from_row(r: &tokio_postgres::Row) -> Self {
@@ -150,7 +159,12 @@ impl SkuRow {
             on_hand: r.get("on_hand"),
             sold: r.get("sold"),
             buckets: r.get("buckets"),
+            components: r.get("components"),
         }
+    }
+
+    pub fn is_bundle(&self) -> bool {
+        self.components.is_some()
     }
 
     /// What the audit log records of a SKU's settings.
@@ -414,6 +428,139 @@ pub async fn create_sku(pool: &Pool, new: &NewSku, actor: &Actor) -> anyhow::Res
     Ok(Created::New)
 }
 
+/// A validated new bundle.
+pub struct NewBundle {
+    pub sku: Sku,
+    pub name: String,
+    pub price_cents: i64,
+    pub per_user_limit: i32,
+    pub window: Window,
+    pub def: floodgate_common::bundle::BundleDef,
+}
+
+/// What inserting a bundle found.
+pub enum BundleCreated {
+    New,
+    /// A SKU (a bundle or not) with this id exists (nothing written).
+    Exists,
+    /// A component that is not a SKU (nothing written).
+    UnknownComponent(String),
+    /// A component that is a bundle itself (nothing written).
+    NestedBundle(String),
+}
+
+/// Inserts a bundle: its `skus` row (`is_bundle`, one bucket), its `inventory` row
+/// (0/0, for good), its components, and its audit record, in one transaction, with the
+/// components' rows share-locked so none is created or changed into something else
+/// meanwhile.
+pub async fn create_bundle(
+    pool: &Pool,
+    new: &NewBundle,
+    actor: &Actor,
+) -> anyhow::Result<BundleCreated> {
+    let mut db = pool.get().await.context("PostgreSQL connection")?;
+    let tx = db.transaction().await?;
+    tx.execute(floodgate_common::stock::LOAD_LOCK_SHARED, &[])
+        .await
+        .context("waiting for a load of stock to finish")?;
+    let components: Vec<&str> = new
+        .def
+        .components()
+        .iter()
+        .map(|(s, _)| s.as_str())
+        .collect();
+    let qtys: Vec<i32> = new
+        .def
+        .components()
+        .iter()
+        .map(|(_, q)| *q as i32)
+        .collect();
+    let found = tx
+        .query(
+            "SELECT sku, is_bundle FROM skus WHERE sku = ANY($1) ORDER BY sku FOR SHARE",
+            &[&components],
+        )
+        .await
+        .context("reading the components")?;
+    for c in &components {
+        match found.iter().find(|r| r.get::<_, &str>("sku") == *c) {
+            None => return Ok(BundleCreated::UnknownComponent((*c).to_owned())),
+            Some(r) if r.get::<_, bool>("is_bundle") => {
+                return Ok(BundleCreated::NestedBundle((*c).to_owned()));
+            }
+            Some(_) => {}
+        }
+    }
+    let inserted = tx
+        .execute(
+            "INSERT INTO skus (sku, name, price_cents, per_user_limit, buckets,
+                               sale_starts_at, sale_ends_at, is_bundle)
+             VALUES ($1, $2, $3, $4, 1, $5, $6, true)
+             ON CONFLICT (sku) DO NOTHING",
+            &[
+                &new.sku.as_str(),
+                &new.name,
+                &new.price_cents,
+                &new.per_user_limit,
+                &new.window.starts,
+                &new.window.ends,
+            ],
+        )
+        .await
+        .context("inserting a bundle")?;
+    if inserted == 0 {
+        return Ok(BundleCreated::Exists);
+    }
+    tx.execute(
+        "INSERT INTO inventory (sku, on_hand) VALUES ($1, 0)",
+        &[&new.sku.as_str()],
+    )
+    .await
+    .context("inserting a bundle's inventory row")?;
+    tx.execute(
+        "INSERT INTO bundle_components (bundle, sku, qty)
+         SELECT $1, c.sku, c.qty FROM unnest($2::text[], $3::int[]) AS c(sku, qty)",
+        &[&new.sku.as_str(), &components, &qtys],
+    )
+    .await
+    .context("inserting a bundle's components")?;
+    audit::append(
+        &tx,
+        actor,
+        Entry {
+            action: "bundle.create",
+            target: format!("sku:{}", new.sku),
+            before: None,
+            after: Some(json!({
+                "name": new.name,
+                "price_cents": new.price_cents,
+                "per_user_limit": new.per_user_limit,
+                "sale_starts_at": new.window.starts.map(rfc3339),
+                "sale_ends_at": new.window.ends.map(rfc3339),
+                "components": new.def.components().iter()
+                    .map(|(s, q)| json!({"sku": s, "qty": q}))
+                    .collect::<Vec<_>>(),
+            })),
+        },
+    )
+    .await?;
+    tx.commit().await.context("committing a new bundle")?;
+    Ok(BundleCreated::New)
+}
+
+/// Whether `sku` is a bundle (None: no such SKU).
+pub async fn is_bundle(pool: &Pool, sku: &Sku) -> anyhow::Result<Option<bool>> {
+    let db = pool.get().await.context("PostgreSQL connection")?;
+    Ok(db
+        .query_opt(
+            "SELECT is_bundle FROM skus WHERE sku = $1",
+            &[&sku.as_str()],
+        )
+        .await
+        .context("reading a SKU")?
+        .map(|r| r.get(0)))
+}
+
 /// Records goods received, once per (sku, reference). Returns the on-hand units after,
 /// or None for an unknown SKU.
 pub async fn receive(
@@ -553,12 +700,16 @@ pub enum Cancel {
     Absent,
     /// Its owner, for the visibility check, and why it cannot be cancelled.
     Failed { user_id: String },
-    /// Cancelled now or before: its owner and lines (to return to Redis, once).
+    /// Cancelled now or before: its owner and its units per SKU (bundles expanded into
+    /// their components), to return to Redis once.
     Cancelled {
         user_id: String,
         lines: Vec<(String, i64)>,
         /// Each line's SKU's bucket count (`skus.buckets`), in the order of `lines`.
         buckets: Vec<usize>,
+        /// The order's bundle lines, whose holdings (the bundles' per-user limits) go
+        /// back too.
+        bundle_lines: Vec<(String, i64)>,
     },
 }
 
@@ -594,17 +745,29 @@ pub async fn cancel(
     if status == "failed" {
         return Ok(Cancel::Failed { user_id });
     }
+    // Its stock units: a bundle's line as its components, summed with the order's own
+    // lines of the same SKUs.
     let rows = tx
         .query(
-            "SELECT it.sku, it.qty, s.buckets
-               FROM order_items it JOIN skus s USING (sku)
-              WHERE it.order_id = $1 ORDER BY it.sku",
+            "SELECT u.sku, sum(u.qty)::bigint AS qty, s.buckets
+               FROM order_units u JOIN skus s USING (sku)
+              WHERE u.order_id = $1 GROUP BY u.sku, s.buckets ORDER BY u.sku",
             &[&id.as_uuid()],
         )
         .await?;
-    let lines: Vec<(String, i64)> = rows
+    let bundle_lines: Vec<(String, i64)> = tx
+        .query(
+            "SELECT it.sku, it.qty FROM order_items it JOIN skus s USING (sku)
+              WHERE it.order_id = $1 AND s.is_bundle ORDER BY it.sku",
+            &[&id.as_uuid()],
+        )
+        .await?
         .iter()
         .map(|r| (r.get("sku"), i64::from(r.get::<_, i32>("qty"))))
+        .collect();
+    let lines: Vec<(String, i64)> = rows
+        .iter()
+        .map(|r| (r.get("sku"), r.get::<_, i64>("qty")))
         .collect();
     let buckets: Vec<usize> = rows
         .iter()
@@ -667,6 +830,7 @@ pub async fn cancel(
         user_id,
         lines,
         buckets,
+        bundle_lines,
     })
 }
 

@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders/{id}", get(get_order))
         .route("/v1/orders/{id}/cancel", post(cancel_order))
         .route("/v1/skus", post(create_sku).get(list_skus))
+        .route("/v1/bundles", post(create_bundle))
         .route("/v1/skus/{sku}", get(get_sku).patch(patch_sku))
         .route("/v1/skus/{sku}/receive", post(receive))
         .route("/v1/skus/{sku}/adjust", post(adjust))
@@ -310,6 +311,30 @@ async fn create_sku(
     JsonBody(Object(body)): JsonBody<Object>,
 ) -> Result<impl IntoResponse, ApiError> {
     let view = catalog::create(&st, &Actor::of(&caller), &body).await?;
+    let location = format!("/v1/skus/{}", view.row.sku);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(view),
+    ))
+}
+
+#[utoipa::path(
+    post, path = "/v1/bundles", tag = "skus", security(("bearer" = [])),
+    summary = "Create a bundle of 2-20 SKUs (manager or admin)",
+    request_body = openapi::NewBundle,
+    responses(
+        (status = 201, body = catalog::SkuView,
+            headers(("Location" = String, description = "`/v1/skus/{sku}`"))),
+        openapi::CreateBundleErrors,
+    ),
+)]
+async fn create_bundle(
+    State(st): State<AppState>,
+    Manager(caller): Manager,
+    JsonBody(Object(body)): JsonBody<Object>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = catalog::create_bundle(&st, &Actor::of(&caller), &body).await?;
     let location = format!("/v1/skus/{}", view.row.sku);
     Ok((
         StatusCode::CREATED,

@@ -34,6 +34,8 @@ pub struct AppState {
     pub sold_out: Arc<crate::sold_out::SoldOut>,
     /// Bucket counts of hot SKUs, learned from the reserve script's `moved` replies.
     pub buckets: Arc<crate::buckets::KnownBuckets>,
+    /// The bundles met so far, learned from the reserve script (see `crate::bundles`).
+    pub bundles: Arc<crate::bundles::KnownBundles>,
     /// Pulls units into a buyer's bucket of a hot SKU when it runs short.
     pub mover: floodgate_common::redis::buckets::Mover,
     /// None when `FLOODGATE_RATE_LIMIT_PER_SEC=0`.

@@ -19,6 +19,7 @@ use floodgate_common::{
         CLOSE_TIMEOUT, Link, ORDER_EVENT_BATCH, OrderEvent, OrderEventBatch, Reconnect, Topology,
         trace_of,
     },
+    bundle::BundleDef,
     redis::{Shards, StockCursor, stock_changes},
     retry::Backoff,
     telemetry::names,
@@ -60,9 +61,11 @@ pub async fn sample_stock(
     let mut cursors = vec![StockCursor::default(); shards.count()];
     // sku -> shard -> level, for the sums of SKUs with buckets; stays empty with one shard.
     let mut per_shard: HashMap<String, BTreeMap<usize, i64>> = HashMap::new();
+    let mut bundles = BundleLevels::default();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -70,6 +73,17 @@ pub async fn sample_stock(
         }
         let mut changed = Vec::new();
         let mut failed = None;
+        // New bundles (their definitions never change) about once a second.
+        let mut new_bundles = Vec::new();
+        if ticks.is_multiple_of(BUNDLE_REFRESH_TICKS) {
+            match bundles.refresh(&mut redis, &shards).await {
+                Ok(new) => new_bundles = new,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        ticks += 1;
         for ((g, keys), cursor) in shards.iter().zip(cursors.iter_mut()) {
             match stock_changes(&mut redis, keys, cursor).await {
                 Ok(Some((next, levels))) if shards.count() == 1 => {
@@ -107,6 +121,12 @@ pub async fn sample_stock(
                 }
                 changed.extend(last);
             }
+        }
+        // Every bundle holding a changed SKU, and every bundle new this tick, from its
+        // components' last levels.
+        let derived = bundles.levels(&changed, &new_bundles);
+        changed.extend(derived);
+        if !changed.is_empty() {
             hub.publish_stock(changed, OffsetDateTime::now_utc());
         }
         match failed {
@@ -120,6 +140,83 @@ pub async fn sample_stock(
             }
             _ => {}
         }
+    }
+}
+
+/// Ticks between two reads of the bundle definitions.
+const BUNDLE_REFRESH_TICKS: u64 = 10;
+
+/// The bundles and the last level of every SKU the sampler has seen, for a bundle's
+/// level: `min(floor(component level / qty))` ([`BundleDef::available`]), published on
+/// the bundle's own `stock:` topic whenever a component's changes.
+#[derive(Default)]
+struct BundleLevels {
+    defs: HashMap<String, BundleDef>,
+    /// component -> the bundles that hold it
+    holding: HashMap<String, Vec<String>>,
+    last: HashMap<String, i64>,
+}
+
+impl BundleLevels {
+    /// Reads the definitions in every shard; returns the bundles not known before.
+    async fn refresh(
+        &mut self,
+        redis: &mut Redis,
+        shards: &Shards,
+    ) -> redis::RedisResult<Vec<String>> {
+        let mut new = Vec::new();
+        for (_, keys) in shards.iter() {
+            let here: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(keys.bundles())
+                .query_async(redis)
+                .await?;
+            for (bundle, field) in here {
+                if self.defs.contains_key(&bundle) {
+                    continue;
+                }
+                let Ok(def) = BundleDef::parse_field(&field) else {
+                    tracing::warn!(
+                        bundle,
+                        field,
+                        "a bundle definition in Redis breaks the rules; its level is not published"
+                    );
+                    continue;
+                };
+                for (c, _) in def.components() {
+                    self.holding
+                        .entry(c.to_string())
+                        .or_default()
+                        .push(bundle.clone());
+                }
+                self.defs.insert(bundle.clone(), def);
+                new.push(bundle);
+            }
+        }
+        Ok(new)
+    }
+
+    /// Notes `changed` levels; returns the levels of the bundles they change, and of
+    /// `new` bundles whose components' levels are all known.
+    /// Every level is noted, bundles or not: a bundle created later needs its
+    /// components' levels, which change only when they do.
+    fn levels(&mut self, changed: &[(String, i64)], new: &[String]) -> Vec<(String, i64)> {
+        let mut affected: Vec<&String> = new.iter().collect();
+        for (sku, level) in changed {
+            self.last.insert(sku.clone(), *level);
+            if let Some(b) = self.holding.get(sku) {
+                affected.extend(b);
+            }
+        }
+        affected.sort();
+        affected.dedup();
+        affected
+            .into_iter()
+            .filter_map(|b| {
+                let def = self.defs.get(b)?;
+                let level = def.available(|c| self.last.get(c.as_str()).copied())?;
+                Some((b.clone(), level))
+            })
+            .collect()
     }
 }
 

@@ -152,6 +152,30 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
     let bobs = app.order(&bob, &[("last-one", 1)], Some("bob-key")).await;
     assert_eq!(bobs.status, 202);
     let bob_order = bobs.body["order_id"].as_str().unwrap().to_owned();
+    // Bundles: dave holds one duo (its limit); lastpack's component last-one is sold out.
+    for (sku, components, limit) in [
+        (
+            "duo",
+            json!([{"sku": "tee", "qty": 1}, {"sku": "few", "qty": 1}]),
+            json!(1),
+        ),
+        (
+            "lastpack",
+            json!([{"sku": "last-one", "qty": 1}, {"sku": "few", "qty": 1}]),
+            json!(null),
+        ),
+    ] {
+        let r = app
+            .post(
+                "/v1/bundles",
+                Some(&app.admin()),
+                &json!({"sku": sku, "name": sku, "price_cents": 1, "components": components, "per_user_limit": limit}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+    let dave = app.customer("dave");
+    assert_eq!(app.order(&dave, &[("duo", 1)], None).await.status, 202);
     app.wait_idle().await;
 
     let secret = app.cfg.jwt_secret.expose().to_owned();
@@ -449,6 +473,61 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
         case("adjust with a repeated key", p.clone(), "/v1/skus/tee/adjust", 400, "malformed")
             .token(&manager)
             .raw("application/json", r#"{"delta":1,"delta":-1,"reason":"r","reference":"adj-9"}"#.into()),
+        // POST /v1/bundles
+        case("bundle as customer", p.clone(), "/v1/bundles", 403, "forbidden")
+            .token(&carol_t)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "few", "qty": 1}]})),
+        case("bundle without token", p.clone(), "/v1/bundles", 401, "unauthorized")
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "few", "qty": 1}]})),
+        case("bundle without components", p.clone(), "/v1/bundles", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1})),
+        case("bundle of one component", p.clone(), "/v1/bundles", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 2}]})),
+        case("bundle of 21 components", p.clone(), "/v1/bundles", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1,
+                "components": (0..21).map(|i| json!({"sku": format!("c{i}"), "qty": 1})).collect::<Vec<_>>()})),
+        case("bundle with a component twice", p.clone(), "/v1/bundles", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "tee", "qty": 1}]})),
+        case("bundle with a missing component", p.clone(), "/v1/bundles", 422, "unknown_sku")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "ghost", "qty": 1}]})),
+        case("bundle of a bundle", p.clone(), "/v1/bundles", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "duo", "qty": 1}]})),
+        case("bundle containing itself", p.clone(), "/v1/bundles", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "b1", "qty": 1}]})),
+        case("bundle component qty 0", p.clone(), "/v1/bundles", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 0}, {"sku": "few", "qty": 1}]})),
+        case("bundle component qty 1001", p.clone(), "/v1/bundles", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1001}, {"sku": "few", "qty": 1}]})),
+        case("bundle component not an object", p.clone(), "/v1/bundles", 422, "invalid_request")
+            .token(&manager)
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": ["tee", "few"]})),
+        case("bundle that exists", p.clone(), "/v1/bundles", 409, "sku_exists")
+            .token(&manager)
+            .json(json!({"sku": "duo", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "few", "qty": 1}]})),
+        case("bundle over a SKU's id", p.clone(), "/v1/bundles", 409, "sku_exists")
+            .token(&manager)
+            .json(json!({"sku": "tee", "name": "b", "price_cents": 1, "components": [{"sku": "few", "qty": 1}, {"sku": "last-one", "qty": 1}]})),
+        case("receive a bundle", p.clone(), "/v1/skus/duo/receive", 409, "bundle_has_no_stock")
+            .token(&manager)
+            .json(json!({"qty": 1, "reference": "po-b"})),
+        case("adjust a bundle", p.clone(), "/v1/skus/duo/adjust", 409, "bundle_has_no_stock")
+            .token(&manager)
+            .json(json!({"delta": 1, "reason": "found", "reference": "adj-b"})),
+        case("bundle over its per-user limit", p.clone(), o, 422, "limit_exceeded")
+            .token(&dave)
+            .json(order(json!([{"sku": "duo", "qty": 1}]))),
+        case("bundle with a sold-out component", p.clone(), o, 409, "sold_out")
+            .token(&carol_t)
+            .json(order(json!([{"sku": "lastpack", "qty": 1}]))),
         // POST /v1/categories
         case("category as customer", p.clone(), "/v1/categories", 403, "forbidden")
             .token(&carol_t)
@@ -633,10 +712,10 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
             .unwrap(),
     )
     .await;
-    // tee: 5, alice holds 2.
+    // tee: 5, alice holds 2, dave's duo 1.
     assert_eq!(
         (r.body["sku"].as_str(), r.body["available"].as_i64()),
-        (Some("tee"), Some(3))
+        (Some("tee"), Some(2))
     );
 }
 

@@ -339,6 +339,7 @@ async fn reserve_directly(
             user: &user,
             lines: &lines,
             held: None,
+            first: None,
             buckets: &floodgate_common::redis::one_bucket,
             idempotency: None,
             accepted_at: &accepted_at,
@@ -357,6 +358,7 @@ async fn reserve_directly(
         deadline_ms,
         idempotency_key: None,
         buckets: Default::default(),
+        bundles: Default::default(),
     });
     (id, msg.to_bytes())
 }

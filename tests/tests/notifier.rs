@@ -898,3 +898,44 @@ async fn a_sku_is_subscribable_the_moment_it_exists() {
     ws.send(&json!({"subscribe": ["stock:fresher"]})).await;
     assert_eq!(ws.next(WAIT).await.unwrap()["type"], "subscribed");
 }
+
+/// A bundle's `stock:` topic: subscribable once created, its level derived from its
+/// components' (`min(floor(level / qty))`), and every change of a component moves it,
+/// whether the bundle or the component alone was ordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundles_stock_topic_follows_its_components() {
+    let app = with_notifier().await;
+    app.create_sku("lens", 7, None).await;
+    app.create_sku("cap", 50, None).await;
+    let r = app
+        .post(
+            "/v1/bundles",
+            Some(&app.admin()),
+            &json!({"sku": "lens-kit", "name": "Lens kit", "price_cents": 100,
+                    "components": [{"sku": "lens", "qty": 2}, {"sku": "cap", "qty": 1}]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let mut sse = Sse::connect(&app.client, &stream_url(&app, "stock:lens-kit", None))
+        .await
+        .expect("a bundle is subscribable at once");
+    let mut seen = Seen::default();
+    sse_until(&mut sse, &mut seen, |s| s.last("lens-kit") == Some(3)).await;
+    // 7 lenses make 3 kits; one kit (2 lenses) then one lens alone: 2, then still 2
+    // (4 left), then one more lens: 1 (3 left).
+    let ann = app.customer("ann");
+    assert_eq!(app.order(&ann, &[("lens-kit", 1)], None).await.status, 202);
+    sse_until(&mut sse, &mut seen, |s| s.last("lens-kit") == Some(2)).await;
+    assert_eq!(app.order(&ann, &[("lens", 1)], None).await.status, 202);
+    assert_eq!(app.order(&ann, &[("lens", 1)], None).await.status, 202);
+    sse_until(&mut sse, &mut seen, |s| s.last("lens-kit") == Some(1)).await;
+    let levels = &seen.levels["lens-kit"];
+    assert!(
+        levels.windows(2).all(|w| w[0] > w[1]),
+        "only changes, in order: {levels:?}"
+    );
+    assert_eq!(
+        app.get("/v1/stock/lens-kit", None).await.body["available"],
+        1
+    );
+}

@@ -46,6 +46,7 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
             user: &user,
             lines: &lines,
             held: None,
+            first: None,
             buckets: &floodgate_common::redis::one_bucket,
             idempotency: None,
             accepted_at: "2026-12-03T00:00:00Z",

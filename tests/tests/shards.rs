@@ -8,6 +8,7 @@
 
 use floodgate_common::{
     amqp::{IntakeMessage, OrderPlaced},
+    bundle::held_lines,
     domain::{IdempotencyKey, OrderId, OrderLine, OrderLines, Quantity, Sku, UserId},
     redis::{self as fredis, ConfirmedOrder, Reserve, ReserveRequest, shard_of},
 };
@@ -191,7 +192,12 @@ async fn a_crash_between_the_parts_returns_every_unit_and_answers_the_key() {
     let key_text = key_in("crash", 1);
     let key = IdempotencyKey::parse(&key_text).unwrap();
     let order = lines(&[(&a, 3), (&b, 4)]);
-    let parts = app.shards.parts(&order, &user, Some(&key), |_| 1);
+    let parts = app.shards.parts(
+        &held_lines(order.as_slice(), &Default::default()),
+        &user,
+        Some(&key),
+        |_| 1,
+    );
     assert_eq!(parts.len(), 2, "{parts:?}");
     let id = OrderId::new();
     let now = time::OffsetDateTime::now_utc();
@@ -204,7 +210,8 @@ async fn a_crash_between_the_parts_returns_every_unit_and_answers_the_key() {
         order_id: id,
         user: &user,
         lines: &order,
-        held: Some((&parts[0].lines, parts[0].shard)),
+        held: Some(&parts[0].lines),
+        first: Some(parts[0].shard),
         buckets: &floodgate_common::redis::one_bucket,
         idempotency: Some((&key, &hash)),
         accepted_at: &accepted_at,
@@ -275,7 +282,12 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
     app.create_sku(&b, 10, None).await;
     let user = UserId::parse("half").unwrap();
     let order = lines(&[(&a, 1), (&b, 2)]);
-    let parts = app.shards.parts(&order, &user, None, |_| 1);
+    let parts = app.shards.parts(
+        &held_lines(order.as_slice(), &Default::default()),
+        &user,
+        None,
+        |_| 1,
+    );
     assert_eq!(parts.len(), 2);
     let id = OrderId::new();
     let now = time::OffsetDateTime::now_utc();
@@ -288,6 +300,7 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
         user: &user,
         lines: &order,
         held: None,
+        first: None,
         buckets: &floodgate_common::redis::one_bucket,
         idempotency: None,
         accepted_at: &accepted_at,
@@ -312,6 +325,7 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
             deadline_ms,
             idempotency_key: None,
             buckets: Default::default(),
+            bundles: Default::default(),
         })
         .to_bytes(),
     )
@@ -431,7 +445,12 @@ async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothin
     let key_text = key_in("left", 3);
     let key = IdempotencyKey::parse(&key_text).unwrap();
     let order = lines(&[(&a, 2), (&b, 3)]);
-    let parts = app.shards.parts(&order, &user, Some(&key), |_| 1);
+    let parts = app.shards.parts(
+        &held_lines(order.as_slice(), &Default::default()),
+        &user,
+        Some(&key),
+        |_| 1,
+    );
     assert_eq!(parts.iter().map(|p| p.shard).collect::<Vec<_>>(), [3, 1, 2]);
     let id = OrderId::new();
     let now = time::OffsetDateTime::now_utc();
@@ -444,6 +463,7 @@ async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothin
         user: &user,
         lines: &order,
         held: None,
+        first: None,
         buckets: &floodgate_common::redis::one_bucket,
         idempotency: Some((&key, &hash)),
         accepted_at: &accepted_at,
@@ -543,7 +563,12 @@ async fn a_reaped_part_waits_for_its_deciding_part() {
     app.create_sku(&b, 10, None).await;
     let user = UserId::parse("wait").unwrap();
     let order = lines(&[(&a, 1), (&b, 1)]);
-    let parts = app.shards.parts(&order, &user, None, |_| 1);
+    let parts = app.shards.parts(
+        &held_lines(order.as_slice(), &Default::default()),
+        &user,
+        None,
+        |_| 1,
+    );
     assert_eq!(parts.iter().map(|p| p.shard).collect::<Vec<_>>(), [1, 2]);
     let now = time::OffsetDateTime::now_utc();
     let accepted_at = now
@@ -563,7 +588,8 @@ async fn a_reaped_part_waits_for_its_deciding_part() {
                 order_id: id,
                 user: &user,
                 lines: &order,
-                held: Some((&p.lines, parts[0].shard)),
+                held: Some(&p.lines),
+                first: Some(parts[0].shard),
                 buckets: &floodgate_common::redis::one_bucket,
                 idempotency: None,
                 accepted_at: &accepted_at,

@@ -739,8 +739,9 @@ fn decode((partition, d): (usize, Delivery), shards: &Shards) -> Item {
             let accepted_at = OffsetDateTime::parse(&o.accepted_at, &Rfc3339)
                 .map_err(|e| format!("accepted_at: {e}"))?;
             // Once per delivery: claim, finish and release all need them.
+            let held = o.held();
             let part_shards =
-                shards.shards_of(&o.items, &o.user_id, o.idempotency_key.as_ref(), |s| {
+                shards.shards_of(&held, &o.user_id, o.idempotency_key.as_ref(), |s| {
                     o.buckets_of(s)
                 });
             Ok(Decoded {
@@ -755,6 +756,9 @@ fn decode((partition, d): (usize, Delivery), shards: &Shards) -> Item {
                         .as_slice()
                         .iter()
                         .map(|l| (l.sku.to_string(), l.qty.get()))
+                        .collect(),
+                    units: floodgate_common::bundle::units(&held)
+                        .map(|l| (l.sku.to_string(), l.qty))
                         .collect(),
                     trace,
                 },

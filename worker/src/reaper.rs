@@ -201,6 +201,9 @@ async fn record(
                 .iter()
                 .map(|l| (l.sku.to_string(), l.qty.get()))
                 .collect(),
+            // A failed order adds nothing to `inventory.sold`; its `release` ledger rows
+            // come from its lines (a bundle's through `order_units`).
+            units: Vec::new(),
             trace: None,
         };
         repo::commit_batch(pg, &[], &[(&rec, FailReason::ReservationExpired)])

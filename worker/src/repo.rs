@@ -17,7 +17,11 @@ pub struct OrderRecord {
     pub user_id: String,
     pub idempotency_key: Option<String>,
     pub accepted_at: OffsetDateTime,
+    /// The order's lines as placed (a bundle as one line): its `order_items`.
     pub lines: Vec<(String, i64)>,
+    /// Its stock units per SKU, bundles expanded into their components: its ledger rows
+    /// and what it adds to `inventory.sold`.
+    pub units: Vec<(String, i64)>,
     /// The trace of the request that placed it (its message's `traceparent`), written
     /// with its outbox event so the notifier continues it.
     pub trace: Option<TraceParent>,
@@ -163,13 +167,11 @@ async fn insert_lines(
     kind: Option<&str>,
 ) -> Result<(), DbError> {
     let mut ids = Vec::new();
-    let mut refs = Vec::new();
     let mut skus = Vec::new();
     let mut qtys: Vec<i32> = Vec::new();
     for o in orders {
         for (sku, qty) in &o.lines {
             ids.push(o.id.as_uuid());
-            refs.push(o.id.to_string());
             skus.push(sku.as_str());
             qtys.push(*qty as i32);
         }
@@ -186,15 +188,19 @@ async fn insert_lines(
         .await?;
     tx.execute(&items, &[&ids, &skus, &qtys]).await?;
     if let Some(kind) = kind {
+        // One ledger row per stock SKU of an order, each naming the order: a bundle's
+        // line as its components ([`order_units`], the view `reconcile --check` reads).
+        let ids: Vec<Uuid> = orders.iter().map(|o| o.id.as_uuid()).collect();
         let ledger = tx
             .prepare_cached(
                 "INSERT INTO stock_movements (sku, kind, qty, reference)
-                 SELECT t.sku, $4, t.qty, t.reference
-                   FROM unnest($1::text[], $2::int[], $3::text[]) AS t(sku, qty, reference)
+                 SELECT u.sku, $2, sum(u.qty)::bigint, u.order_id::text
+                   FROM order_units u WHERE u.order_id = ANY($1)
+                  GROUP BY u.order_id, u.sku
                  ON CONFLICT ON CONSTRAINT stock_movements_once DO NOTHING",
             )
             .await?;
-        tx.execute(&ledger, &[&skus, &qtys, &refs, &kind]).await?;
+        tx.execute(&ledger, &[&ids, &kind]).await?;
     }
     Ok(())
 }
@@ -206,7 +212,7 @@ async fn insert_lines(
 async fn add_sold(tx: &Transaction<'_>, orders: &[&OrderRecord]) -> Result<(), DbError> {
     let mut per_sku: BTreeMap<&str, i64> = BTreeMap::new();
     for o in orders {
-        for (sku, qty) in &o.lines {
+        for (sku, qty) in &o.units {
             *per_sku.entry(sku.as_str()).or_default() += qty;
         }
     }

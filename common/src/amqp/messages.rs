@@ -57,12 +57,21 @@ pub struct OrderPlaced {
     /// the worker needs to find the order's parts (`Shards::parts`) and cannot learn.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub buckets: std::collections::BTreeMap<String, usize>,
+    /// The definitions of the bundles among `items` (absent: none is a bundle), as the
+    /// reserve used them: the worker expands the same held lines without a query.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub bundles: crate::bundle::Bundles,
 }
 
 impl OrderPlaced {
     /// The bucket count of `sku` in this order (1: no buckets).
     pub fn buckets_of(&self, sku: &crate::domain::Sku) -> usize {
         self.buckets.get(sku.as_str()).copied().unwrap_or(1)
+    }
+
+    /// The order's held lines ([`crate::bundle::held_lines`]): what Redis holds for it.
+    pub fn held(&self) -> Vec<crate::bundle::HeldLine> {
+        crate::bundle::held_lines(self.items.as_slice(), &self.bundles)
     }
 }
 

@@ -66,6 +66,12 @@ impl Keys {
     pub fn windows(&self) -> String {
         format!("{}windows", self.prefix)
     }
+    /// Hash bundle -> `sku:qty,sku:qty,...` ([`crate::bundle::BundleDef::field`]), in the
+    /// bundle's own shard: `reserve.lua` answers `bundle` with it to a caller that sent a
+    /// bundle as a plain line, and the stock reads and the notifier read it.
+    pub fn bundles(&self) -> String {
+        format!("{}bundles", self.prefix)
+    }
     /// Hash sku -> bucket count, for the SKUs with more than one bucket that have one in
     /// this shard (every bucket's shard holds the field): `reserve.lua` answers `moved`
     /// to a caller that assumed another count.

@@ -12,9 +12,9 @@ use futures::future::join_all;
 use redis::RedisResult;
 use std::collections::BTreeMap;
 
-/// Reserves an order in its `parts` ([`Shards::parts`]; `req.held` is ignored): the first
-/// part alone (it answers a repeated Idempotency-Key before anything else is touched),
-/// then the others at once. All reserved: [`Reserve::Reserved`]. Otherwise every part
+/// Reserves an order in its `parts` ([`Shards::parts`]; `req.held` and `req.first` are
+/// ignored): the first part alone (it answers a repeated Idempotency-Key before anything
+/// else is touched), then the others at once. All reserved: [`Reserve::Reserved`]. Otherwise every part
 /// that was reserved is released (`refused`: never accepted, the key is free again, the
 /// released record kept only [`super::REFUSED_TTL_SECS`]) and the answer is the first
 /// refusal in the order's parts, or the first error.
@@ -70,8 +70,12 @@ async fn reserve_part(
     deciding: Option<usize>,
     with_key: bool,
 ) -> RedisResult<Reserve> {
+    // The record keeps its held lines when they are not the order's items: a part, or
+    // an order with a bundle (whose limit line only a held line list marks).
+    let own = deciding.is_none() && !part.lines.iter().any(|l| l.bundle);
     let req = ReserveRequest {
-        held: deciding.map(|g| (part.lines.as_slice(), g)),
+        held: (!own).then_some(part.lines.as_slice()),
+        first: deciding,
         idempotency: req.idempotency.filter(|_| with_key),
         ..*req
     };
@@ -328,7 +332,9 @@ pub async fn find_reservation(
 
 /// Units available of each SKU, in order (None for a SKU Redis does not know), read from
 /// each SKU's shard, with the SKU's other buckets added for a SKU that has buckets
-/// ([`super::buckets`]); None while a shard they live in has no stock loaded. Units
+/// ([`super::buckets`]), and a bundle's from its components'
+/// ([`crate::bundle::BundleDef::available`]); None while a shard they live in has no
+/// stock loaded. Units
 /// moving between two buckets at the moment of the read are in neither (a move takes
 /// milliseconds).
 pub async fn levels(
@@ -351,7 +357,67 @@ pub async fn levels_and_windows(
     levels_read(redis, shards, skus, true).await
 }
 
+/// [`levels_read_skus`], then a bundle's level from its components' (one more round
+/// trip, only when a SKU asked for has no stock field: a bundle, or an unknown SKU).
 async fn levels_read(
+    redis: &Redis,
+    shards: &Shards,
+    skus: &[&Sku],
+    with_windows: bool,
+) -> RedisResult<Option<(Vec<Option<i64>>, Vec<Option<String>>)>> {
+    let Some((mut levels, windows)) = levels_read_skus(redis, shards, skus, with_windows).await?
+    else {
+        return Ok(None);
+    };
+    let missing: Vec<usize> = (0..skus.len()).filter(|&i| levels[i].is_none()).collect();
+    if missing.is_empty() {
+        return Ok(Some((levels, windows)));
+    }
+    let defs = join_all(missing.iter().map(|&i| {
+        let (mut redis, keys) = (redis.clone(), shards.for_sku(skus[i]));
+        async move {
+            let f: Option<String> = redis::cmd("HGET")
+                .arg(keys.bundles())
+                .arg(skus[i].as_str())
+                .query_async(&mut redis)
+                .await?;
+            RedisResult::Ok((
+                i,
+                f.and_then(|f| crate::bundle::BundleDef::parse_field(&f).ok()),
+            ))
+        }
+    }))
+    .await;
+    let mut bundles = Vec::new();
+    for d in defs {
+        if let (i, Some(def)) = d? {
+            bundles.push((i, def));
+        }
+    }
+    if bundles.is_empty() {
+        return Ok(Some((levels, windows)));
+    }
+    let components: Vec<&Sku> = bundles
+        .iter()
+        .flat_map(|(_, d)| d.components().iter().map(|(c, _)| c))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let Some((found, _)) = levels_read_skus(redis, shards, &components, false).await? else {
+        return Ok(None);
+    };
+    let level: BTreeMap<&Sku, i64> = components
+        .iter()
+        .zip(found)
+        .filter_map(|(c, l)| Some((*c, l?)))
+        .collect();
+    for (i, def) in &bundles {
+        levels[*i] = def.available(|c| level.get(c).copied());
+    }
+    Ok(Some((levels, windows)))
+}
+
+async fn levels_read_skus(
     redis: &Redis,
     shards: &Shards,
     skus: &[&Sku],

@@ -2,7 +2,10 @@
 //! enum, so callers never see raw Redis values.
 
 use super::Keys;
-use crate::domain::{IdempotencyKey, OrderId, OrderLine, OrderLines, Sku, UserId};
+use crate::{
+    bundle::{BundleDef, HeldLine},
+    domain::{IdempotencyKey, OrderId, OrderLine, OrderLines, Sku, UserId},
+};
 use redis::{RedisResult, Script, aio::ConnectionLike};
 use std::sync::LazyLock;
 
@@ -30,9 +33,13 @@ pub struct ReserveRequest<'a> {
     pub user: &'a UserId,
     /// The whole order.
     pub lines: &'a OrderLines,
-    /// The lines this shard holds when the order is reserved in parts ([`super::Part`]),
-    /// and the shard of the order's deciding part; None when it holds all of them.
-    pub held: Option<(&'a [OrderLine], usize)>,
+    /// The held lines ([`crate::bundle::held_lines`]) this shard holds: the order's, or
+    /// this shard's part of them when it is reserved in parts; None: the order's own
+    /// lines (an order without bundles, in one part).
+    pub held: Option<&'a [HeldLine]>,
+    /// The shard of the order's deciding part when it is reserved in parts
+    /// ([`super::Part`]); None for an order of one part.
+    pub first: Option<usize>,
     /// The bucket count the caller assumed for each SKU it placed in this shard (see
     /// [`super::Shards::parts`]); the script answers [`Reserve::Moved`] when it is not
     /// the SKU's.
@@ -51,6 +58,7 @@ impl std::fmt::Debug for ReserveRequest<'_> {
             .field("user", &self.user)
             .field("lines", &self.lines)
             .field("held", &self.held)
+            .field("first", &self.first)
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +106,12 @@ pub enum Reserve {
         sku: String,
         buckets: usize,
     },
+    /// The line of `sku` was sent as a SKU's, and `sku` is a bundle with these
+    /// components: nothing was written; place the order again with its held lines.
+    Bundle {
+        sku: String,
+        def: BundleDef,
+    },
 }
 
 fn protocol_error(what: &str, reply: &[String]) -> redis::RedisError {
@@ -141,6 +155,7 @@ pub async fn reserve<C: ConnectionLike>(
         .key(keys.stock_seq())
         .key(keys.buckets())
         .key(keys.windows())
+        .key(keys.bundles())
         .arg(req.order_id.to_string())
         .arg(req.user.as_str())
         .arg(body_hash)
@@ -148,12 +163,25 @@ pub async fn reserve<C: ConnectionLike>(
         .arg(req.deadline_ms)
         .arg(req.idempotency_ttl_secs)
         .arg(items_json(req.lines.as_slice()))
-        .arg(req.held.map(|(l, _)| items_json(l)).unwrap_or_default())
-        .arg(req.held.map(|(_, g)| g.to_string()).unwrap_or_default());
-    for l in req.held.map_or(req.lines.as_slice(), |(l, _)| l) {
+        .arg(
+            req.held
+                .map(|l| serde_json::to_string(l).expect("held lines serialize"))
+                .unwrap_or_default(),
+        )
+        .arg(req.first.map(|g| g.to_string()).unwrap_or_default());
+    let own: Vec<HeldLine>;
+    let held = match req.held {
+        Some(h) => h,
+        None => {
+            own = req.lines.as_slice().iter().map(HeldLine::from).collect();
+            &own
+        }
+    };
+    for l in held {
         inv.arg(l.sku.as_str())
-            .arg(l.qty.get())
-            .arg((req.buckets)(&l.sku).max(1));
+            .arg(l.qty)
+            .arg((req.buckets)(&l.sku).max(1))
+            .arg(if l.bundle { "b" } else { "s" });
     }
     let reply: Vec<String> = inv.invoke_async(con).await?;
     let w = "reserve";
@@ -189,6 +217,13 @@ pub async fn reserve<C: ConnectionLike>(
         Some("moved") => Reserve::Moved {
             sku: reply.get(1).cloned().unwrap_or_default(),
             buckets: int(w, &reply, 2)?.max(1) as usize,
+        },
+        Some("bundle") => Reserve::Bundle {
+            sku: reply.get(1).cloned().unwrap_or_default(),
+            def: reply
+                .get(2)
+                .and_then(|f| BundleDef::parse_field(f).ok())
+                .ok_or_else(|| protocol_error(w, &reply))?,
         },
         _ => return Err(protocol_error(w, &reply)),
     })
@@ -560,6 +595,38 @@ pub async fn apply_stock<C: ConnectionLike>(
     Ok(apply_stock_status(con, keys, change).await?.1)
 }
 
+/// Gives a user's holding of a bundle back (a cancelled order's bundle line, whose units
+/// come back through its components' own changes), once per `token`, with
+/// `apply_stock.lua`'s holding-only mode: the bundle has no stock field to change.
+pub async fn give_back_holding<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    user: &UserId,
+    bundle: &Sku,
+    qty: i64,
+    token: &str,
+) -> RedisResult<()> {
+    let _: (i64, i64) = APPLY_STOCK
+        .key(keys.stock())
+        .key(keys.limits())
+        .key(keys.applied())
+        .key(keys.user(user))
+        .key(keys.stock_changes())
+        .key(keys.stock_seq())
+        .key(keys.windows())
+        .arg(bundle.as_str())
+        .arg(0)
+        .arg(token)
+        .arg("")
+        .arg(-qty)
+        .arg("")
+        .arg("")
+        .arg("hold")
+        .invoke_async(con)
+        .await?;
+    Ok(())
+}
+
 /// What `apply_stock.lua` did with a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -616,9 +683,9 @@ pub struct Reservation {
     pub user: UserId,
     /// The whole order.
     pub lines: Vec<OrderLine>,
-    /// The lines whose units this record holds: [`Reservation::lines`], or this shard's
-    /// part of an order reserved in parts.
-    pub held: Vec<OrderLine>,
+    /// The held lines of this record ([`crate::bundle::held_lines`]): the order's own
+    /// lines, or its bundles expanded, or this shard's part of an order reserved in parts.
+    pub held: Vec<HeldLine>,
     /// The shard of the order's deciding part, for a part of an order reserved in parts.
     pub first: Option<usize>,
     pub accepted_at: String,
@@ -680,13 +747,11 @@ fn parse_reservation(fields: [Option<String>; 7]) -> RedisResult<Option<Reservat
     };
     let state = ResvState::parse(&state).ok_or_else(|| protocol_error("reservation", &[state]))?;
     let user = UserId::parse(user).map_err(|e| protocol_error("reservation", &[e.0]))?;
-    let parse = |json: &str| -> RedisResult<Vec<OrderLine>> {
-        serde_json::from_str(json).map_err(|e| protocol_error("reservation", &[e.to_string()]))
-    };
-    let lines = parse(&items)?;
+    let bad = |e: serde_json::Error| protocol_error("reservation", &[e.to_string()]);
+    let lines: Vec<OrderLine> = serde_json::from_str(&items).map_err(bad)?;
     let held = match part {
-        Some(p) => parse(&p)?,
-        None => lines.clone(),
+        Some(p) => serde_json::from_str(&p).map_err(bad)?,
+        None => lines.iter().map(HeldLine::from).collect(),
     };
     Ok(Some(Reservation {
         state,
@@ -897,4 +962,26 @@ pub async fn set_rules<C: ConnectionLike>(
         let _: () = pipe.query_async(con).await?;
     }
     Ok(())
+}
+
+/// Puts a bundle into its shard: its per-user `limit`, its sale `window` and its
+/// definition, in one atomic pipeline. The definition is what makes the bundle orderable
+/// (`reserve.lua` refuses a bundle line without one), so no order is ever decided with a
+/// bundle's definition but without its rules. Idempotent (a definition never changes).
+pub async fn put_bundle<C: ConnectionLike>(
+    con: &mut C,
+    shards: &super::Shards,
+    bundle: &Sku,
+    def: &BundleDef,
+    limit: i64,
+    window: Option<&str>,
+) -> RedisResult<()> {
+    let keys = shards.for_sku(bundle);
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    pipe.hset(keys.limits(), bundle.as_str(), limit).ignore();
+    set_window(&mut pipe, keys, bundle, window);
+    pipe.hset(keys.bundles(), bundle.as_str(), def.field())
+        .ignore();
+    pipe.query_async(con).await
 }

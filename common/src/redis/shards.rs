@@ -26,7 +26,8 @@
 use super::Keys;
 use crate::{
     Namespace,
-    domain::{IdempotencyKey, OrderLine, OrderLines, Sku, UserId},
+    bundle::HeldLine,
+    domain::{IdempotencyKey, Sku, UserId},
 };
 
 /// Shards a namespace may have at most.
@@ -43,13 +44,13 @@ pub fn shard_of(s: &str, count: usize) -> usize {
     (h % count.max(1) as u64) as usize
 }
 
-/// The lines of one order that one shard holds.
+/// The held lines ([`crate::bundle::held_lines`]) of one order that one shard holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
     pub shard: usize,
     /// Empty only for the Idempotency-Key's part of an order none of whose SKUs live in
     /// the key's shard.
-    pub lines: Vec<OrderLine>,
+    pub lines: Vec<HeldLine>,
 }
 
 /// Every shard's [`Keys`] of one namespace.
@@ -134,13 +135,13 @@ impl Shards {
     }
 
     /// An order's parts, the deciding one first (see the module's documentation): the
-    /// Idempotency-Key's shard when there is a key, then the shards of its lines in
+    /// Idempotency-Key's shard when there is a key, then the shards of its held lines in
     /// ascending order, each with its lines in the order's order. A line of a SKU with
     /// buckets (`buckets` gives each SKU's count, 1 for most) is in the user's bucket's
-    /// shard ([`Shards::holding_shard`]).
+    /// shard ([`Shards::holding_shard`]); a bundle's limit line in the bundle's shard.
     pub fn parts(
         &self,
-        lines: &OrderLines,
+        lines: &[HeldLine],
         user: &UserId,
         key: Option<&IdempotencyKey>,
         buckets: impl Fn(&Sku) -> usize,
@@ -153,7 +154,7 @@ impl Shards {
             });
         }
         let mut rest: Vec<Part> = Vec::new();
-        for l in lines.as_slice() {
+        for l in lines {
             let g = self.holding_shard(&l.sku, buckets(&l.sku), user);
             match parts
                 .iter_mut()
@@ -175,7 +176,7 @@ impl Shards {
     /// The shards of an order's parts, in [`Shards::parts`]'s order.
     pub fn shards_of(
         &self,
-        lines: &OrderLines,
+        lines: &[HeldLine],
         user: &UserId,
         key: Option<&IdempotencyKey>,
         buckets: impl Fn(&Sku) -> usize,
@@ -190,18 +191,15 @@ impl Shards {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Quantity;
 
-    fn lines(skus: &[&str]) -> OrderLines {
-        OrderLines::try_from(
-            skus.iter()
-                .map(|s| OrderLine {
-                    sku: Sku::parse(*s).unwrap(),
-                    qty: Quantity::try_from(1).unwrap(),
-                })
-                .collect::<Vec<_>>(),
-        )
-        .unwrap()
+    fn lines(skus: &[&str]) -> Vec<HeldLine> {
+        skus.iter()
+            .map(|s| HeldLine {
+                sku: Sku::parse(*s).unwrap(),
+                qty: 1,
+                bundle: false,
+            })
+            .collect()
     }
 
     #[test]
@@ -236,7 +234,7 @@ mod tests {
             let k = IdempotencyKey::parse(key).unwrap();
             let p = s.parts(&l, &u, Some(&k), |_| 1);
             assert_eq!(p[0].shard, s.of_idempotency_key(&u, &k));
-            let mut seen: Vec<&OrderLine> = p.iter().flat_map(|p| &p.lines).collect();
+            let mut seen: Vec<&HeldLine> = p.iter().flat_map(|p| &p.lines).collect();
             assert_eq!(seen.len(), 40);
             seen.dedup();
             assert_eq!(seen.len(), 40);

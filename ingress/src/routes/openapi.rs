@@ -35,6 +35,7 @@ use utoipa_swagger_ui::SwaggerUi;
         stock_one,
         stock_many,
         create_sku,
+        create_bundle,
         get_sku,
         receive,
         list_skus,
@@ -233,6 +234,20 @@ errors!(
     InvalidRequest(s()); shed(),
 );
 
+errors!(
+    CreateBundleErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden(""),
+    SkuExists { sku: s() },
+    UnknownSku { sku: s() },
+    TooLarge,
+    UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
+    InvalidRequest(s()),
+    Unavailable(s()); shed(),
+);
+
 errors!(GetSkuErrors: Unauthorized, Forbidden(""), SkuNotFound { sku: s() }; shed());
 
 errors!(
@@ -241,6 +256,7 @@ errors!(
     Unauthorized,
     Forbidden(""),
     SkuNotFound { sku: s() },
+    BundleHasNoStock { sku: s() },
     TooLarge,
     UnsupportedMediaType,
     RequestTimeout(BODY_DEADLINE),
@@ -284,6 +300,7 @@ errors!(
     Forbidden(""),
     SkuNotFound { sku: s() },
     InsufficientStock { sku: s(), available: 0 },
+    BundleHasNoStock { sku: s() },
     TooLarge,
     UnsupportedMediaType,
     RequestTimeout(BODY_DEADLINE),
@@ -405,6 +422,44 @@ pub(super) struct NewSku {
     /// `sale_starts_at`. Absent or null: no end.
     #[schema(format = DateTime)]
     sale_ends_at: Option<String>,
+}
+
+/// A new bundle: a SKU sold as 2-20 other SKUs, reserved all or nothing with the rest
+/// of an order. A field that breaks a rule: 422 `invalid_request` naming it; a
+/// component that is no SKU: 422 `unknown_sku`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct NewBundle {
+    #[schema(value_type = floodgate_common::domain::Sku)]
+    sku: String,
+    /// 1-200 characters once trimmed.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    name: String,
+    #[schema(minimum = 0, maximum = 214_748_364_700_i64)]
+    price_cents: i64,
+    /// Bundles one buyer may hold; absent or null: no limit. Each component's own
+    /// per-user limit counts the units the bundle holds of it as well.
+    #[schema(minimum = 1, maximum = 1_000_000, format = Int64)]
+    per_user_limit: Option<i64>,
+    /// 2-20 distinct SKUs that are not bundles, in any order.
+    #[schema(min_items = 2, max_items = 20)]
+    components: Vec<BundleComponent>,
+    /// As for a SKU; a bundle is on sale only while its own window and every
+    /// component's are open.
+    #[schema(format = DateTime)]
+    sale_starts_at: Option<String>,
+    #[schema(format = DateTime)]
+    sale_ends_at: Option<String>,
+}
+
+/// One component of a bundle: `qty` units of `sku` in each bundle.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct BundleComponent {
+    #[schema(value_type = floodgate_common::domain::Sku)]
+    sku: String,
+    #[schema(minimum = 1, maximum = 1000, format = Int64)]
+    qty: i64,
 }
 
 /// Goods received, idempotent per (sku, reference).

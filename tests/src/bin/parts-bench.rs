@@ -107,7 +107,12 @@ async fn round(
                         .collect::<Vec<_>>(),
                 )
                 .unwrap();
-                let parts = shards.parts(&lines, &user, None, |_| 1);
+                let parts = shards.parts(
+                    &floodgate_common::bundle::held_lines(lines.as_slice(), &Default::default()),
+                    &user,
+                    None,
+                    |_| 1,
+                );
                 let part_shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
                 let mut took = Vec::new();
                 while Instant::now() < until {
@@ -118,6 +123,7 @@ async fn round(
                         user: &user,
                         lines: &lines,
                         held: None,
+                        first: None,
                         buckets: &floodgate_common::redis::one_bucket,
                         idempotency: None,
                         accepted_at: "2026-12-03T00:00:00Z",

@@ -98,6 +98,7 @@ async fn round(url: &str, ns: &Namespace, keys: &Arc<Keys>, a: &Args, wait: bool
                         user: &user,
                         lines: &lines,
                         held: None,
+                        first: None,
                         buckets: &floodgate_common::redis::one_bucket,
                         idempotency: None,
                         accepted_at: "2026-11-21T00:00:00Z",

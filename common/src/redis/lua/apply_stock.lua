@@ -15,6 +15,9 @@
 -- ARGV[7] a token that must be applied first ('' = none): a receipt waits for the SKU's
 --         initial stock, which brings its limit and window (a SKU never has units here
 --         without them)
+-- ARGV[8] 'hold': change only the user's holding (ARGV[5]), under the token: a cancelled
+--         bundle line, whose bundle has no stock field (its units come back through its
+--         components' own changes); absent or '': a stock change as above
 --
 -- Returns {applied (1 = now, 0 = before, -1 = not yet: ARGV[7] is not applied), available}.
 local function level()
@@ -24,6 +27,10 @@ if ARGV[7] ~= '' and redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 0 then
   return {-1, level()}
 end
 local applied = redis.call('SADD', KEYS[3], ARGV[3])
+if applied == 1 and ARGV[8] == 'hold' then
+  redis.call('HINCRBY', KEYS[4], ARGV[1], ARGV[5])
+  return {applied, 0}
+end
 if applied == 1 then
   if ARGV[6] ~= '' then
     redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])

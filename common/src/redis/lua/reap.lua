@@ -32,9 +32,12 @@ if tonumber(rec[2]) >= tonumber(ARGV[2]) then
 end
 local seq = redis.call('INCR', KEYS[7])
 for _, line in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'part') or redis.call('HGET', KEYS[1], 'items'))) do
-  redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
+  -- A bundle's limit line ('b') holds no stock: only the holding goes back.
+  if not line.b then
+    redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
+    redis.call('ZADD', KEYS[6], seq, line.sku)
+  end
   redis.call('HINCRBY', KEYS[3], line.sku, -line.qty)
-  redis.call('ZADD', KEYS[6], seq, line.sku)
 end
 redis.call('HSET', KEYS[1], 'state', 'released', 'reason', 'reservation_expired')
 redis.call('EXPIRE', KEYS[1], ARGV[3])

@@ -10,8 +10,9 @@
 -- KEYS[6] changes    zset sku -> change sequence;  KEYS[7] seq  its counter
 -- ARGV[1] order id, ARGV[2] reason, ARGV[3] seconds to keep the released record
 --
--- The units given back are the reservation's 'part' (the lines this shard holds of an
--- order reserved in parts, see shards.rs), or all its 'items'.
+-- The units given back are the reservation's 'part' (its held lines: the lines this
+-- shard holds of an order reserved in parts, see shards.rs, or its bundles expanded,
+-- see bundle.rs), or all its 'items'.
 --
 -- Only a 'publish_failed' release forgets the Idempotency-Key: that order was never
 -- accepted, so the key is free again. Any other release is of an accepted order, which
@@ -36,9 +37,12 @@ end
 local items = cjson.decode(redis.call('HGET', KEYS[1], 'part') or redis.call('HGET', KEYS[1], 'items'))
 local seq = redis.call('INCR', KEYS[7])
 for _, line in ipairs(items) do
-  redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
+  -- A bundle's limit line ('b') holds no stock: only the holding goes back.
+  if not line.b then
+    redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
+    redis.call('ZADD', KEYS[6], seq, line.sku)
+  end
   redis.call('HINCRBY', KEYS[3], line.sku, -line.qty)
-  redis.call('ZADD', KEYS[6], seq, line.sku)
 end
 redis.call('HSET', KEYS[1], 'state', 'released', 'reason', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])

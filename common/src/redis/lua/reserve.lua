@@ -13,14 +13,18 @@
 -- KEYS[10] buckets   hash sku -> bucket count, for SKUs with more than one
 -- KEYS[11] windows   hash sku -> '<starts ms>,<ends ms>' (a side empty: open), for SKUs
 --                    with a sale window, compared with this server's clock (TIME)
+-- KEYS[12] bundles   hash bundle -> 'sku:qty,...', the bundles whose SKU lives here
 -- ARGV[1] order id, ARGV[2] user id, ARGV[3] body hash ('' = no Idempotency-Key),
 -- ARGV[4] accepted_at (RFC 3339), ARGV[5] deadline (ms since epoch),
--- ARGV[6] idempotency TTL (s), ARGV[7] the order's items as JSON, ARGV[8] the items this
--- shard holds as JSON when the order is reserved in parts ('' = all of them: see
--- shards.rs), ARGV[9] the shard of the order's deciding part then ('' = none),
--- ARGV[10..] sku, qty, buckets triples of the lines held here (none for the
+-- ARGV[6] idempotency TTL (s), ARGV[7] the order's items as JSON, ARGV[8] the held lines
+-- this record holds as JSON, when they are not the items ('' = the items): the order's
+-- bundles expanded (bundle.rs), or its part when it is reserved in parts (shards.rs),
+-- ARGV[9] the shard of the order's deciding part then ('' = none),
+-- ARGV[10..] sku, qty, buckets, kind quadruples of the lines held here (none for the
 -- Idempotency-Key's part of an order whose SKUs all live elsewhere); buckets is the
--- SKU's bucket count the caller assumed when it chose this shard for the line
+-- SKU's bucket count the caller assumed when it chose this shard for the line; kind is
+-- 's' for a SKU's units, 'b' for a bundle's limit line, which counts the user's
+-- holding of the bundle (its per-user limit) and holds no stock
 --
 -- Returns one of
 --   {'ok'}
@@ -34,6 +38,9 @@
 --   {'unavailable'}                         stock not loaded
 --   {'moved', sku, buckets}                 the caller assumed another bucket count for
 --                                           sku: nothing was written; ask again with it
+--   {'bundle', sku, components}             sku was sent as a SKU's line and is a bundle:
+--                                           nothing was written; ask again with its
+--                                           components
 --
 -- The same order id again is this very call, re-sent (a cluster client re-sends a
 -- command whose connection dropped before the reply; ingress makes a new order id for
@@ -60,11 +67,12 @@ if has_idem then
   end
 end
 
-local skus, qtys = {}, {}
-local n = (#ARGV - 9) / 3
+local skus, qtys, kinds = {}, {}, {}
+local n = (#ARGV - 9) / 4
 for i = 1, n do
-  skus[i] = ARGV[7 + 3 * i]
-  qtys[i] = tonumber(ARGV[8 + 3 * i])
+  skus[i] = ARGV[6 + 4 * i]
+  qtys[i] = tonumber(ARGV[7 + 4 * i])
+  kinds[i] = ARGV[9 + 4 * i]
 end
 
 if n > 0 then
@@ -73,15 +81,24 @@ if n > 0 then
   local counts = redis.call('HMGET', KEYS[10], unpack(skus))
   for i = 1, n do
     local k = counts[i] or '1'
-    if k ~= ARGV[9 + 3 * i] then
+    if k ~= ARGV[8 + 4 * i] then
       return {'moved', skus[i], k}
     end
   end
 
+  -- A SKU's line needs its stock field; a bundle's limit line its definition (a bundle
+  -- has no stock field: a caller that sent one as a SKU learns its components).
+  -- (Definitions are read only for such a line: most orders never need them.)
   local avail = redis.call('HMGET', KEYS[2], unpack(skus))
   for i = 1, n do
-    if not avail[i] then
-      return {'unknown_sku', skus[i]}
+    if kinds[i] == 'b' or not avail[i] then
+      local def = redis.call('HGET', KEYS[12], skus[i])
+      if not def then
+        return {'unknown_sku', skus[i]}
+      end
+      if kinds[i] ~= 'b' then
+        return {'bundle', skus[i], def}
+      end
     end
   end
 
@@ -120,23 +137,30 @@ if n > 0 then
   end
 
   for i = 1, n do
-    local a = tonumber(avail[i])
-    if a < qtys[i] then
-      return {'sold_out', skus[i], tostring(math.max(a, 0))}
+    if kinds[i] ~= 'b' then
+      local a = tonumber(avail[i])
+      if a < qtys[i] then
+        return {'sold_out', skus[i], tostring(math.max(a, 0))}
+      end
     end
   end
 
   local seq = redis.call('INCR', KEYS[9])
   for i = 1, n do
-    redis.call('HINCRBY', KEYS[2], skus[i], -qtys[i])
+    if kinds[i] ~= 'b' then
+      redis.call('HINCRBY', KEYS[2], skus[i], -qtys[i])
+      redis.call('ZADD', KEYS[8], seq, skus[i])
+    end
     redis.call('HINCRBY', KEYS[4], skus[i], qtys[i])
-    redis.call('ZADD', KEYS[8], seq, skus[i])
   end
 end
 redis.call('HSET', KEYS[6], 'state', 'reserved', 'user', ARGV[2], 'items', ARGV[7],
   'accepted_at', ARGV[4], 'deadline', ARGV[5])
 if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[6], 'part', ARGV[8], 'first', ARGV[9])
+  redis.call('HSET', KEYS[6], 'part', ARGV[8])
+end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[6], 'first', ARGV[9])
 end
 redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
 if has_idem then
