@@ -149,6 +149,7 @@ pub async fn settle<C: ConnectionLike>(
         settle_shard(&db, con, keys, &mut settled).await?;
     }
     settled.reapplied = reapply_stock_changes(&mut db, con, shards).await?;
+    settled.reapplied += reapply_bundle_cancels(&db, con, shards).await?;
     settled.resynced = sync_rules(&mut db, con, shards).await?;
     settled.resynced += sync_bundles(&mut db, con, shards).await?;
     settled.given_back = settle_takes(&mut db, con, shards).await?;
@@ -427,6 +428,70 @@ async fn sync_bundles<C: ConnectionLike>(
         put += 1;
     }
     Ok(put)
+}
+
+/// Gives back the bundle holdings of cancelled orders whose token Redis's `applied` set
+/// lacks (a cancel whose Redis half was lost after its commit: the components' units
+/// come back through their ledger rows, a bundle line has none). Returns how many.
+async fn reapply_bundle_cancels<C: ConnectionLike>(
+    db: &deadpool_postgres::Object,
+    con: &mut C,
+    shards: &Shards,
+) -> anyhow::Result<usize> {
+    use crate::domain::{Sku, UserId};
+    let rows = db
+        .query(
+            "SELECT o.id, o.user_id, it.sku, it.qty
+               FROM orders o JOIN order_items it ON it.order_id = o.id
+               JOIN skus s ON s.sku = it.sku AND s.is_bundle
+              WHERE o.status = 'cancelled'",
+            &[],
+        )
+        .await
+        .context("reading cancelled bundle lines")?;
+    // Per shard, the tokens asked in chunks (one SMISMEMBER each).
+    let mut per_shard: BTreeMap<usize, Vec<(UserId, Sku, i64, String)>> = BTreeMap::new();
+    for r in &rows {
+        let order = OrderId::from(r.get::<_, uuid::Uuid>("id"));
+        let (Ok(user), Ok(bundle)) = (
+            UserId::parse(r.get::<_, String>("user_id")),
+            Sku::parse(r.get::<_, String>("sku")),
+        ) else {
+            continue;
+        };
+        let token = crate::redis::cancel_token(&order, &bundle);
+        let qty = i64::from(r.get::<_, i32>("qty"));
+        per_shard
+            .entry(shards.of_sku(&bundle))
+            .or_default()
+            .push((user, bundle, qty, token));
+    }
+    let mut given = 0;
+    for (g, lines) in per_shard {
+        let keys = shards.get(g);
+        if !crate::redis::stock_loaded(con, keys).await? {
+            continue;
+        }
+        for chunk in lines.chunks(SCAN_CHUNK) {
+            let tokens: Vec<&str> = chunk.iter().map(|(_, _, _, t)| t.as_str()).collect();
+            let applied: Vec<bool> = redis::cmd("SMISMEMBER")
+                .arg(keys.applied())
+                .arg(&tokens)
+                .query_async(con)
+                .await
+                .context("reading the applied tokens")?;
+            for ((user, bundle, qty, token), done) in chunk.iter().zip(applied) {
+                if done {
+                    continue;
+                }
+                crate::redis::give_back_holding(con, keys, user, bundle, *qty, token)
+                    .await
+                    .context("giving back a cancelled bundle line's holding")?;
+                given += 1;
+            }
+        }
+    }
+    Ok(given)
 }
 
 async fn reapply_stock_changes<C: ConnectionLike>(

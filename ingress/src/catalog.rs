@@ -388,14 +388,15 @@ pub async fn create_bundle(
     Ok(SkuView { row, available })
 }
 
-/// 409 `bundle_has_no_stock` for a bundle: receipts and adjustments go to its components.
-async fn refuse_bundle(st: &AppState, sku: &Sku) -> Result<(), ApiError> {
-    if repo::is_bundle(&st.pg, sku).await? == Some(true) {
-        return Err(ApiError::BundleHasNoStock {
+/// 409 `bundle_has_no_stock` for a receipt or adjustment that found a bundle
+/// ([`repo::IsBundle`]); any other error as [`lock_wait`] maps it.
+fn bundle_or(e: anyhow::Error, sku: &Sku) -> ApiError {
+    if e.downcast_ref::<repo::IsBundle>().is_some() {
+        return ApiError::BundleHasNoStock {
             sku: sku.to_string(),
-        });
+        };
     }
-    Ok(())
+    lock_wait(e)
 }
 
 pub async fn get(st: &AppState, sku: &str) -> Result<SkuView, ApiError> {
@@ -426,9 +427,9 @@ pub async fn receive(
     let f = Fields(body);
     let qty = f.int("qty", 1, MAX_RECEIVE)?;
     let reference = f.reference()?;
-    refuse_bundle(st, &sku).await?;
     let on_hand = repo::receive(&st.pg, &sku, qty, &reference, actor)
-        .await?
+        .await
+        .map_err(|e| bundle_or(e, &sku))?
         .ok_or_else(|| ApiError::SkuNotFound {
             sku: sku.to_string(),
         })?;
@@ -749,7 +750,6 @@ pub async fn adjust(
     }
     let reason = f.text("reason")?;
     let reference = f.reference()?;
-    refuse_bundle(st, &sku).await?;
     let pg = |e: tokio_postgres::Error| anyhow::Error::new(e).context("PostgreSQL");
     let mut db = st
         .pg
@@ -759,7 +759,7 @@ pub async fn adjust(
     let tx = db.transaction().await.map_err(pg)?;
     let (on_hand, buckets) = repo::lock_adjustments(&tx, &sku)
         .await
-        .map_err(lock_wait)?
+        .map_err(|e| bundle_or(e, &sku))?
         .ok_or_else(|| ApiError::SkuNotFound {
             sku: sku.to_string(),
         })?;

@@ -109,19 +109,26 @@ pub async fn place(
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     use tracing::Instrument;
-    if key.is_none()
-        && let Some(line) = lines
-            .as_slice()
-            .iter()
-            .find(|l| st.sold_out.is_sold_out(&l.sku))
-    {
-        // Any line: an order over several shards would otherwise reserve its other
-        // parts only to give them back.
-        metrics::counter!(names::SOLD_OUT_CACHED).increment(1);
-        return Err(ApiError::SoldOut {
-            sku: line.sku.to_string(),
-            available: 0,
-        });
+    if key.is_none() {
+        // Any line, a bundle's components too: an order over several shards would
+        // otherwise reserve its other parts only to give them back.
+        let bundles = st.bundles.of(lines.as_slice());
+        let short = if bundles.is_empty() {
+            lines
+                .as_slice()
+                .iter()
+                .find(|l| st.sold_out.is_sold_out(&l.sku))
+                .map(|l| l.sku.to_string())
+        } else {
+            held_lines(lines.as_slice(), &bundles)
+                .iter()
+                .find(|l| !l.bundle && st.sold_out.is_sold_out(&l.sku))
+                .map(|l| l.sku.to_string())
+        };
+        if let Some(sku) = short {
+            metrics::counter!(names::SOLD_OUT_CACHED).increment(1);
+            return Err(sold_out(lines.as_slice(), &bundles, sku, 0));
+        }
     }
     let (st, caller) = (st.clone(), caller.clone());
     let tasks = st.tasks.clone();

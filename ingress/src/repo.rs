@@ -548,19 +548,6 @@ pub async fn create_bundle(
     Ok(BundleCreated::New)
 }
 
-/// Whether `sku` is a bundle (None: no such SKU).
-pub async fn is_bundle(pool: &Pool, sku: &Sku) -> anyhow::Result<Option<bool>> {
-    let db = pool.get().await.context("PostgreSQL connection")?;
-    Ok(db
-        .query_opt(
-            "SELECT is_bundle FROM skus WHERE sku = $1",
-            &[&sku.as_str()],
-        )
-        .await
-        .context("reading a SKU")?
-        .map(|r| r.get(0)))
-}
-
 /// Records goods received, once per (sku, reference). Returns the on-hand units after,
 /// or None for an unknown SKU.
 pub async fn receive(
@@ -572,16 +559,21 @@ pub async fn receive(
 ) -> anyhow::Result<Option<i64>> {
     let mut db = pool.get().await.context("PostgreSQL connection")?;
     let tx = db.transaction().await?;
-    // Locks the row, so concurrent receipts of one SKU serialize here.
+    // Locks the row, so concurrent receipts of one SKU serialize here. A bundle is
+    // refused here, in the transaction: a bundle created since the caller looked is seen.
     let Some(row) = tx
         .query_opt(
-            "SELECT on_hand FROM inventory WHERE sku = $1 FOR UPDATE",
+            "SELECT i.on_hand, s.is_bundle FROM inventory i JOIN skus s USING (sku)
+              WHERE sku = $1 FOR UPDATE OF i",
             &[&sku.as_str()],
         )
         .await?
     else {
         return Ok(None);
     };
+    if row.get::<_, bool>("is_bundle") {
+        return Err(IsBundle.into());
+    }
     let inserted = tx
         .execute(
             "INSERT INTO stock_movements (sku, kind, qty, reference, actor)
@@ -782,7 +774,14 @@ pub async fn cancel(
             &[&id.as_uuid()],
         )
         .await?;
-        // Rows locked in SKU order (the lines are sorted), like the worker's batches.
+        // Rows locked in SKU order first, like the worker's batches (an UPDATE ... FROM
+        // locks in its join's order, which a bundle's many rows make matter).
+        tx.query(
+            "SELECT sku FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+            &[&skus],
+        )
+        .await
+        .context("locking the cancelled units' rows")?;
         tx.execute(
             "UPDATE inventory i SET sold = i.sold - d.qty, updated_at = now()
                FROM unnest($1::text[], $2::bigint[]) AS d(sku, qty) WHERE i.sku = d.sku",
@@ -852,13 +851,27 @@ pub async fn lock_adjustments(
         .context("locking a SKU's adjustments")?;
     Ok(tx
         .query_opt(
-            "SELECT i.on_hand, s.buckets FROM inventory i JOIN skus s USING (sku) WHERE sku = $1",
+            "SELECT i.on_hand, s.buckets, s.is_bundle FROM inventory i JOIN skus s USING (sku)
+              WHERE sku = $1",
             &[&sku.as_str()],
         )
         .await
         .context("reading inventory")?
-        .map(|r| (r.get(0), r.get(1))))
+        .map(|r| {
+            if r.get::<_, bool>(2) {
+                Err(anyhow::Error::new(IsBundle))
+            } else {
+                Ok((r.get(0), r.get(1)))
+            }
+        })
+        .transpose()?)
 }
+
+/// A receipt or an adjustment of a bundle, refused inside its transaction (a bundle has
+/// no stock of its own).
+#[derive(Debug, thiserror::Error)]
+#[error("the SKU is a bundle")]
+pub struct IsBundle;
 
 /// The units recorded by the adjustment (sku, reference), if there is one (signed).
 pub async fn adjustment(

@@ -373,25 +373,30 @@ async fn levels_read(
     if missing.is_empty() {
         return Ok(Some((levels, windows)));
     }
-    let defs = join_all(missing.iter().map(|&i| {
-        let (mut redis, keys) = (redis.clone(), shards.for_sku(skus[i]));
+    // One HMGET per shard of the SKUs without a level.
+    let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &i in &missing {
+        by_shard.entry(shards.of_sku(skus[i])).or_default().push(i);
+    }
+    let defs = join_all(by_shard.into_iter().map(|(g, at)| {
+        let (mut redis, keys) = (redis.clone(), shards.get(g));
         async move {
-            let f: Option<String> = redis::cmd("HGET")
+            let these: Vec<&str> = at.iter().map(|&i| skus[i].as_str()).collect();
+            let fields: Vec<Option<String>> = redis::cmd("HMGET")
                 .arg(keys.bundles())
-                .arg(skus[i].as_str())
+                .arg(&these)
                 .query_async(&mut redis)
                 .await?;
-            RedisResult::Ok((
-                i,
-                f.and_then(|f| crate::bundle::BundleDef::parse_field(&f).ok()),
-            ))
+            RedisResult::Ok(at.into_iter().zip(fields).collect::<Vec<_>>())
         }
     }))
     .await;
     let mut bundles = Vec::new();
     for d in defs {
-        if let (i, Some(def)) = d? {
-            bundles.push((i, def));
+        for (i, f) in d? {
+            if let Some(def) = f.and_then(|f| crate::bundle::BundleDef::parse_field(&f).ok()) {
+                bundles.push((i, def));
+            }
         }
     }
     if bundles.is_empty() {
