@@ -849,22 +849,21 @@ pub async fn lock_adjustments(
     tx.execute(floodgate_common::stock::ADJUST_LOCK, &[&sku.as_str()])
         .await
         .context("locking a SKU's adjustments")?;
-    Ok(tx
-        .query_opt(
-            "SELECT i.on_hand, s.buckets, s.is_bundle FROM inventory i JOIN skus s USING (sku)
-              WHERE sku = $1",
-            &[&sku.as_str()],
-        )
-        .await
-        .context("reading inventory")?
-        .map(|r| {
-            if r.get::<_, bool>(2) {
-                Err(anyhow::Error::new(IsBundle))
-            } else {
-                Ok((r.get(0), r.get(1)))
-            }
-        })
-        .transpose()?)
+    tx.query_opt(
+        "SELECT i.on_hand, s.buckets, s.is_bundle FROM inventory i JOIN skus s USING (sku)
+          WHERE sku = $1",
+        &[&sku.as_str()],
+    )
+    .await
+    .context("reading inventory")?
+    .map(|r| {
+        if r.get::<_, bool>(2) {
+            Err(anyhow::Error::new(IsBundle))
+        } else {
+            Ok((r.get(0), r.get(1)))
+        }
+    })
+    .transpose()
 }
 
 /// A receipt or an adjustment of a bundle, refused inside its transaction (a bundle has
