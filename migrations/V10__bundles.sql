@@ -52,6 +52,9 @@ END $$;
 CREATE TRIGGER bundle_component_is_sku BEFORE INSERT ON bundle_components
     FOR EACH ROW EXECUTE FUNCTION bundle_component_is_sku();
 
+-- The settle pass's recent cancels (a bundle line's holding given back under its token).
+CREATE INDEX orders_cancelled ON orders (updated_at) WHERE status = 'cancelled';
+
 -- The stock units of every order line: a SKU's line as it is, a bundle's line as its
 -- components (line qty x component qty). One row per (line, component), not summed.
 CREATE VIEW order_units AS

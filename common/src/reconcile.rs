@@ -441,10 +441,13 @@ async fn reapply_bundle_cancels<C: ConnectionLike>(
     use crate::domain::{Sku, UserId};
     let rows = db
         .query(
+            // Cancels of the last day (an index range): a lost give-back is healed by
+            // the next pass, minutes later; an older one by a reload, which recomputes
+            // every holding.
             "SELECT o.id, o.user_id, it.sku, it.qty
                FROM orders o JOIN order_items it ON it.order_id = o.id
                JOIN skus s ON s.sku = it.sku AND s.is_bundle
-              WHERE o.status = 'cancelled'",
+              WHERE o.status = 'cancelled' AND o.updated_at > now() - interval '1 day'",
             &[],
         )
         .await
@@ -484,10 +487,13 @@ async fn reapply_bundle_cancels<C: ConnectionLike>(
                 if done {
                     continue;
                 }
-                crate::redis::give_back_holding(con, keys, user, bundle, *qty, token)
+                // Counted only when this call did it (a cancel may have meanwhile).
+                if crate::redis::give_back_holding(con, keys, user, bundle, *qty, token)
                     .await
-                    .context("giving back a cancelled bundle line's holding")?;
-                given += 1;
+                    .context("giving back a cancelled bundle line's holding")?
+                {
+                    given += 1;
+                }
             }
         }
     }

@@ -136,13 +136,15 @@ pub async fn load_shards<C: ConnectionLike>(
         .context("reading inventory")?;
     let bundles = bundle_defs(&*db).await?;
     // Bundles expanded into their components' units, plus each bundle line itself (its
-    // own per-user limit): what reserve.lua added to the users' holdings.
+    // own per-user limit): what reserve.lua added to the users' holdings. A user's SKU of
+    // a cancelled or failed order only is written as 0: a reload of a live Redis replaces
+    // a holding whose give-back was lost rather than keeping it.
     let held = db
         .query(
-            "SELECT o.user_id, h.sku, s.buckets, sum(h.qty)::bigint AS held
+            "SELECT o.user_id, h.sku, s.buckets,
+                    coalesce(sum(h.qty) FILTER (WHERE o.status = 'confirmed'), 0)::bigint AS held
                FROM orders o JOIN order_holdings h ON h.order_id = o.id
                JOIN skus s ON s.sku = h.sku
-              WHERE o.status = 'confirmed'
               GROUP BY o.user_id, h.sku, s.buckets",
             &[],
         )

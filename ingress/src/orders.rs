@@ -523,7 +523,7 @@ pub async fn cancel(
     }
     // A bundle's own holding (its per-user limit), in its shard, once per token. Not in
     // the ledger (a bundle has no stock): a repeat of this cancel heals a crash before
-    // it, and so does a load.
+    // it, so do the workers' settle pass (for a day) and a load (which recomputes it).
     for (bundle, qty) in &bundle_lines {
         let Ok(bundle) = Sku::parse(bundle.as_str()) else {
             continue;

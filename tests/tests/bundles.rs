@@ -566,6 +566,18 @@ async fn lost_or_stray_redis_writes_of_a_bundle_are_reported_and_healed() {
         .query_async(&mut redis)
         .await
         .unwrap();
+    assert_eq!(holding(&app, "ann", "kit").await, 2);
+    let lose = || async {
+        let mut redis = app.redis.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .srem(app.keys_of("kit").applied(), &token)
+            .hincr(app.keys_of("kit").user(&user), "kit", 2)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(holding(&app, "ann", "kit").await, 2);
+    };
     for expected in [1, 0] {
         let settled = floodgate_common::reconcile::settle(&app.pg, &mut redis, &app.shards)
             .await
@@ -573,6 +585,19 @@ async fn lost_or_stray_redis_writes_of_a_bundle_are_reported_and_healed() {
         assert_eq!(settled.reapplied, expected, "{settled:?}");
         assert_eq!(holding(&app, "ann", "kit").await, 0);
     }
+    // Lost again, and Redis reloaded from PostgreSQL before any settle pass: the load
+    // writes the holding PostgreSQL gives (none: the order is cancelled) and records
+    // the token, so nothing gives it back twice.
+    lose().await;
+    floodgate_common::stock::load(&app.pg, &mut redis, &app.shards)
+        .await
+        .unwrap();
+    assert_eq!(holding(&app, "ann", "kit").await, 0);
+    let settled = floodgate_common::reconcile::settle(&app.pg, &mut redis, &app.shards)
+        .await
+        .unwrap();
+    assert_eq!(settled.reapplied, 0, "{settled:?}");
+    assert_eq!(holding(&app, "ann", "kit").await, 0);
     let r = app.order(&ann, &[("kit", 2)], None).await;
     assert_eq!(r.status, 202, "{r:?}");
     app.wait_idle().await;

@@ -598,6 +598,7 @@ pub async fn apply_stock<C: ConnectionLike>(
 /// Gives a user's holding of a bundle back (a cancelled order's bundle line, whose units
 /// come back through its components' own changes), once per `token`, with
 /// `apply_stock.lua`'s holding-only mode: the bundle has no stock field to change.
+/// Returns whether this call gave it back (false: the token was applied before).
 pub async fn give_back_holding<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
@@ -605,8 +606,8 @@ pub async fn give_back_holding<C: ConnectionLike>(
     bundle: &Sku,
     qty: i64,
     token: &str,
-) -> RedisResult<()> {
-    let _: (i64, i64) = APPLY_STOCK
+) -> RedisResult<bool> {
+    let (applied, _): (i64, i64) = APPLY_STOCK
         .key(keys.stock())
         .key(keys.limits())
         .key(keys.applied())
@@ -624,7 +625,7 @@ pub async fn give_back_holding<C: ConnectionLike>(
         .arg("hold")
         .invoke_async(con)
         .await?;
-    Ok(())
+    Ok(applied == 1)
 }
 
 /// What `apply_stock.lua` did with a change.
