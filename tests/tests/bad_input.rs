@@ -153,15 +153,34 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
     assert_eq!(bobs.status, 202);
     let bob_order = bobs.body["order_id"].as_str().unwrap().to_owned();
     // Bundles: dave holds one duo (its limit); lastpack's component last-one is sold out.
+    // With several Redis shards an order is reserved in parts, and the parts reserved
+    // before one refuses keep their released records for a minute (a re-sent reserve
+    // must find them): so each bundle's refusal must come from its order's first part,
+    // the lowest shard. The ids are picked for the shard count in use.
+    let count = app.shards.count();
+    let shard = |s: &str| floodgate_common::redis::shard_of(s, count);
+    let named = |base: &str, fits: &dyn Fn(usize) -> bool| -> String {
+        (0..)
+            .map(|i| match i {
+                0 => base.to_owned(),
+                i => format!("{base}-{i}"),
+            })
+            .find(|s| fits(shard(s)))
+            .unwrap()
+    };
+    let duo = named("duo", &|g| g <= shard("tee").min(shard("few")));
+    let pack_part = named("pack-part", &|g| g >= shard("last-one"));
+    app.create_sku(&pack_part, 5, None).await;
+    let lastpack = named("lastpack", &|g| g >= shard("last-one"));
     for (sku, components, limit) in [
         (
-            "duo",
+            duo.as_str(),
             json!([{"sku": "tee", "qty": 1}, {"sku": "few", "qty": 1}]),
             json!(1),
         ),
         (
-            "lastpack",
-            json!([{"sku": "last-one", "qty": 1}, {"sku": "few", "qty": 1}]),
+            lastpack.as_str(),
+            json!([{"sku": "last-one", "qty": 1}, {"sku": pack_part, "qty": 1}]),
             json!(null),
         ),
     ] {
@@ -175,7 +194,7 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
         assert_eq!(r.status, 201, "{r:?}");
     }
     let dave = app.customer("dave");
-    assert_eq!(app.order(&dave, &[("duo", 1)], None).await.status, 202);
+    assert_eq!(app.order(&dave, &[(&duo, 1)], None).await.status, 202);
     app.wait_idle().await;
 
     let secret = app.cfg.jwt_secret.expose().to_owned();
@@ -497,7 +516,7 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
             .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "ghost", "qty": 1}]})),
         case("bundle of a bundle", p.clone(), "/v1/bundles", 422, "invalid_request")
             .token(&manager)
-            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "duo", "qty": 1}]})),
+            .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": duo, "qty": 1}]})),
         case("bundle containing itself", p.clone(), "/v1/bundles", 422, "invalid_request")
             .token(&manager)
             .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "b1", "qty": 1}]})),
@@ -512,22 +531,22 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
             .json(json!({"sku": "b1", "name": "b", "price_cents": 1, "components": ["tee", "few"]})),
         case("bundle that exists", p.clone(), "/v1/bundles", 409, "sku_exists")
             .token(&manager)
-            .json(json!({"sku": "duo", "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "few", "qty": 1}]})),
+            .json(json!({"sku": duo, "name": "b", "price_cents": 1, "components": [{"sku": "tee", "qty": 1}, {"sku": "few", "qty": 1}]})),
         case("bundle over a SKU's id", p.clone(), "/v1/bundles", 409, "sku_exists")
             .token(&manager)
             .json(json!({"sku": "tee", "name": "b", "price_cents": 1, "components": [{"sku": "few", "qty": 1}, {"sku": "last-one", "qty": 1}]})),
-        case("receive a bundle", p.clone(), "/v1/skus/duo/receive", 409, "bundle_has_no_stock")
+        case("receive a bundle", p.clone(), &format!("/v1/skus/{duo}/receive"), 409, "bundle_has_no_stock")
             .token(&manager)
             .json(json!({"qty": 1, "reference": "po-b"})),
-        case("adjust a bundle", p.clone(), "/v1/skus/duo/adjust", 409, "bundle_has_no_stock")
+        case("adjust a bundle", p.clone(), &format!("/v1/skus/{duo}/adjust"), 409, "bundle_has_no_stock")
             .token(&manager)
             .json(json!({"delta": 1, "reason": "found", "reference": "adj-b"})),
         case("bundle over its per-user limit", p.clone(), o, 422, "limit_exceeded")
             .token(&dave)
-            .json(order(json!([{"sku": "duo", "qty": 1}]))),
+            .json(order(json!([{"sku": duo, "qty": 1}]))),
         case("bundle with a sold-out component", p.clone(), o, 409, "sold_out")
             .token(&carol_t)
-            .json(order(json!([{"sku": "lastpack", "qty": 1}]))),
+            .json(order(json!([{"sku": lastpack, "qty": 1}]))),
         // POST /v1/categories
         case("category as customer", p.clone(), "/v1/categories", 403, "forbidden")
             .token(&carol_t)
