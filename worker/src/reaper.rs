@@ -39,11 +39,15 @@ pub async fn run(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate (a restarted worker reaps at once); the rebalance waits
+    // one interval, so a worker's start never moves units by itself.
+    let mut started = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {},
         }
+        let first = !std::mem::replace(&mut started, true);
         if paused.load(std::sync::atomic::Ordering::Relaxed) {
             continue;
         }
@@ -56,6 +60,9 @@ pub async fn run(
         // Hot SKUs' buckets: the units the reaper just returned, receipts (they go to
         // bucket 0) and uneven buying are spread again, and a move whose mover died
         // between its halves is finished.
+        if first {
+            continue;
+        }
         match mover.rebalance().await {
             Ok(0) => {}
             Ok(units) => {
