@@ -97,6 +97,20 @@ impl Fields<'_> {
         }
     }
 
+    /// `sale_starts_at` and `sale_ends_at` as a window whose end is after its start.
+    pub(crate) fn window(&self) -> Result<Window, ApiError> {
+        let window = Window {
+            starts: self.opt_time("sale_starts_at")?,
+            ends: self.opt_time("sale_ends_at")?,
+        };
+        if !window.is_valid() {
+            return Err(ApiError::InvalidRequest(
+                "sale_ends_at: must be after sale_starts_at".into(),
+            ));
+        }
+        Ok(window)
+    }
+
     /// A receipt's or adjustment's `reference`.
     pub(crate) fn reference(&self) -> Result<Reference, ApiError> {
         Reference::parse(self.str("reference")?)
@@ -145,17 +159,9 @@ pub async fn create(
         buckets: f
             .opt_int("buckets", 1, fredis::MAX_SHARDS as i64)?
             .unwrap_or(1) as i16,
-        window: Window {
-            starts: f.opt_time("sale_starts_at")?,
-            ends: f.opt_time("sale_ends_at")?,
-        },
+        window: f.window()?,
         variant: None,
     };
-    if !new.window.is_valid() {
-        return Err(ApiError::InvalidRequest(
-            "sale_ends_at: must be after sale_starts_at".into(),
-        ));
-    }
     // More buckets than shards would put two in one shard, where they would be one.
     if new.buckets as usize > st.shards.count() {
         return Err(ApiError::InvalidRequest(format!(
@@ -316,15 +322,7 @@ pub async fn create_bundle(
     let name = f.text("name")?;
     let price_cents = f.int("price_cents", 0, i64::from(i32::MAX) * 100)?;
     let per_user_limit = f.opt_int("per_user_limit", 1, 1_000_000)?.unwrap_or(0) as i32;
-    let window = Window {
-        starts: f.opt_time("sale_starts_at")?,
-        ends: f.opt_time("sale_ends_at")?,
-    };
-    if !window.is_valid() {
-        return Err(ApiError::InvalidRequest(
-            "sale_ends_at: must be after sale_starts_at".into(),
-        ));
-    }
+    let window = f.window()?;
     let Some(Value::Array(list)) = body.get("components") else {
         return Err(ApiError::InvalidRequest(format!(
             "components: required, a list of {}-{} {{\"sku\", \"qty\"}}",
