@@ -98,6 +98,11 @@ pub const VARS: &[Var] = &[
         about: "how long a reservation whose publish was never confirmed holds its stock",
     },
     Var {
+        name: "FLOODGATE_WAITLIST_TTL_SECS",
+        default: "3600",
+        about: "how long a waitlisted order waits for units before it fails as waitlist_expired",
+    },
+    Var {
         name: "FLOODGATE_IDEMPOTENCY_TTL_SECS",
         default: "86400",
         about: "how long an Idempotency-Key is remembered",
@@ -443,6 +448,9 @@ pub struct Config {
     /// reaper returns it (ingress died between the reserve and the confirm). A confirmed
     /// order's reservation never expires: it waits for a worker however long that takes.
     pub reservation_ttl: Duration,
+    /// How long a waitlisted order waits for units before it fails `waitlist_expired`
+    /// (`FLOODGATE_WAITLIST_TTL_SECS`).
+    pub waitlist_ttl: Duration,
     /// How long an Idempotency-Key is remembered.
     pub idempotency_ttl: Duration,
     /// How long ingress waits for a publisher confirm before it gives up and releases.
@@ -583,6 +591,7 @@ impl Config {
             ingress_addr: parsed(&get, "FLOODGATE_INGRESS_ADDR", ([0, 0, 0, 0], 8080).into())?,
             worker_addr: parsed(&get, "FLOODGATE_WORKER_ADDR", ([0, 0, 0, 0], 8082).into())?,
             reservation_ttl: secs("FLOODGATE_RESERVATION_TTL_SECS", 30)?,
+            waitlist_ttl: secs("FLOODGATE_WAITLIST_TTL_SECS", 3_600)?,
             idempotency_ttl: secs("FLOODGATE_IDEMPOTENCY_TTL_SECS", 86_400)?,
             publish_timeout: ms("FLOODGATE_PUBLISH_TIMEOUT_MS", 5_000)?,
             sold_out_cache: ms("FLOODGATE_SOLD_OUT_CACHE_MS", 250)?,

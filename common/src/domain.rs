@@ -245,6 +245,9 @@ impl Role {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderStatus {
+    /// On a SKU's waitlist (`"waitlist": true`, short of stock): nothing reserved yet; the
+    /// order becomes `accepted` when units come back for it.
+    Waitlisted,
     /// Reserved in Redis and durably queued, not yet committed.
     Accepted,
     Confirmed,
@@ -255,6 +258,7 @@ pub enum OrderStatus {
 impl OrderStatus {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Waitlisted => "waitlisted",
             Self::Accepted => "accepted",
             Self::Confirmed => "confirmed",
             Self::Failed => "failed",
@@ -264,6 +268,7 @@ impl OrderStatus {
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
+            "waitlisted" => Self::Waitlisted,
             "accepted" => Self::Accepted,
             "confirmed" => Self::Confirmed,
             "failed" => Self::Failed,
@@ -281,6 +286,8 @@ pub enum FailReason {
     ReservationExpired,
     /// Its reservation was released for another reason before a worker took it.
     ReservationReleased,
+    /// It waited on a waitlist for `FLOODGATE_WAITLIST_TTL_SECS` without being promoted.
+    WaitlistExpired,
     /// PostgreSQL's `sold <= on_hand` refused it.
     InsufficientStock,
     /// Transient failures outlasted the retry schedule.
@@ -299,9 +306,10 @@ pub enum FailReason {
 
 impl FailReason {
     /// Every reason, so each can be exported at 0 before its first use.
-    pub const ALL: [FailReason; 9] = [
+    pub const ALL: [FailReason; 10] = [
         Self::ReservationExpired,
         Self::ReservationReleased,
+        Self::WaitlistExpired,
         Self::InsufficientStock,
         Self::RetriesExhausted,
         Self::UnknownSku,
@@ -315,6 +323,7 @@ impl FailReason {
         match self {
             Self::ReservationExpired => "reservation_expired",
             Self::ReservationReleased => "reservation_released",
+            Self::WaitlistExpired => "waitlist_expired",
             Self::InsufficientStock => "insufficient_stock",
             Self::RetriesExhausted => "retries_exhausted",
             Self::UnknownSku => "unknown_sku",

@@ -172,6 +172,9 @@ pub async fn load_shards<C: ConnectionLike>(
         .await
         .context("reading cancelled bundle lines")?;
     db.commit().await.context("ending the snapshot")?;
+    // Waitlisted orders live only in Redis: a load keeps them, and the units they wait
+    // for and the holdings they count are derived from them again.
+    let waitlisted = waitlisted_orders(con, shards, which).await?;
 
     let mut pipes: std::collections::BTreeMap<usize, redis::Pipeline> = which
         .iter()
@@ -188,7 +191,8 @@ pub async fn load_shards<C: ConnectionLike>(
                 .del(keys.buckets())
                 .del(keys.windows())
                 .del(keys.takes())
-                .del(keys.moves());
+                .del(keys.moves())
+                .del(keys.waiting());
             (g, pipe)
         })
         .collect();
@@ -259,11 +263,23 @@ pub async fn load_shards<C: ConnectionLike>(
         };
         let g = shards.holding_shard(&sku, bucket_count(r), &user);
         if let Some(pipe) = pipes.get_mut(&g) {
+            // What the user's waitlisted orders hold too (a holding PostgreSQL does not
+            // name is left as Redis has it, waitlisted units included).
+            let waiting = waitlisted
+                .holdings
+                .get(&(g, user.to_string(), sku.to_string()))
+                .copied()
+                .unwrap_or(0);
             pipe.hset(
                 shards.get(g).user(&user),
                 sku.as_str(),
-                r.get::<_, i64>("held"),
+                r.get::<_, i64>("held") + waiting,
             );
+        }
+    }
+    for ((g, sku), units) in &waitlisted.waiting {
+        if let Some(pipe) = pipes.get_mut(g) {
+            pipe.hset(shards.get(*g).waiting(), sku, *units);
         }
     }
     for r in &receipts {
@@ -321,7 +337,70 @@ pub async fn load_shards<C: ConnectionLike>(
             .with_context(|| format!("opening the gate (the stock epoch of shard {g})"))?;
     }
     lock.commit().await.context("releasing the load lock")?;
+    // The loaded levels may cover a waitlist's head: it gets them before any new order.
+    // (Until this runs a new order still takes only what is above the waitlist.)
+    for (g, sku) in waitlisted.waiting.keys() {
+        crate::redis::promote_now(con, shards.get(*g), sku)
+            .await
+            .context("promoting waitlisted orders after the load")?;
+    }
     Ok(loaded)
+}
+
+/// What the waitlisted orders of some shards wait for and hold.
+#[derive(Default)]
+struct Waitlisted {
+    /// (shard, sku) -> units waited for.
+    waiting: std::collections::BTreeMap<(usize, String), i64>,
+    /// (shard, user, sku) -> units the user's waitlisted orders hold.
+    holdings: std::collections::HashMap<(usize, String, String), i64>,
+}
+
+/// Reads the waitlists of the shards `which`: every SKU that had units waited for, and
+/// each waitlisted order on its list.
+async fn waitlisted_orders<C: ConnectionLike>(
+    con: &mut C,
+    shards: &Shards,
+    which: &[usize],
+) -> anyhow::Result<Waitlisted> {
+    let mut out = Waitlisted::default();
+    for &g in which {
+        let keys = shards.get(g);
+        for (sku, _) in crate::redis::waiting(con, keys)
+            .await
+            .context("reading the waitlisted SKUs")?
+        {
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(keys.waitlist(&sku))
+                .arg(0)
+                .arg(-1)
+                .query_async(con)
+                .await
+                .context("reading a waitlist")?;
+            let ids: Vec<crate::domain::OrderId> = ids
+                .iter()
+                .filter_map(|i| crate::domain::OrderId::parse(i))
+                .collect();
+            for chunk in ids.chunks(500) {
+                let found = crate::redis::reservations(con, keys, chunk)
+                    .await
+                    .context("reading waitlisted orders")?;
+                for r in found.into_iter().flatten() {
+                    if r.state != crate::redis::ResvState::Waitlisted {
+                        continue;
+                    }
+                    for l in &r.lines {
+                        let qty = i64::from(l.qty.get());
+                        *out.waiting.entry((g, l.sku.to_string())).or_default() += qty;
+                        *out.holdings
+                            .entry((g, r.user.to_string(), l.sku.to_string()))
+                            .or_default() += qty;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Every bundle's definition, from `bundle_components` (a bundle whose rows break the

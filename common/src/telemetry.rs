@@ -11,6 +11,14 @@ pub mod names {
     pub const HTTP_DURATION: &str = "floodgate_http_request_duration_seconds";
     pub const ORDERS_ACCEPTED: &str = "floodgate_orders_accepted_total";
     pub const ORDERS_REJECTED: &str = "floodgate_orders_rejected_total";
+    /// Orders answered 202 `waitlisted` (short of stock, `"waitlist": true`).
+    pub const ORDERS_WAITLISTED: &str = "floodgate_orders_waitlisted_total";
+    /// Waitlisted orders promoted (reserved when units came back) and published by the
+    /// worker's promoter.
+    pub const WAITLIST_PROMOTED: &str = "floodgate_waitlist_promoted_total";
+    /// Waitlisted orders that left their waitlist unpromoted, by `reason`: `cancelled`,
+    /// `waitlist_expired`.
+    pub const WAITLIST_LEFT: &str = "floodgate_waitlist_left_total";
     pub const RESERVE_DURATION: &str = "floodgate_reserve_duration_seconds";
     pub const PUBLISH_DURATION: &str = "floodgate_publish_duration_seconds";
     /// Publishes not confirmed (released, answered 503), by `reason`: `not_connected`,

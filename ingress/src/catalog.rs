@@ -135,6 +135,23 @@ pub struct SkuView {
     #[serde(flatten)]
     pub row: SkuRow,
     pub available: i64,
+    /// Units that orders on the SKU's waitlist wait for (they get the next units that
+    /// come back, oldest first).
+    pub waitlisted: i64,
+}
+
+/// The SKU `row` (of `sku`) with its live availability and waitlist.
+async fn sku_view(st: &AppState, sku: &Sku, row: SkuRow) -> Result<SkuView, ApiError> {
+    let available = stock::available(st, sku).await?;
+    let waitlisted = stock::waiting(st, std::slice::from_ref(sku))
+        .await?
+        .remove(sku)
+        .unwrap_or(0);
+    Ok(SkuView {
+        row,
+        available,
+        waitlisted,
+    })
 }
 
 fn parse_sku(s: &str) -> Result<Sku, ApiError> {
@@ -207,8 +224,7 @@ pub async fn create(
             sku: new.sku.to_string(),
         });
     }
-    let available = stock::available(st, &new.sku).await?;
-    Ok(SkuView { row, available })
+    sku_view(st, &new.sku, row).await
 }
 
 /// Puts a SKU PostgreSQL has into Redis with its first units: its buckets opened
@@ -382,8 +398,7 @@ pub async fn create_bundle(
             sku: new.sku.to_string(),
         });
     }
-    let available = stock::available(st, &new.sku).await?;
-    Ok(SkuView { row, available })
+    sku_view(st, &new.sku, row).await
 }
 
 /// 409 `bundle_has_no_stock` for a receipt or adjustment that found a bundle
@@ -404,8 +419,7 @@ pub async fn get(st: &AppState, sku: &str) -> Result<SkuView, ApiError> {
         .ok_or_else(|| ApiError::SkuNotFound {
             sku: sku.to_string(),
         })?;
-    let available = stock::available(st, &sku).await?;
-    Ok(SkuView { row, available })
+    sku_view(st, &sku, row).await
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -556,6 +570,7 @@ pub async fn list(
         .collect();
     let levels: std::collections::HashMap<Sku, i64> =
         stock::levels(st, &skus).await?.into_iter().collect();
+    let waiting = stock::waiting(st, &skus).await?;
     let skus = rows
         .into_iter()
         .map(|(row, _)| {
@@ -563,7 +578,15 @@ pub async fn list(
                 .ok()
                 .and_then(|s| levels.get(&s).copied())
                 .unwrap_or(0);
-            SkuView { row, available }
+            let waitlisted = Sku::parse(row.sku.as_str())
+                .ok()
+                .and_then(|s| waiting.get(&s).copied())
+                .unwrap_or(0);
+            SkuView {
+                row,
+                available,
+                waitlisted,
+            }
         })
         .collect();
     Ok(SkuPage { skus, next_cursor })
@@ -669,11 +692,7 @@ pub async fn patch(
             .context("committing a SKU change")
             .into());
     }
-    let available = stock::available(st, &sku).await?;
-    Ok(SkuView {
-        row: after,
-        available,
-    })
+    sku_view(st, &sku, after).await
 }
 
 /// Writes what `reserve.lua` reads of `after` (the per-user limit, the sale window) to

@@ -25,6 +25,11 @@ pub struct OrderRequest {
     /// 1-50 lines, no SKU twice.
     #[schema(schema_with = floodgate_common::openapi::order_lines_schema)]
     pub items: Vec<LineRequest>,
+    /// When a line is short of stock, wait on the SKU's waitlist (202 `waitlisted`)
+    /// instead of 409 `sold_out`. One line of a SKU that is not a bundle and has one
+    /// bucket; in a deployment with several Redis shards, no Idempotency-Key.
+    #[serde(default)]
+    pub waitlist: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -37,6 +42,11 @@ pub struct LineRequest {
 impl OrderRequest {
     /// Checks every rule of API.md; the message names the field.
     pub fn validate(self) -> Result<OrderLines, ApiError> {
+        if self.waitlist && self.items.len() > 1 {
+            return Err(ApiError::InvalidOrder(
+                "waitlist: an order that may wait has exactly one line".into(),
+            ));
+        }
         let lines = self
             .items
             .into_iter()
@@ -73,6 +83,10 @@ pub struct OrderView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub reason: Option<String>,
+    /// While `waitlisted`: its place in the SKU's waitlist (1 = next to be promoted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1)]
+    pub position: Option<i64>,
 }
 
 /// Result of placing an order: new (202) or the first answer to this Idempotency-Key.
@@ -105,11 +119,13 @@ pub async fn place(
     caller: &Caller,
     lines: OrderLines,
     key: Option<IdempotencyKey>,
+    waitlist: bool,
     permit: Option<floodgate_common::http::InFlightPermit>,
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     use tracing::Instrument;
-    if key.is_none() {
+    // An order that may wait is never refused from memory: it waits instead.
+    if key.is_none() && !waitlist {
         // Any line, a bundle's components too: an order over several shards would
         // otherwise reserve its other parts only to give them back.
         let bundles = st.bundles.of(lines.as_slice());
@@ -138,7 +154,7 @@ pub async fn place(
                 // The request's in-flight slot stays taken while its order is worked on,
                 // even after its client hung up.
                 let _slot = permit;
-                place_to_the_end(&st, &caller, lines, key, trace).await
+                place_to_the_end(&st, &caller, lines, key, waitlist, trace).await
             }
             .in_current_span(),
         )
@@ -151,6 +167,7 @@ async fn place_to_the_end(
     caller: &Caller,
     lines: OrderLines,
     key: Option<IdempotencyKey>,
+    waitlist: bool,
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     let hash = key.as_ref().map(|_| body_hash(&lines));
@@ -175,6 +192,12 @@ async fn place_to_the_end(
             .collect();
         let known = |s: &Sku| counts.get(s.as_str()).copied().unwrap_or(1);
         let parts = st.shards.parts(&held, &caller.user, key.as_ref(), known);
+        if waitlist {
+            // Promotion is one script in the SKU's shard: one line, of one bucket, and
+            // the order in one part (its Idempotency-Key's record in another shard would
+            // make it two).
+            may_wait(&held, &counts, &parts)?;
+        }
         let order_id = OrderId::new();
         // Microseconds: what PostgreSQL keeps, so every answer shows the same instant.
         let now = OffsetDateTime::now_utc();
@@ -193,6 +216,10 @@ async fn place_to_the_end(
             idempotency: key.as_ref().zip(hash.as_deref()),
             accepted_at: &accepted_at,
             deadline_ms,
+            waitlist_until_ms: waitlist.then(|| {
+                let until = now + st.cfg.waitlist_ttl;
+                (until.unix_timestamp_nanos() / 1_000_000) as i64
+            }),
             idempotency_ttl_secs: st.cfg.idempotency_ttl.as_secs().max(1),
             buckets: &known,
         };
@@ -227,6 +254,22 @@ async fn place_to_the_end(
                     accepted_at,
                     confirmed_at: None,
                     reason: None,
+                    position: None,
+                }));
+            }
+            Reserve::Waitlisted { position } => {
+                // Nothing to publish: the worker's promoter publishes it once promoted,
+                // and sends its `waitlisted` event.
+                metrics::counter!(names::ORDERS_WAITLISTED).increment(1);
+                return Ok(Placed::New(OrderView {
+                    order_id,
+                    user_id: None,
+                    status: OrderStatus::Waitlisted,
+                    items: lines.as_slice().to_vec(),
+                    accepted_at,
+                    confirmed_at: None,
+                    reason: None,
+                    position: Some(position),
                 }));
             }
             Reserve::Duplicate {
@@ -341,6 +384,27 @@ async fn place_to_the_end(
     }
 }
 
+/// 422 unless an order may wait on a waitlist: see [`OrderRequest::waitlist`].
+fn may_wait(
+    held: &[floodgate_common::bundle::HeldLine],
+    counts: &BTreeMap<String, usize>,
+    parts: &[fredis::Part],
+) -> Result<(), ApiError> {
+    let why = match held {
+        [l] if l.bundle => Some("a bundle cannot wait"),
+        [_] if !counts.is_empty() => Some("a SKU with buckets cannot wait"),
+        [_] if parts.len() > 1 => Some(
+            "with several Redis shards, an order that may wait cannot carry an Idempotency-Key",
+        ),
+        [_] => None,
+        _ => Some("an order that may wait has exactly one line, and no bundle"),
+    };
+    match why {
+        Some(why) => Err(ApiError::InvalidOrder(format!("waitlist: {why}"))),
+        None => Ok(()),
+    }
+}
+
 /// 409 `sold_out` for the SKU `sku` the reserve found short: the order's line of it, or,
 /// when only a bundle line of the order holds it, that bundle, with the bundles this
 /// component's `available` units would make.
@@ -434,23 +498,86 @@ pub async fn view(
             accepted_at: repo::rfc3339(o.accepted_at),
             confirmed_at: o.confirmed_at.map(repo::rfc3339),
             reason: o.reason,
+            position: None,
         }));
     }
     let resv = fredis::find_reservation(&st.redis, &st.shards, &order_id)
         .await
         .map_err(|e| unavailable("Redis", e))?;
-    Ok(resv
-        .filter(|r| r.state != ResvState::Released)
-        .filter(|r| visible(r.user.as_str()))
-        .map(|r| OrderView {
-            order_id,
-            user_id: Some(r.user.to_string()),
-            status: OrderStatus::Accepted,
-            items: r.lines,
-            accepted_at: r.accepted_at,
-            confirmed_at: None,
-            reason: None,
-        }))
+    let Some(r) = resv.filter(|r| visible(r.user.as_str())) else {
+        return Ok(None);
+    };
+    // A waitlisted order leaves Redis only for PostgreSQL's record: until the worker
+    // writes it, its released record says how it ended.
+    let (status, reason, position) = match (r.state, r.reason.as_deref()) {
+        (ResvState::Waitlisted, _) => {
+            let position = match r.lines.first() {
+                Some(l) => fredis::waitlist_position(
+                    &mut st.redis.clone(),
+                    st.shards.for_sku(&l.sku),
+                    l.sku.as_str(),
+                    &order_id,
+                )
+                .await
+                .map_err(|e| unavailable("Redis", e))?,
+                None => None,
+            };
+            (OrderStatus::Waitlisted, None, position)
+        }
+        (ResvState::Released, Some("cancelled")) => (OrderStatus::Cancelled, None, None),
+        (ResvState::Released, Some(r @ "waitlist_expired")) => {
+            (OrderStatus::Failed, Some(r.to_owned()), None)
+        }
+        (ResvState::Released, _) => return Ok(None),
+        _ => (OrderStatus::Accepted, None, None),
+    };
+    Ok(Some(OrderView {
+        order_id,
+        user_id: Some(r.user.to_string()),
+        status,
+        items: r.lines,
+        accepted_at: r.accepted_at,
+        confirmed_at: None,
+        reason,
+        position,
+    }))
+}
+
+/// Cancels a waitlisted order (`unwait.lua`): off its waitlist, its holding back, the
+/// next in line promoted if it fits now; the worker records it `cancelled` in
+/// PostgreSQL. Promoted meanwhile: it is an accepted order, cancelled as one.
+async fn cancel_waiting(
+    st: &AppState,
+    caller: &Caller,
+    v: OrderView,
+) -> Result<Option<OrderView>, ApiError> {
+    let (Some(line), Some(user)) = (v.items.first(), v.user_id.as_deref()) else {
+        return Ok(Some(v));
+    };
+    let user = floodgate_common::domain::UserId::parse(user)
+        .map_err(|e| anyhow::anyhow!("a reservation's user id breaks the rules: {e}"))?;
+    let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let outcome = fredis::unwait(
+        &mut st.redis.clone(),
+        st.shards.for_sku(&line.sku),
+        &v.order_id,
+        &user,
+        "cancelled",
+        now,
+    )
+    .await
+    .map_err(|e| unavailable("Redis", e))?;
+    if outcome == fredis::Unwait::Released {
+        metrics::counter!(names::WAITLIST_LEFT, "reason" => "cancelled").increment(1);
+    }
+    let v = view(st, caller, v.order_id).await?;
+    match v {
+        Some(v) if v.status == OrderStatus::Accepted => Err(ApiError::NotCancellable(
+            "the order was just promoted from the waitlist and is not committed yet; retry in a moment"
+                .into(),
+        )),
+        v => Ok(v),
+    }
 }
 
 /// How long a cancel waits for a just-accepted order to be committed.
@@ -486,6 +613,17 @@ pub async fn cancel(
                 let Some(v) = view(st, caller, order_id).await? else {
                     return Ok(None);
                 };
+                match v.status {
+                    OrderStatus::Waitlisted => return cancel_waiting(st, caller, v).await,
+                    // Taken off its waitlist before; PostgreSQL's record follows.
+                    OrderStatus::Cancelled => return Ok(Some(v)),
+                    OrderStatus::Failed => {
+                        return Err(ApiError::NotCancellable(
+                            "a failed order has nothing to cancel".into(),
+                        ));
+                    }
+                    _ => {}
+                }
                 if Instant::now() > until {
                     return Err(ApiError::NotCancellable(format!(
                         "the order is {} and not committed yet; retry in a moment",

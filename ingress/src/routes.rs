@@ -176,12 +176,21 @@ async fn place_order(
         }));
     }
     let JsonBody(body) = body.map_err(rejected)?;
+    let waitlist = body.waitlist;
     let lines = body.validate().map_err(rejected)?;
     let key = idempotency_key(&headers).map_err(rejected)?;
     let trace = trace.map(|t| t.0);
-    match orders::place(&st, &caller, lines, key, permit.map(|p| p.0), trace)
-        .await
-        .map_err(rejected)?
+    match orders::place(
+        &st,
+        &caller,
+        lines,
+        key,
+        waitlist,
+        permit.map(|p| p.0),
+        trace,
+    )
+    .await
+    .map_err(rejected)?
     {
         Placed::New(view) => {
             let location = format!("/v1/orders/{}", view.order_id);
@@ -193,7 +202,8 @@ async fn place_order(
                 .into_response())
         }
         Placed::Repeat(view) => {
-            let status = if view.status == floodgate_common::domain::OrderStatus::Accepted {
+            use floodgate_common::domain::OrderStatus;
+            let status = if matches!(view.status, OrderStatus::Accepted | OrderStatus::Waitlisted) {
                 StatusCode::ACCEPTED
             } else {
                 StatusCode::OK

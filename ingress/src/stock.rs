@@ -77,3 +77,31 @@ pub fn ms_rfc3339(ms: i64) -> Option<String> {
         .ok()
         .map(crate::repo::rfc3339)
 }
+
+/// The units waitlisted orders wait for, per SKU among `skus` that has a waitlist (one
+/// `HMGET` per shard).
+pub async fn waiting(
+    st: &AppState,
+    skus: &[Sku],
+) -> Result<std::collections::HashMap<Sku, i64>, ApiError> {
+    let mut by_shard: std::collections::BTreeMap<usize, Vec<&Sku>> = Default::default();
+    for s in skus {
+        by_shard.entry(st.shards.of_sku(s)).or_default().push(s);
+    }
+    let mut out = std::collections::HashMap::new();
+    let mut con = st.redis.clone();
+    for (g, skus) in by_shard {
+        let units: Vec<Option<i64>> = redis::cmd("HMGET")
+            .arg(st.shards.get(g).waiting())
+            .arg(skus.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+            .query_async(&mut con)
+            .await
+            .map_err(unavailable)?;
+        out.extend(
+            skus.into_iter()
+                .zip(units)
+                .filter_map(|(s, u)| u.map(|u| (s.clone(), u))),
+        );
+    }
+    Ok(out)
+}

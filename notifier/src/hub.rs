@@ -269,9 +269,10 @@ struct Shared {
 /// The order of statuses in an order's life: a later one supersedes an earlier one.
 fn rank(s: OrderStatus) -> u8 {
     match s {
-        OrderStatus::Accepted => 0,
-        OrderStatus::Confirmed | OrderStatus::Failed => 1,
-        OrderStatus::Cancelled => 2,
+        OrderStatus::Waitlisted => 0,
+        OrderStatus::Accepted => 1,
+        OrderStatus::Confirmed | OrderStatus::Failed => 2,
+        OrderStatus::Cancelled => 3,
     }
 }
 

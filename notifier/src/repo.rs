@@ -52,11 +52,21 @@ pub async fn current(
     let Some(resv) = find_reservation(redis, shards, id).await? else {
         return Ok(None);
     };
-    let event = (resv.state != ResvState::Released).then(|| OrderEvent {
+    // A waitlisted order is in Redis only until PostgreSQL records how it ended.
+    let (status, reason) = match (resv.state, resv.reason.as_deref()) {
+        (ResvState::Waitlisted, _) => (Some(OrderStatus::Waitlisted), None),
+        (ResvState::Released, Some("cancelled")) => (Some(OrderStatus::Cancelled), None),
+        (ResvState::Released, Some(r @ "waitlist_expired")) => {
+            (Some(OrderStatus::Failed), Some(r.to_owned()))
+        }
+        (ResvState::Released, _) => (None, None),
+        _ => (Some(OrderStatus::Accepted), None),
+    };
+    let event = status.map(|status| OrderEvent {
         order_id: *id,
         user_id: resv.user.clone(),
-        status: OrderStatus::Accepted,
-        reason: None,
+        status,
+        reason,
         at: OffsetDateTime::parse(&resv.accepted_at, &Rfc3339)
             .unwrap_or_else(|_| OffsetDateTime::now_utc()),
     });

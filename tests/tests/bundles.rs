@@ -421,6 +421,7 @@ async fn a_bundle_over_several_shards_is_all_or_nothing() {
         idempotency: None,
         accepted_at: "2026-12-04T00:00:00Z",
         deadline_ms,
+        waitlist_until_ms: None,
         idempotency_ttl_secs: 60,
     };
     let d = fredis::reserve_parts(&app.redis, &app.shards, &parts, &req)

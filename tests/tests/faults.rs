@@ -344,6 +344,7 @@ async fn reserve_directly(
             idempotency: None,
             accepted_at: &accepted_at,
             deadline_ms,
+            waitlist_until_ms: None,
             idempotency_ttl_secs: 60,
         },
     )

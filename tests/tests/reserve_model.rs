@@ -780,6 +780,7 @@ async fn place(
             idempotency: idem_key.as_ref().map(|k| (k, hash.as_str())),
             accepted_at: "2026-11-21T00:00:00Z",
             deadline_ms: DEADLINE_MS,
+            waitlist_until_ms: None,
             idempotency_ttl_secs: 600,
         },
     )
@@ -903,6 +904,7 @@ async fn a_replayed_reserve_does_not_take_the_units_twice() {
         idempotency: None,
         accepted_at: "2026-11-21T00:00:00Z",
         deadline_ms: DEADLINE_MS,
+        waitlist_until_ms: None,
         idempotency_ttl_secs: 600,
     };
     let first = fredis::reserve(&mut real.con, &real.keys, &req)

@@ -68,6 +68,7 @@ impl Ns {
                 idempotency: None,
                 accepted_at: "2026-11-21T00:00:00Z",
                 deadline_ms,
+                waitlist_until_ms: None,
                 idempotency_ttl_secs: 60,
             },
         )
@@ -480,6 +481,7 @@ async fn a_reserve_resent_decrements_once_with_and_without_an_idempotency_key() 
             idempotency,
             accepted_at: "2026-11-21T00:00:00Z",
             deadline_ms: FAR,
+            waitlist_until_ms: None,
             idempotency_ttl_secs: 60,
         };
         let (first, second) = twice!(
@@ -512,6 +514,7 @@ async fn a_reserve_resent_decrements_once_with_and_without_an_idempotency_key() 
             idempotency: None,
             accepted_at: "2026-11-21T00:00:00Z",
             deadline_ms: FAR,
+            waitlist_until_ms: None,
             idempotency_ttl_secs: 60,
         },
     )

@@ -51,6 +51,7 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
             idempotency: None,
             accepted_at: "2026-12-03T00:00:00Z",
             deadline_ms: i64::MAX / 2,
+            waitlist_until_ms: None,
             idempotency_ttl_secs: 60,
         },
     )

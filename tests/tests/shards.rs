@@ -216,6 +216,7 @@ async fn a_crash_between_the_parts_returns_every_unit_and_answers_the_key() {
         idempotency: Some((&key, &hash)),
         accepted_at: &accepted_at,
         deadline_ms,
+        waitlist_until_ms: None,
         idempotency_ttl_secs: 60,
     };
     let mut r = app.redis.clone();
@@ -305,6 +306,7 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
         idempotency: None,
         accepted_at: &accepted_at,
         deadline_ms,
+        waitlist_until_ms: None,
         idempotency_ttl_secs: 60,
     };
     // Re-sent (a cluster client's retry): every part is taken once.
@@ -468,6 +470,7 @@ async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothin
         idempotency: Some((&key, &hash)),
         accepted_at: &accepted_at,
         deadline_ms: ((now + ttl).unix_timestamp_nanos() / 1_000_000) as i64,
+        waitlist_until_ms: None,
         idempotency_ttl_secs: 60,
     };
     let d = fredis::reserve_parts(&app.redis, &app.shards, &parts, &req)
@@ -594,6 +597,7 @@ async fn a_reaped_part_waits_for_its_deciding_part() {
                 idempotency: None,
                 accepted_at: &accepted_at,
                 deadline_ms: ms(deadline),
+                waitlist_until_ms: None,
                 idempotency_ttl_secs: 60,
             };
             let d = fredis::reserve(&mut r, app.shards.get(p.shard), &req)

@@ -23,6 +23,7 @@ pub mod acks;
 pub mod consistency;
 pub mod consumer;
 pub mod outbox;
+pub mod promoter;
 pub mod reaper;
 pub mod repo;
 pub mod session;
@@ -126,6 +127,7 @@ impl Worker {
                 .increment(0);
         }
         metrics::counter!(telemetry::names::REAPED).increment(0);
+        metrics::counter!(telemetry::names::WAITLIST_PROMOTED).increment(0);
         let background = tokio_util::task::TaskTracker::new();
         let (shards, redis, pg, interval, paused, stop) = (
             pipeline.shards.clone(),
@@ -167,6 +169,31 @@ impl Worker {
             .spawn(&background, "outbox_relay", shutdown.clone(), move || {
                 outbox::run(cfg.clone(), pg.clone(), wake.clone(), stop.clone())
             });
+        let (cfg, shards, redis, pg, wake, paused, stop) = (
+            pipeline.cfg.clone(),
+            pipeline.shards.clone(),
+            pipeline.redis.clone(),
+            pipeline.pg.clone(),
+            pipeline.outbox_wake.clone(),
+            pipeline.paused.clone(),
+            shutdown.clone(),
+        );
+        health.tasks.spawn(
+            &background,
+            "waitlist_promoter",
+            shutdown.clone(),
+            move || {
+                promoter::run(
+                    cfg.clone(),
+                    shards.clone(),
+                    redis.clone(),
+                    pg.clone(),
+                    wake.clone(),
+                    paused.clone(),
+                    stop.clone(),
+                )
+            },
+        );
         let (cfg, stop) = (pipeline.cfg.clone(), shutdown.clone());
         health.tasks.spawn_as(
             Role::MetricsOnly,

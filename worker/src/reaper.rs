@@ -15,7 +15,7 @@ use crate::repo::{self, OrderRecord};
 use deadpool_postgres::Pool;
 use floodgate_common::redis::Redis;
 use floodgate_common::{
-    domain::{FailReason, OrderId},
+    domain::{FailReason, OrderId, OrderStatus},
     redis::{self as fredis, Shards},
     telemetry::names,
 };
@@ -116,6 +116,37 @@ pub async fn once_in(
             record_or_log(shards, g, redis, pg, &id).await;
         }
     }
+    // Waitlisted orders past their waitlist deadline: off the list (`unwait.lua`, which
+    // also promotes whoever is next and fits), then recorded like a reap.
+    for id in fredis::zset_upto(
+        redis,
+        &keys.waitlist_deadlines(),
+        &now.to_string(),
+        PER_TICK,
+    )
+    .await?
+    {
+        let user = fredis::reservation_user(redis, keys, &id)
+            .await?
+            .unwrap_or_else(|| floodgate_common::domain::UserId::parse("-").expect("valid"));
+        match fredis::unwait(redis, keys, &id, &user, "waitlist_expired", now).await? {
+            fredis::Unwait::Released => {
+                metrics::counter!(names::WAITLIST_LEFT, "reason" => "waitlist_expired")
+                    .increment(1);
+                tracing::info!(order_id = %id, "waitlisted order expired unpromoted");
+                record_or_log(shards, g, redis, pg, &id).await;
+            }
+            fredis::Unwait::NotDue => {}
+            // Promoted, cancelled or lost meanwhile: a stale entry.
+            fredis::Unwait::Not(_) => {
+                let _: () = redis::cmd("ZREM")
+                    .arg(keys.waitlist_deadlines())
+                    .arg(id.to_string())
+                    .query_async(redis)
+                    .await?;
+            }
+        }
+    }
     // Earlier reaps still waiting for their record, after what is due: a record that
     // cannot be written now (another shard or PostgreSQL down) goes to the back of the
     // line for a later tick and ends this tick's backlog, so it costs one timeout a tick
@@ -197,6 +228,13 @@ async fn record(
         }
     }
     if let Some(r) = found {
+        let waited = match r.reason.as_deref() {
+            Some("cancelled") => Some((OrderStatus::Cancelled, None)),
+            Some("waitlist_expired") => {
+                Some((OrderStatus::Failed, Some(FailReason::WaitlistExpired)))
+            }
+            _ => None,
+        };
         let rec = OrderRecord {
             id: *id,
             user_id: r.user.to_string(),
@@ -213,9 +251,19 @@ async fn record(
             units: Vec::new(),
             trace: None,
         };
-        repo::commit_batch(pg, &[], &[(&rec, FailReason::ReservationExpired)])
-            .await
-            .map_err(anyhow::Error::new)?;
+        match waited {
+            // A waitlisted order that left its waitlist: it never held a unit.
+            Some((status, reason)) => {
+                repo::record_unwaited(pg, &rec, status, reason)
+                    .await
+                    .map_err(anyhow::Error::new)?;
+            }
+            None => {
+                repo::commit_batch(pg, &[], &[(&rec, FailReason::ReservationExpired)])
+                    .await
+                    .map_err(anyhow::Error::new)?;
+            }
+        }
     }
     fredis::forget_reaped(redis, keys, id).await?;
     Ok(true)

@@ -356,3 +356,50 @@ pub async fn record_failed(
     tx.commit().await?;
     Ok((!new.is_empty(), status))
 }
+
+/// Records a waitlisted order that left its waitlist unpromoted: `cancelled` by its
+/// buyer, or `failed` with `waitlist_expired`. With its lines and its outbox event, and
+/// no ledger row: it never held a unit. Idempotent (the order's id). Returns whether
+/// this call recorded it.
+pub async fn record_unwaited(
+    pool: &Pool,
+    order: &OrderRecord,
+    status: OrderStatus,
+    reason: Option<FailReason>,
+) -> Result<bool, DbError> {
+    let mut db = pool.get().await?;
+    let tx = db.transaction().await?;
+    let new = insert_orders(&tx, &[order], status, reason).await?;
+    if !new.is_empty() {
+        insert_lines(&tx, &[order], None).await?;
+    }
+    tx.commit().await?;
+    Ok(!new.is_empty())
+}
+
+/// Writes one event per order to the outbox (`order.<status>`): the waitlist's
+/// `waitlisted` and `accepted`, which happen in Redis, not in a PostgreSQL commit. The
+/// relay publishes them like every other; a repeat (a crash before the caller forgot
+/// them in Redis) is a second event of the same status, which subscribers ignore.
+pub async fn announce(
+    pool: &Pool,
+    orders: &[(OrderId, &str)],
+    status: OrderStatus,
+) -> Result<(), DbError> {
+    if orders.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = orders.iter().map(|(o, _)| o.as_uuid()).collect();
+    let users: Vec<&str> = orders.iter().map(|(_, u)| *u).collect();
+    let db = pool.get().await?;
+    db.execute(
+        "INSERT INTO outbox (routing_key, payload)
+         SELECT 'order.' || $3, jsonb_build_object(
+                  'type', 'order', 'order_id', t.id, 'user_id', t.user_id,
+                  'status', $3, 'reason', NULL, 'at', clock_timestamp())
+           FROM unnest($1::uuid[], $2::text[]) AS t(id, user_id)",
+        &[&ids, &users, &status.as_str()],
+    )
+    .await?;
+    Ok(())
+}

@@ -142,6 +142,39 @@ impl Keys {
     pub fn resv(&self, order: &OrderId) -> String {
         format!("{}resv:{order}", self.prefix)
     }
+
+    // The waitlist (`reserve.lua` with a waitlist deadline, `promote.lua`, `unwait.lua`).
+    // Every key below lives in the shard of the SKU it waits for; `promote.lua` derives
+    // the names from the stock key's prefix, so they must stay in step with it.
+
+    /// Zset of the orders waiting for one SKU: order id -> the shard's waitlist sequence
+    /// at the decision (first come, first served).
+    pub fn waitlist(&self, sku: &str) -> String {
+        format!("{}wl:{sku}", self.prefix)
+    }
+    /// Hash sku -> units the SKU's waitlisted orders wait for: a new order only takes
+    /// what is above it.
+    pub fn waiting(&self) -> String {
+        format!("{}wlw", self.prefix)
+    }
+    /// The waitlist sequence counter.
+    pub fn waitlist_seq(&self) -> String {
+        format!("{}wlseq", self.prefix)
+    }
+    /// Zset of waitlisted order ids -> the deadline (ms) past which the reaper fails them
+    /// `waitlist_expired`.
+    pub fn waitlist_deadlines(&self) -> String {
+        format!("{}wlexp", self.prefix)
+    }
+    /// Zset of waitlisted order ids whose `waitlisted` event is not out yet -> sequence.
+    pub fn waitlisted_new(&self) -> String {
+        format!("{}wlnew", self.prefix)
+    }
+    /// Zset of promoted order ids (reserved, not yet published) -> promotion time (ms):
+    /// the worker's promoter publishes each to the intake queue and marks it queued.
+    pub fn promoted(&self) -> String {
+        format!("{}promoted", self.prefix)
+    }
 }
 
 #[cfg(test)]

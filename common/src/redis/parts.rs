@@ -77,6 +77,8 @@ async fn reserve_part(
         held: (!own).then_some(part.lines.as_slice()),
         first: deciding,
         idempotency: req.idempotency.filter(|_| with_key),
+        // Only an order of one part may wait: its promotion is one script.
+        waitlist_until_ms: req.waitlist_until_ms.filter(|_| deciding.is_none()),
         ..*req
     };
     super::reserve(&mut redis.clone(), shards.get(part.shard), &req).await

@@ -10,14 +10,27 @@ use redis::{RedisResult, Script, aio::ConnectionLike};
 use std::sync::LazyLock;
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/reserve.lua")));
-static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
+/// A script that puts units back on sale, with the waitlist's `promote` function
+/// (`lua/promote.lua`) before it, which it calls after the units are back.
+macro_rules! promoting {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/promote.lua"),
+                include_str!($file)
+            ))
+        })
+    };
+}
+
+static RELEASE: LazyLock<Script> = promoting!("lua/release.lua");
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/finish.lua")));
 static QUEUED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/queued.lua")));
-static APPLY_STOCK: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/apply_stock.lua")));
-static TAKE_STOCK: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/take_stock.lua")));
+static APPLY_STOCK: LazyLock<Script> = promoting!("lua/apply_stock.lua");
+static TAKE_STOCK: LazyLock<Script> = promoting!("lua/take_stock.lua");
+static UNWAIT: LazyLock<Script> = promoting!("lua/unwait.lua");
+static PROMOTE_NOW: LazyLock<Script> = promoting!("lua/promote_now.lua");
 
 /// How long released and done reservation records stay readable (redelivery, status).
 pub const RECORD_TTL_SECS: u64 = 86_400;
@@ -48,6 +61,10 @@ pub struct ReserveRequest<'a> {
     pub idempotency: Option<(&'a IdempotencyKey, &'a str)>,
     pub accepted_at: &'a str,
     pub deadline_ms: i64,
+    /// Some for an order that may wait (`"waitlist": true`): short of stock, it is
+    /// waitlisted until this deadline (ms) instead of refused. Only a one-line order of
+    /// a SKU without buckets waits (`reserve.lua` refuses it as sold out otherwise).
+    pub waitlist_until_ms: Option<i64>,
     pub idempotency_ttl_secs: u64,
 }
 
@@ -112,6 +129,11 @@ pub enum Reserve {
         sku: String,
         def: BundleDef,
     },
+    /// Short of stock, and the order may wait: it is on the SKU's waitlist at
+    /// `position` (1 = next), nothing reserved, its units counted in the user's holding.
+    Waitlisted {
+        position: i64,
+    },
 }
 
 fn protocol_error(what: &str, reply: &[String]) -> redis::RedisError {
@@ -156,6 +178,7 @@ pub async fn reserve<C: ConnectionLike>(
         .key(keys.buckets())
         .key(keys.windows())
         .key(keys.bundles())
+        .key(keys.waiting())
         .arg(req.order_id.to_string())
         .arg(req.user.as_str())
         .arg(body_hash)
@@ -168,7 +191,13 @@ pub async fn reserve<C: ConnectionLike>(
                 .map(|l| serde_json::to_string(l).expect("held lines serialize"))
                 .unwrap_or_default(),
         )
-        .arg(req.first.map(|g| g.to_string()).unwrap_or_default());
+        .arg(req.first.map(|g| g.to_string()).unwrap_or_default())
+        .arg(
+            req.waitlist_until_ms
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
+        )
+        .arg(req.idempotency.map(|(k, _)| k.as_str()).unwrap_or_default());
     let own: Vec<HeldLine>;
     let held = match req.held {
         Some(h) => h,
@@ -225,6 +254,9 @@ pub async fn reserve<C: ConnectionLike>(
                 .and_then(|f| BundleDef::parse_field(f).ok())
                 .ok_or_else(|| protocol_error(w, &reply))?,
         },
+        Some("waitlisted") => Reserve::Waitlisted {
+            position: int(w, &reply, 1)?,
+        },
         _ => return Err(protocol_error(w, &reply)),
     })
 }
@@ -240,8 +272,12 @@ pub enum ResvState {
     Claimed,
     /// Committed in PostgreSQL as confirmed.
     Done,
-    /// Its stock went back (publish failed, expired unconfirmed, or the order failed).
+    /// Its stock went back (publish failed, expired unconfirmed, or the order failed), or
+    /// a waitlisted order left its waitlist unpromoted (`cancelled`, `waitlist_expired`).
     Released,
+    /// On a SKU's waitlist: holds no stock (only its holding counts), has no deadline
+    /// entry; promotion makes it `reserved` (`promote.lua`).
+    Waitlisted,
 }
 
 impl ResvState {
@@ -252,6 +288,7 @@ impl ResvState {
             "claimed" => Self::Claimed,
             "done" => Self::Done,
             "released" => Self::Released,
+            "waitlisted" => Self::Waitlisted,
             _ => return None,
         })
     }
@@ -263,6 +300,7 @@ impl ResvState {
             Self::Claimed => "claimed",
             Self::Done => "done",
             Self::Released => "released",
+            Self::Waitlisted => "waitlisted",
         }
     }
 
@@ -692,10 +730,12 @@ pub struct Reservation {
     pub accepted_at: String,
     /// Why a released reservation was released (`publish_failed`, ...).
     pub reason: Option<String>,
+    /// The Idempotency-Key of a waitlisted (or promoted) order, for its message.
+    pub idempotency_key: Option<String>,
 }
 
 /// The fields of a reservation hash that [`Reservation`] is read from, in order.
-const RESERVATION_FIELDS: [&str; 7] = [
+const RESERVATION_FIELDS: [&str; 8] = [
     "state",
     "user",
     "items",
@@ -703,6 +743,7 @@ const RESERVATION_FIELDS: [&str; 7] = [
     "reason",
     "part",
     "first",
+    "idem",
 ];
 
 /// Reads one reservation record, if Redis has it.
@@ -711,7 +752,7 @@ pub async fn reservation<C: ConnectionLike>(
     keys: &Keys,
     order_id: &OrderId,
 ) -> RedisResult<Option<Reservation>> {
-    let fields: [Option<String>; 7] = redis::cmd("HMGET")
+    let fields: [Option<String>; 8] = redis::cmd("HMGET")
         .arg(keys.resv(order_id))
         .arg(&RESERVATION_FIELDS)
         .query_async(con)
@@ -737,12 +778,12 @@ pub async fn reservations<C: ConnectionLike>(
             .arg(keys.resv(id))
             .arg(&RESERVATION_FIELDS);
     }
-    let replies: Vec<[Option<String>; 7]> = pipe.query_async(con).await?;
+    let replies: Vec<[Option<String>; 8]> = pipe.query_async(con).await?;
     replies.into_iter().map(parse_reservation).collect()
 }
 
-fn parse_reservation(fields: [Option<String>; 7]) -> RedisResult<Option<Reservation>> {
-    let [state, user, items, accepted_at, reason, part, first] = fields;
+fn parse_reservation(fields: [Option<String>; 8]) -> RedisResult<Option<Reservation>> {
+    let [state, user, items, accepted_at, reason, part, first, idem] = fields;
     let (Some(state), Some(user), Some(items)) = (state, user, items) else {
         return Ok(None);
     };
@@ -762,10 +803,11 @@ fn parse_reservation(fields: [Option<String>; 7]) -> RedisResult<Option<Reservat
         first: first.and_then(|g| g.parse().ok()),
         accepted_at: accepted_at.unwrap_or_default(),
         reason,
+        idempotency_key: idem,
     }))
 }
 
-static REAP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/reap.lua")));
+static REAP: LazyLock<Script> = promoting!("lua/reap.lua");
 
 /// Order ids whose deadline is at or before `now_ms`, oldest first, at most `limit`.
 pub async fn due<C: ConnectionLike>(
@@ -985,4 +1027,120 @@ pub async fn put_bundle<C: ConnectionLike>(
     pipe.hset(keys.bundles(), bundle.as_str(), def.field())
         .ignore();
     pipe.query_async(con).await
+}
+
+/// What `unwait.lua` did with a waitlisted order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unwait {
+    /// Off its waitlist now, its holding back; recorded in PostgreSQL next (`reaped`).
+    Released,
+    /// Its waitlist deadline has not passed (an expiry asked too early).
+    NotDue,
+    /// Not waitlisted (any more): the state that kept it (`reserved` once promoted,
+    /// `released`, ..., `missing`).
+    Not(String),
+}
+
+/// Runs `unwait.lua`: the waitlisted order `order_id` of `user` leaves its waitlist,
+/// `cancelled` by its buyer or `waitlist_expired` (only past its deadline, `now_ms`).
+pub async fn unwait<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    order_id: &OrderId,
+    user: &UserId,
+    reason: &str,
+    now_ms: i64,
+) -> RedisResult<Unwait> {
+    let outcome: String = UNWAIT
+        .key(keys.resv(order_id))
+        .key(keys.user(user))
+        .key(keys.reaped())
+        .key(keys.stock())
+        .arg(order_id.to_string())
+        .arg(reason)
+        .arg(now_ms)
+        .arg(RECORD_TTL_SECS)
+        .invoke_async(con)
+        .await?;
+    Ok(match outcome.as_str() {
+        "released_now" => Unwait::Released,
+        "not_due" => Unwait::NotDue,
+        _ => Unwait::Not(outcome),
+    })
+}
+
+/// Promotes what fits of `sku`'s waitlist now (`promote_now.lua`); how many orders.
+pub async fn promote_now<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    sku: &str,
+) -> RedisResult<i64> {
+    PROMOTE_NOW
+        .key(keys.stock())
+        .arg(sku)
+        .invoke_async(con)
+        .await
+}
+
+/// The units each waitlisted SKU of the shard waits for (`wlw`).
+pub async fn waiting<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+) -> RedisResult<Vec<(String, i64)>> {
+    redis::cmd("HGETALL")
+        .arg(keys.waiting())
+        .query_async(con)
+        .await
+}
+
+/// The waitlisted order `order_id`'s place in `sku`'s waitlist (1 = next), if it is on it.
+pub async fn waitlist_position<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    sku: &str,
+    order_id: &OrderId,
+) -> RedisResult<Option<i64>> {
+    let rank: Option<i64> = redis::cmd("ZRANK")
+        .arg(keys.waitlist(sku))
+        .arg(order_id.to_string())
+        .query_async(con)
+        .await?;
+    Ok(rank.map(|r| r + 1))
+}
+
+/// The first `limit` orders of `sku`'s waitlist, next first.
+pub async fn waitlist_head<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    sku: &str,
+    limit: usize,
+) -> RedisResult<Vec<OrderId>> {
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.waitlist(sku))
+        .arg(0)
+        .arg(limit as i64 - 1)
+        .query_async(con)
+        .await?;
+    Ok(ids.iter().filter_map(|s| OrderId::parse(s)).collect())
+}
+
+/// Order ids of a zset of the shard (`wlexp`, `wlnew`, `promoted`) whose score is at
+/// most `max` (`+inf`: all), lowest first, at most `limit`.
+pub async fn zset_upto<C: ConnectionLike>(
+    con: &mut C,
+    key: &str,
+    max: &str,
+    limit: usize,
+) -> RedisResult<Vec<OrderId>> {
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(key)
+        .arg("-inf")
+        .arg(max)
+        .arg("BYSCORE")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(limit)
+        .query_async(con)
+        .await?;
+    Ok(ids.iter().filter_map(|s| OrderId::parse(s)).collect())
 }

@@ -128,6 +128,7 @@ async fn round(
                         idempotency: None,
                         accepted_at: "2026-12-03T00:00:00Z",
                         deadline_ms: i64::MAX / 2,
+                        waitlist_until_ms: None,
                         idempotency_ttl_secs: 60,
                     };
                     let r = fredis::reserve_parts(&redis, &shards, &parts, &req)

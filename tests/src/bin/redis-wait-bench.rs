@@ -103,6 +103,7 @@ async fn round(url: &str, ns: &Namespace, keys: &Arc<Keys>, a: &Args, wait: bool
                         idempotency: None,
                         accepted_at: "2026-11-21T00:00:00Z",
                         deadline_ms: i64::MAX / 2,
+                        waitlist_until_ms: None,
                         idempotency_ttl_secs: 60,
                     };
                     let r = fredis::reserve(&mut redis, &keys, &req).await.unwrap();

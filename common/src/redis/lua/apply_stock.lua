@@ -1,4 +1,5 @@
--- apply_stock.lua: apply a stock change that PostgreSQL has already committed (a SKU
+
+-- apply_stock.lua (after promote.lua): apply a stock change that PostgreSQL has already committed (a SKU
 -- created, goods received, an order cancelled), exactly once per change token, so a
 -- retried request heals a crash between the PostgreSQL commit and this call without
 -- double counting.
@@ -42,6 +43,11 @@ if applied == 1 then
   redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[1])
   if tonumber(ARGV[5]) ~= 0 then
     redis.call('HINCRBY', KEYS[4], ARGV[1], ARGV[5])
+  end
+  -- Units came back (a receipt, a cancel, an adjustment up): the SKU's oldest
+  -- waitlisted orders get them first (promote.lua), in this same decision.
+  if tonumber(ARGV[2]) > 0 then
+    promote(KEYS[1], ARGV[1])
   end
 end
 return {applied, level()}

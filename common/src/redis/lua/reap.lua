@@ -1,4 +1,5 @@
--- reap.lua: release a reservation still 'reserved' past its deadline: ingress never
+
+-- reap.lua (after promote.lua): release a reservation still 'reserved' past its deadline: ingress never
 -- marked it queued, so its publish was never confirmed (ingress died between the reserve
 -- and the confirm) and no 202 was answered for it. A queued or claimed reservation is
 -- never reaped: its message is in the queue and it waits for a worker however long.
@@ -31,7 +32,8 @@ if tonumber(rec[2]) >= tonumber(ARGV[2]) then
   return 0
 end
 local seq = redis.call('INCR', KEYS[7])
-for _, line in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'part') or redis.call('HGET', KEYS[1], 'items'))) do
+local items = cjson.decode(redis.call('HGET', KEYS[1], 'part') or redis.call('HGET', KEYS[1], 'items'))
+for _, line in ipairs(items) do
   -- A bundle's limit line ('b') holds no stock: only the holding goes back.
   if not line.b then
     redis.call('HINCRBY', KEYS[2], line.sku, line.qty)
@@ -43,4 +45,10 @@ redis.call('HSET', KEYS[1], 'state', 'released', 'reason', 'reservation_expired'
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+-- The units went back: the SKUs' oldest waitlisted orders get them first (promote.lua).
+for _, line in ipairs(items) do
+  if not line.b then
+    promote(KEYS[2], line.sku)
+  end
+end
 return 1

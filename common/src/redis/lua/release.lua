@@ -1,4 +1,5 @@
--- release.lua: give a reservation's stock back (publish failed, or the order failed in
+
+-- release.lua (after promote.lua): give a reservation's stock back (publish failed, or the order failed in
 -- the worker). Idempotent: only an open reservation ('reserved', 'queued' or 'claimed') is
 -- released, and once.
 --
@@ -49,5 +50,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if unaccepted and redis.call('HGET', KEYS[5], 'order_id') == ARGV[1] then
   redis.call('DEL', KEYS[5])
+end
+-- The units went back: the SKUs' oldest waitlisted orders get them first (promote.lua).
+for _, line in ipairs(items) do
+  if not line.b then
+    promote(KEYS[2], line.sku)
+  end
 end
 return 'released_now'

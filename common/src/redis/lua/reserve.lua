@@ -14,13 +14,17 @@
 -- KEYS[11] windows   hash sku -> '<starts ms>,<ends ms>' (a side empty: open), for SKUs
 --                    with a sale window, compared with this server's clock (TIME)
 -- KEYS[12] bundles   hash bundle -> 'sku:qty,...', the bundles whose SKU lives here
+-- KEYS[13] waiting   hash sku -> units its waitlisted orders wait for (keys.rs; the
+--                    other waitlist keys are named from KEYS[2]'s prefix, same slot)
 -- ARGV[1] order id, ARGV[2] user id, ARGV[3] body hash ('' = no Idempotency-Key),
 -- ARGV[4] accepted_at (RFC 3339), ARGV[5] deadline (ms since epoch),
 -- ARGV[6] idempotency TTL (s), ARGV[7] the order's items as JSON, ARGV[8] the held lines
 -- this record holds as JSON, when they are not the items ('' = the items): the order's
 -- bundles expanded (bundle.rs), or its part when it is reserved in parts (shards.rs),
 -- ARGV[9] the shard of the order's deciding part then ('' = none),
--- ARGV[10..] sku, qty, buckets, kind quadruples of the lines held here (none for the
+-- ARGV[10] the waitlist deadline (ms) of an order that may wait ("waitlist": true; ''
+-- = it may not), ARGV[11] its Idempotency-Key ('' = none), kept for its promotion,
+-- ARGV[12..] sku, qty, buckets, kind quadruples of the lines held here (none for the
 -- Idempotency-Key's part of an order whose SKUs all live elsewhere); buckets is the
 -- SKU's bucket count the caller assumed when it chose this shard for the line; kind is
 -- 's' for a SKU's units, 'b' for a bundle's limit line, which counts the user's
@@ -32,7 +36,10 @@
 --   {'reused', order_id}                    same key, another body
 --   {'unknown_sku', sku}
 --   {'limit', sku, limit, already}
---   {'sold_out', sku, available}
+--   {'sold_out', sku, available}           available: what a new order may take
+--   {'waitlisted', position}                short of stock and ARGV[10] set: nothing
+--                                           reserved, the order waits (its holding is
+--                                           counted: the per-user limit covers it)
 --   {'not_started', sku, starts_ms}         before the SKU's sale window
 --   {'ended', sku, ends_ms}                 after it
 --   {'unavailable'}                         stock not loaded
@@ -68,11 +75,11 @@ if has_idem then
 end
 
 local skus, qtys, kinds = {}, {}, {}
-local n = (#ARGV - 9) / 4
+local n = (#ARGV - 11) / 4
 for i = 1, n do
-  skus[i] = ARGV[6 + 4 * i]
-  qtys[i] = tonumber(ARGV[7 + 4 * i])
-  kinds[i] = ARGV[9 + 4 * i]
+  skus[i] = ARGV[8 + 4 * i]
+  qtys[i] = tonumber(ARGV[9 + 4 * i])
+  kinds[i] = ARGV[11 + 4 * i]
 end
 
 if n > 0 then
@@ -81,7 +88,7 @@ if n > 0 then
   local counts = redis.call('HMGET', KEYS[10], unpack(skus))
   for i = 1, n do
     local k = counts[i] or '1'
-    if k ~= ARGV[8 + 4 * i] then
+    if k ~= ARGV[10 + 4 * i] then
       return {'moved', skus[i], k}
     end
   end
@@ -136,10 +143,36 @@ if n > 0 then
     end
   end
 
+  -- The units an older waitlisted order waits for are not a new order's: it takes only
+  -- what is above the SKU's waitlist (one field lookup for a SKU without one).
+  local waiting = redis.call('HMGET', KEYS[13], unpack(skus))
   for i = 1, n do
     if kinds[i] ~= 'b' then
-      local a = tonumber(avail[i])
+      local a = tonumber(avail[i]) - tonumber(waiting[i] or '0')
       if a < qtys[i] then
+        -- One line of a SKU without buckets may wait (ingress refuses any other
+        -- waitlist order before it gets here; this keeps promotion one script).
+        if ARGV[10] ~= '' and n == 1 and (counts[1] or '1') == '1' then
+          local p = string.sub(KEYS[2], 1, #KEYS[2] - 5)
+          local wseq = redis.call('INCR', p .. 'wlseq')
+          redis.call('ZADD', p .. 'wl:' .. skus[1], wseq, ARGV[1])
+          redis.call('HINCRBY', KEYS[13], skus[1], qtys[1])
+          redis.call('ZADD', p .. 'wlexp', ARGV[10], ARGV[1])
+          redis.call('ZADD', p .. 'wlnew', wseq, ARGV[1])
+          redis.call('HINCRBY', KEYS[4], skus[1], qtys[1])
+          redis.call('HSET', KEYS[6], 'state', 'waitlisted', 'user', ARGV[2], 'items', ARGV[7],
+            'accepted_at', ARGV[4], 'deadline', ARGV[10], 'wseq', wseq)
+          if ARGV[11] ~= '' then
+            redis.call('HSET', KEYS[6], 'idem', ARGV[11])
+          end
+          if has_idem then
+            -- Accepted onto the waitlist: a repeat of the key answers with this order.
+            redis.call('HSET', KEYS[5], 'order_id', ARGV[1], 'body_hash', ARGV[3],
+              'accepted_at', ARGV[4], 'state', 'accepted')
+            redis.call('EXPIRE', KEYS[5], ARGV[6])
+          end
+          return {'waitlisted', tostring(redis.call('ZCARD', p .. 'wl:' .. skus[1]))}
+        end
         return {'sold_out', skus[i], tostring(math.max(a, 0))}
       end
     end

@@ -1,4 +1,5 @@
--- take_stock.lua: take units out of sale for a write-off (a negative stock adjustment)
+
+-- take_stock.lua (after promote.lua): take units out of sale for a write-off (a negative stock adjustment)
 -- before PostgreSQL records it, atomically with every reserve decision, so no order can
 -- be given a unit that is being written off. Run in the shard of the SKU's bucket 0.
 --
@@ -32,6 +33,7 @@ if mode == 'undo' then
   redis.call('HDEL', KEYS[3], token)
   redis.call('HINCRBY', KEYS[2], sku, held)
   redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), sku)
+  promote(KEYS[2], sku)
   return {1, held, level()}
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then

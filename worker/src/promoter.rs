@@ -1,0 +1,269 @@
+//! The waitlist's promoter: hands promoted orders to the intake queue, and sends the
+//! waitlist's events.
+//!
+//! Promotion itself happens in Redis, inside the script that returned the units
+//! (`promote.lua`): the order is reserved there, `reserved` with no deadline, and put in
+//! the shard's `promoted` zset. No HTTP request waits for it, so this task publishes it
+//! as ingress publishes a new order (persistent, mandatory, with publisher confirms) and
+//! then marks it queued (`queued.lua`); from then on it is an ordinary queued order. A
+//! crash between the publish and the mark publishes it again on the next pass: the
+//! worker's claim takes the order once and ignores the second copy.
+//!
+//! Events: `waitlisted` for each order that went on a waitlist (the `wlnew` zset) and
+//! `accepted` for each promoted order just before its publish (promoted is accepted:
+//! its units are its own and it never expires), both written to the outbox, so the relay publishes them in order with every other order event. A pass
+//! also promotes what fits of every waitlisted SKU (`promote_now.lua`): units that came
+//! back by a path that does not promote (a load) reach the waitlist within a pass.
+
+use crate::repo;
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use floodgate_common::{
+    Config,
+    amqp::{self, IntakeMessage, Link, OrderPlaced, PUBLISHED_HEADER, Reconnect, Topology},
+    domain::{IdempotencyKey, OrderId, OrderLines, OrderStatus},
+    redis::{self as fredis, ConfirmedOrder, Redis, ResvState, Shards},
+    retry::Backoff,
+    telemetry::names,
+};
+use lapin::{
+    BasicProperties, Channel, Confirmation,
+    options::BasicPublishOptions,
+    types::{AMQPValue, FieldTable},
+};
+use std::{sync::Arc, time::Duration};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// How often a pass runs: the delay between units coming back and the promoted order
+/// reaching the queue.
+const POLL: Duration = Duration::from_millis(200);
+/// Orders handled per shard per pass at most.
+const PER_PASS: usize = 200;
+/// How long the broker has to confirm one publish.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Session {
+    link: Link,
+    channel: Channel,
+    topology: Topology,
+}
+
+impl Session {
+    async fn open(cfg: &Config) -> anyhow::Result<Self> {
+        let link = Link::open(
+            &cfg.amqp_url,
+            &format!("floodgate-promoter {}", cfg.namespace),
+        )
+        .await?;
+        let channel = link.confirm_channel().await?;
+        let topology = Topology::of(cfg);
+        topology.declare_events(&channel).await?;
+        Ok(Self {
+            link,
+            channel,
+            topology,
+        })
+    }
+}
+
+/// Why a pass stopped: the broker link needs rebuilding, or Redis or PostgreSQL failed.
+enum PassError {
+    Broker(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+/// Promotes and publishes until `shutdown`; skips passes while the worker is paused.
+pub async fn run(
+    cfg: Config,
+    shards: Shards,
+    redis: Redis,
+    pg: Pool,
+    wake: Arc<Notify>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let mut links = Reconnect::new("promoter", Backoff::BACKGROUND);
+    while let Some(session) = links.next(&shutdown, || Session::open(&cfg)).await {
+        let mut redis = redis.clone();
+        let lost = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                _ = tokio::time::sleep(POLL) => {},
+            }
+            if paused.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
+            }
+            match pass(&session, &shards, &mut redis, &pg, &wake).await {
+                Ok(()) => {}
+                Err(PassError::Broker(e)) => break Some(e),
+                Err(PassError::Other(e)) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "waitlist promoter pass failed; trying again"
+                ),
+            }
+        };
+        session.link.close().await;
+        match lost {
+            Some(e) => links.lost(&e),
+            None => break,
+        }
+    }
+}
+
+async fn pass(
+    session: &Session,
+    shards: &Shards,
+    redis: &mut Redis,
+    pg: &Pool,
+    wake: &Notify,
+) -> Result<(), PassError> {
+    let other = PassError::Other;
+    for (_, keys) in shards.iter() {
+        // Events first: an order promoted in the same pass says `waitlisted` before
+        // `accepted`.
+        announce_waitlisted(keys, redis, pg, wake)
+            .await
+            .map_err(other)?;
+        for (sku, _) in fredis::waiting(redis, keys)
+            .await
+            .context("reading the waitlisted SKUs")
+            .map_err(other)?
+        {
+            fredis::promote_now(redis, keys, &sku)
+                .await
+                .context("promoting")
+                .map_err(other)?;
+        }
+        let ids = fredis::zset_upto(redis, &keys.promoted(), "+inf", PER_PASS)
+            .await
+            .context("reading the promoted orders")
+            .map_err(other)?;
+        let found = fredis::reservations(redis, keys, &ids)
+            .await
+            .context("reading the promoted orders")
+            .map_err(other)?;
+        for (id, r) in ids.iter().zip(found) {
+            if let Some(r) = r.filter(|r| r.state == ResvState::Reserved) {
+                // Promoted is accepted (the units are its own, it never expires): the
+                // event goes before the publish, so it is never behind the `confirmed`
+                // that the order's commit writes.
+                repo::announce(pg, &[(*id, r.user.as_str())], OrderStatus::Accepted)
+                    .await
+                    .context("writing the accepted event")
+                    .map_err(other)?;
+                wake.notify_one();
+                publish(session, id, &r).await.map_err(PassError::Broker)?;
+                let order = ConfirmedOrder {
+                    order_id: *id,
+                    user: r.user.clone(),
+                    idempotency_key: r
+                        .idempotency_key
+                        .as_deref()
+                        .and_then(|k| IdempotencyKey::parse(k).ok()),
+                };
+                fredis::mark_queued(redis, keys, &[&order])
+                    .await
+                    .context("marking a promoted order queued")
+                    .map_err(other)?;
+                metrics::counter!(names::WAITLIST_PROMOTED).increment(1);
+                tracing::info!(order_id = %id, "waitlisted order promoted and queued");
+            }
+            // Queued, or gone: its publish is done (or moot).
+            let _: () = redis::cmd("ZREM")
+                .arg(keys.promoted())
+                .arg(id.to_string())
+                .query_async(redis)
+                .await
+                .context("forgetting a promoted order")
+                .map_err(other)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the `waitlisted` event of every order that went on a waitlist since the last
+/// pass, then forgets them.
+async fn announce_waitlisted(
+    keys: &fredis::Keys,
+    redis: &mut Redis,
+    pg: &Pool,
+    wake: &Notify,
+) -> anyhow::Result<()> {
+    let ids = fredis::zset_upto(redis, &keys.waitlisted_new(), "+inf", PER_PASS).await?;
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let found = fredis::reservations(redis, keys, &ids).await?;
+    let users: Vec<(OrderId, String)> = ids
+        .iter()
+        .zip(found)
+        .filter_map(|(id, r)| r.map(|r| (*id, r.user.to_string())))
+        .collect();
+    let orders: Vec<(OrderId, &str)> = users.iter().map(|(i, u)| (*i, u.as_str())).collect();
+    repo::announce(pg, &orders, OrderStatus::Waitlisted)
+        .await
+        .context("writing waitlisted events")?;
+    wake.notify_one();
+    let _: () = redis::cmd("ZREM")
+        .arg(keys.waitlisted_new())
+        .arg(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>())
+        .query_async(redis)
+        .await?;
+    Ok(())
+}
+
+/// Publishes a promoted order to its intake partition and waits for the confirm.
+async fn publish(session: &Session, id: &OrderId, r: &fredis::Reservation) -> anyhow::Result<()> {
+    let items = OrderLines::try_from(r.lines.clone())
+        .map_err(|e| anyhow::anyhow!("a promoted order's lines break the rules: {}", e.0))?;
+    let msg = IntakeMessage::OrderV1(OrderPlaced {
+        order_id: *id,
+        user_id: r.user.clone(),
+        items,
+        accepted_at: r.accepted_at.clone(),
+        // Promoted orders never expire (their reservation's deadline is +inf).
+        deadline_ms: amqp::unix_ms(),
+        idempotency_key: r
+            .idempotency_key
+            .as_deref()
+            .and_then(|k| IdempotencyKey::parse(k).ok()),
+        buckets: Default::default(),
+        bundles: Default::default(),
+    });
+    let IntakeMessage::OrderV1(order) = &msg;
+    let key = &session.topology.partition_for(&order.items).key;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        PUBLISHED_HEADER.into(),
+        AMQPValue::LongLongInt(amqp::unix_ms()),
+    );
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(id.to_string().into())
+        .with_headers(headers);
+    let confirm = async {
+        let pending = session
+            .channel
+            .basic_publish(
+                session.topology.orders_exchange.as_str().into(),
+                key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &msg.to_bytes(),
+                props,
+            )
+            .await?;
+        anyhow::Ok(pending.await?)
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        .await
+        .context("no confirm for a promoted order")??
+    {
+        Confirmation::Ack(None) => Ok(()),
+        other => anyhow::bail!("the broker did not take a promoted order: {other:?}"),
+    }
+}
