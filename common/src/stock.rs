@@ -390,7 +390,7 @@ async fn waitlisted_orders<C: ConnectionLike>(
                         continue;
                     }
                     for l in &r.lines {
-                        let qty = i64::from(l.qty.get());
+                        let qty = l.qty.get();
                         *out.waiting.entry((g, l.sku.to_string())).or_default() += qty;
                         *out.holdings
                             .entry((g, r.user.to_string(), l.sku.to_string()))

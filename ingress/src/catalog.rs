@@ -11,7 +11,7 @@ use anyhow::Context;
 use floodgate_common::{
     audit::Actor,
     bundle::BundleDef,
-    domain::{Reference, Sku},
+    domain::{OrderId, Reference, Sku},
     redis::{self as fredis, StockChange, Take, adjust_token, receive_token},
 };
 use serde::Serialize;
@@ -494,6 +494,81 @@ pub async fn movements(
     Ok(MovementsPage {
         movements,
         next_cursor,
+    })
+}
+
+/// The head of a SKU's waitlist (`GET /v1/skus/{sku}/waitlist`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WaitlistPage {
+    pub sku: String,
+    /// Units the SKU's waitlisted orders wait for.
+    pub waitlisted: i64,
+    /// How many orders wait.
+    pub orders: i64,
+    /// The first `limit` of them, next to be promoted first.
+    pub entries: Vec<WaitlistEntry>,
+}
+
+/// One waitlisted order.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WaitlistEntry {
+    pub position: i64,
+    pub order_id: OrderId,
+    pub user_id: String,
+    pub qty: i64,
+    /// When it was placed (its `accepted_at`).
+    #[schema(format = DateTime)]
+    pub waitlisted_at: String,
+}
+
+pub async fn waitlist(
+    st: &AppState,
+    sku: &str,
+    limit: Option<&str>,
+) -> Result<WaitlistPage, ApiError> {
+    let sku = parse_sku(sku)?;
+    let limit = page_limit(limit)?;
+    if repo::sku(&st.pg, &sku).await?.is_none() {
+        return Err(ApiError::SkuNotFound {
+            sku: sku.to_string(),
+        });
+    }
+    let keys = st.shards.for_sku(&sku);
+    let mut con = st.redis.clone();
+    let redis_err = |e| crate::orders::unavailable("Redis", e);
+    let (waitlisted, orders): (Option<i64>, i64) = redis::pipe()
+        .hget(keys.waiting(), sku.as_str())
+        .zcard(keys.waitlist(sku.as_str()))
+        .query_async(&mut con)
+        .await
+        .map_err(redis_err)?;
+    let ids = fredis::waitlist_head(&mut con, keys, sku.as_str(), limit as usize)
+        .await
+        .map_err(redis_err)?;
+    let found = fredis::reservations(&mut con, keys, &ids)
+        .await
+        .map_err(redis_err)?;
+    // Positions count every entry ahead, so a record gone meanwhile keeps its place.
+    let entries = ids
+        .iter()
+        .zip(found)
+        .enumerate()
+        .filter_map(|(i, (id, r))| {
+            let r = r.filter(|r| r.state == fredis::ResvState::Waitlisted)?;
+            Some(WaitlistEntry {
+                position: i as i64 + 1,
+                order_id: *id,
+                user_id: r.user.to_string(),
+                qty: r.lines.first().map_or(0, |l| l.qty.get()),
+                waitlisted_at: r.accepted_at,
+            })
+        })
+        .collect();
+    Ok(WaitlistPage {
+        sku: sku.to_string(),
+        waitlisted: waitlisted.unwrap_or(0),
+        orders,
+        entries,
     })
 }
 

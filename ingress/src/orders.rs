@@ -569,6 +569,17 @@ async fn cancel_waiting(
     .map_err(|e| unavailable("Redis", e))?;
     if outcome == fredis::Unwait::Released {
         metrics::counter!(names::WAITLIST_LEFT, "reason" => "cancelled").increment(1);
+        // A manager's or admin's cancel is audited, as for a confirmed order; the change
+        // is in Redis, so its record follows it (a failure here is answered, and logged).
+        let actor = floodgate_common::audit::Actor::of(caller);
+        if actor.role != "customer" {
+            repo::audit_waitlist_cancel(&st.pg, &actor, &v.order_id, user.as_str())
+                .await
+                .inspect_err(|e| {
+                    tracing::error!(order_id = %v.order_id, error = format!("{e:#}"),
+                        "a waitlisted order was cancelled but its audit record failed")
+                })?;
+        }
     }
     let v = view(st, caller, v.order_id).await?;
     match v {

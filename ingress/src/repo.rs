@@ -1046,3 +1046,27 @@ pub async fn update_sku(
     }
     Ok(Patched::Done(Box::new((before, after))))
 }
+
+/// The audit record of a manager's or admin's cancel of a waitlisted order (the cancel
+/// itself happened in Redis: `unwait.lua`).
+pub async fn audit_waitlist_cancel(
+    pool: &Pool,
+    actor: &Actor,
+    id: &OrderId,
+    user_id: &str,
+) -> anyhow::Result<()> {
+    let mut db = pool.get().await.context("PostgreSQL connection")?;
+    let tx = db.transaction().await?;
+    audit::append(
+        &tx,
+        actor,
+        Entry {
+            action: "order.cancel",
+            target: format!("order:{id}"),
+            before: Some(json!({ "status": "waitlisted", "user_id": user_id })),
+            after: Some(json!({ "status": "cancelled" })),
+        },
+    )
+    .await?;
+    tx.commit().await.context("committing an audit record")
+}

@@ -57,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/skus/{sku}/receive", post(receive))
         .route("/v1/skus/{sku}/adjust", post(adjust))
         .route("/v1/skus/{sku}/movements", get(movements))
+        .route("/v1/skus/{sku}/waitlist", get(waitlist))
         .route("/v1/audit", get(audit))
         .route("/v1/categories", post(create_category))
         .route("/v1/products", post(create_product))
@@ -601,6 +602,26 @@ async fn movements(
     )
     .await
     .map(Json)
+}
+
+#[utoipa::path(
+    get, path = "/v1/skus/{sku}/waitlist", tag = "skus", security(("bearer" = [])),
+    summary = "A SKU's waitlist, next to be promoted first (manager or admin)",
+    params(
+        ("sku" = Sku, Path),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "default 50"),
+    ),
+    responses((status = 200, body = catalog::WaitlistPage), openapi::MovementsErrors),
+)]
+async fn waitlist(
+    State(st): State<AppState>,
+    _manager: Manager,
+    Path(sku): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<catalog::WaitlistPage>, ApiError> {
+    catalog::waitlist(&st, &sku, q.get("limit").map(String::as_str))
+        .await
+        .map(Json)
 }
 
 #[utoipa::path(

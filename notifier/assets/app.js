@@ -13,7 +13,7 @@
   const RETRY_MIN_MS = 2000;
   const RETRY_MAX_MS = 30000;
   const ORDER_TIMEOUT_MS = 15000;
-  const STATUS_RANK = { accepted: 0, confirmed: 1, failed: 2, cancelled: 2 };
+  const STATUS_RANK = { waitlisted: -1, accepted: 0, confirmed: 1, failed: 2, cancelled: 2 };
   const has = (obj, key) => Object.prototype.hasOwnProperty.call(obj, key);
   const rank = (status) => (has(STATUS_RANK, status) ? STATUS_RANK[status] : 1);
 
@@ -65,6 +65,10 @@
     stockReason: $('stock-reason'),
     writeOff: $('write-off'),
     officeResult: $('office-result'),
+    waitlistForm: $('waitlist-form'),
+    wlSku: $('wl-sku'),
+    waitlistSummary: $('waitlist-summary'),
+    waitlist: $('waitlist'),
   };
 
   const SVGNS = 'http://www.w3.org/2000/svg';
@@ -492,7 +496,7 @@
   // ---------------------------------------------------------------- SKU select
 
   function addSkuOption(sku) {
-    for (const sel of [ui.orderSku, ui.stockSku]) {
+    for (const sel of [ui.orderSku, ui.stockSku, ui.wlSku]) {
       const placeholder = sel.querySelector('option[value=""]');
       const opt = el('option', '', sku);
       opt.value = sku;
@@ -950,6 +954,62 @@
   }
   ui.stockForm.addEventListener('submit', (ev) => stockChange(ev, false));
   ui.writeOff.addEventListener('click', () => stockChange(null, true));
+
+  // The waitlist of one SKU (GET /v1/skus/{sku}/waitlist), next to be promoted first,
+  // refreshed every 2 s while shown: orders leave it as units come back.
+  let waitlistSku = null;
+  let waitlistBusy = false;
+  async function showWaitlist() {
+    if (!waitlistSku || waitlistBusy) return;
+    if (who.state !== 'ok' || !who.manages) { ui.waitlistSummary.textContent = 'needs a manager or admin token'; return; }
+    waitlistBusy = true;
+    const sku = waitlistSku;
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), ORDER_TIMEOUT_MS);
+    try {
+      const base = await ingressUrl();
+      const res = await fetch(`${base}/v1/skus/${encodeURIComponent(sku)}/waitlist?limit=20`, {
+        mode: 'cors',
+        cache: 'no-store',
+        signal: ctl.signal,
+        headers: { Authorization: `Bearer ${token}` },
+      });
+      let a = null;
+      try { a = await res.json(); } catch (_) { /* not JSON */ }
+      if (sku !== waitlistSku) return; // another SKU was picked meanwhile
+      if (!res.ok || !a) {
+        const code = (a && a.code) || `http_${res.status}`;
+        ui.waitlistSummary.textContent = `${res.status} ${code}: ${(a && a.detail) || res.statusText || ''}`.trim();
+        ui.waitlist.replaceChildren();
+        return;
+      }
+      ui.waitlistSummary.textContent = a.orders > 0
+        ? `${nf.format(a.orders)} ${a.orders === 1 ? 'order waits' : 'orders wait'} for ${nf.format(a.waitlisted)} unit${a.waitlisted === 1 ? '' : 's'} of ${a.sku}`
+        : `no one waits for ${a.sku}`;
+      ui.waitlist.dataset.orders = String(a.orders);
+      ui.waitlist.replaceChildren(...a.entries.map((e) => {
+        const li = el('li');
+        li.dataset.order = e.order_id;
+        li.append(el('span', 'pos', `#${e.position}`), el('span', 'id', shortId(e.order_id)),
+          el('span', 'user', e.user_id), el('span', 'qty', `× ${e.qty}`),
+          el('span', 'at', hms(parseTime(e.waitlisted_at))));
+        li.title = `${e.order_id} of ${e.user_id}, waiting since ${e.waitlisted_at}`;
+        return li;
+      }));
+    } catch (err) {
+      ui.waitlistSummary.textContent = err && err.name === 'AbortError' ? 'timeout: no answer from ingress' : `network_error: ${err && err.message ? err.message : err}`;
+    } finally {
+      clearTimeout(timer);
+      waitlistBusy = false;
+    }
+  }
+  ui.waitlistForm.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    waitlistSku = ui.wlSku.value || null;
+    if (!waitlistSku) { ui.waitlistSummary.textContent = 'no SKU yet'; return; }
+    showWaitlist();
+  });
+  setInterval(() => { if (!ui.office.hidden) showWaitlist(); }, 2000);
 
   // ---------------------------------------------------------------- clock and timers
 

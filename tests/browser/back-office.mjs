@@ -1,10 +1,13 @@
 // Drives the live page's back office in headless Chromium, as a shop manager would:
 // signs in with a manager token, creates a SKU whose sale opens a few seconds later,
 // watches its card count down and flip to the live level at the opening, then receives
-// goods and writes some off through the page's forms, and sees the level follow.
+// goods and writes some off through the page's forms, and sees the level follow. Then
+// it opens the waitlist of WAITLIST_SKU (sold out, with WAITLISTED orders waiting, set
+// up by the caller), receives one unit of it through the page, and sees the head of the
+// waitlist promoted off the list.
 //
 //   PAGE_URL=http://127.0.0.1:8081/ TOKEN=<manager JWT> SKU=drop-1 STOCK=20 OPENS_IN_SECS=6 \
-//   SCREENSHOT=target/back-office.png node tests/browser/back-office.mjs
+//   WAITLIST_SKU=wl-1 WAITLISTED=2 SCREENSHOT=target/back-office.png node tests/browser/back-office.mjs
 //
 // Prints exactly one JSON line on stdout: {"ok":true,...} (exit 0) or {"ok":false,"error":...}
 // (exit 1). Progress goes to stderr.
@@ -69,6 +72,8 @@ async function main() {
   const STOCK = Number(env('STOCK', '20'));
   const OPENS_IN_SECS = Number(env('OPENS_IN_SECS', '6'));
   const SCREENSHOT = env('SCREENSHOT');
+  const WAITLIST_SKU = env('WAITLIST_SKU');
+  const WAITLISTED = Number(env('WAITLISTED'));
   const { chromium } = await import('playwright-core');
   browser = await chromium.launch({
     executablePath: env('CHROMIUM', '/usr/bin/chromium'),
@@ -169,7 +174,30 @@ async function main() {
   const refused = await result('too large a write-off');
   if (refused.state !== 'error' || !refused.text.includes('insufficient_stock')) throw new Error(`expected insufficient_stock, got ${refused.text}`);
 
-  step = '7 screenshot';
+  step = '7 the waitlist, and a receipt that promotes its head';
+  await waitFor('the waitlist form has no option for the SKU', (sku) => [...document.querySelectorAll('#wl-sku option')].some((o) => o.value === sku), WAITLIST_SKU, 10_000);
+  await page.selectOption('#wl-sku', WAITLIST_SKU);
+  await page.click('#show-waitlist');
+  const waiting = await waitFor(`the waitlist never showed ${WAITLISTED} orders`, (n) => {
+    const rows = [...document.querySelectorAll('#waitlist li')];
+    return rows.length === n ? { summary: document.querySelector('#waitlist-summary').textContent, first: rows[0].dataset.order, positions: rows.map((r) => r.querySelector('.pos').textContent) } : null;
+  }, WAITLISTED, 10_000);
+  log(`waitlist: ${waiting.summary} ${waiting.positions.join(' ')}`);
+  if (!waiting.summary.startsWith(`${WAITLISTED} orders wait`)) throw new Error(`summary: ${waiting.summary}`);
+  await page.selectOption('#stock-sku', WAITLIST_SKU);
+  await page.fill('#stock-qty', '1');
+  await page.evaluate(() => { document.querySelector('#office-result').dataset.state = 'idle'; });
+  await page.click('#receive-stock');
+  const restocked = await result('receive for the waitlist');
+  if (restocked.state !== 'ok') throw new Error(`receive refused: ${restocked.text}`);
+  const after = await waitFor(`the waitlist never dropped to ${WAITLISTED - 1}`, ({ n, first }) => {
+    const rows = [...document.querySelectorAll('#waitlist li')];
+    return rows.length === n && !rows.some((r) => r.dataset.order === first)
+      ? { summary: document.querySelector('#waitlist-summary').textContent, head: rows[0]?.querySelector('.pos')?.textContent ?? null } : null;
+  }, { n: WAITLISTED - 1, first: waiting.first }, 10_000);
+  log(`after the receipt: ${after.summary}`);
+
+  step = '8 screenshot';
   await fs.mkdir(path.dirname(path.resolve(SCREENSHOT)), { recursive: true });
   await page.screenshot({ path: SCREENSHOT, fullPage: true, timeout: remaining(10_000) });
   if (pageErrors.length) throw new Error(`the page threw: ${pageErrors[0]}`);
@@ -178,6 +206,9 @@ async function main() {
     countdown,
     flipped_after_ms: flippedAfterMs,
     refused: refused.text,
+    waitlist: waiting.summary,
+    promoted: waiting.first,
+    waitlist_after: after.summary,
     page_errors: pageErrors,
     elapsed_ms: Date.now() - started,
   }, 0);

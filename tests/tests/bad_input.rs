@@ -285,6 +285,22 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
             .token(&carol_t)
             .json(order(json!([{"sku": "few", "qty": 4}]))),
         case("per-user limit", p.clone(), o, 422, "limit_exceeded").token(&alice).json(good.clone()),
+        // POST /v1/orders with "waitlist": true: refused before anything waits
+        case("waitlist not a boolean", p.clone(), o, 400, "malformed")
+            .token(&carol_t)
+            .json(json!({"items": [{"sku": "last-one", "qty": 1}], "waitlist": "yes"})),
+        case("waitlist with two lines", p.clone(), o, 422, "invalid_order")
+            .token(&carol_t)
+            .json(json!({"items": [{"sku": "last-one", "qty": 1}, {"sku": "few", "qty": 1}], "waitlist": true})),
+        case("waitlist for a bundle", p.clone(), o, 422, "invalid_order")
+            .token(&carol_t)
+            .json(json!({"items": [{"sku": duo, "qty": 1}], "waitlist": true})),
+        case("waitlist for an unknown sku", p.clone(), o, 422, "unknown_sku")
+            .token(&carol_t)
+            .json(json!({"items": [{"sku": "ghost", "qty": 1}], "waitlist": true})),
+        case("waitlist over the per-user limit", p.clone(), o, 422, "limit_exceeded")
+            .token(&alice)
+            .json(json!({"items": [{"sku": "tee", "qty": 1}], "waitlist": true})),
         case("idempotency key reused", p.clone(), o, 422, "idempotency_key_reused")
             .token(&bob)
             .json(order(json!([{"sku": "tee", "qty": 1}])))
@@ -369,6 +385,13 @@ async fn every_bad_request_gets_its_code_and_changes_nothing() {
             .token(&admin),
         case("movements unknown sku", g.clone(), "/v1/skus/ghost/movements", 404, "unknown_sku").token(&admin),
         case("movements as customer", g.clone(), "/v1/skus/tee/movements", 403, "forbidden").token(&carol_t),
+        // GET /v1/skus/{sku}/waitlist
+        case("waitlist limit zero", g.clone(), "/v1/skus/tee/waitlist?limit=0", 422, "invalid_request")
+            .token(&admin),
+        case("waitlist limit too large", g.clone(), "/v1/skus/tee/waitlist?limit=501", 422, "invalid_request")
+            .token(&admin),
+        case("waitlist unknown sku", g.clone(), "/v1/skus/ghost/waitlist", 404, "unknown_sku").token(&admin),
+        case("waitlist as customer", g.clone(), "/v1/skus/tee/waitlist", 403, "forbidden").token(&carol_t),
         // GET /v1/skus
         case("list skus as customer", g.clone(), "/v1/skus", 403, "forbidden").token(&carol_t),
         case("list skus without token", g.clone(), "/v1/skus", 401, "unauthorized"),

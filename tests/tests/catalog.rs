@@ -50,6 +50,7 @@ async fn every_route_checks_the_role_api_md_gives_it() {
             (Method::POST, "/v1/skus/tee/adjust".into(),
                 Some(json!({"delta": -1, "reason": "damaged", "reference": format!("adj-{i}")})), vec![m, a]),
             (Method::GET, "/v1/skus/tee/movements".into(), None, vec![m, a]),
+            (Method::GET, "/v1/skus/tee/waitlist".into(), None, vec![m, a]),
             (Method::GET, "/v1/audit".into(), None, vec![a]),
             (Method::POST, "/v1/categories".into(), Some(json!({"id": format!("cat-{role}"), "name": "c"})), vec![m, a]),
             (Method::POST, "/v1/products".into(), Some(json!({"product_id": format!("p-{role}"), "name": "p"})), vec![m, a]),

@@ -104,6 +104,26 @@ async fn a_manager_runs_a_drop_from_the_live_page_in_chromium() {
     .await;
     // Something on sale already, so the stream has levels from the start.
     app.create_sku("cap-navy", 12, None).await;
+    // A sold-out SKU with two orders on its waitlist.
+    app.create_sku("wl-1", 1, None).await;
+    assert_eq!(
+        app.order(&app.customer("ann"), &[("wl-1", 1)], None)
+            .await
+            .status,
+        202
+    );
+    let mut waiting = Vec::new();
+    for user in ["bob", "cat"] {
+        let w = app
+            .post(
+                "/v1/orders",
+                Some(&app.customer(user)),
+                &serde_json::json!({"items": [{"sku": "wl-1", "qty": 1}], "waitlist": true}),
+            )
+            .await;
+        assert_eq!(w.body["status"], "waitlisted", "{w:?}");
+        waiting.push(w.body["order_id"].as_str().unwrap().to_owned());
+    }
     let screenshot =
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../artifacts/back-office.png");
     let page = format!("{}/", app.notifier.as_ref().unwrap());
@@ -117,6 +137,8 @@ async fn a_manager_runs_a_drop_from_the_live_page_in_chromium() {
             .env("SKU", "drop-1")
             .env("STOCK", "20")
             .env("OPENS_IN_SECS", "6")
+            .env("WAITLIST_SKU", "wl-1")
+            .env("WAITLISTED", "2")
             .env("SCREENSHOT", &screenshot)
             .output()
             .expect("run node")
@@ -146,6 +168,24 @@ async fn a_manager_runs_a_drop_from_the_live_page_in_chromium() {
         "{sku:?}"
     );
     assert!(sku.body["sale_starts_at"].as_str().is_some(), "{sku:?}");
+    // The page's receipt promoted the head of the waitlist (bob), and it was committed.
+    assert_eq!(result["promoted"], waiting[0].as_str(), "{result}");
+    let bob = waiting[0].clone();
+    floodgate_tests::eventually(std::time::Duration::from_secs(20), || async {
+        app.get(&format!("/v1/orders/{bob}"), Some(&app.admin()))
+            .await
+            .body["status"]
+            == "confirmed"
+    })
+    .await;
+    let cat = app
+        .get(&format!("/v1/orders/{}", waiting[1]), Some(&app.admin()))
+        .await;
+    assert_eq!(
+        (cat.body["status"].as_str(), cat.body["position"].as_i64()),
+        (Some("waitlisted"), Some(1)),
+        "{cat:?}"
+    );
     let audit = app.get("/v1/audit?actor=mia", Some(&app.admin())).await;
     let actions: Vec<&str> = audit.body["entries"]
         .as_array()
@@ -153,6 +193,15 @@ async fn a_manager_runs_a_drop_from_the_live_page_in_chromium() {
         .iter()
         .map(|e| e["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, ["stock.adjust", "stock.receive", "sku.create"]);
+    assert_eq!(
+        actions,
+        [
+            "stock.receive",
+            "stock.adjust",
+            "stock.receive",
+            "sku.create"
+        ]
+    );
+    assert_eq!(audit.body["entries"][0]["target"], "sku:wl-1");
     app.assert_invariants(&[]).await;
 }

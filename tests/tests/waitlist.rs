@@ -512,3 +512,94 @@ async fn the_waitlist_is_fair_under_concurrency() {
         started.elapsed()
     );
 }
+
+/// Every status change of a waitlisted order reaches `orders:mine` (and `order:<id>`):
+/// `waitlisted`, then `accepted` at its promotion, then `confirmed`; a subscriber
+/// arriving while it waits learns `waitlisted` at once; an admin's cancel of a
+/// waitlisted order is audited and pushed as `cancelled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waitlisted_order_s_status_changes_are_pushed() {
+    use floodgate_tests::streams::Sse;
+    async fn next(sse: &mut Sse) -> (String, String) {
+        let ev = sse
+            .next(Duration::from_secs(15))
+            .await
+            .expect("an event within 15 s");
+        (
+            ev.data["order_id"].as_str().unwrap_or_default().to_owned(),
+            ev.data["status"].as_str().unwrap_or_default().to_owned(),
+        )
+    }
+    let app = TestApp::spawn_with(Options {
+        notifier: true,
+        ..Options::default()
+    })
+    .await;
+    let notifier = app.notifier.clone().unwrap();
+    let url = |topics: &str, token: &str| {
+        format!("{notifier}/v1/stream?topics={topics}&access_token={token}")
+    };
+    app.create_sku("tote", 1, None).await;
+    let ann = app.customer("ann");
+    let first = app.order(&ann, &[("tote", 1)], None).await;
+    let first = first.body["order_id"].as_str().unwrap().to_owned();
+    app.wait_idle().await;
+
+    let bob = app.customer("bob");
+    let mut mine = Sse::connect(&app.client, &url("orders:mine", &bob))
+        .await
+        .expect("orders:mine");
+    let w = wait_order(&app, &bob, "tote", 1).await;
+    assert_eq!(w.body["status"], "waitlisted", "{w:?}");
+    let id = w.body["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(next(&mut mine).await, (id.clone(), "waitlisted".into()));
+    let mut one = Sse::connect(&app.client, &url(&format!("order:{id}"), &bob))
+        .await
+        .expect("order:<id>");
+    assert_eq!(next(&mut one).await, (id.clone(), "waitlisted".into()));
+
+    // Another waits behind bob and is cancelled by an admin: audited, pushed.
+    let cat = wait_order(&app, &app.customer("cat"), "tote", 1).await;
+    let cat_id = cat.body["order_id"].as_str().unwrap().to_owned();
+    let c = app
+        .post(
+            &format!("/v1/orders/{cat_id}/cancel"),
+            Some(&app.admin()),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(c.body["status"], "cancelled", "{c:?}");
+    let audit = app
+        .get(
+            &format!("/v1/audit?target=order:{cat_id}"),
+            Some(&app.admin()),
+        )
+        .await;
+    let e = &audit.body["entries"][0];
+    assert_eq!(
+        (
+            e["action"].as_str(),
+            e["before"]["status"].as_str(),
+            e["after"]["status"].as_str()
+        ),
+        (Some("order.cancel"), Some("waitlisted"), Some("cancelled")),
+        "{audit:?}"
+    );
+
+    // Ann's cancel returns the unit: bob's order is promoted and committed.
+    let r = app
+        .post(
+            &format!("/v1/orders/{first}/cancel"),
+            Some(&ann),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(next(&mut mine).await, (id.clone(), "accepted".into()));
+    assert_eq!(next(&mut mine).await, (id.clone(), "confirmed".into()));
+    assert_eq!(next(&mut one).await, (id.clone(), "accepted".into()));
+    assert_eq!(next(&mut one).await, (id.clone(), "confirmed".into()));
+    until_status(&app, &cat_id, "cancelled").await;
+    app.wait_idle().await;
+    check_clean(&app).await;
+}

@@ -38,8 +38,13 @@ use tokio_util::sync::CancellationToken;
 /// How often a pass runs: the delay between units coming back and the promoted order
 /// reaching the queue.
 const POLL: Duration = Duration::from_millis(200);
-/// Orders handled per shard per pass at most.
-const PER_PASS: usize = 200;
+/// Orders read per round trip; a pass takes rounds until one is not full, at most
+/// [`ROUNDS`] of them per shard.
+const PER_PASS: usize = 500;
+const ROUNDS: usize = 20;
+/// Every this many passes (about a second) a pass also runs `promote_now.lua` for every
+/// waitlisted SKU.
+const SWEEP_EVERY: u64 = 5;
 /// How long the broker has to confirm one publish.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -86,6 +91,7 @@ pub async fn run(
     let mut links = Reconnect::new("promoter", Backoff::BACKGROUND);
     while let Some(session) = links.next(&shutdown, || Session::open(&cfg)).await {
         let mut redis = redis.clone();
+        let mut passes: u64 = 0;
         let lost = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break None,
@@ -94,7 +100,9 @@ pub async fn run(
             if paused.load(std::sync::atomic::Ordering::Relaxed) {
                 continue;
             }
-            match pass(&session, &shards, &mut redis, &pg, &wake).await {
+            passes += 1;
+            let sweep = passes % SWEEP_EVERY == 1;
+            match pass(&session, &shards, &mut redis, &pg, &wake, sweep).await {
                 Ok(()) => {}
                 Err(PassError::Broker(e)) => break Some(e),
                 Err(PassError::Other(e)) => tracing::warn!(
@@ -117,82 +125,124 @@ async fn pass(
     redis: &mut Redis,
     pg: &Pool,
     wake: &Notify,
+    sweep: bool,
 ) -> Result<(), PassError> {
     let other = PassError::Other;
     for (_, keys) in shards.iter() {
         // Events first: an order promoted in the same pass says `waitlisted` before
         // `accepted`.
-        announce_waitlisted(keys, redis, pg, wake)
-            .await
-            .map_err(other)?;
-        for (sku, _) in fredis::waiting(redis, keys)
-            .await
-            .context("reading the waitlisted SKUs")
-            .map_err(other)?
-        {
-            fredis::promote_now(redis, keys, &sku)
+        for _ in 0..ROUNDS {
+            let n = announce_waitlisted(keys, redis, pg, wake)
                 .await
-                .context("promoting")
                 .map_err(other)?;
-        }
-        let ids = fredis::zset_upto(redis, &keys.promoted(), "+inf", PER_PASS)
-            .await
-            .context("reading the promoted orders")
-            .map_err(other)?;
-        let found = fredis::reservations(redis, keys, &ids)
-            .await
-            .context("reading the promoted orders")
-            .map_err(other)?;
-        for (id, r) in ids.iter().zip(found) {
-            if let Some(r) = r.filter(|r| r.state == ResvState::Reserved) {
-                // Promoted is accepted (the units are its own, it never expires): the
-                // event goes before the publish, so it is never behind the `confirmed`
-                // that the order's commit writes.
-                repo::announce(pg, &[(*id, r.user.as_str())], OrderStatus::Accepted)
-                    .await
-                    .context("writing the accepted event")
-                    .map_err(other)?;
-                wake.notify_one();
-                publish(session, id, &r).await.map_err(PassError::Broker)?;
-                let order = ConfirmedOrder {
-                    order_id: *id,
-                    user: r.user.clone(),
-                    idempotency_key: r
-                        .idempotency_key
-                        .as_deref()
-                        .and_then(|k| IdempotencyKey::parse(k).ok()),
-                };
-                fredis::mark_queued(redis, keys, &[&order])
-                    .await
-                    .context("marking a promoted order queued")
-                    .map_err(other)?;
-                metrics::counter!(names::WAITLIST_PROMOTED).increment(1);
-                tracing::info!(order_id = %id, "waitlisted order promoted and queued");
+            if n < PER_PASS {
+                break;
             }
-            // Queued, or gone: its publish is done (or moot).
-            let _: () = redis::cmd("ZREM")
-                .arg(keys.promoted())
-                .arg(id.to_string())
-                .query_async(redis)
+        }
+        if sweep {
+            for (sku, _) in fredis::waiting(redis, keys)
                 .await
-                .context("forgetting a promoted order")
-                .map_err(other)?;
+                .context("reading the waitlisted SKUs")
+                .map_err(other)?
+            {
+                fredis::promote_now(redis, keys, &sku)
+                    .await
+                    .context("promoting")
+                    .map_err(other)?;
+            }
+        }
+        for _ in 0..ROUNDS {
+            if publish_promoted(session, keys, redis, pg, wake).await? < PER_PASS {
+                break;
+            }
         }
     }
     Ok(())
 }
 
-/// Writes the `waitlisted` event of every order that went on a waitlist since the last
-/// pass, then forgets them.
+/// Publishes up to [`PER_PASS`] promoted orders of one shard (their publishes in flight
+/// together, each confirmed), marks them queued, forgets them; how many it read.
+async fn publish_promoted(
+    session: &Session,
+    keys: &fredis::Keys,
+    redis: &mut Redis,
+    pg: &Pool,
+    wake: &Notify,
+) -> Result<usize, PassError> {
+    let other = PassError::Other;
+    let ids = fredis::zset_upto(redis, &keys.promoted(), "+inf", PER_PASS)
+        .await
+        .context("reading the promoted orders")
+        .map_err(other)?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let found = fredis::reservations(redis, keys, &ids)
+        .await
+        .context("reading the promoted orders")
+        .map_err(other)?;
+    // Queued already, or gone: its publish is done (or moot).
+    let open: Vec<(OrderId, fredis::Reservation)> = ids
+        .iter()
+        .zip(found)
+        .filter_map(|(id, r)| {
+            r.filter(|r| r.state == ResvState::Reserved)
+                .map(|r| (*id, r))
+        })
+        .collect();
+    if !open.is_empty() {
+        // Promoted is accepted (its units are its own, it never expires): the events go
+        // before the publishes, so none is behind the `confirmed` its commit writes.
+        let users: Vec<(OrderId, &str)> =
+            open.iter().map(|(id, r)| (*id, r.user.as_str())).collect();
+        repo::announce(pg, &users, OrderStatus::Accepted)
+            .await
+            .context("writing the accepted events")
+            .map_err(other)?;
+        wake.notify_one();
+        futures::future::try_join_all(open.iter().map(|(id, r)| publish(session, id, r)))
+            .await
+            .map_err(PassError::Broker)?;
+        let orders: Vec<ConfirmedOrder> = open
+            .iter()
+            .map(|(id, r)| ConfirmedOrder {
+                order_id: *id,
+                user: r.user.clone(),
+                idempotency_key: r
+                    .idempotency_key
+                    .as_deref()
+                    .and_then(|k| IdempotencyKey::parse(k).ok()),
+            })
+            .collect();
+        let refs: Vec<&ConfirmedOrder> = orders.iter().collect();
+        fredis::mark_queued(redis, keys, &refs)
+            .await
+            .context("marking promoted orders queued")
+            .map_err(other)?;
+        metrics::counter!(names::WAITLIST_PROMOTED).increment(open.len() as u64);
+        tracing::info!(orders = open.len(), "waitlisted orders promoted and queued");
+    }
+    let _: () = redis::cmd("ZREM")
+        .arg(keys.promoted())
+        .arg(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>())
+        .query_async(redis)
+        .await
+        .context("forgetting promoted orders")
+        .map_err(other)?;
+    Ok(ids.len())
+}
+
+/// Writes the `waitlisted` events of up to [`PER_PASS`] orders that went on a waitlist
+/// since the last pass, then forgets them; how many it read.
 async fn announce_waitlisted(
     keys: &fredis::Keys,
     redis: &mut Redis,
     pg: &Pool,
     wake: &Notify,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let ids = fredis::zset_upto(redis, &keys.waitlisted_new(), "+inf", PER_PASS).await?;
     if ids.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let found = fredis::reservations(redis, keys, &ids).await?;
     let users: Vec<(OrderId, String)> = ids
@@ -210,7 +260,7 @@ async fn announce_waitlisted(
         .arg(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>())
         .query_async(redis)
         .await?;
-    Ok(())
+    Ok(ids.len())
 }
 
 /// Publishes a promoted order to its intake partition and waits for the confirm.
