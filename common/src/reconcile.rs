@@ -956,6 +956,72 @@ async fn check_once<C: ConnectionLike>(
             ),
         ));
     }
+    for (g, keys) in shards.iter() {
+        out.extend(check_waitlists(con, g, keys).await?);
+    }
+    Ok(out)
+}
+
+/// The waitlists of one shard: the units `wlw` says each SKU's waitlisted orders wait
+/// for are what its list holds (`waitlist_differs`), and a head that fits in the level
+/// was promoted (`waitlist_stalled`: units that came back by a path that did not
+/// promote; the workers' promoter promotes it within a second).
+async fn check_waitlists<C: ConnectionLike>(
+    con: &mut C,
+    g: usize,
+    keys: &Keys,
+) -> anyhow::Result<Vec<Violation>> {
+    let mut out = Vec::new();
+    for (sku, waiting) in crate::redis::waiting(con, keys)
+        .await
+        .context("reading the waitlisted SKUs")?
+    {
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(keys.waitlist(&sku))
+            .arg(0)
+            .arg(-1)
+            .query_async(con)
+            .await
+            .context("reading a waitlist")?;
+        let ids: Vec<OrderId> = ids.iter().filter_map(|i| OrderId::parse(i)).collect();
+        let (mut held, mut head) = (0, None);
+        for chunk in ids.chunks(SCAN_CHUNK) {
+            let found = crate::redis::reservations(con, keys, chunk)
+                .await
+                .context("reading waitlisted orders")?;
+            for r in found.into_iter().flatten() {
+                if r.state != crate::redis::ResvState::Waitlisted {
+                    continue;
+                }
+                let qty: i64 = r.lines.iter().map(|l| l.qty.get()).sum();
+                head.get_or_insert(qty);
+                held += qty;
+            }
+        }
+        if held != waiting {
+            out.push(v(
+                "waitlist_differs",
+                format!(
+                    "{sku}: Redis shard {g} counts {waiting} units waited for, its waitlist holds {held}"
+                ),
+            ));
+        }
+        let level: Option<i64> = redis::cmd("HGET")
+            .arg(keys.stock())
+            .arg(&sku)
+            .query_async(con)
+            .await?;
+        if let (Some(level), Some(head)) = (level, head)
+            && level >= head
+        {
+            out.push(v(
+                "waitlist_stalled",
+                format!(
+                    "{sku}: {level} units on sale in shard {g} while the head of its waitlist waits for {head}"
+                ),
+            ));
+        }
+    }
     Ok(out)
 }
 

@@ -603,3 +603,69 @@ async fn a_waitlisted_order_s_status_changes_are_pushed() {
     app.wait_idle().await;
     check_clean(&app).await;
 }
+
+/// `reconcile --check` sees a waitlist out of step: `wlw` not what the list holds
+/// (`waitlist_differs`), and units on sale that the head fits in (`waitlist_stalled`,
+/// units that came back by a path that does not promote); the workers' promoter heals
+/// the second within its sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_sees_a_waitlist_out_of_step_and_the_promoter_heals_a_stalled_one() {
+    let mut app = TestApp::spawn().await;
+    app.create_sku("mug", 1, None).await;
+    assert_eq!(
+        app.order(&app.customer("ann"), &[("mug", 1)], None)
+            .await
+            .status,
+        202
+    );
+    let w = wait_order(&app, &app.customer("bob"), "mug", 1).await;
+    let id = w.body["order_id"].as_str().unwrap().to_owned();
+    app.wait_idle().await;
+    check_clean(&app).await;
+    let keys = app.keys_of("mug").clone();
+    let mut r = app.redis.clone();
+    let kinds = |vs: Vec<floodgate_common::reconcile::Violation>| {
+        vs.iter().map(|v| v.kind.to_string()).collect::<Vec<_>>()
+    };
+
+    let _: () = redis::cmd("HINCRBY")
+        .arg(keys.waiting())
+        .arg("mug")
+        .arg(2)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let found = floodgate_common::reconcile::check(&app.pg, &mut r, &app.shards, 2)
+        .await
+        .unwrap();
+    assert_eq!(kinds(found), ["waitlist_differs"]);
+    let _: () = redis::cmd("HINCRBY")
+        .arg(keys.waiting())
+        .arg("mug")
+        .arg(-2)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+
+    // A unit appears on sale without a promotion (no worker runs meanwhile).
+    app.stop_worker().await;
+    let _: () = redis::cmd("HINCRBY")
+        .arg(keys.stock())
+        .arg("mug")
+        .arg(1)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let found = floodgate_common::reconcile::check(&app.pg, &mut r, &app.shards, 2)
+        .await
+        .unwrap();
+    assert!(kinds(found).contains(&"waitlist_stalled".to_owned()));
+    // What reserve.lua decides by is still fair: a plain order does not take it.
+    let plain = app.order(&app.customer("cat"), &[("mug", 1)], None).await;
+    assert_eq!((plain.status, plain.code()), (409, "sold_out"));
+    app.start_worker().await;
+    // The promoter's sweep promotes it; the unit added by hand is not in PostgreSQL, so
+    // its commit is refused there (never oversold) and the order fails.
+    until_status(&app, &id, "failed:insufficient_stock").await;
+    assert_eq!(waiting(&app, "mug").await, 0);
+}
