@@ -172,9 +172,21 @@ pub async fn load_shards<C: ConnectionLike>(
         .await
         .context("reading cancelled bundle lines")?;
     db.commit().await.context("ending the snapshot")?;
-    // Waitlisted orders live only in Redis: a load keeps them, and the units they wait
-    // for and the holdings they count are derived from them again.
-    let waitlisted = waitlisted_orders(con, shards, which).await?;
+    // Waitlisted orders live only in Redis: a load keeps them (and `wlw`, which the
+    // scripts keep in step with them), and adds the units they hold back to the
+    // holdings it writes (`rewait.lua`, inside the MULTI, so it sees the waitlists as
+    // they are when the holdings land). The SKUs with a waitlist now:
+    let mut waitlisted: std::collections::BTreeSet<(usize, String)> = Default::default();
+    for &g in which {
+        for (sku, _) in crate::redis::waiting(con, shards.get(g))
+            .await
+            .context("reading the waitlisted SKUs")?
+        {
+            waitlisted.insert((g, sku));
+        }
+    }
+    // Per shard, the (user, sku) pairs written below for a SKU with a waitlist.
+    let mut rewrite: std::collections::BTreeMap<usize, Vec<(String, String)>> = Default::default();
 
     let mut pipes: std::collections::BTreeMap<usize, redis::Pipeline> = which
         .iter()
@@ -191,8 +203,7 @@ pub async fn load_shards<C: ConnectionLike>(
                 .del(keys.buckets())
                 .del(keys.windows())
                 .del(keys.takes())
-                .del(keys.moves())
-                .del(keys.waiting());
+                .del(keys.moves());
             (g, pipe)
         })
         .collect();
@@ -263,23 +274,22 @@ pub async fn load_shards<C: ConnectionLike>(
         };
         let g = shards.holding_shard(&sku, bucket_count(r), &user);
         if let Some(pipe) = pipes.get_mut(&g) {
-            // What the user's waitlisted orders hold too (a holding PostgreSQL does not
-            // name is left as Redis has it, waitlisted units included).
-            let waiting = waitlisted
-                .holdings
-                .get(&(g, user.to_string(), sku.to_string()))
-                .copied()
-                .unwrap_or(0);
             pipe.hset(
                 shards.get(g).user(&user),
                 sku.as_str(),
-                r.get::<_, i64>("held") + waiting,
+                r.get::<_, i64>("held"),
             );
+            if waitlisted.contains(&(g, sku.to_string())) {
+                rewrite
+                    .entry(g)
+                    .or_default()
+                    .push((user.to_string(), sku.to_string()));
+            }
         }
     }
-    for ((g, sku), units) in &waitlisted.waiting {
+    for (g, pairs) in &rewrite {
         if let Some(pipe) = pipes.get_mut(g) {
-            pipe.hset(shards.get(*g).waiting(), sku, *units);
+            crate::redis::rewait(pipe, shards.get(*g), pairs);
         }
     }
     for r in &receipts {
@@ -339,68 +349,12 @@ pub async fn load_shards<C: ConnectionLike>(
     lock.commit().await.context("releasing the load lock")?;
     // The loaded levels may cover a waitlist's head: it gets them before any new order.
     // (Until this runs a new order still takes only what is above the waitlist.)
-    for (g, sku) in waitlisted.waiting.keys() {
+    for (g, sku) in &waitlisted {
         crate::redis::promote_now(con, shards.get(*g), sku)
             .await
             .context("promoting waitlisted orders after the load")?;
     }
     Ok(loaded)
-}
-
-/// What the waitlisted orders of some shards wait for and hold.
-#[derive(Default)]
-struct Waitlisted {
-    /// (shard, sku) -> units waited for.
-    waiting: std::collections::BTreeMap<(usize, String), i64>,
-    /// (shard, user, sku) -> units the user's waitlisted orders hold.
-    holdings: std::collections::HashMap<(usize, String, String), i64>,
-}
-
-/// Reads the waitlists of the shards `which`: every SKU that had units waited for, and
-/// each waitlisted order on its list.
-async fn waitlisted_orders<C: ConnectionLike>(
-    con: &mut C,
-    shards: &Shards,
-    which: &[usize],
-) -> anyhow::Result<Waitlisted> {
-    let mut out = Waitlisted::default();
-    for &g in which {
-        let keys = shards.get(g);
-        for (sku, _) in crate::redis::waiting(con, keys)
-            .await
-            .context("reading the waitlisted SKUs")?
-        {
-            let ids: Vec<String> = redis::cmd("ZRANGE")
-                .arg(keys.waitlist(&sku))
-                .arg(0)
-                .arg(-1)
-                .query_async(con)
-                .await
-                .context("reading a waitlist")?;
-            let ids: Vec<crate::domain::OrderId> = ids
-                .iter()
-                .filter_map(|i| crate::domain::OrderId::parse(i))
-                .collect();
-            for chunk in ids.chunks(500) {
-                let found = crate::redis::reservations(con, keys, chunk)
-                    .await
-                    .context("reading waitlisted orders")?;
-                for r in found.into_iter().flatten() {
-                    if r.state != crate::redis::ResvState::Waitlisted {
-                        continue;
-                    }
-                    for l in &r.lines {
-                        let qty = l.qty.get();
-                        *out.waiting.entry((g, l.sku.to_string())).or_default() += qty;
-                        *out.holdings
-                            .entry((g, r.user.to_string(), l.sku.to_string()))
-                            .or_default() += qty;
-                    }
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Every bundle's definition, from `bundle_components` (a bundle whose rows break the

@@ -220,7 +220,17 @@ async fn place_to_the_end(
                 let until = now + st.cfg.waitlist_ttl;
                 (until.unix_timestamp_nanos() / 1_000_000) as i64
             }),
-            idempotency_ttl_secs: st.cfg.idempotency_ttl.as_secs().max(1),
+            // An order that may wait keeps its key at least as long as it may wait: a
+            // repeat must find it, not place a second order.
+            idempotency_ttl_secs: match waitlist {
+                true => st
+                    .cfg
+                    .idempotency_ttl
+                    .max(st.cfg.waitlist_ttl + Duration::from_secs(60)),
+                false => st.cfg.idempotency_ttl,
+            }
+            .as_secs()
+            .max(1),
             buckets: &known,
         };
         let started = Instant::now();
@@ -557,6 +567,18 @@ async fn cancel_waiting(
     let user = floodgate_common::domain::UserId::parse(user)
         .map_err(|e| anyhow::anyhow!("a reservation's user id breaks the rules: {e}"))?;
     let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    // A manager's or admin's cancel is audited, as for a confirmed order: the record
+    // keeps who it was, and the reaper writes the audit row in the transaction that
+    // records the order in PostgreSQL (so neither exists without the other).
+    let actor = floodgate_common::audit::Actor::of(caller);
+    let by = (actor.role != "customer").then(|| {
+        serde_json::json!({
+            "name": actor.name,
+            "role": actor.role,
+            "request_id": actor.request_id,
+        })
+        .to_string()
+    });
     let outcome = fredis::unwait(
         &mut st.redis.clone(),
         st.shards.for_sku(&line.sku),
@@ -564,28 +586,22 @@ async fn cancel_waiting(
         &user,
         "cancelled",
         now,
+        by.as_deref(),
     )
     .await
     .map_err(|e| unavailable("Redis", e))?;
     if outcome == fredis::Unwait::Released {
         metrics::counter!(names::WAITLIST_LEFT, "reason" => "cancelled").increment(1);
-        // A manager's or admin's cancel is audited, as for a confirmed order; the change
-        // is in Redis, so its record follows it (a failure here is answered, and logged).
-        let actor = floodgate_common::audit::Actor::of(caller);
-        if actor.role != "customer" {
-            repo::audit_waitlist_cancel(&st.pg, &actor, &v.order_id, user.as_str())
-                .await
-                .inspect_err(|e| {
-                    tracing::error!(order_id = %v.order_id, error = format!("{e:#}"),
-                        "a waitlisted order was cancelled but its audit record failed")
-                })?;
-        }
     }
     let v = view(st, caller, v.order_id).await?;
     match v {
         Some(v) if v.status == OrderStatus::Accepted => Err(ApiError::NotCancellable(
             "the order was just promoted from the waitlist and is not committed yet; retry in a moment"
                 .into(),
+        )),
+        // It expired just before the cancel.
+        Some(v) if v.status == OrderStatus::Failed => Err(ApiError::NotCancellable(
+            "a failed order has nothing to cancel".into(),
         )),
         v => Ok(v),
     }

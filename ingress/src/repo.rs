@@ -738,13 +738,19 @@ pub async fn cancel(
         return Ok(Cancel::Failed { user_id });
     }
     // Its stock units: a bundle's line as its components, summed with the order's own
-    // lines of the same SKUs.
+    // lines of the same SKUs. An order cancelled before (a repeat heals a crash between
+    // the commit and Redis) returns only what its cancel returned, per its ledger: a
+    // waitlisted order cancelled before its promotion never held a unit.
     let rows = tx
         .query(
             "SELECT u.sku, sum(u.qty)::bigint AS qty, s.buckets
                FROM order_units u JOIN skus s USING (sku)
-              WHERE u.order_id = $1 GROUP BY u.sku, s.buckets ORDER BY u.sku",
-            &[&id.as_uuid()],
+              WHERE u.order_id = $1
+                AND ($2 = 'confirmed' OR EXISTS (
+                     SELECT 1 FROM stock_movements m
+                      WHERE m.kind = 'cancel' AND m.reference = $1::text AND m.sku = u.sku))
+              GROUP BY u.sku, s.buckets ORDER BY u.sku",
+            &[&id.as_uuid(), &status],
         )
         .await?;
     let bundle_lines: Vec<(String, i64)> = tx
@@ -1045,28 +1051,4 @@ pub async fn update_sku(
         .await?;
     }
     Ok(Patched::Done(Box::new((before, after))))
-}
-
-/// The audit record of a manager's or admin's cancel of a waitlisted order (the cancel
-/// itself happened in Redis: `unwait.lua`).
-pub async fn audit_waitlist_cancel(
-    pool: &Pool,
-    actor: &Actor,
-    id: &OrderId,
-    user_id: &str,
-) -> anyhow::Result<()> {
-    let mut db = pool.get().await.context("PostgreSQL connection")?;
-    let tx = db.transaction().await?;
-    audit::append(
-        &tx,
-        actor,
-        Entry {
-            action: "order.cancel",
-            target: format!("order:{id}"),
-            before: Some(json!({ "status": "waitlisted", "user_id": user_id })),
-            after: Some(json!({ "status": "cancelled" })),
-        },
-    )
-    .await?;
-    tx.commit().await.context("committing an audit record")
 }

@@ -162,6 +162,18 @@ async fn waitlisted_orders_are_promoted_first_come_first_served() {
     assert_eq!(status(&app, &dan_id).await.body["position"], 2);
     assert_eq!(holding(&app, "cat", "hat").await, 0);
     until_status(&app, &cat_id, "cancelled").await;
+    // Once more after PostgreSQL recorded it: it never held a unit, so it returns none.
+    let third = app
+        .post(
+            &format!("/v1/orders/{cat_id}/cancel"),
+            Some(&app.customer("cat")),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(third.body["status"], "cancelled", "{third:?}");
+    assert_eq!(app.available("hat").await, Some(0));
+    assert_eq!(holding(&app, "cat", "hat").await, 0);
+    assert_eq!(waiting(&app, "hat").await, 2);
 
     // A new plain order finds nothing: the units that come back are the waitlist's.
     let r = app
@@ -180,18 +192,26 @@ async fn waitlisted_orders_are_promoted_first_come_first_served() {
     let late = app.order(&app.customer("fay"), &[("hat", 1)], None).await;
     assert_eq!((late.status, late.code()), (409, "sold_out"));
 
-    // A reload of a live Redis keeps the waitlist and its holdings.
+    // Bob, who bought one, waits for one more, behind dan.
+    let bob2 = wait_order(&app, &app.customer("bob"), "hat", 1).await;
+    assert_eq!(bob2.body["position"], 2, "{bob2:?}");
+    let bob2 = bob2.body["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(holding(&app, "bob", "hat").await, 2);
+
+    // A reload of a live Redis keeps the waitlist and its holdings: dan's (no order in
+    // PostgreSQL: kept as Redis had it) and bob's (1 confirmed in PostgreSQL + 1 waiting).
     app.wait_idle().await;
     let mut redis = app.redis.clone();
     floodgate_common::stock::load(&app.pg, &mut redis, &app.shards)
         .await
         .unwrap();
-    assert_eq!(waiting(&app, "hat").await, 1);
+    assert_eq!(waiting(&app, "hat").await, 2);
     assert_eq!(holding(&app, "dan", "hat").await, 1);
-    assert_eq!(holding(&app, "bob", "hat").await, 1);
+    assert_eq!(holding(&app, "bob", "hat").await, 2);
     assert_eq!(status(&app, &dan_id).await.body["position"], 1);
+    check_clean(&app).await;
 
-    // Ann's cancel gives back 2: dan (1) is promoted, the other unit is on sale.
+    // Ann's cancel gives back 2: dan and then bob are promoted.
     let c = app
         .post(
             &format!("/v1/orders/{first}/cancel"),
@@ -201,13 +221,14 @@ async fn waitlisted_orders_are_promoted_first_come_first_served() {
         .await;
     assert_eq!(c.status, 200, "{c:?}");
     until_status(&app, &dan_id, "confirmed").await;
+    until_status(&app, &bob2, "confirmed").await;
     app.wait_idle().await;
-    assert_eq!(app.available("hat").await, Some(1));
+    assert_eq!(app.available("hat").await, Some(0));
     assert_eq!(waiting(&app, "hat").await, 0);
     let sold: i64 = app
         .scalar("SELECT sold FROM inventory WHERE sku = 'hat'")
         .await;
-    assert_eq!(sold, 2, "bob and dan");
+    assert_eq!(sold, 3, "bob twice and dan");
     check_clean(&app).await;
 }
 
@@ -569,6 +590,8 @@ async fn a_waitlisted_order_s_status_changes_are_pushed() {
         )
         .await;
     assert_eq!(c.body["status"], "cancelled", "{c:?}");
+    // Written with the order's PostgreSQL record, by the reaper.
+    until_status(&app, &cat_id, "cancelled").await;
     let audit = app
         .get(
             &format!("/v1/audit?target=order:{cat_id}"),
@@ -668,4 +691,57 @@ async fn check_sees_a_waitlist_out_of_step_and_the_promoter_heals_a_stalled_one(
     // its commit is refused there (never oversold) and the order fails.
     until_status(&app, &id, "failed:insufficient_stock").await;
     assert_eq!(waiting(&app, "mug").await, 0);
+}
+
+/// A re-sent reserve of a waitlisted order (a cluster client re-sends a script whose
+/// reply was lost) answers `waitlisted` again, never `ok` (which would publish it), and
+/// changes nothing; a message for an order still waiting is never committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_sent_waitlist_decision_answers_the_same_and_a_stray_message_is_ignored() {
+    use floodgate_common::{
+        domain::{OrderId, OrderLine, OrderLines, Quantity, Sku},
+        redis::{self as fredis, Claim, Reserve, ReserveRequest},
+    };
+    let app = TestApp::spawn().await;
+    app.create_sku("pen", 1, None).await;
+    assert_eq!(
+        app.order(&app.customer("ann"), &[("pen", 1)], None)
+            .await
+            .status,
+        202
+    );
+    let user = UserId::parse("bob").unwrap();
+    let lines = OrderLines::try_from(vec![OrderLine {
+        sku: Sku::parse("pen").unwrap(),
+        qty: Quantity::try_from(1).unwrap(),
+    }])
+    .unwrap();
+    let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let req = ReserveRequest {
+        order_id: OrderId::new(),
+        user: &user,
+        lines: &lines,
+        held: None,
+        first: None,
+        buckets: &fredis::one_bucket,
+        idempotency: None,
+        accepted_at: "2026-12-05T00:00:00Z",
+        deadline_ms: now + 30_000,
+        waitlist_until_ms: Some(now + 3_600_000),
+        idempotency_ttl_secs: 60,
+    };
+    let keys = app.keys_of("pen").clone();
+    let mut r = app.redis.clone();
+    let first = fredis::reserve(&mut r, &keys, &req).await.unwrap();
+    assert_eq!(first, Reserve::Waitlisted { position: 1 });
+    let again = fredis::reserve(&mut r, &keys, &req).await.unwrap();
+    assert_eq!(again, first, "the re-sent call answers the same");
+    assert_eq!(waiting(&app, "pen").await, 1, "and counts it once");
+    assert_eq!(holding(&app, "bob", "pen").await, 1);
+    let claimed = fredis::claim(&mut r, &keys, &[req.order_id]).await.unwrap();
+    assert_eq!(claimed, [Claim::Unpublished]);
+    let v = status(&app, &req.order_id.to_string()).await;
+    assert_eq!(v.body["status"], "waitlisted", "{v:?}");
+    app.wait_idle().await;
+    check_clean(&app).await;
 }

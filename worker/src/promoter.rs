@@ -45,6 +45,9 @@ const ROUNDS: usize = 20;
 /// Every this many passes (about a second) a pass also runs `promote_now.lua` for every
 /// waitlisted SKU.
 const SWEEP_EVERY: u64 = 5;
+/// How long a promoter's turn on a shard lasts at most (it ends it when done; this
+/// bounds a turn whose worker died).
+const TURN: Duration = Duration::from_secs(15);
 /// How long the broker has to confirm one publish.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -129,6 +132,53 @@ async fn pass(
 ) -> Result<(), PassError> {
     let other = PassError::Other;
     for (_, keys) in shards.iter() {
+        // Most shards, most of the time, have no waitlist: one round trip says so.
+        let (promoted, new, waitlisted): (u64, u64, u64) = redis::pipe()
+            .zcard(keys.promoted())
+            .zcard(keys.waitlisted_new())
+            .hlen(keys.waiting())
+            .query_async(redis)
+            .await
+            .context("looking for waitlist work")
+            .map_err(other)?;
+        if promoted + new + waitlisted == 0 {
+            continue;
+        }
+        // One promoter per shard at a time; the others find it taken and pass on.
+        let turn: Option<String> = redis::cmd("SET")
+            .arg(keys.promoting())
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(TURN.as_millis() as u64)
+            .query_async(redis)
+            .await
+            .context("taking the shard's promoter turn")
+            .map_err(other)?;
+        if turn.is_none() {
+            continue;
+        }
+        let done = shard_pass(session, keys, redis, pg, wake, sweep).await;
+        let _: Result<(), _> = redis::cmd("DEL")
+            .arg(keys.promoting())
+            .query_async(redis)
+            .await;
+        done?;
+    }
+    Ok(())
+}
+
+/// One shard's part of a pass: its events, the sweep, its promoted orders.
+async fn shard_pass(
+    session: &Session,
+    keys: &fredis::Keys,
+    redis: &mut Redis,
+    pg: &Pool,
+    wake: &Notify,
+    sweep: bool,
+) -> Result<(), PassError> {
+    let other = PassError::Other;
+    {
         // Events first: an order promoted in the same pass says `waitlisted` before
         // `accepted`.
         for _ in 0..ROUNDS {

@@ -129,7 +129,7 @@ pub async fn once_in(
         let user = fredis::reservation_user(redis, keys, &id)
             .await?
             .unwrap_or_else(|| floodgate_common::domain::UserId::parse("-").expect("valid"));
-        match fredis::unwait(redis, keys, &id, &user, "waitlist_expired", now).await? {
+        match fredis::unwait(redis, keys, &id, &user, "waitlist_expired", now, None).await? {
             fredis::Unwait::Released => {
                 metrics::counter!(names::WAITLIST_LEFT, "reason" => "waitlist_expired")
                     .increment(1);
@@ -254,7 +254,8 @@ async fn record(
         match waited {
             // A waitlisted order that left its waitlist: it never held a unit.
             Some((status, reason)) => {
-                repo::record_unwaited(pg, &rec, status, reason)
+                let by = r.cancelled_by.as_deref().and_then(actor_of);
+                repo::record_unwaited(pg, &rec, status, reason, by.as_ref())
                     .await
                     .map_err(anyhow::Error::new)?;
             }
@@ -267,4 +268,19 @@ async fn record(
     }
     fredis::forget_reaped(redis, keys, id).await?;
     Ok(true)
+}
+
+/// The actor `unwait.lua` recorded for an audited cancel (`{"name","role","request_id"}`).
+fn actor_of(by: &str) -> Option<floodgate_common::audit::Actor> {
+    let v: serde_json::Value = serde_json::from_str(by).ok()?;
+    let role = match v["role"].as_str()? {
+        "admin" => "admin",
+        "manager" => "manager",
+        _ => return None,
+    };
+    Some(floodgate_common::audit::Actor {
+        name: v["name"].as_str()?.to_owned(),
+        role,
+        request_id: v["request_id"].as_str().map(str::to_owned),
+    })
 }

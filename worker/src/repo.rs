@@ -366,12 +366,29 @@ pub async fn record_unwaited(
     order: &OrderRecord,
     status: OrderStatus,
     reason: Option<FailReason>,
+    by: Option<&floodgate_common::audit::Actor>,
 ) -> Result<bool, DbError> {
     let mut db = pool.get().await?;
     let tx = db.transaction().await?;
     let new = insert_orders(&tx, &[order], status, reason).await?;
     if !new.is_empty() {
         insert_lines(&tx, &[order], None).await?;
+        // A manager's or admin's cancel: its audit record, with the order's.
+        if let Some(actor) = by {
+            floodgate_common::audit::append(
+                &tx,
+                actor,
+                floodgate_common::audit::Entry {
+                    action: "order.cancel",
+                    target: format!("order:{}", order.id),
+                    before: Some(serde_json::json!({
+                        "status": "waitlisted", "user_id": order.user_id })),
+                    after: Some(serde_json::json!({ "status": "cancelled" })),
+                },
+            )
+            .await
+            .map_err(|e| permanent(FailReason::Invalid, format!("{e:#}")))?;
+        }
     }
     tx.commit().await?;
     Ok(!new.is_empty())

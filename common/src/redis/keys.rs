@@ -175,6 +175,12 @@ impl Keys {
     pub fn promoted(&self) -> String {
         format!("{}promoted", self.prefix)
     }
+    /// Held (a few seconds, `SET NX PX`) by the worker whose promoter is passing over the
+    /// shard, so that several workers take turns instead of publishing the same promoted
+    /// orders (harmless, the claim takes one, but wasteful).
+    pub fn promoting(&self) -> String {
+        format!("{}promoting", self.prefix)
+    }
 }
 
 #[cfg(test)]

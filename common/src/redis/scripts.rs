@@ -31,6 +31,19 @@ static APPLY_STOCK: LazyLock<Script> = promoting!("lua/apply_stock.lua");
 static TAKE_STOCK: LazyLock<Script> = promoting!("lua/take_stock.lua");
 static UNWAIT: LazyLock<Script> = promoting!("lua/unwait.lua");
 static PROMOTE_NOW: LazyLock<Script> = promoting!("lua/promote_now.lua");
+/// Adds `rewait.lua` to a load's MULTI (`pipe`): the waitlisted orders' units back in
+/// the holdings of `written` ((user, sku) pairs the load wrote) of the shard of `keys`.
+pub fn rewait(pipe: &mut redis::Pipeline, keys: &Keys, written: &[(String, String)]) {
+    // EVAL, not EVALSHA: inside a MULTI a script Redis has not cached would fail.
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(include_str!("lua/rewait.lua"))
+        .arg(1)
+        .arg(keys.waiting());
+    for (user, sku) in written {
+        eval.arg(format!("{user}\t{sku}"));
+    }
+    pipe.add_command(eval).ignore();
+}
 
 /// How long released and done reservation records stay readable (redelivery, status).
 pub const RECORD_TTL_SECS: u64 = 86_400;
@@ -732,10 +745,12 @@ pub struct Reservation {
     pub reason: Option<String>,
     /// The Idempotency-Key of a waitlisted (or promoted) order, for its message.
     pub idempotency_key: Option<String>,
+    /// Who cancelled a waitlisted order, as JSON, when that cancel is audited.
+    pub cancelled_by: Option<String>,
 }
 
 /// The fields of a reservation hash that [`Reservation`] is read from, in order.
-const RESERVATION_FIELDS: [&str; 8] = [
+const RESERVATION_FIELDS: [&str; 9] = [
     "state",
     "user",
     "items",
@@ -744,6 +759,7 @@ const RESERVATION_FIELDS: [&str; 8] = [
     "part",
     "first",
     "idem",
+    "by",
 ];
 
 /// Reads one reservation record, if Redis has it.
@@ -752,7 +768,7 @@ pub async fn reservation<C: ConnectionLike>(
     keys: &Keys,
     order_id: &OrderId,
 ) -> RedisResult<Option<Reservation>> {
-    let fields: [Option<String>; 8] = redis::cmd("HMGET")
+    let fields: [Option<String>; 9] = redis::cmd("HMGET")
         .arg(keys.resv(order_id))
         .arg(&RESERVATION_FIELDS)
         .query_async(con)
@@ -778,12 +794,22 @@ pub async fn reservations<C: ConnectionLike>(
             .arg(keys.resv(id))
             .arg(&RESERVATION_FIELDS);
     }
-    let replies: Vec<[Option<String>; 8]> = pipe.query_async(con).await?;
+    let replies: Vec<[Option<String>; 9]> = pipe.query_async(con).await?;
     replies.into_iter().map(parse_reservation).collect()
 }
 
-fn parse_reservation(fields: [Option<String>; 8]) -> RedisResult<Option<Reservation>> {
-    let [state, user, items, accepted_at, reason, part, first, idem] = fields;
+fn parse_reservation(fields: [Option<String>; 9]) -> RedisResult<Option<Reservation>> {
+    let [
+        state,
+        user,
+        items,
+        accepted_at,
+        reason,
+        part,
+        first,
+        idem,
+        by,
+    ] = fields;
     let (Some(state), Some(user), Some(items)) = (state, user, items) else {
         return Ok(None);
     };
@@ -804,6 +830,7 @@ fn parse_reservation(fields: [Option<String>; 8]) -> RedisResult<Option<Reservat
         accepted_at: accepted_at.unwrap_or_default(),
         reason,
         idempotency_key: idem,
+        cancelled_by: by,
     }))
 }
 
@@ -1043,6 +1070,8 @@ pub enum Unwait {
 
 /// Runs `unwait.lua`: the waitlisted order `order_id` of `user` leaves its waitlist,
 /// `cancelled` by its buyer or `waitlist_expired` (only past its deadline, `now_ms`).
+/// `by`: who cancelled it, as JSON, when the cancel is audited (the reaper writes the
+/// record with the order's).
 pub async fn unwait<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
@@ -1050,6 +1079,7 @@ pub async fn unwait<C: ConnectionLike>(
     user: &UserId,
     reason: &str,
     now_ms: i64,
+    by: Option<&str>,
 ) -> RedisResult<Unwait> {
     let outcome: String = UNWAIT
         .key(keys.resv(order_id))
@@ -1060,6 +1090,7 @@ pub async fn unwait<C: ConnectionLike>(
         .arg(reason)
         .arg(now_ms)
         .arg(RECORD_TTL_SECS)
+        .arg(by.unwrap_or_default())
         .invoke_async(con)
         .await?;
     Ok(match outcome.as_str() {

@@ -22,6 +22,10 @@ for i = 1, #KEYS do
     out[i] = 'missing'
   elseif state == 'claimed' or state == 'done' then
     out[i] = state
+  elseif state == 'waitlisted' then
+    -- Still waiting: a message for it cannot be its own (it is published only once
+    -- promoted); it must not be committed, nor recorded.
+    out[i] = 'unpublished'
   elseif state == 'released' then
     if rec[2] == 'reservation_expired' then
       out[i] = 'expired'

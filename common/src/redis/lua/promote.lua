@@ -17,7 +17,10 @@
 local function promote(stock, sku)
   local p = string.sub(stock, 1, #stock - 5)
   local wl = p .. 'wl:' .. sku
-  if redis.call('EXISTS', wl) == 0 then
+  -- Nothing while the shard's gate is closed (no epoch: a load is rebuilding it from
+  -- PostgreSQL, whose snapshot would not know an order promoted meanwhile); the load
+  -- promotes what fits once it is done.
+  if redis.call('EXISTS', wl) == 0 or redis.call('EXISTS', p .. 'epoch') == 0 then
     return 0
   end
   local n, now = 0, nil

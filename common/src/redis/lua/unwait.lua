@@ -10,7 +10,9 @@
 -- KEYS[3] reaped   zset order id -> time, awaiting the PostgreSQL record
 -- KEYS[4] stock    hash sku -> units available (its prefix names the waitlist's keys)
 -- ARGV[1] order id, ARGV[2] 'cancelled' or 'waitlist_expired', ARGV[3] now (ms),
--- ARGV[4] seconds to keep the released record
+-- ARGV[4] seconds to keep the released record, ARGV[5] who cancelled it, as JSON, when
+-- the cancel is an audited write (a manager's or admin's; '' otherwise): the reaper
+-- writes the audit record with the order's PostgreSQL record
 --
 -- Returns 'released_now', 'not_due' (waitlist_expired before its deadline), or the
 -- state that kept it ('reserved', 'queued', ... when it was promoted first; 'missing').
@@ -32,6 +34,9 @@ redis.call('ZREM', p .. 'wl:' .. line.sku, ARGV[1])
 redis.call('ZREM', p .. 'wlexp', ARGV[1])
 redis.call('ZREM', p .. 'wlnew', ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'released', 'reason', ARGV[2])
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'by', ARGV[5])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 promote(stock, line.sku)
