@@ -1117,7 +1117,17 @@ pub async fn repair<C: ConnectionLike>(
     let started = Instant::now();
     let mut empty_since: Option<Instant> = None;
     loop {
-        let n = queued(&ch, &topology, &leftover).await?;
+        // Promoted orders not yet published are accepted orders PostgreSQL does not have
+        // yet, like queued ones (the gate stops new promotions: `promote.lua`).
+        let mut n = queued(&ch, &topology, &leftover).await?;
+        for (_, keys) in shards.iter() {
+            let promoted: u64 = redis::cmd("ZCARD")
+                .arg(keys.promoted())
+                .query_async(con)
+                .await
+                .context("counting promoted orders")?;
+            n += promoted;
+        }
         if n == 0 {
             let since = *empty_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= quiet {

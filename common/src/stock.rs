@@ -172,20 +172,14 @@ pub async fn load_shards<C: ConnectionLike>(
         .await
         .context("reading cancelled bundle lines")?;
     db.commit().await.context("ending the snapshot")?;
-    // Waitlisted orders live only in Redis: a load keeps them (and `wlw`, which the
-    // scripts keep in step with them), and adds the units they hold back to the
-    // holdings it writes (`rewait.lua`, inside the MULTI, so it sees the waitlists as
-    // they are when the holdings land). The SKUs with a waitlist now:
-    let mut waitlisted: std::collections::BTreeSet<(usize, String)> = Default::default();
-    for &g in which {
-        for (sku, _) in crate::redis::waiting(con, shards.get(g))
-            .await
-            .context("reading the waitlisted SKUs")?
-        {
-            waitlisted.insert((g, sku));
-        }
-    }
-    // Per shard, the (user, sku) pairs written below for a SKU with a waitlist.
+    // Waitlisted orders live only in Redis: a load keeps them, and inside its MULTI
+    // (`rewait.lua`, which sees the waitlists as they are when the holdings land)
+    // rebuilds `wlw` from the lists and adds the units they hold back to the holdings
+    // it writes. The (user, sku) pairs with a waitlisted order now: only those can need
+    // it (while the gate is closed waitlists only shrink).
+    let waiting_pairs = waitlisted_pairs(con, shards, which).await?;
+    // Per shard: the SKUs whose lists rewait.lua reads, and the pairs it adds to.
+    let mut shard_skus: std::collections::BTreeMap<usize, Vec<String>> = Default::default();
     let mut rewrite: std::collections::BTreeMap<usize, Vec<(String, String)>> = Default::default();
 
     let mut pipes: std::collections::BTreeMap<usize, redis::Pipeline> = which
@@ -229,6 +223,10 @@ pub async fn load_shards<C: ConnectionLike>(
             continue;
         }
         let at = shards.bucket_shards(&parsed, bucket_count(r));
+        if at.len() == 1 {
+            // A SKU of one bucket may have a waitlist (in its shard).
+            shard_skus.entry(at[0]).or_default().push(sku.clone());
+        }
         let available: i64 = r.get("available");
         // A SKU with buckets: its units evenly over them (the first ones get the
         // remainder), when every bucket is loaded now. Loading only some of them (their
@@ -279,18 +277,19 @@ pub async fn load_shards<C: ConnectionLike>(
                 sku.as_str(),
                 r.get::<_, i64>("held"),
             );
-            if waitlisted.contains(&(g, sku.to_string())) {
-                rewrite
-                    .entry(g)
-                    .or_default()
-                    .push((user.to_string(), sku.to_string()));
+            let pair = (user.to_string(), sku.to_string());
+            if waiting_pairs.contains(&(g, pair.0.clone(), pair.1.clone())) {
+                rewrite.entry(g).or_default().push(pair);
             }
         }
     }
-    for (g, pairs) in &rewrite {
-        if let Some(pipe) = pipes.get_mut(g) {
-            crate::redis::rewait(pipe, shards.get(*g), pairs);
-        }
+    for (g, pipe) in pipes.iter_mut() {
+        crate::redis::rewait(
+            pipe,
+            shards.get(*g),
+            shard_skus.get(g).map_or(&[][..], Vec::as_slice),
+            rewrite.get(g).map_or(&[][..], Vec::as_slice),
+        );
     }
     for r in &receipts {
         let Ok(sku) = Sku::parse(r.get::<_, String>("sku")) else {
@@ -349,12 +348,56 @@ pub async fn load_shards<C: ConnectionLike>(
     lock.commit().await.context("releasing the load lock")?;
     // The loaded levels may cover a waitlist's head: it gets them before any new order.
     // (Until this runs a new order still takes only what is above the waitlist.)
-    for (g, sku) in &waitlisted {
-        crate::redis::promote_now(con, shards.get(*g), sku)
+    for &g in which {
+        for (sku, _) in crate::redis::waiting(con, shards.get(g))
             .await
-            .context("promoting waitlisted orders after the load")?;
+            .context("reading the waitlisted SKUs")?
+        {
+            crate::redis::promote_now(con, shards.get(g), &sku)
+                .await
+                .context("promoting waitlisted orders after the load")?;
+        }
     }
     Ok(loaded)
+}
+
+/// (shard, user, sku) of every order on a waitlist of the shards `which`.
+async fn waitlisted_pairs<C: ConnectionLike>(
+    con: &mut C,
+    shards: &Shards,
+    which: &[usize],
+) -> anyhow::Result<std::collections::HashSet<(usize, String, String)>> {
+    let mut out = std::collections::HashSet::new();
+    for &g in which {
+        let keys = shards.get(g);
+        for (sku, _) in crate::redis::waiting(con, keys)
+            .await
+            .context("reading the waitlisted SKUs")?
+        {
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(keys.waitlist(&sku))
+                .arg(0)
+                .arg(-1)
+                .query_async(con)
+                .await
+                .context("reading a waitlist")?;
+            let ids: Vec<crate::domain::OrderId> = ids
+                .iter()
+                .filter_map(|i| crate::domain::OrderId::parse(i))
+                .collect();
+            for chunk in ids.chunks(500) {
+                let found = crate::redis::reservations(con, keys, chunk)
+                    .await
+                    .context("reading waitlisted orders")?;
+                for r in found.into_iter().flatten() {
+                    if r.state == crate::redis::ResvState::Waitlisted {
+                        out.insert((g, r.user.to_string(), sku.clone()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Every bundle's definition, from `bundle_components` (a bundle whose rows break the

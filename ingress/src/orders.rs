@@ -279,7 +279,7 @@ async fn place_to_the_end(
                     accepted_at,
                     confirmed_at: None,
                     reason: None,
-                    position: Some(position),
+                    position: (position > 0).then_some(position),
                 }));
             }
             Reserve::Duplicate {

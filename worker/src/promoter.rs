@@ -47,7 +47,34 @@ const ROUNDS: usize = 20;
 const SWEEP_EVERY: u64 = 5;
 /// How long a promoter's turn on a shard lasts at most (it ends it when done; this
 /// bounds a turn whose worker died).
-const TURN: Duration = Duration::from_secs(15);
+const TURN: Duration = Duration::from_secs(3);
+
+/// Ends a promoter's turn if it is still its own (another may hold it after an expiry).
+static END_TURN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+    )
+});
+/// Renews a promoter's turn if it is still its own; 0 when it was lost.
+static RENEW_TURN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
+    )
+});
+
+/// Keeps the turn `me` on the shard of `keys` for another [`TURN`]; false when it was
+/// lost (it expired and another promoter took it): the pass stops.
+async fn renew(keys: &fredis::Keys, redis: &mut Redis, me: &str) -> Result<bool, PassError> {
+    let kept: i64 = RENEW_TURN
+        .key(keys.promoting())
+        .arg(me)
+        .arg(TURN.as_millis() as u64)
+        .invoke_async(redis)
+        .await
+        .context("renewing the shard's promoter turn")
+        .map_err(PassError::Other)?;
+    Ok(kept == 1)
+}
 /// How long the broker has to confirm one publish.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -144,10 +171,12 @@ async fn pass(
         if promoted + new + waitlisted == 0 {
             continue;
         }
-        // One promoter per shard at a time; the others find it taken and pass on.
+        // One promoter per shard at a time; the others find it taken and pass on. The
+        // turn is renewed between rounds and ended only by its holder.
+        let me = uuid::Uuid::now_v7().to_string();
         let turn: Option<String> = redis::cmd("SET")
             .arg(keys.promoting())
-            .arg(1)
+            .arg(&me)
             .arg("NX")
             .arg("PX")
             .arg(TURN.as_millis() as u64)
@@ -158,10 +187,11 @@ async fn pass(
         if turn.is_none() {
             continue;
         }
-        let done = shard_pass(session, keys, redis, pg, wake, sweep).await;
-        let _: Result<(), _> = redis::cmd("DEL")
-            .arg(keys.promoting())
-            .query_async(redis)
+        let done = shard_pass(session, keys, redis, pg, wake, sweep, &me).await;
+        let _: Result<i64, _> = END_TURN
+            .key(keys.promoting())
+            .arg(&me)
+            .invoke_async(redis)
             .await;
         done?;
     }
@@ -176,6 +206,7 @@ async fn shard_pass(
     pg: &Pool,
     wake: &Notify,
     sweep: bool,
+    me: &str,
 ) -> Result<(), PassError> {
     let other = PassError::Other;
     {
@@ -185,7 +216,7 @@ async fn shard_pass(
             let n = announce_waitlisted(keys, redis, pg, wake)
                 .await
                 .map_err(other)?;
-            if n < PER_PASS {
+            if n < PER_PASS || !renew(keys, redis, me).await? {
                 break;
             }
         }
@@ -202,7 +233,9 @@ async fn shard_pass(
             }
         }
         for _ in 0..ROUNDS {
-            if publish_promoted(session, keys, redis, pg, wake).await? < PER_PASS {
+            if !renew(keys, redis, me).await?
+                || publish_promoted(session, keys, redis, pg, wake).await? < PER_PASS
+            {
                 break;
             }
         }

@@ -254,7 +254,14 @@ async fn record(
         match waited {
             // A waitlisted order that left its waitlist: it never held a unit.
             Some((status, reason)) => {
-                let by = r.cancelled_by.as_deref().and_then(actor_of);
+                let by = r.cancelled_by.as_deref().and_then(|b| {
+                    let actor = actor_of(b);
+                    if actor.is_none() {
+                        tracing::warn!(order_id = %id, by = b,
+                            "a waitlisted order's cancel names an actor that cannot be read; recorded without its audit row");
+                    }
+                    actor
+                });
                 repo::record_unwaited(pg, &rec, status, reason, by.as_ref())
                     .await
                     .map_err(anyhow::Error::new)?;

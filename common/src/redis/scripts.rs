@@ -31,14 +31,22 @@ static APPLY_STOCK: LazyLock<Script> = promoting!("lua/apply_stock.lua");
 static TAKE_STOCK: LazyLock<Script> = promoting!("lua/take_stock.lua");
 static UNWAIT: LazyLock<Script> = promoting!("lua/unwait.lua");
 static PROMOTE_NOW: LazyLock<Script> = promoting!("lua/promote_now.lua");
-/// Adds `rewait.lua` to a load's MULTI (`pipe`): the waitlisted orders' units back in
-/// the holdings of `written` ((user, sku) pairs the load wrote) of the shard of `keys`.
-pub fn rewait(pipe: &mut redis::Pipeline, keys: &Keys, written: &[(String, String)]) {
+/// Adds `rewait.lua` to a load's MULTI (`pipe`) for the shard of `keys`: `wlw` rebuilt
+/// from the lists of `skus` (and of the SKUs it names), and the waitlisted orders' units
+/// back in the holdings of `written` ((user, sku) pairs the load wrote).
+pub fn rewait(
+    pipe: &mut redis::Pipeline,
+    keys: &Keys,
+    skus: &[String],
+    written: &[(String, String)],
+) {
     // EVAL, not EVALSHA: inside a MULTI a script Redis has not cached would fail.
     let mut eval = redis::cmd("EVAL");
     eval.arg(include_str!("lua/rewait.lua"))
         .arg(1)
-        .arg(keys.waiting());
+        .arg(keys.waiting())
+        .arg(skus.len())
+        .arg(skus);
     for (user, sku) in written {
         eval.arg(format!("{user}\t{sku}"));
     }
@@ -144,6 +152,7 @@ pub enum Reserve {
     },
     /// Short of stock, and the order may wait: it is on the SKU's waitlist at
     /// `position` (1 = next), nothing reserved, its units counted in the user's holding.
+    /// (0 only for a re-sent call of an order that left the list since.)
     Waitlisted {
         position: i64,
     },

@@ -29,7 +29,10 @@ for i = 1, #KEYS do
   elseif state == 'released' then
     if rec[2] == 'reservation_expired' then
       out[i] = 'expired'
-    elseif rec[2] == 'publish_failed' or rec[2] == 'publish_abandoned' or rec[2] == 'refused' then
+    elseif rec[2] == 'publish_failed' or rec[2] == 'publish_abandoned' or rec[2] == 'refused'
+        or rec[2] == 'cancelled' or rec[2] == 'waitlist_expired' then
+      -- Never published ('cancelled' and 'waitlist_expired': a waitlisted order that left
+      -- its list unpromoted; the reaper records it).
       out[i] = 'unpublished'
     else
       out[i] = 'released'

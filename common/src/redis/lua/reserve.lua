@@ -55,14 +55,16 @@
 -- again would leave the first ones held by nothing. It is checked before the gate and
 -- the Idempotency-Key: the first run wrote the key's record naming this order, and
 -- answering 'dup' to the re-sent call would make ingress wait for itself.
-local already = redis.call('HMGET', KEYS[6], 'state', 'items')
+local already = redis.call('HMGET', KEYS[6], 'state', 'items', 'wseq')
 if already[1] then
-  if already[1] == 'waitlisted' then
-    -- The first run waitlisted it: the same answer (never 'ok', which would publish it).
+  if already[3] then
+    -- The first run waitlisted it: the same answer (never 'ok', which would publish it:
+    -- the promoter publishes it once promoted, and a cancelled or expired one never).
+    -- Its position, or 0 once it left the list (promoted, cancelled or expired since).
     local p = string.sub(KEYS[2], 1, #KEYS[2] - 5)
     local sku = cjson.decode(already[2])[1].sku
     local rank = redis.call('ZRANK', p .. 'wl:' .. sku, ARGV[1])
-    return {'waitlisted', tostring((rank or 0) + 1)}
+    return {'waitlisted', tostring(rank and rank + 1 or 0)}
   end
   return {'ok'}
 end
