@@ -976,27 +976,14 @@ async fn check_waitlists<C: ConnectionLike>(
         .await
         .context("reading the waitlisted SKUs")?
     {
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(keys.waitlist(&sku))
-            .arg(0)
-            .arg(-1)
-            .query_async(con)
-            .await
-            .context("reading a waitlist")?;
-        let ids: Vec<OrderId> = ids.iter().filter_map(|i| OrderId::parse(i)).collect();
         let (mut held, mut head) = (0, None);
-        for chunk in ids.chunks(SCAN_CHUNK) {
-            let found = crate::redis::reservations(con, keys, chunk)
-                .await
-                .context("reading waitlisted orders")?;
-            for r in found.into_iter().flatten() {
-                if r.state != crate::redis::ResvState::Waitlisted {
-                    continue;
-                }
-                let qty: i64 = r.lines.iter().map(|l| l.qty.get()).sum();
-                head.get_or_insert(qty);
-                held += qty;
-            }
+        for (_, r) in crate::redis::waitlisted(con, keys, &sku)
+            .await
+            .context("reading a waitlist")?
+        {
+            let qty: i64 = r.lines.iter().map(|l| l.qty.get()).sum();
+            head.get_or_insert(qty);
+            held += qty;
         }
         if held != waiting {
             out.push(v(

@@ -374,26 +374,11 @@ async fn waitlisted_pairs<C: ConnectionLike>(
             .await
             .context("reading the waitlisted SKUs")?
         {
-            let ids: Vec<String> = redis::cmd("ZRANGE")
-                .arg(keys.waitlist(&sku))
-                .arg(0)
-                .arg(-1)
-                .query_async(con)
+            for (_, r) in crate::redis::waitlisted(con, keys, &sku)
                 .await
-                .context("reading a waitlist")?;
-            let ids: Vec<crate::domain::OrderId> = ids
-                .iter()
-                .filter_map(|i| crate::domain::OrderId::parse(i))
-                .collect();
-            for chunk in ids.chunks(500) {
-                let found = crate::redis::reservations(con, keys, chunk)
-                    .await
-                    .context("reading waitlisted orders")?;
-                for r in found.into_iter().flatten() {
-                    if r.state == crate::redis::ResvState::Waitlisted {
-                        out.insert((g, r.user.to_string(), sku.clone()));
-                    }
-                }
+                .context("reading a waitlist")?
+            {
+                out.insert((g, r.user.to_string(), sku.clone()));
             }
         }
     }

@@ -342,9 +342,14 @@ async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
     r.text().await.unwrap()
 }
 
+/// The notifier's readiness body; Null when the request failed, so a caller polling it
+/// until a condition holds takes a failed request (a pooled connection the server closed
+/// as it was reused, seen once on the cluster) as "not yet" rather than panicking.
 async fn readyz(client: &reqwest::Client, base: &str) -> Value {
-    let r = client.get(format!("{base}/readyz")).send().await.unwrap();
-    r.json().await.unwrap()
+    match client.get(format!("{base}/readyz")).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -852,17 +852,7 @@ pub async fn due<C: ConnectionLike>(
     now_ms: i64,
     limit: usize,
 ) -> RedisResult<Vec<OrderId>> {
-    let ids: Vec<String> = redis::cmd("ZRANGE")
-        .arg(keys.deadlines())
-        .arg("-inf")
-        .arg(now_ms)
-        .arg("BYSCORE")
-        .arg("LIMIT")
-        .arg(0)
-        .arg(limit)
-        .query_async(con)
-        .await?;
-    Ok(ids.iter().filter_map(|s| OrderId::parse(s)).collect())
+    zset_upto(con, &keys.deadlines(), &now_ms.to_string(), limit).await
 }
 
 /// Runs `reap.lua` for one due order. Returns true if this call released it.
@@ -1148,7 +1138,26 @@ pub async fn waitlist_position<C: ConnectionLike>(
     Ok(rank.map(|r| r + 1))
 }
 
-/// The first `limit` orders of `sku`'s waitlist, next first.
+/// Every order still waitlisted on `sku`'s list in the shard of `keys`, next first (the
+/// list read whole, the records in chunks of 500: for checks and loads, not hot paths).
+pub async fn waitlisted<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    sku: &str,
+) -> RedisResult<Vec<(OrderId, Reservation)>> {
+    let ids = waitlist_head(con, keys, sku, 0).await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let found = reservations(con, keys, chunk).await?;
+        out.extend(chunk.iter().zip(found).filter_map(|(id, r)| {
+            r.filter(|r| r.state == ResvState::Waitlisted)
+                .map(|r| (*id, r))
+        }));
+    }
+    Ok(out)
+}
+
+/// The first `limit` orders of `sku`'s waitlist, next first (0: all of them).
 pub async fn waitlist_head<C: ConnectionLike>(
     con: &mut C,
     keys: &Keys,
@@ -1161,6 +1170,7 @@ pub async fn waitlist_head<C: ConnectionLike>(
         .arg(limit as i64 - 1)
         .query_async(con)
         .await?;
+    // (limit 0 asks for 0..-1: the whole list.)
     Ok(ids.iter().filter_map(|s| OrderId::parse(s)).collect())
 }
 
