@@ -7,7 +7,7 @@ use floodgate_common::{
     auth::Caller,
     bundle::{Bundles, held_lines},
     domain::{IdempotencyKey, Invalid, OrderId, OrderLine, OrderLines, OrderStatus, Quantity, Sku},
-    redis::{self as fredis, Reserve, ReserveRequest, ResvState},
+    redis::{self as fredis, Reserve, ReserveRequest},
     telemetry::names,
     trace::TraceParent,
 };
@@ -519,27 +519,19 @@ pub async fn view(
     };
     // A waitlisted order leaves Redis only for PostgreSQL's record: until the worker
     // writes it, its released record says how it ended.
-    let (status, reason, position) = match (r.state, r.reason.as_deref()) {
-        (ResvState::Waitlisted, _) => {
-            let position = match r.lines.first() {
-                Some(l) => fredis::waitlist_position(
-                    &mut st.redis.clone(),
-                    st.shards.for_sku(&l.sku),
-                    l.sku.as_str(),
-                    &order_id,
-                )
-                .await
-                .map_err(|e| unavailable("Redis", e))?,
-                None => None,
-            };
-            (OrderStatus::Waitlisted, None, position)
-        }
-        (ResvState::Released, Some("cancelled")) => (OrderStatus::Cancelled, None, None),
-        (ResvState::Released, Some(r @ "waitlist_expired")) => {
-            (OrderStatus::Failed, Some(r.to_owned()), None)
-        }
-        (ResvState::Released, _) => return Ok(None),
-        _ => (OrderStatus::Accepted, None, None),
+    let Some((status, reason)) = r.status() else {
+        return Ok(None);
+    };
+    let position = match (status, r.lines.first()) {
+        (OrderStatus::Waitlisted, Some(l)) => fredis::waitlist_position(
+            &mut st.redis.clone(),
+            st.shards.for_sku(&l.sku),
+            l.sku.as_str(),
+            &order_id,
+        )
+        .await
+        .map_err(|e| unavailable("Redis", e))?,
+        _ => None,
     };
     Ok(Some(OrderView {
         order_id,

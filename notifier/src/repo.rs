@@ -6,7 +6,7 @@ use floodgate_common::{
     amqp::OrderEvent,
     domain::{OrderId, OrderStatus, UserId},
     reads::Reads,
-    redis::{ResvState, Shards, find_reservation},
+    redis::{Shards, find_reservation},
 };
 use std::time::Instant;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
@@ -53,16 +53,7 @@ pub async fn current(
         return Ok(None);
     };
     // A waitlisted order is in Redis only until PostgreSQL records how it ended.
-    let (status, reason) = match (resv.state, resv.reason.as_deref()) {
-        (ResvState::Waitlisted, _) => (Some(OrderStatus::Waitlisted), None),
-        (ResvState::Released, Some("cancelled")) => (Some(OrderStatus::Cancelled), None),
-        (ResvState::Released, Some(r @ "waitlist_expired")) => {
-            (Some(OrderStatus::Failed), Some(r.to_owned()))
-        }
-        (ResvState::Released, _) => (None, None),
-        _ => (Some(OrderStatus::Accepted), None),
-    };
-    let event = status.map(|status| OrderEvent {
+    let event = resv.status().map(|(status, reason)| OrderEvent {
         order_id: *id,
         user_id: resv.user.clone(),
         status,

@@ -15,7 +15,7 @@ use crate::repo::{self, OrderRecord};
 use deadpool_postgres::Pool;
 use floodgate_common::redis::Redis;
 use floodgate_common::{
-    domain::{FailReason, OrderId, OrderStatus},
+    domain::{FailReason, OrderId},
     redis::{self as fredis, Shards},
     telemetry::names,
 };
@@ -228,13 +228,7 @@ async fn record(
         }
     }
     if let Some(r) = found {
-        let waited = match r.reason.as_deref() {
-            Some("cancelled") => Some((OrderStatus::Cancelled, None)),
-            Some("waitlist_expired") => {
-                Some((OrderStatus::Failed, Some(FailReason::WaitlistExpired)))
-            }
-            _ => None,
-        };
+        let waited = r.unwaited();
         let rec = OrderRecord {
             id: *id,
             user_id: r.user.to_string(),

@@ -4,7 +4,9 @@
 use super::Keys;
 use crate::{
     bundle::{BundleDef, HeldLine},
-    domain::{IdempotencyKey, OrderId, OrderLine, OrderLines, Sku, UserId},
+    domain::{
+        FailReason, IdempotencyKey, OrderId, OrderLine, OrderLines, OrderStatus, Sku, UserId,
+    },
 };
 use redis::{RedisResult, Script, aio::ConnectionLike};
 use std::sync::LazyLock;
@@ -756,6 +758,37 @@ pub struct Reservation {
     pub idempotency_key: Option<String>,
     /// Who cancelled a waitlisted order, as JSON, when that cancel is audited.
     pub cancelled_by: Option<String>,
+}
+
+impl Reservation {
+    /// How an order that left its waitlist unpromoted ended (its released record's
+    /// reason): `cancelled`, or `failed` / `waitlist_expired`. None for any other record.
+    pub fn unwaited(&self) -> Option<(OrderStatus, Option<FailReason>)> {
+        if self.state != ResvState::Released {
+            return None;
+        }
+        match self.reason.as_deref() {
+            Some("cancelled") => Some((OrderStatus::Cancelled, None)),
+            Some("waitlist_expired") => {
+                Some((OrderStatus::Failed, Some(FailReason::WaitlistExpired)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The status (and reason) the API shows for an order PostgreSQL does not hold yet:
+    /// `waitlisted`, `accepted` while it holds stock, how it left its waitlist until the
+    /// worker records that ([`Self::unwaited`]); None for any other released record (its
+    /// order is failed in PostgreSQL, or never existed).
+    pub fn status(&self) -> Option<(OrderStatus, Option<String>)> {
+        match self.state {
+            ResvState::Waitlisted => Some((OrderStatus::Waitlisted, None)),
+            ResvState::Released => self
+                .unwaited()
+                .map(|(s, r)| (s, r.map(|r| r.as_str().to_owned()))),
+            _ => Some((OrderStatus::Accepted, None)),
+        }
+    }
 }
 
 /// The fields of a reservation hash that [`Reservation`] is read from, in order.
