@@ -32,15 +32,11 @@
 
 use floodgate_common::{
     Config,
-    amqp::{self, HEALTHY_LINK, IntakeMessage, Link, PUBLISHED_HEADER, Reconnect, Topology},
+    amqp::{self, HEALTHY_LINK, IntakeMessage, Link, Reconnect, Topology},
     retry::Backoff,
     trace::TraceParent,
 };
-use lapin::{
-    BasicProperties, Channel, Confirmation,
-    options::BasicPublishOptions,
-    types::{AMQPValue, FieldTable},
-};
+use lapin::{Channel, Confirmation, options::BasicPublishOptions};
 use std::{
     sync::{
         Arc, Mutex, RwLock,
@@ -195,22 +191,8 @@ impl Publisher {
         let i = &self.inner;
         let session = self.current().ok_or(PublishError::NotConnected)?;
         let ch = &session.channels[i.next.fetch_add(1, Ordering::Relaxed) % session.channels.len()];
-        // When it went out, so the worker can measure how long it waited in the queue,
-        // and the order's trace.
-        let mut headers = match trace {
-            Some(t) => floodgate_common::amqp::trace_headers(t),
-            None => FieldTable::default(),
-        };
-        headers.insert(
-            PUBLISHED_HEADER.into(),
-            AMQPValue::LongLongInt(amqp::unix_ms()),
-        );
-        let props = BasicProperties::default()
-            // 2 = persistent: written to disk by the quorum queue before the confirm.
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(message_id.into())
-            .with_headers(headers);
+        // When it went out (the worker measures how long it waited), and its trace.
+        let props = amqp::intake_properties(message_id, trace);
         let payload = msg.to_bytes();
         let IntakeMessage::OrderV1(order) = msg;
         let key = &i.topology.partition_for(&order.items).key;

@@ -63,28 +63,35 @@ fn trip(at: Failpoint, armed: Option<Failpoint>) {
     }
 }
 
-/// The relay's broker session: its own link and one confirm-mode channel.
-struct Session {
-    link: Link,
-    channel: Channel,
-    exchange: String,
+/// The broker session of a worker task that publishes (the relay, the waitlist's
+/// promoter): a link of its own, named `floodgate-<task> <namespace>`, and one
+/// confirm-mode channel, so its failures never disturb the consumer.
+pub(crate) struct Session {
+    pub link: Link,
+    pub channel: Channel,
+    pub topology: Topology,
 }
 
 impl Session {
-    async fn open(cfg: &Config) -> anyhow::Result<Self> {
+    pub async fn open(cfg: &Config, task: &str) -> anyhow::Result<Self> {
         let link = Link::open(
             &cfg.amqp_url,
-            &format!("floodgate-outbox {}", cfg.namespace),
+            &format!("floodgate-{task} {}", cfg.namespace),
         )
         .await?;
         let channel = link.confirm_channel().await?;
-        let topology = Topology::of(cfg);
-        topology.declare_events(&channel).await?;
         Ok(Self {
             link,
             channel,
-            exchange: topology.events_exchange,
+            topology: Topology::of(cfg),
         })
+    }
+
+    /// The relay's session: the `events` exchange declared.
+    async fn relay(cfg: &Config) -> anyhow::Result<Self> {
+        let session = Self::open(cfg, "outbox").await?;
+        session.topology.declare_events(&session.channel).await?;
+        Ok(session)
     }
 }
 
@@ -99,7 +106,7 @@ enum PassError {
 pub async fn run(cfg: Config, pg: Pool, wake: Arc<Notify>, shutdown: CancellationToken) {
     let armed = failpoint();
     let mut links = Reconnect::new("outbox", Backoff::BACKGROUND);
-    while let Some(session) = links.next(&shutdown, || Session::open(&cfg)).await {
+    while let Some(session) = links.next(&shutdown, || Session::relay(&cfg)).await {
         let lost = relay(&cfg, &pg, &session, &wake, armed, &shutdown).await;
         session.link.close().await;
         match lost {
@@ -241,7 +248,7 @@ async fn publish_rows(
         let confirm = session
             .channel
             .basic_publish(
-                session.exchange.as_str().into(),
+                session.topology.events_exchange.as_str().into(),
                 routing_key.into(),
                 // Not mandatory: with no notifier running, nobody is bound, and that is
                 // not a failure.

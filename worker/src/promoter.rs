@@ -15,22 +15,18 @@
 //! also promotes what fits of every waitlisted SKU (`promote_now.lua`): units that came
 //! back by a path that does not promote (a load) reach the waitlist within a pass.
 
-use crate::repo;
+use crate::{outbox::Session, repo};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use floodgate_common::{
     Config,
-    amqp::{self, IntakeMessage, Link, OrderPlaced, PUBLISHED_HEADER, Reconnect, Topology},
+    amqp::{self, IntakeMessage, OrderPlaced, Reconnect},
     domain::{IdempotencyKey, OrderId, OrderLines, OrderStatus},
     redis::{self as fredis, ConfirmedOrder, Redis, ResvState, Shards},
     retry::Backoff,
     telemetry::names,
 };
-use lapin::{
-    BasicProperties, Channel, Confirmation,
-    options::BasicPublishOptions,
-    types::{AMQPValue, FieldTable},
-};
+use lapin::{Confirmation, options::BasicPublishOptions};
 use std::{sync::Arc, time::Duration};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -75,32 +71,9 @@ async fn renew(keys: &fredis::Keys, redis: &mut Redis, me: &str) -> Result<bool,
         .map_err(PassError::Other)?;
     Ok(kept == 1)
 }
+
 /// How long the broker has to confirm one publish.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-
-struct Session {
-    link: Link,
-    channel: Channel,
-    topology: Topology,
-}
-
-impl Session {
-    async fn open(cfg: &Config) -> anyhow::Result<Self> {
-        let link = Link::open(
-            &cfg.amqp_url,
-            &format!("floodgate-promoter {}", cfg.namespace),
-        )
-        .await?;
-        let channel = link.confirm_channel().await?;
-        let topology = Topology::of(cfg);
-        topology.declare_events(&channel).await?;
-        Ok(Self {
-            link,
-            channel,
-            topology,
-        })
-    }
-}
 
 /// Why a pass stopped: the broker link needs rebuilding, or Redis or PostgreSQL failed.
 enum PassError {
@@ -119,7 +92,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut links = Reconnect::new("promoter", Backoff::BACKGROUND);
-    while let Some(session) = links.next(&shutdown, || Session::open(&cfg)).await {
+    // The intake exchange and queues are the consumer's to declare (a publish that finds
+    // no queue bound comes back, and the pass is tried again).
+    while let Some(session) = links
+        .next(&shutdown, || Session::open(&cfg, "promoter"))
+        .await
+    {
         let mut redis = redis.clone();
         let mut passes: u64 = 0;
         let lost = loop {
@@ -366,16 +344,7 @@ async fn publish(session: &Session, id: &OrderId, r: &fredis::Reservation) -> an
     });
     let IntakeMessage::OrderV1(order) = &msg;
     let key = &session.topology.partition_for(&order.items).key;
-    let mut headers = FieldTable::default();
-    headers.insert(
-        PUBLISHED_HEADER.into(),
-        AMQPValue::LongLongInt(amqp::unix_ms()),
-    );
-    let props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_message_id(id.to_string().into())
-        .with_headers(headers);
+    let props = amqp::intake_properties(&id.to_string(), None);
     let confirm = async {
         let pending = session
             .channel

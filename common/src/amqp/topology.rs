@@ -112,6 +112,26 @@ pub fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The properties of a new order's intake message (ingress's publish, the waitlist
+/// promoter's): persistent (written to disk by the quorum queue before the confirm),
+/// JSON, the order id as `message_id`, [`PUBLISHED_HEADER`] now, and the order's
+/// `trace` in `traceparent`.
+pub fn intake_properties(
+    message_id: &str,
+    trace: Option<&crate::trace::TraceParent>,
+) -> lapin::BasicProperties {
+    let mut headers = match trace {
+        Some(t) => super::trace_headers(t),
+        None => FieldTable::default(),
+    };
+    headers.insert(PUBLISHED_HEADER.into(), AMQPValue::LongLongInt(unix_ms()));
+    lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_headers(headers)
+}
+
 /// The [`PUBLISHED_HEADER`] of a message's headers, if it has a usable one.
 pub fn published_ms(headers: Option<&FieldTable>) -> Option<i64> {
     match headers?.inner().get(PUBLISHED_HEADER)? {
