@@ -24,6 +24,11 @@ async fn wait_order(app: &TestApp, token: &str, sku: &str, qty: i64) -> Resp {
     .await
 }
 
+async fn cancel(app: &TestApp, id: &str, token: &str) -> Resp {
+    app.post(&format!("/v1/orders/{id}/cancel"), Some(token), &json!({}))
+        .await
+}
+
 async fn status(app: &TestApp, id: &str) -> Resp {
     app.get(&format!("/v1/orders/{id}"), Some(&app.admin()))
         .await
@@ -139,37 +144,19 @@ async fn waitlisted_orders_are_promoted_first_come_first_served() {
 
     // A receipt of 1 while the head waits for 1: the head gets it, in the same decision.
     // First a cancel of cat (position 2): dan moves up.
-    let c = app
-        .post(
-            &format!("/v1/orders/{cat_id}/cancel"),
-            Some(&app.customer("cat")),
-            &json!({}),
-        )
-        .await;
+    let c = cancel(&app, &cat_id, &app.customer("cat")).await;
     assert_eq!(
         (c.status, c.body["status"].as_str()),
         (200, Some("cancelled")),
         "{c:?}"
     );
-    let again = app
-        .post(
-            &format!("/v1/orders/{cat_id}/cancel"),
-            Some(&app.customer("cat")),
-            &json!({}),
-        )
-        .await;
+    let again = cancel(&app, &cat_id, &app.customer("cat")).await;
     assert_eq!(again.status, 200, "a cancel is idempotent: {again:?}");
     assert_eq!(status(&app, &dan_id).await.body["position"], 2);
     assert_eq!(holding(&app, "cat", "hat").await, 0);
     until_status(&app, &cat_id, "cancelled").await;
     // Once more after PostgreSQL recorded it: it never held a unit, so it returns none.
-    let third = app
-        .post(
-            &format!("/v1/orders/{cat_id}/cancel"),
-            Some(&app.customer("cat")),
-            &json!({}),
-        )
-        .await;
+    let third = cancel(&app, &cat_id, &app.customer("cat")).await;
     assert_eq!(third.body["status"], "cancelled", "{third:?}");
     assert_eq!(app.available("hat").await, Some(0));
     assert_eq!(holding(&app, "cat", "hat").await, 0);
@@ -212,13 +199,7 @@ async fn waitlisted_orders_are_promoted_first_come_first_served() {
     check_clean(&app).await;
 
     // Ann's cancel gives back 2: dan and then bob are promoted.
-    let c = app
-        .post(
-            &format!("/v1/orders/{first}/cancel"),
-            Some(&ann),
-            &json!({}),
-        )
-        .await;
+    let c = cancel(&app, &first, &ann).await;
     assert_eq!(c.status, 200, "{c:?}");
     until_status(&app, &dan_id, "confirmed").await;
     until_status(&app, &bob2, "confirmed").await;
@@ -290,9 +271,7 @@ async fn a_waitlisted_order_expires_unpromoted() {
     );
     assert_eq!(holding(&app, "bob", "cap").await, 0);
     assert_eq!(waiting(&app, "cap").await, 0);
-    let c = app
-        .post(&format!("/v1/orders/{id}/cancel"), Some(&bob), &json!({}))
-        .await;
+    let c = cancel(&app, &id, &bob).await;
     assert_eq!((c.status, c.code()), (409, "not_cancellable"), "{c:?}");
     let ledger = app
         .scalar(&format!(
@@ -428,13 +407,7 @@ async fn the_waitlist_is_fair_under_concurrency() {
                 .map(|id| {
                     let app = &app;
                     async move {
-                        let r = app
-                            .post(
-                                &format!("/v1/orders/{id}/cancel"),
-                                Some(&app.admin()),
-                                &json!({}),
-                            )
-                            .await;
+                        let r = cancel(app, &id, &app.admin()).await;
                         assert_eq!(r.status, 200, "cancel {id}: {r:?}");
                         id
                     }
@@ -582,13 +555,7 @@ async fn a_waitlisted_order_s_status_changes_are_pushed() {
     // Another waits behind bob and is cancelled by an admin: audited, pushed.
     let cat = wait_order(&app, &app.customer("cat"), "tote", 1).await;
     let cat_id = cat.body["order_id"].as_str().unwrap().to_owned();
-    let c = app
-        .post(
-            &format!("/v1/orders/{cat_id}/cancel"),
-            Some(&app.admin()),
-            &json!({}),
-        )
-        .await;
+    let c = cancel(&app, &cat_id, &app.admin()).await;
     assert_eq!(c.body["status"], "cancelled", "{c:?}");
     // Written with the order's PostgreSQL record, by the reaper.
     until_status(&app, &cat_id, "cancelled").await;
@@ -610,13 +577,7 @@ async fn a_waitlisted_order_s_status_changes_are_pushed() {
     );
 
     // Ann's cancel returns the unit: bob's order is promoted and committed.
-    let r = app
-        .post(
-            &format!("/v1/orders/{first}/cancel"),
-            Some(&ann),
-            &json!({}),
-        )
-        .await;
+    let r = cancel(&app, &first, &ann).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(next(&mut mine).await, (id.clone(), "accepted".into()));
     assert_eq!(next(&mut mine).await, (id.clone(), "confirmed".into()));
@@ -743,13 +704,7 @@ async fn a_re_sent_waitlist_decision_answers_the_same_and_a_stray_message_is_ign
     assert_eq!(v.body["status"], "waitlisted", "{v:?}");
     // Cancelled since: a late re-send still answers `waitlisted` (no place in the list),
     // and a stray message for it is not committed.
-    let c = app
-        .post(
-            &format!("/v1/orders/{}/cancel", req.order_id),
-            Some(&app.customer("bob")),
-            &json!({}),
-        )
-        .await;
+    let c = cancel(&app, &req.order_id.to_string(), &app.customer("bob")).await;
     assert_eq!(c.body["status"], "cancelled", "{c:?}");
     let late = fredis::reserve(&mut r, &keys, &req).await.unwrap();
     assert_eq!(late, Reserve::Waitlisted { position: 0 });

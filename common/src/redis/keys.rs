@@ -145,7 +145,8 @@ impl Keys {
 
     // The waitlist (`reserve.lua` with a waitlist deadline, `promote.lua`, `unwait.lua`).
     // Every key below lives in the shard of the SKU it waits for; `promote.lua` derives
-    // the names from the stock key's prefix, so they must stay in step with it.
+    // the names from the stock key's prefix, so they must stay in step with it (as must
+    // `wlseq`, the waitlist sequence counter, which only `reserve.lua` names).
 
     /// Zset of the orders waiting for one SKU: order id -> the shard's waitlist sequence
     /// at the decision (first come, first served).
@@ -156,10 +157,6 @@ impl Keys {
     /// what is above it.
     pub fn waiting(&self) -> String {
         format!("{}wlw", self.prefix)
-    }
-    /// The waitlist sequence counter.
-    pub fn waitlist_seq(&self) -> String {
-        format!("{}wlseq", self.prefix)
     }
     /// Zset of waitlisted order ids -> the deadline (ms) past which the reaper fails them
     /// `waitlist_expired`.
