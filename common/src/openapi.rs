@@ -251,7 +251,7 @@ impl PartialSchema for OrderStatus {
         ObjectBuilder::new()
             .schema_type(Type::String)
             .enum_values(Some(
-                [Accepted, Confirmed, Failed, Cancelled].map(OrderStatus::as_str),
+                [Waitlisted, Accepted, Confirmed, Failed, Cancelled].map(OrderStatus::as_str),
             ))
             .into()
     }
