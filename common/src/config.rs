@@ -103,6 +103,41 @@ pub const VARS: &[Var] = &[
         about: "how long a waitlisted order waits for units before it fails as waitlist_expired",
     },
     Var {
+        name: "FLOODGATE_WEBHOOK_RETRY_SECS",
+        default: "1,5,30,120,600,1800,7200",
+        about: "webhook retry schedule: the delay before each retry of a failed delivery (seconds, fractions allowed; each delay is jittered +-20 %); past the last the delivery is dead",
+    },
+    Var {
+        name: "FLOODGATE_WEBHOOK_TIMEOUT_MS",
+        default: "10000",
+        about: "one webhook request's whole time (connect, send, answer); past it the attempt failed",
+    },
+    Var {
+        name: "FLOODGATE_WEBHOOK_CONCURRENCY",
+        default: "16",
+        about: "webhook requests one worker has in flight per endpoint at most",
+    },
+    Var {
+        name: "FLOODGATE_WEBHOOK_BREAKER_FAILURES",
+        default: "10",
+        about: "consecutive failed deliveries that open an endpoint's circuit",
+    },
+    Var {
+        name: "FLOODGATE_WEBHOOK_BREAKER_COOLDOWN_MS",
+        default: "10000",
+        about: "how long an open circuit waits before one half-open probe",
+    },
+    Var {
+        name: "FLOODGATE_WEBHOOK_ALLOW_PRIVATE",
+        default: "false",
+        about: "true lets webhooks reach loopback and private addresses (tests, a platform on the same network); refused by default (SSRF)",
+    },
+    Var {
+        name: "FLOODGATE_WEBHOOK_RETENTION_HOURS",
+        default: "168",
+        about: "how long webhook attempts, delivered deliveries, a deleted webhook's deliveries and the events they name are kept (hours, 0 keeps them all); a live webhook's pending and dead deliveries are never pruned",
+    },
+    Var {
         name: "FLOODGATE_IDEMPOTENCY_TTL_SECS",
         default: "86400",
         about: "how long an Idempotency-Key is remembered",
@@ -517,6 +552,8 @@ pub struct Config {
     pub keepalive: Duration,
     /// The ingress URL the live page places test orders against (as a browser sees it).
     pub public_ingress_url: String,
+    /// Webhook delivery (the webhook variables of [`VARS`]).
+    pub webhooks: WebhookSettings,
     /// Origins ingress answers CORS requests from: `*` (any; tokens are bearer headers,
     /// never cookies) or a comma-separated list.
     pub cors_origins: Vec<String>,
@@ -622,6 +659,23 @@ impl Config {
             subscriber_send_buffer: parsed(&get, "FLOODGATE_SUBSCRIBER_SEND_BUFFER_BYTES", 65_536)?,
             keepalive: secs("FLOODGATE_KEEPALIVE_SECS", 15)?,
             public_ingress_url: string("FLOODGATE_PUBLIC_INGRESS_URL", "http://127.0.0.1:8080"),
+            webhooks: WebhookSettings {
+                retry: webhook_retry(&string(
+                    "FLOODGATE_WEBHOOK_RETRY_SECS",
+                    "1,5,30,120,600,1800,7200",
+                ))?,
+                timeout: ms("FLOODGATE_WEBHOOK_TIMEOUT_MS", 10_000)?,
+                concurrency: parsed(&get, "FLOODGATE_WEBHOOK_CONCURRENCY", 16)?,
+                breaker_failures: parsed(&get, "FLOODGATE_WEBHOOK_BREAKER_FAILURES", 10)?,
+                breaker_cooldown: ms("FLOODGATE_WEBHOOK_BREAKER_COOLDOWN_MS", 10_000)?,
+                allow_private: parsed(&get, "FLOODGATE_WEBHOOK_ALLOW_PRIVATE", false)?,
+                retention: Some(Duration::from_secs(
+                    parsed::<u64>(&get, "FLOODGATE_WEBHOOK_RETENTION_HOURS", 168)?
+                        .saturating_mul(3600),
+                ))
+                .filter(|d| !d.is_zero()),
+                prune_every: Duration::from_secs(600),
+            },
             cors_origins: string("FLOODGATE_CORS_ORIGINS", "*")
                 .split(',')
                 .map(|o| o.trim().to_owned())
@@ -757,6 +811,31 @@ impl Config {
         if self.keepalive.is_zero() {
             return bad("FLOODGATE_KEEPALIVE_SECS", "must be at least 1");
         }
+        if self.webhooks.timeout < Duration::from_millis(100) {
+            return bad("FLOODGATE_WEBHOOK_TIMEOUT_MS", "must be at least 100");
+        }
+        if !(1..=256).contains(&self.webhooks.concurrency) {
+            return bad("FLOODGATE_WEBHOOK_CONCURRENCY", "must be 1..=256");
+        }
+        if self.webhooks.breaker_failures == 0 {
+            return bad("FLOODGATE_WEBHOOK_BREAKER_FAILURES", "must be at least 1");
+        }
+        if self.webhooks.breaker_cooldown < Duration::from_millis(100) {
+            return bad(
+                "FLOODGATE_WEBHOOK_BREAKER_COOLDOWN_MS",
+                "must be at least 100",
+            );
+        }
+        if self
+            .webhooks
+            .retention
+            .is_some_and(|d| d > Duration::from_secs(3600 * MAX_RETENTION_HOURS))
+        {
+            return bad(
+                "FLOODGATE_WEBHOOK_RETENTION_HOURS",
+                "must be 0 (keep everything) or 1..=87600",
+            );
+        }
         if !self.public_ingress_url.starts_with("http://")
             && !self.public_ingress_url.starts_with("https://")
         {
@@ -809,6 +888,55 @@ fn jwt_secrets(v: Option<String>) -> Result<Vec<Secret>, ConfigError> {
             }
         })
         .collect()
+}
+
+/// How webhooks are delivered (the webhook variables of [`VARS`]).
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// The delay before each retry of a failed delivery; past the last it is dead.
+    pub retry: Vec<Duration>,
+    /// One request's whole time.
+    pub timeout: Duration,
+    /// Requests in flight per endpoint per worker at most.
+    pub concurrency: usize,
+    /// Consecutive failures that open an endpoint's circuit.
+    pub breaker_failures: u32,
+    /// How long an open circuit waits before its half-open probe.
+    pub breaker_cooldown: Duration,
+    /// Loopback and private addresses allowed (tests; a platform on the same network).
+    pub allow_private: bool,
+    /// How long attempts, delivered deliveries and unowed events are kept (None: all).
+    pub retention: Option<Duration>,
+    /// How often each worker prunes what is older than `retention` (no variable: tests
+    /// shorten it).
+    pub prune_every: Duration,
+}
+
+/// The longest webhook retention (ten years): past it a typo, not a policy.
+const MAX_RETENTION_HOURS: u64 = 87_600;
+
+/// Parses `FLOODGATE_WEBHOOK_RETRY_SECS`: 1-20 comma-separated delays in seconds
+/// (fractions allowed, so tests can retry within a second), each 0.01..=86400.
+fn webhook_retry(v: &str) -> Result<Vec<Duration>, ConfigError> {
+    let bad = |reason: String| ConfigError::Invalid {
+        var: "FLOODGATE_WEBHOOK_RETRY_SECS",
+        reason,
+    };
+    let list = v
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| (0.01..=86_400.0).contains(s))
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| bad(format!("{p:?} is not a delay in seconds (0.01..=86400)")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() || list.len() > 20 {
+        return Err(bad("1 to 20 delays".into()));
+    }
+    Ok(list)
 }
 
 /// Parses `FLOODGATE_RETRY_DELAYS_MS`: 1-10 comma-separated delays in ms, each 1..=3600000.
@@ -1217,5 +1345,30 @@ mod tests {
         )])
         .unwrap();
         assert!(!format!("{c:?}").contains("a-very-secret-value-123-0123456789abcdef"));
+    }
+
+    #[test]
+    fn webhook_retention_is_hours_and_zero_keeps_everything() {
+        let hours = |h: u64| Some(Duration::from_secs(h * 3600));
+        assert_eq!(cfg(&[]).unwrap().webhooks.retention, hours(168));
+        let one = cfg(&[("FLOODGATE_WEBHOOK_RETENTION_HOURS", "1")]).unwrap();
+        assert_eq!(one.webhooks.retention, hours(1));
+        let all = cfg(&[("FLOODGATE_WEBHOOK_RETENTION_HOURS", "0")]).unwrap();
+        assert_eq!(all.webhooks.retention, None);
+        assert_eq!(
+            cfg(&[("FLOODGATE_WEBHOOK_RETENTION_HOURS", "87600")])
+                .unwrap()
+                .webhooks
+                .retention,
+            hours(87_600)
+        );
+        for bad in ["87601", "18446744073709551615", "-1", "a week", "1.5"] {
+            let e = cfg(&[("FLOODGATE_WEBHOOK_RETENTION_HOURS", bad)]).unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with("FLOODGATE_WEBHOOK_RETENTION_HOURS"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -84,7 +84,7 @@ pub fn home_partition(props: &BasicProperties, data: &[u8], topology: &Topology)
         return p;
     }
     match IntakeMessage::from_bytes(data) {
-        Ok(IntakeMessage::OrderV1(o)) => topology.partition_for(&o.items).index,
+        Ok(m) => topology.partition_for(&m.order().items).index,
         Err(_) => 0,
     }
 }

@@ -290,6 +290,8 @@ pub enum FailReason {
     WaitlistExpired,
     /// PostgreSQL's `sold <= on_hand` refused it.
     InsufficientStock,
+    /// Paid with points, and PostgreSQL's `balance >= 0` refused the spend.
+    InsufficientPoints,
     /// Transient failures outlasted the retry schedule.
     RetriesExhausted,
     /// A SKU of the order has no inventory row.
@@ -306,11 +308,12 @@ pub enum FailReason {
 
 impl FailReason {
     /// Every reason, so each can be exported at 0 before its first use.
-    pub const ALL: [FailReason; 10] = [
+    pub const ALL: [FailReason; 11] = [
         Self::ReservationExpired,
         Self::ReservationReleased,
         Self::WaitlistExpired,
         Self::InsufficientStock,
+        Self::InsufficientPoints,
         Self::RetriesExhausted,
         Self::UnknownSku,
         Self::Invalid,
@@ -325,6 +328,7 @@ impl FailReason {
             Self::ReservationReleased => "reservation_released",
             Self::WaitlistExpired => "waitlist_expired",
             Self::InsufficientStock => "insufficient_stock",
+            Self::InsufficientPoints => "insufficient_points",
             Self::RetriesExhausted => "retries_exhausted",
             Self::UnknownSku => "unknown_sku",
             Self::Invalid => "invalid",

@@ -52,5 +52,6 @@ pub mod stock;
 pub mod supervise;
 pub mod telemetry;
 pub mod trace;
+pub mod webhook;
 
 pub use config::{Config, Namespace};

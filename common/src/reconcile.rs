@@ -123,6 +123,10 @@ pub struct Settled {
     /// PATCH lost in a failover, or one that failed between its Redis write and its
     /// commit): rewritten from PostgreSQL.
     pub resynced: usize,
+    /// Cancelled orders paid with points that had no refund (a cancel by a version
+    /// before points, or by hand): refunded now (their Redis half follows under the
+    /// refund entry's token, counted in `reapplied`).
+    pub refunded: usize,
 }
 
 /// Settles open reservations whose order PostgreSQL already decided, in every shard (each
@@ -150,6 +154,8 @@ pub async fn settle<C: ConnectionLike>(
     }
     settled.reapplied = reapply_stock_changes(&mut db, con, shards).await?;
     settled.reapplied += reapply_bundle_cancels(&db, con, shards).await?;
+    settled.refunded = refund_cancelled(&mut db).await?;
+    settled.reapplied += reapply_point_credits(&db, con, shards).await?;
     settled.resynced = sync_rules(&mut db, con, shards).await?;
     settled.resynced += sync_bundles(&mut db, con, shards).await?;
     settled.given_back = settle_takes(&mut db, con, shards).await?;
@@ -160,6 +166,7 @@ pub async fn settle<C: ConnectionLike>(
             reapplied = settled.reapplied,
             given_back = settled.given_back,
             resynced = settled.resynced,
+            refunded = settled.refunded,
             "settled reservations whose order PostgreSQL had already decided (a lost Redis write)"
         );
     }
@@ -498,6 +505,119 @@ async fn reapply_bundle_cancels<C: ConnectionLike>(
         }
     }
     Ok(given)
+}
+
+/// Refunds the cancelled orders paid with points that have no `refund` entry: a cancel
+/// served by a version before points (a rolling deploy) changed the status only. The
+/// same entry and balance update as a cancel's, once per order (its unique entry), and
+/// only for an order whose points were spent (its `spend` entry). Found from the last
+/// day's `cancel` ledger rows (every cancel writes them; `stock_movements_once` leads
+/// with the kind), so no scan of `orders`. Returns how many.
+async fn refund_cancelled(db: &mut deadpool_postgres::Object) -> anyhow::Result<usize> {
+    let tx = db.transaction().await.context("starting the refunds")?;
+    let owed = "SELECT o.id, o.user_id, o.total_cents FROM orders o
+                 WHERE o.id IN (SELECT m.reference::uuid FROM stock_movements m
+                                 WHERE m.kind = 'cancel' AND m.at > now() - interval '1 day')
+                   AND o.status = 'cancelled' AND o.payment = 'points' AND o.total_cents > 0
+                   AND EXISTS (SELECT 1 FROM point_entries e
+                                WHERE e.user_id = o.user_id AND e.kind = 'spend'
+                                  AND e.reference = o.id::text)
+                   AND NOT EXISTS (SELECT 1 FROM point_entries e
+                                    WHERE e.user_id = o.user_id AND e.kind = 'refund'
+                                      AND e.reference = o.id::text)";
+    // The accounts first, in user order, as the worker's batches lock them; then only
+    // those users' refunds (a cancel committed meanwhile waits for the next pass).
+    let users: Vec<String> = tx
+        .query(
+            &format!(
+                "SELECT user_id FROM point_accounts
+                  WHERE user_id IN (SELECT user_id FROM ({owed}) m)
+                  ORDER BY user_id FOR UPDATE"
+            ),
+            &[],
+        )
+        .await
+        .context("locking the accounts owed a refund")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if users.is_empty() {
+        return Ok(0);
+    }
+    let n: i64 = tx
+        .query_one(
+            &format!(
+                "WITH missing AS (SELECT * FROM ({owed}) m WHERE m.user_id = ANY($1)), e AS (
+                INSERT INTO point_entries (user_id, kind, amount, order_id, reference)
+                SELECT user_id, 'refund', total_cents, id, id::text FROM missing
+                ON CONFLICT DO NOTHING
+                RETURNING user_id, amount
+             ), per_user AS (
+                SELECT user_id, sum(amount)::bigint AS amount FROM e GROUP BY user_id
+             ), up AS (
+                UPDATE point_accounts a SET balance = a.balance + p.amount, updated_at = now()
+                  FROM per_user p WHERE a.user_id = p.user_id
+             )
+             SELECT count(*) FROM e"
+            ),
+            &[&users],
+        )
+        .await
+        .context("refunding cancelled orders paid with points")?
+        .get(0);
+    tx.commit().await.context("committing the refunds")?;
+    Ok(n as usize)
+}
+
+/// Committed point credits (charges, grants, refunds) of the last day whose Redis half
+/// was lost (a crash or a Redis failure between the commit and the credit): applied now,
+/// under their own token. Returns how many.
+async fn reapply_point_credits<C: ConnectionLike>(
+    db: &deadpool_postgres::Object,
+    con: &mut C,
+    shards: &Shards,
+) -> anyhow::Result<usize> {
+    let keys = shards.first();
+    let rows = db
+        .query(
+            "SELECT id, user_id, amount FROM point_entries
+              WHERE kind IN ('charge', 'grant', 'refund') AND at > now() - interval '1 day'
+              ORDER BY id",
+            &[],
+        )
+        .await
+        .context("reading recent point credits")?;
+    let mut applied = 0;
+    for chunk in rows.chunks(SCAN_CHUNK) {
+        let tokens: Vec<String> = chunk
+            .iter()
+            .map(|r| crate::redis::points_token(r.get(0)))
+            .collect();
+        let present: Vec<bool> = redis::cmd("SMISMEMBER")
+            .arg(keys.applied())
+            .arg(&tokens)
+            .query_async(con)
+            .await
+            .context("reading the applied point-credit tokens")?;
+        for ((r, token), present) in chunk.iter().zip(&tokens).zip(present) {
+            if present {
+                continue;
+            }
+            let done = crate::redis::credit_points(
+                con,
+                keys,
+                token,
+                r.get::<_, &str>(1),
+                r.get::<_, i64>(2),
+            )
+            .await
+            .context("applying a committed point credit")?;
+            if done == crate::redis::Credited::Now {
+                applied += 1;
+            }
+        }
+    }
+    Ok(applied)
 }
 
 async fn reapply_stock_changes<C: ConnectionLike>(
@@ -946,7 +1066,17 @@ async fn check_once<C: ConnectionLike>(
             &[],
         )
         .await?;
+    let balances: BTreeMap<String, i64> = db
+        .query("SELECT user_id, balance FROM point_accounts", &[])
+        .await
+        .context("reading point balances")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     db.commit().await?;
+    if epoch {
+        out.extend(check_points(con, shards.first(), &balances).await?);
+    }
     for r in unrecorded {
         out.push(v(
             "sale_unrecorded",
@@ -958,6 +1088,58 @@ async fn check_once<C: ConnectionLike>(
     }
     for (g, keys) in shards.iter() {
         out.extend(check_waitlists(con, g, keys).await?);
+    }
+    Ok(out)
+}
+
+/// Points (shard 0): what Redis holds for each user is what the user's open
+/// reservations paid with points hold, and what may be spent plus what is held is
+/// PostgreSQL's balance (`points_differ`); nothing spendable is negative.
+async fn check_points<C: ConnectionLike>(
+    con: &mut C,
+    keys: &Keys,
+    balances: &BTreeMap<String, i64>,
+) -> anyhow::Result<Vec<Violation>> {
+    let mut out = Vec::new();
+    let redis = crate::redis::all_points(con, keys)
+        .await
+        .context("reading the points in Redis")?;
+    let mut holds: BTreeMap<String, i64> = BTreeMap::new();
+    walk_open_reservations(con, keys, |_, r| {
+        if let Some(p) = r.paid {
+            *holds.entry(r.user.to_string()).or_default() += p;
+        }
+    })
+    .await?;
+    let users: std::collections::BTreeSet<&String> = redis
+        .keys()
+        .chain(balances.keys())
+        .chain(holds.keys())
+        .collect();
+    for u in users {
+        let (spendable, held) = redis.get(u).copied().unwrap_or((0, 0));
+        let holding = holds.get(u).copied().unwrap_or(0);
+        let balance = balances.get(u).copied().unwrap_or(0);
+        if held != holding {
+            out.push(v(
+                "points_differ",
+                format!("user {u}: Redis holds {held} points for orders, their open reservations {holding}"),
+            ));
+        }
+        if spendable + held != balance {
+            out.push(v(
+                "points_differ",
+                format!(
+                    "user {u}: Redis has {spendable} points spendable and {held} held, PostgreSQL's balance is {balance}"
+                ),
+            ));
+        }
+        if spendable < 0 {
+            out.push(v(
+                "points_negative",
+                format!("user {u}: Redis has {spendable} points spendable"),
+            ));
+        }
     }
     Ok(out)
 }
@@ -1134,8 +1316,9 @@ pub async fn repair<C: ConnectionLike>(
     let settled = settle(pool, con, &shards).await?;
     if settled != Settled::default() {
         progress(&format!(
-            "settled {} reservations PostgreSQL had confirmed or cancelled, released {} it had failed",
-            settled.finished, settled.released
+            "settled {} reservations PostgreSQL had confirmed or cancelled, released {} it had failed, \
+             re-applied {} lost changes or credits, refunded {} cancelled orders paid with points",
+            settled.finished, settled.released, settled.reapplied, settled.refunded
         ));
     }
     let skus = stock::load(pool, con, &shards).await?;

@@ -171,6 +171,30 @@ pub async fn load_shards<C: ConnectionLike>(
         )
         .await
         .context("reading cancelled bundle lines")?;
+    // Points live in shard 0: every balance, and the tokens of the credits it counts
+    // (a credit re-sent after the load finds its token and adds nothing).
+    let (balances, credits) = if which.contains(&0) {
+        let balances: Vec<(String, i64)> = db
+            .query("SELECT user_id, balance FROM point_accounts", &[])
+            .await
+            .context("reading point balances")?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let credits: Vec<i64> = db
+            .query(
+                "SELECT id FROM point_entries WHERE kind IN ('charge', 'grant', 'refund')",
+                &[],
+            )
+            .await
+            .context("reading point credits")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (balances, credits)
+    } else {
+        Default::default()
+    };
     db.commit().await.context("ending the snapshot")?;
     // Waitlisted orders live only in Redis: a load keeps them, and inside its MULTI
     // (`rewait.lua`, which sees the waitlists as they are when the holdings land)
@@ -327,6 +351,9 @@ pub async fn load_shards<C: ConnectionLike>(
         if let Some(pipe) = pipes.get_mut(&g) {
             pipe.sadd(shards.get(g).applied(), cancel_token(&order, &bundle));
         }
+    }
+    if let Some(pipe) = pipes.get_mut(&0) {
+        crate::redis::load_points(pipe, shards.first(), &balances, &credits);
     }
     for (g, pipe) in pipes {
         let _: () = pipe

@@ -2,9 +2,10 @@
 //! with backoff. One that keeps failing is reported dead, so `/readyz` answers 503
 //! naming it (a process whose relay, reaper or consumer cannot run is never reported
 //! ready), and is still retried at the longest backoff: a passing cause (a schema
-//! migrated late) heals without a restart of the process. A task that only feeds metrics
-//! ([`Role::MetricsOnly`]) is supervised the same way, but its death is only shown and
-//! counted: taking the process out of its load balancer would not bring it back.
+//! migrated late) heals without a restart of the process. A task that only feeds
+//! metrics or keeps house ([`Role::Auxiliary`]) is supervised the same way, but its
+//! death is only shown and counted: taking the process out of its load balancer would
+//! not bring it back.
 
 use crate::retry::{Backoff, Waits};
 use std::{
@@ -47,9 +48,10 @@ pub enum Role {
     /// The process cannot do its work without it (the relay, the reaper, a consumer):
     /// dead, `/readyz` answers 503 naming it.
     Essential,
-    /// It only exports metrics (the queue-depth poller): dead, `/readyz` shows it under
-    /// `tasks` and `floodgate_task_failures_total` counts it, but the process stays ready.
-    MetricsOnly,
+    /// It only exports metrics or keeps house (the queue-depth poller, webhook
+    /// retention): dead, `/readyz` shows it under `tasks` and
+    /// `floodgate_task_failures_total` counts it, but the process stays ready.
+    Auxiliary,
 }
 
 /// The supervised tasks of one process; cheap to clone.
@@ -232,7 +234,7 @@ mod tests {
         let runs = Arc::new(AtomicU32::new(0));
         let r = runs.clone();
         sup.spawn_as(
-            Role::MetricsOnly,
+            Role::Auxiliary,
             &tracker,
             "gauges",
             shutdown.clone(),
@@ -243,10 +245,7 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(runs.load(Ordering::Relaxed) > MAX_QUICK_FAILURES);
-        assert_eq!(
-            sup.tasks(),
-            [("gauges", TaskState::Dead, Role::MetricsOnly)]
-        );
+        assert_eq!(sup.tasks(), [("gauges", TaskState::Dead, Role::Auxiliary)]);
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;

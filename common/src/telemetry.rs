@@ -110,6 +110,21 @@ pub mod names {
     /// it completed one; not moved by turns that completed none).
     /// `time() - max(...)` far above the interval means no worker checks.
     pub const CONSISTENCY_CHECKED: &str = "floodgate_consistency_checked_timestamp_seconds";
+    /// Counter: webhook attempts by `outcome`: `delivered` (2xx), `retry` (a timeout,
+    /// connection error, 408, 429 or 5xx; scheduled again), `dead` (another 4xx, or the
+    /// end of `FLOODGATE_WEBHOOK_RETRY_SECS`).
+    pub const WEBHOOK_ATTEMPTS: &str = "floodgate_webhook_attempts_total";
+    /// Gauge per `webhook` id: its circuit as this worker last saw it, 0 closed,
+    /// 1 half-open (one probe), 2 open (its deliveries wait).
+    pub const WEBHOOK_CIRCUIT: &str = "floodgate_webhook_circuit_state";
+    /// Gauge per `webhook` id: deliveries owed (pending), as this worker last counted.
+    pub const WEBHOOK_PENDING: &str = "floodgate_webhook_pending";
+    /// Counter per `table` (`attempts`, `deliveries`, `events`): webhook rows deleted
+    /// past `FLOODGATE_WEBHOOK_RETENTION_HOURS`.
+    pub const WEBHOOK_PRUNED: &str = "floodgate_webhook_pruned_total";
+    /// Histogram: from an event's commit to a 2xx for it (a replayed event's counts from
+    /// its commit too).
+    pub const WEBHOOK_LAG: &str = "floodgate_webhook_delivery_lag_seconds";
     // Process metrics (metrics-process, on every /metrics render, unprefixed as
     // Prometheus' own clients name them): process_cpu_seconds_total (typed gauge, to keep
     // its fraction of a second; rate() it as a counter), process_resident_memory_bytes,
@@ -323,6 +338,12 @@ pub fn metrics() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(names::QUEUE_WAIT.into()),
+                        QUEUE_WAIT_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(names::WEBHOOK_LAG.into()),
                         QUEUE_WAIT_BUCKETS,
                     )
                 })

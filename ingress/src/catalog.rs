@@ -484,13 +484,11 @@ pub async fn movements(
             sku: sku.to_string(),
         });
     }
-    let mut movements = repo::movements(&st.pg, &sku, limit + 1, before).await?;
-    let next_cursor = if movements.len() as i64 > limit {
-        movements.truncate(limit as usize);
-        movements.last().map(|m| m.id.clone())
-    } else {
-        None
-    };
+    let (movements, next_cursor) = page(
+        repo::movements(&st.pg, &sku, limit + 1, before).await?,
+        limit,
+        |m| m.id.clone(),
+    );
     Ok(MovementsPage {
         movements,
         next_cursor,
@@ -584,6 +582,21 @@ pub fn page_limit(limit: Option<&str>) -> Result<i64, ApiError> {
     }
 }
 
+/// One page of a list read with `limit + 1` rows: the first `limit`, and the cursor of
+/// the last of them when there was more (None on the last page).
+pub fn page<T>(
+    mut rows: Vec<T>,
+    limit: i64,
+    cursor: impl FnOnce(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    if rows.len() as i64 <= limit {
+        return (rows, None);
+    }
+    rows.truncate(limit as usize);
+    let next = rows.last().map(cursor);
+    (rows, next)
+}
+
 /// A `cursor` that is a row id (the ledger's, the audit log's); none when absent or empty.
 pub fn id_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
     match cursor {
@@ -632,13 +645,11 @@ pub async fn list(
         None | Some("") => None,
         Some(c) => Some(SkuCursor::parse(c).ok_or_else(bad_cursor)?),
     };
-    let mut rows = repo::skus(&st.pg, limit + 1, after.as_ref(), product_id).await?;
-    let next_cursor = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last().map(|(_, c)| c.encode())
-    } else {
-        None
-    };
+    let (rows, next_cursor) = page(
+        repo::skus(&st.pg, limit + 1, after.as_ref(), product_id).await?,
+        limit,
+        |(_, c)| c.encode(),
+    );
     let skus: Vec<Sku> = rows
         .iter()
         .filter_map(|(r, _)| Sku::parse(r.sku.as_str()).ok())

@@ -18,6 +18,8 @@ pub enum ApiError {
     OrderNotFound,
     #[error("no such endpoint")]
     NoSuchEndpoint,
+    #[error("no such webhook")]
+    WebhookNotFound,
     #[error("unknown SKU {sku}")]
     SkuNotFound { sku: String },
     #[error("SKU {sku} is sold out")]
@@ -74,6 +76,9 @@ pub enum ApiError {
     /// An adjustment would leave fewer units than are sold or reserved.
     #[error("SKU {sku} has {available} units free to write off")]
     InsufficientStock { sku: String, available: i64 },
+    /// Paid with points and too few are spendable (`balance`: what may be spent now).
+    #[error("the order needs {needed} points and {balance} are spendable")]
+    InsufficientPoints { balance: i64, needed: i64 },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -86,9 +91,11 @@ impl ApiError {
         match self {
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden(_) => StatusCode::FORBIDDEN,
-            OrderNotFound | NoSuchEndpoint | SkuNotFound { .. } | ProductNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            OrderNotFound
+            | NoSuchEndpoint
+            | WebhookNotFound
+            | SkuNotFound { .. }
+            | ProductNotFound { .. } => StatusCode::NOT_FOUND,
             CategoryExists { .. } | ProductExists { .. } | VariantExists { .. } => {
                 StatusCode::CONFLICT
             }
@@ -96,6 +103,7 @@ impl ApiError {
             | SkuExists { .. }
             | NotCancellable(_)
             | InsufficientStock { .. }
+            | InsufficientPoints { .. }
             | BundleHasNoStock { .. }
             | SaleNotStarted { .. }
             | SaleEnded { .. } => StatusCode::CONFLICT,
@@ -122,7 +130,7 @@ impl ApiError {
         match self {
             Unauthorized => "unauthorized",
             Forbidden(_) => "forbidden",
-            OrderNotFound | NoSuchEndpoint => "not_found",
+            OrderNotFound | NoSuchEndpoint | WebhookNotFound => "not_found",
             SkuNotFound { .. } | UnknownSku { .. } => "unknown_sku",
             SoldOut { .. } => "sold_out",
             LimitExceeded { .. } => "limit_exceeded",
@@ -137,6 +145,7 @@ impl ApiError {
             SkuExists { .. } => "sku_exists",
             NotCancellable(_) => "not_cancellable",
             InsufficientStock { .. } => "insufficient_stock",
+            InsufficientPoints { .. } => "insufficient_points",
             BundleHasNoStock { .. } => "bundle_has_no_stock",
             SaleNotStarted { .. } => "sale_not_started",
             CategoryExists { .. } => "category_exists",
@@ -174,6 +183,9 @@ impl ApiError {
             }
             VariantExists { sku } => json!({"sku": sku}),
             SaleEnded { sku, ended_at } => json!({"sku": sku, "ended_at": ended_at}),
+            InsufficientPoints { balance, needed } => {
+                json!({"balance": balance, "needed": needed})
+            }
             _ => json!({}),
         };
         match v {
@@ -190,6 +202,11 @@ impl ApiError {
             _ => None,
         }
     }
+}
+
+/// A database failure nothing can be done about: a 500 (logged, never sent).
+pub(crate) fn pg(e: impl Into<anyhow::Error>) -> ApiError {
+    ApiError::Internal(e.into())
 }
 
 /// Anything unexpected is a 500 whose cause chain is logged, never sent.

@@ -24,6 +24,7 @@ pub mod error;
 pub mod extract;
 pub mod handover;
 pub mod orders;
+pub mod points;
 pub mod products;
 pub mod publisher;
 pub mod queued;
@@ -32,6 +33,7 @@ pub mod routes;
 pub mod sold_out;
 pub mod state;
 pub mod stock;
+pub mod webhooks;
 
 use anyhow::Context;
 use floodgate_common::{Config, auth::Verifier, supervise::Role};
@@ -149,7 +151,7 @@ impl Application {
         let background = tokio_util::task::TaskTracker::new();
         let (cfg, stop) = ((*self.state.cfg).clone(), shutdown.clone());
         self.state.supervisor.spawn_as(
-            Role::MetricsOnly,
+            Role::Auxiliary,
             &background,
             "queue_depth",
             shutdown.clone(),

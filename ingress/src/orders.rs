@@ -30,6 +30,12 @@ pub struct OrderRequest {
     /// bucket; in a deployment with several Redis shards, no Idempotency-Key.
     #[serde(default)]
     pub waitlist: bool,
+    /// `"points"`: pay with the buyer's points; the order's total is held in the same
+    /// decision as its stock (409 `insufficient_points` when too few are spendable).
+    /// Not with `"waitlist": true`, nor with several Redis shards. Absent or null: paid
+    /// elsewhere.
+    #[serde(default)]
+    pub payment: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -40,8 +46,15 @@ pub struct LineRequest {
 }
 
 impl OrderRequest {
-    /// Checks every rule of API.md; the message names the field.
-    pub fn validate(self) -> Result<OrderLines, ApiError> {
+    /// Checks every rule of API.md; the message names the field. Returns the lines and
+    /// how the order is placed besides them.
+    pub fn validate(self) -> Result<(OrderLines, Terms), ApiError> {
+        let points = crate::points::check_payment(self.payment.as_deref())?;
+        if points && self.waitlist {
+            return Err(ApiError::InvalidOrder(
+                "payment: an order paid with points cannot wait on a waitlist".into(),
+            ));
+        }
         if self.waitlist && self.items.len() > 1 {
             return Err(ApiError::InvalidOrder(
                 "waitlist: an order that may wait has exactly one line".into(),
@@ -57,7 +70,14 @@ impl OrderRequest {
                 Ok(OrderLine { sku, qty })
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
-        OrderLines::try_from(lines).map_err(|e| ApiError::InvalidOrder(e.0))
+        let lines = OrderLines::try_from(lines).map_err(|e| ApiError::InvalidOrder(e.0))?;
+        Ok((
+            lines,
+            Terms {
+                waitlist: self.waitlist,
+                points,
+            },
+        ))
     }
 }
 
@@ -87,6 +107,24 @@ pub struct OrderView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false, minimum = 1)]
     pub position: Option<i64>,
+    /// `"points"` for an order paid with points (absent: paid elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub payment: Option<String>,
+    /// An order paid with points: its total, held when it was placed and spent when it
+    /// was committed (absent for an order paid elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 0)]
+    pub total_cents: Option<i64>,
+}
+
+/// How an order is placed besides its lines.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Terms {
+    /// `"waitlist": true`: it may wait when short of stock.
+    pub waitlist: bool,
+    /// `"payment": "points"`: paid with the buyer's points.
+    pub points: bool,
 }
 
 /// Result of placing an order: new (202) or the first answer to this Idempotency-Key.
@@ -95,12 +133,16 @@ pub enum Placed {
     Repeat(OrderView),
 }
 
-/// The same lines in any order hash the same.
+/// The same lines in any order hash the same; paid with points, they hash otherwise
+/// (the same key with another payment is another body).
 /// (Public for tests that act as an ingress that died mid-order.)
-pub fn body_hash(lines: &OrderLines) -> String {
+pub fn body_hash(lines: &OrderLines, points: bool) -> String {
     let mut sorted = lines.as_slice().to_vec();
     sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
-    let canonical = serde_json::to_vec(&sorted).expect("lines serialize");
+    let mut canonical = serde_json::to_vec(&sorted).expect("lines serialize");
+    if points {
+        canonical.extend_from_slice(b"|points");
+    }
     hex::encode(Sha256::digest(canonical))
 }
 
@@ -119,11 +161,18 @@ pub async fn place(
     caller: &Caller,
     lines: OrderLines,
     key: Option<IdempotencyKey>,
-    waitlist: bool,
+    Terms { waitlist, points }: Terms,
     permit: Option<floodgate_common::http::InFlightPermit>,
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
     use tracing::Instrument;
+    if points && st.shards.count() > 1 {
+        return Err(ApiError::InvalidOrder(
+            "payment: paying with points needs a deployment with one Redis shard \
+             (FLOODGATE_REDIS_SHARDS=1)"
+                .into(),
+        ));
+    }
     // An order that may wait is never refused from memory: it waits instead.
     if key.is_none() && !waitlist {
         // Any line, a bundle's components too: an order over several shards would
@@ -154,7 +203,7 @@ pub async fn place(
                 // The request's in-flight slot stays taken while its order is worked on,
                 // even after its client hung up.
                 let _slot = permit;
-                place_to_the_end(&st, &caller, lines, key, waitlist, trace).await
+                place_to_the_end(&st, &caller, lines, key, waitlist, points, trace).await
             }
             .in_current_span(),
         )
@@ -168,9 +217,15 @@ async fn place_to_the_end(
     lines: OrderLines,
     key: Option<IdempotencyKey>,
     waitlist: bool,
+    points: bool,
     trace: Option<TraceParent>,
 ) -> Result<Placed, ApiError> {
-    let hash = key.as_ref().map(|_| body_hash(&lines));
+    let hash = key.as_ref().map(|_| body_hash(&lines, points));
+    // Paid with points: the total at the moment of ordering, held by the reserve.
+    let total = match points {
+        true => Some(crate::points::order_total(st, &lines).await?),
+        false => None,
+    };
     // A duplicate whose first request is still publishing waits for it; if that publish
     // fails the record vanishes and this request becomes the first.
     let wait_until = Instant::now() + st.cfg.publish_timeout + Duration::from_secs(1);
@@ -232,6 +287,7 @@ async fn place_to_the_end(
             .as_secs()
             .max(1),
             buckets: &known,
+            points: total,
         };
         let started = Instant::now();
         let decision = fredis::reserve_parts(&st.redis, &st.shards, &parts, &req)
@@ -251,6 +307,7 @@ async fn place_to_the_end(
                     order_id,
                     &accepted_at,
                     deadline_ms,
+                    total,
                     trace,
                 )
                 .await?;
@@ -265,6 +322,8 @@ async fn place_to_the_end(
                     confirmed_at: None,
                     reason: None,
                     position: None,
+                    payment: total.map(|_| "points".to_owned()),
+                    total_cents: total,
                 }));
             }
             Reserve::Waitlisted { position } => {
@@ -280,6 +339,8 @@ async fn place_to_the_end(
                     confirmed_at: None,
                     reason: None,
                     position: (position > 0).then_some(position),
+                    payment: None,
+                    total_cents: None,
                 }));
             }
             Reserve::Duplicate {
@@ -385,6 +446,12 @@ async fn place_to_the_end(
                     ended_at: crate::stock::ms_rfc3339(ends_ms).unwrap_or_default(),
                 });
             }
+            Reserve::InsufficientPoints { spendable, needed } => {
+                return Err(ApiError::InsufficientPoints {
+                    balance: spendable,
+                    needed,
+                });
+            }
             Reserve::StockNotLoaded => {
                 return Err(ApiError::Unavailable(
                     "stock levels are not loaded; an operator must run floodgate reconcile".into(),
@@ -452,9 +519,10 @@ async fn publish(
     order_id: OrderId,
     accepted_at: &str,
     deadline_ms: i64,
+    points: Option<i64>,
     trace: Option<TraceParent>,
 ) -> Result<(), ApiError> {
-    let msg = IntakeMessage::OrderV1(OrderPlaced {
+    let msg = IntakeMessage::of(OrderPlaced {
         order_id,
         user_id: caller.user.clone(),
         items: lines.clone(),
@@ -463,6 +531,7 @@ async fn publish(
         idempotency_key: key.cloned(),
         buckets,
         bundles,
+        points,
     });
     let shards: Vec<usize> = parts.iter().map(|p| p.shard).collect();
     crate::handover::hand_over(
@@ -509,6 +578,8 @@ pub async fn view(
             confirmed_at: o.confirmed_at.map(repo::rfc3339),
             reason: o.reason,
             position: None,
+            payment: o.payment,
+            total_cents: o.total_cents,
         }));
     }
     let resv = fredis::find_reservation(&st.redis, &st.shards, &order_id)
@@ -542,6 +613,8 @@ pub async fn view(
         confirmed_at: None,
         reason,
         position,
+        payment: r.paid.map(|_| "points".to_owned()),
+        total_cents: r.paid,
     }))
 }
 
@@ -613,7 +686,7 @@ pub async fn cancel(
 ) -> Result<Option<OrderView>, ApiError> {
     let may = |owner: &str| caller.is_admin() || owner == caller.user.as_str();
     let until = Instant::now() + CANCEL_WAIT;
-    let (user_id, lines, buckets, bundle_lines) = loop {
+    let (user_id, lines, buckets, bundle_lines, refund) = loop {
         let actor = floodgate_common::audit::Actor::of(caller);
         match repo::cancel(&st.pg, &order_id, may, trace.as_ref(), &actor).await? {
             repo::Cancel::Cancelled {
@@ -621,7 +694,8 @@ pub async fn cancel(
                 lines,
                 buckets,
                 bundle_lines,
-            } => break (user_id, lines, buckets, bundle_lines),
+                refund,
+            } => break (user_id, lines, buckets, bundle_lines, refund),
             repo::Cancel::Failed { .. } => {
                 return Err(ApiError::NotCancellable(
                     "a failed order has nothing to cancel".into(),
@@ -695,6 +769,13 @@ pub async fn cancel(
         )
         .await
         .map_err(|e| unavailable("Redis", e))?;
+    }
+    // Its refunded points may be spent again, once (a repeat heals a crash before this).
+    if let Some((entry, points)) = refund {
+        let token = fredis::points_token(entry);
+        fredis::credit_points(&mut redis, st.shards.first(), &token, user.as_str(), points)
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
     }
     view(st, caller, order_id).await
 }

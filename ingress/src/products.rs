@@ -3,7 +3,13 @@
 //! manager's or an admin's, audited; reads are public. Nothing here is on the order path:
 //! an order names SKUs, and a SKU's stock, limit and window live where they did.
 
-use crate::{catalog::Fields, error::ApiError, repo::rfc3339, state::AppState, stock};
+use crate::{
+    catalog::Fields,
+    error::{ApiError, pg},
+    repo::rfc3339,
+    state::AppState,
+    stock,
+};
 use anyhow::Context;
 use floodgate_common::{
     audit::{self, Actor, Entry},
@@ -40,10 +46,6 @@ fn opt_id(f: &Fields<'_>, name: &str) -> Result<Option<String>, ApiError> {
         None | Some(Value::Null) => Ok(None),
         Some(_) => id(f, name).map(Some),
     }
-}
-
-fn pg(e: impl Into<anyhow::Error>) -> ApiError {
-    ApiError::Internal(e.into())
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -508,13 +510,11 @@ pub async fn list(
             return Err(ApiError::UnknownCategory { id: c.to_owned() });
         }
     }
-    let mut products = products(st, None, category_id, limit + 1, after).await?;
-    let next_cursor = if products.len() as i64 > limit {
-        products.truncate(limit as usize);
-        products.last().map(|p| p.cursor.clone())
-    } else {
-        None
-    };
+    let (products, next_cursor) = crate::catalog::page(
+        products(st, None, category_id, limit + 1, after).await?,
+        limit,
+        |p| p.cursor.clone(),
+    );
     Ok(ProductPage {
         products: products.into_iter().map(|p| p.view).collect(),
         next_cursor,

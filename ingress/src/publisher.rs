@@ -194,7 +194,7 @@ impl Publisher {
         // When it went out (the worker measures how long it waited), and its trace.
         let props = amqp::intake_properties(message_id, trace);
         let payload = msg.to_bytes();
-        let IntakeMessage::OrderV1(order) = msg;
+        let order = msg.order();
         let key = &i.topology.partition_for(&order.items).key;
         let confirm = async {
             let pending = ch

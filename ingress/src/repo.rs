@@ -28,6 +28,8 @@ pub struct OrderRow {
     pub lines: Vec<OrderLine>,
     pub accepted_at: OffsetDateTime,
     pub confirmed_at: Option<OffsetDateTime>,
+    pub payment: Option<String>,
+    pub total_cents: Option<i64>,
 }
 
 /// The order `id`, as of every commit made before `began` (see [`Reads`]).
@@ -39,7 +41,8 @@ pub async fn order(
     let (db, _) = reads.connection(began).await?;
     let Some(o) = db
         .query_opt(
-            "SELECT user_id, status, reason, accepted_at, confirmed_at FROM orders WHERE id = $1",
+            "SELECT user_id, status, reason, accepted_at, confirmed_at, payment, total_cents
+               FROM orders WHERE id = $1",
             &[&id.as_uuid()],
         )
         .await
@@ -71,6 +74,8 @@ pub async fn order(
         lines,
         accepted_at: o.get("accepted_at"),
         confirmed_at: o.get("confirmed_at"),
+        payment: o.get("payment"),
+        total_cents: o.get("total_cents"),
     }))
 }
 
@@ -702,6 +707,9 @@ pub enum Cancel {
         /// The order's bundle lines, whose holdings (the bundles' per-user limits) go
         /// back too.
         bundle_lines: Vec<(String, i64)>,
+        /// Paid with points: its `refund` entry (id, points), which go back to what the
+        /// user may spend in Redis once.
+        refund: Option<(i64, i64)>,
     },
 }
 
@@ -721,7 +729,7 @@ pub async fn cancel(
     let tx = db.transaction().await?;
     let Some(o) = tx
         .query_opt(
-            "SELECT user_id, status FROM orders WHERE id = $1 FOR UPDATE",
+            "SELECT user_id, status, total_cents FROM orders WHERE id = $1 FOR UPDATE",
             &[&id.as_uuid()],
         )
         .await
@@ -731,6 +739,7 @@ pub async fn cancel(
     };
     let user_id: String = o.get("user_id");
     let status: String = o.get("status");
+    let paid: Option<i64> = o.get("total_cents");
     if !may(&user_id) {
         return Ok(Cancel::Absent);
     }
@@ -780,6 +789,13 @@ pub async fn cancel(
             &[&id.as_uuid()],
         )
         .await?;
+        // Paid with points: they come back, in the same transaction (a `refund` entry,
+        // once per order; nothing for a total of 0, which spent nothing). Before the
+        // inventory rows: the worker's batches lock the accounts first too (no deadlock
+        // with a batch spending this user's points on these SKUs).
+        if let Some(points) = paid.filter(|&p| p > 0) {
+            refund(&tx, &user_id, points, id).await?;
+        }
         // Rows locked in SKU order first, like the worker's batches (an UPDATE ... FROM
         // locks in its join's order, which a bundle's many rows make matter).
         tx.query(
@@ -830,13 +846,51 @@ pub async fn cancel(
         .await
         .context("queueing the cancellation event")?;
     }
+    let refund = match paid.filter(|&p| p > 0) {
+        Some(_) => tx
+            .query_opt(
+                "SELECT id, amount FROM point_entries
+                  WHERE user_id = $1 AND kind = 'refund' AND order_id = $2",
+                &[&user_id, &id.as_uuid()],
+            )
+            .await
+            .context("reading the order's refund")?
+            .map(|r| (r.get(0), r.get(1))),
+        None => None,
+    };
     tx.commit().await.context("committing a cancellation")?;
     Ok(Cancel::Cancelled {
         user_id,
         lines,
         buckets,
         bundle_lines,
+        refund,
     })
+}
+
+/// A cancelled order's points back: its `refund` entry (once per order) and the balance,
+/// in the caller's transaction. (The workers' settle pass refunds a cancelled order that
+/// has none the same way: `reconcile::refund_cancelled`.)
+pub async fn refund(
+    tx: &deadpool_postgres::Transaction<'_>,
+    user_id: &str,
+    points: i64,
+    id: &OrderId,
+) -> anyhow::Result<()> {
+    tx.execute(
+        "WITH e AS (
+            INSERT INTO point_entries (user_id, kind, amount, order_id, reference)
+            VALUES ($1, 'refund', $2, $3::uuid, $3::uuid::text)
+            ON CONFLICT DO NOTHING
+            RETURNING amount
+         )
+         UPDATE point_accounts a SET balance = a.balance + e.amount, updated_at = now()
+           FROM e WHERE a.user_id = $1",
+        &[&user_id, &points, &id.as_uuid()],
+    )
+    .await
+    .context("refunding the order's points")?;
+    Ok(())
 }
 
 /// Serializes the adjustments of one SKU (a transaction-scoped advisory lock), so that

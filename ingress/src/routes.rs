@@ -8,9 +8,9 @@ use crate::{
     error::ApiError,
     extract::{Admin, JsonBody, MAX_BODY_BYTES, Manager, Object},
     orders::{self, OrderRequest, Placed},
-    products,
+    points, products,
     state::AppState,
-    stock,
+    stock, webhooks,
 };
 use axum::{
     Json, Router,
@@ -59,6 +59,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/skus/{sku}/movements", get(movements))
         .route("/v1/skus/{sku}/waitlist", get(waitlist))
         .route("/v1/audit", get(audit))
+        .route("/v1/points", get(get_points))
+        .route("/v1/points/history", get(points_history))
+        .route("/v1/points/charge", post(charge_points))
+        .route("/v1/users/{user}/points/grant", post(grant_points))
+        .route("/v1/webhooks", post(create_webhook).get(list_webhooks))
+        .route("/v1/webhooks/{id}", get(get_webhook).delete(delete_webhook))
+        .route("/v1/webhooks/{id}/deliveries", get(webhook_deliveries))
+        .route("/v1/webhooks/{id}/replay", post(replay_webhook))
         .route("/v1/categories", post(create_category))
         .route("/v1/products", post(create_product))
         .merge(public)
@@ -177,21 +185,12 @@ async fn place_order(
         }));
     }
     let JsonBody(body) = body.map_err(rejected)?;
-    let waitlist = body.waitlist;
-    let lines = body.validate().map_err(rejected)?;
+    let (lines, terms) = body.validate().map_err(rejected)?;
     let key = idempotency_key(&headers).map_err(rejected)?;
     let trace = trace.map(|t| t.0);
-    match orders::place(
-        &st,
-        &caller,
-        lines,
-        key,
-        waitlist,
-        permit.map(|p| p.0),
-        trace,
-    )
-    .await
-    .map_err(rejected)?
+    match orders::place(&st, &caller, lines, key, terms, permit.map(|p| p.0), trace)
+        .await
+        .map_err(rejected)?
     {
         Placed::New(view) => {
             let location = format!("/v1/orders/{}", view.order_id);
@@ -477,13 +476,11 @@ async fn audit(
         .get()
         .await
         .map_err(|e| anyhow::Error::new(e).context("PostgreSQL connection"))?;
-    let mut entries = floodgate_common::audit::page(&db, actor, target, limit + 1, before).await?;
-    let next_cursor = if entries.len() as i64 > limit {
-        entries.truncate(limit as usize);
-        entries.last().map(|e| e.id.clone())
-    } else {
-        None
-    };
+    let (entries, next_cursor) = catalog::page(
+        floodgate_common::audit::page(&db, actor, target, limit + 1, before).await?,
+        limit,
+        |e| e.id.clone(),
+    );
     Ok(Json(AuditPage {
         entries,
         next_cursor,
@@ -622,6 +619,181 @@ async fn waitlist(
     catalog::waitlist(&st, &sku, q.get("limit").map(String::as_str))
         .await
         .map(Json)
+}
+
+#[utoipa::path(
+    get, path = "/v1/points", tag = "points", security(("bearer" = [])),
+    summary = "The caller's points: balance and held",
+    responses((status = 200, body = points::Points), openapi::PointsErrors),
+)]
+async fn get_points(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<points::Points>, ApiError> {
+    points::get(&st, &caller.user).await.map(Json)
+}
+
+#[utoipa::path(
+    get, path = "/v1/points/history", tag = "points", security(("bearer" = [])),
+    summary = "The caller's point entries, newest first",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "default 50"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses((status = 200, body = points::History), openapi::PointsHistoryErrors),
+)]
+async fn points_history(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<points::History>, ApiError> {
+    points::history(
+        &st,
+        &caller.user,
+        q.get("limit").map(String::as_str),
+        q.get("cursor").map(String::as_str),
+    )
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(
+    post, path = "/v1/points/charge", tag = "points", security(("bearer" = [])),
+    summary = "Add points the caller paid for; idempotent per reference",
+    request_body = openapi::TopUp,
+    responses((status = 200, body = points::Balance), openapi::TopUpErrors),
+)]
+async fn charge_points(
+    State(st): State<AppState>,
+    caller: Caller,
+    JsonBody(Object(body)): JsonBody<Object>,
+) -> Result<Json<points::Balance>, ApiError> {
+    points::top_up(&st, &caller.user, None, &body)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(
+    post, path = "/v1/users/{user}/points/grant", tag = "points", security(("bearer" = [])),
+    summary = "Give a user points (admin, audited); idempotent per (user, reference)",
+    params(("user" = String, Path, description = "the user's id (a token's `sub`)")),
+    request_body = openapi::TopUp,
+    responses((status = 200, body = points::Balance), openapi::GrantErrors),
+)]
+async fn grant_points(
+    State(st): State<AppState>,
+    Admin(caller): Admin,
+    Path(user): Path<String>,
+    JsonBody(Object(body)): JsonBody<Object>,
+) -> Result<Json<points::Balance>, ApiError> {
+    let user = points::user_of(&user)?;
+    points::top_up(&st, &user, Some(&Actor::of(&caller)), &body)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(
+    post, path = "/v1/webhooks", tag = "webhooks", security(("bearer" = [])),
+    summary = "Subscribe an endpoint to committed events (admin); the secret is shown once",
+    request_body = openapi::NewWebhook,
+    responses(
+        (status = 201, body = webhooks::WebhookView,
+            headers(("Location" = String, description = "`/v1/webhooks/{id}`"))),
+        openapi::CreateWebhookErrors,
+    ),
+)]
+async fn create_webhook(
+    State(st): State<AppState>,
+    Admin(caller): Admin,
+    JsonBody(Object(body)): JsonBody<Object>,
+) -> Result<impl IntoResponse, ApiError> {
+    let w = webhooks::create(&st, &Actor::of(&caller), &body).await?;
+    let location = format!("/v1/webhooks/{}", w.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(w)))
+}
+
+#[utoipa::path(
+    get, path = "/v1/webhooks", tag = "webhooks", security(("bearer" = [])),
+    summary = "Every webhook, with its circuit and delivery counts (admin)",
+    responses((status = 200, body = webhooks::WebhookList), openapi::ListWebhooksErrors),
+)]
+async fn list_webhooks(
+    State(st): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<webhooks::WebhookList>, ApiError> {
+    webhooks::list(&st).await.map(Json)
+}
+
+#[utoipa::path(
+    get, path = "/v1/webhooks/{id}", tag = "webhooks", security(("bearer" = [])),
+    summary = "One webhook: its circuit (closed, open, half_open) and delivery counts (admin)",
+    params(("id" = String, Path, description = "the webhook's id (a UUID)")),
+    responses((status = 200, body = webhooks::WebhookView), openapi::WebhookErrors),
+)]
+async fn get_webhook(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<webhooks::WebhookView>, ApiError> {
+    webhooks::get(&st, &id).await.map(Json)
+}
+
+#[utoipa::path(
+    delete, path = "/v1/webhooks/{id}", tag = "webhooks", security(("bearer" = [])),
+    summary = "Stop delivering to a webhook (admin); the audit log records it",
+    params(("id" = String, Path, description = "the webhook's id (a UUID)")),
+    responses((status = 204, description = "deleted"), openapi::WebhookErrors),
+)]
+async fn delete_webhook(
+    State(st): State<AppState>,
+    Admin(caller): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    webhooks::delete(&st, &Actor::of(&caller), &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
+    get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks", security(("bearer" = [])),
+    summary = "A webhook's delivery log: every attempt, newest first (admin)",
+    params(
+        ("id" = String, Path, description = "the webhook's id (a UUID)"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "default 50"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses((status = 200, body = webhooks::AttemptPage), openapi::WebhookListErrors),
+)]
+async fn webhook_deliveries(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<webhooks::AttemptPage>, ApiError> {
+    webhooks::deliveries(
+        &st,
+        &id,
+        q.get("limit").map(String::as_str),
+        q.get("cursor").map(String::as_str),
+    )
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(
+    post, path = "/v1/webhooks/{id}/replay", tag = "webhooks", security(("bearer" = [])),
+    summary = "Deliver again every event of the webhook's types committed since `since` (admin)",
+    params(("id" = String, Path, description = "the webhook's id (a UUID)")),
+    request_body = openapi::Replay,
+    responses((status = 202, body = webhooks::Replayed), openapi::ReplayErrors),
+)]
+async fn replay_webhook(
+    State(st): State<AppState>,
+    Admin(caller): Admin,
+    Path(id): Path<String>,
+    JsonBody(Object(body)): JsonBody<Object>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = webhooks::replay(&st, &Actor::of(&caller), &id, &body).await?;
+    Ok((StatusCode::ACCEPTED, Json(r)))
 }
 
 #[utoipa::path(

@@ -54,6 +54,7 @@ pub struct Snapshot {
     pub queued: u32,
 }
 
+pub mod mock_platform;
 pub mod servers;
 pub mod streams;
 
@@ -195,6 +196,39 @@ pub fn env_of(cfg: &Config) -> Vec<(String, String)> {
         (
             "FLOODGATE_CONSISTENCY_CHECK_SECS",
             cfg.consistency_check.map_or(0, |d| d.as_secs()).to_string(),
+        ),
+        (
+            "FLOODGATE_WEBHOOK_RETRY_SECS",
+            cfg.webhooks
+                .retry
+                .iter()
+                .map(|d| d.as_secs_f64().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        ("FLOODGATE_WEBHOOK_TIMEOUT_MS", ms(cfg.webhooks.timeout)),
+        (
+            "FLOODGATE_WEBHOOK_CONCURRENCY",
+            cfg.webhooks.concurrency.to_string(),
+        ),
+        (
+            "FLOODGATE_WEBHOOK_BREAKER_FAILURES",
+            cfg.webhooks.breaker_failures.to_string(),
+        ),
+        (
+            "FLOODGATE_WEBHOOK_BREAKER_COOLDOWN_MS",
+            ms(cfg.webhooks.breaker_cooldown),
+        ),
+        (
+            "FLOODGATE_WEBHOOK_ALLOW_PRIVATE",
+            cfg.webhooks.allow_private.to_string(),
+        ),
+        (
+            "FLOODGATE_WEBHOOK_RETENTION_HOURS",
+            cfg.webhooks
+                .retention
+                .map_or(0, |d| d.as_secs().div_ceil(3600))
+                .to_string(),
         ),
     ]
     .into_iter()
@@ -660,10 +694,26 @@ impl TestApp {
         pace: Duration,
         duration: Duration,
     ) -> LoadResult {
+        self.load_paying(sku, users, pace, duration, 0).await
+    }
+
+    /// [`Self::load`], with buyer `load-{u}` paying with points when `u % points_every
+    /// == 0` (`points_every` 0: nobody does; see [`Self::fund`]).
+    pub async fn load_paying(
+        &self,
+        sku: &str,
+        users: usize,
+        pace: Duration,
+        duration: Duration,
+        points_every: usize,
+    ) -> LoadResult {
         let until = tokio::time::Instant::now() + duration;
         let runs = (0..users).map(|u| {
             let token = self.customer(&format!("load-{u}"));
-            let body = serde_json::json!({"items": [{"sku": sku, "qty": 1}]});
+            let mut body = serde_json::json!({"items": [{"sku": sku, "qty": 1}]});
+            if points_every > 0 && u % points_every == 0 {
+                body["payment"] = "points".into();
+            }
             let url = format!("{}/v1/orders", self.base);
             let client = self.client.clone();
             async move {
@@ -700,6 +750,68 @@ impl TestApp {
             for (s, n) in r.statuses {
                 *total.statuses.entry(s).or_default() += n;
             }
+        }
+        total
+    }
+
+    /// Grants `points` to each of `users` through the admin API (asserting 200); returns
+    /// what each was given, for [`Self::assert_points`].
+    pub async fn fund(&self, users: &[String], points: i64) -> BTreeMap<String, i64> {
+        let admin = self.admin();
+        for u in users {
+            let r = self
+                .post(
+                    &format!("/v1/users/{u}/points/grant"),
+                    Some(&admin),
+                    &serde_json::json!({"amount": points, "reference": "fund"}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "grant to {u}: {r:?}");
+        }
+        users.iter().map(|u| (u.clone(), points)).collect()
+    }
+
+    /// Every funded user's points are right once the pipeline is idle: PostgreSQL's
+    /// balance is what they were given less the totals of their confirmed orders paid
+    /// with points (and the sum of their spend entries is those totals), Redis may spend
+    /// exactly that balance and holds nothing. Returns the points spent in all.
+    pub async fn assert_points(&self, funded: &BTreeMap<String, i64>) -> i64 {
+        let db = self.pg.get().await.unwrap();
+        let mut redis = self.redis.clone();
+        let mut total = 0;
+        for (user, given) in funded {
+            let row = db
+                .query_one(
+                    "SELECT
+                       (SELECT coalesce(sum(total_cents), 0)::bigint FROM orders
+                         WHERE user_id = $1 AND payment = 'points' AND status = 'confirmed'),
+                       (SELECT coalesce(sum(amount), 0)::bigint FROM point_entries
+                         WHERE user_id = $1 AND kind = 'spend'),
+                       (SELECT coalesce(sum(amount), 0)::bigint FROM point_entries
+                         WHERE user_id = $1 AND kind = 'refund'),
+                       (SELECT balance FROM point_accounts WHERE user_id = $1)",
+                    &[user],
+                )
+                .await
+                .unwrap();
+            let (confirmed, spent, refunded, balance): (i64, i64, i64, i64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            assert_eq!(
+                spent - refunded,
+                confirmed,
+                "{user}: spends less refunds are the confirmed orders' totals"
+            );
+            assert_eq!(balance, given - confirmed, "{user}: PostgreSQL's balance");
+            let (spendable, held) =
+                floodgate_common::redis::points_of(&mut redis, self.shards.first(), user)
+                    .await
+                    .unwrap();
+            assert_eq!(
+                (spendable, held),
+                (balance, 0),
+                "{user}: Redis may spend the balance and holds nothing"
+            );
+            total += confirmed;
         }
         total
     }

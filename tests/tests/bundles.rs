@@ -294,13 +294,19 @@ async fn racing_orders_never_oversell_a_shared_component_nor_half_reserve_a_bund
         }
     }
     assert!(lens_taken <= 40, "{lens_taken} lenses sold of 40");
-    // Units only went down during the race: each refused order wanted more lenses than
-    // were left at its turn, so more than are left now.
-    assert!(
-        fewest_refused > 40 - lens_taken,
-        "an order for {fewest_refused} lenses was refused with {} left",
-        40 - lens_taken
-    );
+    // In one Redis every order is one decision and units only went down during the
+    // race: each refused order wanted more lenses than were left at its turn, so more
+    // than are left now. Over several shards an order whose lines sit in two shards is
+    // reserved in parts, and a part refused after another was reserved gives that one
+    // back: for that moment its lenses were held, and a smaller order could be refused
+    // with fewer left than at the end (seen on the cluster: 1 refused with 1 left).
+    if app.shards.count() == 1 {
+        assert!(
+            fewest_refused > 40 - lens_taken,
+            "an order for {fewest_refused} lenses was refused with {} left",
+            40 - lens_taken
+        );
+    }
     assert!(
         fewest_refused < i64::MAX,
         "200 orders for 40 lenses sold out"
@@ -409,8 +415,9 @@ async fn a_bundle_over_several_shards_is_all_or_nothing() {
     let held = held_lines(order.as_slice(), &bundles);
     let parts = app.shards.parts(&held, &user, None, |_| 1);
     assert_eq!(parts.len(), 3, "{parts:?}");
+    // Past the reads below even on a slow machine (the reaper ticks every second).
     let deadline_ms =
-        (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64 + 500;
+        (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64 + 3_000;
     let req = ReserveRequest {
         order_id: OrderId::new(),
         user: &user,
@@ -423,6 +430,7 @@ async fn a_bundle_over_several_shards_is_all_or_nothing() {
         deadline_ms,
         waitlist_until_ms: None,
         idempotency_ttl_secs: 60,
+        points: None,
     };
     let d = fredis::reserve_parts(&app.redis, &app.shards, &parts, &req)
         .await

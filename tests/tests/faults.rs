@@ -33,6 +33,11 @@ fn report(fault: &str, load: &LoadResult, outcomes: &BTreeMap<String, i64>) {
     );
 }
 
+/// The buyers of [`TestApp::load_paying`] that pay with points (every other one).
+fn paying_buyers(users: usize) -> Vec<String> {
+    (0..users).step_by(2).map(|u| format!("load-{u}")).collect()
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
@@ -46,6 +51,8 @@ async fn worker_sigkilled_mid_batch_again_and_again() {
     })
     .await;
     app.create_sku("kill-tee", 3000, None).await;
+    // Every other buyer pays with points, and may run out of them.
+    let funded = app.fund(&paying_buyers(24), 1999 * 30).await;
     let mut worker = Some(WorkerProcess::start(WORKER_EXE, &app.cfg));
     let killer = async {
         let mut kills = 0;
@@ -59,13 +66,15 @@ async fn worker_sigkilled_mid_batch_again_and_again() {
         kills
     };
     let (load, kills) = tokio::join!(
-        app.load("kill-tee", 24, PACE, Duration::from_secs(8)),
+        app.load_paying("kill-tee", 24, PACE, Duration::from_secs(8), 2),
         killer
     );
     assert_eq!(kills, 4);
     assert!(load.accepted.len() > 50, "the sale ran: {load:?}");
     app.wait_idle().await;
     let outcomes = app.assert_invariants(&load.accepted).await;
+    let spent = app.assert_points(&funded).await;
+    assert!(spent > 0, "orders were paid with points: {load:?}");
     assert_eq!(
         outcomes.get("confirmed").copied().unwrap_or(0),
         app.scalar("SELECT sold FROM inventory").await,
@@ -86,6 +95,8 @@ async fn rabbitmq_restarted_mid_load() {
     })
     .await;
     app.create_sku("rabbit-tee", 4000, None).await;
+    // Every other buyer pays with points, and may run out of them.
+    let funded = app.fund(&paying_buyers(16), 1999 * 30).await;
     let restart = async move {
         tokio::time::sleep(Duration::from_secs(2)).await;
         blocking(move || {
@@ -96,7 +107,7 @@ async fn rabbitmq_restarted_mid_load() {
         .await
     };
     let (load, rabbit) = tokio::join!(
-        app.load("rabbit-tee", 16, PACE, Duration::from_secs(14)),
+        app.load_paying("rabbit-tee", 16, PACE, Duration::from_secs(14), 2),
         restart
     );
     assert!(load.count(503) > 0, "the restart was felt: {load:?}");
@@ -106,6 +117,8 @@ async fn rabbitmq_restarted_mid_load() {
     );
     app.wait_idle().await;
     let outcomes = app.assert_invariants(&load.accepted).await;
+    let spent = app.assert_points(&funded).await;
+    assert!(spent > 0, "orders were paid with points: {load:?}");
     report("RabbitMQ restart", &load, &outcomes);
     drop(app);
     drop(rabbit);
@@ -125,6 +138,8 @@ async fn postgres_down_longer_than_the_retry_schedule() {
     })
     .await;
     app.create_sku("pg-tee", 3000, None).await;
+    // Every other buyer pays with points, and may run out of them.
+    let funded = app.fund(&paying_buyers(16), 1999 * 30).await;
     let outage = async move {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let pg = blocking(move || {
@@ -142,10 +157,15 @@ async fn postgres_down_longer_than_the_retry_schedule() {
         })
         .await
     };
-    let (load, pg) = tokio::join!(app.load("pg-tee", 16, PACE, Duration::from_secs(9)), outage);
+    let (load, pg) = tokio::join!(
+        app.load_paying("pg-tee", 16, PACE, Duration::from_secs(9), 2),
+        outage
+    );
     assert!(load.accepted.len() > 10, "{load:?}");
     app.wait_idle().await;
     let outcomes = app.assert_invariants(&load.accepted).await;
+    let spent = app.assert_points(&funded).await;
+    assert!(spent > 0, "orders were paid with points: {load:?}");
     assert!(
         outcomes.keys().all(|o| o == "confirmed"),
         "an outage fails nothing: {outcomes:?}"
@@ -171,6 +191,8 @@ async fn redis_restarted_empty_then_reconciled() {
     })
     .await;
     app.create_sku("redis-tee", 2500, None).await;
+    // Every other buyer pays with points, and may run out of them.
+    let funded = app.fund(&paying_buyers(16), 1999 * 30).await;
     let cfg = app.cfg.clone();
     let pg = app.pg.clone();
     let fault = async {
@@ -192,7 +214,7 @@ async fn redis_restarted_empty_then_reconciled() {
         .expect("reconcile");
     };
     let (load, ()) = tokio::join!(
-        app.load("redis-tee", 16, PACE, Duration::from_secs(9)),
+        app.load_paying("redis-tee", 16, PACE, Duration::from_secs(9), 2),
         fault
     );
     assert!(
@@ -201,6 +223,8 @@ async fn redis_restarted_empty_then_reconciled() {
     );
     app.wait_idle().await;
     let outcomes = app.assert_invariants(&load.accepted).await;
+    let spent = app.assert_points(&funded).await;
+    assert!(spent > 0, "orders were paid with points: {load:?}");
     let after = app
         .order(&app.customer("late"), &[("redis-tee", 1)], None)
         .await;
@@ -211,6 +235,99 @@ async fn redis_restarted_empty_then_reconciled() {
     report("Redis restarted empty + reconcile", &load, &outcomes);
     drop(app);
     drop(redis);
+}
+
+/// A reserve whose reply never comes (Redis stalls past the client's 3 s response
+/// timeout; on a cluster, a failover or an overloaded node past its 2 s bound): ingress
+/// answers 503, and the reservation the script made once Redis went on is given back at
+/// once, not held until its deadline and then recorded as an expired order the buyer
+/// never had an id for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reserve_whose_reply_never_came_answers_503_and_holds_nothing() {
+    let _turn = TURN.lock().await;
+    let redis = PrivateRedis::start();
+    let url = redis.url();
+    let ttl = Duration::from_secs(7);
+    let app = TestApp::spawn_with(Options {
+        tweak: Box::new(move |c| {
+            c.redis_url = url;
+            c.reservation_ttl = ttl;
+        }),
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("stall-tee", 5, None).await;
+    let token = app.customer("stall-buyer");
+    let first = app
+        .order(&token, &[("stall-tee", 1)], Some("stall-1"))
+        .await;
+    assert_eq!(first.status, 202, "{first:?}");
+    app.wait_idle().await;
+    // Writes (scripts that write among them) wait 4 s: the reserve is sent and runs only
+    // after ingress's client gave up on it; reads go on.
+    let mut admin = floodgate_common::redis::connect(&redis.url())
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(4_000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let seq = || async {
+        let n: Option<i64> = redis::cmd("GET")
+            .arg(app.keys.stock_seq())
+            .query_async(&mut app.redis.clone())
+            .await
+            .unwrap();
+        n.unwrap_or(0)
+    };
+    let seq_before = seq().await;
+    let paused = std::time::Instant::now();
+    let lost = app
+        .order(&token, &[("stall-tee", 1)], Some("stall-2"))
+        .await;
+    assert_eq!((lost.status, lost.code()), (503, "unavailable"), "{lost:?}");
+    // Once Redis goes on, the reserve runs and the release sent after it gives the unit
+    // back at once: well before the reservation's deadline, no reservation is open.
+    tokio::time::sleep(Duration::from_millis(4_500).saturating_sub(paused.elapsed())).await;
+    let open = || async {
+        let n: i64 = redis::cmd("ZCARD")
+            .arg(app.keys.deadlines())
+            .query_async(&mut app.redis.clone())
+            .await
+            .unwrap();
+        n
+    };
+    eventually(Duration::from_secs(2), || async {
+        open().await == 0 && app.available("stall-tee").await == Some(4)
+    })
+    .await;
+    assert!(paused.elapsed() < ttl, "checked before the deadline");
+    assert_eq!(
+        seq().await - seq_before,
+        2,
+        "the reserve ran (taking the unit) and then the release (giving it back)"
+    );
+    // Past the deadline and a reaper tick: nothing was reaped, no order was recorded for
+    // the 503.
+    tokio::time::sleep((ttl + Duration::from_secs(2)).saturating_sub(paused.elapsed())).await;
+    assert_eq!(app.scalar("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(app.available("stall-tee").await, Some(4));
+    assert_eq!(open().await, 0);
+    // The key is free again: the same request now places the order.
+    let again = app
+        .order(&token, &[("stall-tee", 1)], Some("stall-2"))
+        .await;
+    assert_eq!(again.status, 202, "{again:?}");
+    app.wait_idle().await;
+    let ids: Vec<String> = [&first, &again]
+        .iter()
+        .map(|r| r.body["order_id"].as_str().unwrap().to_owned())
+        .collect();
+    let outcomes = app.assert_invariants(&ids).await;
+    assert_eq!(outcomes.get("confirmed"), Some(&2), "{outcomes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,12 +463,13 @@ async fn reserve_directly(
             deadline_ms,
             waitlist_until_ms: None,
             idempotency_ttl_secs: 60,
+            points: None,
         },
     )
     .await
     .unwrap();
     assert_eq!(decision, fredis::Reserve::Reserved);
-    let msg = IntakeMessage::OrderV1(OrderPlaced {
+    let msg = IntakeMessage::of(OrderPlaced {
         order_id: id,
         user_id: user,
         items: lines,
@@ -360,6 +478,7 @@ async fn reserve_directly(
         idempotency_key: None,
         buckets: Default::default(),
         bundles: Default::default(),
+        points: None,
     });
     (id, msg.to_bytes())
 }

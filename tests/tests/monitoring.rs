@@ -354,6 +354,7 @@ const METRIC_JOBS: &[(&str, &[&str])] = &[
     ("floodgate_worker_", &[WORKER]),
     ("floodgate_outbox_", &[WORKER]),
     ("floodgate_consistency_", &[WORKER]),
+    ("floodgate_webhook_", &[WORKER]),
     ("floodgate_notifier_", &[NOTIFIER]),
     ("floodgate_stock_available", &[NOTIFIER]),
     ("process_", &[INGRESS, WORKER, NOTIFIER]),
@@ -566,7 +567,8 @@ async fn dashboard_panels_have_data_and_a_stopped_worker_fires_its_alerts() {
     let mut app = TestApp::spawn_with(Options {
         worker: false,
         notifier: false,
-        ..Options::default()
+        // The webhook panels need deliveries to the mock platform on 127.0.0.1.
+        tweak: Box::new(|cfg| cfg.webhooks.allow_private = true),
     })
     .await;
     app.shut_down();
@@ -589,6 +591,20 @@ async fn dashboard_panels_have_data_and_a_stopped_worker_fires_its_alerts() {
     // events, one that leaves (a disconnect), a poison message (a dead letter).
     app.create_sku("obs-plenty", 1_000_000, None).await;
     app.create_sku("obs-few", 20, None).await;
+    // A data platform that fails a third of the deliveries (retries, delivered).
+    let platform = floodgate_tests::mock_platform::MockPlatform::start().await;
+    let hook = app
+        .post(
+            "/v1/webhooks",
+            Some(&app.admin()),
+            &serde_json::json!({"url": platform.url(), "events": ["order.confirmed"]}),
+        )
+        .await;
+    assert_eq!(hook.status, 201, "{hook:?}");
+    platform.set_secret(hook.body["secret"].as_str().unwrap());
+    platform
+        .set_mode(floodgate_tests::mock_platform::Mode::FailRatio(0.3))
+        .await;
     let admin = app.admin();
     let stream = format!(
         "{}/v1/stream?topics=stock:*,orders:*&access_token={admin}",

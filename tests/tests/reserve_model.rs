@@ -1,15 +1,17 @@
 //! The reserve decision against a model: random sequences of orders (several lines,
-//! several users, with and without an Idempotency-Key), publish confirms and failures,
-//! worker commits and failures, reaps, cancels, goods received, and replays of keys,
-//! cancels and receipts, run against the real Lua scripts on a real Redis and compared
+//! several users, with and without an Idempotency-Key, paid with points or not),
+//! publish confirms and failures, worker commits and failures, reaps, cancels (with
+//! their refunds), goods received, point credits, and replays of keys, cancels,
+//! receipts and credits, run against the real Lua scripts on a real Redis and compared
 //! step by step with a plain in-memory model of the contract (API.md and each script's
 //! header).
 //!
 //! After every step both the step's outcome (reserved / sold_out{sku,available} /
 //! limit_exceeded{sku,limit,already} / unknown_sku / duplicate{order,published} /
 //! key reused / the claim, release, reap and mark words) and the whole observable state
-//! must agree: units available per SKU, units each user holds per SKU, every reservation's
-//! state, and the open-reservation list (`deadlines`). A failure prints the shrunk,
+//! must agree: units available per SKU, units each user holds per SKU, each user's
+//! spendable and held points, every reservation's state, and the open-reservation list
+//! (`deadlines`). A failure prints the shrunk,
 //! minimal sequence of steps.
 //!
 //! Each case runs in a namespace of its own, removed when the case ends, pass or fail.
@@ -39,6 +41,19 @@ const GHOST: &str = "ghost";
 const USERS: [&str; 3] = ["u", "u:k", "u:k:k"];
 const IDEM_KEYS: [&str; 2] = ["k", "k:k"];
 const REFERENCES: [&str; 2] = ["po-1", "po-2"];
+/// Each SKU's price in points (what ingress totals an order paid with points by).
+const PRICES: [i64; 3] = [100, 250, 40];
+/// Point-credit tokens (a charge or grant entry's id; a repeat applies once).
+const CREDITS: [i64; 2] = [1, 2];
+
+/// The total ingress passes for an order paid with points (an unknown SKU costs 0: the
+/// script refuses it as unknown first).
+fn total(lines: &[(&'static str, i64)]) -> i64 {
+    lines
+        .iter()
+        .map(|(s, q)| SKUS.iter().position(|k| k == s).map_or(0, |i| PRICES[i]) * q)
+        .sum()
+}
 
 /// Every reservation's deadline: in the past of `NOW`, so a reap takes any reservation
 /// whose publish was never confirmed.
@@ -68,6 +83,7 @@ enum Step {
         lines: Vec<(usize, i64)>,
         key: Option<usize>,
         publish: Publish,
+        points: bool,
     },
     /// The same user sends an earlier keyed order's key again, with the same body (its
     /// lines in reverse order, which is the same body) or another (one qty more).
@@ -94,6 +110,12 @@ enum Step {
         units: i64,
         reference: usize,
     },
+    /// A committed point credit reaches Redis (a repeat of its token applies once).
+    Credit {
+        user: usize,
+        points: i64,
+        credit: usize,
+    },
 }
 
 fn publish() -> impl Strategy<Value = Publish> {
@@ -118,12 +140,14 @@ fn step() -> impl Strategy<Value = Step> {
         lines,
         prop::option::weighted(0.6, 0..IDEM_KEYS.len()),
         publish(),
+        prop::bool::weighted(0.4),
     )
-        .prop_map(|(user, lines, key, publish)| Step::Order {
+        .prop_map(|(user, lines, key, publish, points)| Step::Order {
             user,
             lines,
             key,
             publish,
+            points,
         });
     prop_oneof![
         10 => order,
@@ -137,12 +161,19 @@ fn step() -> impl Strategy<Value = Step> {
         3 => any::<Index>().prop_map(|of| Step::Cancel { of }),
         2 => (0..SKUS.len(), 1i64..=5, 0..REFERENCES.len())
             .prop_map(|(sku, units, reference)| Step::Receive { sku, units, reference }),
+        1 => (0..USERS.len(), 1i64..=600, 0..CREDITS.len())
+            .prop_map(|(user, points, credit)| Step::Credit { user, points, credit }),
     ]
 }
 
 /// The catalogue at the start of a case: per SKU (initial stock, per-user limit or 0).
 fn catalogue() -> impl Strategy<Value = Vec<(i64, i64)>> {
     prop::collection::vec((0i64..=8, prop_oneof![Just(0i64), 1i64..=4]), SKUS.len())
+}
+
+/// Each user's points at the start of a case.
+fn funds() -> impl Strategy<Value = Vec<i64>> {
+    prop::collection::vec(prop_oneof![Just(0i64), 1i64..=1500], USERS.len())
 }
 
 /// One step's observable outcome, as the typed wrappers return it.
@@ -155,10 +186,13 @@ enum Outcome {
     /// The claim, and for a worker failure the release that followed a claimed order.
     Claim(Claim, Option<Release>),
     Reaped(bool),
-    /// Units available after each line's cancel token was applied.
-    Cancelled(Vec<i64>),
+    /// Units available after each line's cancel token was applied, and what its refund
+    /// did (an order paid with points).
+    Cancelled(Vec<i64>, Option<fredis::Credited>),
     /// Units available after the receipt.
     Received(i64),
+    /// What the point credit did.
+    Credited(fredis::Credited),
     /// The step had nothing to act on (no earlier order, or an order not committed).
     Skipped,
 }
@@ -205,6 +239,8 @@ struct Order {
     state: State,
     /// The deadlines zset's score: `None` when the order is not listed.
     deadline: Option<f64>,
+    /// Paid with points: its total.
+    paid: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -223,24 +259,40 @@ struct Model {
     idem: HashMap<(usize, usize), IdemRecord>,
     applied: HashSet<String>,
     orders: Vec<Order>,
+    /// Per user: points spendable, and held by open reservations paid with points.
+    points: HashMap<usize, i64>,
+    points_held: HashMap<usize, i64>,
 }
 
-/// What ingress sends as the body hash: the same lines in any order are the same body.
-fn body_hash(lines: &[(&str, i64)]) -> String {
+/// What ingress sends as the body hash: the same lines in any order are the same body;
+/// paid with points it is another.
+fn body_hash(lines: &[(&str, i64)], points: bool) -> String {
     let mut sorted = lines.to_vec();
     sorted.sort();
-    format!("{sorted:?}")
+    format!("{sorted:?}{points}")
 }
 
 impl Model {
-    fn new(catalogue: &[(i64, i64)]) -> Self {
+    fn new(catalogue: &[(i64, i64)], funds: &[i64]) -> Self {
         let mut m = Model::default();
         for (i, &(stock, limit)) in catalogue.iter().enumerate() {
             m.available.insert(SKUS[i], stock);
             m.limits.insert(SKUS[i], limit);
             m.applied.insert(format!("receive:{}:initial", SKUS[i]));
         }
+        for (u, &f) in funds.iter().enumerate() {
+            m.credit(u, f, fredis::points_token(1_000 + u as i64));
+        }
         m
+    }
+
+    /// credit_points.lua: once per token.
+    fn credit(&mut self, user: usize, points: i64, token: String) -> fredis::Credited {
+        if !self.applied.insert(token) {
+            return fredis::Credited::Before;
+        }
+        *self.points.entry(user).or_default() += points;
+        fredis::Credited::Now
     }
 
     fn held(&self, user: usize, sku: &'static str) -> i64 {
@@ -253,6 +305,10 @@ impl Model {
             *self.available.get_mut(sku).expect("a known SKU") += qty;
             *self.held.entry((user, sku)).or_default() -= qty;
         }
+        if let Some(p) = self.orders[o].paid {
+            *self.points.entry(user).or_default() += p;
+            *self.points_held.entry(user).or_default() -= p;
+        }
     }
 
     /// reserve.lua: idempotency, unknown SKUs, per-user limits, stock; then all or none.
@@ -262,8 +318,9 @@ impl Model {
         user: usize,
         lines: &[(&'static str, i64)],
         key: Option<usize>,
+        points: bool,
     ) -> Reserve {
-        let hash = body_hash(lines);
+        let hash = body_hash(lines, points);
         if let Some(rec) = key.and_then(|k| self.idem.get(&(user, k))) {
             if rec.body_hash != hash {
                 return Reserve::KeyReused;
@@ -295,6 +352,15 @@ impl Model {
                 };
             }
         }
+        let paid = points.then(|| total(lines));
+        if let Some(needed) = paid {
+            let spendable = self.points.get(&user).copied().unwrap_or(0);
+            if spendable < needed {
+                return Reserve::InsufficientPoints { spendable, needed };
+            }
+            *self.points.entry(user).or_default() -= needed;
+            *self.points_held.entry(user).or_default() += needed;
+        }
         for &(sku, qty) in lines {
             *self.available.get_mut(sku).expect("checked") -= qty;
             *self.held.entry((user, sku)).or_default() += qty;
@@ -306,6 +372,7 @@ impl Model {
             key,
             state: State::Reserved,
             deadline: Some(DEADLINE_MS as f64),
+            paid,
         });
         if let Some(k) = key {
             let order = self.orders.len() - 1;
@@ -386,11 +453,14 @@ impl Model {
         }
     }
 
-    /// finish.lua for one order.
+    /// finish.lua for one order: a committed order's points are spent, no longer held.
     fn finish(&mut self, o: usize) {
         let order = &mut self.orders[o];
         if order.state.is_open() {
             order.state = State::Done;
+            if let Some(p) = order.paid {
+                *self.points_held.entry(order.user).or_default() -= p;
+            }
         }
         order.deadline = None;
     }
@@ -461,12 +531,14 @@ fn sku(name: &str) -> Sku {
 struct Observed {
     available: Vec<Option<i64>>,
     held: Vec<Vec<i64>>,
+    /// Per user: (spendable, held) points.
+    points: Vec<(i64, i64)>,
     states: Vec<Option<ResvState>>,
     deadlines: Vec<Option<f64>>,
 }
 
 impl Real {
-    async fn new(catalogue: &[(i64, i64)]) -> Self {
+    async fn new(catalogue: &[(i64, i64)], funds: &[i64]) -> Self {
         let ns = Namespace::parse(&floodgate_tests::namespace()).unwrap();
         let url = floodgate_tests::redis_url();
         let con = fredis::connect(&url)
@@ -503,6 +575,13 @@ impl Real {
             .await
             .unwrap();
         }
+        // As a charge reaches Redis: once per entry token.
+        for (u, &f) in funds.iter().enumerate() {
+            let token = fredis::points_token(1_000 + u as i64);
+            fredis::credit_points(&mut real.con, &real.keys, &token, USERS[u], f)
+                .await
+                .unwrap();
+        }
         real
     }
 
@@ -515,6 +594,8 @@ impl Real {
         for u in users() {
             pipe.cmd("HMGET").arg(k.user(&u)).arg(&all_skus);
         }
+        pipe.cmd("HMGET").arg(k.points()).arg(&USERS);
+        pipe.cmd("HMGET").arg(k.points_held()).arg(&USERS);
         for o in orders {
             pipe.cmd("HGET").arg(k.resv(&o.id)).arg("state");
         }
@@ -528,6 +609,16 @@ impl Real {
         let held = take(USERS.len())
             .into_iter()
             .map(|v| from(v).into_iter().map(|h| h.unwrap_or(0)).collect())
+            .collect();
+        let (spendable, held_points) = {
+            let mut two = take(2);
+            let held_points = from(two.remove(1));
+            (from(two.remove(0)), held_points)
+        };
+        let points = spendable
+            .into_iter()
+            .zip(held_points)
+            .map(|(s, h)| (s.unwrap_or(0), h.unwrap_or(0)))
             .collect();
         let states = take(orders.len())
             .into_iter()
@@ -543,6 +634,7 @@ impl Real {
         Observed {
             available,
             held,
+            points,
             states,
             deadlines,
         }
@@ -562,6 +654,14 @@ impl Model {
         Observed {
             available,
             held,
+            points: (0..USERS.len())
+                .map(|u| {
+                    (
+                        self.points.get(&u).copied().unwrap_or(0),
+                        self.points_held.get(&u).copied().unwrap_or(0),
+                    )
+                })
+                .collect(),
             states: self
                 .orders
                 .iter()
@@ -588,10 +688,11 @@ async fn run_step(
             lines,
             key,
             publish,
+            points,
         } => {
             let lines: Vec<(&'static str, i64)> =
                 lines.iter().map(|&(s, q)| (sku_name(s), q)).collect();
-            place(real, model, users, *user, &lines, *key, *publish).await
+            place(real, model, users, *user, &lines, (*key, *points), *publish).await
         }
         Step::Replay {
             of,
@@ -603,13 +704,13 @@ async fn run_step(
                 return (Outcome::Skipped, Outcome::Skipped);
             }
             let first = keyed[of.index(keyed.len())];
-            let (user, key) = (first.user, first.key);
+            let (user, key, points) = (first.user, first.key, first.paid.is_some());
             let mut lines = first.lines.clone();
             lines.reverse();
             if !same_body {
                 lines[0].1 += 1;
             }
-            place(real, model, users, user, &lines, key, *publish).await
+            place(real, model, users, user, &lines, (key, points), *publish).await
         }
         Step::Confirm { of } => {
             let Some(o) = pick(of, model) else {
@@ -711,7 +812,42 @@ async fn run_step(
                 );
                 model_av.push(model.apply_stock(s, qty, token, Some((order.user, -qty))));
             }
-            (Outcome::Cancelled(real_av), Outcome::Cancelled(model_av))
+            // An order paid with points is refunded: a credit under its refund entry's
+            // token (here one per order).
+            let (real_refund, model_refund) = match order.paid {
+                Some(p) => {
+                    let token = format!("points:refund:{}", order.id);
+                    let r = fredis::credit_points(
+                        &mut real.con,
+                        &real.keys,
+                        &token,
+                        USERS[order.user],
+                        p,
+                    )
+                    .await
+                    .unwrap();
+                    (Some(r), Some(model.credit(order.user, p, token)))
+                }
+                None => (None, None),
+            };
+            (
+                Outcome::Cancelled(real_av, real_refund),
+                Outcome::Cancelled(model_av, model_refund),
+            )
+        }
+        Step::Credit {
+            user,
+            points,
+            credit,
+        } => {
+            let token = fredis::points_token(CREDITS[*credit]);
+            let r = fredis::credit_points(&mut real.con, &real.keys, &token, USERS[*user], *points)
+                .await
+                .unwrap();
+            (
+                Outcome::Credited(r),
+                Outcome::Credited(model.credit(*user, *points, token)),
+            )
         }
         Step::Receive {
             sku: s,
@@ -751,7 +887,7 @@ async fn place(
     users: &[UserId],
     user: usize,
     lines: &[(&'static str, i64)],
-    key: Option<usize>,
+    (key, points): (Option<usize>, bool),
     publish: Publish,
 ) -> (Outcome, Outcome) {
     let id = OrderId::new();
@@ -766,7 +902,7 @@ async fn place(
     )
     .unwrap();
     let idem_key = key.map(|k| IdempotencyKey::parse(IDEM_KEYS[k]).unwrap());
-    let hash = body_hash(lines);
+    let hash = body_hash(lines, points);
     let r = fredis::reserve(
         &mut real.con,
         &real.keys,
@@ -782,11 +918,12 @@ async fn place(
             deadline_ms: DEADLINE_MS,
             waitlist_until_ms: None,
             idempotency_ttl_secs: 600,
+            points: points.then(|| total(lines)),
         },
     )
     .await
     .unwrap();
-    let m = model.reserve(id, user, lines, key);
+    let m = model.reserve(id, user, lines, key, points);
     if r != Reserve::Reserved || m != Reserve::Reserved {
         return (Outcome::Order(r, None), Outcome::Order(m, None));
     }
@@ -838,10 +975,14 @@ async fn release(real: &mut Real, order: &Order, users: &[UserId], reason: &str)
     .unwrap()
 }
 
-async fn run_case(catalogue: &[(i64, i64)], steps: &[Step]) -> Result<(), TestCaseError> {
+async fn run_case(
+    catalogue: &[(i64, i64)],
+    funds: &[i64],
+    steps: &[Step],
+) -> Result<(), TestCaseError> {
     let users = users();
-    let mut real = Real::new(catalogue).await;
-    let mut model = Model::new(catalogue);
+    let mut real = Real::new(catalogue, funds).await;
+    let mut model = Model::new(catalogue, funds);
     prop_assert_eq!(
         real.observe(&model.orders).await,
         model.observed(),
@@ -871,13 +1012,14 @@ proptest! {
     #[test]
     fn reserve_matches_the_model(
         catalogue in catalogue(),
+        funds in funds(),
         steps in prop::collection::vec(step(), 1..=MAX_STEPS),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(run_case(&catalogue, &steps))?;
+        rt.block_on(run_case(&catalogue, &funds, &steps))?;
     }
 }
 
@@ -886,8 +1028,8 @@ proptest! {
 /// this suite: reserve.lua once reserved again and overwrote the record.)
 #[tokio::test]
 async fn a_replayed_reserve_does_not_take_the_units_twice() {
-    let mut real = Real::new(&[(5, 0), (0, 0), (0, 0)]).await;
-    let mut model = Model::new(&[(5, 0), (0, 0), (0, 0)]);
+    let mut real = Real::new(&[(5, 0), (0, 0), (0, 0)], &[0, 0, 0]).await;
+    let mut model = Model::new(&[(5, 0), (0, 0), (0, 0)], &[0, 0, 0]);
     let users = users();
     let lines = OrderLines::try_from(vec![OrderLine {
         sku: sku("a"),
@@ -906,12 +1048,13 @@ async fn a_replayed_reserve_does_not_take_the_units_twice() {
         deadline_ms: DEADLINE_MS,
         waitlist_until_ms: None,
         idempotency_ttl_secs: 600,
+        points: None,
     };
     let first = fredis::reserve(&mut real.con, &real.keys, &req)
         .await
         .unwrap();
     assert_eq!(first, Reserve::Reserved);
-    model.reserve(req.order_id, 0, &[("a", 2)], None);
+    model.reserve(req.order_id, 0, &[("a", 2)], None, false);
     let again = fredis::reserve(&mut real.con, &real.keys, &req)
         .await
         .unwrap();

@@ -70,6 +70,7 @@ impl Ns {
                 deadline_ms,
                 waitlist_until_ms: None,
                 idempotency_ttl_secs: 60,
+                points: None,
             },
         )
         .await
@@ -483,6 +484,7 @@ async fn a_reserve_resent_decrements_once_with_and_without_an_idempotency_key() 
             deadline_ms: FAR,
             waitlist_until_ms: None,
             idempotency_ttl_secs: 60,
+            points: None,
         };
         let (first, second) = twice!(
             ns,
@@ -516,6 +518,7 @@ async fn a_reserve_resent_decrements_once_with_and_without_an_idempotency_key() 
             deadline_ms: FAR,
             waitlist_until_ms: None,
             idempotency_ttl_secs: 60,
+            points: None,
         },
     )
     .await
@@ -647,7 +650,8 @@ async fn a_wait_counts_the_replicas_of_the_namespaces_node() {
         .expect("connected_slaves in INFO replication");
     let acked = ns
         .con
-        .wait_replicas(&ns.keys, 1, std::time::Duration::from_millis(200))
+        // Long enough for a replica on a loaded 2-core machine (the client's bound is 2 s).
+        .wait_replicas(&ns.keys, 1, std::time::Duration::from_millis(1_000))
         .await
         .unwrap();
     assert!(

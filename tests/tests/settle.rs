@@ -53,6 +53,7 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
             deadline_ms: i64::MAX / 2,
             waitlist_until_ms: None,
             idempotency_ttl_secs: 60,
+            points: None,
         },
     )
     .await
@@ -90,6 +91,7 @@ async fn reservations_left_open_by_a_lost_write_are_settled_by_postgresql() {
             reapplied: 0,
             given_back: 0,
             resynced: 0,
+            refunded: 0,
         }
     );
     assert_eq!(

@@ -205,7 +205,7 @@ async fn a_crash_between_the_parts_returns_every_unit_and_answers_the_key() {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     let deadline_ms = ((now + ttl).unix_timestamp_nanos() / 1_000_000) as i64;
-    let hash = floodgate_ingress::orders::body_hash(&order);
+    let hash = floodgate_ingress::orders::body_hash(&order, false);
     let req = ReserveRequest {
         order_id: id,
         user: &user,
@@ -218,6 +218,7 @@ async fn a_crash_between_the_parts_returns_every_unit_and_answers_the_key() {
         deadline_ms,
         waitlist_until_ms: None,
         idempotency_ttl_secs: 60,
+        points: None,
     };
     let mut r = app.redis.clone();
     let first = fredis::reserve(&mut r, app.shards.get(parts[0].shard), &req)
@@ -272,7 +273,9 @@ async fn a_crash_between_the_parts_returns_every_unit_and_answers_the_key() {
 /// other, which expired: the worker fails the order and gives back the marked part too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
-    let ttl = Duration::from_secs(2);
+    // Long enough for the two reserves, the reads and a quorum-queue publish before the
+    // mark on a loaded machine.
+    let ttl = Duration::from_secs(4);
     let mut app = TestApp::spawn_with(Options {
         worker: false,
         ..sharded(move |c| c.reservation_ttl = ttl)
@@ -308,6 +311,7 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
         deadline_ms,
         waitlist_until_ms: None,
         idempotency_ttl_secs: 60,
+        points: None,
     };
     // Re-sent (a cluster client's retry): every part is taken once.
     for _ in 0..2 {
@@ -319,7 +323,7 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
     assert_eq!(app.available(&a).await, Some(9));
     assert_eq!(app.available(&b).await, Some(8));
     app.publish_raw(
-        &IntakeMessage::OrderV1(OrderPlaced {
+        &IntakeMessage::of(OrderPlaced {
             order_id: id,
             user_id: user.clone(),
             items: order.clone(),
@@ -328,6 +332,7 @@ async fn a_part_that_expired_fails_the_whole_order_in_the_worker() {
             idempotency_key: None,
             buckets: Default::default(),
             bundles: Default::default(),
+            points: None,
         })
         .to_bytes(),
     )
@@ -459,7 +464,7 @@ async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothin
     let accepted_at = now
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
-    let hash = floodgate_ingress::orders::body_hash(&order);
+    let hash = floodgate_ingress::orders::body_hash(&order, false);
     let req = ReserveRequest {
         order_id: id,
         user: &user,
@@ -472,6 +477,7 @@ async fn a_leftover_part_of_a_refused_order_returns_its_units_and_records_nothin
         deadline_ms: ((now + ttl).unix_timestamp_nanos() / 1_000_000) as i64,
         waitlist_until_ms: None,
         idempotency_ttl_secs: 60,
+        points: None,
     };
     let d = fredis::reserve_parts(&app.redis, &app.shards, &parts, &req)
         .await
@@ -599,6 +605,7 @@ async fn a_reaped_part_waits_for_its_deciding_part() {
                 deadline_ms: ms(deadline),
                 waitlist_until_ms: None,
                 idempotency_ttl_secs: 60,
+                points: None,
             };
             let d = fredis::reserve(&mut r, app.shards.get(p.shard), &req)
                 .await

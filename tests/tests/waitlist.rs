@@ -689,6 +689,7 @@ async fn a_re_sent_waitlist_decision_answers_the_same_and_a_stray_message_is_ign
         deadline_ms: now + 30_000,
         waitlist_until_ms: Some(now + 3_600_000),
         idempotency_ttl_secs: 60,
+        points: None,
     };
     let keys = app.keys_of("pen").clone();
     let mut r = app.redis.clone();
@@ -714,4 +715,81 @@ async fn a_re_sent_waitlist_decision_answers_the_same_and_a_stray_message_is_ign
     assert_eq!(holding(&app, "bob", "pen").await, 0);
     app.wait_idle().await;
     check_clean(&app).await;
+}
+
+/// A waitlisted order promoted before a release for its lost reserve reply arrives
+/// (ingress releases an order whose reserve failed, `refused`): it was accepted when it
+/// went on the waitlist, so the release leaves it, its units and its key alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_for_a_lost_reply_leaves_a_promoted_order_alone() {
+    use floodgate_common::{
+        domain::{IdempotencyKey, OrderId, OrderLine, OrderLines, Quantity, Sku},
+        redis::{self as fredis, Release, Reserve, ReserveRequest},
+    };
+    // No worker: ann's order stays queued, and nothing publishes bob's once promoted.
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Options::default()
+    })
+    .await;
+    app.create_sku("ink", 1, None).await;
+    let ann = app.order(&app.customer("ann"), &[("ink", 1)], None).await;
+    assert_eq!(ann.status, 202, "{ann:?}");
+    let ann_id = OrderId::parse(ann.body["order_id"].as_str().unwrap()).unwrap();
+    let bob = UserId::parse("bob").unwrap();
+    let key = IdempotencyKey::parse("bob-1").unwrap();
+    let lines = OrderLines::try_from(vec![OrderLine {
+        sku: Sku::parse("ink").unwrap(),
+        qty: Quantity::try_from(1).unwrap(),
+    }])
+    .unwrap();
+    let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let hash = "h".repeat(64);
+    let req = ReserveRequest {
+        order_id: OrderId::new(),
+        user: &bob,
+        lines: &lines,
+        held: None,
+        first: None,
+        buckets: &fredis::one_bucket,
+        idempotency: Some((&key, &hash)),
+        accepted_at: "2026-12-06T00:00:00Z",
+        deadline_ms: now + 30_000,
+        waitlist_until_ms: Some(now + 3_600_000),
+        idempotency_ttl_secs: 600,
+        points: None,
+    };
+    let keys = app.keys_of("ink").clone();
+    let mut r = app.redis.clone();
+    assert_eq!(
+        fredis::reserve(&mut r, &keys, &req).await.unwrap(),
+        Reserve::Waitlisted { position: 1 }
+    );
+    // Ann's order fails in a worker: its unit promotes bob's order in the same script.
+    let ann_user = UserId::parse("ann").unwrap();
+    let released = fredis::release(&mut r, &keys, &ann_id, &ann_user, None, "failed")
+        .await
+        .unwrap();
+    assert_eq!(released, Release::Released);
+    assert_eq!(holding(&app, "bob", "ink").await, 1);
+    assert_eq!(app.available("ink").await, Some(0));
+    // Then the release for bob's lost reply: nothing is taken back.
+    let late = fredis::release(&mut r, &keys, &req.order_id, &bob, Some(&key), "refused")
+        .await
+        .unwrap();
+    assert_eq!(late, Release::NotHeld);
+    let (state, idem): (Option<String>, Option<String>) = redis::pipe()
+        .hget(keys.resv(&req.order_id), "state")
+        .hget(keys.idem(&bob, &key), "order_id")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(state.as_deref(), Some("reserved"), "still promoted");
+    assert_eq!(
+        idem,
+        Some(req.order_id.to_string()),
+        "a repeat of the key still answers it"
+    );
+    assert_eq!(holding(&app, "bob", "ink").await, 1);
+    assert_eq!(app.available("ink").await, Some(0));
 }

@@ -477,6 +477,12 @@ impl Pipeline {
                     Recorded::No(why) => Settle::DeadLetter(FailReason::Unrecordable, why),
                 },
             ),
+            Err(DbError::InsufficientPoints) => Ok(
+                match self.fail_order(d, FailReason::InsufficientPoints).await? {
+                    Recorded::Yes => Settle::Ack,
+                    Recorded::No(why) => Settle::DeadLetter(FailReason::Unrecordable, why),
+                },
+            ),
             Err(DbError::Permanent { reason, source }) => {
                 Ok(match self.fail_order(d, reason).await? {
                     Recorded::Yes => Settle::DeadLetter(reason, format!("{source:#}")),
@@ -735,7 +741,8 @@ fn decode((partition, d): (usize, Delivery), shards: &Shards) -> Item {
     let trace = trace_of(&d.properties);
     let order = IntakeMessage::from_bytes(&d.data)
         .map_err(|e| e.to_string())
-        .and_then(|IntakeMessage::OrderV1(o)| {
+        .map(IntakeMessage::into_order)
+        .and_then(|o| {
             let accepted_at = OffsetDateTime::parse(&o.accepted_at, &Rfc3339)
                 .map_err(|e| format!("accepted_at: {e}"))?;
             // Once per delivery: claim, finish and release all need them.
@@ -761,6 +768,7 @@ fn decode((partition, d): (usize, Delivery), shards: &Shards) -> Item {
                         .map(|l| (l.sku.to_string(), l.qty))
                         .collect(),
                     trace,
+                    points: o.points,
                 },
                 user: o.user_id,
                 key: o.idempotency_key,

@@ -26,7 +26,9 @@ pub mod outbox;
 pub mod promoter;
 pub mod reaper;
 pub mod repo;
+pub mod retention;
 pub mod session;
+pub mod webhooks;
 
 use anyhow::Context;
 use axum::{Router, extract::State, routing::get};
@@ -158,17 +160,41 @@ impl Worker {
                     stop.clone(),
                 )
             });
-        let (cfg, pg, wake, stop) = (
+        let webhooks_wake = Arc::new(tokio::sync::Notify::new());
+        let (cfg, pg, wake, owed, stop) = (
             pipeline.cfg.clone(),
             pipeline.pg.clone(),
             pipeline.outbox_wake.clone(),
+            webhooks_wake.clone(),
             shutdown.clone(),
         );
         health
             .tasks
             .spawn(&background, "outbox_relay", shutdown.clone(), move || {
-                outbox::run(cfg.clone(), pg.clone(), wake.clone(), stop.clone())
+                outbox::run(
+                    cfg.clone(),
+                    pg.clone(),
+                    wake.clone(),
+                    owed.clone(),
+                    stop.clone(),
+                )
             });
+        let (cfg, stop) = (pipeline.cfg.clone(), shutdown.clone());
+        health
+            .tasks
+            .spawn(&background, "webhooks", shutdown.clone(), move || {
+                webhooks::run(cfg.clone(), webhooks_wake.clone(), stop.clone())
+            });
+        // Pruning is housekeeping: a worker that cannot prune still commits and
+        // delivers, so its failure shows under `tasks` without making it unready.
+        let (cfg, pg, stop) = (pipeline.cfg.clone(), pipeline.pg.clone(), shutdown.clone());
+        health.tasks.spawn_as(
+            Role::Auxiliary,
+            &background,
+            "webhook_retention",
+            shutdown.clone(),
+            move || retention::run(cfg.clone(), pg.clone(), stop.clone()),
+        );
         let (cfg, shards, redis, pg, wake, paused, stop) = (
             pipeline.cfg.clone(),
             pipeline.shards.clone(),
@@ -196,7 +222,7 @@ impl Worker {
         );
         let (cfg, stop) = (pipeline.cfg.clone(), shutdown.clone());
         health.tasks.spawn_as(
-            Role::MetricsOnly,
+            Role::Auxiliary,
             &background,
             "queue_depth",
             shutdown.clone(),

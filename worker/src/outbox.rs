@@ -103,11 +103,18 @@ enum PassError {
 
 /// Relays until `shutdown`. `wake` is notified after every commit of this process that
 /// wrote outbox rows; `cfg.outbox_poll` bounds the wait for rows written elsewhere.
-pub async fn run(cfg: Config, pg: Pool, wake: Arc<Notify>, shutdown: CancellationToken) {
+/// `webhooks` is notified after a commit that owed some webhook an event.
+pub async fn run(
+    cfg: Config,
+    pg: Pool,
+    wake: Arc<Notify>,
+    webhooks: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     let armed = failpoint();
     let mut links = Reconnect::new("outbox", Backoff::BACKGROUND);
     while let Some(session) = links.next(&shutdown, || Session::relay(&cfg)).await {
-        let lost = relay(&cfg, &pg, &session, &wake, armed, &shutdown).await;
+        let lost = relay(&cfg, &pg, &session, &wake, &webhooks, armed, &shutdown).await;
         session.link.close().await;
         match lost {
             Some(e) => links.lost(&e),
@@ -122,6 +129,7 @@ async fn relay(
     pg: &Pool,
     session: &Session,
     wake: &Notify,
+    webhooks: &Notify,
     armed: Option<Failpoint>,
     shutdown: &CancellationToken,
 ) -> Option<anyhow::Error> {
@@ -134,7 +142,12 @@ async fn relay(
                 )))
             });
         let idle = match outcome {
-            Ok(n) => n < BATCH as usize,
+            Ok((n, owed)) => {
+                if owed > 0 {
+                    webhooks.notify_one();
+                }
+                n < BATCH as usize
+            }
             Err(PassError::Broker(e)) => return Some(e),
             Err(PassError::Db(e)) => {
                 tracing::warn!(
@@ -162,8 +175,13 @@ async fn relay(
 }
 
 /// One transaction: take the relay lock, lock up to [`BATCH`] rows, publish them, wait for every confirm,
-/// delete them. Returns how many rows went out.
-async fn pass(pg: &Pool, session: &Session, armed: Option<Failpoint>) -> Result<usize, PassError> {
+/// owe them to the webhooks subscribed to their types, delete them. Returns how many
+/// rows went out and how many webhook deliveries they made owed.
+async fn pass(
+    pg: &Pool,
+    session: &Session,
+    armed: Option<Failpoint>,
+) -> Result<(usize, u64), PassError> {
     assert!(armed != Some(Failpoint::Panic), "failpoint outbox_panic");
     let db_err = |e: tokio_postgres::Error| PassError::Db(e.into());
     let mut db = pg.get().await.map_err(|e| PassError::Db(e.into()))?;
@@ -183,7 +201,7 @@ async fn pass(pg: &Pool, session: &Session, armed: Option<Failpoint>) -> Result<
         .get(0);
     if !locked {
         // Another worker is relaying; its rows will be gone when we look again.
-        return Ok(0);
+        return Ok((0, 0));
     }
     let rows = tx
         .query(
@@ -194,7 +212,7 @@ async fn pass(pg: &Pool, session: &Session, armed: Option<Failpoint>) -> Result<
         .await
         .map_err(db_err)?;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     trip(Failpoint::BeforePublish, armed);
     let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
@@ -209,13 +227,62 @@ async fn pass(pg: &Pool, session: &Session, armed: Option<Failpoint>) -> Result<
         .instrument(span)
         .await?;
     trip(Failpoint::AfterPublish, armed);
+    let owed = owe_webhooks(&tx, &ids).await.map_err(db_err)?;
+    if let Some(first) = rows.first() {
+        let at: time::OffsetDateTime = first.get(4);
+        tracing::debug!(
+            rows = rows.len(),
+            owed,
+            oldest_ms = (time::OffsetDateTime::now_utc() - at).whole_milliseconds() as i64,
+            "outbox relay: published"
+        );
+    }
     tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
         .await
         .map_err(db_err)?;
     tx.commit().await.map_err(db_err)?;
     metrics::counter!(names::OUTBOX_RELAYED).increment(rows.len() as u64);
     metrics::counter!(names::OUTBOX_MESSAGES).increment(messages as u64);
-    Ok(rows.len())
+    Ok((rows.len(), owed))
+}
+
+/// Owes every live webhook subscribed to an event's type (its routing key) that event,
+/// in the transaction that deletes its outbox row: each committed event is owed to each
+/// subscriber exactly once, however often the relay publishes it. An event is stored
+/// (`webhook_events`) as its body's `data`: an order event with the order's lines and
+/// times, a `stock.sold_out` as written. Events nobody subscribed to are not kept.
+async fn owe_webhooks(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ids: &[i64],
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = tx
+        .prepare_cached(
+            "WITH subs AS (
+                SELECT id, events FROM webhooks WHERE deleted_at IS NULL
+             ), ev AS (
+                INSERT INTO webhook_events (event_id, type, at, data)
+                SELECT o.event_id, o.routing_key, o.created_at,
+                       CASE WHEN o.routing_key LIKE 'order.%' THEN
+                         jsonb_strip_nulls(o.payload - 'type' - 'at') || jsonb_strip_nulls(jsonb_build_object(
+                           'items', COALESCE((SELECT jsonb_agg(jsonb_build_object('sku', i.sku, 'qty', i.qty) ORDER BY i.sku)
+                                                FROM order_items i WHERE i.order_id = (o.payload->>'order_id')::uuid),
+                                             '[]'::jsonb),
+                           'accepted_at', to_char(r.accepted_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                           'confirmed_at', to_char(r.confirmed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')))
+                       ELSE o.payload - 'type' - 'at' END
+                  FROM outbox o
+                  LEFT JOIN orders r ON o.routing_key LIKE 'order.%' AND r.id = (o.payload->>'order_id')::uuid
+                 WHERE o.id = ANY($1)
+                   AND EXISTS (SELECT 1 FROM subs WHERE o.routing_key = ANY(subs.events))
+                ON CONFLICT (event_id) DO NOTHING
+                RETURNING event_id, type
+             )
+             INSERT INTO webhook_deliveries (webhook_id, event_id)
+             SELECT subs.id, ev.event_id FROM ev JOIN subs ON ev.type = ANY(subs.events)
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&stmt, &[&ids]).await
 }
 
 /// Publishes `rows` (each run of one routing key as one message, each event with its

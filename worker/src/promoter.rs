@@ -328,7 +328,7 @@ async fn announce_waitlisted(
 async fn publish(session: &Session, id: &OrderId, r: &fredis::Reservation) -> anyhow::Result<()> {
     let items = OrderLines::try_from(r.lines.clone())
         .map_err(|e| anyhow::anyhow!("a promoted order's lines break the rules: {}", e.0))?;
-    let msg = IntakeMessage::OrderV1(OrderPlaced {
+    let msg = IntakeMessage::of(OrderPlaced {
         order_id: *id,
         user_id: r.user.clone(),
         items,
@@ -341,8 +341,10 @@ async fn publish(session: &Session, id: &OrderId, r: &fredis::Reservation) -> an
             .and_then(|k| IdempotencyKey::parse(k).ok()),
         buckets: Default::default(),
         bundles: Default::default(),
+        // An order paid with points never waits (ingress refuses it).
+        points: None,
     });
-    let IntakeMessage::OrderV1(order) = &msg;
+    let order = msg.order();
     let key = &session.topology.partition_for(&order.items).key;
     let props = amqp::intake_properties(&id.to_string(), None);
     let confirm = async {

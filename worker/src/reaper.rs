@@ -244,6 +244,7 @@ async fn record(
             // come from its lines (a bundle's through `order_units`).
             units: Vec::new(),
             trace: None,
+            points: r.paid,
         };
         match waited {
             // A waitlisted order that left its waitlist: it never held a unit.

@@ -25,6 +25,8 @@ pub struct OrderRecord {
     /// The trace of the request that placed it (its message's `traceparent`), written
     /// with its outbox event so the notifier continues it.
     pub trace: Option<TraceParent>,
+    /// Paid with points: its total, which its commit spends (None: paid elsewhere).
+    pub points: Option<i64>,
 }
 
 /// How a database failure is handled.
@@ -33,6 +35,9 @@ pub enum DbError {
     /// The `sold <= on_hand` check refused the inventory update.
     #[error("not enough stock in PostgreSQL")]
     InsufficientStock,
+    /// The `balance >= 0` check (or a missing account) refused a points spend.
+    #[error("not enough points in PostgreSQL")]
+    InsufficientPoints,
     /// Will pass on retry: connection lost, timeout, serialization failure, shutdown.
     #[error("transient database failure")]
     Transient(#[source] anyhow::Error),
@@ -53,7 +58,11 @@ impl From<tokio_postgres::Error> for DbError {
         };
         let class = &code.code()[..2];
         if code == SqlState::CHECK_VIOLATION {
-            DbError::InsufficientStock
+            // By constraint: a points balance's, or the inventory's.
+            match e.as_db_error().and_then(|d| d.constraint()) {
+                Some("point_accounts_balance_not_negative") => DbError::InsufficientPoints,
+                _ => DbError::InsufficientStock,
+            }
         } else if matches!(class, "08" | "40" | "53" | "57" | "58")
             || code == SqlState::LOCK_NOT_AVAILABLE
             || code == SqlState::QUERY_CANCELED
@@ -129,14 +138,17 @@ async fn insert_orders(
         .iter()
         .map(|o| o.trace.map(|t| t.to_string()))
         .collect();
+    let totals: Vec<Option<i64>> = orders.iter().map(|o| o.points).collect();
     let stmt = tx
         .prepare_cached(
             "WITH new AS (
-                INSERT INTO orders (id, user_id, status, reason, idempotency_key, accepted_at, confirmed_at)
+                INSERT INTO orders (id, user_id, status, reason, idempotency_key, accepted_at,
+                                    confirmed_at, payment, total_cents)
                 SELECT t.id, t.user_id, $5, $6, t.key, t.accepted_at,
-                       CASE WHEN $5 = 'confirmed' THEN now() END
-                  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
-                       AS t(id, user_id, key, accepted_at)
+                       CASE WHEN $5 = 'confirmed' THEN now() END,
+                       CASE WHEN t.total IS NOT NULL THEN 'points' END, t.total
+                  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $8::bigint[])
+                       AS t(id, user_id, key, accepted_at, total)
                 ON CONFLICT (id) DO NOTHING
                 RETURNING id, user_id, status, reason
              ), traces AS (
@@ -155,7 +167,9 @@ async fn insert_orders(
     let rows = tx
         .query(
             &stmt,
-            &[&ids, &users, &keys, &accepted, &status, &reason, &traces],
+            &[
+                &ids, &users, &keys, &accepted, &status, &reason, &traces, &totals,
+            ],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -223,10 +237,20 @@ async fn add_sold(tx: &Transaction<'_>, orders: &[&OrderRecord]) -> Result<(), D
     let qtys: Vec<i64> = per_sku.values().copied().collect();
     let (lock, update) = tokio::try_join!(
         tx.prepare_cached("SELECT sku FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE"),
+        // A SKU this batch sells out (its last unit sold, committed) gets a
+        // `stock.sold_out` event in the same statement: what webhooks deliver.
         tx.prepare_cached(
-            "UPDATE inventory i SET sold = i.sold + d.qty, updated_at = now()
-               FROM unnest($1::text[], $2::bigint[]) AS d(sku, qty)
-              WHERE i.sku = d.sku",
+            "WITH up AS (
+                UPDATE inventory i SET sold = i.sold + d.qty, updated_at = now()
+                  FROM unnest($1::text[], $2::bigint[]) AS d(sku, qty)
+                 WHERE i.sku = d.sku
+                RETURNING i.sku, i.on_hand, i.sold, d.qty
+             )
+             INSERT INTO outbox (routing_key, payload)
+             SELECT 'stock.sold_out', jsonb_build_object(
+                      'type', 'stock', 'sku', sku, 'on_hand', on_hand, 'sold', sold,
+                      'at', clock_timestamp())
+               FROM up WHERE sold = on_hand AND sold - qty < on_hand",
         ),
     )?;
     // Sent back to back: the UPDATE waits behind the locking SELECT in the same session.
@@ -291,11 +315,59 @@ pub async fn commit_batch(
             .chain(fail.iter().map(|(o, _)| o.id)),
     )
     .await?;
+    spend_points(&tx, &fresh).await?;
     // The hot rows last, just before COMMIT: concurrent batches serialise only here.
     add_sold(&tx, &fresh).await?;
     tx.commit().await?;
     committed.confirmed = fresh.iter().map(|o| o.id).collect();
     Ok(committed)
+}
+
+/// Spends the points of the orders paid with them: one `spend` entry per order and one
+/// aggregated balance update per user (the way stock is aggregated per SKU), accounts
+/// locked in user order first so concurrent batches cannot deadlock. `balance >= 0`
+/// refuses a batch that would overdraw anyone ([`DbError::InsufficientPoints`]), as does
+/// a user without an account.
+async fn spend_points(tx: &Transaction<'_>, orders: &[&OrderRecord]) -> Result<(), DbError> {
+    let paid: Vec<(&OrderRecord, i64)> = orders
+        .iter()
+        .filter_map(|o| o.points.filter(|&p| p > 0).map(|p| (*o, p)))
+        .collect();
+    if paid.is_empty() {
+        return Ok(());
+    }
+    let mut per_user: BTreeMap<&str, i64> = BTreeMap::new();
+    for (o, p) in &paid {
+        *per_user.entry(o.user_id.as_str()).or_default() += p;
+    }
+    let users: Vec<&str> = per_user.keys().copied().collect();
+    let amounts: Vec<i64> = per_user.values().copied().collect();
+    // Prepared once per connection, like the batch's other statements.
+    let (lock, update, entries) = tokio::try_join!(
+        tx.prepare_cached(
+            "SELECT user_id FROM point_accounts WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
+        ),
+        tx.prepare_cached(
+            "UPDATE point_accounts a SET balance = a.balance - d.amount, updated_at = now()
+               FROM unnest($1::text[], $2::bigint[]) AS d(user_id, amount)
+              WHERE a.user_id = d.user_id",
+        ),
+        tx.prepare_cached(
+            "INSERT INTO point_entries (user_id, kind, amount, order_id, reference)
+             SELECT t.user_id, 'spend', t.amount, t.id, t.id::text
+               FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS t(id, user_id, amount)",
+        ),
+    )?;
+    let locked = tx.query(&lock, &[&users]).await?;
+    if locked.len() != users.len() {
+        return Err(DbError::InsufficientPoints);
+    }
+    tx.execute(&update, &[&users, &amounts]).await?;
+    let ids: Vec<Uuid> = paid.iter().map(|(o, _)| o.id.as_uuid()).collect();
+    let owners: Vec<&str> = paid.iter().map(|(o, _)| o.user_id.as_str()).collect();
+    let points: Vec<i64> = paid.iter().map(|(_, p)| *p).collect();
+    tx.execute(&entries, &[&ids, &owners, &points]).await?;
+    Ok(())
 }
 
 async fn statuses(

@@ -111,7 +111,7 @@ impl Session {
             return p;
         }
         match IntakeMessage::from_bytes(payload) {
-            Ok(IntakeMessage::OrderV1(o)) => self.topology.partition_for(&o.items),
+            Ok(m) => self.topology.partition_for(&m.order().items),
             Err(_) => &self.topology.partitions[0],
         }
     }

@@ -13,7 +13,7 @@
 //! is false, so a backlog alert would resolve and its `for:` timer restart while the
 //! broker cannot be asked), the poll timestamp stops, so staleness is alerted on by
 //! itself, and the link is rebuilt through [`Reconnect`] with its backoff. The task only
-//! feeds metrics: it is supervised as [`crate::supervise::Role::MetricsOnly`], so it can
+//! feeds metrics: it is supervised as [`crate::supervise::Role::Auxiliary`], so it can
 //! never make `/readyz` answer 503.
 
 use super::{Leftovers, Link, Reconnect, Topology};

@@ -39,6 +39,11 @@ pub fn trace_of(props: &BasicProperties) -> Option<TraceParent> {
 pub enum IntakeMessage {
     #[serde(rename = "order.v1")]
     OrderV1(OrderPlaced),
+    /// An order paid with points ([`OrderPlaced::points`]): a type of its own, so a
+    /// worker older than points dead-letters it (undecodable) instead of committing it
+    /// without spending them. [`IntakeMessage::of`] picks the type.
+    #[serde(rename = "order.v2")]
+    OrderV2(OrderPlaced),
 }
 
 /// An order ingress accepted: its stock is reserved in Redis until `deadline_ms`.
@@ -61,6 +66,10 @@ pub struct OrderPlaced {
     /// reserve used them: the worker expands the same held lines without a query.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub bundles: crate::bundle::Bundles,
+    /// Paid with points: the order's total, which its reservation holds and its commit
+    /// spends (absent: paid elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<i64>,
 }
 
 impl OrderPlaced {
@@ -76,6 +85,27 @@ impl OrderPlaced {
 }
 
 impl IntakeMessage {
+    /// The message of `o`: `order.v2` when it is paid with points, else `order.v1`.
+    pub fn of(o: OrderPlaced) -> Self {
+        match o.points {
+            Some(_) => Self::OrderV2(o),
+            None => Self::OrderV1(o),
+        }
+    }
+
+    /// The order it carries.
+    pub fn order(&self) -> &OrderPlaced {
+        match self {
+            Self::OrderV1(o) | Self::OrderV2(o) => o,
+        }
+    }
+
+    pub fn into_order(self) -> OrderPlaced {
+        match self {
+            Self::OrderV1(o) | Self::OrderV2(o) => o,
+        }
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("intake messages serialize")
     }
@@ -218,7 +248,7 @@ mod tests {
             "user_id":"alice","items":[{"sku":"tee","qty":2}],
             "accepted_at":"2026-11-21T10:00:00Z","deadline_ms":1}"#;
         let m = IntakeMessage::from_bytes(json.as_bytes()).unwrap();
-        let IntakeMessage::OrderV1(o) = &m;
+        let o = m.order();
         assert_eq!(o.items.as_slice()[0].qty.get(), 2);
         assert!(IntakeMessage::from_bytes(&m.to_bytes()).is_ok());
         let bad_qty = json.replace("\"qty\":2", "\"qty\":0");

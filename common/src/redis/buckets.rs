@@ -172,13 +172,20 @@ impl Mover {
             drop_record(con).await?;
             return Ok(false);
         }
+        let dest = shards.get(m.to);
         // The source's half must be on its replicas before the destination's runs: a
         // failover that lost it after the destination added the units would count them
-        // twice.
-        if !self.replicated(from).await {
+        // twice. Once the destination's half has run (its mark is there) that question
+        // is settled: the half runs again whatever the source's replicas say, a repeat
+        // that adds nothing and keeps its mark another day, so a record that waits long
+        // for the replicas never outlives the mark (its units would be added again).
+        let landed: bool = redis::cmd("EXISTS")
+            .arg(dest.move_mark("in", token))
+            .query_async(&mut con)
+            .await?;
+        if !landed && !self.replicated(from).await {
             return Ok(false);
         }
-        let dest = shards.get(m.to);
         let outcome: String = MOVE_IN
             .key(dest.epoch())
             .key(dest.stock())
@@ -433,7 +440,10 @@ async fn open_moves<C: redis::aio::ConnectionLike>(
 }
 
 /// Units of `sku` in `moves` records: taken out of one bucket, not yet in another
-/// (reconcile counts them as the SKU's).
+/// (reconcile counts them as the SKU's). A record whose second half already ran (its
+/// `in` mark in the destination, or its `back` mark in the source) is not counted: its
+/// units are in a level again, and the record only waits for the replicas before it
+/// goes (counting it too would count those units twice).
 pub async fn in_transit<C: redis::aio::ConnectionLike>(
     con: &mut C,
     shards: &Shards,
@@ -443,8 +453,21 @@ pub async fn in_transit<C: redis::aio::ConnectionLike>(
         return Ok(out);
     }
     for (_, keys) in shards.iter() {
-        for record in open_moves(con, keys).await?.values() {
-            if let Some(m) = Move::parse(record) {
+        for (token, record) in &open_moves(con, keys).await? {
+            let Some(m) = Move::parse(record) else {
+                continue;
+            };
+            // One key per command: the two marks live in different shards' slots.
+            let back: bool = redis::cmd("EXISTS")
+                .arg(keys.move_mark("back", token))
+                .query_async(con)
+                .await?;
+            let arrived: bool = m.to < shards.count()
+                && redis::cmd("EXISTS")
+                    .arg(shards.get(m.to).move_mark("in", token))
+                    .query_async(con)
+                    .await?;
+            if !(back || arrived) {
                 *out.entry(m.sku.to_owned()).or_default() += m.units;
             }
         }

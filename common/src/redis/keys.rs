@@ -56,6 +56,19 @@ impl Keys {
     pub fn stock_seq(&self) -> String {
         format!("{}stock:seq", self.prefix)
     }
+    /// Hash user -> points the user may spend now: the balance PostgreSQL holds less
+    /// what [`Self::points_held`] holds (only shard 0's is used: paying with points needs
+    /// one shard). `reserve.lua` takes an order's total from it; the scripts compute its
+    /// name from their keys' prefix (same slot).
+    pub fn points(&self) -> String {
+        format!("{}pts", self.prefix)
+    }
+    /// Hash user -> points held by the user's open point-paid reservations (accepted,
+    /// not committed yet): `finish.lua` drops a committed order's, `release.lua` and
+    /// `reap.lua` give a failed or expired one's back to [`Self::points`].
+    pub fn points_held(&self) -> String {
+        format!("{}ptsheld", self.prefix)
+    }
     /// Hash sku -> per-user limit (0 = none).
     pub fn limits(&self) -> String {
         format!("{}limits", self.prefix)

@@ -23,11 +23,13 @@ pub mod buckets;
 pub mod conn;
 mod keys;
 mod parts;
+mod points;
 mod scripts;
 pub mod shards;
 
 pub use conn::{Redis, ReplicaWait, Target, connect};
 pub use keys::Keys;
 pub use parts::*;
+pub use points::*;
 pub use scripts::*;
 pub use shards::{MAX_SHARDS, Part, Shards, shard_of};

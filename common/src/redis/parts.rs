@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 /// else is touched), then the others at once. All reserved: [`Reserve::Reserved`]. Otherwise every part
 /// that was reserved is released (`refused`: never accepted, the key is free again, the
 /// released record kept only [`super::REFUSED_TTL_SECS`]) and the answer is the first
-/// refusal in the order's parts, or the first error.
+/// refusal in the order's parts, or the first error. The first part failing (an error,
+/// not a refusal) is released too: its script may have run and only the reply been lost.
 /// A release that fails leaves its part to the reaper (its deadline passes unconfirmed).
 pub async fn reserve_parts(
     redis: &Redis,
@@ -27,7 +28,43 @@ pub async fn reserve_parts(
 ) -> RedisResult<Reserve> {
     // One part: the order's own reservation, as without shards.
     let deciding = (parts.len() > 1).then_some(parts[0].shard);
-    let first = reserve_part(redis, shards, &parts[0], req, deciding, true).await?;
+    let key = req.idempotency.map(|(k, _)| k);
+    let first = match reserve_part(redis, shards, &parts[0], req, deciding, true).await {
+        Ok(first) => first,
+        Err(e) => {
+            // The script may have run with only its reply lost (a response timeout; a
+            // stalled node runs it once it goes on): give back what it may hold now, not
+            // at its deadline, so the error (a 503 at ingress) holds nothing and leaves
+            // no expired order behind. Sent on the connection the reserve went out on,
+            // after it, so it runs after it; in a task, so the error is answered now and
+            // not after a second timeout. If the connection was lost meanwhile the
+            // release may find nothing (the reserve may still run): the reaper returns
+            // the part at its deadline, as it does when this release fails.
+            let (redis, shards, user, key) = (
+                redis.clone(),
+                shards.clone(),
+                req.user.clone(),
+                key.cloned(),
+            );
+            let (order_id, shard) = (req.order_id, parts[0].shard);
+            tokio::spawn(async move {
+                if let Err(re) = release_parts(
+                    &redis,
+                    &shards,
+                    &[shard],
+                    &order_id,
+                    &user,
+                    key.as_ref(),
+                    "refused",
+                )
+                .await
+                {
+                    tracing::warn!(error = %re, %order_id, "releasing an order whose reserve failed also failed; the reaper returns what it holds");
+                }
+            });
+            return Err(e);
+        }
+    };
     if first != Reserve::Reserved || parts.len() == 1 {
         return Ok(first);
     }
@@ -40,7 +77,6 @@ pub async fn reserve_parts(
     if rest.iter().all(|r| matches!(r, Ok(Reserve::Reserved))) {
         return Ok(Reserve::Reserved);
     }
-    let key = req.idempotency.map(|(k, _)| k);
     let all: Vec<usize> = parts.iter().map(|p| p.shard).collect();
     if let Err(e) =
         release_parts(redis, shards, &all, &req.order_id, req.user, key, "refused").await

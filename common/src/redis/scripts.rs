@@ -25,7 +25,21 @@ macro_rules! promoting {
     };
 }
 
-static RELEASE: LazyLock<Script> = promoting!("lua/release.lua");
+/// A script that releases an open reservation: [`promoting!`], and the
+/// `give_back_points` function (`lua/give_back_points.lua`) for one paid with points.
+macro_rules! releasing {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/promote.lua"),
+                include_str!("lua/give_back_points.lua"),
+                include_str!($file)
+            ))
+        })
+    };
+}
+
+static RELEASE: LazyLock<Script> = releasing!("lua/release.lua");
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/finish.lua")));
 static QUEUED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/queued.lua")));
@@ -89,6 +103,11 @@ pub struct ReserveRequest<'a> {
     /// a SKU without buckets waits (`reserve.lua` refuses it as sold out otherwise).
     pub waitlist_until_ms: Option<i64>,
     pub idempotency_ttl_secs: u64,
+    /// Some for an order paid with points: its total, held from the user's spendable
+    /// points ([`super::Keys::points`]) in the same decision as the stock, or
+    /// [`Reserve::InsufficientPoints`] and nothing reserved. Only for an order of one
+    /// part in shard 0 (ingress refuses points with several shards).
+    pub points: Option<i64>,
 }
 
 impl std::fmt::Debug for ReserveRequest<'_> {
@@ -99,6 +118,7 @@ impl std::fmt::Debug for ReserveRequest<'_> {
             .field("lines", &self.lines)
             .field("held", &self.held)
             .field("first", &self.first)
+            .field("points", &self.points)
             .finish_non_exhaustive()
     }
 }
@@ -157,6 +177,12 @@ pub enum Reserve {
     /// (0 only for a re-sent call of an order that left the list since.)
     Waitlisted {
         position: i64,
+    },
+    /// Paid with points, and the user may spend only `spendable` of the `needed`:
+    /// nothing was reserved.
+    InsufficientPoints {
+        spendable: i64,
+        needed: i64,
     },
 }
 
@@ -221,7 +247,8 @@ pub async fn reserve<C: ConnectionLike>(
                 .map(|d| d.to_string())
                 .unwrap_or_default(),
         )
-        .arg(req.idempotency.map(|(k, _)| k.as_str()).unwrap_or_default());
+        .arg(req.idempotency.map(|(k, _)| k.as_str()).unwrap_or_default())
+        .arg(req.points.map(|p| p.to_string()).unwrap_or_default());
     let own: Vec<HeldLine>;
     let held = match req.held {
         Some(h) => h,
@@ -280,6 +307,10 @@ pub async fn reserve<C: ConnectionLike>(
         },
         Some("waitlisted") => Reserve::Waitlisted {
             position: int(w, &reply, 1)?,
+        },
+        Some("insufficient_points") => Reserve::InsufficientPoints {
+            spendable: int(w, &reply, 1)?,
+            needed: int(w, &reply, 2)?,
         },
         _ => return Err(protocol_error(w, &reply)),
     })
@@ -758,6 +789,8 @@ pub struct Reservation {
     pub idempotency_key: Option<String>,
     /// Who cancelled a waitlisted order, as JSON, when that cancel is audited.
     pub cancelled_by: Option<String>,
+    /// The points an order paid with points holds (its total).
+    pub paid: Option<i64>,
 }
 
 impl Reservation {
@@ -792,7 +825,7 @@ impl Reservation {
 }
 
 /// The fields of a reservation hash that [`Reservation`] is read from, in order.
-const RESERVATION_FIELDS: [&str; 9] = [
+const RESERVATION_FIELDS: [&str; 10] = [
     "state",
     "user",
     "items",
@@ -802,6 +835,7 @@ const RESERVATION_FIELDS: [&str; 9] = [
     "first",
     "idem",
     "by",
+    "paid",
 ];
 
 /// Reads one reservation record, if Redis has it.
@@ -810,7 +844,7 @@ pub async fn reservation<C: ConnectionLike>(
     keys: &Keys,
     order_id: &OrderId,
 ) -> RedisResult<Option<Reservation>> {
-    let fields: [Option<String>; 9] = redis::cmd("HMGET")
+    let fields: [Option<String>; 10] = redis::cmd("HMGET")
         .arg(keys.resv(order_id))
         .arg(&RESERVATION_FIELDS)
         .query_async(con)
@@ -836,11 +870,11 @@ pub async fn reservations<C: ConnectionLike>(
             .arg(keys.resv(id))
             .arg(&RESERVATION_FIELDS);
     }
-    let replies: Vec<[Option<String>; 9]> = pipe.query_async(con).await?;
+    let replies: Vec<[Option<String>; 10]> = pipe.query_async(con).await?;
     replies.into_iter().map(parse_reservation).collect()
 }
 
-fn parse_reservation(fields: [Option<String>; 9]) -> RedisResult<Option<Reservation>> {
+fn parse_reservation(fields: [Option<String>; 10]) -> RedisResult<Option<Reservation>> {
     let [
         state,
         user,
@@ -851,6 +885,7 @@ fn parse_reservation(fields: [Option<String>; 9]) -> RedisResult<Option<Reservat
         first,
         idem,
         by,
+        paid,
     ] = fields;
     let (Some(state), Some(user), Some(items)) = (state, user, items) else {
         return Ok(None);
@@ -873,10 +908,11 @@ fn parse_reservation(fields: [Option<String>; 9]) -> RedisResult<Option<Reservat
         reason,
         idempotency_key: idem,
         cancelled_by: by,
+        paid: paid.and_then(|p| p.parse().ok()),
     }))
 }
 
-static REAP: LazyLock<Script> = promoting!("lua/reap.lua");
+static REAP: LazyLock<Script> = releasing!("lua/reap.lua");
 
 /// Order ids whose deadline is at or before `now_ms`, oldest first, at most `limit`.
 pub async fn due<C: ConnectionLike>(

@@ -44,6 +44,16 @@ use utoipa_swagger_ui::SwaggerUi;
         movements,
         waitlist,
         audit,
+        get_points,
+        points_history,
+        charge_points,
+        grant_points,
+        create_webhook,
+        list_webhooks,
+        get_webhook,
+        delete_webhook,
+        webhook_deliveries,
+        replay_webhook,
         create_category,
         categories,
         create_product,
@@ -66,6 +76,8 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "stock", description = "public stock levels"),
         (name = "skus", description = "managers and admins: the catalog, goods received, adjustments"),
         (name = "audit", description = "admins: who changed what"),
+        (name = "points", description = "customers' points: balance, history, top-ups; admins grant"),
+        (name = "webhooks", description = "admins: committed events exported to a data platform, signed per Standard Webhooks"),
         (name = "catalog", description = "categories and products: managers and admins write, anyone reads"),
         (name = "operations", description = "health, readiness, metrics, this document"),
     ),
@@ -203,6 +215,7 @@ errors!(
     LimitExceeded { sku: s(), limit: 0, already: 0 },
     SaleNotStarted { sku: s(), starts_at: s() },
     SaleEnded { sku: s(), ended_at: s() },
+    InsufficientPoints { balance: 0, needed: 0 },
     IdempotencyKeyReused,
     RateLimited { retry_after_secs: 1 },
     Unavailable(s()); shed(),
@@ -343,6 +356,112 @@ errors!(ListProductsErrors: InvalidRequest(s()), UnknownCategory { id: s() }, Un
 errors!(GetProductErrors: ProductNotFound { id: s() }, Unavailable(s()); shed(), per_ip_limited());
 
 errors!(AuditErrors: Unauthorized, Forbidden(""), InvalidRequest(s()); shed());
+
+errors!(
+    CreateWebhookErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden(""),
+    TooLarge,
+    UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
+    InvalidRequest(s()); shed(),
+);
+
+errors!(ListWebhooksErrors: Unauthorized, Forbidden(""); shed());
+
+errors!(PointsErrors: Unauthorized, Unavailable(s()); shed());
+
+errors!(PointsHistoryErrors: Unauthorized, InvalidRequest(s()); shed());
+
+errors!(
+    TopUpErrors:
+    Malformed(s()),
+    Unauthorized,
+    TooLarge,
+    UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
+    InvalidRequest(s()); shed(),
+);
+
+errors!(
+    GrantErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden(""),
+    TooLarge,
+    UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
+    InvalidRequest(s()); shed(),
+);
+
+/// A top-up. A field that breaks a rule: 422 `invalid_request` naming it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct TopUp {
+    #[schema(minimum = 1, maximum = 10_000_000)]
+    amount: i64,
+    /// 1-128 printable ASCII: the top-up's idempotency key for this user (the same
+    /// reference again adds nothing; with another amount: 422).
+    #[schema(min_length = 1, max_length = 128, pattern = "^[ -~]+$")]
+    reference: String,
+}
+
+errors!(WebhookErrors: Unauthorized, Forbidden(""), WebhookNotFound; shed());
+
+errors!(WebhookListErrors: Unauthorized, Forbidden(""), WebhookNotFound, InvalidRequest(s()); shed());
+
+errors!(
+    ReplayErrors:
+    Malformed(s()),
+    Unauthorized,
+    Forbidden(""),
+    WebhookNotFound,
+    TooLarge,
+    UnsupportedMediaType,
+    RequestTimeout(BODY_DEADLINE),
+    InvalidRequest(s()); shed(),
+);
+
+/// A new webhook. A field that breaks a rule: 422 `invalid_request` naming it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct NewWebhook {
+    /// http or https, at most 2048 bytes, no user info. A host that is or resolves to a
+    /// loopback, private or reserved address is refused unless
+    /// `FLOODGATE_WEBHOOK_ALLOW_PRIVATE=true`.
+    #[schema(format = "uri", max_length = 2048)]
+    url: String,
+    /// 1-4 distinct event types.
+    #[schema(min_items = 1, max_items = 4)]
+    events: Vec<WebhookEvent>,
+    /// 1-200 characters once trimmed.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    description: Option<String>,
+}
+
+/// An event type a webhook may subscribe to.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) enum WebhookEvent {
+    #[schema(rename = "order.confirmed")]
+    OrderConfirmed,
+    #[schema(rename = "order.failed")]
+    OrderFailed,
+    #[schema(rename = "order.cancelled")]
+    OrderCancelled,
+    #[schema(rename = "stock.sold_out")]
+    StockSoldOut,
+}
+
+/// What to deliver again.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct Replay {
+    /// Events committed at or after this instant (RFC 3339, to the millisecond).
+    #[schema(format = DateTime)]
+    since: String,
+}
 
 /// One SKU's live level.
 #[derive(ToSchema)]

@@ -6,6 +6,9 @@
 //! order. 202 and 409 `sold_out` both count as success (they are the two right answers);
 //! anything else is a failure. Goose flags (`--host`, `--users`, `--run-time`, ...)
 //! pass through; see `ops/bench/flash-sale`.
+//!
+//! `LOADTEST_PAYMENT=points`: every buyer is granted 10,000,000 points (admin API, 32 at
+//! a time) before the attack, and every order is paid with points.
 
 use floodgate_common::{
     Config, auth,
@@ -17,6 +20,7 @@ use std::{sync::OnceLock, time::Duration};
 
 static SKU: OnceLock<String> = OnceLock::new();
 static TOKENS: OnceLock<Vec<String>> = OnceLock::new();
+static POINTS: OnceLock<bool> = OnceLock::new();
 
 fn env_num(name: &str, default: i64) -> i64 {
     std::env::var(name)
@@ -28,7 +32,10 @@ fn env_num(name: &str, default: i64) -> i64 {
 async fn order(user: &mut GooseUser) -> TransactionResult {
     let tokens = TOKENS.get().expect("tokens minted");
     let token = &tokens[rand::rng().random_range(0..tokens.len())];
-    let body = serde_json::json!({"items": [{"sku": SKU.get().unwrap(), "qty": 1}]});
+    let mut body = serde_json::json!({"items": [{"sku": SKU.get().unwrap(), "qty": 1}]});
+    if POINTS.get().copied().unwrap_or(false) {
+        body["payment"] = "points".into();
+    }
     let rb = user
         .get_request_builder(&GooseMethod::Post, "/v1/orders")?
         .bearer_auth(token)
@@ -82,6 +89,28 @@ async fn main() -> anyhow::Result<()> {
                 .collect(),
         )
         .expect("set once");
+    let points = std::env::var("LOADTEST_PAYMENT").is_ok_and(|p| p == "points");
+    POINTS.set(points).expect("set once");
+    if points {
+        use futures::StreamExt;
+        let client = reqwest::Client::new();
+        let grants = futures::stream::iter(0..buyers).map(|i| {
+            let (client, admin, host) = (client.clone(), admin.clone(), host.clone());
+            async move {
+                let r = client
+                    .post(format!("{host}/v1/users/buyer-{i}/points/grant"))
+                    .bearer_auth(&admin)
+                    .json(&serde_json::json!({"amount": 10_000_000, "reference": "loadtest"}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status() == 200, "granting points: {}", r.text().await?);
+                anyhow::Ok(())
+            }
+        });
+        let results: Vec<anyhow::Result<()>> = grants.buffer_unordered(32).collect().await;
+        results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+        eprintln!("{buyers} buyers granted points; orders paid with points");
+    }
 
     let started = std::time::Instant::now();
     let metrics = GooseAttack::initialize()?

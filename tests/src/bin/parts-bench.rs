@@ -130,6 +130,7 @@ async fn round(
                         deadline_ms: i64::MAX / 2,
                         waitlist_until_ms: None,
                         idempotency_ttl_secs: 60,
+                        points: None,
                     };
                     let r = fredis::reserve_parts(&redis, &shards, &parts, &req)
                         .await

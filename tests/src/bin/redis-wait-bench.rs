@@ -105,6 +105,7 @@ async fn round(url: &str, ns: &Namespace, keys: &Arc<Keys>, a: &Args, wait: bool
                         deadline_ms: i64::MAX / 2,
                         waitlist_until_ms: None,
                         idempotency_ttl_secs: 60,
+                        points: None,
                     };
                     let r = fredis::reserve(&mut redis, &keys, &req).await.unwrap();
                     assert_eq!(r, fredis::Reserve::Reserved);

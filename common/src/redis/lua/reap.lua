@@ -1,5 +1,5 @@
 
--- reap.lua (after promote.lua): release a reservation still 'reserved' past its deadline: ingress never
+-- reap.lua (after promote.lua and give_back_points.lua): release a reservation still 'reserved' past its deadline: ingress never
 -- marked it queued, so its publish was never confirmed (ingress died between the reserve
 -- and the confirm) and no 202 was answered for it. A queued or claimed reservation is
 -- never reaped: its message is in the queue and it waits for a worker however long.
@@ -41,6 +41,8 @@ for _, line in ipairs(items) do
   end
   redis.call('HINCRBY', KEYS[3], line.sku, -line.qty)
 end
+-- Paid with points: the held total goes back to the user's spendable points.
+give_back_points(KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'state', 'released', 'reason', 'reservation_expired')
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[1])

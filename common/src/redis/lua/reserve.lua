@@ -24,7 +24,10 @@
 -- ARGV[9] the shard of the order's deciding part then ('' = none),
 -- ARGV[10] the waitlist deadline (ms) of an order that may wait ("waitlist": true; ''
 -- = it may not), ARGV[11] its Idempotency-Key ('' = none), kept for its promotion,
--- ARGV[12..] sku, qty, buckets, kind quadruples of the lines held here (none for the
+-- ARGV[12] the order's total in points when it is paid with points ('' = it is not):
+-- held from the user's field of `pts` into `ptsheld` (both named from KEYS[2]'s prefix,
+-- same slot) in the same decision as the stock, and kept in the record as 'paid'
+-- ARGV[13..] sku, qty, buckets, kind quadruples of the lines held here (none for the
 -- Idempotency-Key's part of an order whose SKUs all live elsewhere); buckets is the
 -- SKU's bucket count the caller assumed when it chose this shard for the line; kind is
 -- 's' for a SKU's units, 'b' for a bundle's limit line, which counts the user's
@@ -42,6 +45,8 @@
 --                                           counted: the per-user limit covers it)
 --   {'not_started', sku, starts_ms}         before the SKU's sale window
 --   {'ended', sku, ends_ms}                 after it
+--   {'insufficient_points', spendable, needed}  ARGV[12] set and the user's spendable
+--                                           points short of it: nothing reserved
 --   {'unavailable'}                         stock not loaded
 --   {'moved', sku, buckets}                 the caller assumed another bucket count for
 --                                           sku: nothing was written; ask again with it
@@ -85,11 +90,16 @@ if has_idem then
 end
 
 local skus, qtys, kinds = {}, {}, {}
-local n = (#ARGV - 11) / 4
+local n = (#ARGV - 12) / 4
+-- A hold is made only with the order's lines here, and never for an order that may
+-- wait (ingress refuses both): refuse rather than accept an order unpaid.
+if ARGV[12] ~= '' and (n == 0 or ARGV[10] ~= '') then
+  return redis.error_reply('ERR reserve.lua: a points hold needs the lines here and no waitlist')
+end
 for i = 1, n do
-  skus[i] = ARGV[8 + 4 * i]
-  qtys[i] = tonumber(ARGV[9 + 4 * i])
-  kinds[i] = ARGV[11 + 4 * i]
+  skus[i] = ARGV[9 + 4 * i]
+  qtys[i] = tonumber(ARGV[10 + 4 * i])
+  kinds[i] = ARGV[12 + 4 * i]
 end
 
 if n > 0 then
@@ -98,7 +108,7 @@ if n > 0 then
   local counts = redis.call('HMGET', KEYS[10], unpack(skus))
   for i = 1, n do
     local k = counts[i] or '1'
-    if k ~= ARGV[10 + 4 * i] then
+    if k ~= ARGV[11 + 4 * i] then
       return {'moved', skus[i], k}
     end
   end
@@ -186,6 +196,23 @@ if n > 0 then
         return {'sold_out', skus[i], tostring(math.max(a, 0))}
       end
     end
+  end
+
+  -- Paid with points: the total must be spendable now (checked after the stock, so a
+  -- sold-out SKU answers sold out whatever the balance).
+  -- (A total of 0 holds nothing: `-0` is no integer to HINCRBY.)
+  if ARGV[12] ~= '' then
+    local total = tonumber(ARGV[12])
+    local p = string.sub(KEYS[2], 1, #KEYS[2] - 5)
+    local spendable = tonumber(redis.call('HGET', p .. 'pts', ARGV[2]) or '0')
+    if spendable < total then
+      return {'insufficient_points', tostring(spendable), ARGV[12]}
+    end
+    if total > 0 then
+      redis.call('HINCRBY', p .. 'pts', ARGV[2], 0 - total)
+      redis.call('HINCRBY', p .. 'ptsheld', ARGV[2], total)
+    end
+    redis.call('HSET', KEYS[6], 'paid', ARGV[12])
   end
 
   local seq = redis.call('INCR', KEYS[9])
