@@ -135,6 +135,16 @@ enum Table {
     Deliveries,
 }
 
+impl Table {
+    /// Its `table` label on `floodgate_webhook_pruned_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Table::Attempts => "attempts",
+            Table::Deliveries => "deliveries",
+        }
+    }
+}
+
 /// Runs `sql` (`$1` the retention in milliseconds, `$2` [`BATCH`]), each time in a
 /// transaction of its own, until it deletes nothing (a short batch may be another
 /// worker's rows gone first), [`MAX_BATCHES`] have run, or `stop`. For deliveries
@@ -181,11 +191,7 @@ async fn batches(
         tx.commit().await?;
         rows += n;
         events += e;
-        let name = match table {
-            Table::Attempts => "attempts",
-            Table::Deliveries => "deliveries",
-        };
-        metrics::counter!(names::WEBHOOK_PRUNED, "table" => name).increment(n);
+        metrics::counter!(names::WEBHOOK_PRUNED, "table" => table.label()).increment(n);
         metrics::counter!(names::WEBHOOK_PRUNED, "table" => "events").increment(e);
         if n == 0 {
             break;
