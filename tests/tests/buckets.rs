@@ -121,6 +121,21 @@ async fn move_in_alone(
 }
 
 /// A buyer name whose bucket of a SKU with `k` buckets is `b`.
+/// Sets `key`'s time to live.
+async fn expire(con: &mut impl redis::aio::ConnectionLike, key: &str, secs: i64) {
+    let _: () = redis::cmd("EXPIRE")
+        .arg(key)
+        .arg(secs)
+        .query_async(con)
+        .await
+        .unwrap();
+}
+
+/// `key`'s time to live in seconds (`TTL`).
+async fn ttl_of(con: &mut impl redis::aio::ConnectionLike, key: &str) -> i64 {
+    redis::cmd("TTL").arg(key).query_async(con).await.unwrap()
+}
+
 fn buyer_in(app: &TestApp, prefix: &str, k: usize, b: usize) -> String {
     (0..)
         .map(|i| format!("{prefix}{i}"))
@@ -362,19 +377,10 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
     // nothing and keeps its mark a day from now, so a record that waits long never
     // outlives the mark that stops its units being added twice.
     let mark = dst.move_mark("in", "cut-move");
-    let _: () = redis::cmd("EXPIRE")
-        .arg(&mark)
-        .arg(5)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    expire(&mut con, &mark, 5).await;
     let repeat = move_in_alone(&app, dst, ("warm", 25), &epoch).await;
     assert_eq!(repeat, "done");
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(&mark)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let ttl = ttl_of(&mut con, &mark).await;
     assert!(ttl > 86_000, "the mark's time left: {ttl} s");
     assert_eq!(bucket_levels(&app, "warm", 3).await, vec![15, 0, 25]);
     // A mover whose replicas are behind (seven asked for, more than any node has) cannot
@@ -390,18 +396,9 @@ async fn a_move_cut_between_its_halves_is_counted_and_finished() {
             timeout: Duration::from_millis(10),
         }),
     );
-    let _: () = redis::cmd("EXPIRE")
-        .arg(&mark)
-        .arg(5)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    expire(&mut con, &mark, 5).await;
     behind.finish_moves().await.unwrap();
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(&mark)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let ttl = ttl_of(&mut con, &mark).await;
     assert!(
         ttl > 86_000,
         "the mark's time left after a waiting pass: {ttl} s"

@@ -66,6 +66,12 @@ async fn webhook(app: &TestApp, id: &str) -> Resp {
         .await
 }
 
+/// Whether webhook `id`'s delivery counts are (pending, delivered, dead).
+async fn counts_are(app: &TestApp, id: &str, (pending, delivered, dead): (i64, i64, i64)) -> bool {
+    webhook(app, id).await.body["deliveries"]
+        == json!({"pending": pending, "delivered": delivered, "dead": dead})
+}
+
 async fn delete_webhook(app: &TestApp, id: &str) -> Resp {
     app.request(
         reqwest::Method::DELETE,
@@ -660,10 +666,8 @@ async fn rows_past_the_retention_are_pruned_and_what_is_owed_stays() {
         assert_eq!(r.status, 200, "{r:?}");
     }
     eventually(Duration::from_secs(30), || async {
-        webhook(&app, &a).await.body["deliveries"]
-            == json!({"pending": 0, "delivered": 6, "dead": 0})
-            && webhook(&app, &b).await.body["deliveries"]
-                == json!({"pending": 0, "delivered": 0, "dead": 4})
+        counts_are(&app, &a, (0, 6, 0)).await
+            && counts_are(&app, &b, (0, 0, 4)).await
             && !pc.received().is_empty()
     })
     .await;
@@ -715,10 +719,8 @@ async fn rows_past_the_retention_are_pruned_and_what_is_owed_stays() {
         )
     };
     eventually(Duration::from_secs(30), || async {
-        webhook(&app, &a).await.body["deliveries"]
-            == json!({"pending": 0, "delivered": 1, "dead": 0})
-            && webhook(&app, &b).await.body["deliveries"]
-                == json!({"pending": 0, "delivered": 0, "dead": 5})
+        counts_are(&app, &a, (0, 1, 0)).await
+            && counts_are(&app, &b, (0, 0, 5)).await
             && app.scalar(&cancel_events(&orders[1])).await == 0
             && app
                 .scalar(
@@ -796,10 +798,7 @@ async fn rows_past_the_retention_are_pruned_and_what_is_owed_stays() {
         );
     }
     eventually(Duration::from_secs(30), || async {
-        webhook(&app, &b).await.body["deliveries"]
-            == json!({"pending": 0, "delivered": 5, "dead": 0})
-            && webhook(&app, &a).await.body["deliveries"]
-                == json!({"pending": 0, "delivered": 6, "dead": 0})
+        counts_are(&app, &b, (0, 5, 0)).await && counts_are(&app, &a, (0, 6, 0)).await
     })
     .await;
     assert_eq!(confirmed_orders(&pb).len(), 5);
