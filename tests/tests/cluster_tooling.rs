@@ -51,7 +51,15 @@ fn redis_cluster_fails_over_to_the_replica() {
     let took = cluster.wait_promoted(replica, Duration::from_secs(20));
     eprintln!("redis: node {replica} promoted {took:?} after node {master} was killed");
     assert_eq!(cluster.master_of_key(key), replica);
-    assert_eq!(redis_cli(cluster.port(replica), &["GET", key]).trim(), "v1");
+    // On a failure, say what each node held and how replication stood (a CI run once
+    // read nothing here after a WAIT of 1).
+    assert_eq!(
+        redis_cli(cluster.port(replica), &["GET", key]).trim(),
+        "v1",
+        "node {replica} after the failover; nodes {:?}; its replication: {}",
+        cluster.nodes(),
+        redis_cli(cluster.port(replica), &["INFO", "replication"])
+    );
 
     let started = Instant::now();
     cluster.start_node(master);
